@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 Cond = dict[str, torch.Tensor]  # one item's precomputed condition; stored as safetensors in the cache
 
 
@@ -45,10 +47,21 @@ class Family:
         self.model_dir = Path(model_dir)
         self.model_id = model_id  # what the user passed; recorded in outputs
 
+    required_components: ClassVar[tuple[str, ...]] = ("transformer", "text_encoder", "tokenizer", "scheduler")
+
     # ----- detection
     @classmethod
     def matches(cls, model_index: dict[str, Any]) -> bool:
         return model_index.get("_class_name") == cls.pipeline_class
+
+    def check_components(self, model_index: dict[str, Any]) -> None:
+        missing = [c for c in self.required_components if not (self.model_dir / c).is_dir()]
+        if missing:
+            raise UserError(
+                f"The {self.name} checkpoint at '{self.model_dir}' is missing {', '.join(missing)}/ "
+                f"(a {self.pipeline_class} folder has {', '.join(self.required_components)}). "
+                "The download is probably incomplete: download the model again."
+            )
 
     # ----- precompute (encoders live only inside these calls)
     def encoder_identity(self, teacher: str, cfg) -> dict[str, Any]:

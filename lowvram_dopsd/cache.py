@@ -1,0 +1,79 @@
+"""On-disk cache of precomputed conditions, one safetensors file per (item, condition kind).
+
+The key is a sha256 over everything that changes the features: the condition kind, the encoder's
+identity (checkpoint folder + config hash + settings such as max tokens or VLM pixel range), the
+caption, and for image-conditioned teachers the image bytes' hash. A second run finds every file
+and loads no encoder; editing one caption re-encodes that item only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+Cond = dict[str, torch.Tensor]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("LOWVRAM_DOPSD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lowvram-dopsd")
+    return Path(base) / "features"
+
+
+def key_for(kind: str, identity: dict[str, Any], caption: str, image_sha256: str | None) -> str:
+    blob = json.dumps({"kind": kind, "identity": identity, "caption": caption, "image": image_sha256},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FeatureCache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get_or_compute(self, keys: list[str], compute: Callable[[list[int]], list[Cond]]) -> list[Cond]:
+        """Load every key present; call `compute(indices)` once for the missing ones and store them."""
+        out: list[Cond | None] = [None] * len(keys)
+        missing = []
+        for i, key in enumerate(keys):
+            p = self.path(key)
+            if p.is_file():
+                try:
+                    out[i] = load_file(p)
+                    continue
+                except Exception:  # a damaged cache file is recomputed, never fatal
+                    p.unlink(missing_ok=True)
+            missing.append(i)
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            fresh = compute(missing)
+            for i, cond in zip(missing, fresh):
+                atomic_save_safetensors(cond, self.path(keys[i]))
+                out[i] = {k: v.cpu() for k, v in cond.items()}
+        return out  # type: ignore[return-value]

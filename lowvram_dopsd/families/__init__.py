@@ -1,0 +1,73 @@
+"""Model families: find the checkpoint folder, read its `model_index.json`, pick the adapter."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import UserError
+from .base import Family
+
+FAMILIES: list[type[Family]] = []
+
+
+def register(cls: type[Family]) -> type[Family]:
+    FAMILIES.append(cls)
+    return cls
+
+
+def resolve_dir(id_or_path: str, what: str, needs: str = "model_index.json") -> Path:
+    """A local folder, or a Hugging Face repo id found in the local cache or downloaded.
+
+    `needs` is a file that must exist in the folder (so a half-finished download is caught here).
+    """
+    path = Path(id_or_path).expanduser()
+    if path.exists():
+        if not (path / needs).is_file():
+            raise UserError(
+                f"The {what} folder '{path}' has no {needs}. Point to the folder of a diffusers/transformers "
+                f"checkpoint (the one that contains {needs}), or pass a Hugging Face id."
+            )
+        return path
+    if id_or_path.count("/") != 1 or id_or_path.startswith((".", "/", "~")):
+        raise UserError(f"The {what} '{id_or_path}' is neither an existing folder nor a Hugging Face repo id "
+                        "(owner/name). Check the path.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(id_or_path, local_files_only=True))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+    error = "offline mode (HF_HUB_OFFLINE is set)"
+    if not offline:
+        try:
+            return Path(snapshot_download(id_or_path))
+        except Exception as exc:  # no network, gated repo, typo: all end in the same advice
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    raise UserError(
+        f"The {what} '{id_or_path}' is not in the Hugging Face cache ({cache}) and could not be downloaded "
+        f"({error}). On a machine with internet run `hf download {id_or_path}` (it goes to that cache), or "
+        f"download it anywhere and pass the folder's path instead of the id."
+    )
+
+
+def load_family(model: str) -> Family:
+    from . import zimage  # noqa: F401  (registers)
+
+    model_dir = resolve_dir(model, "model")
+    try:
+        index = json.loads((model_dir / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"Could not read {model_dir / 'model_index.json'}: {exc}.") from exc
+    for cls in FAMILIES:
+        if cls.matches(index):
+            family = cls(model_dir, model)
+            family.check_components(index)
+            return family
+    supported = ", ".join(f"{c.name} ({c.pipeline_class})" for c in FAMILIES)
+    raise UserError(
+        f"'{model}' is a {index.get('_class_name', 'unknown')} checkpoint; supported families are {supported}."
+    )

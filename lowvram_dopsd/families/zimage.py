@@ -1,0 +1,165 @@
+"""Z-Image-Turbo (6B, `ZImagePipeline`): the adapter.
+
+Everything that must match the stock pipeline is taken FROM the pipeline module itself
+(`_encode_prompt`, `calculate_shift`, `get_default_z_image_sigmas`, `retrieve_timesteps`), so a
+diffusers change that alters inference is inherited here instead of silently diverging.
+
+Conventions in `ZImagePipeline.__call__` (diffusers 0.42):
+  * scheduler timesteps t = 1000·sigma; the transformer gets (1000 - t) / 1000, i.e. 0 = noise;
+  * the transformer predicts the negated velocity: the pipeline steps with `-model_out`;
+  * latents are float32 and cast to the transformer dtype at its input; guidance_scale = 0 (Turbo).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from . import register
+from .base import Cond, Family, Item
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def folder_identity(folder: Path) -> dict:
+    """Cheap identity of a checkpoint folder: its real path, config hash and weight file sizes."""
+    folder = Path(folder).resolve()
+    h = hashlib.sha256()
+    for p in sorted(folder.glob("*.json")):
+        h.update(p.name.encode() + p.read_bytes())
+    weights = {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
+    return {"path": str(folder), "config_sha256": h.hexdigest(), "weights": weights}
+
+
+def release(*modules: nn.Module) -> None:
+    """Free an encoder's weights now, even if a reference lingers: its tensors become storage-less
+    'meta' tensors, and the CUDA cache is emptied so the transformer can use that memory."""
+    for m in modules:
+        m.to("meta")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@register
+class ZImage(Family):
+    name = "zimage"
+    pipeline_class = "ZImagePipeline"
+    teachers = ("vlm",)
+    default_rollout_steps = 8     # the model card's 8 NFEs
+    default_lr = 4e-5             # paper App. D
+    # The authors' targets: attention q/k/v/out and the SwiGLU FFN of every block (refiners too).
+    lora_targets = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+                    "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+    hf_repo_ids = ("Tongyi-MAI/Z-Image-Turbo",)
+
+    def __init__(self, model_dir: Path, model_id: str):
+        super().__init__(model_dir, model_id)
+        vae_cfg = self.model_dir / "vae" / "config.json"
+        blocks = len(json.loads(vae_cfg.read_text())["block_out_channels"]) if vae_cfg.is_file() else 4
+        self.vae_scale_factor = 2 ** (blocks - 1)  # as ZImagePipeline.__init__
+        self.in_channels = json.loads((self.model_dir / "transformer" / "config.json").read_text())["in_channels"]
+        self._scheduler = None
+
+    # ------------------------------------------------------------------ precompute
+    def encoder_identity(self, teacher: str, cfg) -> dict:
+        ident = {"family": self.name, "dtype": cfg.dtype,
+                 "text_encoder": folder_identity(self.model_dir / "text_encoder"),
+                 "tokenizer": folder_identity(self.model_dir / "tokenizer")}
+        if teacher == "student":
+            ident["max_sequence_length"] = cfg.max_sequence_length
+        else:
+            ident.update(teacher=teacher, vlm=folder_identity(self._vlm_dir(cfg)),
+                         max_sequence_length=cfg.teacher_max_sequence_length,
+                         pixels=[cfg.vlm_min_pixels, cfg.vlm_max_pixels], hidden_layers=[-2])
+        return ident
+
+    def _vlm_dir(self, cfg) -> Path:
+        from . import resolve_dir
+        return resolve_dir(cfg.teacher_encoder, "teacher encoder (Qwen3-VL)", needs="config.json")
+
+    @torch.no_grad()
+    def encode_student(self, captions: list[str], cfg, device: torch.device) -> list[Cond]:
+        from diffusers import ZImagePipeline
+        from transformers import AutoModel, AutoTokenizer
+
+        dtype = DTYPES[cfg.dtype]
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer")
+        text_encoder = AutoModel.from_pretrained(self.model_dir / "text_encoder", dtype=dtype).to(device).eval()
+        # The pipeline's own prompt encoding, with no transformer/VAE loaded.
+        pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=None)
+        out = []
+        for start in range(0, len(captions), 8):
+            chunk = list(captions[start:start + 8])  # _encode_prompt edits its list in place
+            embeds = pipe._encode_prompt(prompt=chunk, device=device, max_sequence_length=cfg.max_sequence_length)
+            out += [{"cap": e.to(dtype).cpu()} for e in embeds]
+        del pipe
+        release(text_encoder)
+        return out
+
+    @torch.no_grad()
+    def encode_teacher(self, items: list[Item], teacher: str, cfg, device: torch.device) -> list[Cond]:
+        if teacher != "vlm":
+            raise UserError(f"Z-Image-Turbo supports the teacher kinds {self.teachers}, not '{teacher}'.")
+        from ..data import load_rgb
+        from ..teacher_vlm import encode_vlm, load_grafted_vlm
+
+        dtype = DTYPES[cfg.dtype]
+        model, builder = load_grafted_vlm(self._vlm_dir(cfg), self.model_dir / "text_encoder", device, dtype)
+        out = []
+        for item in items:
+            (emb,) = encode_vlm(model, builder, [item.caption], [load_rgb(item.image_path)], hidden_layers=(-2,),
+                                max_sequence_length=cfg.teacher_max_sequence_length,
+                                min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
+            out.append({"cap": emb.to(dtype).cpu()})
+        release(model)
+        return out
+
+    # ------------------------------------------------------------------ training
+    def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        from diffusers import ZImageTransformer2DModel
+
+        from ..quant import quantize_frozen
+
+        model = ZImageTransformer2DModel.from_pretrained(self.model_dir / "transformer", torch_dtype=dtype)
+        model.requires_grad_(False).eval()
+        quantize_frozen(model, cfg.quant, skip=("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer"))
+        model.to(device)
+        model._dopsd_dtype = dtype  # compute dtype; parameters mix int8, bf16 and fp32 LoRA
+        if cfg.grad_checkpointing:
+            model.enable_gradient_checkpointing()
+        return model
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        s = self.vae_scale_factor * 2  # ZImagePipeline.prepare_latents
+        return (self.in_channels, 2 * (height // s), 2 * (width // s))
+
+    def scheduler(self):
+        if self._scheduler is None:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+            self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.model_dir / "scheduler")
+        return self._scheduler
+
+    def sigmas(self, height: int, width: int, steps: int) -> torch.Tensor:
+        from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_default_z_image_sigmas,
+                                                                  retrieve_timesteps)
+        sched = self.scheduler()
+        _, h, w = self.latent_shape(height, width)
+        image_seq_len = (h // 2) * (w // 2)
+        c = sched.config
+        mu = calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        retrieve_timesteps(sched, steps, "cpu", sigmas=get_default_z_image_sigmas(steps), mu=mu)
+        return sched.sigmas.detach().clone().float()
+
+    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, conds: list[Cond]) -> torch.Tensor:
+        dtype = getattr(transformer, "_dopsd_dtype", None) or transformer.dtype  # pipeline: transformer.dtype
+        t = sigma.to(torch.float32) * 1000.0   # scheduler.timesteps = sigmas * num_train_timesteps
+        t = ((1000.0 - t) / 1000.0).to(x.device).expand(x.shape[0])
+        caps = [c["cap"].to(x.device, dtype) for c in conds]
+        out = transformer(list(x.to(dtype).unsqueeze(2).unbind(0)), t, caps, return_dict=False)[0]
+        return -torch.stack([o.float() for o in out], dim=0).squeeze(2)

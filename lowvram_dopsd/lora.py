@@ -1,0 +1,170 @@
+"""Two LoRA weight sets (student, EMA teacher) on ONE frozen base transformer.
+
+Every targeted linear layer is wrapped in `DualLoRALinear`, which holds the frozen base module
+(nn.Linear, or an 8-bit quantized linear from `quant.py`) and two (A, B) pairs. Which pair is
+applied is a single shared switch (`DualLoRA.use("teacher")`), so switching costs nothing and
+no base weight is ever copied: the 6B base is stored once for student and teacher (paper App. D).
+
+    y = base(x) + s * (x @ A.T) @ B.T,   s = alpha / rank,   B = 0 at init (the LoRA starts as a no-op)
+
+Only the student pair is trainable (nn.Parameter); the teacher pair is a buffer updated by EMA.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+ROLES = ("student", "teacher")
+
+
+class _Switch:
+    """Shared by all layers of one model: which LoRA set is active (or none, for the bare base)."""
+
+    def __init__(self) -> None:
+        self.active: str | None = "student"
+
+
+class DualLoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, switch: _Switch):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.switch = switch
+        self.fused = None  # set by the trainer when the fused Triton kernel applies (kernels/)
+        dev = _weight_device(base)
+        # peft's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so training starts at the base model.
+        a = torch.empty(rank, self.in_features, device=dev, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.student_A = nn.Parameter(a)
+        self.student_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+        self.register_buffer("teacher_A", a.clone())
+        self.register_buffer("teacher_B", torch.zeros(self.out_features, rank, device=dev))
+
+    def pair(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"{role}_A"), getattr(self, f"{role}_B")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        role = self.switch.active
+        if role is None:
+            return self.base(x)
+        A, B = self.pair(role)
+        if self.fused is not None:
+            return self.fused(self, x, A, B)
+        y = self.base(x)
+        # LoRA weights are kept in fp32 for the optimizer; the matmuls run in the compute dtype.
+        lora = (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()
+        return y + self.scale * lora
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def _weight_device(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight")
+
+
+class DualLoRA:
+    """The set of wrapped layers of one transformer, with the operations the trainer needs."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, DualLoRALinear], switch: _Switch):
+        self.model, self.layers, self.switch = model, layers, switch
+
+    @classmethod
+    def attach(cls, model: nn.Module, targets: tuple[str, ...] | list[str], rank: int, alpha: float) -> "DualLoRA":
+        """Wrap every linear whose qualified name ends with one of `targets` (e.g. 'attention.to_q')."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        switch = _Switch()
+        names = [n for n, m in model.named_modules()
+                 if _is_linear(m) and any(n == t or n.endswith("." + t) for t in targets)]
+        if not names:
+            raise UserError(
+                f"No layer of the transformer matches the LoRA targets {list(targets)}. "
+                "Check `lora_targets` in your preset: they are suffixes of module names such as 'attention.to_q'."
+            )
+        layers: dict[str, DualLoRALinear] = {}
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            wrapped = DualLoRALinear(getattr(parent, child), rank, alpha, switch)
+            setattr(parent, child, wrapped)
+            layers[name] = wrapped
+        return cls(model, layers, switch)
+
+    # ----- which set is active
+    @contextmanager
+    def use(self, role: str | None) -> Iterator[None]:
+        assert role is None or role in ROLES
+        previous, self.switch.active = self.switch.active, role
+        try:
+            yield
+        finally:
+            self.switch.active = previous
+
+    # ----- parameters
+    def student_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in (layer.student_A, layer.student_B)]
+
+    def tensors(self, role: str) -> dict[str, torch.Tensor]:
+        """Name -> tensor for one set, names relative to the transformer (`<module>.lora_A.weight`)."""
+        out = {}
+        for name, layer in self.layers.items():
+            A, B = layer.pair(role)
+            out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = A, B
+        return out
+
+    @torch.no_grad()
+    def load(self, role: str, tensors: dict[str, torch.Tensor]) -> None:
+        mine = self.tensors(role)
+        missing = sorted(set(mine) - set(tensors))
+        extra = sorted(set(tensors) - set(mine))
+        if missing or extra:
+            raise UserError(
+                f"The LoRA tensors do not match this model's LoRA layers (missing {missing[:3]}, "
+                f"unexpected {extra[:3]}). Was it trained with other targets or another model?"
+            )
+        for k, t in mine.items():
+            if t.shape != tensors[k].shape:
+                raise UserError(f"LoRA tensor {k} has shape {tuple(tensors[k].shape)}, expected {tuple(t.shape)} "
+                                "(different rank?).")
+            t.copy_(tensors[k])
+
+    @torch.no_grad()
+    def ema_update(self, decay: float) -> None:
+        """teacher <- decay * teacher + (1 - decay) * student, on the LoRA weights only."""
+        teacher, student = [], []
+        for layer in self.layers.values():
+            teacher += [layer.teacher_A, layer.teacher_B]
+            student += [layer.student_A.detach(), layer.student_B.detach()]
+        torch._foreach_mul_(teacher, decay)
+        torch._foreach_add_(teacher, student, alpha=1.0 - decay)
+
+    @torch.no_grad()
+    def copy_student_to_teacher(self) -> None:
+        for layer in self.layers.values():
+            layer.teacher_A.copy_(layer.student_A)
+            layer.teacher_B.copy_(layer.student_B)
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.layers.values())).rank
+
+    @property
+    def alpha(self) -> float:
+        return next(iter(self.layers.values())).alpha
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.student_parameters())

@@ -1,0 +1,65 @@
+"""What the user sees: a header, a live progress line, a summary. Plain lines when not on a TTY."""
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def make_console() -> Console:
+    return Console(stderr=False, highlight=False, soft_wrap=False)
+
+
+class Display:
+    def __init__(self, console: Console, total_steps: int, start_step: int = 0):
+        self.console = console
+        self.live = console.is_terminal and sys.stdout.isatty()
+        self.total, self.start = total_steps, start_step
+        self.t0 = time.perf_counter()
+        self.last_plain = 0.0
+        self.smoothed: float | None = None
+        self.progress = None
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(bar_width=30),
+                TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console, transient=False)
+
+    def header(self, rows: dict[str, str], title: str = "lowvram-dopsd train") -> None:
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold cyan", no_wrap=True)
+        table.add_column()
+        for k, v in rows.items():
+            table.add_row(k, v)
+        self.console.print(Panel(table, title=title, expand=False))
+
+    def __enter__(self) -> "Display":
+        if self.progress:
+            self.progress.__enter__()
+            self.task = self.progress.add_task("train", total=self.total, completed=self.start, stats="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress:
+            self.progress.__exit__(*exc)
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        loss = metrics["loss"]
+        self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+        done = step - self.start
+        spi = (time.perf_counter() - self.t0) / max(done, 1)
+        eta = spi * (self.total - step)
+        stats = f"loss {loss:.4g} (avg {self.smoothed:.4g})  lr {metrics['lr']:.2e}  {spi:.2f} s/it"
+        if metrics.get("vram_gb"):
+            stats += f"  peak {metrics['vram_gb']:.1f} GB"
+        if self.progress:
+            self.progress.update(self.task, completed=step, stats=stats)
+        elif time.perf_counter() - self.last_plain > 10 or step in (self.start + 1, self.total):
+            self.last_plain = time.perf_counter()
+            self.console.print(f"step {step}/{self.total}  {stats}  eta {eta / 60:.1f} min")
+
+    def note(self, text: str) -> None:
+        (self.progress.console if self.progress else self.console).print(text)

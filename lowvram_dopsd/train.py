@@ -1,0 +1,248 @@
+"""D-OPSD training, top to bottom (paper §2.2, Algorithm 1; DESIGN.md "The algorithm").
+
+    python -m lowvram_dopsd train --preset 16gb --images ./my_dog
+
+For each training pair (image, caption):
+  1. c_s = the pipeline's own text encoding of the caption          (precomputed, cached)
+     c_t = the teacher condition: caption + image through the grafted VLM (precomputed, cached)
+  2. roll out the STUDENT (base + student LoRA, c_s) from noise with the model's own few-step
+     sampler; every visited state x_k is on-policy;
+  3. at a visited state: v_T = f(x_k; base + EMA LoRA, c_t) without grad,
+                         v_S = f(x_k; base + student LoRA, c_s) with grad;
+     loss = mean((v_S - v_T)²) (or the x0 form), back-propagated RIGHT AWAY: states are detached
+     between steps, so only one step's activations are ever alive (the authors keep all K);
+  4. optimizer step on the student LoRA, then EMA of the student LoRA into the teacher LoRA.
+Student and teacher are two LoRA sets on one frozen (optionally 8-bit) base.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from . import data
+from .cache import FeatureCache, default_cache_dir, key_for
+from .config import TrainConfig
+from .errors import UserError
+from .families import load_family
+from .families.base import Cond, Family
+from .families.zimage import DTYPES
+from .lora import DualLoRA
+from .losses import dopsd_loss
+from .output import LORA_FILE, save_lora
+from .progress import Display, make_console
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device = 'cuda' but PyTorch sees no CUDA GPU. Install a CUDA build of PyTorch "
+                        "(https://pytorch.org/get-started/locally/) or pass --device cpu for the tiny demo.")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Precompute the conditions (encoders are loaded here and nowhere else, then released)
+# ---------------------------------------------------------------------------------------------
+def precompute(family: Family, ds: data.Dataset, teacher: str, cfg: TrainConfig, device: torch.device,
+               cache: FeatureCache) -> tuple[list[Cond], list[Cond]]:
+    ident_s = family.encoder_identity("student", cfg)
+    keys_s = [key_for("student", ident_s, it.caption, None) for it in ds.items]
+    student = cache.get_or_compute(
+        keys_s, lambda idx: family.encode_student([ds.items[i].caption for i in idx], cfg, device))
+    ident_t = family.encoder_identity(teacher, cfg)
+    keys_t = [key_for(teacher, ident_t, it.caption, it.image_sha256) for it in ds.items]
+    teacher_conds = cache.get_or_compute(
+        keys_t, lambda idx: family.encode_teacher([ds.items[i] for i in idx], teacher, cfg, device))
+    return student, teacher_conds
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. One roll-out: sample with the student, learn at the visited states
+# ---------------------------------------------------------------------------------------------
+def rollout_and_learn(family: Family, model: torch.nn.Module, lora: DualLoRA, x: torch.Tensor,
+                      sigmas: torch.Tensor, c_s: list[Cond], c_t: list[Cond], trained: set[int],
+                      loss_kind: str, loss_scale: float) -> tuple[list[float], torch.Tensor]:
+    """Roll out from noise `x`; at each step in `trained`, back-propagate `loss_scale * loss` at once.
+
+    Returns the per-trained-step losses and the final latents. Gradients accumulate in the student
+    LoRA's .grad; the caller steps the optimizer.
+    """
+    losses = []
+    for k in range(len(sigmas) - 1):
+        sigma = sigmas[k]
+        if k in trained:
+            with torch.no_grad(), lora.use("teacher"):
+                v_t = family.velocity(model, x, sigma, c_t)
+            with lora.use("student"):
+                v_s = family.velocity(model, x, sigma, c_s)
+                loss = dopsd_loss(loss_kind, v_s, v_t, sigma)
+                # Backward inside the student context: gradient checkpointing re-runs the forward
+                # during backward, and that re-run must see the same LoRA set.
+                (loss * loss_scale).backward()
+            losses.append(loss.item())
+            v = v_s.detach()
+        else:
+            with torch.no_grad(), lora.use("student"):
+                v = family.velocity(model, x, sigma, c_s)
+        x = x + (sigmas[k + 1] - sigma) * v  # the pipeline's Euler step (FlowMatchEulerDiscreteScheduler)
+    return losses, x
+
+
+class BucketSampler:
+    """Endless shuffled epochs; a micro-batch holds items of one training size (bucket)."""
+
+    def __init__(self, items: list[data.Item], micro_batch: int, rng: random.Random):
+        self.items, self.micro_batch, self.rng = items, micro_batch, rng
+        self.order: list[int] = []
+
+    def next(self) -> list[int]:
+        if not self.order:
+            self.order = list(range(len(self.items)))
+            self.rng.shuffle(self.order)
+        first = self.order.pop()
+        size = (self.items[first].width, self.items[first].height)
+        same = [i for i in self.order if (self.items[i].width, self.items[i].height) == size]
+        batch = [first] + same[: self.micro_batch - 1]
+        for i in batch[1:]:
+            self.order.remove(i)
+        while len(batch) < self.micro_batch:  # a small bucket repeats its items
+            batch.append(self.rng.choice([i for i, it in enumerate(self.items)
+                                          if (it.width, it.height) == size]))
+        return batch
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw8bit":
+        if params[0].device.type != "cuda":
+            raise UserError("optimizer = 'adamw8bit' (bitsandbytes) needs a CUDA GPU; use optimizer = 'adamw' on CPU.")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise UserError("optimizer = 'adamw8bit' needs bitsandbytes: `pip install bitsandbytes`, "
+                            "or set optimizer = 'adamw'.") from exc
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def prepare_output(path: str) -> Path:
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"Cannot write to the output folder '{out}' ({exc.strerror or exc}). "
+                        "Pass --output with a folder you can write to.") from exc
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The run
+# ---------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, preset: str = "", console=None) -> Path:
+    console = console or make_console()
+    device = resolve_device(cfg.device)
+    enc_device = device if cfg.encoders_on == "auto" else resolve_device(cfg.encoders_on)
+    dtype = DTYPES[cfg.dtype]
+    family = load_family(cfg.model)
+    teacher = cfg.teacher or family.teachers[0]
+    if teacher not in family.teachers:
+        raise UserError(f"The {family.name} family supports the teacher kinds {', '.join(family.teachers)}; "
+                        f"'{teacher}' is not one of them.")
+    rollout_steps = cfg.rollout_steps or family.default_rollout_steps
+    if cfg.train_states > rollout_steps:
+        raise UserError(f"train_states ({cfg.train_states}) cannot exceed the {rollout_steps} roll-out steps.")
+    lr = cfg.resolved_lr(family.default_lr)
+    ds = data.scan(cfg.images, cfg.caption, cfg.trigger, cfg.resolution)
+    out_dir = prepare_output(cfg.output)
+    torch.manual_seed(cfg.seed)
+
+    display = Display(console, cfg.steps)
+    display.header({
+        "model": f"{cfg.model} ({family.name})", "preset": preset or "(none)",
+        "dataset": f"{len(ds)} images from {cfg.images}" + (f", {len(ds.skipped)} skipped" if ds.skipped else ""),
+        "captions": ds.caption_rule,
+        "method": f"teacher {teacher}, loss {cfg.loss}, {rollout_steps}-step roll-outs, "
+                  f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}",
+        "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}, batch {cfg.batch_size} "
+                f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
+        "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}, checkpointing {cfg.grad_checkpointing}",
+        "output": str(out_dir),
+    })
+    for path, why in ds.skipped:
+        console.print(f"[yellow]skipped[/] {path.name}: {why}")
+
+    # 1. conditions, then free the encoders before the transformer is loaded
+    cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+    t0 = time.perf_counter()
+    conds_s, conds_t = precompute(family, ds, teacher, cfg, enc_device, cache)
+    console.print(f"conditions: {cache.hits} cached, {cache.misses} encoded ({time.perf_counter() - t0:.1f}s)")
+
+    # 2. one frozen base, two LoRA sets
+    model = family.load_transformer(cfg, device, dtype)
+    lora = DualLoRA.attach(model, tuple(cfg.lora_targets) or family.lora_targets, cfg.rank, cfg.alpha)
+    params = lora.student_parameters()
+    optimizer = make_optimizer(params, cfg, lr)
+    warmup = max(cfg.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    console.print(f"LoRA: {len(lora.layers)} layers, {lora.num_parameters() / 1e6:.2f}M trainable parameters")
+
+    noise_gen = torch.Generator("cpu").manual_seed(cfg.seed)  # CPU noise: identical on every device
+    rng = random.Random(cfg.seed)
+    sampler = BucketSampler(ds.items, cfg.micro_batch, rng)
+    info = {"base_model": cfg.model, "family": family.name, "teacher": teacher, "loss": cfg.loss,
+            "caption_rule": ds.caption_rule, "trigger": cfg.trigger, "rollout_steps": rollout_steps,
+            "preset": preset, "lr": lr, "ema_decay": cfg.ema_decay}
+    log = (out_dir / "metrics.jsonl").open("a", encoding="utf-8")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    with display:
+        for step in range(1, cfg.steps + 1):
+            step_losses = []
+            for _ in range(cfg.grad_accum):
+                batch = sampler.next()
+                item = ds.items[batch[0]]
+                sigmas = family.sigmas(item.height, item.width, rollout_steps)
+                x = torch.randn((len(batch), *family.latent_shape(item.height, item.width)),
+                                generator=noise_gen, dtype=torch.float32).to(device)
+                k = cfg.train_states or rollout_steps
+                trained = set(range(rollout_steps)) if k == rollout_steps else set(rng.sample(range(rollout_steps), k))
+                losses, _ = rollout_and_learn(family, model, lora, x, sigmas, [conds_s[i] for i in batch],
+                                              [conds_t[i] for i in batch], trained, cfg.loss,
+                                              loss_scale=1.0 / (len(trained) * cfg.grad_accum))
+                step_losses += losses
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            lora.ema_update(cfg.ema_decay)
+
+            metrics = {"step": step, "loss": sum(step_losses) / len(step_losses), "grad_norm": float(grad_norm),
+                       "lr": scheduler.get_last_lr()[0]}
+            if device.type == "cuda":
+                metrics["vram_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            display.step(step, metrics)
+            if step % cfg.save_every == 0 and step < cfg.steps:
+                save_lora(out_dir / LORA_FILE, lora, "student", {**info, "steps": step})
+    log.close()
+
+    path = save_lora(out_dir / LORA_FILE, lora, "student", {**info, "steps": cfg.steps})
+    save_lora(out_dir / "teacher_ema_lora.safetensors", lora, "teacher", {**info, "steps": cfg.steps})
+    display.header({
+        "LoRA": str(path),
+        "EMA teacher": str(out_dir / "teacher_ema_lora.safetensors"),
+        "metrics": str(out_dir / "metrics.jsonl"),
+        "load it": f"pipe = {family.pipeline_class}.from_pretrained('{cfg.model}'); "
+                   f"pipe.load_lora_weights('{out_dir}')",
+    }, title="done")
+    return path

@@ -1,0 +1,55 @@
+import torch
+
+from lowvram_dopsd.cache import FeatureCache, atomic_save_safetensors, key_for
+
+
+def test_key_changes_with_every_input():
+    base = key_for("student", {"enc": 1}, "a dog", None)
+    assert base == key_for("student", {"enc": 1}, "a dog", None)
+    assert len({base, key_for("teacher", {"enc": 1}, "a dog", None), key_for("student", {"enc": 2}, "a dog", None),
+                key_for("student", {"enc": 1}, "a cat", None), key_for("student", {"enc": 1}, "a dog", "ab")}) == 5
+
+
+def test_second_lookup_hits_and_only_missing_are_computed(tmp_path):
+    cache = FeatureCache(tmp_path)
+    calls = []
+
+    def compute(idx):
+        calls.append(list(idx))
+        return [{"cap": torch.full((2, 3), float(i))} for i in idx]
+
+    keys = [key_for("s", {}, c, None) for c in ("a", "b", "c")]
+    first = cache.get_or_compute(keys, compute)
+    assert calls == [[0, 1, 2]] and torch.equal(first[2]["cap"], torch.full((2, 3), 2.0))
+    again = cache.get_or_compute(keys, compute)
+    assert calls == [[0, 1, 2]] and torch.equal(again[1]["cap"], first[1]["cap"])
+    keys[1] = key_for("s", {}, "b changed", None)
+    cache.get_or_compute(keys, compute)
+    assert calls[-1] == [1]
+
+
+def test_damaged_cache_file_is_recomputed(tmp_path):
+    cache = FeatureCache(tmp_path)
+    key = key_for("s", {}, "a", None)
+    cache.path(key).parent.mkdir(parents=True)
+    cache.path(key).write_bytes(b"not safetensors")
+    out = cache.get_or_compute([key], lambda idx: [{"cap": torch.ones(1)}])
+    assert torch.equal(out[0]["cap"], torch.ones(1))
+
+
+def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "x.safetensors"
+    atomic_save_safetensors({"a": torch.ones(2)}, path)
+    import lowvram_dopsd.cache as cache_mod
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_mod, "save_file", boom)
+    try:
+        atomic_save_safetensors({"a": torch.zeros(2)}, path)
+    except OSError:
+        pass
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temp file left behind

@@ -1,0 +1,57 @@
+import pytest
+
+from lowvram_dopsd.config import TrainConfig, load_config, preset_names
+from lowvram_dopsd.errors import UserError
+
+
+def test_shipped_presets_validate_and_differ():
+    assert {"16gb", "24gb", "cpu-demo"} <= set(preset_names())
+    p16, p24 = load_config("16gb"), load_config("24gb")
+    assert p16.quant != "none" and p16.optimizer == "adamw8bit"  # the 16 GB levers are on
+    assert p24.quant == "none"
+    assert p16.resolution == p24.resolution == 1024
+
+
+def test_paper_defaults_where_preset_is_silent():
+    cfg = TrainConfig()
+    assert (cfg.rank, cfg.alpha, cfg.ema_decay, cfg.steps, cfg.batch_size) == (64, 128.0, 0.9999, 1000, 4)
+    assert cfg.resolved_lr(4e-5) == 4e-5 and cfg.resolved_lr(1e-5) == 1e-5
+
+
+def test_unknown_key_names_key_and_suggests(tmp_path):
+    bad = tmp_path / "mine.toml"
+    bad.write_text('learning_rat = 1e-4\n')
+    with pytest.raises(UserError) as err:
+        load_config(str(bad))
+    msg = str(err.value)
+    assert "learning_rat" in msg and "Valid settings" in msg and "rank" in msg
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(UserError, match="Did you mean 'steps'"):
+        load_config("16gb", {"stepz": "5"})
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(UserError) as err:
+        load_config("8gb")
+    assert "16gb" in str(err.value) and "24gb" in str(err.value)
+
+
+def test_overrides_are_typed_and_beat_the_preset():
+    cfg = load_config("16gb", {"steps": "12", "lr": "1e-5", "grad_checkpointing": "false", "lora_targets": "a.b, c"})
+    assert cfg.steps == 12 and cfg.lr == 1e-5 and cfg.grad_checkpointing is False
+    assert cfg.lora_targets == ["a.b", "c"]
+
+
+@pytest.mark.parametrize("key,value", [("steps", "many"), ("steps", "1.5"), ("grad_checkpointing", "maybe"),
+                                       ("loss", "l1"), ("batch_size", "0"), ("ema_decay", "1.0"),
+                                       ("resolution", "1000")])
+def test_bad_values_are_rejected(key, value):
+    with pytest.raises(UserError):
+        load_config(None, {key: value})
+
+
+def test_batch_must_divide_into_micro_batches():
+    with pytest.raises(UserError, match="multiple of micro_batch"):
+        load_config(None, {"batch_size": "4", "micro_batch": "3"})

@@ -1,0 +1,77 @@
+import torch
+from torch import nn
+
+from lowvram_dopsd.lora import DualLoRA
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.ModuleDict({"to_q": nn.Linear(6, 5), "other": nn.Linear(5, 5)})
+
+    def forward(self, x):
+        return self.block["other"](self.block["to_q"](x))
+
+
+def test_attach_targets_and_zero_init_is_the_base():
+    torch.manual_seed(0)
+    model = Toy()
+    x = torch.randn(3, 6)
+    ref = model(x)
+    lora = DualLoRA.attach(model, ["to_q"], rank=2, alpha=4.0)
+    assert list(lora.layers) == ["block.to_q"]
+    assert torch.equal(model(x), ref)  # B = 0 at init
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "student" not in n)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "block.to_q.student_A", "block.to_q.student_B"}
+
+
+def test_switch_selects_the_set_and_scale_is_alpha_over_rank():
+    torch.manual_seed(0)
+    model = Toy()
+    lora = DualLoRA.attach(model, ["to_q"], rank=2, alpha=4.0)
+    layer = lora.layers["block.to_q"]
+    with torch.no_grad():
+        layer.student_B.normal_()
+    x = torch.randn(3, 6)
+    base = layer.base(x)
+    expect = base + 2.0 * (x @ layer.student_A.t()) @ layer.student_B.t()
+    with lora.use("student"):
+        assert torch.allclose(layer(x), expect, atol=1e-6)
+    with lora.use("teacher"):
+        assert torch.allclose(layer(x), base)  # teacher B still 0
+    with lora.use(None):
+        assert torch.equal(layer(x), base)
+
+
+def test_ema_formula_and_base_untouched():
+    torch.manual_seed(0)
+    model = Toy()
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = DualLoRA.attach(model, ["to_q", "other"], rank=3, alpha=3.0)
+    layer = lora.layers["block.other"]
+    with torch.no_grad():
+        for p in lora.student_parameters():
+            p.normal_()
+    t_A, s_A = layer.teacher_A.clone(), layer.student_A.clone()
+    lora.ema_update(0.9)
+    assert torch.allclose(layer.teacher_A, 0.9 * t_A + 0.1 * s_A)
+    assert torch.allclose(layer.teacher_B, 0.1 * layer.student_B)  # teacher B started at 0
+    for name, value in base_before.items():
+        mod, _, leaf = name.rpartition(".")
+        assert torch.equal(model.get_submodule(mod).base.get_parameter(leaf), value)
+
+
+def test_teacher_gets_no_gradient_and_load_roundtrip():
+    torch.manual_seed(0)
+    model = Toy()
+    lora = DualLoRA.attach(model, ["to_q"], rank=2, alpha=2.0)
+    x = torch.randn(2, 6, requires_grad=True)
+    with lora.use("teacher"):
+        model(x).sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in lora.student_parameters())
+    layer = lora.layers["block.to_q"]
+    assert not layer.teacher_A.requires_grad and layer.teacher_A.grad is None
+    saved = {k: v.clone() + 1 for k, v in lora.tensors("student").items()}
+    lora.load("teacher", saved)
+    assert all(torch.equal(lora.tensors("teacher")[k], saved[k]) for k in saved)
