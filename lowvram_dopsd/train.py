@@ -20,6 +20,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,7 +147,18 @@ def prepare_output(path: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 # 3. The run
 # ---------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, preset: str = "", console=None) -> Path:
+@dataclass
+class TrainResult:
+    """What a run leaves in memory (tests compare it with the saved file through diffusers)."""
+
+    lora_path: Path
+    family: Family
+    model: torch.nn.Module
+    lora: DualLoRA
+    cache: FeatureCache
+
+
+def train(cfg: TrainConfig, preset: str = "", console=None) -> TrainResult:
     console = console or make_console()
     device = resolve_device(cfg.device)
     enc_device = device if cfg.encoders_on == "auto" else resolve_device(cfg.encoders_on)
@@ -233,11 +245,11 @@ def train(cfg: TrainConfig, preset: str = "", console=None) -> Path:
             log.flush()
             display.step(step, metrics)
             if step % cfg.save_every == 0 and step < cfg.steps:
-                save_lora(out_dir / LORA_FILE, lora, "student", {**info, "steps": step})
+                save_lora(out_dir / LORA_FILE, lora, "student", {**info, "steps": step}, dtype=dtype)
     log.close()
 
-    path = save_lora(out_dir / LORA_FILE, lora, "student", {**info, "steps": cfg.steps})
-    save_lora(out_dir / "teacher_ema_lora.safetensors", lora, "teacher", {**info, "steps": cfg.steps})
+    path = save_lora(out_dir / LORA_FILE, lora, "student", {**info, "steps": cfg.steps}, dtype=dtype)
+    save_lora(out_dir / "teacher_ema_lora.safetensors", lora, "teacher", {**info, "steps": cfg.steps}, dtype=dtype)
     display.header({
         "LoRA": str(path),
         "EMA teacher": str(out_dir / "teacher_ema_lora.safetensors"),
@@ -245,4 +257,4 @@ def train(cfg: TrainConfig, preset: str = "", console=None) -> Path:
         "load it": f"pipe = {family.pipeline_class}.from_pretrained('{cfg.model}'); "
                    f"pipe.load_lora_weights('{out_dir}')",
     }, title="done")
-    return path
+    return TrainResult(path, family, model, lora, cache)

@@ -1,0 +1,53 @@
+"""The command line end to end: exit codes, a loadable LoRA, one-paragraph errors."""
+import torch
+from diffusers import ZImagePipeline
+
+from lowvram_dopsd.cli import main
+from lowvram_dopsd.output import read_info
+
+
+def test_demo_runs_and_writes_a_lora_the_pipeline_loads(tmp_path, monkeypatch, tiny_demo_root, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOWVRAM_DOPSD_DEMO_DIR", str(tiny_demo_root))
+    assert main(["demo", "--steps", "2"]) == 0
+    out = tmp_path / "dopsd-demo-out"
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    info = read_info(out / "pytorch_lora_weights.safetensors")
+    assert info["steps"] == 2 and info["family"] == "zimage" and info["teacher"] == "vlm"
+    assert "sks" in info["caption_rule"] or info["caption_rule"]
+    pipe = ZImagePipeline.from_pretrained(tiny_demo_root / "tiny-zimage", torch_dtype=torch.float32)
+    pipe.load_lora_weights(out)
+    printed = capsys.readouterr().out
+    assert "pipe.load_lora_weights" in printed and "caption" in printed
+
+
+def test_train_on_a_tiny_folder(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images):
+    out = tmp_path / "run"
+    code = main(["train", "--preset", "cpu-demo", "--model", str(tiny_zimage_dir), "--teacher-encoder",
+                 str(tiny_vlm_dir), "--images", str(demo_images), "--output", str(out), "--steps", "2",
+                 "--cache-dir", str(tmp_path / "cache"), "--set", "train_states=2", "--loss", "velocity"])
+    assert code == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    assert read_info(out / "pytorch_lora_weights.safetensors")["loss"] == "velocity"
+
+
+def test_bad_input_is_one_clear_paragraph_and_exit_2(tmp_path, capsys):
+    code = main(["train", "--preset", "cpu-demo", "--images", str(tmp_path / "nope"), "--model", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err and "Traceback" not in err
+
+
+def test_unknown_repo_id_names_what_to_download(tmp_path, monkeypatch, capsys, demo_images):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    code = main(["train", "--preset", "cpu-demo", "--images", str(demo_images), "--model", "someone/NotAModel"])
+    err = capsys.readouterr().err
+    assert code == 2 and "hf download someone/NotAModel" in err
+
+
+def test_unknown_setting_and_unknown_preset(capsys):
+    assert main(["train", "--preset", "cpu-demo", "--set", "ranks=8"]) == 2
+    assert "Did you mean 'rank'" in capsys.readouterr().err
+    assert main(["train", "--preset", "12gbb"]) == 2
+    assert "16gb" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""The spine on a tiny Z-Image checkpoint, checked against the stock diffusers ZImagePipeline."""
+import shutil
+
+import pytest
+import torch
+from diffusers import ZImagePipeline
+
+from lowvram_dopsd.config import load_config
+from lowvram_dopsd.families import load_family
+from lowvram_dopsd.lora import DualLoRA
+from lowvram_dopsd.losses import dopsd_loss
+from lowvram_dopsd.train import rollout_and_learn, train
+
+CPU = torch.device("cpu")
+PROMPT = "a photo of sks ball on the beach"
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_cfg(tmp_path, model_dir, vlm_dir, images, **over):
+    base = dict(model=str(model_dir), teacher_encoder=str(vlm_dir), images=str(images),
+                output=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), steps=3, save_every=100)
+    base.update({k: str(v) for k, v in over.items()})
+    return load_config("cpu-demo", base)
+
+
+def student_rollout(family, model, lora, cond, noise, steps):
+    sigmas = family.sigmas(64, 64, steps)
+    with torch.no_grad():
+        _, x = rollout_and_learn(family, model, lora, noise.clone(), sigmas, [cond], [cond], set(), "velocity", 1.0)
+    return x
+
+
+def pipeline_latents(model_dir, noise, steps, lora_dir=None):
+    pipe = ZImagePipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir)
+    return pipe(PROMPT, height=64, width=64, num_inference_steps=steps, guidance_scale=0.0,
+                latents=noise.clone(), output_type="latent").images
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+def test_zero_lora_rollout_equals_stock_pipeline(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, steps):
+    cfg = make_cfg(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images)
+    family = load_family(str(tiny_zimage_dir))
+    (cond,) = family.encode_student([PROMPT], cfg, CPU)
+    model = family.load_transformer(cfg, CPU, torch.float32)
+    lora = DualLoRA.attach(model, family.lora_targets, rank=4, alpha=8.0)
+    noise = torch.randn((1, *family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(7))
+    ours = student_rollout(family, model, lora, cond, noise, steps)
+    ref = pipeline_latents(tiny_zimage_dir, noise, steps)
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref) < 1e-5
+    assert rel_err(noise, ref) > 0.05  # the roll-out moved: not a vacuous comparison
+
+
+@pytest.mark.parametrize("loss_kind,ckpt", [("velocity", False), ("x0", True)])
+def test_per_step_backward_equals_one_backward_of_the_summed_loss(tmp_path, tiny_zimage_dir, tiny_vlm_dir,
+                                                                   demo_images, loss_kind, ckpt):
+    cfg = make_cfg(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, grad_checkpointing=ckpt)
+    family = load_family(str(tiny_zimage_dir))
+    c_s, c_t = family.encode_student([PROMPT, "a red ball, studio photo, detailed"], cfg, CPU)
+    model = family.load_transformer(cfg, CPU, torch.float32)
+    assert model.gradient_checkpointing == ckpt
+    lora = DualLoRA.attach(model, family.lora_targets, rank=4, alpha=8.0)
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-zero, different student and teacher sets: every gradient term is live
+        for layer in lora.layers.values():
+            layer.student_B.normal_(std=0.05)
+            layer.teacher_B.normal_(std=0.05)
+    params = lora.student_parameters()
+    sigmas = family.sigmas(64, 64, 4)
+    noise = torch.randn((1, *family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(1))
+
+    losses, _ = rollout_and_learn(family, model, lora, noise.clone(), sigmas, [c_s], [c_t], {0, 1, 2, 3},
+                                  loss_kind, loss_scale=1 / 4)
+    per_step = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    # Reference: the authors' way, all K graphs alive, one backward of the mean loss.
+    x, total = noise.clone(), 0.0
+    with lora.use("student"):
+        for k in range(4):
+            with torch.no_grad(), lora.use("teacher"):
+                v_t = family.velocity(model, x, sigmas[k], [c_t])
+            v_s = family.velocity(model, x, sigmas[k], [c_s])
+            total = total + dopsd_loss(loss_kind, v_s, v_t, sigmas[k])
+            x = x + (sigmas[k + 1] - sigmas[k]) * v_s.detach()
+        (total / 4).backward()
+    summed = [p.grad for p in params]
+    assert abs(sum(losses) / 4 - total.item() / 4) < 1e-6 * max(1.0, abs(total.item()))
+    assert sum(g.abs().sum() for g in summed) > 0
+    for a, b in zip(per_step, summed):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_trained_lora_loads_in_stock_pipeline_and_reproduces_the_student(tmp_path, tiny_zimage_dir, tiny_vlm_dir,
+                                                                        demo_images):
+    cfg = make_cfg(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, steps=3, lr=5e-3, rank=4, alpha=16)
+    base_family = load_family(str(tiny_zimage_dir))
+    base_before = {k: v.clone() for k, v in base_family.load_transformer(cfg, CPU, torch.float32).state_dict().items()}
+    result = train(cfg)
+    assert result.lora_path.name == "pytorch_lora_weights.safetensors"
+
+    # the frozen base was never modified
+    for name, module in result.model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if "student_" in pname:
+                continue
+            key = f"{name}.{pname}".replace(".base.", ".")
+            assert torch.equal(param, base_before[key]), key
+
+    (cond,) = result.family.encode_student([PROMPT], cfg, CPU)
+    noise = torch.randn((1, *result.family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(3))
+    ours = student_rollout(result.family, result.model, result.lora, cond, noise, 8)
+    loaded = pipeline_latents(tiny_zimage_dir, noise, 8, lora_dir=result.lora_path.parent)
+    stock = pipeline_latents(tiny_zimage_dir, noise, 8)
+    assert rel_err(ours, loaded) < 1e-5
+    assert rel_err(stock, loaded) > 1e-3  # the LoRA learned something, and alpha/rank (4x) was applied
+
+
+def test_cache_second_run_reencodes_nothing_and_a_changed_caption_only_its_item(tmp_path, tiny_zimage_dir,
+                                                                             tiny_vlm_dir, demo_images):
+    images = tmp_path / "images"
+    shutil.copytree(demo_images, images)
+    n = len(list(images.glob("*.png")))
+    cfg = make_cfg(tmp_path, tiny_zimage_dir, tiny_vlm_dir, images, steps=1)
+    first = train(cfg).cache
+    assert (first.hits, first.misses) == (0, 2 * n)
+    second = train(cfg).cache
+    assert (second.hits, second.misses) == (2 * n, 0)
+    txt = sorted(images.glob("*.txt"))[0]
+    txt.write_text("a photo of sks ball in the snow")
+    third = train(cfg).cache
+    assert (third.hits, third.misses) == (2 * n - 2, 2)  # its student and its teacher condition
+
+
+def test_teacher_condition_sees_the_image(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images):
+    from lowvram_dopsd.data import scan
+
+    cfg = make_cfg(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images)
+    family = load_family(str(tiny_zimage_dir))
+    ds = scan(str(demo_images), "", "", 64)
+    (c_s,) = family.encode_student([ds.items[0].caption], cfg, CPU)
+    c_t0, c_t1 = family.encode_teacher(ds.items[:2], "vlm", cfg, CPU)
+    assert c_t0["cap"].shape[1] == c_s["cap"].shape[1]  # same feature space as the student's encoder
+    assert c_t0["cap"].shape[0] > c_s["cap"].shape[0]  # image tokens are in the teacher's context
+    # the same caption with another image gives another condition
+    items = [ds.items[0], ds.items[1]]
+    items[1].caption = items[0].caption
+    a, b = family.encode_teacher(items, "vlm", cfg, CPU)
+    assert not torch.equal(a["cap"], b["cap"])
