@@ -1,28 +1,53 @@
-"""Shared fixtures: tiny model folders in the real Hugging Face layouts, built once per session.
+"""Shared fixtures: tiny Hugging Face-layout checkpoints built once per test session.
 
     tiny_zimage_dir   ZImagePipeline folder (Tongyi-MAI/Z-Image-Turbo layout)
     tiny_klein_dir    Flux2KleinPipeline folder (black-forest-labs/FLUX.2-klein-4B layout)
     tiny_vlm_dir      Qwen3VLForConditionalGeneration folder (Qwen/Qwen3-VL-4B-Instruct layout)
                       whose language model has the dims of tiny_zimage_dir/text_encoder
+    demo_images       the bundled demo images with their captions
 
 Treat them as read-only: they are shared by every test of the session.
+
+`tiny_demo_root` holds `tiny-zimage/` and `tiny-qwen3vl/` exactly as `lowvram-dopsd demo` lays
+them out, so the demo test reuses the same folders instead of building its own.
 """
+import os
+from importlib import resources
+from pathlib import Path
+
 import pytest
 
-from lowvram_dopsd import tiny
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def tiny_zimage_dir(tmp_path_factory):
-    return tiny.make_tiny_zimage(tmp_path_factory.mktemp("tiny") / "z-image-turbo", seed=0)
+def tiny_demo_root(tmp_path_factory) -> Path:
+    from lowvram_dopsd.tiny import make_tiny_qwen3vl, make_tiny_zimage
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_tiny_zimage(root / "tiny-zimage")
+    make_tiny_qwen3vl(root / "tiny-qwen3vl", text_encoder_dir=root / "tiny-zimage" / "text_encoder")
+    return root
 
 
 @pytest.fixture(scope="session")
-def tiny_klein_dir(tmp_path_factory):
-    return tiny.make_tiny_klein(tmp_path_factory.mktemp("tiny") / "flux2-klein", seed=0)
+def tiny_zimage_dir(tiny_demo_root) -> Path:
+    return tiny_demo_root / "tiny-zimage"
 
 
 @pytest.fixture(scope="session")
-def tiny_vlm_dir(tmp_path_factory, tiny_zimage_dir):
-    return tiny.make_tiny_qwen3vl(tmp_path_factory.mktemp("tiny") / "qwen3-vl",
-                                  tiny_zimage_dir / "text_encoder", seed=0)
+def tiny_vlm_dir(tiny_demo_root) -> Path:
+    return tiny_demo_root / "tiny-qwen3vl"
+
+
+@pytest.fixture(scope="session")
+def tiny_klein_dir(tmp_path_factory) -> Path:
+    from lowvram_dopsd.tiny import make_tiny_klein
+
+    return make_tiny_klein(tmp_path_factory.mktemp("tiny-klein") / "tiny-klein")
+
+
+@pytest.fixture(scope="session")
+def demo_images() -> Path:
+    return Path(str(resources.files("lowvram_dopsd") / "assets" / "demo"))

@@ -110,7 +110,7 @@ def test_trained_lora_loads_in_stock_pipeline_and_reproduces_the_student(tmp_pat
         for pname, param in module.named_parameters(recurse=False):
             if "student_" in pname:
                 continue
-            key = f"{name}.{pname}".replace(".base.", ".")
+            key = (f"{name}.{pname}" if name else pname).replace(".base.", ".")
             assert torch.equal(param, base_before[key]), key
 
     (cond,) = result.family.encode_student([PROMPT], cfg, CPU)
@@ -133,7 +133,7 @@ def test_cache_second_run_reencodes_nothing_and_a_changed_caption_only_its_item(
     second = train(cfg).cache
     assert (second.hits, second.misses) == (2 * n, 0)
     txt = sorted(images.glob("*.txt"))[0]
-    txt.write_text("a photo of sks ball in the snow")
+    txt.write_text("a photo of sks ball on a red carpet, studio light")
     third = train(cfg).cache
     assert (third.hits, third.misses) == (2 * n - 2, 2)  # its student and its teacher condition
 
