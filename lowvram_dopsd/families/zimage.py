@@ -12,6 +12,7 @@ Conventions in `ZImagePipeline.__call__` (diffusers 0.42):
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -72,7 +73,9 @@ class ZImage(Family):
         if teacher == "student":
             ident["max_sequence_length"] = cfg.max_sequence_length
         else:
+            # The processor (torchvision) and fallback (PIL) paths resize images slightly differently.
             ident.update(teacher=teacher, vlm=folder_identity(self._vlm_dir(cfg)),
+                         image_resize="torchvision" if importlib.util.find_spec("torchvision") else "pil",
                          max_sequence_length=cfg.teacher_max_sequence_length,
                          pixels=[cfg.vlm_min_pixels, cfg.vlm_max_pixels], hidden_layers=[-2])
         return ident
