@@ -73,7 +73,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = demo_model_dir()
     images = resources.files("lowvram_dopsd") / "assets" / "demo"
     overrides = {"model": str(root / "tiny-zimage"), "teacher_encoder": str(root / "tiny-qwen3vl"),
-                 "images": str(images), "output": "dopsd-demo-out", "cache_dir": str(root / "features")}
+                 "images": str(images), "output": "dopsd-demo-out", "cache_dir": str(root / "features"),
+                 "trigger": "sks ball"}
     overrides.update(_overrides(args))
     cfg = load_config(args.preset, overrides)
     train(cfg, preset=args.preset)

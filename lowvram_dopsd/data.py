@@ -38,7 +38,8 @@ class Dataset:
 
 def caption_rule(caption: str, trigger: str) -> str:
     parts = ["<stem>.txt if present"]
-    parts.append(f"else {caption!r}" if caption else ("else the trigger" if trigger else "else: required"))
+    parts.append(f"else {caption!r}" if caption else ("else the trigger" if trigger
+                                                      else "else none (an error: pass --caption or --trigger)"))
     if trigger:
         parts.append(f"trigger {trigger!r} replaces [trigger] or is prepended if absent")
     return "; ".join(parts)
