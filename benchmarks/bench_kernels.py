@@ -1,0 +1,419 @@
+"""Benchmark the Triton kernels against the usual PEFT setups, on real DiT shapes (needs a CUDA GPU).
+
+LoRA linear, forward (no_grad: the teacher pass) and forward+backward (x and the LoRA factors
+need gradients, the base is frozen), at M = 4096 image + 512 text tokens (1024² images):
+
+  ours-int8 / ours-fp8     lowvram_dopsd.kernels.lora_linear (dequant fused into the GEMM tiles)
+  quanto-qint8 / -qfloat8  peft LoRA on an optimum-quanto QLinear (qint8 / qfloat8 weights)
+  bnb-int8                 peft LoRA on a bitsandbytes Linear8bitLt (LLM.int8, threshold 6.0)
+  bf16                     peft LoRA on a plain bf16 nn.Linear (cuBLAS)
+
+D-OPSD loss: our one-pass kernel vs plain torch, and its bandwidth vs a device-to-device copy.
+
+Shapes (published transformer configs):
+  Z-Image-Turbo: dim 3840, FFN hidden int(3840/3*8) = 10240 (SwiGLU w1/w3/w2), 30 layers, separate
+    to_q/to_k/to_v/to_out (Tongyi-MAI/Z-Image-Turbo transformer/config.json: dim 3840, n_layers 30,
+    n_heads 30; FeedForward(dim, hidden_dim=int(dim / 3 * 8)) in diffusers' transformer_z_image.py).
+  FLUX.2-klein-4B: dim 24 heads x 128 = 3072, mlp_ratio 3 (9216, SwiGLU), 5 double + 20 single
+    blocks (black-forest-labs FLUX.2-klein-4B transformer/config.json: num_attention_heads 24,
+    attention_head_dim 128, mlp_ratio 3.0, num_layers 5, num_single_layers 20); single blocks fuse
+    to_qkv_mlp_proj 3072 -> 3*3072 + 2*9216 = 27648 and to_out 3072 + 9216 = 12288 -> 3072
+    (diffusers transformer_flux2.py).
+
+Usage: python benchmarks/bench_kernels.py [--shapes zimage,klein] [--methods ...] [--orient both]
+       [--out benchmarks/results]
+Timings: triton.testing.do_bench medians (CUDA events) after warm-up, random data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import traceback
+
+import torch
+
+try:
+    import triton
+    from triton.testing import do_bench
+except ImportError:  # pragma: no cover
+    sys.exit("bench_kernels.py needs triton and a CUDA GPU")
+
+import lowvram_dopsd.kernels.lora_linear as ll
+from lowvram_dopsd.kernels.dopsd_loss import dopsd_loss, dopsd_loss_reference
+
+TOKENS = 4096 + 512
+SHAPES = {
+    # name: (K in, N out, uses per model step)
+    "zimage": [
+        ("attn q/k/v/out 3840->3840", 3840, 3840, 4 * 30),
+        ("ffn w1/w3 3840->10240", 3840, 10240, 2 * 30),
+        ("ffn w2 10240->3840", 10240, 3840, 1 * 30),
+    ],
+    "klein": [
+        # double blocks: image (4096 tok) + text (512 tok) streams have separate weights; counted
+        # once at 4608 tokens (same FLOPs, one launch instead of two)
+        ("attn q/k/v/out 3072->3072", 3072, 3072, 4 * 5),
+        ("ff in 3072->18432", 3072, 18432, 1 * 5),
+        ("ff out 9216->3072", 9216, 3072, 1 * 5),
+        ("single qkv+mlp 3072->27648", 3072, 27648, 20),
+        ("single out 12288->3072", 12288, 3072, 20),
+    ],
+}
+ALL_METHODS = ["ours-int8", "ours-fp8", "quanto-qint8", "quanto-qfloat8", "bnb-int8", "bf16"]
+
+
+def bench_ms(fn, grad_to_none=None, warmup=10, rep=50):
+    return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def peak_extra_mb(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# the PEFT baselines
+# ---------------------------------------------------------------------------------------------
+class _Wrap(torch.nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _peft(base: torch.nn.Module, rank: int, alpha: float, A: torch.Tensor, B: torch.Tensor):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0)
+    model = get_peft_model(_Wrap(base), cfg, autocast_adapter_dtype=False)
+    for n, p in model.named_parameters():
+        if "lora_A" in n:
+            p.data = A.detach().clone()
+            p.requires_grad_(True)
+        elif "lora_B" in n:
+            p.data = B.detach().clone()
+            p.requires_grad_(True)
+        else:
+            p.requires_grad_(False)
+    return model
+
+
+def build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha):
+    """Returns (forward callable x -> y, list of LoRA params that get grads)."""
+    scale = alpha / rank
+    K, N = w.shape[1], w.shape[0]
+    if method.startswith("ours"):
+        wq, ws = (w_q8, s8) if method == "ours-int8" else (w_f8, sf8)
+        Ap, Bp = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+        return (lambda x: ll.lora_linear(x, wq, ws, None, Ap, Bp, scale)), [Ap, Bp]
+    if method == "bf16":
+        lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin.weight.data.copy_(w)
+        m = _peft(lin, rank, alpha, A, B)
+    elif method.startswith("quanto"):
+        import optimum.quanto.library.extensions as qext
+        from optimum.quanto import freeze, qfloat8, qint8, quantize
+        import optimum.quanto.tensor.weights.qbytes as qb
+
+        # no JIT build of quanto's CUDA extension (Marlin FP8) inside a short lease: quanto then
+        # runs its generic path (dequantise the weight, torch.matmul)
+        qext.is_extension_available = lambda name: False
+        qb.is_extension_available = lambda name: False
+        lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin.weight.data.copy_(w)
+        wrap = _Wrap(lin)
+        quantize(wrap, weights=qint8 if method == "quanto-qint8" else qfloat8)
+        freeze(wrap)
+        m = _peft(wrap.lin, rank, alpha, A, B)
+    elif method == "bnb-int8":
+        import bitsandbytes as bnb
+
+        lin = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=6.0)
+        lin.weight = bnb.nn.Int8Params(w.detach().cpu().clone(), requires_grad=False, has_fp16_weights=False)
+        lin = lin.cuda()
+        m = _peft(lin, rank, alpha, A, B)
+    else:
+        raise ValueError(method)
+    params = [p for p in m.parameters() if p.requires_grad]
+    return m, params
+
+
+def bench_lora(shapes, methods, rank, alpha, orients, log):
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for family in shapes:
+        for name, K, N, count in SHAPES[family]:
+            w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+            w_q8, s8 = ll.quantize_weight(w, "int8")
+            w_f8, sf8 = ll.quantize_weight(w, "fp8")
+            A = (torch.randn(rank, K, device="cuda", generator=g) * 0.01).to(torch.bfloat16)
+            B = (torch.randn(N, rank, device="cuda", generator=g) * 0.01).to(torch.bfloat16)
+            x = torch.randn(TOKENS, K, device="cuda", generator=g).to(torch.bfloat16)
+            dy = torch.randn(TOKENS, N, device="cuda", generator=g).to(torch.bfloat16)
+            flops_fwd = 2 * TOKENS * K * N
+            variants = []
+            for m in methods:
+                if m.startswith("ours"):
+                    for o in orients:
+                        variants.append((m if o is None else f"{m}[{'Wx' if o else 'xW'}]", m, o))
+                else:
+                    variants.append((m, m, None))
+            for label, method, orient in variants:
+                row = dict(family=family, shape=name, K=K, N=N, M=TOKENS, count=count, method=label)
+                try:
+                    if orient is not None:
+                        ll.SWAP_FWD = ll.SWAP_BWD = orient
+                    f, params = build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha)
+                    xg = x.detach().clone().requires_grad_()
+
+                    def fwd():
+                        with torch.no_grad():
+                            return f(x)
+
+                    def fwd_bwd():
+                        f(xg).backward(dy)
+
+                    y = fwd()
+                    # fp32 reference on the same (quantised) base the method uses
+                    if method == "bf16":
+                        wq_ref, s_ref = w, torch.ones(N, device="cuda")
+                    elif "fp8" in method or "qfloat8" in method:
+                        wq_ref, s_ref = w_f8, sf8
+                    else:
+                        wq_ref, s_ref = w_q8, s8
+                    ref = ll.lora_linear_reference(x.float(), wq_ref, s_ref, None, A.float(), B.float(), alpha / rank)
+                    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+                    row["rel_err_vs_fp32_ref"] = rel(y, ref)
+                    y = ref = None
+                    fwd_bwd()  # warm-up / autotune outside the timed region
+                    if method.startswith("ours"):  # gradients too, with the autotuned configs
+                        xr = x.float().requires_grad_()
+                        Ar, Br = A.float().requires_grad_(), B.float().requires_grad_()
+                        ll.lora_linear_reference(xr, wq_ref, s_ref, None, Ar, Br, alpha / rank).backward(dy.float())
+                        for p_ in [xg] + params:
+                            p_.grad = None
+                        fwd_bwd()
+                        row["rel_err_dx"] = rel(xg.grad, xr.grad)
+                        row["rel_err_dA"] = rel(params[0].grad, Ar.grad)
+                        row["rel_err_dB"] = rel(params[1].grad, Br.grad)
+                        xr = Ar = Br = None
+                    row["fwd_ms"] = bench_ms(fwd)
+                    row["fwd_bwd_ms"] = bench_ms(fwd_bwd, grad_to_none=[xg] + params)
+                    row["fwd_tflops"] = flops_fwd / row["fwd_ms"] / 1e9
+                    row["fwd_bwd_tflops"] = 2 * flops_fwd / row["fwd_bwd_ms"] / 1e9  # base GEMMs only
+                    row["peak_extra_mb_fwd_bwd"] = peak_extra_mb(fwd_bwd)
+                except Exception as e:  # a baseline that does not run here is reported, not fatal
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    log(traceback.format_exc(limit=3))
+                finally:
+                    ll.SWAP_FWD, ll.SWAP_BWD = DEFAULT_SWAP
+                torch.cuda.empty_cache()
+                rows.append(row)
+                log(_fmt_row(row))
+    return rows
+
+
+def _fmt_row(r):
+    if "error" in r:
+        return f"{r['shape']:<28} {r['method']:<18} ERROR {r['error']}"
+    return (f"{r['shape']:<28} {r['method']:<18} fwd {r['fwd_ms']:7.3f} ms  fwd+bwd {r['fwd_bwd_ms']:7.3f} ms  "
+            f"({r['fwd_tflops']:5.0f} / {r['fwd_bwd_tflops']:5.0f} TFLOP/s)  +{r['peak_extra_mb_fwd_bwd']:6.0f} MB  "
+            f"err y {r['rel_err_vs_fp32_ref']:.1e}"
+            + (f" dx {r['rel_err_dx']:.1e} dA {r['rel_err_dA']:.1e} dB {r['rel_err_dB']:.1e}" if "rel_err_dx" in r else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel pre-compilation: Triton's autotuner compiles its candidates one after another; worker
+# processes compile one candidate each (same specialisations: every benchmarked dim is a multiple
+# of 128) into Triton's on-disk cache, so the timed process only benchmarks them.
+# ---------------------------------------------------------------------------------------------
+def _precompile_worker(task):
+    i, orients, fmts = task
+    import lowvram_dopsd.kernels.lora_linear as L
+
+    pick = lambda cfgs: [cfgs[i % len(cfgs)]]  # noqa: E731
+    L._mm_main = L._autotuned(pick(L._main_configs()))
+    L._mm_skinny_q = L._autotuned(pick(L._skinny_q_configs()))
+    L._mm_skinny_p = L._autotuned(pick(L._skinny_p_configs()))
+    M, K, N, r = 512, 256, 384, 64
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    A = (torch.randn(r, K, device="cuda") * 0.01).to(torch.bfloat16).requires_grad_()
+    B = (torch.randn(N, r, device="cuda") * 0.01).to(torch.bfloat16).requires_grad_()
+    for fmt in fmts:
+        w_q, w_s = L.quantize_weight(torch.randn(N, K, device="cuda"), fmt)
+        for o_fwd, o_bwd in orients:
+            L.SWAP_FWD, L.SWAP_BWD = o_fwd, o_bwd
+            L.lora_linear(x, w_q, w_s, None, A, B, 2.0).backward(torch.randn(M, N, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    return i
+
+
+def precompile(orients, fmts, log):
+    import multiprocessing as mp
+    import time
+
+    n = max(len(ll._main_configs()), len(ll._skinny_q_configs()), len(ll._skinny_p_configs()))
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(n) as pool:
+        pool.map(_precompile_worker, [(i, orients, fmts) for i in range(n)])
+    log(f"pre-compiled {n} candidate configs per kernel in {time.time() - t0:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# loss
+# ---------------------------------------------------------------------------------------------
+def bench_loss(log):
+    out = {}
+    nbytes = 512 * 2**20
+    src = torch.randn(nbytes // 2, device="cuda").to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    t = bench_ms(lambda: dst.copy_(src))
+    out["copy_GBps"] = 2 * nbytes / t / 1e6
+    log(f"device-to-device copy: {out['copy_GBps']:.0f} GB/s (read + write, {nbytes >> 20} MiB)")
+    for label, shape in (("large", (4, 32 * 2**20)), ("latent 1x16x128x128", (1, 16, 128, 128))):
+        v_s = torch.randn(shape, device="cuda").to(torch.bfloat16).requires_grad_()
+        v_t = torch.randn(shape, device="cuda").to(torch.bfloat16)
+        w = torch.rand(shape[0], device="cuda") + 0.1
+        e = v_s.numel() * 2  # bytes per tensor
+
+        def ours_fwd():
+            return dopsd_loss(v_s, v_t, w)  # computes and stores d loss / d v_s
+
+        def ours_fb():
+            dopsd_loss(v_s, v_t, w).backward()
+
+        def ref_fb():
+            dopsd_loss_reference(v_s, v_t, w).backward()
+
+        r = dict(shape=list(shape), elements=v_s.numel())
+        r["ours_fwd_ms"] = bench_ms(ours_fwd, grad_to_none=[v_s])
+        r["ours_fwd_bwd_ms"] = bench_ms(ours_fb, grad_to_none=[v_s])
+        r["torch_fwd_bwd_ms"] = bench_ms(ref_fb, grad_to_none=[v_s])
+        r["ours_fwd_GBps"] = 3 * e / r["ours_fwd_ms"] / 1e6  # read v_s, v_t; write grad
+        r["ours_fwd_bwd_GBps"] = 5 * e / r["ours_fwd_bwd_ms"] / 1e6  # + backward: read grad, write grad
+        r["fwd_frac_of_copy"] = r["ours_fwd_GBps"] / out["copy_GBps"]
+        out[label] = r
+        log(f"loss {label}: ours fwd {r['ours_fwd_ms']*1e3:.1f} us ({r['ours_fwd_GBps']:.0f} GB/s, "
+            f"{100*r['fwd_frac_of_copy']:.0f}% of copy), ours fwd+bwd {r['ours_fwd_bwd_ms']*1e3:.1f} us, "
+            f"torch fwd+bwd {r['torch_fwd_bwd_ms']*1e3:.1f} us")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def device_slug(name: str) -> str:
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower())).lower()
+
+
+def write_report(meta, rows, loss, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    slug = device_slug(meta["device"])
+    with open(os.path.join(out_dir, f"kernels-{slug}.json"), "w") as f:
+        json.dump(dict(meta=meta, lora_linear=rows, loss=loss), f, indent=1)
+    L = [f"# Kernel benchmarks: {meta['device']}", ""]
+    L += [f"- date: {meta['date']}", f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}",
+          f"- command: `{meta['command']}`", f"- M = {TOKENS} tokens (4096 image + 512 text, 1024²), "
+          f"LoRA rank {meta['rank']}, alpha {meta['alpha']}, bf16 activations; "
+          "times are do_bench medians in ms; fwd under no_grad, fwd+bwd with grads for x and LoRA",
+          f"- orientation used by ours: SWAP_FWD={meta['swap'][0]} SWAP_BWD={meta['swap'][1]}", ""]
+    L += ["## LoRA linear", "",
+          "| shape | method | fwd ms | fwd+bwd ms | fwd+bwd vs bf16 | TFLOP/s (fwd, base) | extra peak MB (fwd+bwd) |",
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    base = {(r["shape"]): r.get("fwd_bwd_ms") for r in rows if r["method"] == "bf16" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            L.append(f"| {r['shape']} | {r['method']} | error: {r['error'][:120]} | | | | |")
+            continue
+        rel = r["fwd_bwd_ms"] / base[r["shape"]] if base.get(r["shape"]) else float("nan")
+        L.append(f"| {r['shape']} | {r['method']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {rel:.2f}x | "
+                 f"{r['fwd_tflops']:.0f} | {r['peak_extra_mb_fwd_bwd']:.0f} |")
+    # per-model-step totals
+    L += ["", "### Per model step (Σ uses × time, all LoRA'd linears of the transformer blocks)", "",
+          "| model | method | fwd ms | fwd+bwd ms |", "| --- | --- | ---: | ---: |"]
+    for fam in sorted({r["family"] for r in rows}):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            rs = [r for r in rows if r["family"] == fam and r["method"] == m]
+            if not rs or any("error" in r for r in rs):
+                continue
+            L.append(f"| {fam} | {m} | {sum(r['count'] * r['fwd_ms'] for r in rs):.1f} | "
+                     f"{sum(r['count'] * r['fwd_bwd_ms'] for r in rs):.1f} |")
+    if loss:
+        L += ["", "## D-OPSD loss (bf16, weighted)", "", f"Device-to-device copy: {loss['copy_GBps']:.0f} GB/s "
+              "(bytes read + written).", "",
+              "| size | ours fwd (loss + grad) | GB/s | % of copy | ours fwd+bwd | torch fwd+bwd |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for k, r in loss.items():
+            if not isinstance(r, dict):
+                continue
+            L.append(f"| {k} {r['shape']} | {r['ours_fwd_ms']*1e3:.1f} us | {r['ours_fwd_GBps']:.0f} | "
+                     f"{100*r['fwd_frac_of_copy']:.0f}% | {r['ours_fwd_bwd_ms']*1e3:.1f} us | "
+                     f"{r['torch_fwd_bwd_ms']*1e3:.1f} us |")
+    with open(os.path.join(out_dir, f"kernels-{slug}.md"), "w") as f:
+        f.write("\n".join(L) + "\n")
+    return slug
+
+
+DEFAULT_SWAP = (ll.SWAP_FWD, ll.SWAP_BWD)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="zimage,klein")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS))
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--alpha", type=float, default=128.0)
+    ap.add_argument("--orient", choices=["default", "both"], default="default",
+                    help="both: time ours with each GEMM operand orientation (tuning)")
+    ap.add_argument("--no-loss", action="store_true")
+    ap.add_argument("--no-precompile", dest="precompile", action="store_false",
+                    help="skip compiling the autotuning candidates in parallel worker processes first")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU")
+
+    def log(s):
+        print(s, flush=True)
+
+    meta = dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        cuda=torch.version.cuda, python=platform.python_version(), rank=args.rank, alpha=args.alpha,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        command="python " + " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:])),
+        swap=list(DEFAULT_SWAP),
+    )
+    for mod in ("peft", "bitsandbytes", "optimum.quanto"):
+        try:
+            meta[mod] = __import__(mod, fromlist=["__version__"]).__version__
+        except Exception as e:  # noqa: BLE001
+            meta[mod] = f"unavailable ({type(e).__name__}: {e})"[:200]
+    log(json.dumps(meta))
+    orients = [None] if args.orient == "default" else [False, True]
+    fmts = [f for f, m in (("int8", "ours-int8"), ("fp8", "ours-fp8")) if m in args.methods.split(",")]
+    if args.precompile and fmts:
+        try:
+            precompile([DEFAULT_SWAP] if orients == [None] else [(False, False), (True, True)], fmts, log)
+        except Exception:  # noqa: BLE001 - the timed run compiles whatever is missing
+            log("pre-compilation failed:\n" + traceback.format_exc(limit=3))
+    rows = bench_lora(args.shapes.split(","), args.methods.split(","), args.rank, args.alpha, orients, log)
+    loss = {} if args.no_loss else bench_loss(log)
+    slug = write_report(meta, rows, loss, args.out)
+    log(f"wrote {args.out}/kernels-{slug}.md/.json")
+
+
+if __name__ == "__main__":
+    main()

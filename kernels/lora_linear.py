@@ -1,0 +1,644 @@
+"""LoRA linear over a frozen 8-bit base weight, fused in Triton.
+
+    y = x · dequant(Wq)ᵀ (+ bias) + s · (x · Aᵀ) · Bᵀ          dequant(Wq)[n, :] = Wq[n, :] · w_scale[n]
+
+``Wq`` is int8 (symmetric, ±127) or FP8 e4m3 (``torch.float8_e4m3fn``, ±448), one float32 scale per
+output channel. The full-precision weight is never materialised: each GEMM tile loads 8-bit
+values and converts them to the compute dtype in registers.
+
+Forward (2 launches)::
+
+    t  = x · Aᵀ                                      [M, r]   skinny GEMM
+    y  = scale_n ⊙ (x · Wqᵀ) + bias + s · t · Bᵀ     [M, N]   main GEMM; scale, bias and the
+                                                              LoRA term are the tile's epilogue
+Backward (up to 4 launches)::
+
+    u  = dy · B                                      [M, r]   skinny GEMM
+    dx = dy · (scale ⊙ Wq) + s · u · A               [M, K]   main GEMM, dequant inside the tile
+    dA = s · uᵀ · x                                  [r, K]   reduction over M (split, fp32)
+    dB = s · dyᵀ · t                                 [N, r]   reduction over M (split, fp32)
+
+Only ``x`` and ``t`` are kept for backward (plus references to the frozen inputs). No gradient
+flows to ``Wq``, ``w_scale`` or ``bias``.
+
+Switching LoRA sets (student / teacher) without copying weights: ``lora_linear`` takes ``A`` and
+``B`` as plain arguments. The caller passes whichever adapter is active for this forward; the
+8-bit base is shared and nothing is copied or merged.
+
+File anatomy: Triton kernels -> host wrappers (shapes, strides, grid, autotune configs) -> one
+``torch.autograd.Function`` -> thin ``lora_linear`` used by the trainer; the plain-torch
+``lora_linear_reference`` sits beside it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .utils import (
+    DISPATCH_COUNTS,
+    HAS_TRITON,
+    empty,
+    is_interpret,
+    kernels_available,
+    kernels_mode,
+    num_sms,
+    tl,
+    to_storage,
+    torch_to_tl_dtype,
+    triton,
+)
+
+__all__ = [
+    "lora_linear",
+    "lora_linear_reference",
+    "quantize_weight",
+    "LoRALinearFunction",
+    "lora_linear_forward",
+    "lora_linear_backward",
+    "kernels_available",
+]
+
+_FP8 = getattr(torch, "float8_e4m3fn", None)
+_QUANT_DTYPES = tuple(d for d in (torch.int8, _FP8) if d is not None)
+_ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_RANK = 128
+
+# Which operand orientation the main GEMMs use (see `_main_gemm_forward`): with SWAP the 8-bit
+# weight is the *left* dot operand, so its in-register conversion feeds the tensor cores directly
+# (on Hopper, wgmma's left operand may come from registers; the right one must be in shared memory).
+# Chosen from the H100 benchmark in benchmarks/results/kernels-*.md; overridable for experiments.
+SWAP_FWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_FWD", "1") == "1"
+SWAP_BWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_BWD", "1") == "1"
+
+
+# =============================================================================================
+# Triton kernels
+# =============================================================================================
+@triton.jit
+def _fp8e4m3_to_f32(bits):
+    """FP8 e4m3fn bytes (loaded as uint8) -> float32, for GPUs without native FP8 converts (<sm_89).
+
+    e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; exponent 0 is subnormal (m · 2^-9).
+    The NaN pattern (0x7F/0xFF) is not special-cased: quantize_weight never produces it.
+    """
+    b = bits.to(tl.uint32)
+    sign = (b >> 7) & 1
+    e = (b >> 3) & 15
+    m = b & 7
+    normal = ((sign << 31) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125
+    sub = tl.where(sign == 1, -sub, sub)
+    return tl.where(e == 0, sub, normal)
+
+
+@triton.jit
+def _qlora_mm_kernel(
+    a_ptr, b_ptr, c_ptr, scale_ptr, bias_ptr, l1_ptr, l2_ptr,
+    P, Q, R, R_PER_SPLIT, RANK,
+    stride_ap, stride_ar, stride_br, stride_bq,
+    stride_cs, stride_cp, stride_cq,
+    stride_l1p, stride_l1k, stride_l2k, stride_l2q,
+    alpha, lora_alpha,
+    SCALE_MODE: tl.constexpr,  # 0 none | 1 per row P (epilogue) | 2 per col Q (epilogue)
+    #                            3 per R on A's columns (in tile) | 4 per R on B's rows (in tile)
+    BIAS_MODE: tl.constexpr,  # 0 none | 1 per row P | 2 per col Q
+    HAS_LORA: tl.constexpr,
+    BLOCK_RANK: tl.constexpr,
+    A_SOFT_FP8: tl.constexpr,
+    B_SOFT_FP8: tl.constexpr,
+    COMPUTE: tl.constexpr,  # dot operand dtype
+    DOT_PRECISION: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    EVEN_R: tl.constexpr,
+):
+    """C[s] = epilogue(alpha · Σ_{r in split s} A[p, r] · B[r, q]) for one [BLOCK_P, BLOCK_Q] tile.
+
+    All six GEMMs of the LoRA linear (and both operand orientations) are this kernel with
+    different strides: A and B may be 8-bit (converted in registers), the per-channel scale is
+    applied per output row/column in the epilogue or per reduction index inside the tile, and
+    the epilogue adds ``lora_alpha · L1[p, :] · L2[:, q]`` (the rank-r LoRA term) and a bias.
+    Grid: (tiles of C, splits of R). Split s writes its partial result to C + s·stride_cs.
+    """
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_pid_p = tl.cdiv(P, BLOCK_P)
+    num_pid_q = tl.cdiv(Q, BLOCK_Q)
+    # grouped launch order: GROUP_P row-tiles share the B panel in L2
+    num_pid_in_group = GROUP_P * num_pid_q
+    group_id = pid // num_pid_in_group
+    first_pid_p = group_id * GROUP_P
+    group_size_p = tl.minimum(num_pid_p - first_pid_p, GROUP_P)
+    pid_p = first_pid_p + ((pid % num_pid_in_group) % group_size_p)
+    pid_q = (pid % num_pid_in_group) // group_size_p
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    # out-of-range rows/cols read a valid row instead (loads stay unmasked); stores are masked
+    offs_pw = offs_p % P
+    offs_qw = offs_q % Q
+
+    r_start = pid_s * R_PER_SPLIT
+    r_end = tl.minimum(r_start + R_PER_SPLIT, R)
+    offs_r = tl.arange(0, BLOCK_R)
+    a_ptrs = a_ptr + offs_pw[:, None] * stride_ap + (r_start + offs_r)[None, :] * stride_ar
+    b_ptrs = b_ptr + (r_start + offs_r)[:, None] * stride_br + offs_qw[None, :] * stride_bq
+
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        if EVEN_R:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            r_mask = (r0 + offs_r) < r_end
+            a = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=r_mask[:, None], other=0.0)
+        if A_SOFT_FP8:
+            a = _fp8e4m3_to_f32(a)
+        if B_SOFT_FP8:
+            b = _fp8e4m3_to_f32(b)
+        if SCALE_MODE == 3:  # dequant A's columns (the reduction index) inside the tile
+            if EVEN_R:
+                s_r = tl.load(scale_ptr + r0 + offs_r)
+            else:
+                s_r = tl.load(scale_ptr + r0 + offs_r, mask=(r0 + offs_r) < r_end, other=0.0)
+            a = a.to(tl.float32) * s_r[None, :]
+        if SCALE_MODE == 4:  # dequant B's rows (the reduction index) inside the tile
+            if EVEN_R:
+                s_r = tl.load(scale_ptr + r0 + offs_r)
+            else:
+                s_r = tl.load(scale_ptr + r0 + offs_r, mask=(r0 + offs_r) < r_end, other=0.0)
+            b = b.to(tl.float32) * s_r[:, None]
+        acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_R * stride_ar
+        b_ptrs += BLOCK_R * stride_br
+
+    # ---- epilogue: per-channel dequant scale, alpha, LoRA term, bias ----
+    if SCALE_MODE == 1:
+        acc = acc * tl.load(scale_ptr + offs_pw)[:, None]
+    if SCALE_MODE == 2:
+        acc = acc * tl.load(scale_ptr + offs_qw)[None, :]
+    acc = acc * alpha
+    if HAS_LORA:
+        offs_k = tl.arange(0, BLOCK_RANK)
+        k_mask = offs_k < RANK
+        l1 = tl.load(
+            l1_ptr + offs_pw[:, None] * stride_l1p + offs_k[None, :] * stride_l1k,
+            mask=k_mask[None, :], other=0.0,
+        )
+        l2 = tl.load(
+            l2_ptr + offs_k[:, None] * stride_l2k + offs_qw[None, :] * stride_l2q,
+            mask=k_mask[:, None], other=0.0,
+        )
+        lora = tl.dot(l1.to(COMPUTE), l2.to(COMPUTE), input_precision=DOT_PRECISION)
+        acc += lora_alpha * lora
+    if BIAS_MODE == 1:
+        acc += tl.load(bias_ptr + offs_pw).to(tl.float32)[:, None]
+    if BIAS_MODE == 2:
+        acc += tl.load(bias_ptr + offs_qw).to(tl.float32)[None, :]
+
+    c_ptrs = c_ptr + pid_s * stride_cs + offs_p[:, None] * stride_cp + offs_q[None, :] * stride_cq
+    c_mask = (offs_p[:, None] < P) & (offs_q[None, :] < Q)
+    tl.store(c_ptrs, to_storage(acc, c_ptr.dtype.element_ty, EMULATE_RNE), mask=c_mask)
+
+
+# =============================================================================================
+# Host wrappers: autotune configs, shapes, strides, grid
+# =============================================================================================
+_KEY = [
+    "P", "Q", "R", "SCALE_MODE", "BIAS_MODE", "HAS_LORA", "BLOCK_RANK",
+    "A_SOFT_FP8", "B_SOFT_FP8", "stride_ar", "stride_bq",
+]
+
+
+def _cfg(bp, bq, br, group, warps, stages, drop=()):
+    kw = {"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_R": br, "GROUP_P": group}
+    for k in drop:  # the host fixes this block size (skinny side = LoRA rank)
+        kw.pop(k)
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("LOWVRAM_DOPSD_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def _main_configs():
+    if is_interpret():
+        return [_cfg(32, 32, 32, 2, 4, 1)]
+    cfgs = [
+        _cfg(128, 256, 64, 8, 8, 3),
+        _cfg(256, 128, 64, 8, 8, 3),
+        _cfg(128, 128, 64, 8, 8, 4),
+        _cfg(128, 128, 64, 8, 4, 4),
+        _cfg(128, 256, 64, 8, 8, 4),
+        _cfg(64, 128, 64, 8, 4, 4),
+    ]
+    return cfgs if _autotune_enabled() else cfgs[2:3]
+
+
+def _skinny_q_configs():  # Q (= LoRA rank) is fixed by the host
+    if is_interpret():
+        return [_cfg(32, 0, 32, 1, 4, 1, drop=("BLOCK_Q",))]
+    cfgs = [
+        _cfg(64, 0, 128, 1, 4, 3, drop=("BLOCK_Q",)),
+        _cfg(128, 0, 64, 1, 4, 4, drop=("BLOCK_Q",)),
+        _cfg(128, 0, 128, 1, 8, 3, drop=("BLOCK_Q",)),
+        _cfg(64, 0, 64, 1, 4, 4, drop=("BLOCK_Q",)),
+    ]
+    return cfgs if _autotune_enabled() else cfgs[1:2]
+
+
+def _skinny_p_configs():  # P (= LoRA rank) is fixed by the host
+    if is_interpret():
+        return [_cfg(0, 32, 32, 1, 4, 1, drop=("BLOCK_P",))]
+    cfgs = [
+        _cfg(0, 128, 64, 1, 4, 4, drop=("BLOCK_P",)),
+        _cfg(0, 64, 128, 1, 4, 3, drop=("BLOCK_P",)),
+        _cfg(0, 256, 64, 1, 8, 3, drop=("BLOCK_P",)),
+        _cfg(0, 128, 128, 1, 8, 3, drop=("BLOCK_P",)),
+    ]
+    return cfgs if _autotune_enabled() else cfgs[0:1]
+
+
+def _even_r(args) -> bool:
+    return args["R"] % args["BLOCK_R"] == 0 and args["R_PER_SPLIT"] % args["BLOCK_R"] == 0
+
+
+def _tune_bench(fn, quantiles=None):
+    """Autotuning timer: shorter than Triton's default (25 ms warm-up, 100 ms) -- each candidate
+    runs 0.1-2 ms, so 20 ms of repeats separate them and first-call tuning stays short."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _autotuned(configs):
+    return triton.autotune(configs=configs, key=_KEY, do_bench=_tune_bench)(
+        triton.heuristics({"EVEN_R": _even_r})(_qlora_mm_kernel)
+    )
+
+
+if HAS_TRITON:
+    _mm_main = _autotuned(_main_configs())
+    _mm_skinny_q = _autotuned(_skinny_q_configs())
+    _mm_skinny_p = _autotuned(_skinny_p_configs())
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _compute(dtype: torch.dtype):
+    """(dot operand dtype, dot precision) for activations of ``dtype``.
+
+    fp32 runs as 3xTF32 on GPU (close to fp32). Under the CPU interpreter bf16 arithmetic is not
+    emulated correctly (triton 3.9), so bf16 operands are upcast to fp32 there; bf16 storage
+    (inputs, t/u, outputs) is unchanged.
+    """
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and is_interpret()):
+        return tl.float32, ("ieee" if is_interpret() else "tf32x3")
+    return torch_to_tl_dtype(dtype), "tf32"
+
+
+def _soft_fp8(w_q: torch.Tensor) -> bool:
+    if _FP8 is None or w_q.dtype != _FP8:
+        return False
+    if os.environ.get("LOWVRAM_DOPSD_KERNELS_SOFT_FP8", "0") == "1":
+        return True
+    if w_q.device.type == "cuda":
+        return torch.cuda.get_device_capability(w_q.device) < (8, 9)
+    return False
+
+
+def _split_plan(tiles: int, R: int, device: torch.device) -> Tuple[int, int]:
+    """Split a long reduction (over the M = batch·tokens rows) so the grid fills the GPU."""
+    align = 32 if is_interpret() else 256
+    target = 2 * num_sms(device)
+    if tiles >= target or R <= 2 * align:
+        return 1, R
+    splits = min(triton.cdiv(target, tiles), triton.cdiv(R, align))
+    r_per_split = triton.cdiv(triton.cdiv(R, splits), align) * align
+    return triton.cdiv(R, r_per_split), r_per_split
+
+
+def _mm(
+    kind: str,
+    a: torch.Tensor, a_st: Tuple[int, int],
+    b: torch.Tensor, b_st: Tuple[int, int],
+    out: torch.Tensor, out_st: Tuple[int, int, int],
+    P: int, Q: int, R: int,
+    *,
+    compute,
+    scale: Optional[torch.Tensor] = None,
+    scale_mode: int = 0,
+    bias: Optional[torch.Tensor] = None,
+    bias_mode: int = 0,
+    lora=None,
+    alpha: float = 1.0,
+    splits: int = 1,
+    r_per_split: Optional[int] = None,
+    a_soft: bool = False,
+    b_soft: bool = False,
+) -> None:
+    """Launch ``_qlora_mm_kernel`` as ``kind`` = main | skinny_q | skinny_p."""
+    cdt, prec = compute
+    if lora is None:
+        l1, l1_st, l2, l2_st, rank, lora_alpha = out, (0, 0), out, (0, 0), 1, 0.0
+    else:
+        l1, l1_st, l2, l2_st, rank, lora_alpha = lora
+    extra = {}
+    if kind == "main":
+        fn = _mm_main
+    elif kind == "skinny_q":
+        fn, extra["BLOCK_Q"] = _mm_skinny_q, max(16, _next_pow2(Q))
+    else:
+        fn, extra["BLOCK_P"] = _mm_skinny_p, max(16, _next_pow2(P))
+
+    def grid(meta):
+        bp = meta["BLOCK_P"]
+        bq = meta["BLOCK_Q"]
+        return (triton.cdiv(P, bp) * triton.cdiv(Q, bq), splits)
+
+    fn[grid](
+        a, b, out,
+        scale if scale is not None else out,
+        bias if bias is not None else out,
+        l1, l2,
+        P, Q, R, R if splits == 1 else r_per_split, rank,
+        a_st[0], a_st[1], b_st[0], b_st[1],
+        out_st[0], out_st[1], out_st[2],
+        l1_st[0], l1_st[1], l2_st[0], l2_st[1],
+        float(alpha), float(lora_alpha),
+        SCALE_MODE=scale_mode,
+        BIAS_MODE=bias_mode,
+        HAS_LORA=lora is not None,
+        BLOCK_RANK=max(16, _next_pow2(rank)),
+        A_SOFT_FP8=a_soft,
+        B_SOFT_FP8=b_soft,
+        COMPUTE=cdt,
+        DOT_PRECISION=prec,
+        EMULATE_RNE=is_interpret() and out.dtype == torch.bfloat16,
+        **extra,
+    )
+
+
+def _reduce_over_m(kind, a, a_st, b, b_st, P, Q, R, out_dtype, device, compute, alpha):
+    """[P, Q] = alpha · A[P, R] · B[R, Q] with R = M long: split R, fp32 partials, summed in order."""
+    tile = 32 if is_interpret() else 128
+    tiles = triton.cdiv(Q if kind == "skinny_p" else P, tile)
+    splits, rps = _split_plan(tiles, R, device)
+    if splits == 1:
+        out = empty((P, Q), out_dtype, device)
+        _mm(kind, a, a_st, b, b_st, out, (0, out.stride(0), out.stride(1)), P, Q, R,
+            compute=compute, alpha=alpha)
+        return out
+    part = empty((splits, P, Q), torch.float32, device)
+    _mm(kind, a, a_st, b, b_st, part, (part.stride(0), part.stride(1), part.stride(2)), P, Q, R,
+        compute=compute, alpha=alpha, splits=splits, r_per_split=rps)
+    return part.sum(0).to(out_dtype)  # deterministic (no atomics)
+
+
+def _wq_operand(w_q: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    soft = _soft_fp8(w_q)
+    return (w_q.view(torch.uint8) if soft else w_q), soft
+
+
+def lora_linear_forward(
+    x2d: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    swap: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward on 2-D ``x2d`` [M, K]. Returns (y [M, N] in x's dtype, t = x·Aᵀ [M, r])."""
+    M, K = x2d.shape
+    N, r = w_q.shape[0], lora_A.shape[0]
+    swap = SWAP_FWD if swap is None else swap
+    dev = x2d.device
+    comp = _compute(x2d.dtype)
+    wq, soft = _wq_operand(w_q)
+
+    # t = x · Aᵀ   (skinny: Q = r)
+    t = empty((M, r), x2d.dtype, dev)
+    _mm("skinny_q", x2d, (x2d.stride(0), x2d.stride(1)), lora_A, (lora_A.stride(1), lora_A.stride(0)),
+        t, (0, t.stride(0), t.stride(1)), M, r, K, compute=comp)
+
+    y = empty((M, N), x2d.dtype, dev)
+    if not swap:  # C[m, n]: A = x, B = Wqᵀ, scale per column, LoRA t · Bᵀ
+        _mm("main", x2d, (x2d.stride(0), x2d.stride(1)), wq, (wq.stride(1), wq.stride(0)),
+            y, (0, y.stride(0), y.stride(1)), M, N, K, compute=comp,
+            scale=w_scale, scale_mode=2, bias=bias, bias_mode=0 if bias is None else 2,
+            lora=(t, (t.stride(0), t.stride(1)), lora_B, (lora_B.stride(1), lora_B.stride(0)), r, scale),
+            b_soft=soft)
+    else:  # C[n, m] = yᵀ: A = Wq, B = xᵀ, scale per row, LoRA B · tᵀ
+        _mm("main", wq, (wq.stride(0), wq.stride(1)), x2d, (x2d.stride(1), x2d.stride(0)),
+            y, (0, y.stride(1), y.stride(0)), N, M, K, compute=comp,
+            scale=w_scale, scale_mode=1, bias=bias, bias_mode=0 if bias is None else 1,
+            lora=(lora_B, (lora_B.stride(0), lora_B.stride(1)), t, (t.stride(1), t.stride(0)), r, scale),
+            a_soft=soft)
+    return y, t
+
+
+def lora_linear_backward(
+    dy: torch.Tensor,
+    x2d: torch.Tensor,
+    t: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    need_dx: bool = True,
+    need_dA: bool = True,
+    need_dB: bool = True,
+    swap: Optional[bool] = None,
+):
+    """Triton backward on 2-D tensors. Returns (dx [M, K] | None, dA [r, K] | None, dB [N, r] | None)."""
+    M, K = x2d.shape
+    N, r = w_q.shape[0], lora_A.shape[0]
+    swap = SWAP_BWD if swap is None else swap
+    dev = dy.device
+    comp = _compute(x2d.dtype)
+    dx = dA = dB = None
+
+    if need_dx or need_dA:
+        # u = dy · B   (skinny: Q = r)
+        u = empty((M, r), x2d.dtype, dev)
+        _mm("skinny_q", dy, (dy.stride(0), dy.stride(1)), lora_B, (lora_B.stride(0), lora_B.stride(1)),
+            u, (0, u.stride(0), u.stride(1)), M, r, N, compute=comp)
+    if need_dx:
+        wq, soft = _wq_operand(w_q)
+        dx = empty((M, K), x2d.dtype, dev)
+        if not swap:  # C[m, k]: A = dy, B = Wq (rows scaled in tile), LoRA u · A
+            _mm("main", dy, (dy.stride(0), dy.stride(1)), wq, (wq.stride(0), wq.stride(1)),
+                dx, (0, dx.stride(0), dx.stride(1)), M, K, N, compute=comp,
+                scale=w_scale, scale_mode=4,
+                lora=(u, (u.stride(0), u.stride(1)), lora_A, (lora_A.stride(0), lora_A.stride(1)), r, scale),
+                b_soft=soft)
+        else:  # C[k, m] = dxᵀ: A = Wqᵀ (columns scaled in tile), B = dyᵀ, LoRA Aᵀ · uᵀ
+            _mm("main", wq, (wq.stride(1), wq.stride(0)), dy, (dy.stride(1), dy.stride(0)),
+                dx, (0, dx.stride(1), dx.stride(0)), K, M, N, compute=comp,
+                scale=w_scale, scale_mode=3,
+                lora=(lora_A, (lora_A.stride(1), lora_A.stride(0)), u, (u.stride(1), u.stride(0)), r, scale),
+                a_soft=soft)
+    if need_dA:  # dA = s · uᵀ · x   [r, K], reduce over M
+        dA = _reduce_over_m("skinny_p", u, (u.stride(1), u.stride(0)), x2d, (x2d.stride(0), x2d.stride(1)),
+                            r, K, M, lora_A.dtype, dev, comp, scale)
+    if need_dB:  # dB = s · dyᵀ · t   [N, r], reduce over M
+        dB = _reduce_over_m("skinny_q", dy, (dy.stride(1), dy.stride(0)), t, (t.stride(0), t.stride(1)),
+                            N, r, M, lora_B.dtype, dev, comp, scale)
+    return dx, dA, dB
+
+
+# =============================================================================================
+# autograd
+# =============================================================================================
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x·dequant(Wq)ᵀ + bias + s·(x·Aᵀ)·Bᵀ; grads for x, A, B only. Saves x and t."""
+
+    @staticmethod
+    def forward(ctx, x, w_q, w_scale, bias, lora_A, lora_B, scale):
+        K = x.shape[-1]
+        x2d = x.reshape(-1, K)
+        y2d, t = lora_linear_forward(x2d, w_q, w_scale, bias, lora_A, lora_B, scale)
+        ctx.save_for_backward(x2d, t, w_q, w_scale, lora_A, lora_B)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        return y2d.view(*x.shape[:-1], w_q.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, t, w_q, w_scale, lora_A, lora_B = ctx.saved_tensors
+        need_dx, _, _, _, need_dA, need_dB, _ = ctx.needs_input_grad
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        if dy2d.dtype != x2d.dtype:
+            dy2d = dy2d.to(x2d.dtype)
+        dx, dA, dB = lora_linear_backward(
+            dy2d, x2d, t, w_q, w_scale, lora_A, lora_B, ctx.scale, need_dx, need_dA, need_dB
+        )
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        return dx, None, None, None, dA, dB, None
+
+
+# =============================================================================================
+# Plain-torch reference and public functions
+# =============================================================================================
+def quantize_weight(w: torch.Tensor, fmt: Literal["int8", "fp8"] = "int8") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel absmax quantisation of ``w`` [N, K].
+
+    Returns ``(w_q, w_scale)`` with ``w ≈ w_q.float() * w_scale[:, None]``; ``w_q`` is int8 in
+    [-127, 127] (``fmt="int8"``) or float8_e4m3fn in [-448, 448] (``fmt="fp8"``); ``w_scale`` is
+    float32 [N].
+    """
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight expects a 2-D weight, got {tuple(w.shape)}")
+    w32 = w.detach().float()
+    if fmt == "int8":
+        qmax = 127.0
+    elif fmt == "fp8":
+        if _FP8 is None:
+            raise RuntimeError("this torch build has no float8_e4m3fn")
+        qmax = 448.0
+    else:
+        raise ValueError(f"fmt must be 'int8' or 'fp8', got {fmt!r}")
+    w_scale = (w32.abs().amax(dim=1) / qmax).clamp_min(1e-12)
+    q = w32 / w_scale[:, None]
+    if fmt == "int8":
+        w_q = q.round().clamp_(-127, 127).to(torch.int8)
+    else:
+        w_q = q.clamp_(-448.0, 448.0).to(_FP8)
+    return w_q.contiguous(), w_scale.contiguous()
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Plain torch. Materialises the dequantised weight (in x's dtype); autograd gives dx, dA, dB."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = (w_q.to(acc) * w_scale.to(acc)[:, None]).to(x.dtype)
+    y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return y + scale * F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+
+
+def _triton_supported(x, w_q, w_scale, bias, lora_A, lora_B) -> Optional[str]:
+    """None if the Triton path handles these inputs, else the reason it does not."""
+    if x.dtype not in _ACT_DTYPES:
+        return f"x dtype {x.dtype}"
+    if w_q.dtype not in _QUANT_DTYPES:
+        return f"w_q dtype {w_q.dtype}"
+    if lora_A.shape[0] > MAX_RANK or lora_A.shape[0] < 1:
+        return f"rank {lora_A.shape[0]} (1..{MAX_RANK})"
+    devs = {t.device for t in (x, w_q, w_scale, lora_A, lora_B) + ((bias,) if bias is not None else ())}
+    if len(devs) != 1:
+        return f"tensors on several devices {devs}"
+    big = max(x.numel() // x.shape[-1] * max(w_q.shape), w_q.numel())
+    if big >= 2**31:
+        return "more than 2^31 elements in one operand (32-bit indexing)"
+    return None
+
+
+def _check_shapes(x, w_q, w_scale, bias, lora_A, lora_B):
+    N, K = w_q.shape
+    r = lora_A.shape[0]
+    if x.shape[-1] != K:
+        raise ValueError(f"x [..., {x.shape[-1]}] does not match w_q [{N}, {K}]")
+    if tuple(w_scale.shape) != (N,):
+        raise ValueError(f"w_scale must be [{N}], got {tuple(w_scale.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    if tuple(lora_A.shape) != (r, K) or tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_A must be [r, {K}] and lora_B [{N}, r]; got {tuple(lora_A.shape)}, "
+                         f"{tuple(lora_B.shape)}")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``x·dequant(w_q)ᵀ + bias + scale·(x·lora_Aᵀ)·lora_Bᵀ``, fused; output dtype = ``x.dtype``.
+
+    Args:
+        x: [..., K] float32 / float16 / bfloat16.
+        w_q: [N, K] int8 or float8_e4m3fn (frozen, no grad).
+        w_scale: [N] float32, ``W ≈ w_q.float() * w_scale[:, None]`` (frozen).
+        bias: [N] or None (frozen).
+        lora_A: [r, K], lora_B: [N, r], 1 <= r <= 128; any float dtype (cast to x's dtype in tile,
+            grads returned in their own dtype). Pass the active adapter's tensors: switching the
+            student/teacher LoRA set is just passing a different (A, B) pair, nothing is copied.
+        scale: LoRA scaling s (alpha / r).
+
+    Dispatch: Triton when available for x's device (see ``kernels.utils``), else
+    ``lora_linear_reference``; ``LOWVRAM_DOPSD_KERNELS=off|on|auto`` forces.
+    """
+    _check_shapes(x, w_q, w_scale, bias, lora_A, lora_B)
+    mode = kernels_mode()
+    reason = _triton_supported(x, w_q, w_scale, bias, lora_A, lora_B)
+    if mode == "on" and (reason is not None or not kernels_available(x.device)):
+        raise RuntimeError(f"LOWVRAM_DOPSD_KERNELS=on but the Triton lora_linear cannot run: "
+                           f"{reason or f'Triton unavailable on {x.device}'}")
+    if mode != "off" and reason is None and kernels_available(x.device):
+        DISPATCH_COUNTS["lora_linear.triton"] += 1
+        w_scale = w_scale.to(torch.float32).contiguous()
+        return LoRALinearFunction.apply(x, w_q, w_scale, bias, lora_A, lora_B, float(scale))
+    DISPATCH_COUNTS["lora_linear.reference"] += 1
+    return lora_linear_reference(x, w_q, w_scale, bias, lora_A, lora_B, scale)

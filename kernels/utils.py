@@ -1,0 +1,187 @@
+"""Shared helpers for the Triton kernels: optional Triton import, dispatch, debug allocation.
+
+Dispatch rule (every public kernel function follows it):
+
+* ``LOWVRAM_DOPSD_KERNELS=off``  -> always the plain-torch reference.
+* ``LOWVRAM_DOPSD_KERNELS=on``   -> always Triton (error if Triton cannot run on that device).
+* ``LOWVRAM_DOPSD_KERNELS=auto`` (default) -> Triton when it is importable and the tensors are on
+  CUDA, or when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``, used by the CPU
+  tests); the reference otherwise.
+
+``DISPATCH_COUNTS`` records which path each call took, so tests can check dispatch without
+timing anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from typing import Iterator
+
+import torch
+
+try:  # Triton is an optional extra ("kernels"); CPU-only installs run the references.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    HAS_TRITON = False
+
+    class _Stub:
+        """Stands in for ``triton`` / ``triton.language`` so the kernel modules still import.
+
+        Decorators return the function unchanged; everything else returns another stub. No
+        kernel is ever launched without Triton (dispatch picks the reference).
+        """
+
+        def __getattr__(self, name: str) -> "_Stub":
+            return _Stub()
+
+        def __call__(self, *args, **kwargs):
+            if len(args) == 1 and not kwargs and callable(args[0]) and not isinstance(args[0], _Stub):
+                return args[0]
+            return _Stub()
+
+    triton = _Stub()  # type: ignore[assignment]
+    tl = _Stub()  # type: ignore[assignment]
+
+__all__ = [
+    "HAS_TRITON",
+    "triton",
+    "tl",
+    "DISPATCH_COUNTS",
+    "reset_dispatch_counts",
+    "kernels_mode",
+    "kernels_available",
+    "use_triton",
+    "is_interpret",
+    "poison_outputs",
+    "empty",
+    "num_sms",
+    "to_storage",
+]
+
+_TRUE = ("1", "true", "yes", "on")
+
+#: ``{"<kernel>.triton": n, "<kernel>.reference": n}``; incremented by every public call.
+DISPATCH_COUNTS: Counter = Counter()
+
+
+def reset_dispatch_counts() -> None:
+    DISPATCH_COUNTS.clear()
+
+
+def is_interpret() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def kernels_mode() -> str:
+    """``off`` | ``on`` | ``auto`` from ``LOWVRAM_DOPSD_KERNELS`` (default ``auto``)."""
+    mode = os.environ.get("LOWVRAM_DOPSD_KERNELS", "auto").strip().lower()
+    if mode in ("0", "false", "no", "off", "ref", "reference"):
+        return "off"
+    if mode in _TRUE:
+        return "on"
+    if mode in ("", "auto"):
+        return "auto"
+    raise ValueError(f"LOWVRAM_DOPSD_KERNELS must be off|on|auto, got {mode!r}")
+
+
+def kernels_available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernels can run for tensors on ``device``.
+
+    True when Triton imports and either ``device`` is a CUDA device or the Triton CPU
+    interpreter is switched on (then any device qualifies: the interpreter runs on CPU tensors).
+    """
+    if not HAS_TRITON:
+        return False
+    if is_interpret():
+        return True
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def use_triton(name: str, *tensors: torch.Tensor) -> bool:
+    """Decide (and count) which path the public function ``name`` takes for ``tensors``."""
+    mode = kernels_mode()
+    device = tensors[0].device
+    if mode == "off":
+        ok = False
+    elif mode == "on":
+        if not kernels_available(device):
+            raise RuntimeError(
+                f"LOWVRAM_DOPSD_KERNELS=on but Triton cannot run on {device} "
+                f"(triton importable: {HAS_TRITON}; set TRITON_INTERPRET=1 for CPU)"
+            )
+        ok = True
+    else:
+        ok = kernels_available(device)
+    DISPATCH_COUNTS[f"{name}.{'triton' if ok else 'reference'}"] += 1
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Debug allocation: poisoned outputs catch elements a kernel forgot to write.
+# ---------------------------------------------------------------------------------------------
+_POISON = os.environ.get("LOWVRAM_DOPSD_KERNELS_POISON", "0").strip().lower() in _TRUE
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True) -> Iterator[None]:
+    """Inside this context every kernel output buffer starts as NaN (floats) or -1 (ints)."""
+    global _POISON
+    old, _POISON = _POISON, enabled
+    try:
+        yield
+    finally:
+        _POISON = old
+
+
+def set_poison(enabled: bool) -> None:
+    global _POISON
+    _POISON = enabled
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` that fills with NaN when poisoning is on (tests, debugging)."""
+    if not _POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+_SM_CACHE: dict = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessor count (a small stand-in under the interpreter, to exercise split paths)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_CACHE:
+        _SM_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_CACHE[idx]
+
+
+@triton.jit
+def to_storage(v, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """fp32 -> storage ``dtype``. ``EMULATE_RNE`` is set only under the CPU interpreter, whose
+    fp32->bf16 cast truncates (triton 3.9): round to nearest-even in integer arithmetic first so the
+    interpreter's numerics match the GPU's. Compiled out on GPU."""
+    if EMULATE_RNE:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+def torch_to_tl_dtype(dtype: torch.dtype):
+    return {
+        torch.float32: tl.float32,
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+    }[dtype]
