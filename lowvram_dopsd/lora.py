@@ -37,7 +37,7 @@ class DualLoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.switch = switch
-        self.fused = None  # set by the trainer when the fused Triton kernel applies (kernels/)
+        self.fused = False  # True: base is 8-bit and the fused kernel computes base + LoRA in one pass
         dev = _weight_device(base)
         # peft's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so training starts at the base model.
         a = torch.empty(rank, self.in_features, device=dev, dtype=torch.float32)
@@ -55,8 +55,14 @@ class DualLoRALinear(nn.Module):
         if role is None:
             return self.base(x)
         A, B = self.pair(role)
-        if self.fused is not None:
-            return self.fused(self, x, A, B)
+        if self.fused:
+            # kernels/lora_linear.py: x·dequant(Wq)ᵀ + b + s·(x·Aᵀ)·Bᵀ without materialising the bf16
+            # weight; it dispatches to its torch reference where Triton cannot run.
+            from .kernels.lora_linear import lora_linear
+            from .quant import int8_view
+
+            w_q, w_scale = int8_view(self.base)
+            return lora_linear(x, w_q, w_scale, self.base.bias, A, B, self.scale)
         y = self.base(x)
         # LoRA weights are kept in fp32 for the optimizer; the matmuls run in the compute dtype.
         lora = (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()
@@ -103,6 +109,16 @@ class DualLoRA:
             setattr(parent, child, wrapped)
             layers[name] = wrapped
         return cls(model, layers, switch)
+
+    def enable_fused_kernels(self) -> int:
+        """Route every layer whose base is 8-bit (quanto qint8 / qfloat8) through the fused kernel."""
+        from .quant import int8_view
+
+        n = 0
+        for layer in self.layers.values():
+            layer.fused = int8_view(layer.base) is not None
+            n += layer.fused
+        return n
 
     # ----- which set is active
     @contextmanager

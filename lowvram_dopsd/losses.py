@@ -12,13 +12,12 @@ import torch
 
 
 def dopsd_loss(kind: str, v_student: torch.Tensor, v_teacher: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    v_teacher = v_teacher.detach()
+    """One fused pass (kernels/dopsd_loss.py, torch reference where Triton cannot run); no grad to v_T."""
+    from .kernels.dopsd_loss import dopsd_loss as fused_loss, x0_weight
+
     weight = None
     if kind == "x0":
-        weight = (sigma.to(torch.float32) ** 2).expand(v_student.shape[0]).to(v_student.device)
+        weight = x0_weight(sigma.expand(v_student.shape[0])).to(v_student.device)
     elif kind != "velocity":
         raise ValueError(f"unknown loss kind {kind!r}")
-    diff2 = (v_student.float() - v_teacher.float()).pow(2)
-    if weight is not None:
-        diff2 = diff2 * weight.view(-1, *([1] * (diff2.dim() - 1)))
-    return diff2.mean()
+    return fused_loss(v_student, v_teacher.detach(), weight)

@@ -7,6 +7,11 @@ are precision-sensitive and hold well under 1% of the parameters.
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
 from torch import nn
 
 from .errors import UserError
@@ -26,3 +31,33 @@ def quantize_frozen(model: nn.Module, kind: str, skip: tuple[str, ...] = ()) -> 
     quantize(model, weights=weights, exclude=[f"{s}*" for s in skip])
     freeze(model)  # replace float weights by their quantized form now; the float copies are freed
     return model
+
+
+def int8_view(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(w_q [N, K] int8 or float8_e4m3fn, per-output-channel scale [N]) of a quanto-quantized
+    linear, or None when the module's weight is not an 8-bit per-channel tensor."""
+    w = getattr(module, "weight", None)
+    data, scale = getattr(w, "_data", None), getattr(w, "_scale", None)
+    if data is None or scale is None or data.dtype not in (torch.int8, torch.float8_e4m3fn):
+        return None
+    if data.dim() != 2 or scale.numel() != data.shape[0]:
+        return None
+    return data, scale.reshape(-1)
+
+
+@contextmanager
+def kernels_mode(mode: str) -> Iterator[None]:
+    """Apply the config's `kernels` switch ("on"/"off") for the duration of a run; "auto" leaves
+    the decision to the env var LOWVRAM_DOPSD_KERNELS (default auto: Triton where it can run)."""
+    if mode == "auto":
+        yield
+        return
+    old = os.environ.get("LOWVRAM_DOPSD_KERNELS")
+    os.environ["LOWVRAM_DOPSD_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LOWVRAM_DOPSD_KERNELS", None)
+        else:
+            os.environ["LOWVRAM_DOPSD_KERNELS"] = old

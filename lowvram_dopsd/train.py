@@ -36,6 +36,7 @@ from .lora import DualLoRA
 from .losses import dopsd_loss
 from .output import LORA_FILE, save_lora
 from .progress import Display, make_console
+from .quant import kernels_mode
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,6 +160,11 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, preset: str = "", console=None) -> TrainResult:
+    with kernels_mode(cfg.kernels):
+        return _train(cfg, preset, console)
+
+
+def _train(cfg: TrainConfig, preset: str, console) -> TrainResult:
     console = console or make_console()
     device = resolve_device(cfg.device)
     enc_device = device if cfg.encoders_on == "auto" else resolve_device(cfg.encoders_on)
@@ -200,11 +206,13 @@ def train(cfg: TrainConfig, preset: str = "", console=None) -> TrainResult:
     # 2. one frozen base, two LoRA sets
     model = family.load_transformer(cfg, device, dtype)
     lora = DualLoRA.attach(model, tuple(cfg.lora_targets) or family.lora_targets, cfg.rank, cfg.alpha)
+    fused = lora.enable_fused_kernels() if cfg.kernels != "off" else 0
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, lr)
     warmup = max(cfg.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    console.print(f"LoRA: {len(lora.layers)} layers, {lora.num_parameters() / 1e6:.2f}M trainable parameters")
+    console.print(f"LoRA: {len(lora.layers)} layers ({fused} on the fused 8-bit kernel), "
+                  f"{lora.num_parameters() / 1e6:.2f}M trainable parameters")
 
     noise_gen = torch.Generator("cpu").manual_seed(cfg.seed)  # CPU noise: identical on every device
     rng = random.Random(cfg.seed)

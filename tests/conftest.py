@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# Triton decides at decoration time whether to interpret: set it before any kernel module is
+# imported, so every test (not only tests/kernels) runs the kernels on the CPU through it.
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("LOWVRAM_DOPSD_TEST_GPU") == "1" else "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
