@@ -73,6 +73,9 @@ MAX_RANK = 128
 # Chosen from the H100 benchmark in benchmarks/results/kernels-*.md; overridable for experiments.
 SWAP_FWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_FWD", "1") == "1"
 SWAP_BWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_BWD", "1") == "1"
+# In the swapped dx GEMM the left operand is Wqᵀ, whose contiguous index is not the reduction one:
+# load the 8-bit tile in its stored orientation and transpose after the bf16 conversion.
+BWD_A_TRANS = os.environ.get("LOWVRAM_DOPSD_LORA_BWD_A_TRANS", "1") == "1"
 
 
 # =============================================================================================
@@ -110,6 +113,7 @@ def _qlora_mm_kernel(
     BLOCK_RANK: tl.constexpr,
     A_SOFT_FP8: tl.constexpr,
     B_SOFT_FP8: tl.constexpr,
+    A_TRANS: tl.constexpr,  # load A's tile transposed (when A's P index is the contiguous one)
     COMPUTE: tl.constexpr,  # dot operand dtype
     DOT_PRECISION: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
@@ -148,7 +152,10 @@ def _qlora_mm_kernel(
     r_start = pid_s * R_PER_SPLIT
     r_end = tl.minimum(r_start + R_PER_SPLIT, R)
     offs_r = tl.arange(0, BLOCK_R)
-    a_ptrs = a_ptr + offs_pw[:, None] * stride_ap + (r_start + offs_r)[None, :] * stride_ar
+    if A_TRANS:  # A tile loaded as [BLOCK_R, BLOCK_P] (A's P index contiguous), transposed in registers
+        a_ptrs = a_ptr + (r_start + offs_r)[:, None] * stride_ar + offs_pw[None, :] * stride_ap
+    else:
+        a_ptrs = a_ptr + offs_pw[:, None] * stride_ap + (r_start + offs_r)[None, :] * stride_ar
     b_ptrs = b_ptr + (r_start + offs_r)[:, None] * stride_br + offs_qw[None, :] * stride_bq
 
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
@@ -158,7 +165,10 @@ def _qlora_mm_kernel(
             b = tl.load(b_ptrs)
         else:
             r_mask = (r0 + offs_r) < r_end
-            a = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
+            if A_TRANS:
+                a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=r_mask[:, None], other=0.0)
         if A_SOFT_FP8:
             a = _fp8e4m3_to_f32(a)
@@ -169,14 +179,20 @@ def _qlora_mm_kernel(
                 s_r = tl.load(scale_ptr + r0 + offs_r)
             else:
                 s_r = tl.load(scale_ptr + r0 + offs_r, mask=(r0 + offs_r) < r_end, other=0.0)
-            a = a.to(tl.float32) * s_r[None, :]
+            if A_TRANS:
+                a = a.to(tl.float32) * s_r[:, None]
+            else:
+                a = a.to(tl.float32) * s_r[None, :]
         if SCALE_MODE == 4:  # dequant B's rows (the reduction index) inside the tile
             if EVEN_R:
                 s_r = tl.load(scale_ptr + r0 + offs_r)
             else:
                 s_r = tl.load(scale_ptr + r0 + offs_r, mask=(r0 + offs_r) < r_end, other=0.0)
             b = b.to(tl.float32) * s_r[:, None]
-        acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
+        a = a.to(COMPUTE)
+        if A_TRANS:
+            a = tl.trans(a)
+        acc = tl.dot(a, b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_R * stride_ar
         b_ptrs += BLOCK_R * stride_br
 
@@ -214,7 +230,7 @@ def _qlora_mm_kernel(
 # =============================================================================================
 _KEY = [
     "P", "Q", "R", "SCALE_MODE", "BIAS_MODE", "HAS_LORA", "BLOCK_RANK",
-    "A_SOFT_FP8", "B_SOFT_FP8", "stride_ar", "stride_bq",
+    "A_SOFT_FP8", "B_SOFT_FP8", "A_TRANS", "stride_ar", "stride_bq",
 ]
 
 
@@ -229,6 +245,9 @@ def _autotune_enabled() -> bool:
     return os.environ.get("LOWVRAM_DOPSD_KERNELS_AUTOTUNE", "1") != "0"
 
 
+# GPU candidates. The first ones are sized for Hopper (228 KB shared memory); the last ones fit
+# the ~100 KB of consumer GPUs (sm_86 / sm_89) and fp32 operands, so every device has at least one
+# config that launches (the autotuner gives out-of-resource candidates an infinite time).
 def _main_configs():
     if is_interpret():
         return [_cfg(32, 32, 32, 2, 4, 1)]
@@ -236,11 +255,11 @@ def _main_configs():
         _cfg(128, 256, 64, 8, 8, 3),
         _cfg(256, 128, 64, 8, 8, 3),
         _cfg(128, 128, 64, 8, 8, 4),
-        _cfg(128, 128, 64, 8, 4, 4),
         _cfg(128, 256, 64, 8, 8, 4),
-        _cfg(64, 128, 64, 8, 4, 4),
+        _cfg(128, 128, 32, 8, 4, 3),
+        _cfg(64, 64, 32, 8, 4, 2),
     ]
-    return cfgs if _autotune_enabled() else cfgs[2:3]
+    return cfgs if _autotune_enabled() else cfgs[-1:]
 
 
 def _skinny_q_configs():  # Q (= LoRA rank) is fixed by the host
@@ -251,8 +270,9 @@ def _skinny_q_configs():  # Q (= LoRA rank) is fixed by the host
         _cfg(128, 0, 64, 1, 4, 4, drop=("BLOCK_Q",)),
         _cfg(128, 0, 128, 1, 8, 3, drop=("BLOCK_Q",)),
         _cfg(64, 0, 64, 1, 4, 4, drop=("BLOCK_Q",)),
+        _cfg(32, 0, 32, 1, 4, 2, drop=("BLOCK_Q",)),
     ]
-    return cfgs if _autotune_enabled() else cfgs[1:2]
+    return cfgs if _autotune_enabled() else cfgs[-1:]
 
 
 def _skinny_p_configs():  # P (= LoRA rank) is fixed by the host
@@ -263,8 +283,9 @@ def _skinny_p_configs():  # P (= LoRA rank) is fixed by the host
         _cfg(0, 64, 128, 1, 4, 3, drop=("BLOCK_P",)),
         _cfg(0, 256, 64, 1, 8, 3, drop=("BLOCK_P",)),
         _cfg(0, 128, 128, 1, 8, 3, drop=("BLOCK_P",)),
+        _cfg(0, 64, 32, 1, 4, 2, drop=("BLOCK_P",)),
     ]
-    return cfgs if _autotune_enabled() else cfgs[0:1]
+    return cfgs if _autotune_enabled() else cfgs[-1:]
 
 
 def _even_r(args) -> bool:
@@ -287,6 +308,11 @@ if HAS_TRITON:
     _mm_main = _autotuned(_main_configs())
     _mm_skinny_q = _autotuned(_skinny_q_configs())
     _mm_skinny_p = _autotuned(_skinny_p_configs())
+
+
+#: tuned config per problem key, filled by the first (autotuned) launch; see `_mm`
+_BEST_CONFIG: dict = {}
+FAST_LAUNCH = os.environ.get("LOWVRAM_DOPSD_KERNELS_FAST_LAUNCH", "1") == "1"
 
 
 def _next_pow2(n: int) -> int:
@@ -344,6 +370,7 @@ def _mm(
     r_per_split: Optional[int] = None,
     a_soft: bool = False,
     b_soft: bool = False,
+    a_trans: bool = False,
 ) -> None:
     """Launch ``_qlora_mm_kernel`` as ``kind`` = main | skinny_q | skinny_p."""
     cdt, prec = compute
@@ -359,12 +386,7 @@ def _mm(
     else:
         fn, extra["BLOCK_P"] = _mm_skinny_p, max(16, _next_pow2(P))
 
-    def grid(meta):
-        bp = meta["BLOCK_P"]
-        bq = meta["BLOCK_Q"]
-        return (triton.cdiv(P, bp) * triton.cdiv(Q, bq), splits)
-
-    fn[grid](
+    args = (
         a, b, out,
         scale if scale is not None else out,
         bias if bias is not None else out,
@@ -374,17 +396,40 @@ def _mm(
         out_st[0], out_st[1], out_st[2],
         l1_st[0], l1_st[1], l2_st[0], l2_st[1],
         float(alpha), float(lora_alpha),
+    )
+    meta = dict(
         SCALE_MODE=scale_mode,
         BIAS_MODE=bias_mode,
         HAS_LORA=lora is not None,
         BLOCK_RANK=max(16, _next_pow2(rank)),
         A_SOFT_FP8=a_soft,
         B_SOFT_FP8=b_soft,
+        A_TRANS=a_trans,
         COMPUTE=cdt,
         DOT_PRECISION=prec,
         EMULATE_RNE=is_interpret() and out.dtype == torch.bfloat16,
         **extra,
     )
+    # Host overhead matters (the backward is 4 launches): after the first call for a problem
+    # key, launch the JIT kernel directly with the tuned config, skipping the autotuner and
+    # heuristics layers. The key holds everything the autotuner keys on (_KEY, dtypes).
+    key = (kind, P, Q, R, scale_mode, bias_mode, lora is not None, meta["BLOCK_RANK"], a_soft, b_soft, a_trans,
+           a_st[1], b_st[1], a.dtype, b.dtype, out.dtype, l1.dtype, l2.dtype, cdt, splits > 1)
+    best = _BEST_CONFIG.get(key) if FAST_LAUNCH else None
+    if best is None:
+        def grid(m):
+            return (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(Q, m["BLOCK_Q"]), splits)
+
+        fn[grid](*args, **meta)
+        cfg = getattr(fn, "best_config", None)
+        if cfg is not None:
+            _BEST_CONFIG[key] = cfg.all_kwargs()
+        return
+    bp = best.get("BLOCK_P", extra.get("BLOCK_P"))
+    bq = best.get("BLOCK_Q", extra.get("BLOCK_Q"))
+    br = best["BLOCK_R"]
+    even = R % br == 0 and args[10] % br == 0
+    _qlora_mm_kernel[(triton.cdiv(P, bp) * triton.cdiv(Q, bq), splits)](*args, **meta, **best, EVEN_R=even)
 
 
 def _reduce_over_m(kind, a, a_st, b, b_st, P, Q, R, out_dtype, device, compute, alpha):
@@ -488,7 +533,7 @@ def lora_linear_backward(
                 dx, (0, dx.stride(1), dx.stride(0)), K, M, N, compute=comp,
                 scale=w_scale, scale_mode=3,
                 lora=(lora_A, (lora_A.stride(1), lora_A.stride(0)), u, (u.stride(1), u.stride(0)), r, scale),
-                a_soft=soft)
+                a_soft=soft, a_trans=BWD_A_TRANS)
     if need_dA:  # dA = s · uᵀ · x   [r, K], reduce over M
         dA = _reduce_over_m("skinny_p", u, (u.stride(1), u.stride(0)), x2d, (x2d.stride(0), x2d.stride(1)),
                             r, K, M, lora_A.dtype, dev, comp, scale)
