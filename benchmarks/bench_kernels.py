@@ -20,7 +20,7 @@ Shapes (published transformer configs):
     to_qkv_mlp_proj 3072 -> 3*3072 + 2*9216 = 27648 and to_out 3072 + 9216 = 12288 -> 3072
     (diffusers transformer_flux2.py).
 
-Usage: python benchmarks/bench_kernels.py [--shapes zimage,klein] [--methods ...] [--variants Wx,WxT]
+Usage: python benchmarks/bench_kernels.py [--shapes zimage,klein] [--methods ...] [--variants Wx,WxC]
        [--out benchmarks/results]
 Timings: triton.testing.do_bench medians (CUDA events) after warm-up, random data.
 """
@@ -140,7 +140,7 @@ def build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha):
         Ap, Bp = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
         return (lambda x: ll.lora_linear(x, wq, ws, None, Ap, Bp, scale)), [Ap, Bp]
     if method == "bf16":
-        lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.utils.skip_init(torch.nn.Linear, K, N, bias=False, device="cuda", dtype=torch.bfloat16)
         lin.weight.data.copy_(w)
         m = _peft(lin, rank, alpha, A, B)
     elif method.startswith("quanto"):
@@ -152,7 +152,7 @@ def build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha):
         # runs its generic path (dequantise the weight, torch.matmul)
         qext.is_extension_available = lambda name: False
         qb.is_extension_available = lambda name: False
-        lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.utils.skip_init(torch.nn.Linear, K, N, bias=False, device="cuda", dtype=torch.bfloat16)
         lin.weight.data.copy_(w)
         wrap = _Wrap(lin)
         quantize(wrap, weights=qint8 if method == "quanto-qint8" else qfloat8)
@@ -251,7 +251,10 @@ def bench_lora(shapes, methods, rank, alpha, variants_, log, breakdown=False):
                     row["fwd_bwd_ms"] = bench_ms(fwd_bwd, grad_to_none=[xg] + params)
                     row["fwd_tflops"] = flops_fwd / row["fwd_ms"] / 1e9
                     row["fwd_bwd_tflops"] = 2 * flops_fwd / row["fwd_bwd_ms"] / 1e9  # base GEMMs only
-                    row["fwd_bwd_graph_ms"] = graph_ms(fwd_bwd, grad_to_none=[xg] + params)
+                    # bitsandbytes syncs inside its autograd function: a CUDA-graph capture fails and
+                    # leaves the RNG in capture state, so it is not attempted
+                    row["fwd_bwd_graph_ms"] = ("n/a (syncs)" if method.startswith("bnb")
+                                               else graph_ms(fwd_bwd, grad_to_none=[xg] + params))
                     row["fwd_bwd_host_ms"] = host_ms(fwd_bwd)
                     row["peak_extra_mb_fwd_bwd"] = peak_extra_mb(fwd_bwd)
                     if method.startswith("ours") and breakdown:
@@ -384,37 +387,66 @@ def write_report(meta, rows, loss, out_dir):
           "times are do_bench medians in ms; fwd under no_grad, fwd+bwd with grads for x and LoRA",
           f"- ours, default GEMM variant: {meta['defaults']} (bracketed labels: variants, see docs/kernels.md)", ""]
     L += ["## LoRA linear", "",
-          "| shape | method | fwd ms | fwd+bwd ms | fwd+bwd vs bf16 | TFLOP/s (fwd, base) | extra peak MB (fwd+bwd) |",
-          "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    base = {(r["shape"]): r.get("fwd_bwd_ms") for r in rows if r["method"] == "bf16" and "error" not in r}
+          "eager = `do_bench` of the Python call (what an eager training step sees, host overhead "
+          "included); graph = the same fwd+bwd captured in a CUDA graph and replayed (GPU time only); "
+          "host = CPU time to enqueue one fwd+bwd.", "",
+          "| shape | method | fwd ms | fwd+bwd ms eager | vs bf16 | fwd+bwd ms graph | vs bf16 | host ms | "
+          "fwd TFLOP/s | extra peak MB |",
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    ok = [r for r in rows if "error" not in r]
+    base = {r["shape"]: r for r in ok if r["method"] == "bf16"}
+
+    def ratio(r, k):
+        b = base.get(r["shape"], {}).get(k)
+        v = r.get(k)
+        return f"{v / b:.2f}x" if isinstance(v, float) and isinstance(b, float) else "-"
+
+    def num(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
     for r in rows:
         if "error" in r:
-            L.append(f"| {r['shape']} | {r['method']} | error: {r['error'][:120]} | | | | |")
+            L.append(f"| {r['shape']} | {r['method']} | error: {r['error'][:120]} | | | | | | | |")
             continue
-        rel = r["fwd_bwd_ms"] / base[r["shape"]] if base.get(r["shape"]) else float("nan")
-        L.append(f"| {r['shape']} | {r['method']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {rel:.2f}x | "
-                 f"{r['fwd_tflops']:.0f} | {r['peak_extra_mb_fwd_bwd']:.0f} |")
+        L.append(f"| {r['shape']} | {r['method']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                 f"{ratio(r, 'fwd_bwd_ms')} | {num(r['fwd_bwd_graph_ms'])} | {ratio(r, 'fwd_bwd_graph_ms')} | "
+                 f"{r['fwd_bwd_host_ms']:.2f} | {r['fwd_tflops']:.0f} | {r['peak_extra_mb_fwd_bwd']:.0f} |")
+    bd = [r for r in ok if r.get("bwd_breakdown_graph_ms")]
+    if bd:
+        L += ["", "Per launch (CUDA-graph GPU ms; u, dx, dA, dB derived from graphs of subsets of the backward, "
+              "so small entries carry ~10 us noise; dx includes the transient transposed weight copy):", "",
+              "| shape | method | fwd (t + y) | bwd | u = dy·B | dx | dA | dB |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in bd:
+            b = r["bwd_breakdown_graph_ms"]
+            L.append(f"| {r['shape']} | {r['method']} | " + " | ".join(num(b.get(k, "-")) for k in
+                                                                      ("fwd", "bwd", "u", "dx", "dA", "dB")) + " |")
     # per-model-step totals
-    L += ["", "### Per model step (Σ uses × time, all LoRA'd linears of the transformer blocks)", "",
-          "| model | method | fwd ms | fwd+bwd ms |", "| --- | --- | ---: | ---: |"]
+    L += ["", "### Per model step (Σ uses × time over the LoRA'd linears of the transformer blocks)", "",
+          "| model | method | fwd ms | fwd+bwd ms eager | fwd+bwd ms graph |", "| --- | --- | ---: | ---: | ---: |"]
     for fam in sorted({r["family"] for r in rows}):
         for m in dict.fromkeys(r["method"] for r in rows):
             rs = [r for r in rows if r["family"] == fam and r["method"] == m]
             if not rs or any("error" in r for r in rs):
                 continue
+            gsum = (f"{sum(r['count'] * r['fwd_bwd_graph_ms'] for r in rs):.1f}"
+                    if all(isinstance(r["fwd_bwd_graph_ms"], float) for r in rs) else "-")
             L.append(f"| {fam} | {m} | {sum(r['count'] * r['fwd_ms'] for r in rs):.1f} | "
-                     f"{sum(r['count'] * r['fwd_bwd_ms'] for r in rs):.1f} |")
+                     f"{sum(r['count'] * r['fwd_bwd_ms'] for r in rs):.1f} | {gsum} |")
     if loss:
         L += ["", "## D-OPSD loss (bf16, weighted)", "", f"Device-to-device copy: {loss['copy_GBps']:.0f} GB/s "
               "(bytes read + written).", "",
-              "| size | ours fwd (loss + grad) | GB/s | % of copy | ours fwd+bwd | torch fwd+bwd |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+              "| size | ours fwd (loss + grad), eager | GB/s | % of copy | ours fwd graph | ours fwd+bwd eager | "
+              "ours fwd+bwd graph | torch fwd+bwd eager | torch fwd+bwd graph |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for k, r in loss.items():
             if not isinstance(r, dict):
                 continue
-            L.append(f"| {k} {r['shape']} | {r['ours_fwd_ms']*1e3:.1f} us | {r['ours_fwd_GBps']:.0f} | "
-                     f"{100*r['fwd_frac_of_copy']:.0f}% | {r['ours_fwd_bwd_ms']*1e3:.1f} us | "
-                     f"{r['torch_fwd_bwd_ms']*1e3:.1f} us |")
+            us = lambda v: f"{v * 1e3:.1f} us" if isinstance(v, float) else str(v)  # noqa: E731
+            L.append(f"| {k} {r['shape']} | {us(r['ours_fwd_ms'])} | {r['ours_fwd_GBps']:.0f} | "
+                     f"{100*r['fwd_frac_of_copy']:.0f}% | {us(r['ours_fwd_graph_ms'])} | {us(r['ours_fwd_bwd_ms'])} | "
+                     f"{us(r['ours_fwd_bwd_graph_ms'])} | {us(r['torch_fwd_bwd_ms'])} | "
+                     f"{us(r['torch_fwd_bwd_graph_ms'])} |")
     with open(os.path.join(out_dir, f"kernels-{slug}.md"), "w") as f:
         f.write("\n".join(L) + "\n")
     return slug
@@ -423,14 +455,13 @@ def write_report(meta, rows, loss, out_dir):
 # GEMM variants of ours (module switches in lowvram_dopsd.kernels.lora_linear):
 #   xW: the 8-bit weight is the right dot operand (converted, written back to shared memory)
 #   Wx: it is the left operand, converted in registers (Hopper wgmma takes A from registers)
-#   WxT: Wx, and the dx GEMM loads the weight tile in its stored order and transposes after the
-#        bf16 conversion (instead of byte-wise shared-memory reads of the transposed tile)
+#   WxC: Wx, and the dx GEMM reads a transient transposed 8-bit copy of the weight (the default)
 VARIANTS = {
-    "xW": dict(SWAP_FWD=False, SWAP_BWD=False, BWD_A_TRANS=False),
-    "Wx": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_A_TRANS=False),
-    "WxT": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_A_TRANS=True),
+    "xW": dict(SWAP_FWD=False, SWAP_BWD=False, BWD_TRANSPOSED_COPY=False),
+    "Wx": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_TRANSPOSED_COPY=False),
+    "WxC": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_TRANSPOSED_COPY=True),
 }
-DEFAULTS = dict(SWAP_FWD=ll.SWAP_FWD, SWAP_BWD=ll.SWAP_BWD, BWD_A_TRANS=ll.BWD_A_TRANS)
+DEFAULTS = dict(SWAP_FWD=ll.SWAP_FWD, SWAP_BWD=ll.SWAP_BWD, BWD_TRANSPOSED_COPY=ll.BWD_TRANSPOSED_COPY)
 
 
 def main(argv=None):
@@ -476,7 +507,12 @@ def main(argv=None):
             log("pre-compilation failed:\n" + traceback.format_exc(limit=3))
     rows = bench_lora(args.shapes.split(","), args.methods.split(","), args.rank, args.alpha, variants_, log,
                       breakdown=args.breakdown)
-    loss = {} if args.no_loss else bench_loss(log)
+    loss = {}
+    if not args.no_loss:
+        try:
+            loss = bench_loss(log)
+        except Exception:  # noqa: BLE001 - still write the LoRA results
+            log("loss benchmark failed:\n" + traceback.format_exc(limit=4))
     meta["tuned_configs"] = {repr(k): v for k, v in ll._BEST_CONFIG.items() if isinstance(k[1], int) and k[1] >= 1024}
     slug = write_report(meta, rows, loss, args.out)
     log(f"wrote {args.out}/kernels-{slug}.md/.json")

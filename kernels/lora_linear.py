@@ -73,9 +73,12 @@ MAX_RANK = 128
 # Chosen from the H100 benchmark in benchmarks/results/kernels-*.md; overridable for experiments.
 SWAP_FWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_FWD", "1") == "1"
 SWAP_BWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_BWD", "1") == "1"
-# In the swapped dx GEMM the left operand is Wqᵀ, whose contiguous index is not the reduction one:
-# load the 8-bit tile in its stored orientation and transpose after the bf16 conversion.
-BWD_A_TRANS = os.environ.get("LOWVRAM_DOPSD_LORA_BWD_A_TRANS", "1") == "1"
+# In the swapped dx GEMM the left operand is Wqᵀ [K, N], whose reduction index (N) is not the
+# contiguous one in Wq: read in place, the tile needs byte-wise transposed shared-memory loads (measured
+# 1.6-1.8x slower than the forward GEMM on H100). With BWD_TRANSPOSED_COPY the backward first makes
+# a transient int8/fp8 copy of Wqᵀ (1 byte per weight, one layer at a time, freed after dx) so the
+# dx GEMM reads it exactly like the forward reads Wq.
+BWD_TRANSPOSED_COPY = os.environ.get("LOWVRAM_DOPSD_LORA_BWD_TCOPY", "1") == "1"
 
 
 # =============================================================================================
@@ -113,7 +116,6 @@ def _qlora_mm_kernel(
     BLOCK_RANK: tl.constexpr,
     A_SOFT_FP8: tl.constexpr,
     B_SOFT_FP8: tl.constexpr,
-    A_TRANS: tl.constexpr,  # load A's tile transposed (when A's P index is the contiguous one)
     COMPUTE: tl.constexpr,  # dot operand dtype
     DOT_PRECISION: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
@@ -152,10 +154,7 @@ def _qlora_mm_kernel(
     r_start = pid_s * R_PER_SPLIT
     r_end = tl.minimum(r_start + R_PER_SPLIT, R)
     offs_r = tl.arange(0, BLOCK_R)
-    if A_TRANS:  # A tile loaded as [BLOCK_R, BLOCK_P] (A's P index contiguous), transposed in registers
-        a_ptrs = a_ptr + (r_start + offs_r)[:, None] * stride_ar + offs_pw[None, :] * stride_ap
-    else:
-        a_ptrs = a_ptr + offs_pw[:, None] * stride_ap + (r_start + offs_r)[None, :] * stride_ar
+    a_ptrs = a_ptr + offs_pw[:, None] * stride_ap + (r_start + offs_r)[None, :] * stride_ar
     b_ptrs = b_ptr + (r_start + offs_r)[:, None] * stride_br + offs_qw[None, :] * stride_bq
 
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
@@ -165,10 +164,7 @@ def _qlora_mm_kernel(
             b = tl.load(b_ptrs)
         else:
             r_mask = (r0 + offs_r) < r_end
-            if A_TRANS:
-                a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=r_mask[:, None], other=0.0)
         if A_SOFT_FP8:
             a = _fp8e4m3_to_f32(a)
@@ -179,20 +175,14 @@ def _qlora_mm_kernel(
                 s_r = tl.load(scale_ptr + r0 + offs_r)
             else:
                 s_r = tl.load(scale_ptr + r0 + offs_r, mask=(r0 + offs_r) < r_end, other=0.0)
-            if A_TRANS:
-                a = a.to(tl.float32) * s_r[:, None]
-            else:
-                a = a.to(tl.float32) * s_r[None, :]
+            a = a.to(tl.float32) * s_r[None, :]
         if SCALE_MODE == 4:  # dequant B's rows (the reduction index) inside the tile
             if EVEN_R:
                 s_r = tl.load(scale_ptr + r0 + offs_r)
             else:
                 s_r = tl.load(scale_ptr + r0 + offs_r, mask=(r0 + offs_r) < r_end, other=0.0)
             b = b.to(tl.float32) * s_r[:, None]
-        a = a.to(COMPUTE)
-        if A_TRANS:
-            a = tl.trans(a)
-        acc = tl.dot(a, b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_R * stride_ar
         b_ptrs += BLOCK_R * stride_br
 
@@ -230,7 +220,7 @@ def _qlora_mm_kernel(
 # =============================================================================================
 _KEY = [
     "P", "Q", "R", "SCALE_MODE", "BIAS_MODE", "HAS_LORA", "BLOCK_RANK",
-    "A_SOFT_FP8", "B_SOFT_FP8", "A_TRANS", "stride_ar", "stride_bq",
+    "A_SOFT_FP8", "B_SOFT_FP8", "stride_ar", "stride_bq",
 ]
 
 
@@ -370,7 +360,6 @@ def _mm(
     r_per_split: Optional[int] = None,
     a_soft: bool = False,
     b_soft: bool = False,
-    a_trans: bool = False,
 ) -> None:
     """Launch ``_qlora_mm_kernel`` as ``kind`` = main | skinny_q | skinny_p."""
     cdt, prec = compute
@@ -404,7 +393,6 @@ def _mm(
         BLOCK_RANK=max(16, _next_pow2(rank)),
         A_SOFT_FP8=a_soft,
         B_SOFT_FP8=b_soft,
-        A_TRANS=a_trans,
         COMPUTE=cdt,
         DOT_PRECISION=prec,
         EMULATE_RNE=is_interpret() and out.dtype == torch.bfloat16,
@@ -413,7 +401,7 @@ def _mm(
     # Host overhead matters (the backward is 4 launches): after the first call for a problem
     # key, launch the JIT kernel directly with the tuned config, skipping the autotuner and
     # heuristics layers. The key holds everything the autotuner keys on (_KEY, dtypes).
-    key = (kind, P, Q, R, scale_mode, bias_mode, lora is not None, meta["BLOCK_RANK"], a_soft, b_soft, a_trans,
+    key = (kind, P, Q, R, scale_mode, bias_mode, lora is not None, meta["BLOCK_RANK"], a_soft, b_soft,
            a_st[1], b_st[1], a.dtype, b.dtype, out.dtype, l1.dtype, l2.dtype, cdt, splits > 1)
     best = _BEST_CONFIG.get(key) if FAST_LAUNCH else None
     if best is None:
@@ -529,11 +517,17 @@ def lora_linear_backward(
                 lora=(u, (u.stride(0), u.stride(1)), lora_A, (lora_A.stride(0), lora_A.stride(1)), r, scale),
                 b_soft=soft)
         else:  # C[k, m] = dxᵀ: A = Wqᵀ (columns scaled in tile), B = dyᵀ, LoRA Aᵀ · uᵀ
-            _mm("main", wq, (wq.stride(1), wq.stride(0)), dy, (dy.stride(1), dy.stride(0)),
+            if BWD_TRANSPOSED_COPY:
+                w_t = w_q.t().contiguous()  # [K, N], transient (freed when this function returns)
+                wq, soft = _wq_operand(w_t)
+                a_st = (wq.stride(0), wq.stride(1))
+            else:
+                a_st = (wq.stride(1), wq.stride(0))
+            _mm("main", wq, a_st, dy, (dy.stride(1), dy.stride(0)),
                 dx, (0, dx.stride(1), dx.stride(0)), K, M, N, compute=comp,
                 scale=w_scale, scale_mode=3,
                 lora=(lora_A, (lora_A.stride(1), lora_A.stride(0)), u, (u.stride(1), u.stride(0)), r, scale),
-                a_soft=soft, a_trans=BWD_A_TRANS)
+                a_soft=soft)
     if need_dA:  # dA = s · uᵀ · x   [r, K], reduce over M
         dA = _reduce_over_m("skinny_p", u, (u.stride(1), u.stride(0)), x2d, (x2d.stride(0), x2d.stride(1)),
                             r, K, M, lora_A.dtype, dev, comp, scale)

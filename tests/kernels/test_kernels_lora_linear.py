@@ -55,8 +55,8 @@ def _run_reference64(d, s, w_scale_mult=1.0, s_mult=1.0):
 
 
 # GEMM variants (lora_linear module switches): the 8-bit weight as right (xW) or left (Wx) dot
-# operand; WxT also loads dx's transposed weight tile in stored order and transposes in registers.
-VARIANTS = {"xW": (False, False), "Wx": (True, False), "WxT": (True, True)}
+# operand; WxC also gives the dx GEMM a transient transposed copy of the 8-bit weight.
+VARIANTS = {"xW": (False, False), "Wx": (True, False), "WxC": (True, True)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -64,10 +64,10 @@ VARIANTS = {"xW": (False, False), "Wx": (True, False), "WxT": (True, True)}
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lora_linear_matches_reference(kernels_on, monkeypatch, dtype, fmt, case, variant):
-    swap, a_trans = VARIANTS[variant]
+    swap, t_copy = VARIANTS[variant]
     monkeypatch.setattr(ll, "SWAP_FWD", swap)
     monkeypatch.setattr(ll, "SWAP_BWD", swap)
-    monkeypatch.setattr(ll, "BWD_A_TRANS", a_trans)
+    monkeypatch.setattr(ll, "BWD_TRANSPOSED_COPY", t_copy)
     d = _make(case, dtype, fmt)
     s = 0.75
     outs = _run_kernel(d, s)
