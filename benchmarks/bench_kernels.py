@@ -20,7 +20,7 @@ Shapes (published transformer configs):
     to_qkv_mlp_proj 3072 -> 3*3072 + 2*9216 = 27648 and to_out 3072 + 9216 = 12288 -> 3072
     (diffusers transformer_flux2.py).
 
-Usage: python benchmarks/bench_kernels.py [--shapes zimage,klein] [--methods ...] [--orient both]
+Usage: python benchmarks/bench_kernels.py [--shapes zimage,klein] [--methods ...] [--variants Wx,WxC]
        [--out benchmarks/results]
 Timings: triton.testing.do_bench medians (CUDA events) after warm-up, random data.
 """
@@ -72,6 +72,27 @@ def bench_ms(fn, grad_to_none=None, warmup=10, rep=50):
     return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
+def graph_ms(fn, grad_to_none=None):
+    """GPU time alone: fn captured in a CUDA graph and replayed (no Python / launch overhead)."""
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=30, grad_to_none=grad_to_none, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - e.g. a library that syncs inside fn
+        return f"n/a ({type(e).__name__})"
+
+
+def host_ms(fn, n=20):
+    """CPU time to enqueue one call (GPU not waited for, unless fn itself syncs)."""
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) * 1e3 / n
+
+
 def peak_extra_mb(fn):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -119,7 +140,7 @@ def build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha):
         Ap, Bp = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
         return (lambda x: ll.lora_linear(x, wq, ws, None, Ap, Bp, scale)), [Ap, Bp]
     if method == "bf16":
-        lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.utils.skip_init(torch.nn.Linear, K, N, bias=False, device="cuda", dtype=torch.bfloat16)
         lin.weight.data.copy_(w)
         m = _peft(lin, rank, alpha, A, B)
     elif method.startswith("quanto"):
@@ -131,7 +152,7 @@ def build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha):
         # runs its generic path (dequantise the weight, torch.matmul)
         qext.is_extension_available = lambda name: False
         qb.is_extension_available = lambda name: False
-        lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.utils.skip_init(torch.nn.Linear, K, N, bias=False, device="cuda", dtype=torch.bfloat16)
         lin.weight.data.copy_(w)
         wrap = _Wrap(lin)
         quantize(wrap, weights=qint8 if method == "quanto-qint8" else qfloat8)
@@ -150,7 +171,24 @@ def build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha):
     return m, params
 
 
-def bench_lora(shapes, methods, rank, alpha, orients, log):
+def ours_breakdown(x, dy, w_q, w_s, A, B, s):
+    """GPU time of each launch of our forward / backward (CUDA graphs over subsets of the work)."""
+    _, t = ll.lora_linear_forward(x, w_q, w_s, None, A, B, s)
+
+    def bwd(dx, dA, dB):
+        return lambda: ll.lora_linear_backward(dy, x, t, w_q, w_s, A, B, s, dx, dA, dB)
+
+    fwd = graph_ms(lambda: ll.lora_linear_forward(x, w_q, w_s, None, A, B, s))
+    t_all, t_dx, t_dA, t_dB = (graph_ms(bwd(*f)) for f in ((1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    try:
+        dA = t_all - t_dx - t_dB
+        u = t_dA - dA
+        return dict(fwd=fwd, bwd=t_all, u=u, dx=t_dx - u, dA=dA, dB=t_dB)
+    except TypeError:
+        return dict(fwd=fwd, bwd=t_all)
+
+
+def bench_lora(shapes, methods, rank, alpha, variants_, log, breakdown=False):
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for family in shapes:
@@ -166,15 +204,15 @@ def bench_lora(shapes, methods, rank, alpha, orients, log):
             variants = []
             for m in methods:
                 if m.startswith("ours"):
-                    for o in orients:
-                        variants.append((m if o is None else f"{m}[{'Wx' if o else 'xW'}]", m, o))
+                    for v in variants_:
+                        variants.append((m if v is None else f"{m}[{v}]", m, v))
                 else:
                     variants.append((m, m, None))
             for label, method, orient in variants:
                 row = dict(family=family, shape=name, K=K, N=N, M=TOKENS, count=count, method=label)
                 try:
-                    if orient is not None:
-                        ll.SWAP_FWD = ll.SWAP_BWD = orient
+                    for k_, v_ in (VARIANTS[orient] if orient is not None else {}).items():
+                        setattr(ll, k_, v_)
                     f, params = build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha)
                     xg = x.detach().clone().requires_grad_()
 
@@ -213,12 +251,20 @@ def bench_lora(shapes, methods, rank, alpha, orients, log):
                     row["fwd_bwd_ms"] = bench_ms(fwd_bwd, grad_to_none=[xg] + params)
                     row["fwd_tflops"] = flops_fwd / row["fwd_ms"] / 1e9
                     row["fwd_bwd_tflops"] = 2 * flops_fwd / row["fwd_bwd_ms"] / 1e9  # base GEMMs only
+                    # bitsandbytes syncs inside its autograd function: a CUDA-graph capture fails and
+                    # leaves the RNG in capture state, so it is not attempted
+                    row["fwd_bwd_graph_ms"] = ("n/a (syncs)" if method.startswith("bnb")
+                                               else graph_ms(fwd_bwd, grad_to_none=[xg] + params))
+                    row["fwd_bwd_host_ms"] = host_ms(fwd_bwd)
                     row["peak_extra_mb_fwd_bwd"] = peak_extra_mb(fwd_bwd)
+                    if method.startswith("ours") and breakdown:
+                        row["bwd_breakdown_graph_ms"] = ours_breakdown(x, dy, wq_ref, s_ref, A, B, alpha / rank)
                 except Exception as e:  # a baseline that does not run here is reported, not fatal
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                     log(traceback.format_exc(limit=3))
                 finally:
-                    ll.SWAP_FWD, ll.SWAP_BWD = DEFAULT_SWAP
+                    for k_, v_ in DEFAULTS.items():
+                        setattr(ll, k_, v_)
                 torch.cuda.empty_cache()
                 rows.append(row)
                 log(_fmt_row(row))
@@ -228,7 +274,12 @@ def bench_lora(shapes, methods, rank, alpha, orients, log):
 def _fmt_row(r):
     if "error" in r:
         return f"{r['shape']:<28} {r['method']:<18} ERROR {r['error']}"
+    g = r.get("fwd_bwd_graph_ms")
+    g = f"{g:7.3f}" if isinstance(g, float) else str(g)
+    bd = r.get("bwd_breakdown_graph_ms")
+    bd = (" [" + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in bd.items()) + "]") if bd else ""
     return (f"{r['shape']:<28} {r['method']:<18} fwd {r['fwd_ms']:7.3f} ms  fwd+bwd {r['fwd_bwd_ms']:7.3f} ms  "
+            f"graph {g}  host {r['fwd_bwd_host_ms']:6.3f}{bd}  "
             f"({r['fwd_tflops']:5.0f} / {r['fwd_bwd_tflops']:5.0f} TFLOP/s)  +{r['peak_extra_mb_fwd_bwd']:6.0f} MB  "
             f"err y {r['rel_err_vs_fp32_ref']:.1e}"
             + (f" dx {r['rel_err_dx']:.1e} dA {r['rel_err_dA']:.1e} dB {r['rel_err_dB']:.1e}" if "rel_err_dx" in r else ""))
@@ -240,7 +291,7 @@ def _fmt_row(r):
 # of 128) into Triton's on-disk cache, so the timed process only benchmarks them.
 # ---------------------------------------------------------------------------------------------
 def _precompile_worker(task):
-    i, orients, fmts = task
+    i, variants_, fmts = task
     import lowvram_dopsd.kernels.lora_linear as L
 
     pick = lambda cfgs: [cfgs[i % len(cfgs)]]  # noqa: E731
@@ -253,21 +304,22 @@ def _precompile_worker(task):
     B = (torch.randn(N, r, device="cuda") * 0.01).to(torch.bfloat16).requires_grad_()
     for fmt in fmts:
         w_q, w_s = L.quantize_weight(torch.randn(N, K, device="cuda"), fmt)
-        for o_fwd, o_bwd in orients:
-            L.SWAP_FWD, L.SWAP_BWD = o_fwd, o_bwd
+        for v in variants_:
+            for k_, v_ in {**DEFAULTS, **(VARIANTS[v] if v else {})}.items():
+                setattr(L, k_, v_)
             L.lora_linear(x, w_q, w_s, None, A, B, 2.0).backward(torch.randn(M, N, device="cuda", dtype=torch.bfloat16))
     torch.cuda.synchronize()
     return i
 
 
-def precompile(orients, fmts, log):
+def precompile(variants_, fmts, log):
     import multiprocessing as mp
     import time
 
     n = max(len(ll._main_configs()), len(ll._skinny_q_configs()), len(ll._skinny_p_configs()))
     t0 = time.time()
     with mp.get_context("spawn").Pool(n) as pool:
-        pool.map(_precompile_worker, [(i, orients, fmts) for i in range(n)])
+        pool.map(_precompile_worker, [(i, variants_, fmts) for i in range(n)])
     log(f"pre-compiled {n} candidate configs per kernel in {time.time() - t0:.1f} s")
 
 
@@ -301,13 +353,17 @@ def bench_loss(log):
         r["ours_fwd_ms"] = bench_ms(ours_fwd, grad_to_none=[v_s])
         r["ours_fwd_bwd_ms"] = bench_ms(ours_fb, grad_to_none=[v_s])
         r["torch_fwd_bwd_ms"] = bench_ms(ref_fb, grad_to_none=[v_s])
+        r["ours_fwd_graph_ms"] = graph_ms(ours_fwd, grad_to_none=[v_s])
+        r["ours_fwd_bwd_graph_ms"] = graph_ms(ours_fb, grad_to_none=[v_s])
+        r["torch_fwd_bwd_graph_ms"] = graph_ms(ref_fb, grad_to_none=[v_s])
         r["ours_fwd_GBps"] = 3 * e / r["ours_fwd_ms"] / 1e6  # read v_s, v_t; write grad
         r["ours_fwd_bwd_GBps"] = 5 * e / r["ours_fwd_bwd_ms"] / 1e6  # + backward: read grad, write grad
         r["fwd_frac_of_copy"] = r["ours_fwd_GBps"] / out["copy_GBps"]
         out[label] = r
         log(f"loss {label}: ours fwd {r['ours_fwd_ms']*1e3:.1f} us ({r['ours_fwd_GBps']:.0f} GB/s, "
             f"{100*r['fwd_frac_of_copy']:.0f}% of copy), ours fwd+bwd {r['ours_fwd_bwd_ms']*1e3:.1f} us, "
-            f"torch fwd+bwd {r['torch_fwd_bwd_ms']*1e3:.1f} us")
+            f"torch fwd+bwd {r['torch_fwd_bwd_ms']*1e3:.1f} us; CUDA graph: ours fwd {r['ours_fwd_graph_ms']}, "
+            f"ours fwd+bwd {r['ours_fwd_bwd_graph_ms']}, torch fwd+bwd {r['torch_fwd_bwd_graph_ms']} ms")
     return out
 
 
@@ -329,45 +385,83 @@ def write_report(meta, rows, loss, out_dir):
           f"- command: `{meta['command']}`", f"- M = {TOKENS} tokens (4096 image + 512 text, 1024²), "
           f"LoRA rank {meta['rank']}, alpha {meta['alpha']}, bf16 activations; "
           "times are do_bench medians in ms; fwd under no_grad, fwd+bwd with grads for x and LoRA",
-          f"- orientation used by ours: SWAP_FWD={meta['swap'][0]} SWAP_BWD={meta['swap'][1]}", ""]
+          f"- ours, default GEMM variant: {meta['defaults']} (bracketed labels: variants, see docs/kernels.md)", ""]
     L += ["## LoRA linear", "",
-          "| shape | method | fwd ms | fwd+bwd ms | fwd+bwd vs bf16 | TFLOP/s (fwd, base) | extra peak MB (fwd+bwd) |",
-          "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    base = {(r["shape"]): r.get("fwd_bwd_ms") for r in rows if r["method"] == "bf16" and "error" not in r}
+          "eager = `do_bench` of the Python call (what an eager training step sees, host overhead "
+          "included); graph = the same fwd+bwd captured in a CUDA graph and replayed (GPU time only); "
+          "host = CPU time to enqueue one fwd+bwd.", "",
+          "| shape | method | fwd ms | fwd+bwd ms eager | vs bf16 | fwd+bwd ms graph | vs bf16 | host ms | "
+          "fwd TFLOP/s | extra peak MB |",
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    ok = [r for r in rows if "error" not in r]
+    base = {r["shape"]: r for r in ok if r["method"] == "bf16"}
+
+    def ratio(r, k):
+        b = base.get(r["shape"], {}).get(k)
+        v = r.get(k)
+        return f"{v / b:.2f}x" if isinstance(v, float) and isinstance(b, float) else "-"
+
+    def num(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
     for r in rows:
         if "error" in r:
-            L.append(f"| {r['shape']} | {r['method']} | error: {r['error'][:120]} | | | | |")
+            L.append(f"| {r['shape']} | {r['method']} | error: {r['error'][:120]} | | | | | | | |")
             continue
-        rel = r["fwd_bwd_ms"] / base[r["shape"]] if base.get(r["shape"]) else float("nan")
-        L.append(f"| {r['shape']} | {r['method']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {rel:.2f}x | "
-                 f"{r['fwd_tflops']:.0f} | {r['peak_extra_mb_fwd_bwd']:.0f} |")
+        L.append(f"| {r['shape']} | {r['method']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                 f"{ratio(r, 'fwd_bwd_ms')} | {num(r['fwd_bwd_graph_ms'])} | {ratio(r, 'fwd_bwd_graph_ms')} | "
+                 f"{r['fwd_bwd_host_ms']:.2f} | {r['fwd_tflops']:.0f} | {r['peak_extra_mb_fwd_bwd']:.0f} |")
+    bd = [r for r in ok if r.get("bwd_breakdown_graph_ms")]
+    if bd:
+        L += ["", "Per launch (CUDA-graph GPU ms; u, dx, dA, dB derived from graphs of subsets of the backward, "
+              "so small entries carry ~10 us noise; dx includes the transient transposed weight copy):", "",
+              "| shape | method | fwd (t + y) | bwd | u = dy·B | dx | dA | dB |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in bd:
+            b = r["bwd_breakdown_graph_ms"]
+            L.append(f"| {r['shape']} | {r['method']} | " + " | ".join(num(b.get(k, "-")) for k in
+                                                                      ("fwd", "bwd", "u", "dx", "dA", "dB")) + " |")
     # per-model-step totals
-    L += ["", "### Per model step (Σ uses × time, all LoRA'd linears of the transformer blocks)", "",
-          "| model | method | fwd ms | fwd+bwd ms |", "| --- | --- | ---: | ---: |"]
+    L += ["", "### Per model step (Σ uses × time over the LoRA'd linears of the transformer blocks)", "",
+          "| model | method | fwd ms | fwd+bwd ms eager | fwd+bwd ms graph |", "| --- | --- | ---: | ---: | ---: |"]
     for fam in sorted({r["family"] for r in rows}):
         for m in dict.fromkeys(r["method"] for r in rows):
             rs = [r for r in rows if r["family"] == fam and r["method"] == m]
             if not rs or any("error" in r for r in rs):
                 continue
+            gsum = (f"{sum(r['count'] * r['fwd_bwd_graph_ms'] for r in rs):.1f}"
+                    if all(isinstance(r["fwd_bwd_graph_ms"], float) for r in rs) else "-")
             L.append(f"| {fam} | {m} | {sum(r['count'] * r['fwd_ms'] for r in rs):.1f} | "
-                     f"{sum(r['count'] * r['fwd_bwd_ms'] for r in rs):.1f} |")
+                     f"{sum(r['count'] * r['fwd_bwd_ms'] for r in rs):.1f} | {gsum} |")
     if loss:
         L += ["", "## D-OPSD loss (bf16, weighted)", "", f"Device-to-device copy: {loss['copy_GBps']:.0f} GB/s "
               "(bytes read + written).", "",
-              "| size | ours fwd (loss + grad) | GB/s | % of copy | ours fwd+bwd | torch fwd+bwd |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+              "| size | ours fwd (loss + grad), eager | GB/s | % of copy | ours fwd graph | ours fwd+bwd eager | "
+              "ours fwd+bwd graph | torch fwd+bwd eager | torch fwd+bwd graph |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for k, r in loss.items():
             if not isinstance(r, dict):
                 continue
-            L.append(f"| {k} {r['shape']} | {r['ours_fwd_ms']*1e3:.1f} us | {r['ours_fwd_GBps']:.0f} | "
-                     f"{100*r['fwd_frac_of_copy']:.0f}% | {r['ours_fwd_bwd_ms']*1e3:.1f} us | "
-                     f"{r['torch_fwd_bwd_ms']*1e3:.1f} us |")
+            us = lambda v: f"{v * 1e3:.1f} us" if isinstance(v, float) else str(v)  # noqa: E731
+            L.append(f"| {k} {r['shape']} | {us(r['ours_fwd_ms'])} | {r['ours_fwd_GBps']:.0f} | "
+                     f"{100*r['fwd_frac_of_copy']:.0f}% | {us(r['ours_fwd_graph_ms'])} | {us(r['ours_fwd_bwd_ms'])} | "
+                     f"{us(r['ours_fwd_bwd_graph_ms'])} | {us(r['torch_fwd_bwd_ms'])} | "
+                     f"{us(r['torch_fwd_bwd_graph_ms'])} |")
     with open(os.path.join(out_dir, f"kernels-{slug}.md"), "w") as f:
         f.write("\n".join(L) + "\n")
     return slug
 
 
-DEFAULT_SWAP = (ll.SWAP_FWD, ll.SWAP_BWD)
+# GEMM variants of ours (module switches in lowvram_dopsd.kernels.lora_linear):
+#   xW: the 8-bit weight is the right dot operand (converted, written back to shared memory)
+#   Wx: it is the left operand, converted in registers (Hopper wgmma takes A from registers)
+#   WxC: Wx, and the dx GEMM reads a transient transposed 8-bit copy of the weight (the default)
+VARIANTS = {
+    "xW": dict(SWAP_FWD=False, SWAP_BWD=False, BWD_TRANSPOSED_COPY=False),
+    "Wx": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_TRANSPOSED_COPY=False),
+    "WxC": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_TRANSPOSED_COPY=True),
+}
+DEFAULTS = dict(SWAP_FWD=ll.SWAP_FWD, SWAP_BWD=ll.SWAP_BWD, BWD_TRANSPOSED_COPY=ll.BWD_TRANSPOSED_COPY)
 
 
 def main(argv=None):
@@ -376,9 +470,11 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--alpha", type=float, default=128.0)
-    ap.add_argument("--orient", choices=["default", "both"], default="default",
-                    help="both: time ours with each GEMM operand orientation (tuning)")
+    ap.add_argument("--variants", default="",
+                    help=f"comma list of GEMM variants of ours to time (tuning): {', '.join(VARIANTS)}; "
+                         "default: the module defaults only")
     ap.add_argument("--no-loss", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="also time each launch of ours (CUDA graphs)")
     ap.add_argument("--no-precompile", dest="precompile", action="store_false",
                     help="skip compiling the autotuning candidates in parallel worker processes first")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -394,7 +490,7 @@ def main(argv=None):
         cuda=torch.version.cuda, python=platform.python_version(), rank=args.rank, alpha=args.alpha,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command="python " + " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:])),
-        swap=list(DEFAULT_SWAP),
+        defaults=DEFAULTS,
     )
     for mod in ("peft", "bitsandbytes", "optimum.quanto"):
         try:
@@ -402,15 +498,22 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             meta[mod] = f"unavailable ({type(e).__name__}: {e})"[:200]
     log(json.dumps(meta))
-    orients = [None] if args.orient == "default" else [False, True]
+    variants_ = [v for v in args.variants.split(",") if v] or [None]
     fmts = [f for f, m in (("int8", "ours-int8"), ("fp8", "ours-fp8")) if m in args.methods.split(",")]
     if args.precompile and fmts:
         try:
-            precompile([DEFAULT_SWAP] if orients == [None] else [(False, False), (True, True)], fmts, log)
+            precompile(variants_, fmts, log)
         except Exception:  # noqa: BLE001 - the timed run compiles whatever is missing
             log("pre-compilation failed:\n" + traceback.format_exc(limit=3))
-    rows = bench_lora(args.shapes.split(","), args.methods.split(","), args.rank, args.alpha, orients, log)
-    loss = {} if args.no_loss else bench_loss(log)
+    rows = bench_lora(args.shapes.split(","), args.methods.split(","), args.rank, args.alpha, variants_, log,
+                      breakdown=args.breakdown)
+    loss = {}
+    if not args.no_loss:
+        try:
+            loss = bench_loss(log)
+        except Exception:  # noqa: BLE001 - still write the LoRA results
+            log("loss benchmark failed:\n" + traceback.format_exc(limit=4))
+    meta["tuned_configs"] = {repr(k): v for k, v in ll._BEST_CONFIG.items() if isinstance(k[1], int) and k[1] >= 1024}
     slug = write_report(meta, rows, loss, args.out)
     log(f"wrote {args.out}/kernels-{slug}.md/.json")
 

@@ -73,6 +73,12 @@ MAX_RANK = 128
 # Chosen from the H100 benchmark in benchmarks/results/kernels-*.md; overridable for experiments.
 SWAP_FWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_FWD", "1") == "1"
 SWAP_BWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_BWD", "1") == "1"
+# In the swapped dx GEMM the left operand is Wqᵀ [K, N], whose reduction index (N) is not the
+# contiguous one in Wq: read in place, the tile needs byte-wise transposed shared-memory loads (measured
+# 1.6-1.8x slower than the forward GEMM on H100). With BWD_TRANSPOSED_COPY the backward first makes
+# a transient int8/fp8 copy of Wqᵀ (1 byte per weight, one layer at a time, freed after dx) so the
+# dx GEMM reads it exactly like the forward reads Wq.
+BWD_TRANSPOSED_COPY = os.environ.get("LOWVRAM_DOPSD_LORA_BWD_TCOPY", "1") == "1"
 
 
 # =============================================================================================
@@ -229,6 +235,9 @@ def _autotune_enabled() -> bool:
     return os.environ.get("LOWVRAM_DOPSD_KERNELS_AUTOTUNE", "1") != "0"
 
 
+# GPU candidates. The first ones are sized for Hopper (228 KB shared memory); the last ones fit
+# the ~100 KB of consumer GPUs (sm_86 / sm_89) and fp32 operands, so every device has at least one
+# config that launches (the autotuner gives out-of-resource candidates an infinite time).
 def _main_configs():
     if is_interpret():
         return [_cfg(32, 32, 32, 2, 4, 1)]
@@ -236,11 +245,11 @@ def _main_configs():
         _cfg(128, 256, 64, 8, 8, 3),
         _cfg(256, 128, 64, 8, 8, 3),
         _cfg(128, 128, 64, 8, 8, 4),
-        _cfg(128, 128, 64, 8, 4, 4),
         _cfg(128, 256, 64, 8, 8, 4),
-        _cfg(64, 128, 64, 8, 4, 4),
+        _cfg(128, 128, 32, 8, 4, 3),
+        _cfg(64, 64, 32, 8, 4, 2),
     ]
-    return cfgs if _autotune_enabled() else cfgs[2:3]
+    return cfgs if _autotune_enabled() else cfgs[-1:]
 
 
 def _skinny_q_configs():  # Q (= LoRA rank) is fixed by the host
@@ -251,8 +260,9 @@ def _skinny_q_configs():  # Q (= LoRA rank) is fixed by the host
         _cfg(128, 0, 64, 1, 4, 4, drop=("BLOCK_Q",)),
         _cfg(128, 0, 128, 1, 8, 3, drop=("BLOCK_Q",)),
         _cfg(64, 0, 64, 1, 4, 4, drop=("BLOCK_Q",)),
+        _cfg(32, 0, 32, 1, 4, 2, drop=("BLOCK_Q",)),
     ]
-    return cfgs if _autotune_enabled() else cfgs[1:2]
+    return cfgs if _autotune_enabled() else cfgs[-1:]
 
 
 def _skinny_p_configs():  # P (= LoRA rank) is fixed by the host
@@ -263,8 +273,9 @@ def _skinny_p_configs():  # P (= LoRA rank) is fixed by the host
         _cfg(0, 64, 128, 1, 4, 3, drop=("BLOCK_P",)),
         _cfg(0, 256, 64, 1, 8, 3, drop=("BLOCK_P",)),
         _cfg(0, 128, 128, 1, 8, 3, drop=("BLOCK_P",)),
+        _cfg(0, 64, 32, 1, 4, 2, drop=("BLOCK_P",)),
     ]
-    return cfgs if _autotune_enabled() else cfgs[0:1]
+    return cfgs if _autotune_enabled() else cfgs[-1:]
 
 
 def _even_r(args) -> bool:
@@ -287,6 +298,11 @@ if HAS_TRITON:
     _mm_main = _autotuned(_main_configs())
     _mm_skinny_q = _autotuned(_skinny_q_configs())
     _mm_skinny_p = _autotuned(_skinny_p_configs())
+
+
+#: tuned config per problem key, filled by the first (autotuned) launch; see `_mm`
+_BEST_CONFIG: dict = {}
+FAST_LAUNCH = os.environ.get("LOWVRAM_DOPSD_KERNELS_FAST_LAUNCH", "1") == "1"
 
 
 def _next_pow2(n: int) -> int:
@@ -359,12 +375,7 @@ def _mm(
     else:
         fn, extra["BLOCK_P"] = _mm_skinny_p, max(16, _next_pow2(P))
 
-    def grid(meta):
-        bp = meta["BLOCK_P"]
-        bq = meta["BLOCK_Q"]
-        return (triton.cdiv(P, bp) * triton.cdiv(Q, bq), splits)
-
-    fn[grid](
+    args = (
         a, b, out,
         scale if scale is not None else out,
         bias if bias is not None else out,
@@ -374,6 +385,8 @@ def _mm(
         out_st[0], out_st[1], out_st[2],
         l1_st[0], l1_st[1], l2_st[0], l2_st[1],
         float(alpha), float(lora_alpha),
+    )
+    meta = dict(
         SCALE_MODE=scale_mode,
         BIAS_MODE=bias_mode,
         HAS_LORA=lora is not None,
@@ -385,6 +398,26 @@ def _mm(
         EMULATE_RNE=is_interpret() and out.dtype == torch.bfloat16,
         **extra,
     )
+    # Host overhead matters (the backward is 4 launches): after the first call for a problem
+    # key, launch the JIT kernel directly with the tuned config, skipping the autotuner and
+    # heuristics layers. The key holds everything the autotuner keys on (_KEY, dtypes).
+    key = (kind, P, Q, R, scale_mode, bias_mode, lora is not None, meta["BLOCK_RANK"], a_soft, b_soft,
+           a_st[1], b_st[1], a.dtype, b.dtype, out.dtype, l1.dtype, l2.dtype, cdt, splits > 1)
+    best = _BEST_CONFIG.get(key) if FAST_LAUNCH else None
+    if best is None:
+        def grid(m):
+            return (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(Q, m["BLOCK_Q"]), splits)
+
+        fn[grid](*args, **meta)
+        cfg = getattr(fn, "best_config", None)
+        if cfg is not None:
+            _BEST_CONFIG[key] = cfg.all_kwargs()
+        return
+    bp = best.get("BLOCK_P", extra.get("BLOCK_P"))
+    bq = best.get("BLOCK_Q", extra.get("BLOCK_Q"))
+    br = best["BLOCK_R"]
+    even = R % br == 0 and args[10] % br == 0
+    _qlora_mm_kernel[(triton.cdiv(P, bp) * triton.cdiv(Q, bq), splits)](*args, **meta, **best, EVEN_R=even)
 
 
 def _reduce_over_m(kind, a, a_st, b, b_st, P, Q, R, out_dtype, device, compute, alpha):
@@ -484,7 +517,13 @@ def lora_linear_backward(
                 lora=(u, (u.stride(0), u.stride(1)), lora_A, (lora_A.stride(0), lora_A.stride(1)), r, scale),
                 b_soft=soft)
         else:  # C[k, m] = dxᵀ: A = Wqᵀ (columns scaled in tile), B = dyᵀ, LoRA Aᵀ · uᵀ
-            _mm("main", wq, (wq.stride(1), wq.stride(0)), dy, (dy.stride(1), dy.stride(0)),
+            if BWD_TRANSPOSED_COPY:
+                w_t = w_q.t().contiguous()  # [K, N], transient (freed when this function returns)
+                wq, soft = _wq_operand(w_t)
+                a_st = (wq.stride(0), wq.stride(1))
+            else:
+                a_st = (wq.stride(1), wq.stride(0))
+            _mm("main", wq, a_st, dy, (dy.stride(1), dy.stride(0)),
                 dx, (0, dx.stride(1), dx.stride(0)), K, M, N, compute=comp,
                 scale=w_scale, scale_mode=3,
                 lora=(lora_A, (lora_A.stride(1), lora_A.stride(0)), u, (u.stride(1), u.stride(0)), r, scale),

@@ -54,13 +54,20 @@ def _run_reference64(d, s, w_scale_mult=1.0, s_mult=1.0):
     return y, x.grad, A.grad, B.grad
 
 
-@pytest.mark.parametrize("swap", [False, True], ids=["tiles-xW", "tiles-Wx"])
+# GEMM variants (lora_linear module switches): the 8-bit weight as right (xW) or left (Wx) dot
+# operand; WxC also gives the dx GEMM a transient transposed copy of the 8-bit weight.
+VARIANTS = {"xW": (False, False), "Wx": (True, False), "WxC": (True, True)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"x{c[0]}-K{c[1]}-N{c[2]}-r{c[3]}-{'bias' if c[4] else 'nobias'}")
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_lora_linear_matches_reference(kernels_on, monkeypatch, dtype, fmt, case, swap):
+def test_lora_linear_matches_reference(kernels_on, monkeypatch, dtype, fmt, case, variant):
+    swap, t_copy = VARIANTS[variant]
     monkeypatch.setattr(ll, "SWAP_FWD", swap)
     monkeypatch.setattr(ll, "SWAP_BWD", swap)
+    monkeypatch.setattr(ll, "BWD_TRANSPOSED_COPY", t_copy)
     d = _make(case, dtype, fmt)
     s = 0.75
     outs = _run_kernel(d, s)
