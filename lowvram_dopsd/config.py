@@ -18,6 +18,9 @@ from .errors import UserError
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 DEFAULT_TEACHER_VLM = "Qwen/Qwen3-VL-4B-Instruct"
+# The authors' klein edit-teacher instruction (their FLUX.2-klein-4B training script's --edit-sys-prompt).
+DEFAULT_EDIT_INSTRUCTION = ("Make the main subject (facial/ip details), background, and overall composition "
+                            "consistent with the reference image.")
 
 
 @dataclass
@@ -31,6 +34,7 @@ class TrainConfig:
     # --- the method (paper §2.2 / Appendix D)
     teacher: str = ""                   # "vlm" | "edit"; "" = the family's default
     teacher_encoder: str = DEFAULT_TEACHER_VLM  # Qwen3-VL folder or id, for the vlm teacher
+    edit_instruction: str = DEFAULT_EDIT_INSTRUCTION  # appended to the caption for the edit teacher (klein)
     loss: str = "x0"                    # "velocity" (paper eq. 6) | "x0" (authors' code)
     rollout_steps: int = 0              # 0 = the family's own few-step count (Z-Image 8, klein 4)
     train_states: int = 0               # visited states trained per roll-out; 0 = all

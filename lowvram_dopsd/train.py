@@ -182,6 +182,7 @@ def _train(cfg: TrainConfig, preset: str, console) -> TrainResult:
     out_dir = prepare_output(cfg.output)
     torch.manual_seed(cfg.seed)
 
+    notes = family.run_notes(teacher, cfg)
     display = Display(console, cfg.steps)
     display.header({
         "model": f"{cfg.model} ({family.name})", "preset": preset or "(none)",
@@ -189,6 +190,7 @@ def _train(cfg: TrainConfig, preset: str, console) -> TrainResult:
         "captions": ds.caption_rule,
         "method": f"teacher {teacher}, loss {cfg.loss}, {rollout_steps}-step roll-outs, "
                   f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}",
+        **notes,
         "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}, batch {cfg.batch_size} "
                 f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
         "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}, checkpointing {cfg.grad_checkpointing}",
@@ -219,7 +221,7 @@ def _train(cfg: TrainConfig, preset: str, console) -> TrainResult:
     sampler = BucketSampler(ds.items, cfg.micro_batch, rng)
     info = {"base_model": cfg.model, "family": family.name, "teacher": teacher, "loss": cfg.loss,
             "caption_rule": ds.caption_rule, "trigger": cfg.trigger, "rollout_steps": rollout_steps,
-            "preset": preset, "lr": lr, "ema_decay": cfg.ema_decay}
+            "preset": preset, "lr": lr, "ema_decay": cfg.ema_decay, **notes}
     log = (out_dir / "metrics.jsonl").open("a", encoding="utf-8")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -90,6 +90,12 @@ class Family:
         """v at state x (batch first) and noise level sigma, in the convention of the module docstring."""
         raise NotImplementedError
 
+    # ----- reporting
+    def run_notes(self, teacher: str, cfg) -> dict[str, str]:
+        """Family-specific settings of this run (setting name -> value): shown in the run summary and
+        recorded in the LoRA's metadata, e.g. klein's `edit_instruction` for its edit teacher."""
+        return {}
+
     # ----- output
     def lora_key_prefix(self) -> str:
         return "transformer"

@@ -1,0 +1,302 @@
+"""FLUX.2-klein (4B, `Flux2KleinPipeline`): the adapter.
+
+Everything that must match the stock pipeline is taken FROM the pipeline module or class
+(`encode_prompt` / `_get_qwen3_prompt_embeds`, `prepare_image_latents` with `_encode_vae_image`,
+`_prepare_image_ids`, `_pack_latents`, `_prepare_latent_ids`, `_prepare_text_ids`,
+`compute_empirical_mu`, `retrieve_timesteps`, the image processor, the default
+`text_encoder_out_layers`), so a diffusers change that alters inference is inherited here.
+
+Conventions in `Flux2KleinPipeline.__call__` (diffusers 0.42):
+  * the state is the patchified latent [B, 128, H/16, W/16] that `prepare_latents` draws (and
+    accepts as `latents=`); the transformer sees it packed to a sequence [B, H/16·W/16, 128];
+    we keep the 4-D form as our state (same numbers, the pipeline's noise layout), and pack /
+    unpack at every transformer call;
+  * sigmas = linspace(1, 1/N, N) shifted with mu = compute_empirical_mu(seq len, N) (dynamic
+    shifting); timestep t = 1000·sigma, the transformer gets t/1000 (it multiplies by 1000);
+  * the transformer predicts the velocity of `scheduler.step` directly (no sign flip);
+  * the distilled model runs without guidance (is_distilled: no CFG).
+
+Teachers:
+  * `edit` (default; the authors' klein recipe): klein's own reference-image branch. The target
+    image goes through the pipeline's reference-image preprocessing and `prepare_image_latents`
+    (VAE mode, 2x2 patchify, batch-norm normalisation, T=10 position ids, packing); those tokens
+    are appended to the noisy-latent sequence exactly as the pipeline does for `image=`, the
+    caption gets `cfg.edit_instruction` appended, and the prediction is read off the noisy part.
+  * `vlm` (paper): the grafted Qwen3-VL (`teacher_vlm.py`) read at the layers the pipeline stacks.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from . import register
+from .base import Cond, Family, Item
+from .zimage import DTYPES, folder_identity, release
+
+
+def _pipeline_class():
+    from diffusers import Flux2KleinPipeline
+    return Flux2KleinPipeline
+
+
+def text_layers() -> tuple[int, ...]:
+    """The hidden layers the pipeline stacks by default (its `text_encoder_out_layers`): (9, 18, 27)."""
+    sig = inspect.signature(_pipeline_class().__call__)
+    return tuple(sig.parameters["text_encoder_out_layers"].default)
+
+
+def edit_prompt(caption: str, instruction: str) -> str:
+    """The teacher's prompt for the edit branch: caption, then the edit instruction (authors' recipe)."""
+    return f"{caption} {instruction}".strip()
+
+
+@register
+class Klein(Family):
+    name = "klein"
+    pipeline_class = "Flux2KleinPipeline"
+    teachers = ("edit", "vlm")
+    default_rollout_steps = 4     # the distilled model's 4 steps
+    default_lr = 1e-5             # paper App. D
+    # Every linear of every transformer block: attention q/k/v/out of both streams of the
+    # double-stream blocks, their FFNs (image and text), and the single-stream blocks' fused
+    # projections (`to_qkv_mlp_proj` = q/k/v + FFN-in, `to_out` = attention-out + FFN-out).
+    # For reference: diffusers' train_dreambooth_lora_flux2_klein.py defaults to the image-stream
+    # q/k/v/out plus the two single-stream projections; the authors' klein code names both streams'
+    # attention and Flux-1 FFN names that match nothing in Flux2 (so: double-stream attention only).
+    # We take the union with the FFNs, as the Z-Image family does (attention + FFN of every block):
+    # ~96M LoRA parameters at rank 64 on the 4B. Embedders, modulation and the final layer stay frozen.
+    lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+                    "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+                    "attn.to_qkv_mlp_proj", "attn.to_out")
+    hf_repo_ids = ("black-forest-labs/FLUX.2-klein-4B",)
+    required_components = ("transformer", "text_encoder", "tokenizer", "scheduler", "vae")
+
+    def __init__(self, model_dir: Path, model_id: str):
+        super().__init__(model_dir, model_id)
+        vae_cfg = self.model_dir / "vae" / "config.json"
+        blocks = len(json.loads(vae_cfg.read_text())["block_out_channels"]) if vae_cfg.is_file() else 4
+        self.vae_scale_factor = 2 ** (blocks - 1)  # as Flux2KleinPipeline.__init__
+        self.in_channels = json.loads((self.model_dir / "transformer" / "config.json").read_text())["in_channels"]
+        self._scheduler = None
+        self._dtype = torch.float32  # compute dtype, set by load_transformer (used by decode_latents)
+
+    def check_components(self, model_index) -> None:
+        super().check_components(model_index)
+        if not model_index.get("is_distilled", False):
+            raise UserError(
+                f"'{self.model_id}' is a FLUX.2-klein base (not step-distilled) checkpoint: it samples in ~50 "
+                "steps with guidance, and D-OPSD keeps a few-step model's few-step ability. Use a distilled "
+                "klein such as black-forest-labs/FLUX.2-klein-4B.")
+
+    def run_notes(self, teacher: str, cfg) -> dict[str, str]:
+        return {"edit_instruction": cfg.edit_instruction} if teacher == "edit" else {}
+
+    # ------------------------------------------------------------------ precompute
+    def encoder_identity(self, teacher: str, cfg) -> dict:
+        ident = {"family": self.name, "dtype": cfg.dtype,
+                 "text_encoder": folder_identity(self.model_dir / "text_encoder"),
+                 "tokenizer": folder_identity(self.model_dir / "tokenizer"), "hidden_layers": list(text_layers())}
+        if teacher == "student":
+            ident["max_sequence_length"] = cfg.max_sequence_length
+        elif teacher == "edit":
+            # The reference image is the item's image at its training size (set by `resolution`).
+            ident.update(teacher=teacher, vae=folder_identity(self.model_dir / "vae"),
+                         edit_instruction=cfg.edit_instruction, max_sequence_length=cfg.max_sequence_length,
+                         resolution=cfg.resolution, reference="pipeline image_processor, resize_mode=crop")
+        else:
+            import importlib.util
+            ident.update(teacher=teacher, vlm=folder_identity(self._vlm_dir(cfg)),
+                         image_resize="torchvision" if importlib.util.find_spec("torchvision") else "pil",
+                         max_sequence_length=cfg.teacher_max_sequence_length,
+                         pixels=[cfg.vlm_min_pixels, cfg.vlm_max_pixels])
+        return ident
+
+    def _vlm_dir(self, cfg) -> Path:
+        from . import resolve_dir
+        return resolve_dir(cfg.teacher_encoder, "teacher encoder (Qwen3-VL)", needs="config.json")
+
+    def _encode_prompts(self, prompts: list[str], cfg, device: torch.device) -> list[torch.Tensor]:
+        """The pipeline's own prompt encoding ([max_sequence_length, 3·D] each, padding included,
+        as the transformer sees it), with no transformer/VAE loaded."""
+        from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+        dtype = DTYPES[cfg.dtype]
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer")
+        text_encoder = Qwen3ForCausalLM.from_pretrained(self.model_dir / "text_encoder", dtype=dtype)
+        text_encoder.to(device).eval()
+        pipe = _pipeline_class()(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
+                                 transformer=None, is_distilled=True)
+        out = []
+        for start in range(0, len(prompts), 8):
+            embeds, _ = pipe.encode_prompt(prompt=list(prompts[start:start + 8]), device=device,
+                                           max_sequence_length=cfg.max_sequence_length,
+                                           text_encoder_out_layers=text_layers())
+            out += [e.to(dtype).cpu() for e in embeds]
+        del pipe
+        release(text_encoder)
+        return out
+
+    @torch.no_grad()
+    def encode_student(self, captions: list[str], cfg, device: torch.device) -> list[Cond]:
+        return [{"cap": e} for e in self._encode_prompts(list(captions), cfg, device)]
+
+    @torch.no_grad()
+    def encode_teacher(self, items: list[Item], teacher: str, cfg, device: torch.device) -> list[Cond]:
+        if teacher == "edit":
+            return self._encode_edit(items, cfg, device)
+        if teacher == "vlm":
+            return self._encode_vlm(items, cfg, device)
+        raise UserError(f"FLUX.2-klein supports the teacher kinds {', '.join(self.teachers)}, not '{teacher}'.")
+
+    def _encode_edit(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
+        from diffusers import AutoencoderKLFlux2
+
+        from ..data import load_rgb
+
+        dtype = DTYPES[cfg.dtype]
+        caps = self._encode_prompts([edit_prompt(it.caption, cfg.edit_instruction) for it in items], cfg, device)
+        # Text encoder released; now the VAE (the pipeline loads it in the same dtype as the rest).
+        vae = AutoencoderKLFlux2.from_pretrained(self.model_dir / "vae", dtype=dtype).to(device).eval()
+        pipe = _pipeline_class()(scheduler=None, vae=vae, text_encoder=None, tokenizer=None, transformer=None,
+                                 is_distilled=True)
+        out = []
+        for item, cap in zip(items, caps):
+            image = load_rgb(item.image_path)
+            try:
+                pipe.image_processor.check_image_input(image)  # the pipeline's limits for `image=`
+            except ValueError as exc:
+                raise UserError(f"{item.image_path.name} cannot be klein's reference image: {exc}. Use a larger "
+                                "image, or the vlm teacher (--teacher vlm).") from exc
+            pixels = self.reference_pixels(pipe, image, item.width, item.height)
+            ref, ref_ids = pipe.prepare_image_latents(images=[pixels], batch_size=1, generator=None, device=device,
+                                                      dtype=vae.dtype)
+            out.append({"cap": cap, "ref": ref[0].to(dtype).cpu(), "ref_ids": ref_ids[0].cpu()})
+        del pipe
+        release(vae)
+        return out
+
+    @staticmethod
+    def reference_pixels(pipe, image, width: int, height: int) -> torch.Tensor:
+        """The target image as the pipeline preprocesses a reference image (`image=`), at the training size.
+
+        The pipeline keeps a reference at its own size (capped at 1024² area, floored to multiples of
+        16); here it is the item's training size (its aspect, about `resolution`²), so the teacher's
+        reference tokens match the student's latent grid, as in the authors' code.
+        """
+        return pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
+
+    def _encode_vlm(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
+        from ..data import load_rgb
+        from ..teacher_vlm import encode_vlm, load_grafted_vlm
+
+        dtype = DTYPES[cfg.dtype]
+        model, builder = load_grafted_vlm(self._vlm_dir(cfg), self.model_dir / "text_encoder", device, dtype)
+        out = []
+        for item in items:
+            (emb,) = encode_vlm(model, builder, [item.caption], [load_rgb(item.image_path)],
+                                hidden_layers=text_layers(), max_sequence_length=cfg.teacher_max_sequence_length,
+                                min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
+            out.append({"cap": emb.to(dtype).cpu()})
+        release(model)
+        return out
+
+    # ------------------------------------------------------------------ training
+    def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        from diffusers import Flux2Transformer2DModel
+
+        from ..quant import quantize_frozen
+
+        model = Flux2Transformer2DModel.from_pretrained(self.model_dir / "transformer", dtype=dtype)
+        model.requires_grad_(False).eval()
+        quantize_frozen(model, cfg.quant, skip=("time_guidance_embed", "x_embedder", "context_embedder",
+                                                "norm_out", "proj_out"))
+        model.to(device)
+        model._dopsd_dtype = dtype  # compute dtype; parameters mix int8, bf16 and fp32 LoRA
+        self._dtype = dtype
+        if cfg.grad_checkpointing:
+            model.enable_gradient_checkpointing()
+        return model
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        s = self.vae_scale_factor * 2  # Flux2KleinPipeline.prepare_latents: (C·4, H/16, W/16)
+        return (self.in_channels, height // s, width // s)
+
+    def scheduler(self):
+        if self._scheduler is None:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+            self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.model_dir / "scheduler")
+        return self._scheduler
+
+    def sigmas(self, height: int, width: int, steps: int) -> torch.Tensor:
+        import numpy as np
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+
+        sched = self.scheduler()
+        sigmas = np.linspace(1.0, 1 / steps, steps)  # as Flux2KleinPipeline.__call__, step 6
+        if hasattr(sched.config, "use_flow_sigmas") and sched.config.use_flow_sigmas:
+            sigmas = None
+        _, h, w = self.latent_shape(height, width)
+        mu = compute_empirical_mu(image_seq_len=h * w, num_steps=steps)
+        retrieve_timesteps(sched, steps, "cpu", sigmas=sigmas, mu=mu)
+        return sched.sigmas.detach().clone().float()
+
+    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, conds: list[Cond]) -> torch.Tensor:
+        """Pack x, run the transformer as the pipeline's denoising loop does, read off the noisy tokens.
+
+        The transformer takes one set of position ids for the whole batch, so items whose conditions
+        differ in shape (VLM features of different lengths) are run one at a time.
+        """
+        shapes = {tuple((k, tuple(v.shape)) for k, v in sorted(c.items())) for c in conds}
+        if len(shapes) > 1:
+            return torch.cat([self.velocity(transformer, x[i:i + 1], sigma, [c]) for i, c in enumerate(conds)])
+        pipe = _pipeline_class()
+        dtype = getattr(transformer, "_dopsd_dtype", None) or transformer.dtype
+        b, c, h, w = x.shape
+        latents = pipe._pack_latents(x)                       # [B, h·w, C]
+        img_ids = pipe._prepare_latent_ids(x).to(x.device)   # [B, h·w, 4]
+        hidden = latents.to(dtype)
+        cap = torch.stack([cond["cap"] for cond in conds]).to(x.device, dtype)
+        txt_ids = pipe._prepare_text_ids(cap).to(x.device)
+        if "ref" in conds[0]:  # edit teacher: reference tokens after the noisy ones, as for `image=`
+            ref = torch.stack([cond["ref"] for cond in conds]).to(x.device, dtype)
+            ref_ids = torch.stack([cond["ref_ids"] for cond in conds]).to(x.device)
+            hidden = torch.cat([hidden, ref], dim=1)
+            img_ids = torch.cat([img_ids, ref_ids], dim=1)
+        t = (torch.as_tensor(sigma, dtype=torch.float32) * 1000.0).to(x.device)    # scheduler.timesteps = sigmas * 1000
+        timestep = t.expand(b).to(dtype) / 1000               # the pipeline passes timestep / 1000
+        out = transformer(hidden_states=hidden, timestep=timestep, guidance=None, encoder_hidden_states=cap,
+                          txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        out = out[:, : h * w].float()                          # the noisy-latent part of the sequence
+        return out.permute(0, 2, 1).reshape(b, c, h, w)
+
+    # ------------------------------------------------------------------ output
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list:
+        """States (as `latent_shape`, batch first) -> PIL images, decoded as the pipeline decodes.
+
+        The VAE is loaded for this call and released after it (previews are rare).
+        """
+        from diffusers import AutoencoderKLFlux2
+
+        pipe_cls = _pipeline_class()
+        device = latents.device
+        dtype = self._dtype if device.type != "cpu" else torch.float32
+        vae = AutoencoderKLFlux2.from_pretrained(self.model_dir / "vae", dtype=dtype).to(device).eval()
+        pipe = pipe_cls(scheduler=None, vae=vae, text_encoder=None, tokenizer=None, transformer=None,
+                        is_distilled=True)
+        x = latents.to(device, dtype)
+        # The pipeline unpacks its sequence with the latent ids: that is our 4-D state itself.
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x.device, x.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x.device, x.dtype)
+        x = pipe._unpatchify_latents(x * std + mean)
+        image = vae.decode(x, return_dict=False)[0]
+        images = pipe.image_processor.postprocess(image, output_type="pil")
+        del pipe
+        release(vae)
+        return images
