@@ -455,7 +455,7 @@ def write_report(meta, rows, loss, out_dir):
 # GEMM variants of ours (module switches in lowvram_dopsd.kernels.lora_linear):
 #   xW: the 8-bit weight is the right dot operand (converted, written back to shared memory)
 #   Wx: it is the left operand, converted in registers (Hopper wgmma takes A from registers)
-#   WxC: Wx, and the dx GEMM reads a transient transposed 8-bit copy of the weight (the default)
+#   WxC: Wx, and the dx GEMM reads a transient transposed 8-bit copy of the weight (opt-in)
 VARIANTS = {
     "xW": dict(SWAP_FWD=False, SWAP_BWD=False, BWD_TRANSPOSED_COPY=False),
     "Wx": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_TRANSPOSED_COPY=False),

@@ -67,18 +67,20 @@ _QUANT_DTYPES = tuple(d for d in (torch.int8, _FP8) if d is not None)
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 128
 
-# Which operand orientation the main GEMMs use (see `_main_gemm_forward`): with SWAP the 8-bit
-# weight is the *left* dot operand, so its in-register conversion feeds the tensor cores directly
-# (on Hopper, wgmma's left operand may come from registers; the right one must be in shared memory).
-# Chosen from the H100 benchmark in benchmarks/results/kernels-*.md; overridable for experiments.
+# Which operand orientation the main GEMMs use: with SWAP the 8-bit weight is the *left* dot
+# operand (the kernel computes yᵀ = Wq·xᵀ, dxᵀ = Wqᵀ·dyᵀ), so its in-register conversion feeds the
+# tensor cores directly (on Hopper, wgmma's left operand may come from registers; the right one must
+# be in shared memory, so a converted right operand is written back to shared memory and the MMA
+# waits for it). Chosen from the H100 runs in benchmarks/results/kernels-h100.md; env overrides are
+# for experiments.
 SWAP_FWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_FWD", "1") == "1"
 SWAP_BWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_BWD", "1") == "1"
 # In the swapped dx GEMM the left operand is Wqᵀ [K, N], whose reduction index (N) is not the
-# contiguous one in Wq: read in place, the tile needs byte-wise transposed shared-memory loads (measured
-# 1.6-1.8x slower than the forward GEMM on H100). With BWD_TRANSPOSED_COPY the backward first makes
-# a transient int8/fp8 copy of Wqᵀ (1 byte per weight, one layer at a time, freed after dx) so the
-# dx GEMM reads it exactly like the forward reads Wq.
-BWD_TRANSPOSED_COPY = os.environ.get("LOWVRAM_DOPSD_LORA_BWD_TCOPY", "1") == "1"
+# contiguous one in Wq, so the tile is read with byte-wise transposed shared-memory loads. Opt-in
+# alternative: BWD_TRANSPOSED_COPY first makes a transient 8-bit copy of Wqᵀ (torch transpose, 1 byte
+# per weight, one layer at a time) so the dx tiles load like the forward's. Measured on H100 it is
+# slower overall (the transpose costs more than it saves), hence off; see docs/kernels.md.
+BWD_TRANSPOSED_COPY = os.environ.get("LOWVRAM_DOPSD_LORA_BWD_TCOPY", "0") == "1"
 
 
 # =============================================================================================
