@@ -208,7 +208,9 @@ def _train(cfg: TrainConfig, preset: str, console) -> TrainResult:
     # 2. one frozen base, two LoRA sets
     model = family.load_transformer(cfg, device, dtype)
     lora = DualLoRA.attach(model, tuple(cfg.lora_targets) or family.lora_targets, cfg.rank, cfg.alpha)
-    fused = lora.enable_fused_kernels() if cfg.kernels != "off" else 0
+    # The fused 8-bit LoRA linear only when asked for: on an H100 its forward+backward is still
+    # 0.83-0.9x the speed of quanto's dequantise + cuBLAS (benchmarks/results/kernels-h100.md).
+    fused = lora.enable_fused_kernels() if cfg.kernels == "on" else 0
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, lr)
     warmup = max(cfg.warmup_steps, 0)
