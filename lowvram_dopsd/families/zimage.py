@@ -123,12 +123,13 @@ class ZImage(Family):
     def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
         from diffusers import ZImageTransformer2DModel
 
-        from ..quant import quantize_frozen
+        from ..quant import load_frugal
 
-        model = ZImageTransformer2DModel.from_pretrained(self.model_dir / "transformer", torch_dtype=dtype)
+        # Built on `meta`, then filled and quantized block by block on `device`: no full bf16 copy in
+        # host RAM or on the GPU (quant.load_frugal).
+        model = load_frugal(ZImageTransformer2DModel, self.model_dir / "transformer", device, dtype, cfg.quant,
+                            skip=("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer"))
         model.requires_grad_(False).eval()
-        quantize_frozen(model, cfg.quant, skip=("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer"))
-        model.to(device)
         model._dopsd_dtype = dtype  # compute dtype; parameters mix int8, bf16 and fp32 LoRA
         if cfg.grad_checkpointing:
             model.enable_gradient_checkpointing()
