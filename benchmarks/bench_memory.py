@@ -124,7 +124,6 @@ class KleinBench:
     """Just enough of a family for `rollout_and_learn` on FLUX.2-klein (the real family lands separately)."""
 
     name = "klein"
-    lora_targets = None  # from plan.ARCHS
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         return ((height // 16) * (width // 16), 128)  # packed latents: 2x2 patches of the 32-channel VAE latent

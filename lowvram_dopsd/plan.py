@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -600,7 +599,3 @@ def vram_of_preset(preset: str | None) -> float | None:
     if preset and preset in CARD_BUDGET_GIB:
         return CARD_BUDGET_GIB[preset]
     return None
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false")

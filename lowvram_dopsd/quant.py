@@ -52,11 +52,6 @@ def _skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(name == s or name.startswith(s + ".") for s in skip)
 
 
-def quantizable(model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
-    """Qualified names of the linears a backend replaces: every plain nn.Linear not under `skip`."""
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)]
-
-
 def _require(kind: str):
     if kind in ("qint8", "qfloat8"):
         try:
