@@ -1,4 +1,4 @@
-"""Command line: `lowvram-dopsd train | demo | presets`.
+"""Command line: `lowvram-dopsd train | demo | plan | presets`.
 
     lowvram-dopsd train --preset 16gb --images ./my_dog
     lowvram-dopsd demo          # tiny Z-Image model + bundled images, on the CPU, about a minute
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -93,6 +94,21 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Where the GPU memory of a training step goes, from the model's config alone (plan.py)."""
+    from . import plan
+
+    cfg = load_config(args.preset, _overrides(args))
+    budget = plan.budget_for(args.vram) if args.vram else plan.vram_of_preset(args.preset)
+    p = plan.plan_from_config(cfg, budget_gib=budget)
+    fixes = plan.suggest(cfg.model, plan._settings(cfg), budget) if budget and not p.fits() else None
+    if args.json:
+        print(json.dumps({**p.to_dict(), "suggestions": [(f, s.peak_gib) for f, s in fixes or []]}, indent=1))
+    else:
+        plan.render(p, suggestions=fixes)
+    return 0 if p.fits() else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowvram-dopsd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train on the embedded tiny model and bundled images (CPU, ~1 min)")
     _add_train_flags(p, preset_default="cpu-demo")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("plan", help="predict the GPU memory of a training step, from the model's config alone")
+    _add_train_flags(p, preset_default="16gb")
+    p.add_argument("--vram", type=float, default=None, metavar="GIB",
+                   help="your card's memory in GiB (default: the preset's card, e.g. 16gb -> 14.0 GiB allocatable)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)
     return parser

@@ -55,7 +55,7 @@ class TrainConfig:
     # --- resolution and precision
     resolution: int = 1024              # training area is resolution², aspect kept per image (buckets)
     dtype: str = "bf16"                 # "bf16" | "fp16" | "fp32" compute dtype of the frozen base
-    quant: str = "none"                 # "none" | "qint8" | "qfloat8" (optimum-quanto, weight-only)
+    quant: str = "none"                 # "none" | "qint8" | "qfloat8" (optimum-quanto) | "bnb-int8" (quant.py)
     grad_checkpointing: bool = True
     kernels: str = "auto"               # "auto": fused loss kernel where Triton runs; "on": also the fused
                                         # 8-bit LoRA linear; "off": plain torch everywhere
@@ -87,7 +87,7 @@ CHOICES = {
     "loss": ("velocity", "x0"),
     "optimizer": ("adamw", "adamw8bit"),
     "dtype": ("bf16", "fp16", "fp32"),
-    "quant": ("none", "qint8", "qfloat8"),
+    "quant": ("none", "qint8", "qfloat8", "bnb-int8"),
     "kernels": ("auto", "on", "off"),
     "device": ("auto", "cuda", "cpu"),
     "encoders_on": ("auto", "cpu", "cuda"),

@@ -1,35 +1,175 @@
-"""Weight-only 8-bit quantization of the frozen base, shared by student and teacher.
+"""8-bit frozen base, shared by student and teacher, and a loader that never holds two copies.
 
-optimum-quanto `qint8` (per-output-channel int8) or `qfloat8` (FP8 e4m3, per-channel scales):
-a 6B bf16 base drops from ~12 GB to ~6.2 GB. LoRA weights stay in fp32 beside it (lora.py).
-Layers listed in `skip` stay in the compute dtype: the tiny embedders and the final projection
-are precision-sensitive and hold well under 1% of the parameters.
+Backends (`quant` in the config):
+
+    none      the base stays in the compute dtype (bf16: 2 bytes/parameter)
+    qint8     optimum-quanto, int8 weights with one scale per output channel (weight-only: the
+              activations stay bf16; the int8 weight is dequantized per layer inside the matmul)
+    qfloat8   optimum-quanto, FP8 e4m3 weights with per-channel scales (weight-only). On a CUDA GPU
+              with compute capability >= 8, quanto routes these layers through its Marlin FP8 kernel,
+              which it compiles on first use (needs nvcc); the CPU path dequantizes like qint8.
+    bnb-int8  bitsandbytes LLM.int8(): int8 weights (row-wise absmax scales) AND int8 activations
+              (per-token absmax), with activation columns above `BNB_THRESHOLD` in fp16
+              (mixed-precision decomposition). Matmuls run as fp16 internally.
+
+A 6B bf16 base drops from ~11.5 GiB to ~5.8 GiB. LoRA weights stay fp32 beside it (lora.py):
+`DualLoRALinear` wraps the quantized layers of every backend (they are all `nn.Linear`
+subclasses with `in_features`, `out_features` and `weight`), and gradients flow through them to
+the LoRA factors of earlier layers (each backend has a backward for its input).
+
+Layers named in `skip` (module-name prefixes such as "t_embedder") stay in the compute dtype: the
+embedders and the final projection are precision-sensitive and hold well under 1% of the
+parameters.
+
+Memory-frugal loading (`load_frugal`): the transformer is built on the `meta` device from its
+config (no memory), then filled ONE BLOCK AT A TIME: the block's tensors are read from the
+safetensors shards straight to the target device, the block is quantized there, and the next block
+follows. Peak host memory is one block plus the safetensors header (not the 12 GB bf16 model, as
+with `from_pretrained` on the CPU followed by quantization), and peak GPU memory is the quantized
+model plus one bf16 block (not the bf16 model: a 16 GB card could not even hold 11.5 GiB of bf16
+weights next to the CUDA context and still quantize).
 """
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from .errors import UserError
 
+BACKENDS = ("none", "qint8", "qfloat8", "bnb-int8")
+# LLM.int8() outlier threshold (the paper's and transformers' default `llm_int8_threshold`).
+BNB_THRESHOLD = 6.0
 
-def quantize_frozen(model: nn.Module, kind: str, skip: tuple[str, ...] = ()) -> nn.Module:
+
+# ---------------------------------------------------------------------------------------------
+# Which linears get quantized
+# ---------------------------------------------------------------------------------------------
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in skip)
+
+
+def _require(kind: str):
+    if kind in ("qint8", "qfloat8"):
+        try:
+            from optimum import quanto
+        except ImportError as exc:
+            raise UserError(
+                f"quant = '{kind}' needs optimum-quanto: `pip install optimum-quanto` (or "
+                "`pip install lowvram-dopsd[quant]`), or set quant = 'none' (needs ~2x the base's memory)."
+            ) from exc
+        return quanto
+    if kind == "bnb-int8":
+        import warnings
+
+        # bitsandbytes warns on every call that bf16 inputs are cast to fp16 for the int8 matmul
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise UserError(
+                "quant = 'bnb-int8' needs bitsandbytes: `pip install bitsandbytes` (or "
+                "`pip install lowvram-dopsd[quant]`), or choose quant = 'qint8' (optimum-quanto)."
+            ) from exc
+        return bnb
+    raise UserError(f"Unknown quant backend '{kind}'; choose one of {', '.join(BACKENDS)}.")
+
+
+class _LLMInt8Function(torch.autograd.Function):
+    """LLM.int8() forward, and a backward for the INPUT only (the weight is frozen).
+
+    bitsandbytes' own `MatMul8bitLt` keeps its inputs as plain `ctx` attributes instead of
+    `save_for_backward`, so gradient checkpointing cannot drop them: with it, every 8-bit linear of
+    every block kept its input alive through the forward (measured on an H100: 25.2 GiB peak instead
+    of 10.4 for Z-Image at 1024²). Here nothing is saved but a reference to the layer; the backward
+    multiplies by the dequantized weight, which is exactly bitsandbytes' own input gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return _bnb_forward(layer, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        layer = ctx.layer
+        scb = layer.state.SCB if layer.state.SCB is not None else layer.weight.SCB
+        w = layer.weight.data.to(grad.dtype) * (scb.to(grad.dtype) / 127.0).unsqueeze(1)
+        return grad @ w, None
+
+
+def _bnb_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    return bnb.nn.Linear8bitLt.forward(layer, x)
+
+
+def _bnb_class():
+    import bitsandbytes as bnb
+
+    class Int8Linear(bnb.nn.Linear8bitLt):
+        """`Linear8bitLt` whose autograd state is checkpointing-friendly (see _LLMInt8Function)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _LLMInt8Function.apply(x, self)
+            return _bnb_forward(self, x)
+
+    return Int8Linear
+
+
+def _bnb_linear(linear: nn.Linear):
+    """An LLM.int8() replacement for `linear`, quantized where the weight already lives (CPU or GPU)."""
+    import bitsandbytes as bnb
+
+    w = linear.weight.detach()
+    q = _bnb_class()(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                     has_fp16_weights=False, threshold=BNB_THRESHOLD, device="meta")
+    CB, SCB, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16).contiguous())
+    q.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return q
+
+
+def _replacement(kind: str) -> Callable[[nn.Linear], nn.Module]:
+    lib = _require(kind)
+    if kind == "bnb-int8":
+        return _bnb_linear
+    weights = {"qint8": lib.qint8, "qfloat8": lib.qfloat8}[kind]
+
+    def make(linear: nn.Linear) -> nn.Module:
+        q = lib.nn.quantize_module(linear, weights=weights)
+        q.freeze()  # float weight -> its quantized form now; the float copy is freed with `linear`
+        q.requires_grad_(False)
+        return q
+
+    return make
+
+
+def quantize_frozen(model: nn.Module, kind: str, skip: tuple[str, ...] = (), prefix: str = "") -> nn.Module:
+    """Replace, in place, every nn.Linear of `model` not under `skip` by its 8-bit form.
+
+    `prefix` is `model`'s own qualified name inside a larger model (for `skip` matching when a single
+    block is quantized during loading). Returns `model`.
+    """
     if kind == "none":
         return model
-    try:
-        from optimum.quanto import freeze, qfloat8, qint8, quantize
-    except ImportError as exc:
-        raise UserError(
-            f"quant = '{kind}' needs optimum-quanto: `pip install optimum-quanto` (or "
-            "`pip install lowvram-dopsd[quant]`), or set quant = 'none' (needs ~2x the base's memory)."
-        ) from exc
-    weights = {"qint8": qint8, "qfloat8": qfloat8}[kind]
-    quantize(model, weights=weights, exclude=[f"{s}*" for s in skip])
-    freeze(model)  # replace float weights by their quantized form now; the float copies are freed
+    make = _replacement(kind)
+
+    def full(n: str) -> str:
+        return f"{prefix}.{n}" if prefix and n else (prefix or n)
+
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n and not _skipped(full(n), skip)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(getattr(parent, child)))
     return model
 
 
@@ -61,3 +201,168 @@ def kernels_mode(mode: str) -> Iterator[None]:
             os.environ.pop("LOWVRAM_DOPSD_KERNELS", None)
         else:
             os.environ["LOWVRAM_DOPSD_KERNELS"] = old
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory-frugal loading: meta model, filled and quantized block by block
+# ---------------------------------------------------------------------------------------------
+def _weight_files(folder: Path) -> dict[str, Path] | None:
+    """Tensor name -> safetensors file, from the shard index or the single file; None if not safetensors."""
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        weight_map = json.loads(index[0].read_text())["weight_map"]
+        return {k: folder / v for k, v in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as f:
+        return {k: files[0] for k in f.keys()}
+
+
+def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The loading units: each block of every top-level ModuleList, and every other top-level child."""
+    out = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList):
+            out += [(f"{name}.{i}", block) for i, block in enumerate(child)]
+        else:
+            out.append((name, child))
+    return out
+
+
+def _read(keys: list[str], files: dict[str, Path], device: torch.device) -> dict[str, torch.Tensor]:
+    """Read `keys` to `device`. Each shard is opened (memory-mapped) only for this call, so the mapped
+    pages are released again: host RSS stays near one unit's size."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(files[k], []).append(k)
+    out = {}
+    dev = str(device) if device.type != "cuda" or device.index is not None else "cuda:0"
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt", device=dev) as f:
+            for k in names:
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def _fill(module: nn.Module, prefix: str, files: dict[str, Path], device: torch.device,
+          dtype: torch.dtype) -> None:
+    names = list(module.state_dict(keep_vars=True).keys())
+    full = [f"{prefix}.{n}" if prefix else n for n in names]
+    missing = [k for k in full if k not in files]
+    if missing:
+        raise UserError(f"The checkpoint has no tensor {missing[0]} (and {len(missing) - 1} more): it does not "
+                        "match this model's config. Download the model again.")
+    tensors = _read(full, files, device)
+    state = {n: _own(t, dtype, device) for n, t in zip(names, (tensors[k] for k in full))}
+    module.load_state_dict(state, assign=True, strict=True)
+
+
+def _own(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The tensor in the compute dtype, in memory of its own. On the CPU, safetensors hands out views
+    of the memory-mapped file: one surviving view keeps the whole shard mapped (its pages stay
+    resident), so tensors kept as they are get copied."""
+    if t.is_floating_point() and t.dtype != dtype:
+        return t.to(dtype)
+    return t.clone() if device.type == "cpu" else t
+
+
+def _trim_host_heap() -> None:
+    """Give freed host memory back to the OS (glibc keeps freed blocks of a block-by-block load)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def load_frugal(model_cls, folder: str | Path, device: torch.device, dtype: torch.dtype, kind: str,
+                skip: tuple[str, ...] = ()) -> nn.Module:
+    """Build `model_cls` from `folder/config.json` on meta, then load + quantize it unit by unit on `device`.
+
+    Falls back to `from_pretrained` (then quantization of the whole model) when the folder holds no
+    safetensors weights or the model keeps state outside its state dict.
+    """
+    folder = Path(folder)
+    files = _weight_files(folder)
+    if kind != "none":
+        _require(kind)
+    if files is None:
+        model = model_cls.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=True)
+        model.requires_grad_(False)
+        quantize_frozen(model, kind, skip)
+        return model.to(device)
+    with torch.device("meta"):
+        model = model_cls.from_config(model_cls.load_config(folder))
+    model.requires_grad_(False)
+    for p_name, p in list(model.named_parameters(recurse=False)) + list(model.named_buffers(recurse=False)):
+        _fill_direct(model, p_name, files, device, dtype)
+    for prefix, module in units(model):
+        _fill(module, prefix, files, device, dtype)
+        if kind != "none" and not _skipped(prefix, skip):
+            quantize_frozen(module, kind, skip, prefix=prefix)
+        module.requires_grad_(False)
+        if device.type == "cpu":
+            _trim_host_heap()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise UserError(f"Loading left {left[0]} unset (not in the checkpoint). This model class keeps state the "
+                        "frugal loader does not know; report it with the model id.")
+    return model
+
+
+def _fill_direct(model: nn.Module, name: str, files: dict[str, Path], device: torch.device,
+                 dtype: torch.dtype) -> None:
+    """A parameter or buffer that sits on the top-level model itself (e.g. Z-Image's pad tokens)."""
+    if name not in files:
+        return  # a non-persistent buffer: reported by the final meta check if it stays unset
+    t = _own(_read([name], files, device)[name], dtype, device)
+    current = getattr(model, name)
+    if isinstance(current, nn.Parameter):
+        setattr(model, name, nn.Parameter(t, requires_grad=False))
+    else:
+        setattr(model, name, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the quantized model actually holds (tests and the planner's calibration use this)
+# ---------------------------------------------------------------------------------------------
+def storage_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by the model's tensors, by kind: quantized linear weights (data + scales), other
+    parameters and buffers. Counts each storage once (quanto and bnb keep views of one buffer)."""
+    seen: set[int] = set()
+    out = {"quantized": 0, "other": 0}
+
+    def add(t: torch.Tensor, bucket: str) -> None:
+        for inner in _leaves(t):
+            if inner.is_meta:
+                continue
+            key = inner.untyped_storage().data_ptr()
+            if key in seen:
+                continue
+            seen.add(key)
+            out[bucket] += inner.untyped_storage().nbytes()
+
+    for _, module in model.named_modules():
+        quantized = type(module) is not nn.Linear and isinstance(module, nn.Linear)
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            add(t, "quantized" if quantized and name == "weight" else "other")
+        if quantized and getattr(module.weight, "SCB", None) is not None:  # bnb keeps scales beside
+            add(module.weight.SCB, "quantized")
+        state = getattr(module, "state", None)
+        if quantized and state is not None and getattr(state, "SCB", None) is not None:
+            add(state.SCB, "quantized")
+    return out
+
+
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors inside a (possibly quanto subclass) tensor."""
+    inner_names = getattr(t, "__tensor_flatten__", None)
+    if inner_names is not None and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return [x for n in names for x in _leaves(getattr(t, n))]
+    return [t]

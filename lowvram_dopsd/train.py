@@ -132,6 +132,22 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
+def warn_if_it_will_not_fit(cfg: TrainConfig, device: torch.device, console) -> None:
+    """Before anything loads: the planner's prediction (plan.py, within 1% of the H100 measurements)
+    against this card's memory."""
+    from . import plan
+
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    try:
+        p = plan.plan_from_config(cfg, budget_gib=plan.budget_for(total))
+    except UserError:
+        return  # a checkpoint the planner does not know: nothing to predict
+    if not p.fits():
+        console.print(f"[yellow]warning:[/] the planner predicts a peak of {p.peak_gib:.1f} GiB on this "
+                      f"{total:.0f} GiB card; this run will probably run out of memory. "
+                      f"`lowvram-dopsd plan` with the same settings suggests what to lower.")
+
+
 def prepare_output(path: str) -> Path:
     out = Path(path).expanduser()
     try:
@@ -198,6 +214,8 @@ def _train(cfg: TrainConfig, preset: str, console) -> TrainResult:
     })
     for path, why in ds.skipped:
         console.print(f"[yellow]skipped[/] {path.name}: {why}")
+    if device.type == "cuda":
+        warn_if_it_will_not_fit(cfg, device, console)
 
     # 1. conditions, then free the encoders before the transformer is loaded
     cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())

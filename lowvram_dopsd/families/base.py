@@ -48,6 +48,9 @@ class Family:
         self.model_id = model_id  # what the user passed; recorded in outputs
 
     required_components: ClassVar[tuple[str, ...]] = ("transformer", "text_encoder", "tokenizer", "scheduler")
+    transformer_class: ClassVar[str]     # diffusers class of `transformer/`
+    quant_skip: ClassVar[tuple[str, ...]] = ()  # module-name prefixes kept in the compute dtype (quant.py)
+    vlm_hidden_layers: ClassVar[tuple[int, ...]] = (-2,)  # text-encoder layers the pipeline reads
 
     # ----- detection
     @classmethod
@@ -74,9 +77,40 @@ class Family:
     def encode_teacher(self, items: list[Item], teacher: str, cfg, device: torch.device) -> list[Cond]:
         raise NotImplementedError
 
+    def encode_vlm_teacher(self, items: list[Item], cfg, device: torch.device, vlm_dir: Path) -> list[Cond]:
+        """The paper's teacher condition: image + caption through Qwen3-VL whose language model is
+        the text encoder (teacher_vlm.py), read at the same layers the pipeline reads."""
+        from ..data import load_rgb
+        from ..teacher_vlm import encode_vlm, load_grafted_vlm
+        from .zimage import DTYPES, release
+
+        dtype = DTYPES[cfg.dtype]
+        model, builder = load_grafted_vlm(vlm_dir, self.model_dir / "text_encoder", device, dtype)
+        out = []
+        for item in items:
+            (emb,) = encode_vlm(model, builder, [item.caption], [load_rgb(item.image_path)],
+                                hidden_layers=self.vlm_hidden_layers,
+                                max_sequence_length=cfg.teacher_max_sequence_length,
+                                min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
+            out.append({"cap": emb.to(dtype).cpu()})
+        release(model)
+        return out
+
     # ----- training
     def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        raise NotImplementedError
+        """The frozen base: built on `meta`, filled and quantized block by block on `device`, so no
+        full bf16 copy is ever held in host RAM or on the GPU (quant.load_frugal)."""
+        import diffusers
+
+        from ..quant import load_frugal
+
+        model = load_frugal(getattr(diffusers, self.transformer_class), self.model_dir / "transformer", device,
+                            dtype, cfg.quant, skip=self.quant_skip)
+        model.requires_grad_(False).eval()
+        model._dopsd_dtype = dtype  # compute dtype; parameters mix int8, bf16 and fp32 LoRA
+        if cfg.grad_checkpointing:
+            model.enable_gradient_checkpointing()
+        return model
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """Shape of one item's initial noise (no batch dim), exactly as the pipeline draws it."""

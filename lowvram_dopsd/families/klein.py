@@ -75,6 +75,12 @@ class Klein(Family):
                     "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
                     "attn.to_qkv_mlp_proj", "attn.to_out")
     hf_repo_ids = ("black-forest-labs/FLUX.2-klein-4B",)
+    transformer_class = "Flux2Transformer2DModel"
+    quant_skip = ("time_guidance_embed", "x_embedder", "context_embedder", "norm_out", "proj_out")
+
+    @property
+    def vlm_hidden_layers(self) -> tuple[int, ...]:  # the layers the pipeline stacks (9, 18, 27)
+        return text_layers()
     required_components = ("transformer", "text_encoder", "tokenizer", "scheduler", "vae")
 
     def __init__(self, model_dir: Path, model_id: str):
@@ -151,7 +157,7 @@ class Klein(Family):
         if teacher == "edit":
             return self._encode_edit(items, cfg, device)
         if teacher == "vlm":
-            return self._encode_vlm(items, cfg, device)
+            return self.encode_vlm_teacher(items, cfg, device, self._vlm_dir(cfg))
         raise UserError(f"FLUX.2-klein supports the teacher kinds {', '.join(self.teachers)}, not '{teacher}'.")
 
     def _encode_edit(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
@@ -191,37 +197,10 @@ class Klein(Family):
         """
         return pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
 
-    def _encode_vlm(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
-        from ..data import load_rgb
-        from ..teacher_vlm import encode_vlm, load_grafted_vlm
-
-        dtype = DTYPES[cfg.dtype]
-        model, builder = load_grafted_vlm(self._vlm_dir(cfg), self.model_dir / "text_encoder", device, dtype)
-        out = []
-        for item in items:
-            (emb,) = encode_vlm(model, builder, [item.caption], [load_rgb(item.image_path)],
-                                hidden_layers=text_layers(), max_sequence_length=cfg.teacher_max_sequence_length,
-                                min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
-            out.append({"cap": emb.to(dtype).cpu()})
-        release(model)
-        return out
-
     # ------------------------------------------------------------------ training
     def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        from diffusers import Flux2Transformer2DModel
-
-        from ..quant import quantize_frozen
-
-        model = Flux2Transformer2DModel.from_pretrained(self.model_dir / "transformer", dtype=dtype)
-        model.requires_grad_(False).eval()
-        quantize_frozen(model, cfg.quant, skip=("time_guidance_embed", "x_embedder", "context_embedder",
-                                                "norm_out", "proj_out"))
-        model.to(device)
-        model._dopsd_dtype = dtype  # compute dtype; parameters mix int8, bf16 and fp32 LoRA
-        self._dtype = dtype
-        if cfg.grad_checkpointing:
-            model.enable_gradient_checkpointing()
-        return model
+        self._dtype = dtype  # decode_latents decodes in the training dtype
+        return super().load_transformer(cfg, device, dtype)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         s = self.vae_scale_factor * 2  # Flux2KleinPipeline.prepare_latents: (C·4, H/16, W/16)

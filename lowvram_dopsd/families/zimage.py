@@ -56,6 +56,9 @@ class ZImage(Family):
     lora_targets = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
     hf_repo_ids = ("Tongyi-MAI/Z-Image-Turbo",)
+    transformer_class = "ZImageTransformer2DModel"
+    quant_skip = ("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer")
+    vlm_hidden_layers = (-2,)  # ZImagePipeline._encode_prompt: hidden_states[-2]
 
     def __init__(self, model_dir: Path, model_id: str):
         super().__init__(model_dir, model_id)
@@ -108,35 +111,9 @@ class ZImage(Family):
     def encode_teacher(self, items: list[Item], teacher: str, cfg, device: torch.device) -> list[Cond]:
         if teacher != "vlm":
             raise UserError(f"Z-Image-Turbo supports the teacher kinds {self.teachers}, not '{teacher}'.")
-        from ..data import load_rgb
-        from ..teacher_vlm import encode_vlm, load_grafted_vlm
-
-        dtype = DTYPES[cfg.dtype]
-        model, builder = load_grafted_vlm(self._vlm_dir(cfg), self.model_dir / "text_encoder", device, dtype)
-        out = []
-        for item in items:
-            (emb,) = encode_vlm(model, builder, [item.caption], [load_rgb(item.image_path)], hidden_layers=(-2,),
-                                max_sequence_length=cfg.teacher_max_sequence_length,
-                                min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
-            out.append({"cap": emb.to(dtype).cpu()})
-        release(model)
-        return out
+        return self.encode_vlm_teacher(items, cfg, device, self._vlm_dir(cfg))
 
     # ------------------------------------------------------------------ training
-    def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        from diffusers import ZImageTransformer2DModel
-
-        from ..quant import quantize_frozen
-
-        model = ZImageTransformer2DModel.from_pretrained(self.model_dir / "transformer", torch_dtype=dtype)
-        model.requires_grad_(False).eval()
-        quantize_frozen(model, cfg.quant, skip=("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer"))
-        model.to(device)
-        model._dopsd_dtype = dtype  # compute dtype; parameters mix int8, bf16 and fp32 LoRA
-        if cfg.grad_checkpointing:
-            model.enable_gradient_checkpointing()
-        return model
-
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         s = self.vae_scale_factor * 2  # ZImagePipeline.prepare_latents
         return (self.in_channels, 2 * (height // s), 2 * (width // s))

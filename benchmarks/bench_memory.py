@@ -1,0 +1,558 @@
+"""Measured proof of the memory plan: real architectures at true size, random weights, real training steps.
+
+    python benchmarks/bench_memory.py --out benchmarks/results            # on a CUDA GPU
+    python benchmarks/bench_memory.py --out /tmp/r --tiny --device cpu    # the same code on a tiny model
+
+For each configuration it
+  1. writes a model folder with the PUBLISHED configs (lowvram_dopsd/published/: model_index.json,
+     transformer/, scheduler/, vae/) and, once, a random bf16 checkpoint of the full transformer
+     (built on the GPU, never on the CPU; no download);
+  2. in a fresh process, loads it through the trainer's own path (`ZImage.load_transformer`:
+     meta model, filled and quantized block by block), recording load time, peak GPU memory and
+     peak host RSS;
+  3. attaches `DualLoRA` (rank 64, alpha 128, the family's targets) and the preset's optimizer and
+     runs REAL training steps with `train.rollout_and_learn` (8 roll-out steps, every state trained,
+     batch 1, random student/teacher conditions of the real shapes: Z-Image caption features
+     [512, 2560] for the student, [1024, 2560] for the teacher), then clips, steps the optimizer
+     and updates the EMA teacher exactly as `train.train` does;
+  4. records `torch.cuda.max_memory_allocated` over the second (steady-state) step, its time, the
+     phase probes (one teacher pass without grad, one student forward+backward) and the planner's
+     prediction for the same settings, side by side.
+FLUX.2-klein (its family is built separately) is measured with a small adapter here: the real
+`Flux2Transformer2DModel` from its published config, qint8, LoRA on its attention/MLP linears,
+4 roll-out steps, and the edit teacher's sequence (reference latents concatenated: image tokens x2).
+
+Results: <out>/memory-<device>.md and .json (device, versions, command).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GiB = 2**30
+
+# name -> settings. `preset` is read from presets/<preset>.toml; the rest overrides it.
+CONFIGS = {
+    "zimage-16gb": dict(family="zimage", preset="16gb", target_gib=14.0),
+    "zimage-24gb": dict(family="zimage", preset="24gb", target_gib=22.0),
+    "zimage-12gb": dict(family="zimage", preset="12gb", target_gib=10.5),
+    "zimage-12gb-768": dict(family="zimage", preset="12gb", resolution=768, target_gib=10.5),
+    "zimage-16gb-bnb": dict(family="zimage", preset="16gb", quant="bnb-int8", target_gib=14.0),
+    "klein-16gb-edit": dict(family="klein", preset="16gb", target_gib=12.0),
+}
+TINY_ZIMAGE = {"_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],
+               "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "cap_feat_dim": 64, "dim": 256,
+               "in_channels": 16, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "n_refiner_layers": 1,
+               "norm_eps": 1e-05, "qk_norm": True, "rope_theta": 256.0, "t_scale": 1000.0}
+TINY_KLEIN = {"_class_name": "Flux2Transformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [32, 32, 32, 32],
+              "eps": 1e-06, "guidance_embeds": False, "in_channels": 128, "joint_attention_dim": 64, "mlp_ratio": 3.0,
+              "num_attention_heads": 2, "num_layers": 1, "num_single_layers": 1, "out_channels": None,
+              "patch_size": 1, "rope_theta": 2000, "timestep_guidance_channels": 256}
+
+
+def published(name: str) -> Path:
+    return ROOT / "lowvram_dopsd" / "published" / name
+
+
+def host_rss() -> dict[str, float]:
+    """Current and peak resident set size of this process, GiB (Linux /proc)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024 / GiB
+    except OSError:
+        pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Model folders
+# ---------------------------------------------------------------------------------------------
+def write_zimage_folder(folder: Path, tiny: bool) -> None:
+    src = published("Tongyi-MAI--Z-Image-Turbo")
+    for rel in ("model_index.json", "transformer/config.json", "scheduler/scheduler_config.json", "vae/config.json"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text((src / rel).read_text())
+    if tiny:
+        (folder / "transformer/config.json").write_text(json.dumps(TINY_ZIMAGE))
+    for empty in ("text_encoder", "tokenizer"):  # the family checks the folders exist; never loaded here
+        (folder / empty).mkdir(exist_ok=True)
+        (folder / empty / "README").write_text("benchmark folder: features are random, encoders are not loaded\n")
+
+
+def write_random_checkpoint(folder: Path, device: str) -> dict:
+    """Random bf16 weights of the full transformer, built directly on `device` (no CPU copy of the model)."""
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
+    t0 = time.perf_counter()
+    cfg = json.loads((folder / "transformer" / "config.json").read_text())
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = ZImageTransformer2DModel.from_config(cfg)
+    torch.set_default_dtype(torch.float32)
+    with torch.no_grad():  # keep activations finite through 30 blocks: small weights, as trained models have
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.02)
+    n = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder / "transformer", max_shard_size="5GB", safe_serialization=True)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    size = sum(p.stat().st_size for p in (folder / "transformer").glob("*.safetensors"))
+    return {"params": n, "bytes": size, "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------------------------
+# One configuration, in its own process
+# ---------------------------------------------------------------------------------------------
+class KleinBench:
+    """Just enough of a family for `rollout_and_learn` on FLUX.2-klein (the real family lands separately)."""
+
+    name = "klein"
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        return ((height // 16) * (width // 16), 128)  # packed latents: 2x2 patches of the 32-channel VAE latent
+
+    def sigmas(self, height: int, width: int, steps: int):
+        import torch
+        s = torch.linspace(1.0, 0.0, steps + 1)
+        mu = 1.15  # the shape of the schedule does not change memory or time
+        return (torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / s.clamp(min=1e-6) - 1))).where(s > 0, s)
+
+    @staticmethod
+    def _ids(h: int, w: int, t: int, device):
+        import torch
+        hh, ww = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        return torch.stack([torch.full_like(hh, t), hh, ww, torch.zeros_like(hh)], -1).reshape(-1, 4)
+
+    def velocity(self, model, x, sigma, conds):
+        import torch
+        B, N, _ = x.shape
+        side = int(N ** 0.5)
+        hs = x.to(torch.bfloat16)
+        ids = self._ids(side, side, 0, x.device)
+        if "ref" in conds[0]:  # edit teacher: the target image's latents as reference tokens
+            hs = torch.cat([hs, torch.stack([c["ref"] for c in conds])], dim=1)
+            ids = torch.cat([ids, self._ids(side, side, 10, x.device)])
+        cap = torch.stack([c["cap"] for c in conds])
+        L = cap.shape[1]
+        txt_ids = torch.stack([torch.zeros(L), torch.zeros(L), torch.zeros(L), torch.arange(L)], -1).to(x.device)
+        out = model(hidden_states=hs, encoder_hidden_states=cap, timestep=sigma.to(x.device).expand(B),
+                    img_ids=ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0]
+        return out[:, :N].float()
+
+
+def run_child(name: str, args) -> dict:
+    import torch
+
+    from lowvram_dopsd import plan as planner
+    from lowvram_dopsd.config import load_config
+    from lowvram_dopsd.lora import DualLoRA
+    from lowvram_dopsd.train import make_optimizer, rollout_and_learn
+
+    spec = dict(CONFIGS[name])
+    family_name = spec.pop("family")
+    target = spec.pop("target_gib")
+    preset = spec.pop("preset")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    overrides = {"device": args.device, "batch_size": 1, "micro_batch": 1, **spec}
+    if args.tiny:
+        overrides.update(resolution=64, max_sequence_length=32, teacher_max_sequence_length=64, rank=4, alpha=8.0)
+        if not cuda:
+            overrides.update(optimizer="adamw", dtype="bf16")
+    folder = Path(args.work) / ("zimage" if family_name == "zimage" else "klein")
+    overrides["model"] = str(folder)
+    cfg = load_config(str(ROOT / "presets" / f"{preset}.toml"), overrides)
+    dtype = torch.bfloat16
+    res = {"config": name, "family": family_name, "preset": preset, "target_gib": target,
+           "settings": {k: getattr(cfg, k) for k in ("resolution", "rank", "alpha", "quant", "optimizer",
+                                                      "grad_checkpointing", "max_sequence_length",
+                                                      "teacher_max_sequence_length")}}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = host_rss()
+    t0 = time.perf_counter()
+    if family_name == "zimage":
+        from lowvram_dopsd.families import load_family
+
+        family = load_family(str(folder))
+        model = family.load_transformer(cfg, device, dtype)
+        targets = tuple(cfg.lora_targets) or family.lora_targets
+        steps = cfg.rollout_steps or family.default_rollout_steps
+        L_s, L_t = cfg.max_sequence_length, cfg.teacher_max_sequence_length
+        feat = json.loads((folder / "transformer" / "config.json").read_text())["cap_feat_dim"]
+        c_s = [{"cap": torch.randn(L_s, feat, dtype=dtype, device=device)}]
+        c_t = [{"cap": torch.randn(L_t, feat, dtype=dtype, device=device)}]
+    else:
+        from diffusers import Flux2Transformer2DModel
+
+        from lowvram_dopsd.quant import quantize_frozen
+
+        tcfg = json.loads((folder / "transformer" / "config.json").read_text())
+        torch.manual_seed(0)
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = Flux2Transformer2DModel.from_config(tcfg)
+        torch.set_default_dtype(torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim >= 2:
+                    p.normal_(0.0, 0.02)
+        model.requires_grad_(False).eval()
+        arch = planner.with_family(planner.ARCHS["Flux2KleinPipeline"])
+        quantize_frozen(model, cfg.quant, arch.skip)
+        model._dopsd_dtype = dtype
+        if cfg.grad_checkpointing:
+            model.enable_gradient_checkpointing()
+        family = KleinBench()
+        targets = arch.lora_targets
+        steps = 4
+        L = cfg.max_sequence_length
+        n_img = (cfg.resolution // 16) ** 2
+        c_s = [{"cap": torch.randn(L, tcfg["joint_attention_dim"], dtype=dtype, device=device)}]
+        c_t = [{"cap": torch.randn(L, tcfg["joint_attention_dim"], dtype=dtype, device=device),
+                "ref": torch.randn(n_img, tcfg["in_channels"], dtype=dtype, device=device)}]
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    rss1 = host_rss()
+    res["load"] = {"seconds": time.perf_counter() - t0,
+                   "gpu_peak_gib": torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
+                   "gpu_after_gib": torch.cuda.memory_allocated(device) / GiB if cuda else None,
+                   "host_rss_before_gib": rss0.get("VmRSS"), "host_peak_rss_gib": rss1.get("VmHWM"),
+                   "host_rss_after_gib": rss1.get("VmRSS"), "host_anon_after_gib": rss1.get("RssAnon")}
+
+    lora = DualLoRA.attach(model, targets, cfg.rank, cfg.alpha)
+    params = lora.student_parameters()
+    optimizer = make_optimizer(params, cfg, cfg.resolved_lr(1e-5))
+    sigmas = family.sigmas(cfg.resolution, cfg.resolution, steps)
+    gen = torch.Generator("cpu").manual_seed(0)
+    x0 = torch.randn((1, *family.latent_shape(cfg.resolution, cfg.resolution)), generator=gen).to(device)
+    trained = set(range(steps))
+
+    def step() -> list[float]:
+        losses, _ = rollout_and_learn(family, model, lora, x0.clone(), sigmas, c_s, c_t, trained, cfg.loss,
+                                      loss_scale=1.0 / len(trained))
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lora.ema_update(cfg.ema_decay)
+        return losses
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    t1 = time.perf_counter()
+    step()  # warm-up: kernels, allocator, optimizer state
+    sync()
+    res["first_step_seconds"] = time.perf_counter() - t1
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    static = torch.cuda.memory_allocated(device) / GiB if cuda else None
+    times = []
+    losses = []
+    for _ in range(args.steps):
+        t1 = time.perf_counter()
+        losses = step()
+        sync()
+        times.append(time.perf_counter() - t1)
+    res["step"] = {"seconds": sorted(times)[len(times) // 2], "all_seconds": times, "rollout_steps": steps,
+                   "losses_finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)),
+                   "static_gib": static,
+                   "peak_gib": torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
+                   "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB if cuda else None}
+
+    # phase probes: one teacher pass without autograd state, one student forward + backward
+    if cuda:
+        sigma = sigmas[steps // 2]
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        with torch.no_grad(), lora.use("teacher"):
+            family.velocity(model, x0, sigma, c_t)
+        res["probe_teacher_gib"] = (torch.cuda.max_memory_allocated(device) - base) / GiB
+        for i in range(2):  # the first allocates the LoRA grads; the second is measured
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            with lora.use("student"):
+                v = family.velocity(model, x0, sigma, c_s)
+                (v.float().pow(2).mean()).backward()
+            del v
+        res["probe_student_gib"] = (torch.cuda.max_memory_allocated(device) - base) / GiB
+        optimizer.zero_grad(set_to_none=True)
+
+    # the planner's prediction for the same settings (config alone, on the CPU)
+    settings = {**res["settings"], "teacher": "edit" if family_name == "klein" else "vlm",
+                "lora_targets": list(targets)}
+    if family_name == "klein":
+        settings["teacher_max_sequence_length"] = cfg.max_sequence_length
+    mc = planner.resolve_model(str(folder))
+    p = planner.make_plan(str(folder), settings, mc)
+    res["plan"] = p.to_dict()
+    res["predicted_gib"] = p.peak_gib
+    if cuda and res["step"]["peak_gib"]:
+        res["error_pct"] = 100 * (p.peak_gib - res["step"]["peak_gib"]) / res["step"]["peak_gib"]
+    res["tokens"] = {"student": p.tokens.student, "teacher": p.tokens.teacher}
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration and the report
+# ---------------------------------------------------------------------------------------------
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "optimum-quanto", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def device_name(device: str) -> str:
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return platform.processor() or "cpu"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def report(results: list[dict], meta: dict) -> str:
+    lines = [f"# Memory benchmark: {meta['device']}", "",
+             f"Command: `{meta['command']}`  ",
+             f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}  ",
+             f"Random checkpoint: {meta.get('checkpoint', {})}", "",
+             "Peak = `torch.cuda.max_memory_allocated` over one whole steady-state training step (batch 1, "
+             "roll-out + per-step backward + clip + optimizer + EMA). Predicted = `lowvram-dopsd plan` for the "
+             "same settings, from the config alone.", "",
+             "| config | model | res | quant | optimizer | rank | tokens s/t | peak GiB | target GiB | predicted GiB "
+             "| error | s/step | load s | load host peak RSS GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if any("predicted_gib_at_run" in r for r in results):
+        lines[-4] += (" The predictions were recomputed after calibrating the planner on these runs (`--report-only`); "
+                      "the uncalibrated ones made during the run are in the last table.")
+    for r in results:
+        if "error" in r and "step" not in r:
+            lines.append(f"| {r['config']} | failed: {r['error'][:120]} | | | | | | | | | | | | |")
+            continue
+        s, st = r["settings"], r["step"]
+        label = r["config"] + (" (superseded)" if r.get("superseded") else "")
+        model = "Z-Image-Turbo 6B" if r["family"] == "zimage" else "FLUX.2-klein 4B (edit teacher)"
+        peak = st["peak_gib"]
+        err = "" if r.get("error_pct") is None else f"{r['error_pct']:+.1f}%"
+        ok = "" if peak is None else (" ✅" if peak <= r["target_gib"] else " ❌")
+        lines.append(
+            f"| {label} | {model} | {s['resolution']}² | {s['quant']} | {s['optimizer']} | {s['rank']} "
+            f"| {r['tokens']['student']}/{r['tokens']['teacher']} | {peak if peak is None else f'{peak:.2f}'}{ok} "
+            f"| {r['target_gib']} | {r['predicted_gib']:.2f} | "
+            f"{err} | {st['seconds']:.1f} "
+            f"| {r['load']['seconds']:.1f} | {r['load']['host_peak_rss_gib'] or 0:.2f} |")
+    lines += ["", "Per configuration (GiB): static = allocated at the start of a step (base + LoRA + EMA + "
+              "optimizer state); probes = extra memory of one teacher pass without grad and of one student "
+              "forward+backward with the LoRA grads already allocated.", "",
+              "| config | static | peak | peak reserved | probe teacher | probe student | load GPU peak | "
+              "first step s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        if "step" not in r:
+            continue
+        st = r["step"]
+
+        def f(v):
+            return "" if v is None else f"{v:.2f}"
+        lines.append(f"| {r['config']}{' (superseded)' if r.get('superseded') else ''} | {f(st['static_gib'])} | {f(st['peak_gib'])} | {f(st['peak_reserved_gib'])} "
+                     f"| {f(r.get('probe_teacher_gib'))} | {f(r.get('probe_student_gib'))} "
+                     f"| {f(r['load']['gpu_peak_gib'])} | {r['first_step_seconds']:.1f} |")
+    if any("predicted_gib_at_run" in r for r in results):
+        lines += ["", "Planner before calibration (as printed during the run): "
+                  + ", ".join(f"{r['config']} {r['predicted_gib_at_run']:.2f} GiB" for r in results
+                              if "predicted_gib_at_run" in r) + "."]
+    for r in results:
+        if r.get("superseded"):
+            lines += ["", f"{r['config']} (superseded): {r['superseded']}."]
+    notes = meta.get("notes")
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def repredict(results: list[dict]) -> None:
+    """Recompute the planner's predictions for recorded results (after a calibration change)."""
+    from lowvram_dopsd import plan as planner
+
+    ids = {"zimage": "Tongyi-MAI/Z-Image-Turbo", "klein": "black-forest-labs/FLUX.2-klein-4B"}
+    for r in results:
+        if "plan" not in r:
+            continue
+        settings = {**r["settings"], "teacher": r["plan"]["settings"]["teacher"],
+                    "teacher_max_sequence_length": r["plan"]["settings"]["teacher_max_sequence_length"]}
+        p = planner.make_plan(ids[r["family"]], settings)
+        r.setdefault("predicted_gib_at_run", r["predicted_gib"])
+        r["plan"], r["predicted_gib"] = p.to_dict(), p.peak_gib
+        if r["step"].get("peak_gib"):
+            r["error_pct"] = 100 * (p.peak_gib - r["step"]["peak_gib"]) / r["step"]["peak_gib"]
+
+
+def host_rss_child(mode: str, folder: str, quant: str) -> dict:
+    """Peak host RSS of loading `folder` the old way (from_pretrained on the CPU, then quantize) or frugally."""
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
+    from lowvram_dopsd.quant import load_frugal, quantize_frozen
+
+    skip = ("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer")
+    before = host_rss()
+    t0 = time.perf_counter()
+    if mode == "old":
+        model = ZImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16)
+        quantize_frozen(model, quant, skip)
+    else:
+        model = load_frugal(ZImageTransformer2DModel, folder, torch.device("cpu"), torch.bfloat16, quant, skip)
+    after = host_rss()
+    return {"mode": mode, "seconds": time.perf_counter() - t0, "rss_before_gib": before.get("VmRSS"),
+            "peak_rss_gib": after.get("VmHWM"), "rss_after_gib": after.get("VmRSS")}
+
+
+def host_rss_compare(work: Path, layers: int, quant: str) -> list[dict]:
+    """Write a Z-Image checkpoint with the published width and `layers` main blocks, load it both ways."""
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
+    folder = work / f"zimage-{layers}l" / "transformer"
+    if not list(folder.glob("*.safetensors")):
+        cfg = json.loads((published("Tongyi-MAI--Z-Image-Turbo") / "transformer" / "config.json").read_text())
+        cfg["n_layers"] = layers
+        torch.set_default_dtype(torch.bfloat16)
+        model = ZImageTransformer2DModel.from_config(cfg)
+        torch.set_default_dtype(torch.float32)
+        model.save_pretrained(folder, max_shard_size="2GB")
+        del model
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / GiB
+    out = []
+    for mode in ("old", "frugal"):
+        proc = subprocess.run([sys.executable, __file__, "--rss-child", mode, str(folder), quant],
+                              capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        res = json.loads(line[7:]) if line else {"mode": mode, "error": proc.stderr[-400:]}
+        res.update(checkpoint_gib=size, layers=layers, quant=quant)
+        out.append(res)
+        print(json.dumps(res), flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--work", default="/tmp/lowvram-dopsd-bench")
+    ap.add_argument("--configs", default="zimage-16gb,zimage-24gb,zimage-12gb,klein-16gb-edit")
+    ap.add_argument("--steps", type=int, default=1, help="measured steps after one warm-up step")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test of this script)")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip configs once this much time has passed")
+    ap.add_argument("--report-only", default=None, metavar="JSON",
+                    help="re-predict a recorded results file with the current planner and rewrite its .md")
+    ap.add_argument("--note", action="append", default=[], help="a note for the report (with --report-only)")
+    ap.add_argument("--host-rss", type=int, default=0, metavar="LAYERS",
+                    help="CPU only: compare peak host RSS of the old and the frugal loader on a Z-Image checkpoint "
+                         "of the published width with LAYERS main blocks; writes <out>/host-rss.json")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rss-child", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.rss_child:
+        print("RESULT " + json.dumps(host_rss_child(*args.rss_child)), flush=True)
+        return 0
+    if args.host_rss:
+        res = host_rss_compare(Path(args.work), args.host_rss, "qint8")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "host-rss.json").write_text(json.dumps(
+            {"machine": platform.processor() or platform.machine(), "versions": versions(),
+             "command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:]), "results": res}, indent=1))
+        return 0
+
+    if args.report_only:
+        path = Path(args.report_only)
+        data = json.loads(path.read_text())
+        repredict(data["results"])
+        if args.note:
+            data["meta"]["notes"] = args.note
+        path.write_text(json.dumps(data, indent=1))
+        path.with_suffix(".md").write_text(report(data["results"], data["meta"]))
+        print(report(data["results"], data["meta"]))
+        return 0
+
+    if args.child:
+        try:
+            res = run_child(args.child, args)
+        except Exception as exc:  # reported in the table, the other configs still run
+            import traceback
+            traceback.print_exc()
+            res = {"config": args.child, "error": f"{type(exc).__name__}: {exc}"}
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+
+    t_start = time.perf_counter()
+    work = Path(args.work)
+    names = [n for n in args.configs.split(",") if n]
+    meta = {"device": device_name(args.device), "versions": versions(),
+            "command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:])}
+    if any(CONFIGS[n]["family"] == "zimage" for n in names):
+        folder = work / "zimage"
+        write_zimage_folder(folder, args.tiny)
+        if not list((folder / "transformer").glob("*.safetensors")):
+            meta["checkpoint"] = write_random_checkpoint(folder, args.device)
+            print("checkpoint", meta["checkpoint"], flush=True)
+    if any(CONFIGS[n]["family"] == "klein" for n in names):
+        folder = work / "klein"
+        src = published("black-forest-labs--FLUX.2-klein-4B")
+        (folder / "transformer").mkdir(parents=True, exist_ok=True)
+        (folder / "model_index.json").write_text((src / "model_index.json").read_text())
+        (folder / "transformer/config.json").write_text(
+            json.dumps(TINY_KLEIN) if args.tiny else (src / "transformer/config.json").read_text())
+
+    results = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"memory-{slug(meta['device'])}" + ("-tiny" if args.tiny else "")
+    for name in names:
+        if time.perf_counter() - t_start > args.budget_s:
+            results.append({"config": name, "error": "skipped: time budget"})
+            continue
+        cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--device", args.device,
+               "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
+        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        res = json.loads(line[7:]) if line else {"config": name, "error": (proc.stderr or proc.stdout)[-400:]}
+        if "error" in res:
+            sys.stderr.write(proc.stderr[-3000:])
+        results.append(res)
+        print(json.dumps({k: res.get(k) for k in ("config", "predicted_gib", "error_pct", "error")}),
+              json.dumps(res.get("step")), flush=True)
+        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        (out / f"{stem}.md").write_text(report(results, meta))
+    print(report(results, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
