@@ -26,9 +26,6 @@ from lowvram_dopsd.lora import DualLoRA  # noqa: E402
 from lowvram_dopsd.quant import load_frugal, quantize_frozen, storage_bytes  # noqa: E402
 
 warnings.filterwarnings("ignore", message="MatMul8bitLt")
-# Small CPU tensors: the intra-op thread pool's wake-up costs more than the work (measured here:
-# 11 ms per bf16 op with 2 threads, 26 us with 1).
-torch.set_num_threads(1)
 
 TINY = {"all_f_patch_size": [1], "all_patch_size": [2], "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
         "cap_feat_dim": 64, "dim": 256, "in_channels": 16, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2,
