@@ -48,6 +48,8 @@ CONFIGS = {
     "zimage-12gb": dict(family="zimage", preset="12gb", target_gib=10.5),
     "zimage-12gb-768": dict(family="zimage", preset="12gb", resolution=768, target_gib=10.5),
     "zimage-16gb-bnb": dict(family="zimage", preset="16gb", quant="bnb-int8", target_gib=14.0),
+    # the fused Triton 8-bit LoRA linear (kernels = "on") in place of quanto's dequantise + matmul
+    "zimage-16gb-fused": dict(family="zimage", preset="16gb", kernels="on", target_gib=14.0),
     "klein-16gb-edit": dict(family="klein", preset="16gb", target_gib=12.0),
 }
 TINY_ZIMAGE = {"_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],
@@ -239,6 +241,9 @@ def run_child(name: str, args) -> dict:
                    "host_rss_after_gib": rss1.get("VmRSS"), "host_anon_after_gib": rss1.get("RssAnon")}
 
     lora = DualLoRA.attach(model, targets, cfg.rank, cfg.alpha)
+    if cfg.kernels != "auto":  # one child process per config: the switch can stay set
+        os.environ["LOWVRAM_DOPSD_KERNELS"] = cfg.kernels
+    res["fused_layers"] = lora.enable_fused_kernels() if cfg.kernels == "on" else 0
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, cfg.resolved_lr(1e-5))
     sigmas = family.sigmas(cfg.resolution, cfg.resolution, steps)
