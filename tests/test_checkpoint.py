@@ -125,34 +125,45 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
 
 
 KILL_CHILD = textwrap.dedent("""
-    import random, sys, torch
-    from torch import nn
+    import random, sys, time, torch
     sys.path.insert(0, {tests!r})
+    from lowvram_dopsd import checkpoint
     from test_checkpoint import tiny_run, save
-    model, lora, opt, sched = tiny_run(width=512)     # ~MB-sized files: a save takes a while
-    step = 0
-    while True:
-        step += 1
+    real_write_json = checkpoint._write_json
+
+    def stall_before_state_json(path, obj):  # step 2: every other file is in the .tmp folder
+        if obj.get("step") == 2:
+            print("saving", flush=True)
+            time.sleep(60)
+        real_write_json(path, obj)
+
+    checkpoint._write_json = stall_before_state_json
+    model, lora, opt, sched = tiny_run(width=256)
+    for step in (1, 2):
         save({out!r}, step, lora, opt, sched, torch.Generator(), random.Random(), keep=2)
         print(step, flush=True)
 """)
 
 
-def test_kill_9_during_saves_never_leaves_a_broken_latest(tmp_path):
+def test_kill_9_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):
+    """A real process is SIGKILLed while writing checkpoint 2 (its LoRA and optimizer files already in
+    the .tmp folder): checkpoint 1 is still the latest and loads, and the next save cleans up."""
     out = tmp_path / "out"
     code = KILL_CHILD.format(tests=str(Path(__file__).parent), out=str(out))
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        assert child.stdout.readline().strip() == "1"  # one complete checkpoint exists
-        time.sleep(random.uniform(0.05, 0.4))           # then kill it wherever it is, most likely mid-save
+        assert child.stdout.readline().strip() == "1"
+        assert child.stdout.readline().strip() == "saving"
     finally:
-        child.kill()
+        child.kill()  # SIGKILL: no cleanup code runs
         child.wait()
-    ck = checkpoint.load(checkpoint.latest(out))     # the newest complete one loads
-    assert ck.step >= 1 and ck.student
-    model, lora, opt, sched = tiny_run(width=512)    # and the next save cleans up after the killed one
-    save(out, ck.step + 1, lora, opt, sched, torch.Generator(), random.Random(), keep=2)
-    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    left = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-step-000002")]
+    assert left and (left[0] / "optimizer.safetensors").is_file()  # it died mid-save
+    ck = checkpoint.load(checkpoint.latest(out))
+    assert ck.step == 1 and ck.student
+    model, lora, opt, sched = tiny_run(width=256)
+    save(out, 2, lora, opt, sched, torch.Generator(), random.Random(), keep=2)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
 
 
 def test_compatibility_errors_and_warnings(tmp_path):

@@ -87,17 +87,14 @@ def test_zimage_export_matches_comfyui_layout_and_loads_back_in_diffusers(tmp_pa
     assert ((latents[0] - base).norm() / base.norm()) > 1e-3  # the LoRA does something
 
 
-KLEIN_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                 "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
-                 "ff_context.linear_out", "attn.to_qkv_mlp_proj", "attn.to_out")
-
-
 def test_klein_export_fuses_qkv_exactly_and_diffusers_splits_it_back(tiny_klein_dir):
     from diffusers import Flux2Transformer2DModel
 
+    from lowvram_dopsd.families.klein import Klein
+
     model = Flux2Transformer2DModel.from_pretrained(tiny_klein_dir / "transformer")
     torch.manual_seed(0)
-    lora = DualLoRA.attach(model, KLEIN_TARGETS, rank=4, alpha=8.0)
+    lora = DualLoRA.attach(model, Klein.lora_targets, rank=4, alpha=8.0)  # every layer klein trains
     with torch.no_grad():
         for layer in lora.layers.values():
             layer.student_B.normal_(std=0.3)

@@ -116,3 +116,28 @@ def test_second_ctrl_c_stops_at_once():
             assert stop.requested and "Ctrl-C again" in notes[0]
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_klein_edit_teacher_resumes_exactly_with_teacher_previews(tiny_klein_dir, demo_images, tmp_path,
+                                                                  monkeypatch):
+    """The same on the other family: klein's edit teacher (reference latents in its condition), and
+    preview grids with the EMA teacher's row, decoded by klein's own decode_latents."""
+    def run(out, *extra):
+        return main(["train", "--preset", "cpu-demo", "--model", str(tiny_klein_dir), "--images", str(demo_images),
+                     "--cache-dir", str(tmp_path / "cache"), "--output", str(out), "--steps", "2",
+                     "--train-states", "1", "--lr", "5e-3", "--set", "save_every=100", *extra])
+
+    assert run(tmp_path / "ref") == 0
+    calls_that(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGINT))  # during step 1
+    previews = ["--set", "preview_every=1", "--set", "preview_teacher=true",
+                "--set", "preview_prompts=a photo of sks ball on grass|sks ball on the moon"]
+    assert run(tmp_path / "run", *previews) == 0
+    monkeypatch.undo()
+    assert run(tmp_path / "run", *previews, "--resume") == 0
+    ref = load_file(str(tmp_path / "ref" / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors"))
+    got = load_file(str(tmp_path / "run" / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors"))
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    grids = sorted((tmp_path / "run" / "previews").iterdir())
+    assert [p.name for p in grids] == ["step-000000.png", "step-000002.png"]  # no grid on Ctrl-C
+    from PIL import Image
+    assert Image.open(grids[-1]).height > 2 * 64  # student row + teacher row
