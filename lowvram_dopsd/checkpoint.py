@@ -45,7 +45,7 @@ CKPT_DIR = "checkpoints"
 STUDENT_FILE = "pytorch_lora_weights.safetensors"
 TEACHER_FILE = "teacher_ema_lora.safetensors"
 STATE_FILE = "state.json"
-FORMAT = 1
+FORMAT = 2
 
 # Settings that may change between a run and its resume without changing the training math.
 # Everything else (rank, alpha, lr, loss, teacher, resolution, targets, seed, dtype, quant, ...) must
@@ -133,21 +133,34 @@ def _tuple_state(state: Any) -> Any:
 
 
 def _optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer.state_dict() as flat safetensors + JSON. Per-parameter state may nest dicts
+    (bitsandbytes' 8-bit AdamW wraps its quantization state in one): keys are paths "0/exp_avg"."""
     tensors, scalars = {}, {}
+
+    def walk(path: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().cpu().contiguous()
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{path}/{k}", v)
+        elif value is None or isinstance(value, (bool, int, float, str, list, tuple)):
+            scalars[path] = value
+        else:
+            raise TypeError(f"optimizer state {path} is a {type(value).__name__}: cannot be saved without pickle")
+
     for idx, slots in sd["state"].items():
-        for name, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{name}"] = value
+        walk(str(idx), slots)
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, _, name = key.partition(".")
-        state.setdefault(int(idx), {})[name] = value
+    for path, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, *names = path.split("/")
+        node = state.setdefault(int(idx), {})
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = value
     groups = []
     for g in meta["param_groups"]:
         groups.append({k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()})

@@ -81,6 +81,42 @@ def test_round_trip_continues_exactly(tmp_path):
     assert sched2.get_last_lr() == sched.get_last_lr()
 
 
+def test_8bit_adamw_state_round_trips(tmp_path):
+    """bitsandbytes' AdamW8bit (the 16gb preset) nests its quantized state: it must come back exactly."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def run():
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(4096, 16))
+        return p, bnb.optim.AdamW8bit([p], lr=1e-2)
+
+    def steps(p, opt, n, gen):
+        for _ in range(n):
+            p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+
+    p, opt = run()
+    gen = torch.Generator().manual_seed(1)
+    try:
+        steps(p, opt, 2, gen)
+    except (RuntimeError, NotImplementedError) as exc:  # a bitsandbytes build without CPU kernels
+        pytest.skip(f"bitsandbytes 8-bit AdamW does not run on this CPU: {exc}")
+    tensors, meta = checkpoint._optimizer_to_files(opt.state_dict())
+    assert any(k.count("/") == 2 for k in tensors)  # the nested quantization state, flattened
+    checkpoint.save_file(tensors, str(tmp_path / "opt.safetensors"))
+    meta = json.loads(json.dumps(meta))  # plain JSON, no pickle
+    p_at_2, gen_at_2 = p.detach().clone(), gen.get_state()
+    steps(p, opt, 2, gen)  # the uninterrupted run
+
+    p2, opt2 = run()
+    with torch.no_grad():
+        p2.copy_(p_at_2)
+    opt2.load_state_dict(checkpoint._optimizer_from_files(checkpoint.load_file(str(tmp_path / "opt.safetensors")),
+                                                          meta))
+    steps(p2, opt2, 2, torch.Generator().set_state(gen_at_2))
+    assert torch.equal(p2, p)
+
+
 def test_checkpoint_lora_is_a_loadable_fp32_diffusers_file(tmp_path):
     from lowvram_dopsd.output import read_info
 
