@@ -237,7 +237,8 @@ def explain_oom(cfg: TrainConfig, preset: str, doing: str, on_oom: Callable[[], 
             torch.cuda.empty_cache()
         kept = on_oom()
         raise UserError(f"The GPU ran out of memory while {doing}. {kept}Lower the memory use and run again: "
-                        f"{oom_advice(cfg, preset)}.") from exc
+                        f"{oom_advice(cfg, preset)}. `lowvram-dopsd plan` with the same settings shows where "
+                        "the memory goes.") from exc
 
 
 # ---------------------------------------------------------------------------------------------
