@@ -1,7 +1,10 @@
-"""Command line: `lowvram-dopsd train | demo | plan | presets`.
+"""Command line: `lowvram-dopsd train | demo | plan | presets | sample | export`.
 
     lowvram-dopsd train --preset 16gb --images ./my_dog
+    lowvram-dopsd train --preset 16gb --images ./my_dog --resume        # continue the run in --output
     lowvram-dopsd demo          # tiny Z-Image model + bundled images, on the CPU, about a minute
+    lowvram-dopsd sample --lora out --prompt "sks dog on the moon"      # stock diffusers pipeline
+    lowvram-dopsd export --format comfyui out                           # ComfyUI key layout
 """
 from __future__ import annotations
 
@@ -26,13 +29,32 @@ FLAGS = {
 }
 
 
-def _add_train_flags(p: argparse.ArgumentParser, preset_default: str | None) -> None:
+def _add_train_flags(p: argparse.ArgumentParser, preset_default: str | None, resume: bool = True) -> None:
     p.add_argument("--preset", default=preset_default,
                    help=f"shipped preset ({', '.join(preset_names())}) or a .toml file with the same keys")
     for flag, key in FLAGS.items():
         p.add_argument(flag, dest=key, default=None, metavar=key.upper())
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. --set warmup_steps=50 (repeatable)")
+    if resume:
+        p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                       help="continue a run: the latest checkpoint in --output, or PATH (a checkpoint or "
+                            "output folder)")
+
+
+def _without_resume(argv: list[str]) -> list[str]:
+    """The command line as typed, minus --resume [PATH]: what to run again with --resume."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            continue
+        if not a.startswith("--resume="):
+            out.append(a)
+    return ["lowvram-dopsd", *out]
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -49,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = load_config(args.preset, _overrides(args))
-    train(cfg, preset=args.preset or "")
+    train(cfg, preset=args.preset or "", resume=args.resume, command=_without_resume(args.argv))
     return 0
 
 
@@ -75,10 +97,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     images = resources.files("lowvram_dopsd") / "assets" / "demo"
     overrides = {"model": str(root / "tiny-zimage"), "teacher_encoder": str(root / "tiny-qwen3vl"),
                  "images": str(images), "output": "dopsd-demo-out", "cache_dir": str(root / "features"),
-                 "trigger": "sks ball"}
+                 "trigger": "sks ball", "preview_every": "10"}  # previews: the demo shows what it learns
     overrides.update(_overrides(args))
     cfg = load_config(args.preset, overrides)
-    train(cfg, preset=args.preset)
+    train(cfg, preset=args.preset, resume=args.resume, command=_without_resume(args.argv))
     return 0
 
 
@@ -109,6 +131,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if p.fits() else 3
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .progress import make_console
+    from .sample import SampleRequest, sample
+
+    sample(SampleRequest(lora=args.lora, prompts=args.prompt, model=args.model or "", steps=args.steps,
+                         seed=args.seed, width=args.width, height=args.height, output=args.output or "",
+                         device=args.device, dtype=args.dtype, scale=args.scale,
+                         trust_remote_code=args.trust_remote_code, offload=args.offload), console=make_console())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_comfyui
+
+    path = export_comfyui(args.lora, args.output or "", teacher=args.teacher)
+    print(f"wrote {path} (ComfyUI layout: put it in ComfyUI/models/loras and use a LoraLoaderModelOnly node)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowvram-dopsd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,24 +160,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p, preset_default="cpu-demo")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("plan", help="predict the GPU memory of a training step, from the model's config alone")
-    _add_train_flags(p, preset_default="16gb")
+    _add_train_flags(p, preset_default="16gb", resume=False)
     p.add_argument("--vram", type=float, default=None, metavar="GIB",
                    help="your card's memory in GiB (default: the preset's card, e.g. 16gb -> 14.0 GiB allocatable)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("sample", help="generate with a trained LoRA through the stock diffusers pipeline")
+    p.add_argument("--lora", required=True, help="training output folder, checkpoint folder or .safetensors file")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
+    p.add_argument("--model", help="base model id or folder (default: the base_model in the LoRA's metadata)")
+    p.add_argument("--steps", type=int, default=0, help="sampling steps (default: the model's own, Z-Image 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=0, help="default: the training resolution")
+    p.add_argument("--height", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength")
+    p.add_argument("--output", help="image file (default sample-<seed>.png; numbered for several prompts)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="on a GPU (the CPU uses fp32)")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="model CPU offload (default: on for GPUs under 40 GB)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the base model folder to run its own Python code (off by default)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write the LoRA in another tool's key layout")
+    p.add_argument("lora", help="training output folder (or its .safetensors file)")
+    p.add_argument("--format", required=True, choices=("comfyui",))
+    p.add_argument("--output", help="file to write (default <lora>/comfyui/<name>.safetensors)")
+    p.add_argument("--teacher", action="store_true", help="export the EMA teacher LoRA instead of the student")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
+    from rich.console import Console
+    err = Console(stderr=True, highlight=False)
     try:
         return args.func(args)
     except UserError as exc:
-        from rich.console import Console
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         return exc.exit_code
+    except KeyboardInterrupt:  # the second Ctrl-C, or one outside the training loop
+        err.print("[bold red]interrupted.[/] Checkpoints already written are intact; continue with --resume.")
+        return 130
 
 
 if __name__ == "__main__":

@@ -68,8 +68,15 @@ class TrainConfig:
     vlm_max_pixels: int = 768 * 768
     cache_dir: str = ""                 # "" = ~/.cache/lowvram-dopsd/features
     # --- bookkeeping
-    save_every: int = 250
+    save_every: int = 250               # checkpoint (resumable) every N steps, and at the end / on Ctrl-C
+    keep_checkpoints: int = 3           # keep the last K checkpoints (0 = keep all)
     log_every: int = 1
+    on_bad_image: str = "skip"          # "skip" (warn and list) | "stop": unreadable or too-small images
+    # --- previews (0 = off): a grid of few-step samples before training, every N steps and at the end
+    preview_every: int = 0
+    preview_prompts: list[str] = field(default_factory=list)  # [] = two training captions + two new scenes
+    preview_seed: int = 1000            # image i of a grid uses seed preview_seed + i (= `sample --seed`)
+    preview_teacher: bool = False       # add the EMA teacher's sample (teacher condition) for training captions
 
     def resolved_lr(self, family_default: float) -> float:
         return self.lr if self.lr > 0 else family_default
@@ -91,7 +98,11 @@ CHOICES = {
     "kernels": ("auto", "on", "off"),
     "device": ("auto", "cuda", "cpu"),
     "encoders_on": ("auto", "cpu", "cuda"),
+    "on_bad_image": ("skip", "stop"),
 }
+
+
+LIST_SEPARATORS = {"preview_prompts": "|"}
 
 
 def field_names() -> list[str]:
@@ -135,8 +146,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 raise ValueError(value)
             return str(value)
         if hint == list[str]:
-            if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, str):  # prompts hold commas: they are separated by "|" on the command line
+                return [v.strip() for v in value.split(LIST_SEPARATORS.get(name, ",")) if v.strip()]
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
                 return list(value)
             raise ValueError(value)
@@ -168,6 +179,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"alpha must be positive, got {cfg.alpha}.")
     if cfg.resolution % 16:
         raise UserError(f"resolution must be a multiple of 16 (VAE 8x and patch 2x), got {cfg.resolution}.")
+    if cfg.keep_checkpoints < 0 or cfg.preview_every < 0:
+        raise UserError("keep_checkpoints and preview_every must be >= 0 (0 means keep all / no previews).")
     if cfg.train_states < 0 or cfg.rollout_steps < 0:
         raise UserError("rollout_steps and train_states must be >= 0 (0 means the default).")
     if cfg.rollout_steps and cfg.train_states > cfg.rollout_steps:

@@ -1,13 +1,23 @@
-"""What the user sees: a header, a live progress line, a summary. Plain lines when not on a TTY."""
+"""What the user sees: a header, a live progress line, a summary. Plain lines when not on a TTY.
+
+The live line (Rich, on a terminal) shows step, loss (and its running average), learning rate,
+s/it, peak VRAM, the last preview's file and the ETA. Without a terminal (CI, `nohup`, a log
+file) the same numbers are printed as one plain line at the first and last step and every
+`PLAIN_EVERY_S` seconds in between; notes (checkpoints, previews) are printed as they happen.
+"""
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+
+PLAIN_EVERY_S = 10.0
 
 
 def make_console() -> Console:
@@ -21,7 +31,9 @@ class Display:
         self.total, self.start = total_steps, start_step
         self.t0 = time.perf_counter()
         self.last_plain = 0.0
+        self.busy = 0.0
         self.smoothed: float | None = None
+        self.last_preview: Path | None = None
         self.progress = None
         if self.live:
             self.progress = Progress(
@@ -50,16 +62,23 @@ class Display:
         loss = metrics["loss"]
         self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
         done = step - self.start
-        spi = (time.perf_counter() - self.t0) / max(done, 1)
+        self.busy += metrics.get("sec", 0.0)  # the steps' own time: not model loading nor previews
+        spi = (self.busy or time.perf_counter() - self.t0) / max(done, 1)
         eta = spi * (self.total - step)
         stats = f"loss {loss:.4g} (avg {self.smoothed:.4g})  lr {metrics['lr']:.2e}  {spi:.2f} s/it"
         if metrics.get("vram_gb"):
             stats += f"  peak {metrics['vram_gb']:.1f} GB"
+        if self.last_preview is not None:
+            stats += f"  preview {self.last_preview.name}"
         if self.progress:
             self.progress.update(self.task, completed=step, stats=stats)
-        elif time.perf_counter() - self.last_plain > 10 or step in (self.start + 1, self.total):
+        elif time.perf_counter() - self.last_plain > PLAIN_EVERY_S or step in (self.start + 1, self.total):
             self.last_plain = time.perf_counter()
-            self.console.print(f"step {step}/{self.total}  {stats}  eta {eta / 60:.1f} min")
+            self.console.print(f"step {step}/{self.total}  {stats}  eta {eta / 60:.1f} min", soft_wrap=True)
 
     def note(self, text: str) -> None:
         (self.progress.console if self.progress else self.console).print(text)
+
+    def preview(self, path: Path) -> None:
+        self.last_preview = Path(path)
+        self.note(f"preview: {path}")

@@ -13,20 +13,30 @@ For each training pair (image, caption):
      between steps, so only one step's activations are ever alive (the authors keep all K);
   4. optimizer step on the student LoRA, then EMA of the student LoRA into the teacher LoRA.
 Student and teacher are two LoRA sets on one frozen (optionally 8-bit) base.
+
+Around the loop: checkpoints every `save_every` steps (checkpoint.py; `--resume` continues a run
+bit for bit), previews every `preview_every` steps (preview.py), Ctrl-C = finish the step, save,
+exit; a CUDA out-of-memory error says which setting to lower and keeps what was saved.
 """
 from __future__ import annotations
 
 import json
 import math
 import random
+import shlex
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from . import data
+from . import checkpoint, data
 from .cache import FeatureCache, default_cache_dir, key_for
+from .checkpoint import RNGState
 from .config import TrainConfig
 from .errors import UserError
 from .families import load_family
@@ -35,6 +45,7 @@ from .families.zimage import DTYPES
 from .lora import DualLoRA
 from .losses import dopsd_loss
 from .output import LORA_FILE, save_lora
+from .preview import Previewer, default_prompts
 from .progress import Display, make_console
 from .quant import kernels_mode
 
@@ -52,16 +63,18 @@ def resolve_device(name: str) -> torch.device:
 # 1. Precompute the conditions (encoders are loaded here and nowhere else, then released)
 # ---------------------------------------------------------------------------------------------
 def precompute(family: Family, ds: data.Dataset, teacher: str, cfg: TrainConfig, device: torch.device,
-               cache: FeatureCache) -> tuple[list[Cond], list[Cond]]:
+               cache: FeatureCache, prompts: list[str] = ()) -> tuple[list[Cond], list[Cond], list[Cond]]:
+    """Student conditions of the captions, teacher conditions of the items, student conditions of
+    the preview prompts (encoded together with the captions: the text encoder is loaded once)."""
     ident_s = family.encoder_identity("student", cfg)
-    keys_s = [key_for("student", ident_s, it.caption, None) for it in ds.items]
-    student = cache.get_or_compute(
-        keys_s, lambda idx: family.encode_student([ds.items[i].caption for i in idx], cfg, device))
+    texts = [it.caption for it in ds.items] + list(prompts)
+    keys_s = [key_for("student", ident_s, text, None) for text in texts]
+    student = cache.get_or_compute(keys_s, lambda idx: family.encode_student([texts[i] for i in idx], cfg, device))
     ident_t = family.encoder_identity(teacher, cfg)
     keys_t = [key_for(teacher, ident_t, it.caption, it.image_sha256) for it in ds.items]
     teacher_conds = cache.get_or_compute(
         keys_t, lambda idx: family.encode_teacher([ds.items[i] for i in idx], teacher, cfg, device))
-    return student, teacher_conds
+    return student[:len(ds)], teacher_conds, student[len(ds):]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +174,73 @@ def prepare_output(path: str) -> Path:
     return out
 
 
+def run_identity(family: Family, ds: data.Dataset, teacher: str, cfg: TrainConfig) -> dict[str, str]:
+    """What a checkpoint must find again to be resumed (checkpoint.check_compatible)."""
+    return {"model": checkpoint.model_identity(family.model_dir, family.name),
+            "dataset": checkpoint.digest(ds.identity()),
+            "conditions": checkpoint.digest([family.encoder_identity("student", cfg),
+                                             family.encoder_identity(teacher, cfg)])}
+
+
+class GracefulStop:
+    """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self, note: Callable[[str], None]):
+        self.note, self.requested, self.previous = note, False, None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        self.note("[yellow]Ctrl-C:[/] finishing this step, then saving a checkpoint (Ctrl-C again quits at once).")
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def oom_advice(cfg: TrainConfig, preset: str) -> str:
+    """The memory levers this config has not pulled yet, most effective first."""
+    levers = []
+    if preset != "16gb" and cfg.quant == "none":
+        levers.append("--preset 16gb (8-bit base, 8-bit AdamW)")
+    if cfg.quant == "none":
+        levers.append("--quant qint8 (halves the frozen base)")
+    if not cfg.grad_checkpointing:
+        levers.append("--set grad_checkpointing=true")
+    if cfg.optimizer == "adamw":
+        levers.append("--optimizer adamw8bit")
+    if cfg.micro_batch > 1:
+        levers.append("--micro-batch 1 (batch_size is kept through accumulation)")
+    if cfg.resolution > 512:
+        levers.append(f"--resolution {max(512, cfg.resolution - 256)}")
+    if cfg.rank > 16:
+        levers.append(f"--rank {cfg.rank // 2} (and --alpha {cfg.alpha / 2:g} to keep the scale)")
+    if cfg.preview_every:
+        levers.append("--set preview_every=0")
+    return ", ".join(levers) if levers else "a smaller resolution or rank; close other programs using the GPU"
+
+
+@contextmanager
+def explain_oom(cfg: TrainConfig, preset: str, doing: str, on_oom: Callable[[], str] = lambda: ""):
+    """Turn a CUDA out-of-memory error into a UserError that names the settings to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        kept = on_oom()
+        raise UserError(f"The GPU ran out of memory while {doing}. {kept}Lower the memory use and run again: "
+                        f"{oom_advice(cfg, preset)}. `lowvram-dopsd plan` with the same settings shows where "
+                        "the memory goes.") from exc
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The run
 # ---------------------------------------------------------------------------------------------
@@ -173,14 +253,22 @@ class TrainResult:
     model: torch.nn.Module
     lora: DualLoRA
     cache: FeatureCache
+    step: int = 0                     # the last step trained
+    stopped: bool = False             # Ctrl-C: stopped before cfg.steps, resumable
+    checkpoint: Path | None = None    # the last checkpoint written
 
 
-def train(cfg: TrainConfig, preset: str = "", console=None) -> TrainResult:
+def train(cfg: TrainConfig, preset: str = "", console=None, resume: str | None = None,
+          command: list[str] | None = None) -> TrainResult:
+    """Train (or, with `resume` = "latest" or a path, continue) a run.
+
+    `command`: the command line that started it, without --resume (printed as the way to resume).
+    """
     with kernels_mode(cfg.kernels):
-        return _train(cfg, preset, console)
+        return _train(cfg, preset, console, resume, command)
 
 
-def _train(cfg: TrainConfig, preset: str, console) -> TrainResult:
+def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: list[str] | None) -> TrainResult:
     console = console or make_console()
     device = resolve_device(cfg.device)
     enc_device = device if cfg.encoders_on == "auto" else resolve_device(cfg.encoders_on)
@@ -194,12 +282,23 @@ def _train(cfg: TrainConfig, preset: str, console) -> TrainResult:
     if cfg.train_states > rollout_steps:
         raise UserError(f"train_states ({cfg.train_states}) cannot exceed the {rollout_steps} roll-out steps.")
     lr = cfg.resolved_lr(family.default_lr)
-    ds = data.scan(cfg.images, cfg.caption, cfg.trigger, cfg.resolution)
+    ds = data.scan(cfg.images, cfg.caption, cfg.trigger, cfg.resolution, cfg.on_bad_image)
     out_dir = prepare_output(cfg.output)
+    identity = run_identity(family, ds, teacher, cfg)
+
+    # A run continues from a checkpoint only if nothing that changes its math has changed.
+    ckpt, remarks = None, []
+    if resume is not None:
+        ckpt = checkpoint.load(checkpoint.resolve(resume, out_dir))
+        remarks = checkpoint.check_compatible(ckpt, cfg, identity)
+    else:
+        archived = checkpoint.archive_previous_run(out_dir)
+        if archived:
+            remarks.append(f"'{out_dir}' held an earlier run: moved to {archived} (use --resume to continue a run)")
     torch.manual_seed(cfg.seed)
 
     notes = family.run_notes(teacher, cfg)
-    display = Display(console, cfg.steps)
+    display = Display(console, cfg.steps, start_step=ckpt.step if ckpt else 0)
     display.header({
         "model": f"{cfg.model} ({family.name})", "preset": preset or "(none)",
         "dataset": f"{len(ds)} images from {cfg.images}" + (f", {len(ds.skipped)} skipped" if ds.skipped else ""),
@@ -210,22 +309,30 @@ def _train(cfg: TrainConfig, preset: str, console) -> TrainResult:
         "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}, batch {cfg.batch_size} "
                 f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
         "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}, checkpointing {cfg.grad_checkpointing}",
-        "output": str(out_dir),
+        "output": str(out_dir) + (f" (resuming {ckpt.path.name})" if ckpt else ""),
     })
     for path, why in ds.skipped:
         console.print(f"[yellow]skipped[/] {path.name}: {why}")
+    for path, why in ds.warnings:
+        console.print(f"[yellow]warning[/] {path.name}: {why}")
+    for remark in remarks:
+        console.print(f"[yellow]note[/] {remark}")
     if device.type == "cuda":
         warn_if_it_will_not_fit(cfg, device, console)
 
     # 1. conditions, then free the encoders before the transformer is loaded
+    prompts = (cfg.preview_prompts or default_prompts([it.caption for it in ds.items], cfg.trigger)) \
+        if cfg.preview_every else []
     cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
     t0 = time.perf_counter()
-    conds_s, conds_t = precompute(family, ds, teacher, cfg, enc_device, cache)
+    with explain_oom(cfg, preset, "encoding the captions and images"):
+        conds_s, conds_t, conds_preview = precompute(family, ds, teacher, cfg, enc_device, cache, prompts)
     console.print(f"conditions: {cache.hits} cached, {cache.misses} encoded ({time.perf_counter() - t0:.1f}s)")
 
     # 2. one frozen base, two LoRA sets
-    model = family.load_transformer(cfg, device, dtype)
-    lora = DualLoRA.attach(model, tuple(cfg.lora_targets) or family.lora_targets, cfg.rank, cfg.alpha)
+    with explain_oom(cfg, preset, "loading the transformer"):
+        model = family.load_transformer(cfg, device, dtype)
+        lora = DualLoRA.attach(model, tuple(cfg.lora_targets) or family.lora_targets, cfg.rank, cfg.alpha)
     # The fused 8-bit LoRA linear only when asked for: on an H100 its forward+backward is still
     # 0.83-0.9x the speed of quanto's dequantise + cuBLAS (benchmarks/results/kernels-h100.md).
     fused = lora.enable_fused_kernels() if cfg.kernels == "on" else 0
@@ -239,52 +346,122 @@ def _train(cfg: TrainConfig, preset: str, console) -> TrainResult:
     noise_gen = torch.Generator("cpu").manual_seed(cfg.seed)  # CPU noise: identical on every device
     rng = random.Random(cfg.seed)
     sampler = BucketSampler(ds.items, cfg.micro_batch, rng)
+    start = 0
+    if ckpt is not None:  # every piece of state the loop reads, exactly as it was after step ckpt.step
+        lora.load("student", ckpt.student)
+        lora.load("teacher", ckpt.teacher)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        sampler.order = ckpt.rng.restore(noise_gen, rng)
+        start = ckpt.step
+        checkpoint.trim_metrics(out_dir / "metrics.jsonl", start)
+        console.print(f"resumed from {ckpt.path} at step {start}")
     info = {"base_model": cfg.model, "family": family.name, "teacher": teacher, "loss": cfg.loss,
             "caption_rule": ds.caption_rule, "trigger": cfg.trigger, "rollout_steps": rollout_steps,
-            "preset": preset, "lr": lr, "ema_decay": cfg.ema_decay, **notes}
-    log = (out_dir / "metrics.jsonl").open("a", encoding="utf-8")
+            "preset": preset, "lr": lr, "ema_decay": cfg.ema_decay, "resolution": cfg.resolution,
+            **notes}
+
+    previews = None
+    if cfg.preview_every:
+        by_caption = {it.caption: i for i, it in enumerate(ds.items)}
+        previews = Previewer(family, model, lora, out_dir, prompts, conds_preview,
+                             [conds_t[by_caption[p]] if cfg.preview_teacher and p in by_caption else None
+                              for p in prompts],
+                             cfg.resolution, cfg.resolution, cfg.preview_seed, device)
+
+    def write_preview(step: int) -> None:
+        try:
+            with explain_oom(cfg, preset, "sampling a preview"):
+                display.preview(previews.write(step))
+        except UserError as exc:  # a preview is never worth the run: say so and go on
+            display.note(f"[yellow]preview skipped:[/] {exc}")
+
+    def save_checkpoint(step: int, rng_state: RNGState) -> Path:
+        path = checkpoint.save(out_dir, step, lora, optimizer, scheduler, rng_state, cfg, identity, info,
+                               cfg.keep_checkpoints)
+        display.note(f"checkpoint: {path}")
+        return path
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if previews and not (out_dir / "previews" / "step-000000.png").exists():
+        write_preview(0)  # the baseline: the base model before any training
+    last_ckpt, saved_step, step = (ckpt.path if ckpt else None), start, start
+    if start >= cfg.steps:
+        console.print(f"[yellow]note[/] the checkpoint is already at step {start} = steps: nothing to train "
+                      f"(pass --steps {start + 100} to train further); writing its LoRA.")
 
-    with display:
-        for step in range(1, cfg.steps + 1):
-            step_losses = []
-            for _ in range(cfg.grad_accum):
-                batch = sampler.next()
-                item = ds.items[batch[0]]
-                sigmas = family.sigmas(item.height, item.width, rollout_steps)
-                x = torch.randn((len(batch), *family.latent_shape(item.height, item.width)),
-                                generator=noise_gen, dtype=torch.float32).to(device)
-                k = cfg.train_states or rollout_steps
-                trained = set(range(rollout_steps)) if k == rollout_steps else set(rng.sample(range(rollout_steps), k))
-                losses, _ = rollout_and_learn(family, model, lora, x, sigmas, [conds_s[i] for i in batch],
-                                              [conds_t[i] for i in batch], trained, cfg.loss,
-                                              loss_scale=1.0 / (len(trained) * cfg.grad_accum))
-                step_losses += losses
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            lora.ema_update(cfg.ema_decay)
+    with (out_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, display, GracefulStop(display.note) as stop:
+        for step in range(start + 1, cfg.steps + 1):
+            t_step = time.perf_counter()
+            at_start = RNGState.capture(noise_gen, rng, sampler.order)
+
+            def save_before_this_step() -> str:  # weights and optimizer are still those of step - 1
+                if step - 1 > saved_step:
+                    return f"Saved the state before this step: {save_checkpoint(step - 1, at_start)}. "
+                return f"The last checkpoint ({last_ckpt}) is intact. " if last_ckpt else ""
+
+            with explain_oom(cfg, preset, f"training step {step}", on_oom=save_before_this_step):
+                step_losses = []
+                for _ in range(cfg.grad_accum):
+                    batch = sampler.next()
+                    item = ds.items[batch[0]]
+                    sigmas = family.sigmas(item.height, item.width, rollout_steps)
+                    x = torch.randn((len(batch), *family.latent_shape(item.height, item.width)),
+                                    generator=noise_gen, dtype=torch.float32).to(device)
+                    k = cfg.train_states or rollout_steps
+                    trained = (set(range(rollout_steps)) if k == rollout_steps
+                               else set(rng.sample(range(rollout_steps), k)))
+                    losses, _ = rollout_and_learn(family, model, lora, x, sigmas, [conds_s[i] for i in batch],
+                                                  [conds_t[i] for i in batch], trained, cfg.loss,
+                                                  loss_scale=1.0 / (len(trained) * cfg.grad_accum))
+                    step_losses += losses
+            with explain_oom(cfg, preset, f"the optimizer step of step {step}"):
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                lora.ema_update(cfg.ema_decay)
 
             metrics = {"step": step, "loss": sum(step_losses) / len(step_losses), "grad_norm": float(grad_norm),
-                       "lr": scheduler.get_last_lr()[0]}
+                       "lr": scheduler.get_last_lr()[0], "sec": round(time.perf_counter() - t_step, 4)}
             if device.type == "cuda":
                 metrics["vram_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             display.step(step, metrics)
-            if step % cfg.save_every == 0 and step < cfg.steps:
-                save_lora(out_dir / LORA_FILE, lora, "student", {**info, "steps": step}, dtype=dtype)
-    log.close()
 
-    path = save_lora(out_dir / LORA_FILE, lora, "student", {**info, "steps": cfg.steps}, dtype=dtype)
-    save_lora(out_dir / "teacher_ema_lora.safetensors", lora, "teacher", {**info, "steps": cfg.steps}, dtype=dtype)
-    display.header({
-        "LoRA": str(path),
-        "EMA teacher": str(out_dir / "teacher_ema_lora.safetensors"),
-        "metrics": str(out_dir / "metrics.jsonl"),
-        "load it": f"pipe = {family.pipeline_class}.from_pretrained('{cfg.model}'); "
-                   f"pipe.load_lora_weights('{out_dir}')",
-    }, title="done")
-    return TrainResult(path, family, model, lora, cache)
+            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
+                last_ckpt = save_checkpoint(step, RNGState.capture(noise_gen, rng, sampler.order))
+                saved_step = step
+            if stop.requested:
+                break
+            if previews and (step % cfg.preview_every == 0 or step == cfg.steps):
+                write_preview(step)
+
+    meta = {**info, "steps": step}
+    try:
+        path = save_lora(out_dir / LORA_FILE, lora, "student", meta, dtype=dtype)
+        save_lora(out_dir / checkpoint.TEACHER_FILE, lora, "teacher", meta, dtype=dtype)
+    except OSError as exc:
+        raise UserError(f"Could not write the LoRA to '{out_dir}' ({exc.strerror or exc}). The checkpoint "
+                        f"{last_ckpt} holds it (fp32, loadable as is); free some space and run again with "
+                        "--resume to write it.") from exc
+    stopped = step < cfg.steps
+    if stopped:
+        again = shlex.join([*command, "--resume"]) if command else "the same command with --resume"
+        display.header({"stopped at": f"step {step} of {cfg.steps}", "checkpoint": str(last_ckpt),
+                        "LoRA so far": str(path), "resume with": again}, title="stopped")
+    else:
+        display.header({
+            "LoRA": str(path),
+            "EMA teacher": str(out_dir / checkpoint.TEACHER_FILE),
+            "metrics": str(out_dir / "metrics.jsonl"),
+            **({"previews": str(out_dir / "previews")} if previews else {}),
+            "load it": f"pipe = {family.pipeline_class}.from_pretrained('{cfg.model}'); "
+                       f"pipe.load_lora_weights('{out_dir}')",
+            "try it": f"lowvram-dopsd sample --lora {out_dir} --prompt \"...\"",
+            "ComfyUI": f"lowvram-dopsd export --format comfyui {out_dir}",
+        }, title="done")
+    return TrainResult(path, family, model, lora, cache, step=step, stopped=stopped, checkpoint=last_ckpt)

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 Cond = dict[str, torch.Tensor]  # one item's precomputed condition; stored as safetensors in the cache
 
@@ -129,6 +132,15 @@ class Family:
         """Family-specific settings of this run (setting name -> value): shown in the run summary and
         recorded in the LoRA's metadata, e.g. klein's `edit_instruction` for its edit teacher."""
         return {}
+
+    # ----- previews and sampling
+    # Extra arguments the stock pipeline needs for the model's own few-step sampling (`sample`).
+    pipeline_call_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def decode_latents(self, latents: torch.Tensor) -> list["PIL.Image.Image"]:
+        """Final latents (batch first, as `latent_shape`, on any device) -> PIL images, decoded exactly as
+        the pipeline decodes. The VAE is loaded on `latents.device` for this call only, then released."""
+        raise NotImplementedError
 
     # ----- output
     def lora_key_prefix(self) -> str:

@@ -59,6 +59,8 @@ class ZImage(Family):
     transformer_class = "ZImageTransformer2DModel"
     quant_skip = ("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer")
     vlm_hidden_layers = (-2,)  # ZImagePipeline._encode_prompt: hidden_states[-2]
+    required_components = ("transformer", "text_encoder", "tokenizer", "scheduler", "vae")
+    pipeline_call_kwargs = {"guidance_scale": 0.0}  # Turbo: no CFG, as the model card samples
 
     def __init__(self, model_dir: Path, model_id: str):
         super().__init__(model_dir, model_id)
@@ -143,3 +145,27 @@ class ZImage(Family):
         caps = [c["cap"].to(x.device, dtype) for c in conds]
         out = transformer(list(x.to(dtype).unsqueeze(2).unbind(0)), t, caps, return_dict=False)[0]
         return -torch.stack([o.float() for o in out], dim=0).squeeze(2)
+
+    # ------------------------------------------------------------------ previews
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list:
+        """As `ZImagePipeline.__call__` after the loop: unscale, unshift, VAE decode, postprocess to PIL.
+
+        The VAE runs in bf16 on a GPU (as the pipeline loaded in bf16) and fp32 on the CPU, one image
+        at a time (a 1024² decode is the peak), and is released before returning.
+        """
+        from diffusers import AutoencoderKL
+        from diffusers.image_processor import VaeImageProcessor
+
+        device = latents.device
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        vae = AutoencoderKL.from_pretrained(self.model_dir / "vae", dtype=dtype).to(device).eval()
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        images = []
+        try:
+            for lat in latents.split(1):
+                lat = lat.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+                images += processor.postprocess(vae.decode(lat, return_dict=False)[0], output_type="pil")
+        finally:
+            release(vae)
+        return images

@@ -1,0 +1,391 @@
+"""Resumable checkpoints: everything a run needs to continue exactly where it stopped.
+
+    lowvram-dopsd train ... --resume             # the latest checkpoint in the output folder
+    lowvram-dopsd train ... --resume out/checkpoints/step-000250
+
+A checkpoint is a folder `<output>/checkpoints/step-000250/`:
+
+    pytorch_lora_weights.safetensors  student LoRA, fp32, diffusers layout: loadable as is
+                                      (`pipe.load_lora_weights(folder)`, `lowvram-dopsd sample --lora folder`)
+    teacher_ema_lora.safetensors      EMA teacher LoRA, fp32, same layout
+    optimizer.safetensors             optimizer state tensors (AdamW moments and step counts)
+    rng.safetensors                   torch RNG states: the CPU noise generator, the global CPU and CUDA RNGs
+    state.json                        step, resolved config, model/dataset/condition identities,
+                                      optimizer hyper-parameters, LR-scheduler state, python RNG state,
+                                      the sampler's remaining epoch order
+
+It is written into a hidden `.tmp-*` folder that is renamed into place only when every file is
+on disk (fsync'ed), so a crash, a full disk or `kill -9` in the middle of a save leaves the previous
+checkpoints intact; a stale `.tmp-*` folder is ignored and removed by the next save. The last
+`keep_checkpoints` are kept. Nothing is pickled: tensors are safetensors, everything else JSON,
+so loading a checkpoint cannot run code.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import TrainConfig
+from .errors import UserError
+
+CKPT_DIR = "checkpoints"
+STUDENT_FILE = "pytorch_lora_weights.safetensors"
+TEACHER_FILE = "teacher_ema_lora.safetensors"
+STATE_FILE = "state.json"
+FORMAT = 2
+
+# Settings that may change between a run and its resume without changing the training math.
+# Everything else (rank, alpha, lr, loss, teacher, resolution, targets, seed, dtype, quant, ...) must
+# match, or the resumed run would not be the run that was stopped. `model`, `images`, `caption`,
+# `trigger` and `teacher_encoder` are checked through the identities instead (a moved folder is fine).
+HARMLESS = {
+    "steps", "save_every", "keep_checkpoints", "log_every", "output", "cache_dir", "device", "encoders_on",
+    "kernels", "grad_checkpointing", "on_bad_image", "preview_every", "preview_prompts", "preview_seed",
+    "preview_teacher", "model", "images", "caption", "trigger", "teacher_encoder",
+}
+NUMERIC_ONLY = {"device", "kernels"}  # harmless for the method, but results are no longer bit-identical
+
+
+# ---------------------------------------------------------------------------------------------
+# identities: what must be the same to continue a run
+# ---------------------------------------------------------------------------------------------
+def _strip_paths(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_paths(v) for k, v in obj.items() if k != "path"}
+    if isinstance(obj, list):
+        return [_strip_paths(v) for v in obj]
+    return obj
+
+
+def digest(obj: Any) -> str:
+    """sha256 of a JSON value with folder paths left out (moving a model folder changes nothing)."""
+    return hashlib.sha256(json.dumps(_strip_paths(obj), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_identity(model_dir: Path, family_name: str) -> str:
+    """The transformer's config and weight file sizes: a different checkpoint gives another value."""
+    folder = Path(model_dir) / "transformer"
+    h = hashlib.sha256(family_name.encode())
+    for p in sorted(folder.glob("*.json")):
+        h.update(p.name.encode() + p.read_bytes())
+    for p in sorted(folder.glob("*.safetensors")):
+        h.update(f"{p.name}:{p.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# what is saved
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RNGState:
+    """Every source of randomness of the loop, captured together (also at the start of a step)."""
+
+    noise: torch.Tensor            # the CPU generator the roll-out noise is drawn from
+    python: Any                    # random.Random: sampler shuffles and trained-state choice
+    order: list[int]               # the sampler's remaining epoch order
+    torch_cpu: torch.Tensor
+    cuda: list[torch.Tensor]
+
+    @classmethod
+    def capture(cls, noise_gen: torch.Generator, rng: random.Random, order: list[int]) -> "RNGState":
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        return cls(noise_gen.get_state(), rng.getstate(), list(order), torch.get_rng_state(), cuda)
+
+    def restore(self, noise_gen: torch.Generator, rng: random.Random) -> list[int]:
+        noise_gen.set_state(self.noise)
+        rng.setstate(self.python)
+        torch.set_rng_state(self.torch_cpu)
+        if self.cuda and torch.cuda.is_available() and len(self.cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(self.cuda)
+        return list(self.order)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    student: dict[str, torch.Tensor]  # names as DualLoRA.tensors() (no "transformer." prefix)
+    teacher: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]         # an optimizer.state_dict()
+    scheduler: dict[str, Any]
+    rng: RNGState
+    config: dict[str, Any]
+    identity: dict[str, Any]
+    info: dict[str, Any]
+
+
+def _tuple_state(state: Any) -> Any:
+    """random.Random.getstate() -> JSON gives lists; setstate wants the nested tuples back."""
+    return tuple(_tuple_state(v) for v in state) if isinstance(state, list) else state
+
+
+def _optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer.state_dict() as flat safetensors + JSON. Per-parameter state may nest dicts
+    (bitsandbytes' 8-bit AdamW wraps its quantization state in one): keys are paths "0/exp_avg"."""
+    tensors, scalars = {}, {}
+
+    def walk(path: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().cpu().contiguous()
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{path}/{k}", v)
+        elif value is None or isinstance(value, (bool, int, float, str, list, tuple)):
+            scalars[path] = value
+        else:
+            raise TypeError(f"optimizer state {path} is a {type(value).__name__}: cannot be saved without pickle")
+
+    for idx, slots in sd["state"].items():
+        walk(str(idx), slots)
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for path, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, *names = path.split("/")
+        node = state.setdefault(int(idx), {})
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = value
+    groups = []
+    for g in meta["param_groups"]:
+        groups.append({k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()})
+    return {"state": state, "param_groups": groups}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync folders; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (a state.json is present), oldest first."""
+    root = Path(out_dir) / CKPT_DIR
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith("step-") and (p / STATE_FILE).is_file():
+                try:
+                    found.append((int(p.name[5:]), p))
+                except ValueError:
+                    continue
+    return sorted(found)
+
+
+def latest(out_dir: Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def save(out_dir: Path, step: int, lora, optimizer: torch.optim.Optimizer, scheduler, rng_state: RNGState,
+         cfg: TrainConfig, identity: dict[str, Any], info: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep` (0 = keep all)."""
+    from .output import save_lora
+
+    root = Path(out_dir) / CKPT_DIR
+    final = root / f"step-{step:06d}"
+    previous = latest(out_dir)
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+        meta = {**info, "steps": step}
+        save_lora(tmp / STUDENT_FILE, lora, "student", meta, dtype=torch.float32)
+        save_lora(tmp / TEACHER_FILE, lora, "teacher", meta, dtype=torch.float32)
+        opt_tensors, opt_meta = _optimizer_to_files(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_tensors = {"noise": rng_state.noise, "torch_cpu": rng_state.torch_cpu}
+        rng_tensors.update({f"cuda.{i}": t for i, t in enumerate(rng_state.cuda)})
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        for name in ("optimizer.safetensors", "rng.safetensors"):
+            with open(tmp / name, "rb+") as fh:
+                os.fsync(fh.fileno())
+        _write_json(tmp / STATE_FILE, {  # written last: its presence marks a complete checkpoint
+            "format": FORMAT, "tool_version": __version__, "step": step, "saved_at": time.time(),
+            "config": cfg.to_dict(), "identity": identity, "info": info,
+            "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+            "python_rng": rng_state.python, "sampler_order": rng_state.order,
+            "cuda_rng_devices": len(rng_state.cuda),
+        })
+        _fsync(tmp)
+        if final.exists():  # the same step saved again (e.g. stopped right after a periodic save)
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(root)
+    except OSError as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        kept = f"The previous checkpoint {previous} is intact" if previous else "No earlier checkpoint exists"
+        raise UserError(
+            f"Could not save the checkpoint of step {step} in '{root}': {why}. {kept}. Free some space "
+            f"(or lower keep_checkpoints, now {keep}), then continue with --resume."
+        ) from exc
+    _rotate(root, keep)
+    return final
+
+
+def _rotate(root: Path, keep: int) -> None:
+    for p in root.iterdir():  # leftovers of a save that was killed
+        if p.name.startswith((".tmp-step-", ".old-step-")) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    if keep > 0:
+        for _, p in list_checkpoints(root.parent)[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.split(".", 1)[1]: v for k, v in tensors.items()}
+
+
+def load(path: Path) -> Checkpoint:
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        student = _strip_prefix(load_file(str(path / STUDENT_FILE)))
+        teacher = _strip_prefix(load_file(str(path / TEACHER_FILE)))
+        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+    except Exception as exc:  # missing file, cut-off safetensors header, bad JSON: all the same to the user
+        raise UserError(f"The checkpoint '{path}' is damaged or incomplete ({exc}). Resume from an older one: "
+                        f"--resume {path.parent}/step-XXXXXX (see the folder's contents).") from exc
+    if state.get("format") != FORMAT:
+        raise UserError(f"The checkpoint '{path}' was written by lowvram-dopsd {state.get('tool_version')} in a "
+                        f"format this version ({__version__}) cannot read.")
+    rng_state = RNGState(noise=rng["noise"], python=_tuple_state(state["python_rng"]), order=state["sampler_order"],
+                         torch_cpu=rng["torch_cpu"],
+                         cuda=[rng[f"cuda.{i}"] for i in range(state.get("cuda_rng_devices", 0))])
+    return Checkpoint(path=path, step=int(state["step"]), student=student, teacher=teacher,
+                      optimizer=_optimizer_from_files(opt_tensors, state["optimizer"]),
+                      scheduler=state["scheduler"], rng=rng_state, config=state["config"],
+                      identity=state["identity"], info=state.get("info", {}))
+
+
+def resolve(resume: str, out_dir: Path) -> Path:
+    """`--resume` with no value -> "latest"; a checkpoint folder; or an output folder (its latest)."""
+    if resume in ("", "latest"):
+        found = latest(out_dir)
+        if found is None:
+            raise UserError(f"--resume: there is no checkpoint in '{Path(out_dir) / CKPT_DIR}'. Pass the run's "
+                            "--output folder (or --resume PATH), or leave out --resume to start a new run.")
+        return found
+    path = Path(resume).expanduser()
+    if (path / STATE_FILE).is_file():
+        return path
+    found = latest(path) if path.is_dir() else None
+    if found is None:
+        raise UserError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}) nor an output folder with "
+                        f"checkpoints in {CKPT_DIR}/.")
+    return found
+
+
+def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any]) -> list[str]:
+    """Raise a UserError if resuming would change the run's math; return warnings for harmless changes."""
+    problems, notes = [], []
+    defaults = TrainConfig().to_dict()
+    for key, now in cfg.to_dict().items():
+        before = ckpt.config.get(key, defaults.get(key))
+        if before == now or (isinstance(before, list) and list(now) == before):
+            continue
+        if key in HARMLESS:
+            if key == "steps" and now < ckpt.step:
+                raise UserError(f"The checkpoint '{ckpt.path}' is at step {ckpt.step}, but steps = {now}. "
+                                f"Pass --steps {ckpt.step + 1} or more to train further.")
+            if key in NUMERIC_ONLY:
+                notes.append(f"{key} changed ({before!r} -> {now!r}): the run continues, but not bit-identically")
+            elif key not in ("model", "images", "caption", "trigger", "teacher_encoder"):
+                notes.append(f"{key} changed ({before!r} -> {now!r})")
+        else:
+            problems.append(f"{key} = {now!r} (the run used {before!r})")
+    what = {"model": "the base model (its transformer config or weights differ)",
+            "dataset": "the training set (images, captions or their sizes differ)",
+            "conditions": "the encoders that computed the conditions (text encoder, teacher VLM or their settings)"}
+    for key, label in what.items():
+        if key in ckpt.identity and ckpt.identity[key] != identity.get(key):
+            problems.append(label)
+    if problems:
+        fixes = " ".join(f"--set {p.split(' = ')[0]}={_cli_value(ckpt.config.get(p.split(' = ')[0]))}"
+                         for p in problems if " = " in p)
+        raise UserError(
+            f"Cannot resume '{ckpt.path}': this run would not continue the one that was saved. Changed: "
+            f"{'; '.join(problems)}. Run with the original settings{' (' + fixes + ')' if fixes else ''}, "
+            "or start a new run in another --output folder."
+        )
+    return notes
+
+
+def _cli_value(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the output folder between runs
+# ---------------------------------------------------------------------------------------------
+RUN_FILES = (CKPT_DIR, "previews", "metrics.jsonl", STUDENT_FILE, TEACHER_FILE, "comfyui")
+
+
+def archive_previous_run(out_dir: Path) -> Path | None:
+    """A new run in a folder that holds a finished or stopped one: move that run aside, never delete it."""
+    out_dir = Path(out_dir)
+    present = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not (out_dir / CKPT_DIR).is_dir() and not (out_dir / "metrics.jsonl").is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = out_dir / "previous-runs" / stamp
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = out_dir / "previous-runs" / f"{stamp}-{n}"
+    dest.mkdir(parents=True)
+    for name in present:
+        os.replace(out_dir / name, dest / name)
+    return dest
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the log lines of steps <= last_step (a resumed run re-does the later ones), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+

@@ -1,0 +1,120 @@
+"""Preview grids: what the LoRA makes right now, in the model's own few steps, from fixed seeds.
+
+With `preview_every = N` (0 = off) the trainer writes `<output>/previews/step-000000.png` before the
+first step (the base model: the baseline), every N steps, and at the end. Each grid holds one
+sample per preview prompt (`preview_prompts`; default: two training captions and two unseen
+scenes with the trigger), drawn with the family's default few-step schedule (Z-Image 8 steps) by
+the student (base + student LoRA), from seed `preview_seed + i` for prompt i, and decoded by
+`family.decode_latents` (the VAE is loaded for that, then released). The same image comes out of
+
+    lowvram-dopsd sample --lora <output> --prompt "<prompt i>" --seed <preview_seed + i>
+
+With `preview_teacher = true` a second row shows the EMA teacher (teacher LoRA + the teacher's
+image-aware condition) for the prompts that are training captions: what the student is pulled toward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+from .families.base import Cond, Family
+from .lora import DualLoRA
+
+UNSEEN_SCENES = ("{trigger}, walking through a busy city street at night, neon signs, rain",
+                 "a watercolor painting of {trigger} in a sunny meadow")
+
+
+def default_prompts(captions: list[str], trigger: str) -> list[str]:
+    """Two training captions (what it learns), plus two new scenes with the trigger (does it generalise)."""
+    seen = list(dict.fromkeys(captions))[:2]
+    unseen = [s.format(trigger=trigger) for s in UNSEEN_SCENES] if trigger else []
+    return seen + unseen
+
+
+@torch.no_grad()
+def few_step_sample(family: Family, model: torch.nn.Module, lora: DualLoRA, role: str | None, noise: torch.Tensor,
+                    sigmas: torch.Tensor, conds: list[Cond]) -> torch.Tensor:
+    """The pipeline's Euler sampler with one LoRA set (the roll-out of `rollout_and_learn`, nothing trained)."""
+    x = noise
+    with lora.use(role):
+        for k in range(len(sigmas) - 1):
+            x = x + (sigmas[k + 1] - sigmas[k]) * family.velocity(model, x, sigmas[k], conds)
+    return x
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def make_grid(rows: list[list[Image.Image | None]], title: str, labels: list[str]) -> Image.Image:
+    """Images in rows (None = an empty cell), a title strip, and each column's label under the first row."""
+    w, h = next(im.size for row in rows for im in row if im is not None)
+    cols = max(len(r) for r in rows)
+    font_size = max(10, w // 24)
+    font = _font(font_size)
+    title_h, label_h = font_size + 8, 2 * font_size + 8
+    grid = Image.new("RGB", (cols * w, title_h + len(rows) * h + label_h), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 3), title, fill=(0, 0, 0), font=font)
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            if im is not None:
+                grid.paste(im.convert("RGB").resize((w, h)), (c * w, title_h + r * h))
+    chars = max(8, int(w / (font_size * 0.55)))
+    for c, text in enumerate(labels):
+        lines = [text[i:i + chars] for i in range(0, min(len(text), 2 * chars), chars)]
+        for i, line in enumerate(lines):
+            y = title_h + len(rows) * h + 3 + i * (font_size + 2)
+            draw.text((c * w + 3, y), line, fill=(60, 60, 60), font=font)
+    return grid
+
+
+@dataclass
+class Previewer:
+    family: Family
+    model: torch.nn.Module
+    lora: DualLoRA
+    out_dir: Path
+    prompts: list[str]
+    conds: list[Cond]                      # student condition of each prompt
+    teacher_conds: list[Cond | None]       # teacher condition for prompts that are training captions
+    height: int
+    width: int
+    seed: int
+    device: torch.device
+
+    def noise(self, i: int) -> torch.Tensor:
+        gen = torch.Generator("cpu").manual_seed(self.seed + i)  # = the stock pipeline with this generator
+        return torch.randn((1, *self.family.latent_shape(self.height, self.width)), generator=gen,
+                           dtype=torch.float32).to(self.device)
+
+    def write(self, step: int) -> Path:
+        sigmas = self.family.sigmas(self.height, self.width, self.family.default_rollout_steps)
+        student = [few_step_sample(self.family, self.model, self.lora, "student", self.noise(i), sigmas, [c])
+                   for i, c in enumerate(self.conds)]
+        rows = [self.family.decode_latents(torch.cat(student))]
+        if any(c is not None for c in self.teacher_conds):
+            teacher = [None if c is None else
+                       few_step_sample(self.family, self.model, self.lora, "teacher", self.noise(i), sigmas, [c])
+                       for i, c in enumerate(self.teacher_conds)]
+            decoded = iter(self.family.decode_latents(torch.cat([t for t in teacher if t is not None])))
+            rows.append([None if t is None else next(decoded) for t in teacher])
+        title = f"step {step}" + ("  (top: student, bottom: EMA teacher)" if len(rows) > 1 else "")
+        grid = make_grid(rows, title, self.prompts)
+        info = PngImagePlugin.PngInfo()
+        info.add_text("step", str(step))
+        info.add_text("prompts", "\n".join(self.prompts))
+        info.add_text("seeds", ",".join(str(self.seed + i) for i in range(len(self.prompts))))
+        info.add_text("steps", str(self.family.default_rollout_steps))
+        path = self.out_dir / "previews" / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.png")
+        grid.save(tmp, pnginfo=info)
+        tmp.replace(path)
+        return path

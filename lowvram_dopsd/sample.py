@@ -1,0 +1,129 @@
+"""Generate with a trained LoRA through the STOCK diffusers pipeline: what users of the LoRA will get.
+
+    lowvram-dopsd sample --lora out --prompt "sks dog surfing a wave" [--steps 8] [--seed 0] [--output dog.png]
+
+The base model is read from the LoRA's metadata (`base_model`, written by the trainer) unless
+`--model` is given. The pipeline is `DiffusionPipeline.from_pretrained(base)` and the LoRA goes in
+with `pipe.load_lora_weights(...)`: no code of ours runs between them, so this is the check that
+the file works outside this tool. `--lora` takes an output folder, a checkpoint folder or a
+.safetensors file (including a ComfyUI export: diffusers converts it on load). Noise comes from a
+CPU generator seeded with `--seed`, so `--seed preview_seed + i` reproduces preview image i.
+Weights are read from safetensors only; remote code runs only with `--trust-remote-code`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import PngImagePlugin
+from safetensors import safe_open
+
+from .errors import UserError
+from .output import LORA_FILE
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def find_lora_file(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise UserError(f"'{p}' is not a .safetensors file. LoRAs are read from safetensors only "
+                            "(other formats can run code when loaded).")
+        return p
+    if (p / LORA_FILE).is_file():
+        return p / LORA_FILE
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors"))
+        if len(files) == 1:
+            return files[0]
+        raise UserError(f"'{p}' has no {LORA_FILE}" + (f" but {len(files)} .safetensors files: pass one of them."
+                                                       if files else "."))
+    raise UserError(f"The LoRA '{path}' does not exist. Pass the training output folder, a checkpoint folder "
+                    "or a .safetensors file.")
+
+
+def read_metadata(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata() or {}
+    except Exception as exc:
+        raise UserError(f"'{path}' is not a readable safetensors file ({exc}).") from exc
+
+
+@dataclass
+class SampleRequest:
+    lora: str
+    prompts: list[str]
+    model: str = ""
+    steps: int = 0
+    seed: int = 0
+    width: int = 0
+    height: int = 0
+    output: str = ""
+    device: str = "auto"
+    dtype: str = "bf16"
+    scale: float = 1.0
+    trust_remote_code: bool = False
+    offload: bool | None = None  # None: model CPU offload on a GPU with < 40 GB
+
+
+def output_paths(req: SampleRequest) -> list[Path]:
+    if req.output:
+        out = Path(req.output).expanduser()
+        if len(req.prompts) == 1:
+            return [out]
+        return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(req.prompts))]
+    return [Path(f"sample-{req.seed}-{i}.png" if len(req.prompts) > 1 else f"sample-{req.seed}.png")
+            for i in range(len(req.prompts))]
+
+
+def sample(req: SampleRequest, console=None) -> list[Path]:
+    from diffusers import DiffusionPipeline
+
+    from .families import load_family
+    from .train import resolve_device
+
+    lora_file = find_lora_file(req.lora)
+    meta = read_metadata(lora_file)
+    info = json.loads(meta.get("lowvram_dopsd", "{}"))
+    base = req.model or info.get("base_model", "")
+    if not base:
+        raise UserError(f"'{lora_file}' does not say which base model it was trained on (no lowvram_dopsd "
+                        "metadata). Pass --model (a Hugging Face id or a local diffusers folder).")
+    family = load_family(base)  # finds the folder (or cached id) and checks its components
+    device = resolve_device(req.device)
+    dtype = DTYPES[req.dtype] if device.type == "cuda" else torch.float32
+    pipe = DiffusionPipeline.from_pretrained(family.model_dir, dtype=dtype, use_safetensors=True,
+                                             trust_remote_code=req.trust_remote_code)
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, use_safetensors=True,
+                           adapter_name="dopsd")
+    if req.scale != 1.0:
+        pipe.set_adapters(["dopsd"], adapter_weights=[req.scale])
+    offload = req.offload
+    if offload is None:
+        offload = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 40 * 2**30
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    steps = req.steps or family.default_rollout_steps  # the model's own few-step count
+    size = info.get("resolution") or 1024
+    width, height = req.width or size, req.height or size
+    written = []
+    for prompt, path in zip(req.prompts, output_paths(req)):
+        gen = torch.Generator("cpu").manual_seed(req.seed)  # same noise on any device (= the trainer's previews)
+        image = pipe(prompt, num_inference_steps=steps, width=width, height=height, generator=gen,
+                     **family.pipeline_call_kwargs).images[0]
+        png = PngImagePlugin.PngInfo()
+        for key, value in {"prompt": prompt, "seed": req.seed, "steps": steps, "base_model": base,
+                           "lora": str(lora_file), "lora_scale": req.scale}.items():
+            png.add_text(key, str(value))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, pnginfo=png)
+        written.append(path)
+        if console is not None:
+            console.print(f"wrote {path}  ({prompt!r}, seed {req.seed}, {steps} steps)")
+    return written

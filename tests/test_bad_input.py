@@ -1,0 +1,136 @@
+"""Bad input: a clear one-paragraph error (exit 2) or a listed warning, never a crash, nothing lost.
+
+Covered elsewhere: missing/empty folder, corrupt images skipped, RGBA/P/L/I;16/CMYK/EXIF (test_data.py);
+unknown preset and unknown key (test_config.py, test_cli.py); disk full during a save
+(test_checkpoint.py); CUDA out of memory in a step (test_resume.py).
+"""
+import shutil
+
+import pytest
+from PIL import Image
+
+from lowvram_dopsd import data
+from lowvram_dopsd.cli import main
+from lowvram_dopsd.config import load_config
+from lowvram_dopsd.errors import UserError
+from lowvram_dopsd.families import load_family
+from lowvram_dopsd.train import oom_advice, prepare_output
+
+
+def img(path, size=(80, 60), mode="RGB"):
+    Image.new("RGB", size, (200, 30, 30)).convert(mode).save(path)
+    return path
+
+
+def test_images_path_is_a_file_or_has_images_only_in_subfolders(tmp_path):
+    img(tmp_path / "a.png")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        data.scan(str(tmp_path / "a.png"), "", "sks", 64)
+    (tmp_path / "set" / "dog").mkdir(parents=True)
+    img(tmp_path / "set" / "dog" / "1.jpg")
+    with pytest.raises(UserError, match=r"subfolders dog/"):
+        data.scan(str(tmp_path / "set"), "", "sks", 64)
+
+
+def test_bad_images_stop_the_run_when_asked(tmp_path, tiny_zimage_dir, capsys):
+    img(tmp_path / "good.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    ds = data.scan(str(tmp_path), "", "sks", 64)  # default: skip and list
+    assert [p.name for p, _ in ds.skipped] == ["broken.jpg"] and len(ds) == 1
+    code = main(["train", "--preset", "cpu-demo", "--model", str(tiny_zimage_dir), "--images", str(tmp_path),
+                 "--trigger", "sks", "--output", str(tmp_path / "out"), "--set", "on_bad_image=stop"])
+    err = capsys.readouterr().err
+    assert code == 2 and "broken.jpg" in err and "on_bad_image" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_tiny_images_are_skipped_and_small_ones_warned(tmp_path):
+    img(tmp_path / "ok.png", (256, 256))
+    img(tmp_path / "small.png", (40, 50))
+    img(tmp_path / "speck.png", (10, 300))
+    ds = data.scan(str(tmp_path), "", "sks", 256)
+    assert [it.image_path.name for it in ds.items] == ["ok.png", "small.png"]
+    assert ds.skipped[0][0].name == "speck.png" and "too small" in ds.skipped[0][1]
+    (path, why), = ds.warnings
+    assert path.name == "small.png" and "upscaled" in why
+
+
+def test_decompression_bomb_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL warns above this, refuses above twice this
+    img(tmp_path / "big.png", (40, 40))     # 1600 px: huge but legitimate -> used, with a warning
+    img(tmp_path / "bomb.png", (50, 50))    # 2500 px: over the limit -> skipped with the reason
+    ds = data.scan(str(tmp_path), "", "sks", 64)
+    assert [it.image_path.name for it in ds.items] == ["big.png"]
+    assert "very large" in ds.warnings[0][1]
+    assert ds.skipped[0][0].name == "bomb.png" and "decompression-bomb limit" in ds.skipped[0][1]
+
+
+@pytest.mark.parametrize("mode", ["LA", "I", "F", "1", "YCbCr"])
+def test_more_modes_become_rgb(tmp_path, mode):
+    path = tmp_path / ("x.tif" if mode in ("I", "F", "YCbCr") else "x.png")
+    Image.new("RGB", (20, 10), (10, 200, 30)).convert(mode).save(path)
+    im = data.load_rgb(path)
+    assert im.mode == "RGB" and im.size == (20, 10)
+
+
+def test_transparency_is_flattened_on_white(tmp_path):
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "t.png")
+    assert data.load_rgb(tmp_path / "t.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_caption_encodings(tmp_path, monkeypatch):
+    for name in ("a", "b", "c", "d", "e"):
+        img(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_bytes("une photo de sks au café".encode("cp1252"))
+    (tmp_path / "b.txt").write_text("sks im Schnee, Grüße", encoding="utf-16")  # with BOM
+    (tmp_path / "c.txt").write_bytes("sks at night".encode("utf-16-le"))        # no BOM: NUL bytes
+    (tmp_path / "d.txt").write_text("  \n")
+    (tmp_path / "e.txt").write_text("unreadable")
+    real = data.read_caption_checked
+
+    def read(path):
+        if path.name == "e.txt":
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(data, "read_caption_checked", read)
+    ds = data.scan(str(tmp_path), "a photo", "sks", 64)
+    caps = {it.image_path.name: it.caption for it in ds.items}
+    assert caps["a.png"] == "une photo de sks au café" and caps["b.png"] == "sks im Schnee, Grüße"
+    assert caps["c.png"] == "sks at night" and caps["d.png"] == "sks, a photo"
+    notes = {p.name: why for p, why in ds.warnings}
+    assert "not UTF-8" in notes["a.txt"] and "NUL" in notes["c.txt"] and "empty caption" in notes["d.txt"]
+    assert ds.skipped == [(tmp_path / "e.png", "its caption e.txt cannot be read (Permission denied)")]
+
+
+def test_config_values_and_list_separators():
+    with pytest.raises(UserError, match="'skip', 'stop'"):
+        load_config("cpu-demo", {"on_bad_image": "ignore"})
+    cfg = load_config("cpu-demo", {"preview_prompts": "sks, on a beach | a watercolor of sks"})
+    assert cfg.preview_prompts == ["sks, on a beach", "a watercolor of sks"]  # commas stay inside a prompt
+    with pytest.raises(UserError, match="keep_checkpoints"):
+        load_config("cpu-demo", {"keep_checkpoints": "-1"})
+
+
+def test_model_folder_missing_a_component(tmp_path, tiny_zimage_dir):
+    broken = tmp_path / "model"
+    broken.mkdir()
+    shutil.copy(tiny_zimage_dir / "model_index.json", broken)
+    for part in ("transformer", "text_encoder", "tokenizer", "scheduler"):  # no vae/
+        (broken / part).symlink_to(tiny_zimage_dir / part)
+    with pytest.raises(UserError, match=r"missing vae/.*download the model again"):
+        load_family(str(broken))
+
+
+def test_output_folder_not_writable(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="Cannot write to the output folder"):
+        prepare_output(str(tmp_path / "file" / "out"))
+
+
+def test_out_of_memory_advice_names_the_levers_left():
+    advice = oom_advice(load_config("24gb"), "24gb")
+    assert "--preset 16gb" in advice and "--quant qint8" in advice and "--resolution 768" in advice
+    advice = oom_advice(load_config("16gb"), "16gb")
+    assert "--quant" not in advice and "adamw8bit" not in advice and "--resolution 768" in advice
+    assert "--rank 32" in advice and "preview_every=0" in advice

@@ -1,0 +1,143 @@
+"""Stop a run (Ctrl-C, or CUDA out of memory) and resume it: the final LoRA equals an uninterrupted run's.
+
+All runs go through the command line, on the tiny Z-Image model, fp32 on the CPU (deterministic).
+"""
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lowvram_dopsd.train as train_mod
+from lowvram_dopsd.cli import main
+
+
+@pytest.fixture(scope="module")
+def args(tiny_zimage_dir, tiny_vlm_dir, demo_images, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("resume-cache")
+
+    def make(out, *extra):
+        return ["train", "--preset", "cpu-demo", "--model", str(tiny_zimage_dir), "--teacher-encoder",
+                str(tiny_vlm_dir), "--images", str(demo_images), "--cache-dir", str(cache), "--output", str(out),
+                "--steps", "4", "--rollout-steps", "2", "--train-states", "1", "--lr", "5e-3",
+                "--set", "warmup_steps=2", "--set", "save_every=100", *extra]
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(args, tmp_path_factory):
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference")
+    assert main(args(out)) == 0
+    return out
+
+
+def read_run(out):
+    lora = load_file(str(out / "checkpoints" / "step-000004" / "pytorch_lora_weights.safetensors"))
+    teacher = load_file(str(out / "checkpoints" / "step-000004" / "teacher_ema_lora.safetensors"))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return lora, teacher, metrics
+
+
+def assert_same_run(out, reference):
+    lora, teacher, metrics = read_run(out)
+    ref_lora, ref_teacher, ref_metrics = read_run(reference)
+    assert set(lora) == set(ref_lora)
+    for k in ref_lora:
+        assert torch.equal(lora[k], ref_lora[k]), k          # bit for bit
+        assert torch.equal(teacher[k], ref_teacher[k]), k
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]     # appended, no step twice
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics]
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # it trained
+
+
+def calls_that(monkeypatch, on_call, action):
+    """Wrap rollout_and_learn (2 calls per step here: batch 2 as 2 micro-batches) to act on call `on_call`."""
+    real, count = train_mod.rollout_and_learn, [0]
+
+    def wrapped(*a, **k):
+        count[0] += 1
+        if count[0] == on_call:
+            action()
+        return real(*a, **k)
+    monkeypatch.setattr(train_mod, "rollout_and_learn", wrapped)
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(args, reference, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    # Ctrl-C during step 2: the step finishes, a checkpoint is saved, exit 0. Previews on: they must not
+    # disturb the training randomness.
+    calls_that(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert main(args(out, "--set", "preview_every=3", "--set", "preview_prompts=sks ball in space")) == 0
+    printed = capsys.readouterr().out
+    assert "Ctrl-C" in printed and "stopped" in printed
+    assert "--resume" in printed and "lowvram-dopsd train" in printed
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    monkeypatch.undo()
+
+    assert main(args(out, "--set", "preview_every=3", "--set", "preview_prompts=sks ball in space", "--resume")) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert_same_run(out, reference)
+    assert sorted(p.name for p in (out / "previews").iterdir()) == \
+        ["step-000000.png", "step-000003.png", "step-000004.png"]
+
+
+def test_out_of_memory_keeps_the_state_before_the_step_and_resumes_exactly(args, reference, tmp_path, monkeypatch,
+                                                                          capsys):
+    out = tmp_path / "run"
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    calls_that(monkeypatch, 6, oom)  # in the second micro-batch of step 3
+    assert main(args(out)) == 2
+    err = capsys.readouterr().err
+    assert "ran out of memory while training step 3" in err and "Traceback" not in err
+    assert "step-000002" in err and "--quant qint8" in err and "--resolution" not in err  # 64 px: not a lever
+    monkeypatch.undo()
+    assert main(args(out, "--resume")) == 0
+    assert_same_run(out, reference)
+
+
+def test_resume_refuses_a_change_in_the_math(args, reference, capsys):
+    assert main(args(reference, "--rank", "8", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "rank = 8" in err and "--set rank=4" in err
+
+
+def test_second_ctrl_c_stops_at_once():
+    notes = []
+    with pytest.raises(KeyboardInterrupt):
+        with train_mod.GracefulStop(notes.append) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested and "Ctrl-C again" in notes[0]
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_klein_edit_teacher_resumes_exactly_with_teacher_previews(tiny_klein_dir, demo_images, tmp_path,
+                                                                  monkeypatch):
+    """The same on the other family: klein's edit teacher (reference latents in its condition), and
+    preview grids with the EMA teacher's row, decoded by klein's own decode_latents."""
+    def run(out, *extra):
+        return main(["train", "--preset", "cpu-demo", "--model", str(tiny_klein_dir), "--images", str(demo_images),
+                     "--cache-dir", str(tmp_path / "cache"), "--output", str(out), "--steps", "2",
+                     "--train-states", "1", "--lr", "5e-3", "--set", "save_every=100", *extra])
+
+    assert run(tmp_path / "ref") == 0
+    calls_that(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGINT))  # during step 1
+    previews = ["--set", "preview_every=1", "--set", "preview_teacher=true",
+                "--set", "preview_prompts=a photo of sks ball on grass|sks ball on the moon"]
+    assert run(tmp_path / "run", *previews) == 0
+    monkeypatch.undo()
+    assert run(tmp_path / "run", *previews, "--resume") == 0
+    ref = load_file(str(tmp_path / "ref" / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors"))
+    got = load_file(str(tmp_path / "run" / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors"))
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    grids = sorted((tmp_path / "run" / "previews").iterdir())
+    assert [p.name for p in grids] == ["step-000000.png", "step-000002.png"]  # no grid on Ctrl-C
+    from PIL import Image
+    assert Image.open(grids[-1]).height > 2 * 64  # student row + teacher row
