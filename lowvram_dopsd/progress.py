@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 
 PLAIN_EVERY_S = 10.0
@@ -45,7 +46,7 @@ class Display:
         table.add_column(style="bold cyan", no_wrap=True)
         table.add_column()
         for k, v in rows.items():
-            table.add_row(k, v)
+            table.add_row(k, Text(v))  # plain text: captions like "[trigger]" are not markup
         self.console.print(Panel(table, title=title, expand=False))
 
     def __enter__(self) -> "Display":

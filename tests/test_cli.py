@@ -51,3 +51,10 @@ def test_unknown_setting_and_unknown_preset(capsys):
     assert "Did you mean 'rank'" in capsys.readouterr().err
     assert main(["train", "--preset", "12gbb"]) == 2
     assert "16gb" in capsys.readouterr().err
+
+
+def test_header_shows_square_brackets_literally(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, capsys):
+    main(["train", "--preset", "cpu-demo", "--model", str(tiny_zimage_dir), "--teacher-encoder", str(tiny_vlm_dir),
+          "--images", str(demo_images), "--output", str(tmp_path / "o"), "--steps", "1", "--trigger", "sks ball",
+          "--cache-dir", str(tmp_path / "cache")])
+    assert "[trigger]" in capsys.readouterr().out  # the caption rule names the placeholder
