@@ -91,8 +91,13 @@ def demo_model_dir() -> Path:
 def cmd_demo(args: argparse.Namespace) -> int:
     from importlib import resources
 
+    import torch
+
     from .train import train
 
+    # The tiny model is latency-bound: on a 2-core machine one thread ran the demo at 0.44 s/step,
+    # two threads (the default) at 14-63 s/step (thread wake-ups on every small op).
+    torch.set_num_threads(1)
     root = demo_model_dir()
     images = resources.files("lowvram_dopsd") / "assets" / "demo"
     overrides = {"model": str(root / "tiny-zimage"), "teacher_encoder": str(root / "tiny-qwen3vl"),
