@@ -98,5 +98,7 @@ def evaluate(generate, clf, prior: list[world.Scene], concept: list[world.Scene]
 def grid(rows: list[torch.Tensor], path, scale: int = 3) -> None:
     from PIL import Image
 
+    n = max(len(r) for r in rows)
+    rows = [torch.cat([r, torch.full((n - len(r), *r.shape[1:]), -1.0)]) if len(r) < n else r for r in rows]
     img = np.concatenate([np.concatenate(list(world.to_uint8(r)), 1) for r in rows], 0)
     Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
