@@ -110,8 +110,24 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="toy")
     ap.add_argument("--grid", default="docs/img/toy-samples.png")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only merge the runs of earlier result files (e.g. seeds run in parallel) into --tag")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.merge:
+        files = [json.loads(Path(f).read_text()) for f in a.merge]
+        runs = [r for f in files for r in f["runs"]]
+        meta = dict(files[0]["meta"])
+        meta["seeds"] = sorted({r["seed"] for r in runs})
+        meta["wall_s"] = sum(f["meta"]["wall_s"] for f in files)
+        meta["command"] = " ; ".join(f["meta"]["command"] for f in files)
+        meta["merged_from"] = list(a.merge)
+        summary = summarize(runs)
+        out = Path(a.out)
+        (out / f"{a.tag}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
+        (out / f"{a.tag}.md").write_text(table(summary, meta))
+        print(table(summary, meta))
+        return 0
     from ..train import train
 
     t_start = time.time()
@@ -261,7 +277,7 @@ def table(summary, meta) -> str:
                 f"the base with the same captions text-only: {t['base_text_only_train_prompts'][0]:.3f}.\n")
     return (f"# Toy world: SFT vs D-OPSD (issue #7)\n\nCommand: `{meta['command']}`  \n"
             f"Seeds {meta['seeds']}, {meta['steps']} steps, {meta['images']} concept images, "
-            f"{meta['threads']} CPU thread(s), total wall-clock {meta['wall_s']:.0f} s, torch {meta['torch']}.  \n"
+            f"{meta['threads']} CPU thread(s), total wall-clock {meta['wall_s']:.0f} s (summed over processes), torch {meta['torch']}.  \n"
             f"Mean ± std over seeds (n = {len(meta['seeds'])}).\n\n" + head + "\n".join(lines) + "\n" + tail)
 
 
