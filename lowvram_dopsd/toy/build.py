@@ -131,6 +131,9 @@ def train_base(out: Path, steps: int, batch: int, seed: int, log) -> None:
         ema_(dit_ema, dit, d)
         if step % 100 == 0 or step == steps - 1:
             log(f"base {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if step % 300 == 299:  # snapshots, to look at samples while it trains
+            save_module(dit_ema, out / "base_transformer", "ToyDiT")
+            save_module(enc_ema, out / "text_encoder", "ToyEncoder")
     save_module(enc_ema, out / "text_encoder", "ToyEncoder")
     save_module(dit_ema, out / "base_transformer", "ToyDiT")
     tok_dir = out / "tokenizer"
@@ -233,9 +236,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "assets" / "toy" / "model"))
     ap.add_argument("--stage", default="all", choices=["all", "base", "distill", "classifier"])
-    ap.add_argument("--base-steps", type=int, default=1800)
-    ap.add_argument("--distill-steps", type=int, default=1000)
-    ap.add_argument("--trajectories", type=int, default=2560)
+    ap.add_argument("--base-steps", type=int, default=2000)
+    ap.add_argument("--distill-steps", type=int, default=800)
+    ap.add_argument("--trajectories", type=int, default=2048)
     ap.add_argument("--classifier-steps", type=int, default=800)
     ap.add_argument("--classifier-batch", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)

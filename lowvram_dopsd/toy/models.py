@@ -59,6 +59,17 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.n2(x))
 
 
+def sincos_2d(n_side: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [n_side², dim] (as in DiT/MAE), unit scale."""
+    q = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(q, dtype=torch.float32) / q))
+    ys, xs = torch.meshgrid(torch.arange(n_side, dtype=torch.float32), torch.arange(n_side, dtype=torch.float32),
+                            indexing="ij")
+    out = [torch.sin(xs.flatten()[:, None] * omega), torch.cos(xs.flatten()[:, None] * omega),
+           torch.sin(ys.flatten()[:, None] * omega), torch.cos(ys.flatten()[:, None] * omega)]
+    return torch.cat(out, 1)
+
+
 def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
     B, C, H, W = img.shape
     return img.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
@@ -80,7 +91,7 @@ class ToyEncoder(nn.Module):
         self.tok = nn.Embedding(vocab_size, dim)
         self.patch = nn.Linear(3 * image_patch * image_patch, dim)
         self.pos_text = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
-        self.pos_img = nn.Parameter(torch.randn(n_patches, dim) * 0.02)
+        self.register_buffer("pos_img", sincos_2d(world.IMAGE_SIZE // image_patch, dim), persistent=False)
         self.blocks = nn.ModuleList([EncoderBlock(dim, heads) for _ in range(layers)])
         self.norm = nn.LayerNorm(dim)
 
@@ -126,20 +137,24 @@ class ToyDiT(nn.Module):
         self.patch, self.dim = patch, dim
         n = (world.IMAGE_SIZE // patch) ** 2
         self.x_embed = nn.Linear(3 * patch * patch, dim)
-        self.pos = nn.Parameter(torch.randn(n, dim) * 0.02)
+        self.register_buffer("pos", sincos_2d(world.IMAGE_SIZE // patch, dim), persistent=False)
         self.cond_embed = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, dim))
         self.t_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.blocks = nn.ModuleList([DiTBlock(dim, heads) for _ in range(layers)])
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.final_ada = nn.Linear(dim, 2 * dim)
-        self.final = nn.Linear(dim, 3 * patch * patch)
-        for m in (self.final_ada, self.final):
+        # Tokens -> an 8-channel 32x32 feature map -> a small conv head that sees the noisy input too
+        # (smooths across patch borders: pixel-space patch DiTs this small otherwise render blocks).
+        self.final = nn.Linear(dim, 8 * patch * patch)
+        self.head_in = nn.Conv2d(8 + 3, 32, 3, padding=1)
+        self.head_out = nn.Conv2d(32, 3, 3, padding=1)
+        for m in (self.final_ada, self.head_out):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
     @property
     def dtype(self):
-        return self.pos.dtype
+        return self.x_embed.weight.dtype
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor):
         """x [B,3,32,32], sigma [B], cond [B,L,cond_dim], cond_mask [B,L] -> v [B,3,32,32]."""
@@ -155,7 +170,8 @@ class ToyDiT(nn.Module):
         h = seq[:, L:]
         shift, scale = self.final_ada(t)[:, None].chunk(2, -1)
         h = self.final(self.final_norm(h) * (1 + scale) + shift)
-        return unpatchify(h, self.patch, C, H, W)
+        f = unpatchify(h, self.patch, 8, H, W)
+        return self.head_out(F.gelu(self.head_in(torch.cat([f, x.to(f.dtype)], 1))))
 
 
 HEADS = {"shape": world.ALL_SHAPES, "colour": tuple(world.COLOURS), "size": tuple(world.SIZES),
