@@ -40,7 +40,7 @@ SIGMAS4 = (1.0, 0.9, 0.75, 0.5, 0.0)   # the authors' 4-step schedule t = {0, .1
 
 
 # ------------------------------------------------------------------------------------------ data
-def make_batch(rng: random.Random, n: int, p_context: float = 0.4):
+def make_batch(rng: random.Random, n: int, p_context: float = 0.4, p_same: float = 0.5):
     """Returns (text-only part, in-context part), each (captions, targets[, refs])."""
     n_ctx = sum(rng.random() < p_context for _ in range(n))
     txt_scenes = [world.random_scene(rng) for _ in range(n - n_ctx)]
@@ -48,7 +48,7 @@ def make_batch(rng: random.Random, n: int, p_context: float = 0.4):
     caps, tgts, refs = [], [], []
     for _ in range(n_ctx):
         ref = world.random_scene(rng, shapes=world.SHAPES + ("blob", "blob", "blob", "blob"))
-        if rng.random() < 0.5:
+        if rng.random() < p_same:
             tgt = ref
         else:
             other = world.random_scene(rng)
@@ -106,18 +106,22 @@ def sample(dit, h, m, noise, sigmas, substeps: int = 1):
 
 
 # ------------------------------------------------------------------------------------------ stages
-def train_base(out: Path, steps: int, batch: int, seed: int, log) -> None:
+def train_base(out: Path, steps: int, batch: int, seed: int, log, resume: bool = False,
+               p_context: float = 0.4, p_same: float = 0.5, lr: float = 1e-3) -> None:
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     enc, dit, tok = ToyEncoder(), ToyDiT(), world.Tokenizer()
+    if resume:  # continue from the EMA weights in `out` (a second phase with other data weights)
+        enc.load_state_dict(load_module(out / "text_encoder").state_dict())
+        dit.load_state_dict(load_module(out / "base_transformer").state_dict())
     enc_ema, dit_ema = copy.deepcopy(enc), copy.deepcopy(dit)
     params = list(enc.parameters()) + list(dit.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     t0 = time.time()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, 1e-3)
-        text, ctx = make_batch(rng, batch)
+            g["lr"] = cosine_lr(step, steps, lr)
+        text, ctx = make_batch(rng, batch, p_context, p_same)
         nt = len(text[0])
         loss = fm_loss(dit, enc, tok, *text, gen=gen) * nt / batch
         if ctx:
@@ -126,7 +130,7 @@ def train_base(out: Path, steps: int, batch: int, seed: int, log) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        d = min(0.999, (1 + step) / (10 + step))
+        d = 0.999 if resume else min(0.999, (1 + step) / (10 + step))
         ema_(enc_ema, enc, d)
         ema_(dit_ema, dit, d)
         if step % 100 == 0 or step == steps - 1:
@@ -243,6 +247,10 @@ def main(argv=None) -> int:
     ap.add_argument("--classifier-batch", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="base: continue from the folder's EMA weights")
+    ap.add_argument("--p-context", type=float, default=0.4, help="base: share of in-context items")
+    ap.add_argument("--p-same", type=float, default=0.5, help="base: in-context target = the reference")
+    ap.add_argument("--lr", type=float, default=1e-3, help="base: peak learning rate")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -259,8 +267,14 @@ def main(argv=None) -> int:
     info = {}
     t0 = time.time()
     if a.stage in ("all", "base"):
-        train_base(out, a.base_steps, a.batch, a.seed, log)
-        info["base"] = {"steps": a.base_steps, "batch": a.batch, "seed": a.seed, "wall_s": round(time.time() - t0)}
+        train_base(out, a.base_steps, a.batch, a.seed + (1 if a.resume else 0), log, a.resume, a.p_context,
+                   a.p_same, a.lr)
+        entry = {"steps": a.base_steps, "batch": a.batch, "seed": a.seed, "p_context": a.p_context,
+                 "p_same": a.p_same, "lr": a.lr, "wall_s": round(time.time() - t0)}
+        if a.resume:
+            info["base_phase2"] = entry
+        else:
+            info["base"] = entry
     t1 = time.time()
     if a.stage in ("all", "distill"):
         distill(out, a.trajectories, a.distill_steps, a.batch, a.seed, log)
