@@ -98,6 +98,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The tiny model is latency-bound: on a 2-core machine one thread ran the demo at 0.44 s/step,
     # two threads (the default) at 14-63 s/step (thread wake-ups on every small op).
     torch.set_num_threads(1)
+    if getattr(args, "world", "tiny") == "toy":
+        # The toy world (docs/toy.md): a trained 4-step 32x32 model whose teacher really reads the
+        # reference image, and 6 images of a shape it never saw (a ring) bound to the trigger 'sks'.
+        toy = resources.files("lowvram_dopsd") / "assets" / "toy"
+        root = Path(os.environ.get("LOWVRAM_DOPSD_DEMO_DIR", Path.home() / ".cache" / "lowvram-dopsd" / "demo"))
+        preset = "toy" if args.preset == "cpu-demo" else args.preset
+        overrides = {"model": str(toy / "model"), "images": str(toy / "concept"), "output": "dopsd-demo-out",
+                     "cache_dir": str(root / "features"), "trigger": "sks"}
+        overrides.update(_overrides(args))
+        train(load_config(preset, overrides), preset=preset, resume=args.resume, command=_without_resume(args.argv))
+        return 0
     root = demo_model_dir()
     images = resources.files("lowvram_dopsd") / "assets" / "demo"
     overrides = {"model": str(root / "tiny-zimage"), "teacher_encoder": str(root / "tiny-qwen3vl"),
@@ -163,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="train on the embedded tiny model and bundled images (CPU, ~1 min)")
     _add_train_flags(p, preset_default="cpu-demo")
+    p.add_argument("--world", choices=["tiny", "toy"], default="tiny",
+                   help="tiny: random-weight tiny Z-Image (plumbing only); toy: the trained toy world "
+                        "(docs/toy.md), preset 'toy'")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("plan", help="predict the GPU memory of a training step, from the model's config alone")
     _add_train_flags(p, preset_default="16gb", resume=False)

@@ -55,7 +55,7 @@ def resolve_dir(id_or_path: str, what: str, needs: str = "model_index.json") -> 
 
 
 def load_family(model: str) -> Family:
-    from . import klein, zimage  # noqa: F401  (registers)
+    from . import klein, toy, zimage  # noqa: F401  (registers)
 
     model_dir = resolve_dir(model, "model")
     try:

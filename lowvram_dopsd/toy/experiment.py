@@ -1,0 +1,285 @@
+"""Issue #7: learn a new concept in the toy world with vanilla SFT LoRA vs D-OPSD LoRA, measured at 4 steps.
+
+    python -m lowvram_dopsd.toy.experiment --out benchmarks/results            # the table (3 seeds)
+    python -m lowvram_dopsd.toy.experiment --out benchmarks/results --ablations
+
+Per seed: a concept set of N images of the never-seen shape (a ring) in random scenes, captioned
+with the trigger in the shape slot ("a large red sks at the left on gray background"). Methods,
+all with the same LoRA (targets, rank, alpha), steps, batch, learning rate and optimizer:
+  base        the 4-step distilled model, no LoRA;
+  sft         vanilla SFT LoRA: flow-matching loss on noised training images (sigma ~ logit-normal,
+              the base's own training distribution), student (text-only) condition; written here;
+  dopsd-v / dopsd-x0   D-OPSD through the project's `train()` (loss `velocity` / `x0`), preset `toy`.
+Ablations: teacher = frozen base LoRA-less (EMA decay ~1), teacher = student copy (decay 0),
+one random state per roll-out (train_states = 1).
+Also reported: the TEACHER's own concept rate (in-context: training image + caption) — an upper
+bound on what the self-teacher can transmit.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import world
+from .evaluate import eval_scenes, evaluate, grid
+from .models import load_module
+from .pipeline import ToyDiTPipeline, sample
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "toy" / "model"
+
+
+def concept_set(folder: Path, n: int, seed: int) -> list[world.Scene]:
+    rng = random.Random(1000 + seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    scenes = []
+    for i in range(n):
+        s = world.random_scene(rng, shapes=(world.CONCEPT_SHAPE,))
+        scenes.append(s)
+        Image.fromarray(world.render(s)).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(s.caption(world.TRIGGER))
+    return scenes
+
+
+def quiet_console():
+    from rich.console import Console
+    return Console(file=io.StringIO(), width=120)
+
+
+def make_cfg(model: Path, images: Path, out: Path, cache: Path, seed: int, steps: int, **kw):
+    from ..config import load_config
+    overrides = {"model": str(model), "images": str(images), "output": str(out), "cache_dir": str(cache),
+                 "seed": seed, "steps": steps, "save_every": steps + 1, **kw}
+    return load_config("toy", overrides)
+
+
+def run_sft(cfg, images: Path) -> tuple[torch.nn.Module, object]:
+    """Vanilla SFT LoRA with the trainer's own LoRA machinery, optimizer and data."""
+    from .. import data
+    from ..families import load_family
+    from ..lora import DualLoRA
+    from ..train import BucketSampler, make_optimizer
+
+    family = load_family(cfg.model)
+    ds = data.scan(str(images), cfg.caption, cfg.trigger, cfg.resolution)
+    conds = family.encode_student([it.caption for it in ds.items], cfg, torch.device("cpu"))
+    x0_all = world.to_tensor([world.render_file(it.image_path) for it in ds.items])
+    torch.manual_seed(cfg.seed)
+    model = family.load_transformer(cfg, torch.device("cpu"), torch.float32)
+    lora = DualLoRA.attach(model, family.lora_targets, cfg.rank, cfg.alpha)
+    params = lora.student_parameters()
+    opt = make_optimizer(params, cfg, cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = BucketSampler(ds.items, cfg.micro_batch, random.Random(cfg.seed))
+    for _ in range(cfg.steps):
+        for _ in range(cfg.grad_accum):
+            idx = sampler.next()
+            x0 = x0_all[idx]
+            noise = torch.randn(x0.shape, generator=gen)
+            sigma = torch.sigmoid(torch.randn(len(idx), generator=gen))
+            xs = (1 - sigma)[:, None, None, None] * x0 + sigma[:, None, None, None] * noise
+            with lora.use("student"):
+                v = torch.stack([family.velocity(model, xs[j:j + 1], sigma[j], [conds[i]])[0]
+                                 for j, i in enumerate(idx)])
+            loss = (v - (noise - x0)).pow(2).mean() / cfg.grad_accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, lora
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--images", type=int, default=6)
+    ap.add_argument("--methods", nargs="*", default=["sft", "dopsd-v", "dopsd-x0"])
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="toy")
+    ap.add_argument("--grid", default="docs/img/toy-samples.png")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only merge the runs of earlier result files (e.g. seeds run in parallel) into --tag")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.merge:
+        files = [json.loads(Path(f).read_text()) for f in a.merge]
+        runs = [r for f in files for r in f["runs"]]
+        meta = dict(files[0]["meta"])
+        meta["seeds"] = sorted({r["seed"] for r in runs})
+        meta["wall_s"] = sum(f["meta"]["wall_s"] for f in files)
+        meta["command"] = " ; ".join(f["meta"]["command"] for f in files)
+        meta["merged_from"] = list(a.merge)
+        summary = summarize(runs)
+        out = Path(a.out)
+        (out / f"{a.tag}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
+        (out / f"{a.tag}.md").write_text(table(summary, meta))
+        print(table(summary, meta))
+        return 0
+    from ..train import train
+
+    t_start = time.time()
+    model_dir = Path(a.model)
+    pipe = ToyDiTPipeline.from_pretrained(model_dir)
+    clf = load_module(model_dir / "classifier")
+    methods = list(a.methods)
+    if a.ablations:
+        methods += ["dopsd-x0-frozen", "dopsd-x0-copy", "dopsd-x0-1state"]
+    variants = {"dopsd-v": {"loss": "velocity"}, "dopsd-x0": {"loss": "x0"},
+                "dopsd-x0-frozen": {"loss": "x0", "ema_decay": 0.99999999},
+                "dopsd-x0-copy": {"loss": "x0", "ema_decay": 0.0},
+                "dopsd-x0-1state": {"loss": "x0", "train_states": 1}}
+    runs: list[dict] = []
+    rows_for_grid: dict[str, torch.Tensor] = {}
+    work = Path(tempfile.mkdtemp(prefix="toy-exp-"))
+    for seed in a.seeds:
+        images = work / f"concept-{seed}"
+        train_scenes = concept_set(images, a.images, seed)
+        prior, concept = eval_scenes(exclude=train_scenes)
+        show_p, show_c = prior[:8], concept[:8]
+
+        def gen_with(dit):
+            def generate(caps, s):
+                h, m = pipe.encode(caps)
+                noise = torch.randn((len(caps), 3, 32, 32), generator=torch.Generator().manual_seed(s))
+                return sample(dit, h, m, noise, pipe.sigmas)
+            return generate
+
+        def record(method, generate, wall, extra=None):
+            t = time.time()
+            res = evaluate(generate, clf, prior, concept, seed=100 * seed)
+            runs.append({"method": method, "seed": seed, "wall_s": round(wall, 1),
+                         "eval_s": round(time.time() - t, 1), **res, **(extra or {})})
+            print(f"[seed {seed}] {method:18s} " + " ".join(f"{k}={v:.3f}" for k, v in res.items()
+                                                           if k in ("concept", "fd", "sharpness", "prior_all",
+                                                                    "concept_fd")), flush=True)
+            if seed == a.seeds[0]:
+                with torch.no_grad():
+                    rows_for_grid[method] = torch.cat([
+                        generate([s.caption(world.TRIGGER) for s in show_c], 7),
+                        generate([s.caption() for s in show_p], 8)])
+
+        # base + the teacher's own in-context concept rate (its best case: the training image itself)
+        record("base", gen_with(pipe.transformer), 0.0)
+        refs = world.to_tensor([world.render(s) for s in train_scenes])
+        caps = [s.caption(world.TRIGGER) for s in train_scenes]
+        with torch.no_grad():
+            reps = 8
+            h, m = pipe.encode(caps * reps, refs.repeat(reps, 1, 1, 1))
+            noise = torch.randn((len(caps) * reps, 3, 32, 32), generator=torch.Generator().manual_seed(seed))
+            tx = sample(pipe.transformer, h, m, noise, pipe.sigmas)
+            from .evaluate import classify
+            _, pred = classify(clf, tx)
+            ring = world.ALL_SHAPES.index(world.CONCEPT_SHAPE)
+            teacher_rate = float((pred["shape"] == ring).float().mean())
+            h2, m2 = pipe.encode(caps * reps)
+            sx = sample(pipe.transformer, h2, m2, noise, pipe.sigmas)
+            _, pred2 = classify(clf, sx)
+            student_rate = float((pred2["shape"] == ring).float().mean())
+        runs.append({"method": "teacher-in-context", "seed": seed, "concept_train_prompts": teacher_rate,
+                     "base_text_only_train_prompts": student_rate})
+        print(f"[seed {seed}] teacher in-context ring rate on training prompts {teacher_rate:.3f} "
+              f"(text-only base {student_rate:.3f})", flush=True)
+        if seed == a.seeds[0]:
+            rows_for_grid["teacher (in context, train prompts)"] = tx[:8] if len(tx) >= 8 else tx
+            rows_for_grid["training images"] = refs
+
+        for method in methods:
+            t0 = time.time()
+            out = work / f"{method}-{seed}"
+            if method == "sft":
+                cfg = make_cfg(model_dir, images, out, work / "cache", seed, a.steps)
+                model, lora = run_sft(cfg, images)
+            else:
+                cfg = make_cfg(model_dir, images, out, work / "cache", seed, a.steps, **variants[method])
+                result = train(cfg, preset="toy", console=quiet_console())
+                model, lora = result.model, result.lora
+            wall = time.time() - t0
+            lora.switch.active = "student"
+            record(method, gen_with(model), wall)
+
+    summary = summarize(runs)
+    meta = {"command": "python -m lowvram_dopsd.toy.experiment " + " ".join(argv or []) if argv is not None else
+            "python -m lowvram_dopsd.toy.experiment " + " ".join(__import__("sys").argv[1:]),
+            "seeds": a.seeds, "steps": a.steps, "images": a.images, "threads": a.threads,
+            "model": str(model_dir), "wall_s": round(time.time() - t_start, 1),
+            "preset": "presets/toy.toml", "torch": torch.__version__}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.tag}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
+    (out / f"{a.tag}.md").write_text(table(summary, meta))
+    print(table(summary, meta))
+    if a.grid:
+        Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
+        names = list(rows_for_grid)
+        grid([rows_for_grid[n] for n in names], a.grid)
+        (Path(a.grid).with_suffix(".txt")).write_text(
+            "rows, top to bottom: " + "; ".join(names) + "\nmethod rows: 8 trigger prompts (new scenes), "
+            "then 8 prompts without the trigger\n")
+    return 0
+
+
+METRICS = [("concept", "concept ↑"), ("concept_colour", "concept colour ↑"), ("concept_fd", "concept FD ↓"),
+           ("fd", "FD (no trigger) ↓"), ("sharpness", "sharpness (1=real)"), ("prior_shape", "shape ↑"),
+           ("prior_colour", "colour ↑"), ("prior_position", "position ↑"), ("prior_all", "all 5 attrs ↑"),
+           ("wall_s", "train s")]
+
+
+def summarize(runs):
+    out = {}
+    for r in runs:
+        if r["method"] == "teacher-in-context":
+            continue
+        out.setdefault(r["method"], {}).setdefault("_n", 0)
+        out[r["method"]]["_n"] += 1
+        for k, _ in METRICS:
+            out[r["method"]].setdefault(k, []).append(r[k])
+    tch = [r for r in runs if r["method"] == "teacher-in-context"]
+    summ = {m: {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in d.items()
+                if k != "_n"} | {"n_seeds": d["_n"]} for m, d in out.items()}
+    if tch:
+        v = [r["concept_train_prompts"] for r in tch]
+        w = [r["base_text_only_train_prompts"] for r in tch]
+        summ["teacher-in-context"] = {"concept_train_prompts": (statistics.mean(v), statistics.pstdev(v)),
+                                      "base_text_only_train_prompts": (statistics.mean(w), statistics.pstdev(w))}
+    return summ
+
+
+def table(summary, meta) -> str:
+    head = "| method | " + " | ".join(lbl for _, lbl in METRICS) + " |\n"
+    head += "|---|" + "---|" * len(METRICS) + "\n"
+    lines = []
+    for m, d in summary.items():
+        if m == "teacher-in-context":
+            continue
+        cells = []
+        for k, _ in METRICS:
+            mu, sd = d[k]
+            cells.append(f"{mu:.0f}" if k == "wall_s" else f"{mu:.3f} ± {sd:.3f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    t = summary.get("teacher-in-context")
+    tail = ""
+    if t:
+        tail = (f"\nTeacher's own concept rate (4 steps, in context: training image + training caption): "
+                f"{t['concept_train_prompts'][0]:.3f} ± {t['concept_train_prompts'][1]:.3f}; "
+                f"the base with the same captions text-only: {t['base_text_only_train_prompts'][0]:.3f}.\n")
+    return (f"# Toy world: SFT vs D-OPSD (issue #7)\n\nCommand: `{meta['command']}`  \n"
+            f"Seeds {meta['seeds']}, {meta['steps']} steps, {meta['images']} concept images, "
+            f"{meta['threads']} CPU thread(s), total wall-clock {meta['wall_s']:.0f} s (summed over processes), torch {meta['torch']}.  \n"
+            f"Mean ± std over seeds (n = {len(meta['seeds'])}).\n\n" + head + "\n".join(lines) + "\n" + tail)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
