@@ -94,6 +94,10 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
         raise UserError(f"'{lora_file}' does not say which base model it was trained on (no lowvram_dopsd "
                         "metadata). Pass --model (a Hugging Face id or a local diffusers folder).")
     family = load_family(base)  # finds the folder (or cached id) and checks its components
+    if not family.in_diffusers:
+        raise UserError(f"`sample` runs the stock diffusers pipeline, and {family.pipeline_class} (the "
+                        f"{family.name} family) is not one. Load the LoRA with the family's own pipeline "
+                        f"instead (for the toy world: lowvram_dopsd.toy.pipeline.ToyDiTPipeline, docs/toy.md).")
     device = resolve_device(req.device)
     dtype = DTYPES[req.dtype] if device.type == "cuda" else torch.float32
     pipe = DiffusionPipeline.from_pretrained(family.model_dir, dtype=dtype, use_safetensors=True,

@@ -46,6 +46,7 @@ from .lora import DualLoRA
 from .losses import dopsd_loss
 from .output import LORA_FILE, save_lora
 from .preview import Previewer, default_prompts
+from .export import LAYOUTS
 from .progress import Display, make_console
 from .quant import kernels_mode
 
@@ -461,7 +462,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
             **({"previews": str(out_dir / "previews")} if previews else {}),
             "load it": f"pipe = {family.pipeline_class}.from_pretrained('{cfg.model}'); "
                        f"pipe.load_lora_weights('{out_dir}')",
-            "try it": f"lowvram-dopsd sample --lora {out_dir} --prompt \"...\"",
-            "ComfyUI": f"lowvram-dopsd export --format comfyui {out_dir}",
+            **({"try it": f"lowvram-dopsd sample --lora {out_dir} --prompt \"...\""} if family.in_diffusers else {}),
+            **({"ComfyUI": f"lowvram-dopsd export --format comfyui {out_dir}"} if family.name in LAYOUTS else {}),
         }, title="done")
     return TrainResult(path, family, model, lora, cache, step=step, stopped=stopped, checkpoint=last_ckpt)

@@ -1,4 +1,5 @@
 """The toy world (issue #7): world, encoders, the toy family through the real trainer, the shipped checkpoints."""
+import json
 import os
 import random
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from lowvram_dopsd.toy import world
 from lowvram_dopsd.toy.models import ToyDiT, ToyEncoder, load_module
@@ -115,3 +117,15 @@ def test_demo_world_toy(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWVRAM_DOPSD_DEMO_DIR", str(tmp_path / "demo"))
     assert main(["demo", "--world", "toy", "--steps", "1"]) == 0
     assert (tmp_path / "dopsd-demo-out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_sample_refuses_a_non_diffusers_family_with_a_clear_error(tmp_path, capsys):
+    from lowvram_dopsd.cli import main
+    from lowvram_dopsd.families import load_family
+
+    assert not load_family(str(TOY_MODEL)).in_diffusers
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({"transformer.x.lora_A.weight": torch.zeros(1, 1)}, str(lora),
+              metadata={"lowvram_dopsd": json.dumps({"base_model": str(TOY_MODEL)})})
+    assert main(["sample", "--lora", str(lora), "--prompt", "a ring"]) == 2
+    assert "stock diffusers pipeline" in capsys.readouterr().err

@@ -137,6 +137,15 @@ class Family:
     # Extra arguments the stock pipeline needs for the model's own few-step sampling (`sample`).
     pipeline_call_kwargs: ClassVar[dict[str, Any]] = {}
 
+    @property
+    def in_diffusers(self) -> bool:
+        """Whether `pipeline_class` is a stock diffusers pipeline (`sample` needs one; the toy's is ours)."""
+        import diffusers
+        try:
+            return getattr(diffusers, self.pipeline_class, None) is not None
+        except AttributeError:  # diffusers' lazy module raises for unknown names
+            return False
+
     def decode_latents(self, latents: torch.Tensor) -> list["PIL.Image.Image"]:
         """Final latents (batch first, as `latent_shape`, on any device) -> PIL images, decoded exactly as
         the pipeline decodes. The VAE is loaded on `latents.device` for this call only, then released."""
