@@ -14,7 +14,7 @@ from lowvram_dopsd.errors import UserError
 from lowvram_dopsd.families import load_family
 from lowvram_dopsd.families.klein import edit_prompt
 from lowvram_dopsd.lora import DualLoRA
-from lowvram_dopsd.losses import dopsd_loss
+from rollout_helpers import assert_per_step_backward_equals_summed
 from lowvram_dopsd.train import rollout_and_learn, train
 
 CPU = torch.device("cpu")
@@ -233,32 +233,8 @@ def test_per_step_backward_equals_one_backward_of_the_summed_loss(tmp_path, tiny
     model, lora = attach(family, cfg)
     assert model.gradient_checkpointing
     torch.manual_seed(0)
-    with torch.no_grad():  # non-zero, different student and teacher sets: every gradient term is live
-        for layer in lora.layers.values():
-            layer.student_B.normal_(std=0.05)
-            layer.teacher_B.normal_(std=0.05)
-    params = lora.student_parameters()
-    sigmas = family.sigmas(H, W, 4)
     noise = torch.randn((1, *family.latent_shape(H, W)), generator=torch.Generator().manual_seed(1))
-    losses, _ = rollout_and_learn(family, model, lora, noise.clone(), sigmas, [c_s], [c_t], {0, 1, 2, 3}, "x0",
-                                  loss_scale=1 / 4)
-    per_step = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-
-    x, total = noise.clone(), 0.0
-    with lora.use("student"):
-        for k in range(4):
-            with torch.no_grad(), lora.use("teacher"):
-                v_t = family.velocity(model, x, sigmas[k], [c_t])
-            v_s = family.velocity(model, x, sigmas[k], [c_s])
-            total = total + dopsd_loss("x0", v_s, v_t, sigmas[k])
-            x = x + (sigmas[k + 1] - sigmas[k]) * v_s.detach()
-        (total / 4).backward()
-    assert abs(sum(losses) / 4 - total.item() / 4) < 1e-6 * max(1.0, abs(total.item()))
-    assert sum(p.grad.abs().sum() for p in params) > 0
-    for a, p in zip(per_step, params):
-        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7)
+    assert_per_step_backward_equals_summed(family, model, lora, c_s, c_t, noise, family.sigmas(H, W, 4), "x0")
 
 
 def test_trained_lora_loads_in_stock_pipeline_and_reproduces_the_student(tmp_path, tiny_klein_dir, demo_images):

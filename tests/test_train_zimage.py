@@ -8,8 +8,8 @@ from diffusers import ZImagePipeline
 from lowvram_dopsd.config import load_config
 from lowvram_dopsd.families import load_family
 from lowvram_dopsd.lora import DualLoRA
-from lowvram_dopsd.losses import dopsd_loss
 from lowvram_dopsd.train import rollout_and_learn, train
+from rollout_helpers import assert_per_step_backward_equals_summed
 
 CPU = torch.device("cpu")
 PROMPT = "a photo of sks ball on the beach"
@@ -66,35 +66,9 @@ def test_per_step_backward_equals_one_backward_of_the_summed_loss(tmp_path, tiny
     assert model.gradient_checkpointing == ckpt
     lora = DualLoRA.attach(model, family.lora_targets, rank=4, alpha=8.0)
     torch.manual_seed(0)
-    with torch.no_grad():  # non-zero, different student and teacher sets: every gradient term is live
-        for layer in lora.layers.values():
-            layer.student_B.normal_(std=0.05)
-            layer.teacher_B.normal_(std=0.05)
-    params = lora.student_parameters()
-    sigmas = family.sigmas(64, 64, 4)
     noise = torch.randn((1, *family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(1))
-
-    losses, _ = rollout_and_learn(family, model, lora, noise.clone(), sigmas, [c_s], [c_t], {0, 1, 2, 3},
-                                  loss_kind, loss_scale=1 / 4)
-    per_step = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-
-    # Reference: the authors' way, all K graphs alive, one backward of the mean loss.
-    x, total = noise.clone(), 0.0
-    with lora.use("student"):
-        for k in range(4):
-            with torch.no_grad(), lora.use("teacher"):
-                v_t = family.velocity(model, x, sigmas[k], [c_t])
-            v_s = family.velocity(model, x, sigmas[k], [c_s])
-            total = total + dopsd_loss(loss_kind, v_s, v_t, sigmas[k])
-            x = x + (sigmas[k + 1] - sigmas[k]) * v_s.detach()
-        (total / 4).backward()
-    summed = [p.grad for p in params]
-    assert abs(sum(losses) / 4 - total.item() / 4) < 1e-6 * max(1.0, abs(total.item()))
-    assert sum(g.abs().sum() for g in summed) > 0
-    for a, b in zip(per_step, summed):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert_per_step_backward_equals_summed(family, model, lora, c_s, c_t, noise, family.sigmas(64, 64, 4),
+                                           loss_kind)
 
 
 def test_trained_lora_loads_in_stock_pipeline_and_reproduces_the_student(tmp_path, tiny_zimage_dir, tiny_vlm_dir,
