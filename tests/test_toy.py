@@ -129,3 +129,13 @@ def test_sample_refuses_a_non_diffusers_family_with_a_clear_error(tmp_path, caps
               metadata={"lowvram_dopsd": json.dumps({"base_model": str(TOY_MODEL)})})
     assert main(["sample", "--lora", str(lora), "--prompt", "a ring"]) == 2
     assert "stock diffusers pipeline" in capsys.readouterr().err
+
+
+def test_toy_decode_latents_is_the_pixel_image():
+    from lowvram_dopsd.families import load_family
+
+    family = load_family(str(TOY_MODEL))
+    x = torch.rand(2, 3, world.IMAGE_SIZE, world.IMAGE_SIZE) * 2.4 - 1.2  # a little out of range: clamped
+    images = family.decode_latents(x)
+    assert len(images) == 2 and images[0].size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
+    assert np.array_equal(np.asarray(images[1]), world.to_uint8(x)[1])

@@ -90,6 +90,14 @@ class Toy(Family):
             return torch.tensor(sched["sigmas"], dtype=torch.float32)
         return torch.linspace(1.0, 0.0, steps + 1)  # not the distilled schedule: only for experiments
 
+    def decode_latents(self, latents: torch.Tensor) -> list:
+        """Pixel space: the state is the image in [-1, 1] (no VAE)."""
+        from PIL import Image
+
+        from ..toy import world
+
+        return [Image.fromarray(a) for a in world.to_uint8(latents.float())]
+
     def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma, conds: list[Cond]) -> torch.Tensor:
         dtype = getattr(transformer, "_dopsd_dtype", None) or transformer.dtype
         cap = torch.stack([c["cap"] for c in conds]).to(x.device, dtype)
