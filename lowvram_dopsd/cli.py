@@ -123,11 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         data, _ = read_preset(name)
-        from importlib import resources
-        text = (resources.files("lowvram_dopsd.presets") / f"{name}.toml").read_text()
-        desc = next((line.split("=", 1)[1].strip().strip('"') for line in text.splitlines()
-                     if line.startswith("description")), "")
-        print(f"{name:10s} {desc}")
+        print(f"{name:10s} {data.pop('description', '')}")
         print(" " * 11 + ", ".join(f"{k}={v}" for k, v in data.items()))
     return 0
 

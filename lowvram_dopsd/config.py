@@ -221,7 +221,6 @@ def read_preset(name_or_path: str) -> tuple[dict[str, Any], str]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"Could not parse {where}: {exc}. Fix the TOML syntax and run again.") from exc
-    data.pop("description", None)  # human text shown by `presets`, not a setting
     return data, where
 
 
@@ -229,6 +228,7 @@ def load_config(preset: str | None, overrides: dict[str, Any] | None = None) -> 
     cfg = TrainConfig()
     if preset:
         data, where = read_preset(preset)
+        data.pop("description", None)  # human text shown by `presets`, not a setting
         apply_overrides(cfg, data, where)
     apply_overrides(cfg, overrides or {}, "the command line")
     return validate(cfg)

@@ -80,9 +80,9 @@ class Arch:
 def with_family(arch: "Arch") -> "Arch":
     """The LoRA targets and quantization skip list come from the family adapter itself, so the
     planner always counts what the trainer builds (one source of truth)."""
-    from .families import FAMILIES, klein, zimage  # noqa: F401  (importing a family registers it)
+    from .families import registered
 
-    cls = next(c for c in FAMILIES if c.pipeline_class == arch.pipeline_class)
+    cls = next(c for c in registered() if c.pipeline_class == arch.pipeline_class)
     return Arch(**{**arch.__dict__, "lora_targets": cls.lora_targets, "skip": cls.quant_skip})
 
 

@@ -54,15 +54,20 @@ def resolve_dir(id_or_path: str, what: str, needs: str = "model_index.json") -> 
     )
 
 
-def load_family(model: str) -> Family:
-    from . import klein, toy, zimage  # noqa: F401  (registers)
+def registered() -> list[type[Family]]:
+    """Every family adapter: importing a family module registers it."""
+    from . import klein, toy, zimage  # noqa: F401
 
+    return FAMILIES
+
+
+def load_family(model: str) -> Family:
     model_dir = resolve_dir(model, "model")
     try:
         index = json.loads((model_dir / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"Could not read {model_dir / 'model_index.json'}: {exc}.") from exc
-    for cls in FAMILIES:
+    for cls in registered():
         if cls.matches(index):
             family = cls(model_dir, model)
             family.check_components(index)

@@ -11,6 +11,7 @@ Adding a family = one module here implementing `Family`, registered in `families
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -80,7 +81,12 @@ class Family:
     def encode_teacher(self, items: list[Item], teacher: str, cfg, device: torch.device) -> list[Cond]:
         raise NotImplementedError
 
-    def encode_vlm_teacher(self, items: list[Item], cfg, device: torch.device, vlm_dir: Path) -> list[Cond]:
+    def vlm_dir(self, cfg) -> Path:
+        """The Qwen3-VL checkpoint of the `vlm` teacher (folder or Hugging Face id)."""
+        from . import resolve_dir
+        return resolve_dir(cfg.teacher_encoder, "teacher encoder (Qwen3-VL)", needs="config.json")
+
+    def encode_vlm_teacher(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
         """The paper's teacher condition: image + caption through Qwen3-VL whose language model is
         the text encoder (teacher_vlm.py), read at the same layers the pipeline reads."""
         from ..data import load_rgb
@@ -88,7 +94,7 @@ class Family:
         from .zimage import DTYPES, release
 
         dtype = DTYPES[cfg.dtype]
-        model, builder = load_grafted_vlm(vlm_dir, self.model_dir / "text_encoder", device, dtype)
+        model, builder = load_grafted_vlm(self.vlm_dir(cfg), self.model_dir / "text_encoder", device, dtype)
         out = []
         for item in items:
             (emb,) = encode_vlm(model, builder, [item.caption], [load_rgb(item.image_path)],
@@ -154,3 +160,22 @@ class Family:
     # ----- output
     def lora_key_prefix(self) -> str:
         return "transformer"
+
+
+class DiffusersFamily(Family):
+    """A family whose checkpoint is a diffusers pipeline folder: reads the latent geometry from its
+    VAE/transformer configs and steps with the folder's own FlowMatchEulerDiscreteScheduler."""
+
+    def __init__(self, model_dir: Path, model_id: str):
+        super().__init__(model_dir, model_id)
+        vae_cfg = self.model_dir / "vae" / "config.json"
+        blocks = len(json.loads(vae_cfg.read_text())["block_out_channels"]) if vae_cfg.is_file() else 4
+        self.vae_scale_factor = 2 ** (blocks - 1)  # as the pipelines' __init__
+        self.in_channels = json.loads((self.model_dir / "transformer" / "config.json").read_text())["in_channels"]
+        self._scheduler = None
+
+    def scheduler(self):
+        if self._scheduler is None:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+            self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.model_dir / "scheduler")
+        return self._scheduler

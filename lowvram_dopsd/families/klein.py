@@ -27,7 +27,6 @@ Teachers:
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from torch import nn
 
 from ..errors import UserError
 from . import register
-from .base import Cond, Family, Item
+from .base import Cond, DiffusersFamily, Item
 from .zimage import DTYPES, folder_identity, release
 
 
@@ -56,7 +55,7 @@ def edit_prompt(caption: str, instruction: str) -> str:
 
 
 @register
-class Klein(Family):
+class Klein(DiffusersFamily):
     name = "klein"
     pipeline_class = "Flux2KleinPipeline"
     teachers = ("edit", "vlm")
@@ -85,11 +84,6 @@ class Klein(Family):
 
     def __init__(self, model_dir: Path, model_id: str):
         super().__init__(model_dir, model_id)
-        vae_cfg = self.model_dir / "vae" / "config.json"
-        blocks = len(json.loads(vae_cfg.read_text())["block_out_channels"]) if vae_cfg.is_file() else 4
-        self.vae_scale_factor = 2 ** (blocks - 1)  # as Flux2KleinPipeline.__init__
-        self.in_channels = json.loads((self.model_dir / "transformer" / "config.json").read_text())["in_channels"]
-        self._scheduler = None
         self._dtype = torch.float32  # compute dtype, set by load_transformer (used by decode_latents)
 
     def check_components(self, model_index) -> None:
@@ -117,15 +111,11 @@ class Klein(Family):
                          resolution=cfg.resolution, reference="pipeline image_processor, resize_mode=crop")
         else:
             import importlib.util
-            ident.update(teacher=teacher, vlm=folder_identity(self._vlm_dir(cfg)),
+            ident.update(teacher=teacher, vlm=folder_identity(self.vlm_dir(cfg)),
                          image_resize="torchvision" if importlib.util.find_spec("torchvision") else "pil",
                          max_sequence_length=cfg.teacher_max_sequence_length,
                          pixels=[cfg.vlm_min_pixels, cfg.vlm_max_pixels])
         return ident
-
-    def _vlm_dir(self, cfg) -> Path:
-        from . import resolve_dir
-        return resolve_dir(cfg.teacher_encoder, "teacher encoder (Qwen3-VL)", needs="config.json")
 
     def _encode_prompts(self, prompts: list[str], cfg, device: torch.device) -> list[torch.Tensor]:
         """The pipeline's own prompt encoding ([max_sequence_length, 3·D] each, padding included,
@@ -157,7 +147,7 @@ class Klein(Family):
         if teacher == "edit":
             return self._encode_edit(items, cfg, device)
         if teacher == "vlm":
-            return self.encode_vlm_teacher(items, cfg, device, self._vlm_dir(cfg))
+            return self.encode_vlm_teacher(items, cfg, device)
         raise UserError(f"FLUX.2-klein supports the teacher kinds {', '.join(self.teachers)}, not '{teacher}'.")
 
     def _encode_edit(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
@@ -205,12 +195,6 @@ class Klein(Family):
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         s = self.vae_scale_factor * 2  # Flux2KleinPipeline.prepare_latents: (C·4, H/16, W/16)
         return (self.in_channels, height // s, width // s)
-
-    def scheduler(self):
-        if self._scheduler is None:
-            from diffusers import FlowMatchEulerDiscreteScheduler
-            self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.model_dir / "scheduler")
-        return self._scheduler
 
     def sigmas(self, height: int, width: int, steps: int) -> torch.Tensor:
         import numpy as np

@@ -11,7 +11,6 @@ Teacher `vlm`: the same encoder reads [image patches + caption] (the student rea
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 from . import register
-from .base import Cond, Family, Item
+from .base import Cond, DiffusersFamily, Item
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -46,7 +45,7 @@ def release(*modules: nn.Module) -> None:
 
 
 @register
-class ZImage(Family):
+class ZImage(DiffusersFamily):
     name = "zimage"
     pipeline_class = "ZImagePipeline"
     teachers = ("vlm",)
@@ -62,14 +61,6 @@ class ZImage(Family):
     required_components = ("transformer", "text_encoder", "tokenizer", "scheduler", "vae")
     pipeline_call_kwargs = {"guidance_scale": 0.0}  # Turbo: no CFG, as the model card samples
 
-    def __init__(self, model_dir: Path, model_id: str):
-        super().__init__(model_dir, model_id)
-        vae_cfg = self.model_dir / "vae" / "config.json"
-        blocks = len(json.loads(vae_cfg.read_text())["block_out_channels"]) if vae_cfg.is_file() else 4
-        self.vae_scale_factor = 2 ** (blocks - 1)  # as ZImagePipeline.__init__
-        self.in_channels = json.loads((self.model_dir / "transformer" / "config.json").read_text())["in_channels"]
-        self._scheduler = None
-
     # ------------------------------------------------------------------ precompute
     def encoder_identity(self, teacher: str, cfg) -> dict:
         ident = {"family": self.name, "dtype": cfg.dtype,
@@ -79,15 +70,11 @@ class ZImage(Family):
             ident["max_sequence_length"] = cfg.max_sequence_length
         else:
             # The processor (torchvision) and fallback (PIL) paths resize images slightly differently.
-            ident.update(teacher=teacher, vlm=folder_identity(self._vlm_dir(cfg)),
+            ident.update(teacher=teacher, vlm=folder_identity(self.vlm_dir(cfg)),
                          image_resize="torchvision" if importlib.util.find_spec("torchvision") else "pil",
                          max_sequence_length=cfg.teacher_max_sequence_length,
                          pixels=[cfg.vlm_min_pixels, cfg.vlm_max_pixels], hidden_layers=[-2])
         return ident
-
-    def _vlm_dir(self, cfg) -> Path:
-        from . import resolve_dir
-        return resolve_dir(cfg.teacher_encoder, "teacher encoder (Qwen3-VL)", needs="config.json")
 
     @torch.no_grad()
     def encode_student(self, captions: list[str], cfg, device: torch.device) -> list[Cond]:
@@ -113,18 +100,12 @@ class ZImage(Family):
     def encode_teacher(self, items: list[Item], teacher: str, cfg, device: torch.device) -> list[Cond]:
         if teacher != "vlm":
             raise UserError(f"Z-Image-Turbo supports the teacher kinds {self.teachers}, not '{teacher}'.")
-        return self.encode_vlm_teacher(items, cfg, device, self._vlm_dir(cfg))
+        return self.encode_vlm_teacher(items, cfg, device)
 
     # ------------------------------------------------------------------ training
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         s = self.vae_scale_factor * 2  # ZImagePipeline.prepare_latents
         return (self.in_channels, 2 * (height // s), 2 * (width // s))
-
-    def scheduler(self):
-        if self._scheduler is None:
-            from diffusers import FlowMatchEulerDiscreteScheduler
-            self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.model_dir / "scheduler")
-        return self._scheduler
 
     def sigmas(self, height: int, width: int, steps: int) -> torch.Tensor:
         from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_default_z_image_sigmas,

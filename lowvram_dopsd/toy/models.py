@@ -87,7 +87,6 @@ class ToyEncoder(nn.Module):
         self.config = dict(vocab_size=vocab_size, dim=dim, layers=layers, heads=heads, max_tokens=max_tokens,
                            image_patch=image_patch)
         self.image_patch = image_patch
-        n_patches = (world.IMAGE_SIZE // image_patch) ** 2
         self.tok = nn.Embedding(vocab_size, dim)
         self.patch = nn.Linear(3 * image_patch * image_patch, dim)
         self.pos_text = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
@@ -135,7 +134,6 @@ class ToyDiT(nn.Module):
         super().__init__()
         self.config = dict(dim=dim, layers=layers, heads=heads, patch=patch, cond_dim=cond_dim)
         self.patch, self.dim = patch, dim
-        n = (world.IMAGE_SIZE // patch) ** 2
         self.x_embed = nn.Linear(3 * patch * patch, dim)
         self.register_buffer("pos", sincos_2d(world.IMAGE_SIZE // patch, dim), persistent=False)
         self.cond_embed = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, dim))
