@@ -318,6 +318,9 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         console.print(f"[yellow]warning[/] {path.name}: {why}")
     for remark in remarks:
         console.print(f"[yellow]note[/] {remark}")
+    for warning in family.prompt_warnings([it.caption for it in ds.items],
+                                          [it.image_path.name for it in ds.items], teacher, cfg):
+        console.print(f"[yellow]warning[/] {warning}")
     if device.type == "cuda":
         warn_if_it_will_not_fit(cfg, device, console)
 

@@ -58,3 +58,20 @@ def test_header_shows_square_brackets_literally(tmp_path, tiny_zimage_dir, tiny_
           "--images", str(demo_images), "--output", str(tmp_path / "o"), "--steps", "1", "--trigger", "sks ball",
           "--cache-dir", str(tmp_path / "cache")])
     assert "[trigger]" in capsys.readouterr().out  # the caption rule names the placeholder
+
+
+def test_a_caption_the_pipeline_would_cut_is_warned_before_training(tmp_path, tiny_zimage_dir, tiny_vlm_dir,
+                                                                     demo_images, capsys):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(demo_images, images)
+    first = sorted(images.glob("*.txt"))[0]
+    first.write_text("a photo of sks ball " + "on a long sandy beach under a bright sky " * 12)
+    code = main(["train", "--preset", "cpu-demo", "--model", str(tiny_zimage_dir), "--teacher-encoder",
+                 str(tiny_vlm_dir), "--images", str(images), "--output", str(tmp_path / "o"), "--steps", "1",
+                 "--cache-dir", str(tmp_path / "cache")])
+    cap = capsys.readouterr()
+    out = " ".join((cap.out + cap.err).split())  # rich wraps long lines
+    assert code == 0 and "1 of 6 caption prompts" in out, out
+    assert "longer than max_sequence_length = 64" in out and first.with_suffix(".png").name in out

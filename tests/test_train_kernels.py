@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from lowvram_dopsd.config import load_config
 from lowvram_dopsd.kernels import utils as kutils

@@ -275,3 +275,23 @@ def test_a_non_distilled_klein_is_refused(tmp_path, tiny_klein_dir):
     (base / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="not step-distilled"):
         load_family(str(base))
+
+
+def test_edit_prompts_cut_by_the_pipeline_are_warned(tmp_path, tiny_klein_dir, demo_images):
+    """The edit teacher's prompt is the caption plus the instruction: it can pass the limit alone."""
+    cfg = make_cfg(tmp_path, tiny_klein_dir, demo_images)  # cpu-demo: max_sequence_length 64
+    family = load_family(str(tiny_klein_dir))
+    caption = " ".join(["a red ball"] * 9)
+    prompts = [caption, edit_prompt(caption, cfg.edit_instruction)]
+    counts = family.prompt_token_counts(prompts)
+    seen = []  # the tokens the pipeline's own encoding keeps (its attention mask)
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein_dir, transformer=None, vae=None, dtype=torch.float32)
+    hook = pipe.text_encoder.register_forward_pre_hook(
+        lambda mod, args, kw: seen.extend(kw["attention_mask"].sum(1).tolist()), with_kwargs=True)
+    with torch.no_grad():
+        pipe.encode_prompt(prompt=prompts, device=CPU, max_sequence_length=cfg.max_sequence_length)
+    hook.remove()
+    assert seen == [min(n, cfg.max_sequence_length) for n in counts] and counts[0] <= 64 < counts[1], (seen, counts)
+    (warning,) = family.prompt_warnings([caption], ["dog.txt"], "edit", cfg)
+    assert warning.startswith("1 of 1 edit-teacher prompts") and "dog.txt" in warning
+    assert family.prompt_warnings([caption], ["dog.txt"], "vlm", cfg) == []

@@ -127,3 +127,25 @@ def test_teacher_condition_sees_the_image(tmp_path, tiny_zimage_dir, tiny_vlm_di
     items[1].caption = items[0].caption
     a, b = family.encode_teacher(items, "vlm", cfg, CPU)
     assert not torch.equal(a["cap"], b["cap"])
+
+
+def test_prompt_token_counts_are_what_the_pipeline_keeps_and_long_captions_are_warned(tmp_path, tiny_zimage_dir,
+                                                                                       tiny_vlm_dir, demo_images):
+    """ZImagePipeline keeps min(count, max_sequence_length) tokens: our count says which captions it cuts."""
+    from transformers import AutoModel, AutoTokenizer
+
+    cfg = make_cfg(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images)  # cpu-demo: max_sequence_length 64
+    family = load_family(str(tiny_zimage_dir))
+    captions = [PROMPT, " ".join(["a red ball"] * 12), " ".join(["on a sunny beach with a dog"] * 9)]
+    counts = family.prompt_token_counts(captions)
+    pipe = ZImagePipeline(scheduler=None, vae=None, transformer=None,
+                          text_encoder=AutoModel.from_pretrained(tiny_zimage_dir / "text_encoder"),
+                          tokenizer=AutoTokenizer.from_pretrained(tiny_zimage_dir / "tokenizer"))
+    with torch.no_grad():
+        kept = [e.shape[0] for e in pipe._encode_prompt(prompt=list(captions), device=CPU,
+                                                        max_sequence_length=cfg.max_sequence_length)]
+    assert kept == [min(n, cfg.max_sequence_length) for n in counts] and counts[0] < 64 < counts[2], (kept, counts)
+    warnings = family.prompt_warnings(captions, ["a.txt", "b.txt", "c.txt"], "vlm", cfg)
+    n_cut = sum(n > cfg.max_sequence_length for n in counts)
+    assert len(warnings) == 1 and warnings[0].startswith(f"{n_cut} of 3 caption prompts") and "c.txt" in warnings[0]
+    assert family.prompt_warnings(captions[:1], ["a.txt"], "vlm", cfg) == []

@@ -134,6 +134,10 @@ class Family:
         raise NotImplementedError
 
     # ----- reporting
+    def prompt_warnings(self, captions: list[str], names: list[str], teacher: str, cfg) -> list[str]:
+        """Warnings about the prompts this run will encode (e.g. cut at max_sequence_length)."""
+        return []
+
     def run_notes(self, teacher: str, cfg) -> dict[str, str]:
         """Family-specific settings of this run (setting name -> value): shown in the run summary and
         recorded in the LoRA's metadata, e.g. klein's `edit_instruction` for its edit teacher."""
@@ -173,6 +177,37 @@ class DiffusersFamily(Family):
         self.vae_scale_factor = 2 ** (blocks - 1)  # as the pipelines' __init__
         self.in_channels = json.loads((self.model_dir / "transformer" / "config.json").read_text())["in_channels"]
         self._scheduler = None
+
+    # The pipelines wrap each prompt in the tokenizer's chat template before tokenizing with
+    # truncation at max_sequence_length: ZImagePipeline with enable_thinking=True, Flux2KleinPipeline
+    # with False. Counting the same way tells us which captions the pipeline will cut.
+    chat_enable_thinking: ClassVar[bool] = True
+
+    def student_prompts(self, captions: list[str], teacher: str, cfg) -> dict[str, list[str]]:
+        """The text prompts this run feeds the pipeline's prompt encoder, by role."""
+        return {"caption": list(captions)}
+
+    def prompt_token_counts(self, prompts: list[str]) -> list[int]:
+        """Tokens the pipeline's prompt encoder sees per prompt, before its truncation."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer")
+        return [len(tokenizer(tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+            enable_thinking=self.chat_enable_thinking)).input_ids) for p in prompts]
+
+    def prompt_warnings(self, captions: list[str], names: list[str], teacher: str, cfg) -> list[str]:
+        limit, out = cfg.max_sequence_length, []
+        for role, prompts in self.student_prompts(captions, teacher, cfg).items():
+            lengths = self.prompt_token_counts(prompts)
+            cut = [(n, name) for n, name in zip(lengths, names) if n > limit]
+            if cut:
+                longest, name = max(cut)
+                out.append(f"{len(cut)} of {len(prompts)} {role} prompts are longer than max_sequence_length = "
+                           f"{limit} tokens (longest: {name}, {longest} tokens with the chat template); the "
+                           f"pipeline keeps the first {limit} tokens, so their ends are not seen in training. "
+                           f"Shorten them, or raise max_sequence_length (the pipeline's default is 512).")
+        return out
 
     def scheduler(self):
         if self._scheduler is None:

@@ -94,6 +94,14 @@ class Klein(DiffusersFamily):
                 "steps with guidance, and D-OPSD keeps a few-step model's few-step ability. Use a distilled "
                 "klein such as black-forest-labs/FLUX.2-klein-4B.")
 
+    chat_enable_thinking = False  # Flux2KleinPipeline._get_qwen3_prompt_embeds
+
+    def student_prompts(self, captions: list[str], teacher: str, cfg) -> dict[str, list[str]]:
+        out = {"caption": list(captions)}
+        if teacher == "edit":  # the edit teacher's prompt goes through the same encoder and limit
+            out["edit-teacher"] = [edit_prompt(c, cfg.edit_instruction) for c in captions]
+        return out
+
     def run_notes(self, teacher: str, cfg) -> dict[str, str]:
         return {"edit_instruction": cfg.edit_instruction} if teacher == "edit" else {}
 

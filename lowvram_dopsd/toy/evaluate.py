@@ -8,7 +8,8 @@ quality   prompts without the trigger: Frechet distance (FD) between the classif
           not comparable to Inception FID), and sharpness = mean Laplacian variance of the samples /
           that of the real renders (1 = as sharp as real; blur < 1; grain/noise > 1).
 prior     prompts without the trigger: attribute accuracy (shape, colour, size, position, background)
-          with the classifier's heads, GenEval-like; `prior_all` = all five right.
+          with the classifier's heads, GenEval-like; `prior_all` = all five right; `prior_ring` =
+          share of them drawn as the concept (the concept bleeding into prompts that did not ask).
 """
 from __future__ import annotations
 
@@ -82,13 +83,14 @@ def evaluate(generate, clf, prior: list[world.Scene], concept: list[world.Scene]
     fg, pred = classify(clf, gen_p)
     acc = accuracy(pred, prior)
     res.update({f"prior_{k}": v for k, v in acc.items()})
+    ring = HEADS["shape"].index(world.CONCEPT_SHAPE)
+    res["prior_ring"] = float((pred["shape"] == ring).float().mean())  # the concept bleeding into other prompts
     res["fd"] = frechet(fg, fr)
     res["sharpness"] = laplacian_var(gen_p) / laplacian_var(real_p)
     real_c = world.to_tensor([world.render(s) for s in concept])
     gen_c = generate([s.caption(world.TRIGGER) for s in concept], seed + 1)
     fcr, _ = classify(clf, real_c)
     fcg, pred_c = classify(clf, gen_c)
-    ring = HEADS["shape"].index(world.CONCEPT_SHAPE)
     res["concept"] = float((pred_c["shape"] == ring).float().mean())
     res["concept_colour"] = accuracy(pred_c, concept, heads=("colour",))["colour"]
     res["concept_fd"] = frechet(fcg, fcr)
@@ -102,3 +104,52 @@ def grid(rows: list[torch.Tensor], path, scale: int = 3) -> None:
     rows = [torch.cat([r, torch.full((n - len(r), *r.shape[1:]), -1.0)]) if len(r) < n else r for r in rows]
     img = np.concatenate([np.concatenate(list(world.to_uint8(r)), 1) for r in rows], 0)
     Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
+
+
+@torch.no_grad()
+def teacher_gate(encode, dit, clf, sigmas, n: int = 96, seed: int = 4321) -> dict[str, float]:
+    """What the model reads from text and from a reference image in context, at `sigmas` (4 steps).
+
+    `encode(captions, refs or None) -> (hidden, mask)`. Shape accuracy with the classifier on:
+      text_shape    named shapes, text only (the prior the base starts from);
+      copy_same     named-shape reference + caption whose shape word is "object" (same scene);
+      copy_moved    the same object asked for at another position / on another background;
+      ring_context  THE GATE: a ring reference + its trigger caption (what the D-OPSD teacher sees),
+                    rate of samples the classifier calls "ring";
+      ring_text     the same trigger captions without the image (what the student starts from);
+      ref_gain      how much the reference lowers the error of the x0 prediction at sigma = 1 (pure
+                    noise in, caption with "object"): 1 - err(with image) / err(text only); 0 = the
+                    image is ignored, 1 = it is copied exactly.
+    The ring and the trigger word never occur in the base's training, so ring_context measures a
+    transfer the model was never shown. D-OPSD can only pass on what ring_context says it reads.
+    """
+    from .pipeline import sample as euler
+
+    rng = random.Random(seed)
+    named = [world.random_scene(rng) for _ in range(n)]
+    moved = [world.Scene(s.shape, s.colour, s.size, o.position, o.background, o.jitter)
+             for s, o in zip(named, (world.random_scene(rng) for _ in range(n)))]
+    rings = [world.random_scene(rng, shapes=(world.CONCEPT_SHAPE,)) for _ in range(n)]
+    ref_named = world.to_tensor([world.render(s) for s in named])
+    ref_rings = world.to_tensor([world.render(s) for s in rings])
+    shape_i = {s: i for i, s in enumerate(HEADS["shape"])}
+
+    def run(caps, refs):
+        h, m = encode(caps, refs)
+        noise = torch.randn((len(caps), 3, world.IMAGE_SIZE, world.IMAGE_SIZE),
+                            generator=torch.Generator().manual_seed(seed))
+        return classify(clf, euler(dit, h, m, noise, sigmas))[1]["shape"]
+
+    def acc(pred, scenes):
+        return float((pred == torch.tensor([shape_i[s.shape] for s in scenes])).float().mean())
+
+    caps = [s.caption("object") for s in named]
+    noise = torch.randn(ref_named.shape, generator=torch.Generator().manual_seed(seed))
+    one = torch.ones(n)
+    err = [float((noise - dit(noise, one, *encode(caps, r)) - ref_named).pow(2).mean()) for r in (None, ref_named)]
+    return {"text_shape": acc(run([s.caption() for s in named], None), named),
+            "copy_same": acc(run([s.caption("object") for s in named], ref_named), named),
+            "copy_moved": acc(run([s.caption("object") for s in moved], ref_named), moved),
+            "ring_context": acc(run([s.caption(world.TRIGGER) for s in rings], ref_rings), rings),
+            "ring_text": acc(run([s.caption(world.TRIGGER) for s in rings], None), rings),
+            "ref_gain": 1.0 - err[1] / err[0]}

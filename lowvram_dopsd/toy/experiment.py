@@ -7,8 +7,8 @@ Per seed: a concept set of N images of the never-seen shape (a ring) in random s
 with the trigger in the shape slot ("a large red sks at the left on gray background"). Methods,
 all with the same LoRA (targets, rank, alpha), steps, batch, learning rate and optimizer:
   base        the 4-step distilled model, no LoRA;
-  sft         vanilla SFT LoRA: flow-matching loss on noised training images (sigma ~ logit-normal,
-              the base's own training distribution), student (text-only) condition; written here;
+  sft         vanilla SFT LoRA: flow-matching loss on noised training images (sigma ~ shifted
+              logit-normal, the base's own training distribution), student (text-only) condition; written here;
   dopsd-v / dopsd-x0   D-OPSD through the project's `train()` (loss `velocity` / `x0`), preset `toy`.
 Ablations: teacher = frozen base LoRA-less (EMA decay ~1), teacher = student copy (decay 0),
 one random state per roll-out (train_states = 1).
@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from . import world
+from .build import train_sigmas
 from .evaluate import eval_scenes, evaluate, grid
 from .models import load_module
 from .pipeline import ToyDiTPipeline, sample
@@ -78,13 +79,16 @@ def run_sft(cfg, images: Path) -> tuple[torch.nn.Module, object]:
     params = lora.student_parameters()
     opt = make_optimizer(params, cfg, cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
+    # the base's own training distribution of sigmas (its shift is recorded in the scheduler config)
+    sched = json.loads((Path(cfg.model) / "scheduler" / "scheduler_config.json").read_text())
+    shift = sched.get("train_shift", 1.0)
     sampler = BucketSampler(ds.items, cfg.micro_batch, random.Random(cfg.seed))
     for _ in range(cfg.steps):
         for _ in range(cfg.grad_accum):
             idx = sampler.next()
             x0 = x0_all[idx]
             noise = torch.randn(x0.shape, generator=gen)
-            sigma = torch.sigmoid(torch.randn(len(idx), generator=gen))
+            sigma = train_sigmas(len(idx), gen, shift)
             xs = (1 - sigma)[:, None, None, None] * x0 + sigma[:, None, None, None] * noise
             with lora.use("student"):
                 v = torch.stack([family.velocity(model, xs[j:j + 1], sigma[j], [conds[i]])[0]
@@ -233,6 +237,7 @@ def main(argv=None) -> int:
 METRICS = [("concept", "concept ↑"), ("concept_colour", "concept colour ↑"), ("concept_fd", "concept FD ↓"),
            ("fd", "FD (no trigger) ↓"), ("sharpness", "sharpness (1=real)"), ("prior_shape", "shape ↑"),
            ("prior_colour", "colour ↑"), ("prior_position", "position ↑"), ("prior_all", "all 5 attrs ↑"),
+           ("prior_ring", "ring w/o trigger ↓"),
            ("wall_s", "train s")]
 
 

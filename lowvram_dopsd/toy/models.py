@@ -130,9 +130,20 @@ class DiTBlock(nn.Module):
 
 
 class ToyDiT(nn.Module):
-    def __init__(self, dim: int = 64, layers: int = 4, heads: int = 4, patch: int = 4, cond_dim: int = 64):
+    def __init__(self, dim: int = 64, layers: int = 4, heads: int = 4, patch: int = 4, cond_dim: int = 64,
+                 ref_grid: bool = False, ref_add: bool = False, text_tokens: int = world.MAX_TOKENS):
         super().__init__()
-        self.config = dict(dim=dim, layers=layers, heads=heads, patch=patch, cond_dim=cond_dim)
+        self.config = dict(dim=dim, layers=layers, heads=heads, patch=patch, cond_dim=cond_dim, ref_grid=ref_grid,
+                           ref_add=ref_add, text_tokens=text_tokens)
+        # ref_grid: a condition longer than the caption holds a reference image's patch tokens first
+        # (ToyEncoder's layout); they get the DiT's own 2-D positions, so "the patch of the reference
+        # at my position" is one attention lookup. FLUX.2 does the same for its reference latents
+        # (they share the image's position grid). Needs the encoder's patch = the DiT's patch.
+        # ref_add: each reference token is also added to the image token at its grid position (the
+        # aligned reference conditioning of image-edit models): attention averages neighbouring
+        # patches and blurs a copied shape; this path keeps it sharp where it stands (docs/toy.md).
+        self.ref_grid, self.text_tokens = ref_grid or ref_add, text_tokens
+        self.ref_in = nn.Linear(dim, dim) if ref_add else None
         self.patch, self.dim = patch, dim
         self.x_embed = nn.Linear(3 * patch * patch, dim)
         self.register_buffer("pos", sincos_2d(world.IMAGE_SIZE // patch, dim), persistent=False)
@@ -160,6 +171,14 @@ class ToyDiT(nn.Module):
         h = self.x_embed(patchify(x, self.patch)) + self.pos
         c = self.cond_embed(cond)
         L = c.shape[1]
+        if self.ref_grid and L > self.text_tokens:
+            n_ref = L - self.text_tokens
+            if n_ref != self.pos.shape[0]:
+                raise ValueError(f"reference tokens ({n_ref}) must match the DiT's grid ({self.pos.shape[0]}): "
+                                 "the encoder's image patch must equal the DiT's patch")
+            if self.ref_in is not None:
+                h = h + self.ref_in(c[:, :n_ref])
+            c = torch.cat([c[:, :n_ref] + self.pos, c[:, n_ref:]], 1)
         seq = torch.cat([c, h], 1)
         mask = torch.cat([cond_mask, torch.ones(B, h.shape[1], dtype=torch.bool, device=x.device)], 1)
         t = self.t_embed(timestep_embedding(sigma, self.dim))

@@ -5,7 +5,8 @@ A scene is one shape on a flat background. Attributes:
              ring                                          (the NEW concept: never seen by the base;
                                                             bound to the trigger word at fine-tune time)
              blob                                          (random star-shaped polygons, never named:
-                                                            only used to teach the in-context reading)
+                                                            only used to teach the in-context reading;
+                                                            optionally with a hole that follows the outline)
   colour     red | green | blue | yellow | purple
   size       small | large
   position   center | left | right | top | bottom        (+-1 px jitter)
@@ -45,6 +46,7 @@ class Scene:
     background: str
     jitter: tuple[float, float] = (0.0, 0.0)
     blob: tuple[float, ...] = field(default_factory=tuple)  # radial profile of a blob (8..12 values)
+    hole: float = 0.0  # a blob's hole: radius as a share of its outline (0 = solid)
 
     def caption(self, shape_word: str | None = None) -> str:
         word = shape_word or self.shape
@@ -63,16 +65,18 @@ def parse_caption(caption: str) -> dict[str, str]:
 
 
 def random_scene(rng: random.Random, shapes=SHAPES, colours=None, sizes=None, positions=None,
-                 backgrounds=None) -> Scene:
+                 backgrounds=None, blob_holes: float = 0.0) -> Scene:
     shape = rng.choice(list(shapes))
-    blob = ()
+    blob, hole = (), 0.0
     if shape == "blob":
         n = rng.randint(5, 9)
         blob = tuple(rng.uniform(0.45, 1.0) for _ in range(n))
+        if blob_holes and rng.random() < blob_holes:  # no draw at 0: v1's data stream unchanged
+            hole = rng.uniform(0.35, 0.65)
     return Scene(shape=shape, colour=rng.choice(list(colours or COLOURS)), size=rng.choice(list(sizes or SIZES)),
                  position=rng.choice(list(positions or POSITIONS)),
                  background=rng.choice(list(backgrounds or BACKGROUNDS)),
-                 jitter=(rng.uniform(-1, 1), rng.uniform(-1, 1)), blob=blob)
+                 jitter=(rng.uniform(-1, 1), rng.uniform(-1, 1)), blob=blob, hole=hole)
 
 
 _grid_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -113,7 +117,7 @@ def shape_mask(scene: Scene) -> np.ndarray:
         i = np.floor(ang).astype(int).clip(0, len(prof) - 2)
         f = ang - i
         rho = (prof[i] * (1 - f) + prof[i + 1] * f) * r * 1.1
-        m = d <= rho
+        m = (d <= rho) & (d >= scene.hole * rho)
     else:
         raise ValueError(f"unknown shape {s!r}")
     m = m.astype(np.float32).reshape(IMAGE_SIZE, SS, IMAGE_SIZE, SS).mean(axis=(1, 3))
