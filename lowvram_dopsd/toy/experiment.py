@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--methods", nargs="*", default=["sft", "dopsd-v", "dopsd-x0"])
     ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--rank", type=int, default=None, help="LoRA rank for every method (default: preset toy's 8)")
+    ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha for every method (default: = rank)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="toy")
     ap.add_argument("--grid", default="docs/img/toy-samples.png")
@@ -144,6 +146,7 @@ def main(argv=None) -> int:
                 "dopsd-x0-frozen": {"loss": "x0", "ema_decay": 0.99999999},
                 "dopsd-x0-copy": {"loss": "x0", "ema_decay": 0.0},
                 "dopsd-x0-1state": {"loss": "x0", "train_states": 1}}
+    lora_kw = {} if a.rank is None else {"rank": a.rank, "alpha": a.alpha if a.alpha is not None else float(a.rank)}
     runs: list[dict] = []
     rows_for_grid: dict[str, torch.Tensor] = {}
     work = Path(tempfile.mkdtemp(prefix="toy-exp-"))
@@ -203,10 +206,10 @@ def main(argv=None) -> int:
             t0 = time.time()
             out = work / f"{method}-{seed}"
             if method == "sft":
-                cfg = make_cfg(model_dir, images, out, work / "cache", seed, a.steps)
+                cfg = make_cfg(model_dir, images, out, work / "cache", seed, a.steps, **lora_kw)
                 model, lora = run_sft(cfg, images)
             else:
-                cfg = make_cfg(model_dir, images, out, work / "cache", seed, a.steps, **variants[method])
+                cfg = make_cfg(model_dir, images, out, work / "cache", seed, a.steps, **lora_kw, **variants[method])
                 result = train(cfg, preset="toy", console=quiet_console())
                 model, lora = result.model, result.lora
             wall = time.time() - t0
@@ -216,7 +219,7 @@ def main(argv=None) -> int:
     summary = summarize(runs)
     meta = {"command": "python -m lowvram_dopsd.toy.experiment " + " ".join(argv or []) if argv is not None else
             "python -m lowvram_dopsd.toy.experiment " + " ".join(__import__("sys").argv[1:]),
-            "seeds": a.seeds, "steps": a.steps, "images": a.images, "threads": a.threads,
+            "seeds": a.seeds, "steps": a.steps, "images": a.images, "threads": a.threads, **lora_kw,
             "model": str(model_dir), "wall_s": round(time.time() - t_start, 1),
             "preset": "presets/toy.toml", "torch": torch.__version__}
     out = Path(a.out)
