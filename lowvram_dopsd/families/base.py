@@ -183,7 +183,7 @@ class DiffusersFamily(Family):
     # with False. Counting the same way tells us which captions the pipeline will cut.
     chat_enable_thinking: ClassVar[bool] = True
 
-    def student_prompts(self, captions: list[str], teacher: str, cfg) -> dict[str, list[str]]:
+    def encoded_prompts(self, captions: list[str], teacher: str, cfg) -> dict[str, list[str]]:
         """The text prompts this run feeds the pipeline's prompt encoder, by role."""
         return {"caption": list(captions)}
 
@@ -198,8 +198,11 @@ class DiffusersFamily(Family):
 
     def prompt_warnings(self, captions: list[str], names: list[str], teacher: str, cfg) -> list[str]:
         limit, out = cfg.max_sequence_length, []
-        for role, prompts in self.student_prompts(captions, teacher, cfg).items():
-            lengths = self.prompt_token_counts(prompts)
+        roles = self.encoded_prompts(captions, teacher, cfg)
+        # one call (one tokenizer load) for every role's prompts, then handed out per role
+        counts = iter(self.prompt_token_counts([p for prompts in roles.values() for p in prompts]))
+        for role, prompts in roles.items():
+            lengths = [next(counts) for _ in prompts]
             cut = [(n, name) for n, name in zip(lengths, names) if n > limit]
             if cut:
                 longest, name = max(cut)

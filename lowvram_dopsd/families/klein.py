@@ -96,7 +96,7 @@ class Klein(DiffusersFamily):
 
     chat_enable_thinking = False  # Flux2KleinPipeline._get_qwen3_prompt_embeds
 
-    def student_prompts(self, captions: list[str], teacher: str, cfg) -> dict[str, list[str]]:
+    def encoded_prompts(self, captions: list[str], teacher: str, cfg) -> dict[str, list[str]]:
         out = {"caption": list(captions)}
         if teacher == "edit":  # the edit teacher's prompt goes through the same encoder and limit
             out["edit-teacher"] = [edit_prompt(c, cfg.edit_instruction) for c in captions]

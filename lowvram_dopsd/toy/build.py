@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from . import world
 from .evaluate import teacher_gate
 from .models import HEADS, ToyClassifier, ToyDiT, ToyEncoder, load_module, save_module
+from .pipeline import sample as euler
 
 SIGMAS4 = (1.0, 0.9, 0.75, 0.5, 0.0)   # the authors' 4-step schedule t = {0, .1, .25, .5} -> 1 (0 = noise there)
 
@@ -122,16 +123,9 @@ def cosine_lr(step, total, base, warmup=100, floor=0.1):
 
 # ------------------------------------------------------------------------------------------ sampling
 @torch.no_grad()
-def sample(dit, h, m, noise, sigmas, substeps: int = 1):
-    """Euler over `sigmas` (each interval split into `substeps`)."""
-    x = noise
-    for k in range(len(sigmas) - 1):
-        s0, s1 = float(sigmas[k]), float(sigmas[k + 1])
-        for j in range(substeps):
-            a = s0 + (s1 - s0) * j / substeps
-            b = s0 + (s1 - s0) * (j + 1) / substeps
-            x = x + (b - a) * dit(x, torch.full((x.shape[0],), a), h, m)
-    return x
+def substeps(s0: float, s1: float, n: int) -> list[float]:
+    """The sigma grid that splits the interval s0 -> s1 into n equal Euler steps (pipeline.sample over it)."""
+    return [s0 + (s1 - s0) * j / n for j in range(n + 1)]
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -203,7 +197,7 @@ def distill(out: Path, n_traj: int, steps: int, batch: int, seed: int, log, shif
                 x = torch.randn((len(caps), 3, 32, 32), generator=gen)
                 states = [x]
                 for k in range(len(sig) - 1):
-                    x = sample(teacher, h, m, x, sig[k:k + 2], substeps=8)
+                    x = euler(teacher, h, m, x, substeps(float(sig[k]), float(sig[k + 1]), 8))
                     states.append(x)
                 data.append((caps, refs, torch.stack(states)))
     log(f"distill: {sum(len(d[0]) for d in data)} teacher trajectories ({time.time() - t0:.0f}s)")
@@ -331,7 +325,7 @@ def main(argv=None) -> int:
     if a.stage in ("all", "classifier"):  # first: the base and distill stages gate with it
         train_classifier(out, a.classifier_steps, a.classifier_batch, a.seed, log)
         info["classifier"] = {"steps": a.classifier_steps, "batch": a.classifier_batch, "seed": a.seed,
-                              "wall_s": round(time.time() - t2)}
+                              "threads": a.threads, "wall_s": round(time.time() - t2)}
     t0 = time.time()
     if a.stage in ("all", "base"):
         gate = train_base(out, a.base_steps, a.batch, a.seed + (1 if a.resume else 0), log, a.resume, a.p_context,
@@ -341,7 +335,9 @@ def main(argv=None) -> int:
                           shift=a.shift, p_drop=a.p_drop, blob_holes=a.blob_holes)
         entry = {"steps": a.base_steps, "batch": a.batch, "seed": a.seed, "p_context": a.p_context,
                  "p_same": a.p_same, "lr": a.lr, "enc_patch": a.enc_patch, "dit_dim": a.dit_dim,
-                 "dit_layers": a.dit_layers, "ref_grid": a.ref_grid, "ref_add": a.ref_add, "p_drop": a.p_drop, "blob_holes": a.blob_holes, "shift": a.shift, "gate": gate, "wall_s": round(time.time() - t0)}
+                 "dit_layers": a.dit_layers, "ref_grid": a.ref_grid, "ref_add": a.ref_add, "p_drop": a.p_drop,
+                 "blob_holes": a.blob_holes, "shift": a.shift, "gate": gate, "threads": a.threads,
+                 "wall_s": round(time.time() - t0)}
         if a.resume:
             info["base_phase2"] = entry
         else:
@@ -350,8 +346,8 @@ def main(argv=None) -> int:
     if a.stage in ("all", "distill"):
         gate = distill(out, a.trajectories, a.distill_steps, a.batch, a.seed, log, a.shift, a.p_drop, a.blob_holes)
         info["distill"] = {"steps": a.distill_steps, "trajectories": a.trajectories, "seed": a.seed,
-                           "sigmas": list(SIGMAS4), "gate": gate, "wall_s": round(time.time() - t1)}
-    info["threads"] = a.threads
+                           "sigmas": list(SIGMAS4), "gate": gate, "threads": a.threads,
+                           "wall_s": round(time.time() - t1)}
     old = json.loads(info_path.read_text()) if info_path.is_file() else {}  # stages may run in parallel
     info_path.write_text(json.dumps({**old, **info}, indent=2))
     return 0
