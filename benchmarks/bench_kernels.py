@@ -20,7 +20,7 @@ Shapes (published transformer configs):
     to_qkv_mlp_proj 3072 -> 3*3072 + 2*9216 = 27648 and to_out 3072 + 9216 = 12288 -> 3072
     (diffusers transformer_flux2.py).
 
-Usage: python benchmarks/bench_kernels.py [--shapes zimage,klein] [--methods ...] [--variants Wx,WxC]
+Usage: python benchmarks/bench_kernels.py [--shapes zimage,klein] [--methods ...] [--variants WxD,WxDT,WxF]
        [--out benchmarks/results]
 Timings: triton.testing.do_bench medians (CUDA events) after warm-up, random data.
 """
@@ -414,7 +414,7 @@ def write_report(meta, rows, loss, out_dir):
     bd = [r for r in ok if r.get("bwd_breakdown_graph_ms")]
     if bd:
         L += ["", "Per launch (CUDA-graph GPU ms; u, dx, dA, dB derived from graphs of subsets of the backward, "
-              "so small entries carry ~10 us noise; dx includes the transient transposed weight copy):", "",
+              "so small entries carry ~10 us noise; with BWD_DX = dequant, dx includes dequantising the weight):", "",
               "| shape | method | fwd (t + y) | bwd | u = dy·B | dx | dA | dB |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in bd:
@@ -452,16 +452,20 @@ def write_report(meta, rows, loss, out_dir):
     return slug
 
 
-# GEMM variants of ours (module switches in lowvram_dopsd.kernels.lora_linear):
-#   xW: the 8-bit weight is the right dot operand (converted, written back to shared memory)
-#   Wx: it is the left operand, converted in registers (Hopper wgmma takes A from registers)
-#   WxC: Wx, and the dx GEMM reads a transient transposed 8-bit copy of the weight (opt-in)
+# GEMM variants of ours (module switches in lowvram_dopsd.kernels.lora_linear). Forward: the 8-bit
+# weight is the right dot operand (xW: converted, written back to shared memory) or the left one
+# (Wx: converted in registers; Hopper's wgmma takes A from registers). Backward dx: cuBLAS on a
+# transient dequantised weight (D), our GEMM scaling in the tile (F), or on dy ⊙ scale (S).
+# T: the skinny LoRA GEMMs t = x·Aᵀ and u = dy·B on our kernel instead of cuBLAS.
 VARIANTS = {
-    "xW": dict(SWAP_FWD=False, SWAP_BWD=False, BWD_TRANSPOSED_COPY=False),
-    "Wx": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_TRANSPOSED_COPY=False),
-    "WxC": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_TRANSPOSED_COPY=True),
+    "WxD": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="dequant", SKINNY="cublas"),
+    "WxDT": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="dequant", SKINNY="triton"),
+    "WxF": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="fused", SKINNY="triton"),
+    "WxS": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="prescaled", SKINNY="triton"),
+    "xWF": dict(SWAP_FWD=False, SWAP_BWD=False, BWD_DX="fused", SKINNY="triton"),
+    "xWS": dict(SWAP_FWD=False, SWAP_BWD=False, BWD_DX="prescaled", SKINNY="triton"),
 }
-DEFAULTS = dict(SWAP_FWD=ll.SWAP_FWD, SWAP_BWD=ll.SWAP_BWD, BWD_TRANSPOSED_COPY=ll.BWD_TRANSPOSED_COPY)
+DEFAULTS = dict(SWAP_FWD=ll.SWAP_FWD, SWAP_BWD=ll.SWAP_BWD, BWD_DX=ll.BWD_DX, SKINNY=ll.SKINNY)
 
 
 def main(argv=None):

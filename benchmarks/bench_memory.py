@@ -48,9 +48,13 @@ CONFIGS = {
     "zimage-12gb": dict(family="zimage", preset="12gb", target_gib=10.5),
     "zimage-12gb-768": dict(family="zimage", preset="12gb", resolution=768, target_gib=10.5),
     "zimage-16gb-bnb": dict(family="zimage", preset="16gb", quant="bnb-int8", target_gib=14.0),
-    # the fused Triton 8-bit LoRA linear (kernels = "on") in place of quanto's dequantise + matmul
+    # the 8-bit LoRA linear forced onto the fused Triton kernel ("on"; what "auto" does on CUDA), or
+    # left to quanto's dequantise + matmul ("off": plain torch everywhere, the D-OPSD loss too)
     "zimage-16gb-fused": dict(family="zimage", preset="16gb", kernels="on", target_gib=14.0),
+    "zimage-16gb-quanto": dict(family="zimage", preset="16gb", kernels="off", target_gib=14.0),
     "klein-16gb-edit": dict(family="klein", preset="16gb", target_gib=12.0),
+    "klein-16gb-edit-fused": dict(family="klein", preset="16gb", kernels="on", target_gib=12.0),
+    "klein-16gb-edit-quanto": dict(family="klein", preset="16gb", kernels="off", target_gib=12.0),
 }
 TINY_ZIMAGE = {"_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],
                "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "cap_feat_dim": 64, "dim": 256,
@@ -165,6 +169,7 @@ def run_child(name: str, args) -> dict:
     from lowvram_dopsd import plan as planner
     from lowvram_dopsd.config import load_config
     from lowvram_dopsd.lora import DualLoRA
+    from lowvram_dopsd.quant import use_fused_linear
     from lowvram_dopsd.train import make_optimizer, rollout_and_learn
 
     spec = dict(CONFIGS[name])
@@ -243,7 +248,7 @@ def run_child(name: str, args) -> dict:
     lora = DualLoRA.attach(model, targets, cfg.rank, cfg.alpha)
     if cfg.kernels != "auto":  # one child process per config: the switch can stay set
         os.environ["LOWVRAM_DOPSD_KERNELS"] = cfg.kernels
-    res["fused_layers"] = lora.enable_fused_kernels() if cfg.kernels == "on" else 0
+    res["fused_layers"] = lora.enable_fused_kernels() if use_fused_linear(device) else 0  # as train.py
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, cfg.resolved_lr(1e-5))
     sigmas = family.sigmas(cfg.resolution, cfg.resolution, steps)
@@ -367,7 +372,8 @@ def report(results: list[dict], meta: dict) -> str:
         err = "" if r.get("error_pct") is None else f"{r['error_pct']:+.1f}%"
         ok = "" if peak is None else (" ✅" if peak <= r["target_gib"] else " ❌")
         lines.append(
-            f"| {label} | {model} | {s['resolution']}² | {s['quant']} | {s['optimizer']} | {s['rank']} "
+            f"| {label} | {model} | {s['resolution']}² | {s['quant']}{' fused' if r.get('fused_layers') else ''} "
+            f"| {s['optimizer']} | {s['rank']} "
             f"| {r['tokens']['student']}/{r['tokens']['teacher']} | {peak if peak is None else f'{peak:.2f}'}{ok} "
             f"| {r['target_gib']} | {r['predicted_gib']:.2f} | "
             f"{err} | {st['seconds']:.1f} "

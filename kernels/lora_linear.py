@@ -3,23 +3,30 @@
     y = x · dequant(Wq)ᵀ (+ bias) + s · (x · Aᵀ) · Bᵀ          dequant(Wq)[n, :] = Wq[n, :] · w_scale[n]
 
 ``Wq`` is int8 (symmetric, ±127) or FP8 e4m3 (``torch.float8_e4m3fn``, ±448), one float32 scale per
-output channel. The full-precision weight is never materialised: each GEMM tile loads 8-bit
-values and converts them to the compute dtype in registers.
+output channel. In the forward the full-precision weight is never materialised: each GEMM tile
+loads 8-bit values and converts them to the compute dtype in registers.
 
-Forward (2 launches)::
+Forward::
 
-    t  = x · Aᵀ                                      [M, r]   skinny GEMM
-    y  = scale_n ⊙ (x · Wqᵀ) + bias + s · t · Bᵀ     [M, N]   main GEMM; scale, bias and the
+    t  = x · Aᵀ                                      [M, r]   skinny GEMM (cuBLAS, see SKINNY)
+    y  = scale_n ⊙ (x · Wqᵀ) + bias + s · t · Bᵀ     [M, N]   our main GEMM; scale, bias and the
                                                               LoRA term are the tile's epilogue
-Backward (up to 4 launches)::
+Backward::
 
-    u  = dy · B                                      [M, r]   skinny GEMM
-    dx = dy · (scale ⊙ Wq) + s · u · A               [M, K]   main GEMM, dequant inside the tile
-    dA = s · uᵀ · x                                  [r, K]   reduction over M (split, fp32)
-    dB = s · dyᵀ · t                                 [N, r]   reduction over M (split, fp32)
+    u  = dy · B                                      [M, r]   skinny GEMM (cuBLAS)
+    dx = dy · (scale ⊙ Wq) + s · u · A               [M, K]   see BWD_DX below
+    dA = s · uᵀ · x                                  [r, K]   ours: reduction over M (split, fp32)
+    dB = s · dyᵀ · t                                 [N, r]   ours: reduction over M (split, fp32)
 
 Only ``x`` and ``t`` are kept for backward (plus references to the frozen inputs). No gradient
 flows to ``Wq``, ``w_scale`` or ``bias``.
+
+The dx GEMM reduces over N, the index the per-channel scale runs along, and reads Wq against its
+stored order; done in the tile it ran at 1.35-1.6x the forward's time on an H100. So by default
+(BWD_DX = "dequant") the backward dequantises the one layer's weight into a transient buffer in
+one Triton pass (Wq -> dtype(Wq · scale), the reference's exact rounding) and gives dx to cuBLAS;
+the buffer (N·K·2 bytes, at most 170 MB for klein's 3072 -> 27648) lives only during this call.
+The forward, run twice as often in D-OPSD (teacher + student), never materialises it.
 
 Switching LoRA sets (student / teacher) without copying weights: ``lora_linear`` takes ``A`` and
 ``B`` as plain arguments. The caller passes whichever adapter is active for this forward; the
@@ -59,6 +66,7 @@ __all__ = [
     "LoRALinearFunction",
     "lora_linear_forward",
     "lora_linear_backward",
+    "dequantize",
     "kernels_available",
 ]
 
@@ -75,12 +83,15 @@ MAX_RANK = 128
 # for experiments.
 SWAP_FWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_FWD", "1") == "1"
 SWAP_BWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_BWD", "1") == "1"
-# In the swapped dx GEMM the left operand is Wqᵀ [K, N], whose reduction index (N) is not the
-# contiguous one in Wq, so the tile is read with byte-wise transposed shared-memory loads. Opt-in
-# alternative: BWD_TRANSPOSED_COPY first makes a transient 8-bit copy of Wqᵀ (torch transpose, 1 byte
-# per weight, one layer at a time) so the dx tiles load like the forward's. Measured on H100 it is
-# slower overall (the transpose costs more than it saves), hence off; see docs/kernels.md.
-BWD_TRANSPOSED_COPY = os.environ.get("LOWVRAM_DOPSD_LORA_BWD_TCOPY", "0") == "1"
+# How the backward computes dx = dy · dequant(Wq) (+ the LoRA term):
+#   "dequant":   Wq -> transient dequantised weight (one Triton pass), then cuBLAS (torch.mm)
+#   "fused":     our GEMM, Wq converted and scaled per reduction index inside the tile
+#   "prescaled": our GEMM on dy ⊙ scale (one elementwise pass), so the tile only converts Wq
+# (a transient transposed 8-bit copy of Wq was also tried and measured slower; docs/kernels.md).
+BWD_DX = os.environ.get("LOWVRAM_DOPSD_LORA_BWD_DX", "dequant")
+_BWD_DX_MODES = ("dequant", "fused", "prescaled")
+# The two skinny LoRA GEMMs t = x·Aᵀ and u = dy·B: "cublas" (torch.mm) or "triton" (our kernel).
+SKINNY = os.environ.get("LOWVRAM_DOPSD_LORA_SKINNY", "cublas")
 
 
 # =============================================================================================
@@ -101,6 +112,22 @@ def _fp8e4m3_to_f32(bits):
     sub = m.to(tl.float32) * 0.001953125
     sub = tl.where(sign == 1, -sub, sub)
     return tl.where(e == 0, sub, normal)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, scale_ptr, out_ptr, numel, cols,
+                  PER_ROW: tl.constexpr, SOFT_FP8: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """out = x · scale (float32 math, one rounding to out's dtype) for a contiguous [rows, cols] x;
+    the scale runs along rows (dequantise Wq) or columns (pre-scale dy by Wq's channel scale)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask)  # masked lanes are never stored
+    if SOFT_FP8:
+        x = _fp8e4m3_to_f32(x)
+    idx = offs // cols if PER_ROW else offs % cols
+    v = x.to(tl.float32) * tl.load(scale_ptr + idx, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, to_storage(v, out_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
 
 
 @triton.jit
@@ -438,6 +465,44 @@ def _reduce_over_m(kind, a, a_st, b, b_st, P, Q, R, out_dtype, device, compute, 
     return part.sum(0).to(out_dtype)  # deterministic (no atomics)
 
 
+def _scale(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, per_row: bool) -> torch.Tensor:
+    """Launch ``_scale_kernel`` on a contiguous 2-D ``x`` (8-bit weight or activations)."""
+    x, soft = _wq_operand(x.contiguous())
+    out = empty(tuple(x.shape), out_dtype, x.device)
+    block = 1024 if is_interpret() else 4096
+    _scale_kernel[(triton.cdiv(x.numel(), block),)](
+        x, scale, out, x.numel(), x.shape[1], PER_ROW=per_row, SOFT_FP8=soft,
+        EMULATE_RNE=is_interpret() and out_dtype == torch.bfloat16, BLOCK=block, num_warps=8,
+    )
+    return out
+
+
+def dequantize(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(w_q.float() * w_scale[:, None]).to(dtype)`` in one pass, no float32 temporary."""
+    return _scale(w_q, w_scale, dtype, per_row=True)
+
+
+def _skinny(a: torch.Tensor, lora: torch.Tensor, transpose_b: bool, compute) -> torch.Tensor:
+    """[M, r] = a · loraᵀ (t = x·Aᵀ) or a · lora (u = dy·B), stored in a's dtype as PEFT does.
+
+    Plain 16/32-bit GEMMs with nothing to dequantise: cuBLAS by default. Same GPU time as our
+    skinny kernel (kernels-h100.md run 6), but each Triton launch costs ~100 µs of Python on the
+    host (profiled on the H100 machine's CPU) against ~10-40 µs for a torch op; SKINNY = "triton"
+    keeps them on our kernel."""
+    if SKINNY not in ("cublas", "triton"):
+        raise ValueError(f"LOWVRAM_DOPSD_LORA_SKINNY={SKINNY!r}: use cublas or triton")
+    if SKINNY == "cublas":
+        b = lora.to(a.dtype)
+        return torch.mm(a, b.t() if transpose_b else b)
+    M, K = a.shape
+    r = lora.shape[0] if transpose_b else lora.shape[1]
+    b_st = (lora.stride(1), lora.stride(0)) if transpose_b else (lora.stride(0), lora.stride(1))
+    out = empty((M, r), a.dtype, a.device)
+    _mm("skinny_q", a, (a.stride(0), a.stride(1)), lora, b_st, out, (0, out.stride(0), out.stride(1)),
+        M, r, K, compute=compute)
+    return out
+
+
 def _wq_operand(w_q: torch.Tensor) -> Tuple[torch.Tensor, bool]:
     soft = _soft_fp8(w_q)
     return (w_q.view(torch.uint8) if soft else w_q), soft
@@ -461,10 +526,7 @@ def lora_linear_forward(
     comp = _compute(x2d.dtype)
     wq, soft = _wq_operand(w_q)
 
-    # t = x · Aᵀ   (skinny: Q = r)
-    t = empty((M, r), x2d.dtype, dev)
-    _mm("skinny_q", x2d, (x2d.stride(0), x2d.stride(1)), lora_A, (lora_A.stride(1), lora_A.stride(0)),
-        t, (0, t.stride(0), t.stride(1)), M, r, K, compute=comp)
+    t = _skinny(x2d, lora_A, transpose_b=True, compute=comp)  # t = x · Aᵀ  [M, r]
 
     y = empty((M, N), x2d.dtype, dev)
     if not swap:  # C[m, n]: A = x, B = Wqᵀ, scale per column, LoRA t · Bᵀ
@@ -500,34 +562,37 @@ def lora_linear_backward(
     M, K = x2d.shape
     N, r = w_q.shape[0], lora_A.shape[0]
     swap = SWAP_BWD if swap is None else swap
+    if BWD_DX not in _BWD_DX_MODES:
+        raise ValueError(f"LOWVRAM_DOPSD_LORA_BWD_DX={BWD_DX!r}: use one of {', '.join(_BWD_DX_MODES)}")
     dev = dy.device
     comp = _compute(x2d.dtype)
     dx = dA = dB = None
 
     if need_dx or need_dA:
-        # u = dy · B   (skinny: Q = r)
-        u = empty((M, r), x2d.dtype, dev)
-        _mm("skinny_q", dy, (dy.stride(0), dy.stride(1)), lora_B, (lora_B.stride(0), lora_B.stride(1)),
-            u, (0, u.stride(0), u.stride(1)), M, r, N, compute=comp)
-    if need_dx:
+        u = _skinny(dy, lora_B, transpose_b=False, compute=comp)  # u = dy · B  [M, r]
+    if need_dx and BWD_DX == "dequant":
+        # dx = s·u·A + dy · dequant(Wq): the LoRA term first, then cuBLAS accumulates into it
+        # (beta = 1 reads it once in the GEMM epilogue instead of a separate read-modify-write pass)
+        dx = torch.mm(u, (lora_A * scale).to(x2d.dtype))
+        dx.addmm_(dy, dequantize(w_q, w_scale, x2d.dtype))
+    elif need_dx:
         wq, soft = _wq_operand(w_q)
+        mode = 4 if not swap else 3
+        if BWD_DX == "prescaled":  # dy ⊙ scale, so the tile converts Wq without scaling it
+            dy_s, mode = _scale(dy, w_scale, dy.dtype, per_row=False), 0
+        else:
+            dy_s = dy
         dx = empty((M, K), x2d.dtype, dev)
         if not swap:  # C[m, k]: A = dy, B = Wq (rows scaled in tile), LoRA u · A
-            _mm("main", dy, (dy.stride(0), dy.stride(1)), wq, (wq.stride(0), wq.stride(1)),
+            _mm("main", dy_s, (dy_s.stride(0), dy_s.stride(1)), wq, (wq.stride(0), wq.stride(1)),
                 dx, (0, dx.stride(0), dx.stride(1)), M, K, N, compute=comp,
-                scale=w_scale, scale_mode=4,
+                scale=w_scale, scale_mode=mode,
                 lora=(u, (u.stride(0), u.stride(1)), lora_A, (lora_A.stride(0), lora_A.stride(1)), r, scale),
                 b_soft=soft)
         else:  # C[k, m] = dxᵀ: A = Wqᵀ (columns scaled in tile), B = dyᵀ, LoRA Aᵀ · uᵀ
-            if BWD_TRANSPOSED_COPY:
-                w_t = w_q.t().contiguous()  # [K, N], transient (freed when this function returns)
-                wq, soft = _wq_operand(w_t)
-                a_st = (wq.stride(0), wq.stride(1))
-            else:
-                a_st = (wq.stride(1), wq.stride(0))
-            _mm("main", wq, a_st, dy, (dy.stride(1), dy.stride(0)),
+            _mm("main", wq, (wq.stride(1), wq.stride(0)), dy_s, (dy_s.stride(1), dy_s.stride(0)),
                 dx, (0, dx.stride(1), dx.stride(0)), K, M, N, compute=comp,
-                scale=w_scale, scale_mode=3,
+                scale=w_scale, scale_mode=mode,
                 lora=(lora_A, (lora_A.stride(1), lora_A.stride(0)), u, (u.stride(1), u.stride(0)), r, scale),
                 a_soft=soft)
     if need_dA:  # dA = s · uᵀ · x   [r, K], reduce over M

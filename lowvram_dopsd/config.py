@@ -57,8 +57,8 @@ class TrainConfig:
     dtype: str = "bf16"                 # "bf16" | "fp16" | "fp32" compute dtype of the frozen base
     quant: str = "none"                 # "none" | "qint8" | "qfloat8" (optimum-quanto) | "bnb-int8" (quant.py)
     grad_checkpointing: bool = True
-    kernels: str = "auto"               # "auto": fused loss kernel where Triton runs; "on": also the fused
-                                        # 8-bit LoRA linear; "off": plain torch everywhere
+    kernels: str = "auto"               # "auto": Triton kernels (loss, fused 8-bit LoRA linear) on CUDA;
+                                        # "on": force them (CPU: TRITON_INTERPRET=1); "off": plain torch
     device: str = "auto"                # "auto" | "cuda" | "cpu"
     encoders_on: str = "auto"           # "auto" (= device) | "cpu" | "cuda": where precompute runs
     # --- encoders (Z-Image pipeline: 512 tokens; authors' VLM: 1024 tokens, 512-768 px images)

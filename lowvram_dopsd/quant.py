@@ -203,6 +203,23 @@ def kernels_mode(mode: str) -> Iterator[None]:
             os.environ["LOWVRAM_DOPSD_KERNELS"] = old
 
 
+def use_fused_linear(device: torch.device) -> bool:
+    """Whether 8-bit LoRA layers run on the fused Triton kernel (ask inside `kernels_mode`).
+
+    "on": always (the kernel raises if Triton cannot run). "auto": on a CUDA device where Triton
+    runs. Measured on an H100 (benchmarks/results/kernels-h100.md, memory-nvidia-h100-80gb-hbm3.md):
+    over Z-Image's LoRA'd linears forward+backward is 1.14-1.17x faster than quanto's dequantise
+    + cuBLAS and takes 1.02-1.06x the bf16 time (GPU time); the whole 16gb step is 3 % (Z-Image) /
+    5 % (klein) faster and klein's peak 0.39 GiB lower. Not in "auto" on the CPU interpreter: far too slow to train.
+    """
+    from .kernels.utils import kernels_available, kernels_mode as current_mode
+
+    mode = current_mode()
+    if mode == "on":
+        return True
+    return mode == "auto" and device.type == "cuda" and kernels_available(device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory-frugal loading: meta model, filled and quantized block by block
 # ---------------------------------------------------------------------------------------------

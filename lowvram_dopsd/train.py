@@ -48,7 +48,7 @@ from .output import LORA_FILE, save_lora
 from .preview import Previewer, default_prompts
 from .export import LAYOUTS
 from .progress import Display, make_console
-from .quant import kernels_mode
+from .quant import kernels_mode, use_fused_linear
 
 
 def resolve_device(name: str) -> torch.device:
@@ -337,9 +337,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     with explain_oom(cfg, preset, "loading the transformer"):
         model = family.load_transformer(cfg, device, dtype)
         lora = DualLoRA.attach(model, tuple(cfg.lora_targets) or family.lora_targets, cfg.rank, cfg.alpha)
-    # The fused 8-bit LoRA linear only when asked for: on an H100 its forward+backward is still
-    # 0.83-0.9x the speed of quanto's dequantise + cuBLAS (benchmarks/results/kernels-h100.md).
-    fused = lora.enable_fused_kernels() if cfg.kernels == "on" else 0
+    # 8-bit layers on the fused Triton LoRA linear: on CUDA unless kernels = "off" (quant.py says why)
+    fused = lora.enable_fused_kernels() if use_fused_linear(device) else 0
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, lr)
     warmup = max(cfg.warmup_steps, 0)

@@ -144,3 +144,26 @@ def test_bnb_int8_is_a_config_choice():
 
     assert "bnb-int8" in CHOICES["quant"]
     assert load_config(None, {"quant": "bnb-int8"}).quant == "bnb-int8"
+
+
+def test_fused_linear_dispatch(monkeypatch):
+    """kernels = "auto" puts 8-bit layers on the fused kernel on CUDA only; "on"/"off" force it."""
+    from lowvram_dopsd.kernels import utils
+    from lowvram_dopsd.quant import kernels_mode, use_fused_linear
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("LOWVRAM_DOPSD_KERNELS", raising=False)
+    monkeypatch.setattr(utils, "kernels_available", lambda device=None: True)  # as on a GPU with Triton
+    with kernels_mode("auto"):
+        assert use_fused_linear(cuda) and not use_fused_linear(cpu)
+    with kernels_mode("off"):
+        assert not use_fused_linear(cuda)
+    with kernels_mode("on"):
+        assert use_fused_linear(cpu)
+    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "off")  # the env var decides when the config says auto
+    with kernels_mode("auto"):
+        assert not use_fused_linear(cuda)
+    monkeypatch.setattr(utils, "kernels_available", lambda device=None: False)  # no Triton / no GPU
+    monkeypatch.delenv("LOWVRAM_DOPSD_KERNELS")
+    with kernels_mode("auto"):
+        assert not use_fused_linear(cuda)

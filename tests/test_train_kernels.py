@@ -37,3 +37,16 @@ def test_kernels_on_and_off_train_the_same(tmp_path, tiny_zimage_dir, tiny_vlm_d
     num = sum((on_t[k] - off_t[k]).pow(2).sum() for k in on_t).sqrt()
     den = sum(off_t[k].pow(2).sum() for k in off_t).sqrt()
     assert num / den < 1e-3, float(num / den)
+
+
+def test_auto_follows_the_dispatch_rule(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, monkeypatch):
+    """kernels = "auto": the trainer asks quant.use_fused_linear (True on CUDA with Triton, tested in
+    test_quant.py) with its device and puts the 8-bit layers on the kernel when it says so."""
+    import lowvram_dopsd.train as train_mod
+
+    asked = []
+    monkeypatch.setattr(train_mod, "use_fused_linear", lambda device: asked.append(device) or True)
+    _, counts, res = run(tmp_path, "auto", tiny_zimage_dir, tiny_vlm_dir, demo_images, "auto", "qint8")
+    assert [d.type for d in asked] == ["cpu"]
+    assert all(layer.fused for layer in res.lora.layers.values())
+    assert counts.get("lora_linear.triton", 0) > 0 and counts.get("lora_linear.reference", 0) == 0

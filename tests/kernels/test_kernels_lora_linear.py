@@ -55,8 +55,12 @@ def _run_reference64(d, s, w_scale_mult=1.0, s_mult=1.0):
 
 
 # GEMM variants (lora_linear module switches): the 8-bit weight as right (xW) or left (Wx) dot
-# operand; WxC also gives the dx GEMM a transient transposed copy of the 8-bit weight.
-VARIANTS = {"xW": (False, False), "Wx": (True, False), "WxC": (True, True)}
+# operand of our GEMMs; how the backward gets dx: cuBLAS on a transient dequantised weight (D, the
+# default), our GEMM scaling in the tile (F) or on dy pre-scaled by the channel scale (S); and the
+# skinny GEMMs t = x·Aᵀ, u = dy·B on cuBLAS (default) or on our kernel (T).
+VARIANTS = {"WxD": (True, "dequant", "cublas"), "WxDT": (True, "dequant", "triton"),
+            "xWF": (False, "fused", "cublas"), "WxF": (True, "fused", "triton"),
+            "xWS": (False, "prescaled", "triton"), "WxS": (True, "prescaled", "cublas")}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -64,10 +68,11 @@ VARIANTS = {"xW": (False, False), "Wx": (True, False), "WxC": (True, True)}
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lora_linear_matches_reference(kernels_on, monkeypatch, dtype, fmt, case, variant):
-    swap, t_copy = VARIANTS[variant]
+    swap, dx_mode, skinny = VARIANTS[variant]
     monkeypatch.setattr(ll, "SWAP_FWD", swap)
     monkeypatch.setattr(ll, "SWAP_BWD", swap)
-    monkeypatch.setattr(ll, "BWD_TRANSPOSED_COPY", t_copy)
+    monkeypatch.setattr(ll, "BWD_DX", dx_mode)
+    monkeypatch.setattr(ll, "SKINNY", skinny)
     d = _make(case, dtype, fmt)
     s = 0.75
     outs = _run_kernel(d, s)
@@ -160,6 +165,28 @@ def test_fp8_decoder_all_codes():
     _decode[(1,)](codes_d, out_d, codes.numel(), BLOCK=256)
     expect = codes.view(torch.float8_e4m3fn).float()
     assert torch.equal(out_d.cpu(), expect)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["native", "soft-fp8"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_is_bitwise_the_reference(kernels_on, monkeypatch, dtype, soft):
+    """The backward's transient weight rounds exactly like lora_linear_reference's (fp32 product,
+    one rounding), for both formats; 3 × 2053 elements is not a multiple of the block."""
+    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS_SOFT_FP8", "1" if soft else "0")
+    w = torch.randn(3, 2053, generator=torch.Generator().manual_seed(6)) * 0.05
+    for fmt in FMTS:
+        w_q, w_scale = quantize_weight(w, fmt)
+        out = ll.dequantize(w_q.to(DEVICE), w_scale.to(DEVICE), dtype)
+        assert out.dtype == dtype
+        assert torch.equal(out.cpu(), (w_q.float() * w_scale[:, None]).to(dtype)), fmt
+
+
+@pytest.mark.parametrize("switch,value", [("BWD_DX", "cublas"), ("SKINNY", "cutlass")])
+def test_unknown_switch_value_is_refused(kernels_on, monkeypatch, switch, value):
+    monkeypatch.setattr(ll, switch, value)
+    d = _make(CASES[0], torch.float32, "int8")
+    with pytest.raises(ValueError, match=f"LOWVRAM_DOPSD_LORA_{switch}='{value}'"):
+        _run_kernel(d, 1.0)
 
 
 def test_quantize_weight_roundtrip():
