@@ -20,8 +20,9 @@ Activations (tokens T = image tokens (H/16)(W/16) + text tokens, both padded as 
     own temporaries (`c_bwd * T * dim * 2`, calibrated on a GPU);
   * without it every block keeps all its activations;
   * the teacher and the untrained roll-out steps run without autograd state: only transients
-    (`c_fwd * T_teacher * dim * 2`). For Z-Image that is smaller than the student's backward; for
-    klein's edit teacher (image tokens x 2) it is the peak phase.
+    (`c_fwd * T_teacher * dim * 2`, smaller on the fused 8-bit kernel). For Z-Image that is smaller
+    than the student's backward; for klein's edit teacher (image tokens x 2) on quanto it is the
+    peak phase.
 The calibration constants and the measurements they come from are in `CALIBRATION` below and in
 `benchmarks/results/memory-*.md`.
 """
@@ -75,6 +76,9 @@ class Arch:
     # transients of a forward without autograd state (teacher pass), in units of tokens * dim * 2
     # bytes; calibrated on an H100 (benchmarks/results): the widest intermediate tensors of a block
     c_fwd: float
+    # the same with the 8-bit LoRA linears on the fused Triton kernel (no dequantised weight, no
+    # [tokens, out] LoRA temporaries); memory-nvidia-h100-80gb-hbm3.md run 3
+    c_fwd_fused: float
 
 
 def with_family(arch: "Arch") -> "Arch":
@@ -91,12 +95,12 @@ ARCHS = {
         family="zimage", model_class="ZImageTransformer2DModel", pipeline_class="ZImagePipeline",
         skip=(), lora_targets=(),  # filled from families.zimage.ZImage by with_family()
         k_block={"noise_refiner": 67.5, "context_refiner": 67.5, "layers": 67.5}, default_teacher="vlm",
-        c_fwd=18.6),
+        c_fwd=18.6, c_fwd_fused=15.8),  # teacher probe 0.68 GiB on quanto, 0.58 fused (5120 tokens)
     "Flux2KleinPipeline": Arch(
         family="klein", model_class="Flux2Transformer2DModel", pipeline_class="Flux2KleinPipeline",
         skip=(), lora_targets=(),  # filled from families.klein.Klein by with_family()
         k_block={"transformer_blocks": 46.2, "single_transformer_blocks": 48.1}, default_teacher="edit",
-        c_fwd=38.5),
+        c_fwd=38.5, c_fwd_fused=21.6),  # teacher probe 1.92 GiB on quanto, 1.08 fused (8704 tokens)
 }
 
 # Calibrated on an H100 (benchmarks/bench_memory.py -> benchmarks/results/memory-*.md; docs/memory.md):
@@ -332,7 +336,8 @@ def optimizer_bytes(n: int, optimizer: str) -> float:
 def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = None,
               calibration: dict[str, float] | None = None, budget_gib: float | None = None) -> Plan:
     """`settings`: resolution (or height/width), rank, quant, optimizer, grad_checkpointing,
-    max_sequence_length, teacher_max_sequence_length, teacher (all as in TrainConfig)."""
+    max_sequence_length, teacher_max_sequence_length, teacher (all as in TrainConfig), and
+    fused_linear (the 8-bit layers run on the fused Triton kernel; default False: quanto)."""
     cal = {**CALIBRATION, **(calibration or {})}
     mc = mc or resolve_model(model)
     arch = mc.arch
@@ -387,14 +392,16 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
                         no_ckpt)]
         student = no_ckpt + bwd
     act_rows.append(Row("activations: backward temporaries", f"{cal['c_bwd']:g} x tokens x dim x 2 B", bwd))
-    teacher_fwd = cal.get("c_fwd", arch.c_fwd) * tok.teacher * dim * 2
+    fused = bool(s.get("fused_linear")) and quant in ("qint8", "qfloat8")
+    teacher_fwd = cal.get("c_fwd", arch.c_fwd_fused if fused else arch.c_fwd) * tok.teacher * dim * 2
     work = cal["work"]
     if student >= teacher_fwd:
         phase, rows_act = "student backward", act_rows
         activation = student
     else:
         phase, rows_act = "teacher forward (no grad)", [Row("activations: teacher pass (no grad)",
-                                                            f"{tok.teacher} tokens", teacher_fwd)]
+                                                            f"{tok.teacher} tokens" + (", fused 8-bit linears"
+                                                                                      if fused else ""), teacher_fwd)]
         activation = teacher_fwd
         rows += [Row(r.what, r.detail, r.bytes, in_peak=False) for r in act_rows]
     rows += rows_act
@@ -465,10 +472,12 @@ def plan_from_config(cfg, budget_gib: float | None = None) -> Plan:
 
 
 def _settings(cfg) -> dict[str, Any]:
+    from .quant import fused_linear_planned
+
     return {"resolution": cfg.resolution, "rank": cfg.rank, "quant": cfg.quant, "optimizer": cfg.optimizer,
             "grad_checkpointing": cfg.grad_checkpointing, "max_sequence_length": cfg.max_sequence_length,
             "teacher_max_sequence_length": cfg.teacher_max_sequence_length, "teacher": cfg.teacher,
-            "lora_targets": list(cfg.lora_targets)}
+            "lora_targets": list(cfg.lora_targets), "fused_linear": fused_linear_planned(cfg.kernels, cfg.quant)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -220,6 +220,19 @@ def use_fused_linear(device: torch.device) -> bool:
     return mode == "auto" and device.type == "cuda" and kernels_available(device)
 
 
+def fused_linear_planned(kernels: str, quant: str) -> bool:
+    """What `use_fused_linear` will answer on a CUDA GPU, from the config alone (the memory plan):
+    only quanto's 8-bit layers have the fused kernel; `kernels` "auto" defers to the env var,
+    then to whether Triton imports (CUDA builds of torch on Linux ship it; on Windows it may be
+    missing, and the plan then counts quanto's larger teacher-pass transients)."""
+    from .kernels.utils import HAS_TRITON, kernels_mode as current_mode
+
+    if quant not in ("qint8", "qfloat8"):
+        return False
+    mode = kernels if kernels != "auto" else current_mode()
+    return mode == "on" or (mode == "auto" and HAS_TRITON)
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory-frugal loading: meta model, filled and quantized block by block
 # ---------------------------------------------------------------------------------------------

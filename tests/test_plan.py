@@ -131,11 +131,46 @@ def test_predictions_within_10_percent_of_the_recorded_gpu_runs():
             if r.get("step", {}).get("peak_gib") is None or r.get("superseded"):
                 continue
             settings = {**r["settings"], "teacher": r["plan"]["settings"]["teacher"],
-                        "teacher_max_sequence_length": r["plan"]["settings"]["teacher_max_sequence_length"]}
+                        "teacher_max_sequence_length": r["plan"]["settings"]["teacher_max_sequence_length"],
+                        "fused_linear": bool(r.get("fused_layers"))}
             p = plan.make_plan(ids[r["family"]], settings)
             assert p.peak_gib == pytest.approx(r["step"]["peak_gib"], rel=0.10), r["config"]
             checked += 1
     assert checked >= 3
+
+
+def test_fused_linear_shrinks_the_teacher_pass(monkeypatch):
+    """On the fused 8-bit kernel the teacher pass holds no dequantised weight: klein's edit teacher
+    stops being the peak phase (measured 6.54 GiB, memory-...-run3); Z-Image's student-backward
+    peak is unchanged; bf16 and bitsandbytes bases never use the kernel."""
+    from lowvram_dopsd.config import load_config
+    from lowvram_dopsd.kernels import utils
+    from lowvram_dopsd.quant import fused_linear_planned
+
+    k_set = {**SETTINGS, "teacher_max_sequence_length": 512}
+    quanto = plan.make_plan("black-forest-labs/FLUX.2-klein-4B", k_set)
+    fused = plan.make_plan("black-forest-labs/FLUX.2-klein-4B", {**k_set, "fused_linear": True})
+    assert quanto.phase.startswith("teacher") and fused.phase == "student backward"
+    assert fused.peak_gib < quanto.peak_gib - 0.25
+    z = plan.make_plan("Tongyi-MAI/Z-Image-Turbo", SETTINGS)
+    assert plan.make_plan("Tongyi-MAI/Z-Image-Turbo", {**SETTINGS, "fused_linear": True}).peak_gib == z.peak_gib
+    bf16 = {**SETTINGS, "quant": "none", "optimizer": "adamw"}
+    assert (plan.make_plan("Tongyi-MAI/Z-Image-Turbo", {**bf16, "fused_linear": True}).peak_gib
+            == plan.make_plan("Tongyi-MAI/Z-Image-Turbo", bf16).peak_gib)
+
+    monkeypatch.delenv("LOWVRAM_DOPSD_KERNELS", raising=False)
+    monkeypatch.setattr(utils, "HAS_TRITON", True)
+    assert fused_linear_planned("auto", "qint8") and fused_linear_planned("on", "qfloat8")
+    assert not fused_linear_planned("off", "qint8") and not fused_linear_planned("auto", "bnb-int8")
+    assert not fused_linear_planned("auto", "none")
+    monkeypatch.setattr(utils, "HAS_TRITON", False)  # e.g. torch on Windows without triton
+    assert not fused_linear_planned("auto", "qint8")
+    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "on")
+    assert fused_linear_planned("auto", "qint8")
+    # the config reaches the planner
+    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "off")
+    assert plan._settings(load_config("16gb", {}))["fused_linear"] is False
+    assert plan._settings(load_config("16gb", {"kernels": "on"}))["fused_linear"] is True
 
 
 def test_no_checkpointing_keeps_every_block():
