@@ -309,7 +309,7 @@ def run_child(name: str, args) -> dict:
 
     # the planner's prediction for the same settings (config alone, on the CPU)
     settings = {**res["settings"], "teacher": "edit" if family_name == "klein" else "vlm",
-                "lora_targets": list(targets)}
+                "lora_targets": list(targets), "fused_linear": bool(res["fused_layers"])}
     if family_name == "klein":
         settings["teacher_max_sequence_length"] = cfg.max_sequence_length
     mc = planner.resolve_model(str(folder))
@@ -415,7 +415,8 @@ def repredict(results: list[dict]) -> None:
         if "plan" not in r:
             continue
         settings = {**r["settings"], "teacher": r["plan"]["settings"]["teacher"],
-                    "teacher_max_sequence_length": r["plan"]["settings"]["teacher_max_sequence_length"]}
+                    "teacher_max_sequence_length": r["plan"]["settings"]["teacher_max_sequence_length"],
+                    "fused_linear": bool(r.get("fused_layers"))}
         p = planner.make_plan(ids[r["family"]], settings)
         r.setdefault("predicted_gib_at_run", r["predicted_gib"])
         r["plan"], r["predicted_gib"] = p.to_dict(), p.peak_gib
