@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .quant import QUANTO, fused_linear_planned
 
 GiB = 2**30
 
@@ -392,7 +393,7 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
                         no_ckpt)]
         student = no_ckpt + bwd
     act_rows.append(Row("activations: backward temporaries", f"{cal['c_bwd']:g} x tokens x dim x 2 B", bwd))
-    fused = bool(s.get("fused_linear")) and quant in ("qint8", "qfloat8")
+    fused = bool(s.get("fused_linear")) and quant in QUANTO
     teacher_fwd = cal.get("c_fwd", arch.c_fwd_fused if fused else arch.c_fwd) * tok.teacher * dim * 2
     work = cal["work"]
     if student >= teacher_fwd:
@@ -472,8 +473,6 @@ def plan_from_config(cfg, budget_gib: float | None = None) -> Plan:
 
 
 def _settings(cfg) -> dict[str, Any]:
-    from .quant import fused_linear_planned
-
     return {"resolution": cfg.resolution, "rank": cfg.rank, "quant": cfg.quant, "optimizer": cfg.optimizer,
             "grad_checkpointing": cfg.grad_checkpointing, "max_sequence_length": cfg.max_sequence_length,
             "teacher_max_sequence_length": cfg.teacher_max_sequence_length, "teacher": cfg.teacher,

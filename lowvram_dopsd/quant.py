@@ -43,6 +43,7 @@ from torch import nn
 from .errors import UserError
 
 BACKENDS = ("none", "qint8", "qfloat8", "bnb-int8")
+QUANTO = ("qint8", "qfloat8")  # the backends whose 8-bit layers the fused Triton kernel runs
 # LLM.int8() outlier threshold (the paper's and transformers' default `llm_int8_threshold`).
 BNB_THRESHOLD = 6.0
 
@@ -55,7 +56,7 @@ def _skipped(name: str, skip: tuple[str, ...]) -> bool:
 
 
 def _require(kind: str):
-    if kind in ("qint8", "qfloat8"):
+    if kind in QUANTO:
         try:
             from optimum import quanto
         except ImportError as exc:
@@ -227,7 +228,7 @@ def fused_linear_planned(kernels: str, quant: str) -> bool:
     missing, and the plan then counts quanto's larger teacher-pass transients)."""
     from .kernels.utils import HAS_TRITON, kernels_mode as current_mode
 
-    if quant not in ("qint8", "qfloat8"):
+    if quant not in QUANTO:
         return False
     mode = kernels if kernels != "auto" else current_mode()
     return mode == "on" or (mode == "auto" and HAS_TRITON)
