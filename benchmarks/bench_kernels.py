@@ -4,6 +4,9 @@ LoRA linear, forward (no_grad: the teacher pass) and forward+backward (x and the
 need gradients, the base is frozen), at M = 4096 image + 512 text tokens (1024² images):
 
   ours-int8 / ours-fp8     lowvram_dopsd.kernels.lora_linear (dequant fused into the GEMM tiles)
+  ours-int8-act8           the same with act_quant="int8": int8 x int8 base GEMMs on per-token
+                           quantised activations (forward and dx); its error columns then include
+                           the activation rounding (~0.5 % on this Gaussian data)
   quanto-qint8 / -qfloat8  peft LoRA on an optimum-quanto QLinear (qint8 / qfloat8 weights)
   bnb-int8                 peft LoRA on a bitsandbytes Linear8bitLt (LLM.int8, threshold 6.0)
   bf16                     peft LoRA on a plain bf16 nn.Linear (cuBLAS)
@@ -65,7 +68,7 @@ SHAPES = {
         ("single out 12288->3072", 12288, 3072, 20),
     ],
 }
-ALL_METHODS = ["ours-int8", "ours-fp8", "quanto-qint8", "quanto-qfloat8", "bnb-int8", "bf16"]
+ALL_METHODS = ["ours-int8", "ours-int8-act8", "ours-fp8", "quanto-qint8", "quanto-qfloat8", "bnb-int8", "bf16"]
 
 
 def bench_ms(fn, grad_to_none=None, warmup=10, rep=50):
@@ -136,9 +139,10 @@ def build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha):
     scale = alpha / rank
     K, N = w.shape[1], w.shape[0]
     if method.startswith("ours"):
-        wq, ws = (w_q8, s8) if method == "ours-int8" else (w_f8, sf8)
+        wq, ws = (w_f8, sf8) if method == "ours-fp8" else (w_q8, s8)
+        act = "int8" if method.endswith("-act8") else "off"
         Ap, Bp = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
-        return (lambda x: ll.lora_linear(x, wq, ws, None, Ap, Bp, scale)), [Ap, Bp]
+        return (lambda x: ll.lora_linear(x, wq, ws, None, Ap, Bp, scale, act_quant=act)), [Ap, Bp]
     if method == "bf16":
         lin = torch.nn.utils.skip_init(torch.nn.Linear, K, N, bias=False, device="cuda", dtype=torch.bfloat16)
         lin.weight.data.copy_(w)
@@ -171,14 +175,14 @@ def build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha):
     return m, params
 
 
-def ours_breakdown(x, dy, w_q, w_s, A, B, s):
+def ours_breakdown(x, dy, w_q, w_s, A, B, s, act8=False):
     """GPU time of each launch of our forward / backward (CUDA graphs over subsets of the work)."""
-    _, t = ll.lora_linear_forward(x, w_q, w_s, None, A, B, s)
+    _, t = ll.lora_linear_forward(x, w_q, w_s, None, A, B, s, act8=act8)
 
     def bwd(dx, dA, dB):
-        return lambda: ll.lora_linear_backward(dy, x, t, w_q, w_s, A, B, s, dx, dA, dB)
+        return lambda: ll.lora_linear_backward(dy, x, t, w_q, w_s, A, B, s, dx, dA, dB, act8=act8)
 
-    fwd = graph_ms(lambda: ll.lora_linear_forward(x, w_q, w_s, None, A, B, s))
+    fwd = graph_ms(lambda: ll.lora_linear_forward(x, w_q, w_s, None, A, B, s, act8=act8))
     t_all, t_dx, t_dA, t_dB = (graph_ms(bwd(*f)) for f in ((1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1)))
     try:
         dA = t_all - t_dx - t_dB
@@ -258,7 +262,8 @@ def bench_lora(shapes, methods, rank, alpha, variants_, log, breakdown=False):
                     row["fwd_bwd_host_ms"] = host_ms(fwd_bwd)
                     row["peak_extra_mb_fwd_bwd"] = peak_extra_mb(fwd_bwd)
                     if method.startswith("ours") and breakdown:
-                        row["bwd_breakdown_graph_ms"] = ours_breakdown(x, dy, wq_ref, s_ref, A, B, alpha / rank)
+                        row["bwd_breakdown_graph_ms"] = ours_breakdown(x, dy, wq_ref, s_ref, A, B, alpha / rank,
+                                                                       act8=method.endswith("-act8"))
                 except Exception as e:  # a baseline that does not run here is reported, not fatal
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                     log(traceback.format_exc(limit=3))
@@ -302,12 +307,13 @@ def _precompile_worker(task):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     A = (torch.randn(r, K, device="cuda") * 0.01).to(torch.bfloat16).requires_grad_()
     B = (torch.randn(N, r, device="cuda") * 0.01).to(torch.bfloat16).requires_grad_()
-    for fmt in fmts:
+    for fmt, act in fmts:
         w_q, w_s = L.quantize_weight(torch.randn(N, K, device="cuda"), fmt)
         for v in variants_:
             for k_, v_ in {**DEFAULTS, **(VARIANTS[v] if v else {})}.items():
                 setattr(L, k_, v_)
-            L.lora_linear(x, w_q, w_s, None, A, B, 2.0).backward(torch.randn(M, N, device="cuda", dtype=torch.bfloat16))
+            y = L.lora_linear(x, w_q, w_s, None, A, B, 2.0, act_quant=act)
+            y.backward(torch.randn(M, N, device="cuda", dtype=torch.bfloat16))
     torch.cuda.synchronize()
     return i
 
@@ -503,7 +509,8 @@ def main(argv=None):
             meta[mod] = f"unavailable ({type(e).__name__}: {e})"[:200]
     log(json.dumps(meta))
     variants_ = [v for v in args.variants.split(",") if v] or [None]
-    fmts = [f for f, m in (("int8", "ours-int8"), ("fp8", "ours-fp8")) if m in args.methods.split(",")]
+    fmts = [(f, a) for f, a, m in (("int8", "off", "ours-int8"), ("int8", "int8", "ours-int8-act8"),
+                                   ("fp8", "off", "ours-fp8")) if m in args.methods.split(",")]
     if args.precompile and fmts:
         try:
             precompile(variants_, fmts, log)

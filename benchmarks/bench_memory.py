@@ -55,6 +55,9 @@ CONFIGS = {
     "klein-16gb-edit": dict(family="klein", preset="16gb", target_gib=12.0),
     "klein-16gb-edit-fused": dict(family="klein", preset="16gb", kernels="on", target_gib=12.0),
     "klein-16gb-edit-quanto": dict(family="klein", preset="16gb", kernels="off", target_gib=12.0),
+    # the base GEMMs on per-token int8 activations (act_quant = "int8"; not measured yet)
+    "zimage-16gb-act8": dict(family="zimage", preset="16gb", act_quant="int8", target_gib=14.0),
+    "klein-16gb-edit-act8": dict(family="klein", preset="16gb", act_quant="int8", target_gib=12.0),
 }
 TINY_ZIMAGE = {"_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],
                "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "cap_feat_dim": 64, "dim": 256,
@@ -169,8 +172,7 @@ def run_child(name: str, args) -> dict:
     from lowvram_dopsd import plan as planner
     from lowvram_dopsd.config import load_config
     from lowvram_dopsd.lora import DualLoRA
-    from lowvram_dopsd.quant import use_fused_linear
-    from lowvram_dopsd.train import make_optimizer, rollout_and_learn
+    from lowvram_dopsd.train import make_optimizer, rollout_and_learn, route_fused_linears
 
     spec = dict(CONFIGS[name])
     family_name = spec.pop("family")
@@ -248,7 +250,7 @@ def run_child(name: str, args) -> dict:
     lora = DualLoRA.attach(model, targets, cfg.rank, cfg.alpha)
     if cfg.kernels != "auto":  # one child process per config: the switch can stay set
         os.environ["LOWVRAM_DOPSD_KERNELS"] = cfg.kernels
-    res["fused_layers"] = lora.enable_fused_kernels() if use_fused_linear(device) else 0  # as train.py
+    res["fused_layers"] = route_fused_linears(lora, cfg, device)  # as train.py
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, cfg.resolved_lr(1e-5))
     sigmas = family.sigmas(cfg.resolution, cfg.resolution, steps)

@@ -2,7 +2,8 @@
 
 * ``lowvram_dopsd.kernels.lora_linear``: ``lora_linear`` — LoRA linear over a frozen int8 /
   FP8-e4m3 base, dequantisation fused into the GEMM tiles, LoRA term in the epilogue, matching
-  fused backward (dx, dA, dB); ``lora_linear_reference``; ``quantize_weight``.
+  fused backward (dx, dA, dB), optionally on per-token int8 activations (``act_quant="int8"``);
+  ``lora_linear_reference``; ``quantize_weight``; ``quantize_rows``.
 * ``lowvram_dopsd.kernels.dopsd_loss``: ``dopsd_loss`` — D-OPSD velocity / x0 loss and its
   gradient in one pass; ``dopsd_loss_reference``; ``x0_weight``.
 

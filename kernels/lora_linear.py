@@ -28,6 +28,20 @@ one Triton pass (Wq -> dtype(Wq · scale), the reference's exact rounding) and g
 the buffer (N·K·2 bytes, at most 170 MB for klein's 3072 -> 27648) lives only during this call.
 The forward, run twice as often in D-OPSD (teacher + student), never materialises it.
 
+int8 activations (``act_quant="int8"``, int8 ``Wq`` only; off by default). Both base GEMMs then
+multiply int8 by int8 into exact int32 sums, on tensor cores that run 2x (H100) to 4x (GeForce
+Ampere / Ada, whose 16-bit MMA accumulates in fp32 at half rate) the bf16 rate:
+
+    q_x, s_x = per-token int8 of x                        one Triton pass (quantize_rows)
+    y  = s_x[m] · scale_n · (q_x · Wqᵀ) + bias + s · t · Bᵀ
+    q_g, s_g = per-token int8 of dy ⊙ scale               the channel scale runs along dx's reduction
+    dx = s_g[m] · (q_g · Wq) + s · u · A
+
+The LoRA term, dA and dB keep the exact x and dy (int8 forward and input-gradient GEMMs, 16-bit
+weight gradients: SwitchBack, Wortsman et al. 2023, "Stable and low-precision training for
+large-scale vision-language models"). The per-token rounding adds ~0.5 % relative error to the
+base GEMMs' outputs on Gaussian rows; an outlier channel raises it for its token (docs/kernels.md).
+
 Switching LoRA sets (student / teacher) without copying weights: ``lora_linear`` takes ``A`` and
 ``B`` as plain arguments. The caller passes whichever adapter is active for this forward; the
 8-bit base is shared and nothing is copied or merged.
@@ -39,6 +53,7 @@ File anatomy: Triton kernels -> host wrappers (shapes, strides, grid, autotune c
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Literal, Optional, Tuple
 
@@ -67,6 +82,9 @@ __all__ = [
     "lora_linear_forward",
     "lora_linear_backward",
     "dequantize",
+    "quantize_rows",
+    "quantize_rows_reference",
+    "ACT_QUANT",
     "kernels_available",
 ]
 
@@ -74,6 +92,7 @@ _FP8 = getattr(torch, "float8_e4m3fn", None)
 _QUANT_DTYPES = tuple(d for d in (torch.int8, _FP8) if d is not None)
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 128
+ACT_QUANT = ("off", "int8")  # activations of the base GEMMs: as given, or per-token int8
 
 # Which operand orientation the main GEMMs use: with SWAP the 8-bit weight is the *left* dot
 # operand (the kernel computes yᵀ = Wq·xᵀ, dxᵀ = Wqᵀ·dyᵀ), so its in-register conversion feeds the
@@ -131,8 +150,40 @@ def _scale_kernel(x_ptr, scale_ptr, out_ptr, numel, cols,
 
 
 @triton.jit
+def _quant_rows_kernel(x_ptr, col_scale_ptr, q_ptr, s_ptr, K, stride_xm,
+                       HAS_COL_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row per program: v = x[m, :] (· col_scale), amax = max|v|, q = rne(v · 127/amax) int8,
+    s[m] = amax/127. Two sweeps over the row (the second one hits L2). Launched with
+    enable_fp_fusion=False so ``v·inv + 1.5·2^23`` is not contracted into an FMA: the rounding is
+    then exactly torch.round of the float32 product, as in ``quantize_rows_reference``."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        m = (k0 + offs) < K
+        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_COL_SCALE:
+            v = v * tl.load(col_scale_ptr + k0 + offs, mask=m, other=0.0)
+        amax = tl.maximum(amax, tl.abs(v))
+    # an all-zero row quantises to zeros, not NaN; the cast keeps the interpreter in float32 (numpy
+    # promotes the Python constant to float64, and the rounding trick below needs float32)
+    a = tl.maximum(tl.max(amax, 0), 1e-30).to(tl.float32)
+    inv = tl.math.div_rn(127.0, a)
+    for k0 in range(0, K, BLOCK_K):
+        m = (k0 + offs) < K
+        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_COL_SCALE:
+            v = v * tl.load(col_scale_ptr + k0 + offs, mask=m, other=0.0)
+        r = v * inv
+        r = (r + 12582912.0) - 12582912.0  # round half to even (|r| <= 127 << 2^22)
+        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+        tl.store(q_ptr + row * K + k0 + offs, r.to(tl.int8), mask=m)
+    tl.store(s_ptr + row, tl.math.div_rn(a, 127.0))
+
+
+@triton.jit
 def _qlora_mm_kernel(
-    a_ptr, b_ptr, c_ptr, scale_ptr, bias_ptr, l1_ptr, l2_ptr,
+    a_ptr, b_ptr, c_ptr, scale_ptr, act_scale_ptr, bias_ptr, l1_ptr, l2_ptr,
     P, Q, R, R_PER_SPLIT, RANK,
     stride_ap, stride_ar, stride_br, stride_bq,
     stride_cs, stride_cp, stride_cq,
@@ -140,12 +191,14 @@ def _qlora_mm_kernel(
     alpha, lora_alpha,
     SCALE_MODE: tl.constexpr,  # 0 none | 1 per row P (epilogue) | 2 per col Q (epilogue)
     #                            3 per R on A's columns (in tile) | 4 per R on B's rows (in tile)
+    ACT_SCALE_MODE: tl.constexpr,  # int8 activations' per-token scale: 0 none | 1 per row P | 2 per col Q
     BIAS_MODE: tl.constexpr,  # 0 none | 1 per row P | 2 per col Q
     HAS_LORA: tl.constexpr,
     BLOCK_RANK: tl.constexpr,
     A_SOFT_FP8: tl.constexpr,
     B_SOFT_FP8: tl.constexpr,
-    COMPUTE: tl.constexpr,  # dot operand dtype
+    COMPUTE: tl.constexpr,  # dot operand dtype (of the LoRA term only when INT8_DOT)
+    INT8_DOT: tl.constexpr,  # both operands int8 (weight, per-token quantised activations): int32 sums
     DOT_PRECISION: tl.constexpr,
     EMULATE_RNE: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -186,7 +239,10 @@ def _qlora_mm_kernel(
     a_ptrs = a_ptr + offs_pw[:, None] * stride_ap + (r_start + offs_r)[None, :] * stride_ar
     b_ptrs = b_ptr + (r_start + offs_r)[:, None] * stride_br + offs_qw[None, :] * stride_bq
 
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    if INT8_DOT:
+        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.int32)  # exact: |sum| <= 127² · K < 2^31 for K < 133k
+    else:
+        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for r0 in range(r_start, r_end, BLOCK_R):
         if EVEN_R:
             a = tl.load(a_ptrs)
@@ -211,15 +267,23 @@ def _qlora_mm_kernel(
             else:
                 s_r = tl.load(scale_ptr + r0 + offs_r, mask=(r0 + offs_r) < r_end, other=0.0)
             b = b.to(tl.float32) * s_r[:, None]
-        acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
+        if INT8_DOT:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_R * stride_ar
         b_ptrs += BLOCK_R * stride_br
 
-    # ---- epilogue: per-channel dequant scale, alpha, LoRA term, bias ----
+    # ---- epilogue: per-channel dequant scale, per-token activation scale, alpha, LoRA term, bias ----
+    acc = acc.to(tl.float32)
     if SCALE_MODE == 1:
         acc = acc * tl.load(scale_ptr + offs_pw)[:, None]
     if SCALE_MODE == 2:
         acc = acc * tl.load(scale_ptr + offs_qw)[None, :]
+    if ACT_SCALE_MODE == 1:
+        acc = acc * tl.load(act_scale_ptr + offs_pw)[:, None]
+    if ACT_SCALE_MODE == 2:
+        acc = acc * tl.load(act_scale_ptr + offs_qw)[None, :]
     acc = acc * alpha
     if HAS_LORA:
         offs_k = tl.arange(0, BLOCK_RANK)
@@ -248,7 +312,7 @@ def _qlora_mm_kernel(
 # Host wrappers: autotune configs, shapes, strides, grid
 # =============================================================================================
 _KEY = [
-    "P", "Q", "R", "SCALE_MODE", "BIAS_MODE", "HAS_LORA", "BLOCK_RANK",
+    "P", "Q", "R", "SCALE_MODE", "ACT_SCALE_MODE", "INT8_DOT", "BIAS_MODE", "HAS_LORA", "BLOCK_RANK",
     "A_SOFT_FP8", "B_SOFT_FP8", "stride_ar", "stride_bq",
 ]
 
@@ -275,6 +339,10 @@ def _main_configs():
         _cfg(256, 128, 64, 8, 8, 3),
         _cfg(128, 128, 64, 8, 8, 4),
         _cfg(128, 256, 64, 8, 8, 4),
+        # int8 x int8 (act_quant): 128-deep K tiles move as many bytes as bf16's 64; with 16-bit
+        # operands these need 256-295 KB of shared memory, do not launch, and drop out of tuning
+        _cfg(128, 256, 128, 8, 8, 3),
+        _cfg(128, 128, 128, 8, 4, 4),
         _cfg(128, 128, 32, 8, 4, 3),
         _cfg(64, 64, 32, 8, 4, 2),
     ]
@@ -317,8 +385,15 @@ def _tune_bench(fn, quantiles=None):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
+def _autotune_options() -> dict:
+    """Keep the autotuner's timings on disk (Triton >= 3.2): a later run on the same GPU
+    architecture, Triton version and kernel source skips the benchmarking part of the first step
+    (which took 7-23 s together with compilation on the H100; compiled kernels are cached anyway)."""
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 def _autotuned(configs):
-    return triton.autotune(configs=configs, key=_KEY, do_bench=_tune_bench)(
+    return triton.autotune(configs=configs, key=_KEY, do_bench=_tune_bench, **_autotune_options())(
         triton.heuristics({"EVEN_R": _even_r})(_qlora_mm_kernel)
     )
 
@@ -389,9 +464,14 @@ def _mm(
     r_per_split: Optional[int] = None,
     a_soft: bool = False,
     b_soft: bool = False,
+    act_scale: Optional[torch.Tensor] = None,
+    act_scale_mode: int = 0,
+    int8_dot: bool = False,
 ) -> None:
-    """Launch ``_qlora_mm_kernel`` as ``kind`` = main | skinny_q | skinny_p."""
+    """Launch ``_qlora_mm_kernel`` as ``kind`` = main | skinny_q | skinny_p. ``int8_dot``: both
+    operands are int8 (weight and per-token quantised activations), summed exactly in int32."""
     cdt, prec = compute
+    rps = R if splits == 1 else r_per_split
     if lora is None:
         l1, l1_st, l2, l2_st, rank, lora_alpha = out, (0, 0), out, (0, 0), 1, 0.0
     else:
@@ -407,9 +487,10 @@ def _mm(
     args = (
         a, b, out,
         scale if scale is not None else out,
+        act_scale if act_scale is not None else out,
         bias if bias is not None else out,
         l1, l2,
-        P, Q, R, R if splits == 1 else r_per_split, rank,
+        P, Q, R, rps, rank,
         a_st[0], a_st[1], b_st[0], b_st[1],
         out_st[0], out_st[1], out_st[2],
         l1_st[0], l1_st[1], l2_st[0], l2_st[1],
@@ -417,12 +498,14 @@ def _mm(
     )
     meta = dict(
         SCALE_MODE=scale_mode,
+        ACT_SCALE_MODE=act_scale_mode,
         BIAS_MODE=bias_mode,
         HAS_LORA=lora is not None,
         BLOCK_RANK=max(16, _next_pow2(rank)),
         A_SOFT_FP8=a_soft,
         B_SOFT_FP8=b_soft,
         COMPUTE=cdt,
+        INT8_DOT=int8_dot,
         DOT_PRECISION=prec,
         EMULATE_RNE=is_interpret() and out.dtype == torch.bfloat16,
         **extra,
@@ -430,8 +513,8 @@ def _mm(
     # Host overhead matters (~100 µs of Python per launch on the H100 machine): after the first
     # call for a problem key, launch the JIT kernel directly with the tuned config, skipping the
     # autotuner and heuristics layers. The key holds everything the autotuner keys on (_KEY, dtypes).
-    key = (kind, P, Q, R, scale_mode, bias_mode, lora is not None, meta["BLOCK_RANK"], a_soft, b_soft,
-           a_st[1], b_st[1], a.dtype, b.dtype, out.dtype, l1.dtype, l2.dtype, cdt, splits > 1)
+    key = (kind, P, Q, R, scale_mode, act_scale_mode, int8_dot, bias_mode, lora is not None, meta["BLOCK_RANK"],
+           a_soft, b_soft, a_st[1], b_st[1], a.dtype, b.dtype, out.dtype, l1.dtype, l2.dtype, cdt, splits > 1)
     best = _BEST_CONFIG.get(key) if FAST_LAUNCH else None
     if best is None:
         def grid(m):
@@ -445,7 +528,7 @@ def _mm(
     bp = best.get("BLOCK_P", extra.get("BLOCK_P"))
     bq = best.get("BLOCK_Q", extra.get("BLOCK_Q"))
     br = best["BLOCK_R"]
-    even = R % br == 0 and args[10] % br == 0
+    even = R % br == 0 and rps % br == 0
     _qlora_mm_kernel[(triton.cdiv(P, bp) * triton.cdiv(Q, bq), splits)](*args, **meta, **best, EVEN_R=even)
 
 
@@ -475,6 +558,32 @@ def _scale(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, per_row
         EMULATE_RNE=is_interpret() and out_dtype == torch.bfloat16, BLOCK=block, num_warps=8,
     )
     return out
+
+
+def quantize_rows(x: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) symmetric int8 quantisation of a 2-D ``x`` [M, K], optionally of
+    ``x ⊙ col_scale`` first: returns (q int8 [M, K], s float32 [M]) with ``x ≈ q · s[:, None]``.
+    Bitwise equal to ``quantize_rows_reference``."""
+    M, K = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = empty((M, K), torch.int8, x.device)
+    s = empty((M,), torch.float32, x.device)
+    block = 32 if is_interpret() else min(4096, max(128, _next_pow2(K)))
+    _quant_rows_kernel[(M,)](x, col_scale if col_scale is not None else s, q, s, K, x.stride(0),
+                             HAS_COL_SCALE=col_scale is not None, BLOCK_K=block,
+                             num_warps=4 if block <= 1024 else 8, enable_fp_fusion=False)
+    return q, s
+
+
+def quantize_rows_reference(x: torch.Tensor, col_scale: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: the numerics ``quantize_rows`` implements (float32 math, round half to even)."""
+    v = x.float() if col_scale is None else x.float() * col_scale.float()[None, :]
+    amax = v.abs().amax(dim=1).clamp_min(1e-30)
+    qmax = torch.full_like(amax, 127.0)  # tensor / tensor: `127.0 / amax` runs as reciprocal · 127 (an ulp off)
+    q = torch.round(v * (qmax / amax)[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, amax / qmax
 
 
 def dequantize(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -517,8 +626,10 @@ def lora_linear_forward(
     lora_B: torch.Tensor,
     scale: float,
     swap: Optional[bool] = None,
+    act8: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward on 2-D ``x2d`` [M, K]. Returns (y [M, N] in x's dtype, t = x·Aᵀ [M, r])."""
+    """Triton forward on 2-D ``x2d`` [M, K]. Returns (y [M, N] in x's dtype, t = x·Aᵀ [M, r]).
+    ``act8``: the base GEMM runs on per-token int8 activations (int8 ``w_q`` only)."""
     M, K = x2d.shape
     N, r = w_q.shape[0], lora_A.shape[0]
     swap = SWAP_FWD if swap is None else swap
@@ -526,10 +637,17 @@ def lora_linear_forward(
     comp = _compute(x2d.dtype)
     wq, soft = _wq_operand(w_q)
 
-    t = _skinny(x2d, lora_A, transpose_b=True, compute=comp)  # t = x · Aᵀ  [M, r]
+    t = _skinny(x2d, lora_A, transpose_b=True, compute=comp)  # t = x · Aᵀ  [M, r], from the exact x
 
     y = empty((M, N), x2d.dtype, dev)
-    if not swap:  # C[m, n]: A = x, B = Wqᵀ, scale per column, LoRA t · Bᵀ
+    if act8:  # y = s_x[m] · s_w[n] · (q_x · Wqᵀ) + bias + s·t·Bᵀ; both operands K-major
+        q_x, s_x = quantize_rows(x2d)
+        lora = (lora_B, (lora_B.stride(0), lora_B.stride(1)), t, (t.stride(1), t.stride(0)), r, scale)
+        _mm("main", wq, (wq.stride(0), wq.stride(1)), q_x, (q_x.stride(1), q_x.stride(0)),
+            y, (0, y.stride(1), y.stride(0)), N, M, K, compute=comp, int8_dot=True,
+            scale=w_scale, scale_mode=1, act_scale=s_x, act_scale_mode=2,
+            bias=bias, bias_mode=0 if bias is None else 1, lora=lora)
+    elif not swap:  # C[m, n]: A = x, B = Wqᵀ, scale per column, LoRA t · Bᵀ
         _mm("main", x2d, (x2d.stride(0), x2d.stride(1)), wq, (wq.stride(1), wq.stride(0)),
             y, (0, y.stride(0), y.stride(1)), M, N, K, compute=comp,
             scale=w_scale, scale_mode=2, bias=bias, bias_mode=0 if bias is None else 2,
@@ -557,8 +675,10 @@ def lora_linear_backward(
     need_dA: bool = True,
     need_dB: bool = True,
     swap: Optional[bool] = None,
+    act8: bool = False,
 ):
-    """Triton backward on 2-D tensors. Returns (dx [M, K] | None, dA [r, K] | None, dB [N, r] | None)."""
+    """Triton backward on 2-D tensors. Returns (dx [M, K] | None, dA [r, K] | None, dB [N, r] | None).
+    ``act8``: dx's base GEMM runs on per-token int8 ``dy ⊙ w_scale`` (dA and dB stay exact)."""
     M, K = x2d.shape
     N, r = w_q.shape[0], lora_A.shape[0]
     swap = SWAP_BWD if swap is None else swap
@@ -570,7 +690,22 @@ def lora_linear_backward(
 
     if need_dx or need_dA:
         u = _skinny(dy, lora_B, transpose_b=False, compute=comp)  # u = dy · B  [M, r]
-    if need_dx and BWD_DX == "dequant":
+    if need_dx and act8:
+        # dx[m, k] = Σ_n dy[m, n]·s_w[n]·Wq[n, k]: the channel scale runs along the reduction, so it
+        # goes into dy before the per-token quantisation; the int32 sum then needs one scale, s_g[m]
+        q_g, s_g = quantize_rows(dy, w_scale)
+        dx = empty((M, K), x2d.dtype, dev)
+        if not swap:  # C[m, k]: A = q_g, B = Wq, LoRA u · A
+            _mm("main", q_g, (q_g.stride(0), q_g.stride(1)), w_q, (w_q.stride(0), w_q.stride(1)),
+                dx, (0, dx.stride(0), dx.stride(1)), M, K, N, compute=comp, int8_dot=True,
+                act_scale=s_g, act_scale_mode=1,
+                lora=(u, (u.stride(0), u.stride(1)), lora_A, (lora_A.stride(0), lora_A.stride(1)), r, scale))
+        else:  # C[k, m] = dxᵀ: A = Wqᵀ, B = q_gᵀ, LoRA Aᵀ · uᵀ
+            _mm("main", w_q, (w_q.stride(1), w_q.stride(0)), q_g, (q_g.stride(1), q_g.stride(0)),
+                dx, (0, dx.stride(1), dx.stride(0)), K, M, N, compute=comp, int8_dot=True,
+                act_scale=s_g, act_scale_mode=2,
+                lora=(lora_A, (lora_A.stride(1), lora_A.stride(0)), u, (u.stride(1), u.stride(0)), r, scale))
+    elif need_dx and BWD_DX == "dequant":
         # dx = s·u·A + dy · dequant(Wq): the LoRA term first, then cuBLAS accumulates into it
         # (beta = 1 reads it once in the GEMM epilogue instead of a separate read-modify-write pass)
         dx = torch.mm(u, (lora_A * scale).to(x2d.dtype))
@@ -611,28 +746,28 @@ class LoRALinearFunction(torch.autograd.Function):
     """y = x·dequant(Wq)ᵀ + bias + s·(x·Aᵀ)·Bᵀ; grads for x, A, B only. Saves x and t."""
 
     @staticmethod
-    def forward(ctx, x, w_q, w_scale, bias, lora_A, lora_B, scale):
+    def forward(ctx, x, w_q, w_scale, bias, lora_A, lora_B, scale, act8=False):
         K = x.shape[-1]
         x2d = x.reshape(-1, K)
-        y2d, t = lora_linear_forward(x2d, w_q, w_scale, bias, lora_A, lora_B, scale)
+        y2d, t = lora_linear_forward(x2d, w_q, w_scale, bias, lora_A, lora_B, scale, act8=act8)
         ctx.save_for_backward(x2d, t, w_q, w_scale, lora_A, lora_B)
-        ctx.scale = scale
+        ctx.scale, ctx.act8 = scale, act8
         ctx.x_shape = x.shape
         return y2d.view(*x.shape[:-1], w_q.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x2d, t, w_q, w_scale, lora_A, lora_B = ctx.saved_tensors
-        need_dx, _, _, _, need_dA, need_dB, _ = ctx.needs_input_grad
+        need_dx, _, _, _, need_dA, need_dB = ctx.needs_input_grad[:6]
         dy2d = dy.reshape(-1, dy.shape[-1])
         if dy2d.dtype != x2d.dtype:
             dy2d = dy2d.to(x2d.dtype)
         dx, dA, dB = lora_linear_backward(
-            dy2d, x2d, t, w_q, w_scale, lora_A, lora_B, ctx.scale, need_dx, need_dA, need_dB
+            dy2d, x2d, t, w_q, w_scale, lora_A, lora_B, ctx.scale, need_dx, need_dA, need_dB, act8=ctx.act8
         )
         if dx is not None:
             dx = dx.view(ctx.x_shape)
-        return dx, None, None, None, dA, dB, None
+        return dx, None, None, None, dA, dB, None, None
 
 
 # =============================================================================================
@@ -665,6 +800,28 @@ def quantize_weight(w: torch.Tensor, fmt: Literal["int8", "fp8"] = "int8") -> Tu
     return w_q.contiguous(), w_scale.contiguous()
 
 
+class _Int8ActBaseReference(torch.autograd.Function):
+    """x·dequant(Wq)ᵀ with per-token int8 activations in the forward and int8 ``dy ⊙ w_scale`` in
+    the backward: the numerics of the kernel's ``act_quant="int8"`` path, in plain torch."""
+
+    @staticmethod
+    def forward(ctx, x, w_q, w_scale):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # int products: exact
+        q, s = quantize_rows_reference(x.reshape(-1, x.shape[-1]))
+        y = (q.to(acc) @ w_q.to(acc).t()) * w_scale.to(acc)[None, :] * s.to(acc)[:, None]
+        ctx.save_for_backward(w_q, w_scale)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return y.to(x.dtype).view(*x.shape[:-1], w_q.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        w_q, w_scale = ctx.saved_tensors
+        acc = torch.float64 if ctx.x_dtype == torch.float64 else torch.float32
+        q, s = quantize_rows_reference(dy.reshape(-1, dy.shape[-1]).to(ctx.x_dtype), w_scale)
+        dx = (q.to(acc) @ w_q.to(acc)) * s.to(acc)[:, None]
+        return dx.to(ctx.x_dtype).view(ctx.x_shape), None, None
+
+
 def lora_linear_reference(
     x: torch.Tensor,
     w_q: torch.Tensor,
@@ -673,11 +830,19 @@ def lora_linear_reference(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
+    act_quant: str = "off",
 ) -> torch.Tensor:
-    """Plain torch. Materialises the dequantised weight (in x's dtype); autograd gives dx, dA, dB."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = (w_q.to(acc) * w_scale.to(acc)[:, None]).to(x.dtype)
-    y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    """Plain torch. Materialises the dequantised weight (in x's dtype); autograd gives dx, dA, dB.
+    ``act_quant="int8"``: the base term in the int8-activation numerics (``_Int8ActBaseReference``);
+    the LoRA term always sees the exact ``x``."""
+    if act_quant == "int8":
+        y = _Int8ActBaseReference.apply(x, w_q, w_scale)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+    else:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = (w_q.to(acc) * w_scale.to(acc)[:, None]).to(x.dtype)
+        y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
     return y + scale * F.linear(F.linear(x, lora_A.to(x.dtype)), lora_B.to(x.dtype))
 
 
@@ -720,6 +885,7 @@ def lora_linear(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
+    act_quant: str = "off",
 ) -> torch.Tensor:
     """``x·dequant(w_q)ᵀ + bias + scale·(x·lora_Aᵀ)·lora_Bᵀ``, fused; output dtype = ``x.dtype``.
 
@@ -732,11 +898,19 @@ def lora_linear(
             grads returned in their own dtype). Pass the active adapter's tensors: switching the
             student/teacher LoRA set is just passing a different (A, B) pair, nothing is copied.
         scale: LoRA scaling s (alpha / r).
+        act_quant: "off" (the base GEMM multiplies the exact activations) or "int8" (int8 ``w_q``
+            only): the base GEMMs run int8 x int8 -> int32 on per-token quantised activations,
+            the forward on ``x`` and the backward's dx on ``dy ⊙ w_scale`` (SwitchBack, Wortsman
+            et al. 2023); the LoRA term, dA and dB use the exact ``x`` and ``dy``.
 
     Dispatch: Triton when available for x's device (see ``kernels.utils``), else
     ``lora_linear_reference``; ``LOWVRAM_DOPSD_KERNELS=off|on|auto`` forces.
     """
     _check_shapes(x, w_q, w_scale, bias, lora_A, lora_B)
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
+    if act_quant == "int8" and w_q.dtype != torch.int8:
+        raise ValueError(f"act_quant='int8' needs an int8 base weight, got {w_q.dtype}")
     mode = kernels_mode()
     reason = _triton_supported(x, w_q, w_scale, bias, lora_A, lora_B)
     if mode == "on" and (reason is not None or not kernels_available(x.device)):
@@ -745,6 +919,6 @@ def lora_linear(
     if mode != "off" and reason is None and kernels_available(x.device):
         DISPATCH_COUNTS["lora_linear.triton"] += 1
         w_scale = w_scale.to(torch.float32).contiguous()
-        return LoRALinearFunction.apply(x, w_q, w_scale, bias, lora_A, lora_B, float(scale))
+        return LoRALinearFunction.apply(x, w_q, w_scale, bias, lora_A, lora_B, float(scale), act_quant == "int8")
     DISPATCH_COUNTS["lora_linear.reference"] += 1
-    return lora_linear_reference(x, w_q, w_scale, bias, lora_A, lora_B, scale)
+    return lora_linear_reference(x, w_q, w_scale, bias, lora_A, lora_B, scale, act_quant)

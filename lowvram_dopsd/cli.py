@@ -26,6 +26,7 @@ FLAGS = {
     "--train-states": "train_states", "--ema-decay": "ema_decay", "--quant": "quant",
     "--optimizer": "optimizer", "--device": "device", "--encoders-on": "encoders_on", "--dtype": "dtype",
     "--seed": "seed", "--cache-dir": "cache_dir", "--save-every": "save_every", "--kernels": "kernels",
+    "--act-quant": "act_quant",
 }
 
 

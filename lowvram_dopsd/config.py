@@ -56,6 +56,8 @@ class TrainConfig:
     resolution: int = 1024              # training area is resolution², aspect kept per image (buckets)
     dtype: str = "bf16"                 # "bf16" | "fp16" | "fp32" compute dtype of the frozen base
     quant: str = "none"                 # "none" | "qint8" | "qfloat8" (optimum-quanto) | "bnb-int8" (quant.py)
+    act_quant: str = "off"              # "int8": the 8-bit base's GEMMs on per-token int8 activations
+                                        # (quant = "qint8" only; int8 tensor cores; docs/kernels.md)
     grad_checkpointing: bool = True
     kernels: str = "auto"               # "auto": Triton kernels (loss, fused 8-bit LoRA linear) on CUDA;
                                         # "on": force them (CPU: TRITON_INTERPRET=1); "off": plain torch
@@ -96,6 +98,7 @@ CHOICES = {
     "dtype": ("bf16", "fp16", "fp32"),
     "quant": ("none", "qint8", "qfloat8", "bnb-int8"),
     "kernels": ("auto", "on", "off"),
+    "act_quant": ("off", "int8"),
     "device": ("auto", "cuda", "cpu"),
     "encoders_on": ("auto", "cpu", "cuda"),
     "on_bad_image": ("skip", "stop"),
@@ -183,6 +186,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError("keep_checkpoints and preview_every must be >= 0 (0 means keep all / no previews).")
     if cfg.train_states < 0 or cfg.rollout_steps < 0:
         raise UserError("rollout_steps and train_states must be >= 0 (0 means the default).")
+    if cfg.act_quant == "int8" and cfg.quant != "qint8":
+        raise UserError(
+            f"act_quant = 'int8' multiplies int8 activations with an int8 base weight, so it needs "
+            f"quant = 'qint8' (this run has quant = '{cfg.quant}'). Set --quant qint8, or --act-quant off."
+        )
     if cfg.rollout_steps and cfg.train_states > cfg.rollout_steps:
         raise UserError(
             f"train_states ({cfg.train_states}) cannot exceed rollout_steps ({cfg.rollout_steps})."

@@ -38,6 +38,7 @@ class DualLoRALinear(nn.Module):
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.switch = switch
         self.fused = False  # True: base is 8-bit and the fused kernel computes base + LoRA in one pass
+        self.act_quant = "off"  # "int8": the fused kernel's base GEMMs on per-token int8 activations
         dev = _weight_device(base)
         # peft's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so training starts at the base model.
         a = torch.empty(rank, self.in_features, device=dev, dtype=torch.float32)
@@ -62,7 +63,7 @@ class DualLoRALinear(nn.Module):
             from .quant import int8_view
 
             w_q, w_scale = int8_view(self.base)
-            return lora_linear(x, w_q, w_scale, self.base.bias, A, B, self.scale)
+            return lora_linear(x, w_q, w_scale, self.base.bias, A, B, self.scale, act_quant=self.act_quant)
         y = self.base(x)
         # LoRA weights are kept in fp32 for the optimizer; the matmuls run in the compute dtype.
         lora = (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()
@@ -110,13 +111,15 @@ class DualLoRA:
             layers[name] = wrapped
         return cls(model, layers, switch)
 
-    def enable_fused_kernels(self) -> int:
-        """Route every layer whose base is 8-bit (quanto qint8 / qfloat8) through the fused kernel."""
+    def enable_fused_kernels(self, act_quant: str = "off") -> int:
+        """Route every layer whose base is 8-bit (quanto qint8 / qfloat8) through the fused kernel
+        (its torch reference where Triton cannot run), with `act_quant` activations."""
         from .quant import int8_view
 
         n = 0
         for layer in self.layers.values():
             layer.fused = int8_view(layer.base) is not None
+            layer.act_quant = act_quant if layer.fused else "off"
             n += layer.fused
         return n
 

@@ -476,7 +476,7 @@ def _settings(cfg) -> dict[str, Any]:
     return {"resolution": cfg.resolution, "rank": cfg.rank, "quant": cfg.quant, "optimizer": cfg.optimizer,
             "grad_checkpointing": cfg.grad_checkpointing, "max_sequence_length": cfg.max_sequence_length,
             "teacher_max_sequence_length": cfg.teacher_max_sequence_length, "teacher": cfg.teacher,
-            "lora_targets": list(cfg.lora_targets), "fused_linear": fused_linear_planned(cfg.kernels, cfg.quant)}
+            "lora_targets": list(cfg.lora_targets), "fused_linear": fused_linear_planned(cfg.kernels, cfg.quant) or cfg.act_quant != "off"}
 
 
 # ---------------------------------------------------------------------------------------------

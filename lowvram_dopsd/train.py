@@ -269,6 +269,20 @@ def train(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
         return _train(cfg, preset, console, resume, command)
 
 
+def route_fused_linears(lora: DualLoRA, cfg: TrainConfig, device: torch.device) -> int:
+    """Put the 8-bit LoRA layers on the fused Triton LoRA linear (on CUDA unless kernels = "off";
+    quant.py says why) and return how many. int8 activations exist only on that route; on the CPU
+    it runs the kernel's torch reference (tests, the toy study), on a GPU it needs the kernel."""
+    on_kernel = use_fused_linear(device)
+    if cfg.act_quant != "off" and device.type == "cuda" and not on_kernel:
+        raise UserError(
+            "act_quant = 'int8' runs inside the fused Triton kernel, which this run does not use "
+            "(kernels = 'off', or Triton is not installed). Set kernels = 'auto' and install Triton "
+            "(`pip install triton`; Windows: `pip install triton-windows`), or set act_quant = 'off'."
+        )
+    return lora.enable_fused_kernels(cfg.act_quant) if on_kernel or cfg.act_quant != "off" else 0
+
+
 def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: list[str] | None) -> TrainResult:
     console = console or make_console()
     device = resolve_device(cfg.device)
@@ -337,13 +351,13 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     with explain_oom(cfg, preset, "loading the transformer"):
         model = family.load_transformer(cfg, device, dtype)
         lora = DualLoRA.attach(model, tuple(cfg.lora_targets) or family.lora_targets, cfg.rank, cfg.alpha)
-    # 8-bit layers on the fused Triton LoRA linear: on CUDA unless kernels = "off" (quant.py says why)
-    fused = lora.enable_fused_kernels() if use_fused_linear(device) else 0
+    fused = route_fused_linears(lora, cfg, device)
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, lr)
     warmup = max(cfg.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    console.print(f"LoRA: {len(lora.layers)} layers ({fused} on the fused 8-bit kernel), "
+    act = ", int8 activations" if cfg.act_quant == "int8" else ""
+    console.print(f"LoRA: {len(lora.layers)} layers ({fused} on the fused 8-bit kernel{act}), "
                   f"{lora.num_parameters() / 1e6:.2f}M trainable parameters")
 
     noise_gen = torch.Generator("cpu").manual_seed(cfg.seed)  # CPU noise: identical on every device

@@ -53,6 +53,12 @@ def test_unknown_setting_and_unknown_preset(capsys):
     assert "16gb" in capsys.readouterr().err
 
 
+def test_act_quant_flag_is_a_setting_with_a_clear_error(capsys):
+    assert main(["train", "--preset", "cpu-demo", "--act-quant", "int8"]) == 2  # cpu-demo: quant = none
+    err = capsys.readouterr().err
+    assert "needs quant = 'qint8'" in err and "--act-quant off" in err and "Traceback" not in err
+
+
 def test_header_shows_square_brackets_literally(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, capsys):
     main(["train", "--preset", "cpu-demo", "--model", str(tiny_zimage_dir), "--teacher-encoder", str(tiny_vlm_dir),
           "--images", str(demo_images), "--output", str(tmp_path / "o"), "--steps", "1", "--trigger", "sks ball",

@@ -55,3 +55,15 @@ def test_bad_values_are_rejected(key, value):
 def test_batch_must_divide_into_micro_batches():
     with pytest.raises(UserError, match="multiple of micro_batch"):
         load_config(None, {"batch_size": "4", "micro_batch": "3"})
+
+
+def test_int8_activations_need_an_int8_base():
+    from lowvram_dopsd.config import load_config
+    from lowvram_dopsd.errors import UserError
+
+    assert load_config("16gb", {"act_quant": "int8"}).act_quant == "int8"  # 16gb is qint8
+    for quant in ("none", "qfloat8", "bnb-int8"):
+        with pytest.raises(UserError, match="needs quant = 'qint8'"):
+            load_config("16gb", {"act_quant": "int8", "quant": quant})
+    with pytest.raises(UserError, match="act_quant"):
+        load_config("16gb", {"act_quant": "fp4"})

@@ -130,6 +130,22 @@ def test_toy_family_through_train_and_saved_lora_reproduces_student(tmp_path):
     torch.testing.assert_close(pipe(prompts, noise=noise), bare, atol=2e-4, rtol=1e-4)
 
 
+def test_toy_trains_on_an_int8_base_with_int8_activations(tmp_path):
+    """The toy family takes quant = "qint8" (blocks 8-bit, embedders and final layer kept, as for
+    Z-Image) and act_quant = "int8": the arms of the 8-bit study (docs/kernels.md)."""
+    from optimum.quanto import QLinear
+
+    from lowvram_dopsd.toy.experiment import quiet_console
+    from lowvram_dopsd.train import train
+
+    res = train(_cfg(tmp_path, 2, quant="qint8", act_quant="int8"), preset="toy", console=quiet_console())
+    kinds = {n: type(m) for n, m in res.model.named_modules()}
+    assert kinds["blocks.0.ada"] is QLinear and kinds["final"] is torch.nn.Linear and kinds["x_embed"] is torch.nn.Linear
+    assert all(type(layer.base) is QLinear and layer.fused and layer.act_quant == "int8"
+               for layer in res.lora.layers.values())
+    assert any(float(layer.student_B.detach().abs().max()) > 0 for layer in res.lora.layers.values())
+
+
 def test_cli_train_on_the_toy_folder(tmp_path):
     from lowvram_dopsd.cli import main
 

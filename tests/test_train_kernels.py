@@ -50,3 +50,55 @@ def test_auto_follows_the_dispatch_rule(tmp_path, tiny_zimage_dir, tiny_vlm_dir,
     assert [d.type for d in asked] == ["cpu"]
     assert all(layer.fused for layer in res.lora.layers.values())
     assert counts.get("lora_linear.triton", 0) > 0 and counts.get("lora_linear.reference", 0) == 0
+
+
+def test_int8_activations_on_the_kernel_and_its_reference_train_the_same(
+        tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images):
+    """act_quant = "int8": every 8-bit LoRA layer takes the int8-activation path, through Triton
+    (interpreted) with kernels on and through the kernel's torch reference with kernels off; both
+    train the same, and differently from the exact-activation run (the quantisation is really on)."""
+    def run_act(name, kernels, act_quant):
+        cfg = load_config("cpu-demo", dict(
+            model=str(tiny_zimage_dir), teacher_encoder=str(tiny_vlm_dir), images=str(demo_images),
+            output=str(tmp_path / name), cache_dir=str(tmp_path / "cache"), steps="2", rollout_steps="1",
+            batch_size="1", quant="qint8", act_quant=act_quant, kernels=kernels, lr="5e-3"))
+        kutils.reset_dispatch_counts()
+        res = train(cfg)
+        losses = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return losses, dict(kutils.DISPATCH_COUNTS), res
+
+    on, counts_on, res_on = run_act("on", "on", "int8")
+    off, counts_off, res_off = run_act("off", "off", "int8")
+    exact, _, res_exact = run_act("exact", "off", "off")
+    assert counts_on.get("lora_linear.triton", 0) > 0 and counts_on.get("lora_linear.reference", 0) == 0
+    assert counts_off.get("lora_linear.reference", 0) > 0 and counts_off.get("lora_linear.triton", 0) == 0
+    for res in (res_on, res_off):
+        assert all(layer.fused and layer.act_quant == "int8" for layer in res.lora.layers.values())
+    for a, b in zip(on, off):
+        assert abs(a - b) <= 1e-4 * abs(b) + 1e-9, (on, off)
+
+    def dist(r1, r2):
+        t1 = {k: t.detach() for k, t in r1.lora.tensors("student").items()}
+        t2 = {k: t.detach() for k, t in r2.lora.tensors("student").items()}
+        return float(sum((t1[k] - t2[k]).pow(2).sum() for k in t1).sqrt()
+                     / sum(t2[k].pow(2).sum() for k in t2).sqrt())
+
+    assert dist(res_on, res_off) < 1e-3
+    d_exact = dist(res_off, res_exact)
+    print(f"trained LoRA, relative distance: kernel vs reference {dist(res_on, res_off):.2e}, "
+          f"int8 vs exact activations {d_exact:.2e}")
+    assert 1e-3 < d_exact < 0.3, d_exact  # int8 activations change the gradients, not the training
+
+
+def test_int8_activations_on_a_gpu_need_the_kernel():
+    """On CUDA, act_quant = "int8" without the fused kernel (kernels = "off", or no Triton) would run
+    the CPU emulation on the GPU: the trainer stops before loading anything, saying what to do."""
+    import torch
+
+    from lowvram_dopsd.errors import UserError
+    from lowvram_dopsd.quant import kernels_mode
+    from lowvram_dopsd.train import route_fused_linears
+
+    cfg = load_config("16gb", {"act_quant": "int8", "kernels": "off"})
+    with kernels_mode(cfg.kernels), pytest.raises(UserError, match="kernels = 'auto' and install Triton"):
+        route_fused_linears(None, cfg, torch.device("cuda"))

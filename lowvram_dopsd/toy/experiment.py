@@ -12,6 +12,8 @@ all with the same LoRA (targets, rank, alpha), steps, batch, learning rate and o
   dopsd-v / dopsd-x0   D-OPSD through the project's `train()` (loss `velocity` / `x0`), preset `toy`.
 Ablations: teacher = frozen base LoRA-less (EMA decay ~1), teacher = student copy (decay 0),
 one random state per roll-out (train_states = 1).
+8-bit arms (--methods dopsd-x0-qint8 dopsd-x0-act8): the base quantised to int8 (quanto qint8), and
+the same with the base GEMMs on per-token int8 activations (act_quant = "int8").
 Also reported: the TEACHER's own concept rate (in-context: training image + caption) — an upper
 bound on what the self-teacher can transmit.
 """
@@ -145,7 +147,10 @@ def main(argv=None) -> int:
     variants = {"dopsd-v": {"loss": "velocity"}, "dopsd-x0": {"loss": "x0"},
                 "dopsd-x0-frozen": {"loss": "x0", "ema_decay": 0.99999999},
                 "dopsd-x0-copy": {"loss": "x0", "ema_decay": 0.0},
-                "dopsd-x0-1state": {"loss": "x0", "train_states": 1}}
+                "dopsd-x0-1state": {"loss": "x0", "train_states": 1},
+                # the 8-bit paths (docs/kernels.md): int8 base, then int8 base + int8 activations
+                "dopsd-x0-qint8": {"loss": "x0", "quant": "qint8"},
+                "dopsd-x0-act8": {"loss": "x0", "quant": "qint8", "act_quant": "int8"}}
     lora_kw = {} if a.rank is None else {"rank": a.rank, "alpha": a.alpha if a.alpha is not None else float(a.rank)}
     runs: list[dict] = []
     rows_for_grid: dict[str, torch.Tensor] = {}
