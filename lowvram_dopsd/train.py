@@ -269,18 +269,24 @@ def train(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
         return _train(cfg, preset, console, resume, command)
 
 
-def route_fused_linears(lora: DualLoRA, cfg: TrainConfig, device: torch.device) -> int:
-    """Put the 8-bit LoRA layers on the fused Triton LoRA linear (on CUDA unless kernels = "off";
-    quant.py says why) and return how many. int8 activations exist only on that route; on the CPU
-    it runs the kernel's torch reference (tests, the toy study), on a GPU it needs the kernel."""
-    on_kernel = use_fused_linear(device)
-    if cfg.act_quant != "off" and device.type == "cuda" and not on_kernel:
+def check_act_quant(cfg: TrainConfig, device: torch.device) -> None:
+    """int8 activations exist only inside the fused LoRA linear: on the CPU it runs the kernel's
+    torch reference (tests, the toy study); on a GPU that emulation would be slow and hold float32
+    copies of the weights, so the kernel is required. Checked before anything is loaded."""
+    if cfg.act_quant != "off" and device.type == "cuda" and not use_fused_linear(device):
         raise UserError(
             "act_quant = 'int8' runs inside the fused Triton kernel, which this run does not use "
             "(kernels = 'off', or Triton is not installed). Set kernels = 'auto' and install Triton "
             "(`pip install triton`; Windows: `pip install triton-windows`), or set act_quant = 'off'."
         )
-    return lora.enable_fused_kernels(cfg.act_quant) if on_kernel or cfg.act_quant != "off" else 0
+
+
+def route_fused_linears(lora: DualLoRA, cfg: TrainConfig, device: torch.device) -> int:
+    """Put the 8-bit LoRA layers on the fused Triton LoRA linear (on CUDA unless kernels = "off";
+    quant.py says why), with int8 activations if asked for; returns how many."""
+    check_act_quant(cfg, device)
+    on_route = use_fused_linear(device) or cfg.act_quant != "off"
+    return lora.enable_fused_kernels(cfg.act_quant) if on_route else 0
 
 
 def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: list[str] | None) -> TrainResult:
@@ -323,7 +329,9 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         **notes,
         "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}, batch {cfg.batch_size} "
                 f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
-        "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}, checkpointing {cfg.grad_checkpointing}",
+        "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}"
+                   + (" with int8 activations" if cfg.act_quant == "int8" else "")
+                   + f", checkpointing {cfg.grad_checkpointing}",
         "output": str(out_dir) + (f" (resuming {ckpt.path.name})" if ckpt else ""),
     })
     for path, why in ds.skipped:
@@ -337,6 +345,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         console.print(f"[yellow]warning[/] {warning}")
     if device.type == "cuda":
         warn_if_it_will_not_fit(cfg, device, console)
+    check_act_quant(cfg, device)
 
     # 1. conditions, then free the encoders before the transformer is loaded
     prompts = (cfg.preview_prompts or default_prompts([it.caption for it in ds.items], cfg.trigger)) \

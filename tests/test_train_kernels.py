@@ -92,13 +92,18 @@ def test_int8_activations_on_the_kernel_and_its_reference_train_the_same(
 
 def test_int8_activations_on_a_gpu_need_the_kernel():
     """On CUDA, act_quant = "int8" without the fused kernel (kernels = "off", or no Triton) would run
-    the CPU emulation on the GPU: the trainer stops before loading anything, saying what to do."""
+    the CPU emulation on the GPU: the trainer stops before loading anything (check_act_quant runs
+    before the encoders), saying what to do."""
     import torch
 
     from lowvram_dopsd.errors import UserError
     from lowvram_dopsd.quant import kernels_mode
-    from lowvram_dopsd.train import route_fused_linears
+    from lowvram_dopsd.train import check_act_quant, route_fused_linears
 
     cfg = load_config("16gb", {"act_quant": "int8", "kernels": "off"})
-    with kernels_mode(cfg.kernels), pytest.raises(UserError, match="kernels = 'auto' and install Triton"):
-        route_fused_linears(None, cfg, torch.device("cuda"))
+    for check in (lambda: check_act_quant(cfg, torch.device("cuda")),
+                  lambda: route_fused_linears(None, cfg, torch.device("cuda"))):
+        with kernels_mode(cfg.kernels), pytest.raises(UserError, match="kernels = 'auto' and install Triton"):
+            check()
+    with kernels_mode("off"):
+        check_act_quant(cfg, torch.device("cpu"))  # the CPU runs the reference: allowed
