@@ -639,26 +639,22 @@ def lora_linear_forward(
 
     t = _skinny(x2d, lora_A, transpose_b=True, compute=comp)  # t = x · Aᵀ  [M, r], from the exact x
 
+    # act8: y = s_x[m] · s_w[n] · (q_x · Wqᵀ) + bias + s·t·Bᵀ, the GEMM on q_x instead of x
+    xg, s_x = quantize_rows(x2d) if act8 else (x2d, None)
+    act = dict(int8_dot=act8, act_scale=s_x)
     y = empty((M, N), x2d.dtype, dev)
-    if act8:  # y = s_x[m] · s_w[n] · (q_x · Wqᵀ) + bias + s·t·Bᵀ; both operands K-major
-        q_x, s_x = quantize_rows(x2d)
-        lora = (lora_B, (lora_B.stride(0), lora_B.stride(1)), t, (t.stride(1), t.stride(0)), r, scale)
-        _mm("main", wq, (wq.stride(0), wq.stride(1)), q_x, (q_x.stride(1), q_x.stride(0)),
-            y, (0, y.stride(1), y.stride(0)), N, M, K, compute=comp, int8_dot=True,
-            scale=w_scale, scale_mode=1, act_scale=s_x, act_scale_mode=2,
-            bias=bias, bias_mode=0 if bias is None else 1, lora=lora)
-    elif not swap:  # C[m, n]: A = x, B = Wqᵀ, scale per column, LoRA t · Bᵀ
-        _mm("main", x2d, (x2d.stride(0), x2d.stride(1)), wq, (wq.stride(1), wq.stride(0)),
+    if not swap:  # C[m, n]: A = x, B = Wqᵀ, scale per column, LoRA t · Bᵀ
+        _mm("main", xg, (xg.stride(0), xg.stride(1)), wq, (wq.stride(1), wq.stride(0)),
             y, (0, y.stride(0), y.stride(1)), M, N, K, compute=comp,
             scale=w_scale, scale_mode=2, bias=bias, bias_mode=0 if bias is None else 2,
             lora=(t, (t.stride(0), t.stride(1)), lora_B, (lora_B.stride(1), lora_B.stride(0)), r, scale),
-            b_soft=soft)
+            b_soft=soft, act_scale_mode=1 if act8 else 0, **act)
     else:  # C[n, m] = yᵀ: A = Wq, B = xᵀ, scale per row, LoRA B · tᵀ
-        _mm("main", wq, (wq.stride(0), wq.stride(1)), x2d, (x2d.stride(1), x2d.stride(0)),
+        _mm("main", wq, (wq.stride(0), wq.stride(1)), xg, (xg.stride(1), xg.stride(0)),
             y, (0, y.stride(1), y.stride(0)), N, M, K, compute=comp,
             scale=w_scale, scale_mode=1, bias=bias, bias_mode=0 if bias is None else 1,
             lora=(lora_B, (lora_B.stride(0), lora_B.stride(1)), t, (t.stride(1), t.stride(0)), r, scale),
-            a_soft=soft)
+            a_soft=soft, act_scale_mode=2 if act8 else 0, **act)
     return y, t
 
 
@@ -690,46 +686,36 @@ def lora_linear_backward(
 
     if need_dx or need_dA:
         u = _skinny(dy, lora_B, transpose_b=False, compute=comp)  # u = dy · B  [M, r]
-    if need_dx and act8:
-        # dx[m, k] = Σ_n dy[m, n]·s_w[n]·Wq[n, k]: the channel scale runs along the reduction, so it
-        # goes into dy before the per-token quantisation; the int32 sum then needs one scale, s_g[m]
-        q_g, s_g = quantize_rows(dy, w_scale)
-        dx = empty((M, K), x2d.dtype, dev)
-        if not swap:  # C[m, k]: A = q_g, B = Wq, LoRA u · A
-            _mm("main", q_g, (q_g.stride(0), q_g.stride(1)), w_q, (w_q.stride(0), w_q.stride(1)),
-                dx, (0, dx.stride(0), dx.stride(1)), M, K, N, compute=comp, int8_dot=True,
-                act_scale=s_g, act_scale_mode=1,
-                lora=(u, (u.stride(0), u.stride(1)), lora_A, (lora_A.stride(0), lora_A.stride(1)), r, scale))
-        else:  # C[k, m] = dxᵀ: A = Wqᵀ, B = q_gᵀ, LoRA Aᵀ · uᵀ
-            _mm("main", w_q, (w_q.stride(1), w_q.stride(0)), q_g, (q_g.stride(1), q_g.stride(0)),
-                dx, (0, dx.stride(1), dx.stride(0)), K, M, N, compute=comp, int8_dot=True,
-                act_scale=s_g, act_scale_mode=2,
-                lora=(lora_A, (lora_A.stride(1), lora_A.stride(0)), u, (u.stride(1), u.stride(0)), r, scale))
-    elif need_dx and BWD_DX == "dequant":
+    if need_dx and BWD_DX == "dequant" and not act8:
         # dx = s·u·A + dy · dequant(Wq): the LoRA term first, then cuBLAS accumulates into it
         # (beta = 1 reads it once in the GEMM epilogue instead of a separate read-modify-write pass)
         dx = torch.mm(u, (lora_A * scale).to(x2d.dtype))
         dx.addmm_(dy, dequantize(w_q, w_scale, x2d.dtype))
     elif need_dx:
         wq, soft = _wq_operand(w_q)
-        mode = 4 if not swap else 3
-        if BWD_DX == "prescaled":  # dy ⊙ scale, so the tile converts Wq without scaling it
+        mode, s_g = (4 if not swap else 3), None
+        if act8:
+            # dx[m, k] = Σ_n dy[m, n]·s_w[n]·Wq[n, k]: the channel scale runs along the reduction, so
+            # it goes into dy before the per-token quantisation; the int32 sum then needs one scale, s_g[m]
+            (dy_s, s_g), mode = quantize_rows(dy, w_scale), 0
+        elif BWD_DX == "prescaled":  # dy ⊙ scale, so the tile converts Wq without scaling it
             dy_s, mode = _scale(dy, w_scale, dy.dtype, per_row=False), 0
         else:
             dy_s = dy
+        act = dict(int8_dot=act8, act_scale=s_g)
         dx = empty((M, K), x2d.dtype, dev)
         if not swap:  # C[m, k]: A = dy, B = Wq (rows scaled in tile), LoRA u · A
             _mm("main", dy_s, (dy_s.stride(0), dy_s.stride(1)), wq, (wq.stride(0), wq.stride(1)),
                 dx, (0, dx.stride(0), dx.stride(1)), M, K, N, compute=comp,
                 scale=w_scale, scale_mode=mode,
                 lora=(u, (u.stride(0), u.stride(1)), lora_A, (lora_A.stride(0), lora_A.stride(1)), r, scale),
-                b_soft=soft)
+                b_soft=soft, act_scale_mode=1 if act8 else 0, **act)
         else:  # C[k, m] = dxᵀ: A = Wqᵀ (columns scaled in tile), B = dyᵀ, LoRA Aᵀ · uᵀ
             _mm("main", wq, (wq.stride(1), wq.stride(0)), dy_s, (dy_s.stride(1), dy_s.stride(0)),
                 dx, (0, dx.stride(1), dx.stride(0)), K, M, N, compute=comp,
                 scale=w_scale, scale_mode=mode,
                 lora=(lora_A, (lora_A.stride(1), lora_A.stride(0)), u, (u.stride(1), u.stride(0)), r, scale),
-                a_soft=soft)
+                a_soft=soft, act_scale_mode=2 if act8 else 0, **act)
     if need_dA:  # dA = s · uᵀ · x   [r, K], reduce over M
         dA = _reduce_over_m("skinny_p", u, (u.stride(1), u.stride(0)), x2d, (x2d.stride(0), x2d.stride(1)),
                             r, K, M, lora_A.dtype, dev, comp, scale)

@@ -40,9 +40,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .config import CHOICES
 from .errors import UserError
 
-BACKENDS = ("none", "qint8", "qfloat8", "bnb-int8")
+BACKENDS = CHOICES["quant"]  # the config validates `quant` against the same tuple
 QUANTO = ("qint8", "qfloat8")  # the backends whose 8-bit layers the fused Triton kernel runs
 # LLM.int8() outlier threshold (the paper's and transformers' default `llm_int8_threshold`).
 BNB_THRESHOLD = 6.0

@@ -8,11 +8,11 @@ from lowvram_dopsd.kernels import utils as kutils
 from lowvram_dopsd.train import train
 
 
-def run(tmp_path, name, model_dir, vlm_dir, images, kernels, quant):
+def run(tmp_path, name, model_dir, vlm_dir, images, kernels, quant, act_quant="off"):
     cfg = load_config("cpu-demo", dict(
         model=str(model_dir), teacher_encoder=str(vlm_dir), images=str(images), output=str(tmp_path / name),
         cache_dir=str(tmp_path / "cache"), steps="2", rollout_steps="1", batch_size="1", quant=quant,
-        kernels=kernels, lr="5e-3"))  # small: every LoRA layer runs through the Triton interpreter
+        act_quant=act_quant, kernels=kernels, lr="5e-3"))  # small: every LoRA layer runs through the Triton interpreter
     kutils.reset_dispatch_counts()
     result = train(cfg)
     losses = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -58,14 +58,7 @@ def test_int8_activations_on_the_kernel_and_its_reference_train_the_same(
     (interpreted) with kernels on and through the kernel's torch reference with kernels off; both
     train the same, and differently from the exact-activation run (the quantisation is really on)."""
     def run_act(name, kernels, act_quant):
-        cfg = load_config("cpu-demo", dict(
-            model=str(tiny_zimage_dir), teacher_encoder=str(tiny_vlm_dir), images=str(demo_images),
-            output=str(tmp_path / name), cache_dir=str(tmp_path / "cache"), steps="2", rollout_steps="1",
-            batch_size="1", quant="qint8", act_quant=act_quant, kernels=kernels, lr="5e-3"))
-        kutils.reset_dispatch_counts()
-        res = train(cfg)
-        losses = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return losses, dict(kutils.DISPATCH_COUNTS), res
+        return run(tmp_path, name, tiny_zimage_dir, tiny_vlm_dir, demo_images, kernels, "qint8", act_quant)
 
     on, counts_on, res_on = run_act("on", "on", "int8")
     off, counts_off, res_off = run_act("off", "off", "int8")

@@ -93,8 +93,9 @@ def test_lora_linear_matches_reference(kernels_on, monkeypatch, dtype, fmt, case
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"x{c[0]}-K{c[1]}-N{c[2]}-r{c[3]}-{'bias' if c[4] else 'nobias'}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_int8_activations_match_reference(kernels_on, monkeypatch, dtype, case, swap):
-    """act_quant="int8": int8 x int8 -> int32 base GEMMs (forward, and dx in either orientation)
+    """act_quant="int8": int8 x int8 -> int32 base GEMMs (forward and dx, in either orientation)
     against the float64 reference of the same numerics, at the same tolerances as the exact path."""
+    monkeypatch.setattr(ll, "SWAP_FWD", swap)
     monkeypatch.setattr(ll, "SWAP_BWD", swap)
     d = _make(case, dtype, "int8", seed=7)
     outs = _run_kernel(d, 0.75, act_quant="int8")
