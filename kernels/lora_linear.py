@@ -284,8 +284,10 @@ def _qlora_mm_kernel(
         acc = acc * tl.load(act_scale_ptr + offs_pw)[:, None]
     if ACT_SCALE_MODE == 2:
         acc = acc * tl.load(act_scale_ptr + offs_qw)[None, :]
-    acc = acc * alpha
     if HAS_LORA:
+        # the rank-r term accumulates into acc's own registers: a separate [BLOCK_P, BLOCK_Q] result
+        # doubled the live accumulator (255 registers and 0.1-1 KB of spills per thread on the H100's
+        # large tiles; benchmarks/results/compile-report.md). lora_alpha != 0: the host drops a zero term.
         offs_k = tl.arange(0, BLOCK_RANK)
         k_mask = offs_k < RANK
         l1 = tl.load(
@@ -296,8 +298,11 @@ def _qlora_mm_kernel(
             l2_ptr + offs_k[:, None] * stride_l2k + offs_qw[None, :] * stride_l2q,
             mask=k_mask[:, None], other=0.0,
         )
-        lora = tl.dot(l1.to(COMPUTE), l2.to(COMPUTE), input_precision=DOT_PRECISION)
-        acc += lora_alpha * lora
+        acc = acc * (alpha / lora_alpha)
+        acc = tl.dot(l1.to(COMPUTE), l2.to(COMPUTE), acc, input_precision=DOT_PRECISION)
+        acc = acc * lora_alpha
+    else:
+        acc = acc * alpha
     if BIAS_MODE == 1:
         acc += tl.load(bias_ptr + offs_pw).to(tl.float32)[:, None]
     if BIAS_MODE == 2:
@@ -330,7 +335,8 @@ def _autotune_enabled() -> bool:
 
 # GPU candidates. The first ones are sized for Hopper (228 KB shared memory); the last ones fit
 # the ~100 KB of consumer GPUs (sm_86 / sm_89) and fp32 operands, so every device has at least one
-# config that launches (the autotuner gives out-of-resource candidates an infinite time).
+# config that launches (the autotuner gives out-of-resource candidates an infinite time). What each
+# needs per architecture (shared memory, registers, spills) is in benchmarks/results/compile-report.md.
 def _main_configs():
     if is_interpret():
         return [_cfg(32, 32, 32, 2, 4, 1)]
@@ -339,14 +345,24 @@ def _main_configs():
         _cfg(256, 128, 64, 8, 8, 3),
         _cfg(128, 128, 64, 8, 8, 4),
         _cfg(128, 256, 64, 8, 8, 4),
-        # int8 x int8 (act_quant): 128-deep K tiles move as many bytes as bf16's 64; with 16-bit
-        # operands these need 256-295 KB of shared memory, do not launch, and drop out of tuning
+        # int8 x int8 (act_quant) only, see _prune_main: 128-deep K tiles move as many bytes as bf16's
+        # 64. 128x128x128 with 8 warps (64 KB, no spills on sm_80-sm_90) rather than 4 (which spilled
+        # ~1 KB per thread on sm_80-sm_89, where int8 runs on mma.sync): compile-report.md
         _cfg(128, 256, 128, 8, 8, 3),
-        _cfg(128, 128, 128, 8, 4, 4),
+        _cfg(128, 128, 128, 8, 8, 3),
         _cfg(128, 128, 32, 8, 4, 3),
         _cfg(64, 64, 32, 8, 4, 2),
     ]
     return cfgs if _autotune_enabled() else cfgs[-1:]
+
+
+def _prune_main(configs, named_args, **meta):
+    """16-bit problems skip the 128-deep candidates: with 16-bit operands those need 128-224 KB of
+    shared memory (more than consumer GPUs have; the H100 runs were measured without them), so
+    each would only add compile and tuning time to the first step."""
+    if meta.get("INT8_DOT"):
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_R"] < 128] or configs
 
 
 def _skinny_q_configs():  # Q (= LoRA rank) is fixed by the host
@@ -392,14 +408,15 @@ def _autotune_options() -> dict:
     return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-def _autotuned(configs):
-    return triton.autotune(configs=configs, key=_KEY, do_bench=_tune_bench, **_autotune_options())(
+def _autotuned(configs, prune=None):
+    return triton.autotune(configs=configs, key=_KEY, do_bench=_tune_bench, prune_configs_by=prune,
+                           **_autotune_options())(
         triton.heuristics({"EVEN_R": _even_r})(_qlora_mm_kernel)
     )
 
 
 if HAS_TRITON:
-    _mm_main = _autotuned(_main_configs())
+    _mm_main = _autotuned(_main_configs(), {"early_config_prune": _prune_main})
     _mm_skinny_q = _autotuned(_skinny_q_configs())
     _mm_skinny_p = _autotuned(_skinny_p_configs())
 
@@ -472,6 +489,8 @@ def _mm(
     operands are int8 (weight and per-token quantised activations), summed exactly in int32."""
     cdt, prec = compute
     rps = R if splits == 1 else r_per_split
+    if lora is not None and lora[5] == 0.0:  # a zero LoRA scale adds nothing (the epilogue divides by it)
+        lora = None
     if lora is None:
         l1, l1_st, l2, l2_st, rank, lora_alpha = out, (0, 0), out, (0, 0), 1, 0.0
     else:

@@ -195,6 +195,18 @@ def test_switch_lora_sets_without_copies(kernels_on):
     assert d["w_q"].data_ptr() == wq_ptr and torch.equal(d["w_q"], wq_before)
 
 
+@pytest.mark.parametrize("act_quant", ["off", "int8"])
+def test_zero_lora_scale(kernels_on, act_quant):
+    """scale = 0 (lora_alpha 0): the base layer alone, no NaN. The GEMM epilogue folds the LoRA
+    scale into its accumulator (it divides by it), so the host must drop a zero LoRA term."""
+    d = _make(CASES[2], torch.float32, "int8", seed=12)
+    outs = _run_kernel(d, 0.0, act_quant=act_quant)
+    refs = _run_reference64(d, 0.0, act_quant=act_quant)
+    for name, o, r in zip(("y", "dx"), outs[:2], refs[:2]):
+        assert torch.isfinite(o).all() and rel_err(o, r) <= TOL[torch.float32], name
+    assert (outs[2] == 0).all() and (outs[3] == 0).all()
+
+
 def test_no_grad_for_frozen_inputs_and_partial_grads(kernels_on):
     d = _make(CASES[0], torch.float32, "int8", seed=4)
     bias = d["bias"].clone().requires_grad_()
