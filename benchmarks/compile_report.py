@@ -101,22 +101,22 @@ def main(argv=None):
         date=datetime.date.today().isoformat(), host=platform.node(), python=platform.python_version(),
         torch=torch.__version__, triton=triton.__version__, ptxas=ptxas_version(),
         command=" ".join(["TRITON_INTERPRET=0 python benchmarks/compile_report.py", *(argv or sys.argv[1:])]),
-        rank=args.rank, tokens=TOKENS, targets={k: vars(aot.TARGETS[k]) for k in args.targets.split(",")},
+        rank=args.rank, tokens=TOKENS, targets={k: vars(aot.TARGETS[k]) for k in targets},
     )
+    merged = merge(rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=merge(rows)), f, indent=1)
-    md = render(meta, merge(rows))
+        json.dump(dict(meta=meta, rows=merged), f, indent=1)
+    md = render(meta, merged)
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write(md)
     print(md)
 
 
 def _cfg(c: dict) -> str:
-    p = c.get("BLOCK_P", "r") if "BLOCK_Q" in c or "BLOCK_P" in c else None
-    if p is None:
+    if "BLOCK_R" not in c:  # an elementwise / row kernel
         return f"BLOCK {c.get('BLOCK', c.get('BLOCK_K'))}, {c.get('num_warps', 4)} warps"
-    return f"{p}×{c.get('BLOCK_Q', 'r')}×{c['BLOCK_R']} w{c['num_warps']} s{c['num_stages']}"
+    return f"{c['BLOCK_P']}×{c['BLOCK_Q']}×{c['BLOCK_R']} w{c['num_warps']} s{c['num_stages']}"
 
 
 def merge(rows: list) -> list:

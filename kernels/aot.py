@@ -84,10 +84,6 @@ class Compiled:
     fits: bool  # shared <= the target's per-block maximum
     fma: int  # fused multiply-adds in the PTX (0 where the launch asked for enable_fp_fusion=False)
 
-    @property
-    def usable(self) -> bool:
-        return self.fits and self.spill_bytes == 0
-
 
 # modules and attribute names of every kernel handle the host code launches through
 _HANDLES = {
@@ -122,8 +118,9 @@ class _Recorder:
 def record(run: Callable[[], object], target: Target) -> List[Launch]:
     """Run ``run`` (host code on meta or CPU tensors) with every kernel launch recorded, not run.
 
-    Output buffers are never written; only the launches and their arguments matter. The split-K planner is told the target's multiprocessor count and FP8 weights take the
-    software decode below sm_89, as they would on that card."""
+    Output buffers are never written; only the launches and their arguments matter. The split-K
+    planner is told the target's multiprocessor count and FP8 weights take the software decode
+    below sm_89, as they would on that card."""
     _require()
     from . import dopsd_loss, lora_linear
 
