@@ -463,15 +463,18 @@ def write_report(meta, rows, loss, out_dir):
 # (Wx: converted in registers; Hopper's wgmma takes A from registers). Backward dx: cuBLAS on a
 # transient dequantised weight (D), our GEMM scaling in the tile (F), or on dy ⊙ scale (S).
 # T: the skinny LoRA GEMMs t = x·Aᵀ and u = dy·B on our kernel instead of cuBLAS.
+# act_quant's dx (ours-int8-act8 only): on a transient transposed int8 copy of Wq (default), or on Wq
+# as stored (WxDd: "direct", the in-loop transpose that compile-report-act8-direct.md shows).
 VARIANTS = {
     "WxD": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="dequant", SKINNY="cublas"),
+    "WxDd": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="dequant", SKINNY="cublas", ACT8_DX="direct"),
     "WxDT": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="dequant", SKINNY="triton"),
     "WxF": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="fused", SKINNY="triton"),
     "WxS": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="prescaled", SKINNY="triton"),
     "xWF": dict(SWAP_FWD=False, SWAP_BWD=False, BWD_DX="fused", SKINNY="triton"),
     "xWS": dict(SWAP_FWD=False, SWAP_BWD=False, BWD_DX="prescaled", SKINNY="triton"),
 }
-DEFAULTS = dict(SWAP_FWD=ll.SWAP_FWD, SWAP_BWD=ll.SWAP_BWD, BWD_DX=ll.BWD_DX, SKINNY=ll.SKINNY)
+DEFAULTS = dict(SWAP_FWD=ll.SWAP_FWD, SWAP_BWD=ll.SWAP_BWD, BWD_DX=ll.BWD_DX, SKINNY=ll.SKINNY, ACT8_DX=ll.ACT8_DX)
 
 
 def main(argv=None):

@@ -7,7 +7,9 @@ For each target the real host code of one LoRA linear (bf16 activations, rank 64
 tokens, the layer shapes of bench_kernels.py) runs forward and backward on meta tensors with its
 launches recorded, and every recorded launch is compiled in every autotune candidate by Triton and
 ptxas. Per candidate: shared memory (and whether it fits the target's per-block maximum),
-registers and spilled bytes per thread (ptxas -v), and the tensor-core instructions in the SASS.
+registers and spilled bytes per thread (ptxas -v), the tensor-core instructions in the SASS, and
+what the GEMM's K loop issues per iteration (instructions, MMAs, synchronous global loads, async
+copies, shared-memory loads and stores: kernels.aot.k_loop).
 A candidate is *usable* when it fits and does not spill. The D-OPSD loss kernel is compiled for a
 1×16×128×128 latent. Nothing is timed: that needs the GPU (bench_kernels.py).
 
@@ -36,6 +38,7 @@ except ImportError:  # pragma: no cover
     sys.exit("compile_report.py needs triton")
 
 from lowvram_dopsd.kernels import aot  # noqa: E402
+from lowvram_dopsd.kernels import lora_linear as ll  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import SHAPES, TOKENS  # noqa: E402
@@ -49,6 +52,7 @@ ROLES = {
     ("backward", "_mm_main"): "dx = dy·W + LoRA (base GEMM)",
     ("backward", "_quant_rows_kernel"): "quantise dy⊙s_w per token",
     ("backward", "_scale_kernel"): "dequantise W (dx then on cuBLAS)",
+    ("backward", "_transpose_kernel"): "transpose Wq (dx's int8 operand)",
     ("backward", "_mm_skinny_p"): "dA = s·uᵀ·x",
     ("backward", "_mm_skinny_q"): "dB = s·dyᵀ·t",
     ("loss", "_dopsd_loss_kernel"): "D-OPSD loss + grad",
@@ -69,7 +73,8 @@ def compile_target(tname: str, modes: list, shapes: list, rank: int) -> list:
                     rows.append(dict(target=tname, mode="-" if shape == "loss" else mode, shape=shape,
                                      role=ROLES.get((c.label, c.kernel), f"{c.label} {c.kernel}"),
                                      kernel=c.kernel, config=c.config, shared=c.shared, fits=c.fits,
-                                     registers=c.registers, spill_bytes=c.spill_bytes, mma=list(c.mma)))
+                                     registers=c.registers, spill_bytes=c.spill_bytes, mma=list(c.mma),
+                                     loop=c.loop))
         print(f"[{time.time() - t0:5.0f}s] {tname} {mode}: {len(rows)} rows", flush=True)
     return rows
 
@@ -102,6 +107,7 @@ def main(argv=None):
         torch=torch.__version__, triton=triton.__version__, ptxas=ptxas_version(),
         command=" ".join(["TRITON_INTERPRET=0 python benchmarks/compile_report.py", *(argv or sys.argv[1:])]),
         rank=args.rank, tokens=TOKENS, targets={k: vars(aot.TARGETS[k]) for k in targets},
+        switches={k: getattr(ll, k) for k in ("SWAP_FWD", "SWAP_BWD", "BWD_DX", "SKINNY", "ACT8_DX")},
     )
     merged = merge(rows)
     os.makedirs(args.out, exist_ok=True)
@@ -119,6 +125,13 @@ def _cfg(c: dict) -> str:
     return f"{c['BLOCK_P']}×{c['BLOCK_Q']}×{c['BLOCK_R']} w{c['num_warps']} s{c['num_stages']}"
 
 
+def _loop(lp: dict) -> str:
+    if not lp:
+        return "-"
+    sync = f"**{lp['ldg']} LDG**, " if lp["ldg"] else ""
+    return f"{lp['inst']} inst, {lp['mma']} MMA, {sync}{lp['ldgsts']} async, {lp['lds']} LDS, {lp['sts']} STS"
+
+
 def merge(rows: list) -> list:
     """One row per (target, mode, role, candidate): the worst shared memory / registers / spills
     over the layer shapes (real shapes are all multiples of 16, so they mostly agree)."""
@@ -126,13 +139,14 @@ def merge(rows: list) -> list:
     for r in rows:
         key = (r["target"], r["mode"], r["role"], _cfg(r["config"]))
         m = merged.setdefault(key, dict(r, candidate=key[3], shapes=[], shared=0, registers=0, spill_bytes=0,
-                                        fits=True, mma=[]))
+                                        fits=True, mma=[], loop={}))
         m["shapes"].append(r["shape"])
         m["shared"] = max(m["shared"], r["shared"])
         m["registers"] = max(m["registers"], r["registers"])
         m["spill_bytes"] = max(m["spill_bytes"], r["spill_bytes"])
         m["fits"] = m["fits"] and r["fits"]
         m["mma"] = sorted(set(m["mma"]) | set(r["mma"]))
+        m["loop"] = {k: max(v, m["loop"].get(k, 0)) for k, v in r["loop"].items()}
     for m in merged.values():
         m.pop("shape")
         m["usable"] = m["fits"] and m["spill_bytes"] == 0
@@ -143,12 +157,17 @@ def render(meta: dict, merged: list) -> str:
     out = [
         "# What the kernels need per GPU architecture (compiled without a GPU)", "",
         f"- {meta['date']}, `{meta['command']}`; triton {meta['triton']}, {meta['ptxas']}, torch {meta['torch']}.",
+        "- lora_linear switches (LOWVRAM_DOPSD_LORA_*): "
+        + ", ".join(f"{k} = {v}" for k, v in meta.get("switches", {}).items()) + ".",
         f"- LoRA linear: bf16 activations, rank {meta['rank']}, M = {meta['tokens']} tokens, every layer shape of "
         "bench_kernels.py (Z-Image and klein), forward and backward; compiled in every autotune candidate "
         "the autotuner would time. Figures are the worst over the shapes.",
         "- *usable*: fits the per-block shared-memory maximum and spills nothing. The autotuner skips "
         "candidates that do not launch and times the rest, so a spilling one costs first-step compile "
         "time, and speed only if it still wins.",
+        "- *K loop*: what the GEMM's main loop issues per iteration, per thread, from the SASS "
+        "(kernels.aot.k_loop): a synchronous global load (LDG) there makes every iteration wait on "
+        "global memory; async copies (LDGSTS) overlap the MMAs.",
         "",
     ]
     targets = list(dict.fromkeys(m["target"] for m in merged))
@@ -165,13 +184,13 @@ def render(meta: dict, merged: list) -> str:
     for tname in targets:
         t = meta["targets"][tname]
         out += [f"## {tname} ({t['example']}; {t['smem'] // 1024} KB shared per block)", "",
-                "| mode | role | candidate | shared KB | fits | regs | spills B | tensor-core SASS |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "| mode | role | candidate | shared KB | fits | regs | spills B | tensor-core SASS | K loop |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for m in (m for m in merged if m["target"] == tname):
             spill = f"**{m['spill_bytes']}**" if m["spill_bytes"] else "0"
             out.append(f"| {m['mode']} | {m['role']} | {m['candidate']} | {m['shared'] / 1024:.0f} | "
                        f"{'yes' if m['fits'] else '**no**'} | {m['registers']} | {spill} | "
-                       f"{', '.join(m['mma']) or '-'} |")
+                       f"{', '.join(m['mma']) or '-'} | {_loop(m['loop'])} |")
         out.append("")
     return "\n".join(out)
 

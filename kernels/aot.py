@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 from typing import Callable, Iterator, List, Optional
 
-from .utils import HAS_TRITON, is_interpret, triton
+from .utils import HAS_TRITON, is_interpret, tl, triton
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +83,13 @@ class Compiled:
     mma: tuple  # tensor-core SASS opcodes, e.g. ('HGMMA.64x128x16.F32.BF16',)
     fits: bool  # shared <= the target's per-block maximum
     fma: int  # fused multiply-adds in the PTX (0 where the launch asked for enable_fp_fusion=False)
+    loop: dict  # opcode counts in the K loop (``k_loop``); empty for kernels without MMAs
 
 
 # modules and attribute names of every kernel handle the host code launches through
 _HANDLES = {
     "lora_linear": ("_mm_main", "_mm_skinny_q", "_mm_skinny_p", "_qlora_mm_kernel", "_quant_rows_kernel",
-                    "_scale_kernel"),
+                    "_transpose_kernel", "_scale_kernel"),
     "dopsd_loss": ("_dopsd_loss_kernel", "_scale_grad_kernel"),
 }
 _phase = ["-"]
@@ -184,6 +185,34 @@ def loss_step(shape=(1, 16, 128, 128)) -> Callable[[], None]:
     return run
 
 
+@triton.jit
+def _plain_int8_gemm(a_ptr, b_ptr, c_ptr, M, N, K,
+                     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The textbook Triton int8 GEMM, c = a · bᵀ with a [M, K] and b [N, K] contiguous along K and K a
+    multiple of BLOCK_R: what Triton itself issues per K step for a tile, the baseline for ours."""
+    rm = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rn = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rk = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.int32)
+    for k in range(0, K, BLOCK_R):
+        a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
+        b = tl.load(b_ptr + rn[None, :] * K + (k + rk)[:, None])
+        acc = tl.dot(a, b, acc)
+    tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc)
+
+
+def plain_int8_gemm(M: int, N: int, K: int, config: dict) -> Launch:
+    """A launch of ``_plain_int8_gemm`` (meta tensors) in the tile of ``config`` (BLOCK_P, BLOCK_Q,
+    BLOCK_R, num_warps, num_stages, as in ``Compiled.config``), for ``compile_launch``."""
+    import torch
+
+    a = torch.empty(M, K, dtype=torch.int8, device="meta")
+    b = torch.empty(N, K, dtype=torch.int8, device="meta")
+    c = torch.empty(M, N, dtype=torch.int32, device="meta")
+    kw = {k: config[k] for k in ("BLOCK_P", "BLOCK_Q", "BLOCK_R", "num_warps", "num_stages")}
+    return Launch("baseline", "_plain_int8_gemm", _plain_int8_gemm, (1, 1), (a, b, c, M, N, K), kw)
+
+
 class _TargetDriver:
     """Stands in for the CUDA driver: Triton asks it only for the target (and a device key)."""
 
@@ -219,16 +248,45 @@ def _ptxas_report(ptx: str, cap: int) -> tuple:
     return regs, spills
 
 
-def _mma_opcodes(cubin: bytes) -> tuple:
+def _sass(cubin: bytes) -> str:
     from triton.backends.nvidia.compiler import get_ptxas
 
     tool = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _mma_opcodes(sass: str) -> tuple:
     # HMMA / IMMA: mma.sync (sm_80+); HGMMA / IGMMA / QGMMA: Hopper wgmma (16-bit / int8 / fp8)
     return tuple(sorted(set(re.findall(r"\b([HIQ]G?MMA\.[\w.]+)", sass))))
+
+
+# "/*1850*/  @!P1 LDG.E.128 R12, desc[UR6][R12.64] ;": address, predicate, opcode, operands
+_INST = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
+
+
+def k_loop(sass: str) -> dict:
+    """Opcode counts in the innermost loop that issues MMAs: the GEMM's K loop.
+
+    In a pipelined GEMM that loop holds async copies (LDGSTS, or TMA) and MMAs: each tile is in
+    flight while the previous ones are multiplied. A synchronous global load (LDG) there means a tile
+    goes through registers and the loop waits for global memory every iteration; shared-memory
+    stores (STS) mean it is written back, e.g. byte by byte after an in-register transpose."""
+    insts = [(int(a, 16), op, rest) for a, pred, op, rest in _INST.findall(sass) if pred.strip() != "@!PT"]
+    loops = []
+    for addr, op, rest in insts:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:  # a backward branch closes a loop
+            loops.append((int(target.group(1), 16), addr))
+    for lo, hi in sorted(loops, key=lambda span: span[1] - span[0]):
+        ops = [op for addr, op, _ in insts if lo <= addr <= hi]
+        mma = sum(bool(re.fullmatch(r"[HIQ]G?MMA", op)) for op in ops)
+        if mma:
+            return dict(inst=len(ops), mma=mma, ldg=ops.count("LDG"), ldgsts=ops.count("LDGSTS"),
+                        lds=ops.count("LDS") + ops.count("LDSM"), sts=ops.count("STS"))
+    return {}
 
 
 def compile_launch(launch: Launch, target: Target, configs: Optional[list] = None) -> List[Compiled]:
@@ -249,9 +307,10 @@ def compile_launch(launch: Launch, target: Target, configs: Optional[list] = Non
             ck = fn.warmup(*launch.args, grid=launch.grid, **kw)
             regs, spills = _ptxas_report(ck.asm["ptx"], target.cap)
             shown = {k: v for k, v in kw.items() if k.startswith("BLOCK") or k in ("num_warps", "num_stages")}
+            sass = _sass(ck.asm["cubin"])
             out.append(Compiled(launch.label, launch.name, shown, ck.metadata.shared, regs, spills,
-                                _mma_opcodes(ck.asm["cubin"]), ck.metadata.shared <= target.smem,
-                                len(re.findall(r"\bfma\.rn", ck.asm["ptx"]))))
+                                _mma_opcodes(sass), ck.metadata.shared <= target.smem,
+                                len(re.findall(r"\bfma\.rn", ck.asm["ptx"])), k_loop(sass)))
     finally:
         driver.set_active(old)
     return out

@@ -35,7 +35,7 @@ Ampere / Ada, whose 16-bit MMA accumulates in fp32 at half rate) the bf16 rate:
     q_x, s_x = per-token int8 of x                        one Triton pass (quantize_rows)
     y  = s_x[m] · scale_n · (q_x · Wqᵀ) + bias + s · t · Bᵀ
     q_g, s_g = per-token int8 of dy ⊙ scale               the channel scale runs along dx's reduction
-    dx = s_g[m] · (q_g · Wq) + s · u · A
+    dx = s_g[m] · (q_g · Wq) + s · u · A                  on a transient Wqᵀ copy (see ACT8_DX)
 
 The LoRA term, dA and dB keep the exact x and dy (int8 forward and input-gradient GEMMs, 16-bit
 weight gradients: SwitchBack, Wortsman et al. 2023, "Stable and low-precision training for
@@ -82,6 +82,7 @@ __all__ = [
     "lora_linear_forward",
     "lora_linear_backward",
     "dequantize",
+    "transpose_8bit",
     "quantize_rows",
     "quantize_rows_reference",
     "ACT_QUANT",
@@ -106,9 +107,19 @@ SWAP_BWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_BWD", "1") == "1"
 #   "dequant":   Wq -> transient dequantised weight (one Triton pass), then cuBLAS (torch.mm)
 #   "fused":     our GEMM, Wq converted and scaled per reduction index inside the tile
 #   "prescaled": our GEMM on dy ⊙ scale (one elementwise pass), so the tile only converts Wq
-# (a transient transposed 8-bit copy of Wq was also tried and measured slower; docs/kernels.md).
+# (a transient transposed 8-bit copy of Wq was also tried here and measured slower: this tile converts
+# Wq in registers anyway; for act_quant's int8 MMAs it is the fix, see ACT8_DX; docs/kernels.md).
 BWD_DX = os.environ.get("LOWVRAM_DOPSD_LORA_BWD_DX", "dequant")
 _BWD_DX_MODES = ("dequant", "fused", "prescaled")
+# How act_quant's dx reads Wq. Int8 MMAs (mma.sync and wgmma alike) want both operands contiguous
+# along the reduction, and dx reduces over Wq's rows:
+#   "transposed": the GEMM reads a transient transposed copy (N·K bytes, one tiled Triton pass, as
+#                 SwitchBack's backward does), so dx compiles to the forward's K loop: async copies
+#                 and MMAs only
+#   "direct":     Wq in stored order; on sm_90 Triton then loads its tile synchronously inside the
+#                 K loop and writes it to shared memory byte by byte (docs/kernels.md)
+ACT8_DX = os.environ.get("LOWVRAM_DOPSD_LORA_ACT8_DX", "transposed")
+_ACT8_DX_MODES = ("transposed", "direct")
 # The two skinny LoRA GEMMs t = x·Aᵀ and u = dy·B: "cublas" (torch.mm) or "triton" (our kernel).
 SKINNY = os.environ.get("LOWVRAM_DOPSD_LORA_SKINNY", "cublas")
 
@@ -179,6 +190,17 @@ def _quant_rows_kernel(x_ptr, col_scale_ptr, q_ptr, s_ptr, K, stride_xm,
         r = tl.minimum(tl.maximum(r, -127.0), 127.0)
         tl.store(q_ptr + row * K + k0 + offs, r.to(tl.int8), mask=m)
     tl.store(s_ptr + row, tl.math.div_rn(a, 127.0))
+
+
+@triton.jit
+def _transpose_kernel(x_ptr, out_ptr, R, C, BLOCK: tl.constexpr):
+    """out[c, r] = x[r, c] for a contiguous [R, C] x: one BLOCK x BLOCK tile per program, read and
+    written along rows (coalesced both ways; Triton moves the tile through shared memory)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = (r[:, None] < R) & (c[None, :] < C)
+    tile = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=mask)
+    tl.store(out_ptr + c[:, None] * R + r[None, :], tl.trans(tile), mask=tl.trans(mask))
 
 
 @triton.jit
@@ -605,6 +627,16 @@ def quantize_rows_reference(x: torch.Tensor, col_scale: Optional[torch.Tensor] =
     return q, amax / qmax
 
 
+def transpose_8bit(w: torch.Tensor) -> torch.Tensor:
+    """``w.t().contiguous()`` for a contiguous 2-D 8-bit ``w``, in one tiled pass."""
+    R, C = w.shape
+    out = empty((C, R), w.dtype, w.device)
+    block = 16 if is_interpret() else 64
+    _transpose_kernel[(triton.cdiv(R, block), triton.cdiv(C, block))](
+        w.contiguous().view(torch.uint8), out.view(torch.uint8), R, C, BLOCK=block, num_warps=4)
+    return out
+
+
 def dequantize(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(w_q.float() * w_scale[:, None]).to(dtype)`` in one pass, no float32 temporary."""
     return _scale(w_q, w_scale, dtype, per_row=True)
@@ -699,6 +731,8 @@ def lora_linear_backward(
     swap = SWAP_BWD if swap is None else swap
     if BWD_DX not in _BWD_DX_MODES:
         raise ValueError(f"LOWVRAM_DOPSD_LORA_BWD_DX={BWD_DX!r}: use one of {', '.join(_BWD_DX_MODES)}")
+    if act8 and ACT8_DX not in _ACT8_DX_MODES:
+        raise ValueError(f"LOWVRAM_DOPSD_LORA_ACT8_DX={ACT8_DX!r}: use one of {', '.join(_ACT8_DX_MODES)}")
     dev = dy.device
     comp = _compute(x2d.dtype)
     dx = dA = dB = None
@@ -717,6 +751,8 @@ def lora_linear_backward(
             # dx[m, k] = Σ_n dy[m, n]·s_w[n]·Wq[n, k]: the channel scale runs along the reduction, so
             # it goes into dy before the per-token quantisation; the int32 sum then needs one scale, s_g[m]
             (dy_s, s_g), mode = quantize_rows(dy, w_scale), 0
+            if ACT8_DX == "transposed":  # same [N, K] indexing, now contiguous along n
+                wq = transpose_8bit(w_q).t()
         elif BWD_DX == "prescaled":  # dy ⊙ scale, so the tile converts Wq without scaling it
             dy_s, mode = _scale(dy, w_scale, dy.dtype, per_row=False), 0
         else:

@@ -89,14 +89,17 @@ def test_lora_linear_matches_reference(kernels_on, monkeypatch, dtype, fmt, case
         assert err <= TOL[dtype], f"{name}: rel err {err:.3e} > {TOL[dtype]:.0e}"
 
 
-@pytest.mark.parametrize("swap", [True, False], ids=["Wx", "xW"])
+@pytest.mark.parametrize("swap,act8_dx", [(True, "transposed"), (False, "transposed"), (True, "direct")],
+                         ids=["Wx", "xW", "Wx-direct"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"x{c[0]}-K{c[1]}-N{c[2]}-r{c[3]}-{'bias' if c[4] else 'nobias'}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_int8_activations_match_reference(kernels_on, monkeypatch, dtype, case, swap):
-    """act_quant="int8": int8 x int8 -> int32 base GEMMs (forward and dx, in either orientation)
-    against the float64 reference of the same numerics, at the same tolerances as the exact path."""
+def test_int8_activations_match_reference(kernels_on, monkeypatch, dtype, case, swap, act8_dx):
+    """act_quant="int8": int8 x int8 -> int32 base GEMMs (forward and dx, in either orientation,
+    dx on the transposed weight copy or on Wq as stored) against the float64 reference of the same
+    numerics, at the same tolerances as the exact path."""
     monkeypatch.setattr(ll, "SWAP_FWD", swap)
     monkeypatch.setattr(ll, "SWAP_BWD", swap)
+    monkeypatch.setattr(ll, "ACT8_DX", act8_dx)
     d = _make(case, dtype, "int8", seed=7)
     outs = _run_kernel(d, 0.75, act_quant="int8")
     refs = _run_reference64(d, 0.75, act_quant="int8")
@@ -261,12 +264,24 @@ def test_dequantize_is_bitwise_the_reference(kernels_on, monkeypatch, dtype, sof
         assert torch.equal(out.cpu(), (w_q.float() * w_scale[:, None]).to(dtype)), fmt
 
 
-@pytest.mark.parametrize("switch,value", [("BWD_DX", "cublas"), ("SKINNY", "cutlass")])
+@pytest.mark.parametrize("switch,value", [("BWD_DX", "cublas"), ("SKINNY", "cutlass"), ("ACT8_DX", "copy")])
 def test_unknown_switch_value_is_refused(kernels_on, monkeypatch, switch, value):
     monkeypatch.setattr(ll, switch, value)
     d = _make(CASES[0], torch.float32, "int8")
     with pytest.raises(ValueError, match=f"LOWVRAM_DOPSD_LORA_{switch}='{value}'"):
-        _run_kernel(d, 1.0)
+        _run_kernel(d, 1.0, act_quant="int8" if switch == "ACT8_DX" else "off")
+
+
+@pytest.mark.parametrize("shape", [(37, 70), (16, 16), (1, 5), (70, 33)], ids=str)
+def test_transpose_8bit_is_exact(kernels_on, shape):
+    """act_quant's dx reads this transposed copy of Wq: every byte in place, for int8 and FP8,
+    on shapes that are not multiples of the tile."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(9)) * 0.05
+    for fmt in FMTS:
+        w_q = quantize_weight(w, fmt)[0].to(DEVICE)
+        out = ll.transpose_8bit(w_q)
+        assert out.dtype == w_q.dtype and out.shape == shape[::-1] and out.is_contiguous()
+        assert torch.equal(out.cpu().view(torch.uint8), w_q.cpu().t().contiguous().view(torch.uint8)), fmt
 
 
 def test_quantize_weight_roundtrip():
@@ -301,3 +316,13 @@ def test_autotuner_keeps_its_timings_on_disk():
         assert ll._mm_main.cache_results or utils.is_interpret()
     else:
         assert ll._autotune_options() == {}
+
+
+def test_prune_main_keeps_deep_tiles_for_int8_only():
+    """The 128-deep K tiles are timed for int8 x int8 problems only: with 16-bit operands they need
+    128-224 KB of shared memory (compile-report.md). A list of only deep tiles is kept as it is."""
+    pytest.importorskip("triton")
+    shallow, deep = ll._cfg(128, 256, 64, 8, 8, 3), ll._cfg(128, 128, 128, 8, 8, 3)
+    assert ll._prune_main([shallow, deep], {}, INT8_DOT=True) == [shallow, deep]
+    assert ll._prune_main([shallow, deep], {}, INT8_DOT=False) == [shallow]
+    assert ll._prune_main([deep], {}, INT8_DOT=False) == [deep]
