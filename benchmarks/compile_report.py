@@ -38,10 +38,9 @@ except ImportError:  # pragma: no cover
     sys.exit("compile_report.py needs triton")
 
 from lowvram_dopsd.kernels import aot  # noqa: E402
-from lowvram_dopsd.kernels import lora_linear as ll  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import SHAPES, TOKENS  # noqa: E402
+from bench_kernels import DEFAULTS, SHAPES, TOKENS  # noqa: E402
 
 MODES = {"int8": ("int8", False), "fp8": ("fp8", False), "int8-act8": ("int8", True)}
 # what each recorded launch computes, by (phase, kernel handle)
@@ -107,7 +106,7 @@ def main(argv=None):
         torch=torch.__version__, triton=triton.__version__, ptxas=ptxas_version(),
         command=" ".join(["TRITON_INTERPRET=0 python benchmarks/compile_report.py", *(argv or sys.argv[1:])]),
         rank=args.rank, tokens=TOKENS, targets={k: vars(aot.TARGETS[k]) for k in targets},
-        switches={k: getattr(ll, k) for k in ("SWAP_FWD", "SWAP_BWD", "BWD_DX", "SKINNY", "ACT8_DX")},
+        switches=DEFAULTS,  # the lora_linear switches in effect (LOWVRAM_DOPSD_LORA_*)
     )
     merged = merge(rows)
     os.makedirs(args.out, exist_ok=True)

@@ -122,6 +122,13 @@ ACT8_DX = os.environ.get("LOWVRAM_DOPSD_LORA_ACT8_DX", "transposed")
 _ACT8_DX_MODES = ("transposed", "direct")
 # The two skinny LoRA GEMMs t = x·Aᵀ and u = dy·B: "cublas" (torch.mm) or "triton" (our kernel).
 SKINNY = os.environ.get("LOWVRAM_DOPSD_LORA_SKINNY", "cublas")
+_SKINNY_MODES = ("cublas", "triton")
+
+
+def _check_switch(name: str, value: str, modes: Tuple[str, ...]) -> None:
+    """Refuse an unknown value of a module switch above (set from LOWVRAM_DOPSD_LORA_<name>)."""
+    if value not in modes:
+        raise ValueError(f"LOWVRAM_DOPSD_LORA_{name}={value!r}: use one of {', '.join(modes)}")
 
 
 # =============================================================================================
@@ -649,8 +656,7 @@ def _skinny(a: torch.Tensor, lora: torch.Tensor, transpose_b: bool, compute) -> 
     skinny kernel (kernels-h100.md run 6), but each Triton launch costs ~100 µs of Python on the
     host (profiled on the H100 machine's CPU) against ~10-40 µs for a torch op; SKINNY = "triton"
     keeps them on our kernel."""
-    if SKINNY not in ("cublas", "triton"):
-        raise ValueError(f"LOWVRAM_DOPSD_LORA_SKINNY={SKINNY!r}: use cublas or triton")
+    _check_switch("SKINNY", SKINNY, _SKINNY_MODES)
     if SKINNY == "cublas":
         b = lora.to(a.dtype)
         return torch.mm(a, b.t() if transpose_b else b)
@@ -729,10 +735,9 @@ def lora_linear_backward(
     M, K = x2d.shape
     N, r = w_q.shape[0], lora_A.shape[0]
     swap = SWAP_BWD if swap is None else swap
-    if BWD_DX not in _BWD_DX_MODES:
-        raise ValueError(f"LOWVRAM_DOPSD_LORA_BWD_DX={BWD_DX!r}: use one of {', '.join(_BWD_DX_MODES)}")
-    if act8 and ACT8_DX not in _ACT8_DX_MODES:
-        raise ValueError(f"LOWVRAM_DOPSD_LORA_ACT8_DX={ACT8_DX!r}: use one of {', '.join(_ACT8_DX_MODES)}")
+    _check_switch("BWD_DX", BWD_DX, _BWD_DX_MODES)
+    if act8:
+        _check_switch("ACT8_DX", ACT8_DX, _ACT8_DX_MODES)
     dev = dy.device
     comp = _compute(x2d.dtype)
     dx = dA = dB = None
