@@ -192,6 +192,15 @@ def ours_breakdown(x, dy, w_q, w_s, A, B, s, act8=False):
         return dict(fwd=fwd, bwd=t_all)
 
 
+def _same_as_another(v, variants_, act8: bool) -> bool:
+    """Whether variant ``v`` only changes ACT8_DX relative to another requested variant, for a method
+    without int8 activations (ACT8_DX does nothing there: the row would repeat the other one)."""
+    if act8 or v is None or "ACT8_DX" not in VARIANTS[v]:
+        return False
+    rest = {k: x for k, x in VARIANTS[v].items() if k != "ACT8_DX"}
+    return any(u != v and u is not None and VARIANTS[u] == rest for u in variants_)
+
+
 def bench_lora(shapes, methods, rank, alpha, variants_, log, breakdown=False):
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -209,6 +218,8 @@ def bench_lora(shapes, methods, rank, alpha, variants_, log, breakdown=False):
             for m in methods:
                 if m.startswith("ours"):
                     for v in variants_:
+                        if _same_as_another(v, variants_, act8=m.endswith("-act8")):
+                            continue
                         variants.append((m if v is None else f"{m}[{v}]", m, v))
                 else:
                     variants.append((m, m, None))

@@ -52,7 +52,7 @@ FORMAT = 2
 # match, or the resumed run would not be the run that was stopped. `model`, `images`, `caption`,
 # `trigger` and `teacher_encoder` are checked through the identities instead (a moved folder is fine).
 HARMLESS = {
-    "steps", "save_every", "keep_checkpoints", "log_every", "output", "cache_dir", "device", "encoders_on",
+    "steps", "save_every", "keep_checkpoints", "output", "cache_dir", "device", "encoders_on",
     "kernels", "grad_checkpointing", "on_bad_image", "preview_every", "preview_prompts", "preview_seed",
     "preview_teacher", "model", "images", "caption", "trigger", "teacher_encoder",
 }

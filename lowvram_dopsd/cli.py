@@ -1,20 +1,22 @@
-"""Command line: `lowvram-dopsd train | demo | plan | presets | sample | export`.
+"""Command line: `lowvram-dopsd train | demo | plan | presets | settings | sample | export`.
 
     lowvram-dopsd train --preset 16gb --images ./my_dog
     lowvram-dopsd train --preset 16gb --images ./my_dog --resume        # continue the run in --output
     lowvram-dopsd demo          # tiny Z-Image model + bundled images, on the CPU, about a minute
+    lowvram-dopsd settings --preset 16gb --rank 32                      # every setting, its value, what it does
     lowvram-dopsd sample --lora out --prompt "sks dog on the moon"      # stock diffusers pipeline
     lowvram-dopsd export --format comfyui out                           # ComfyUI key layout
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
-from .config import field_names, load_config, preset_names, read_preset
+from .config import LIST_SEPARATORS, TrainConfig, field_names, load_config, preset_names, read_preset
 from .errors import UserError
 
 # flag -> config key, for the settings people change most; everything else via --set key=value
@@ -28,13 +30,28 @@ FLAGS = {
     "--seed": "seed", "--cache-dir": "cache_dir", "--save-every": "save_every", "--kernels": "kernels",
     "--act-quant": "act_quant",
 }
+SETTINGS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+SETTINGS_NOTE = ("Defaults shown are the built-in ones; a preset replaces some of them. "
+                 "`lowvram-dopsd settings --preset NAME [flags]` lists every setting with the value it will have.")
+
+
+def _flag_help(key: str) -> tuple[str, str]:
+    """(metavar, help) of a setting's flag, from the setting's own documentation (config.py)."""
+    f = SETTINGS[key]
+    choices = f.metadata["choices"]
+    metavar = "{" + ",".join(c or "''" for c in choices) + "}" if choices else key.upper()
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return metavar, f"{f.metadata['help']} (default: {default!r})"
 
 
 def _add_train_flags(p: argparse.ArgumentParser, preset_default: str | None, resume: bool = True) -> None:
     p.add_argument("--preset", default=preset_default,
                    help=f"shipped preset ({', '.join(preset_names())}) or a .toml file with the same keys")
     for flag, key in FLAGS.items():
-        p.add_argument(flag, dest=key, default=None, metavar=key.upper())
+        metavar, help_ = _flag_help(key)
+        p.add_argument(flag, dest=key, default=None, metavar=metavar, help=help_)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. --set warmup_steps=50 (repeatable)")
     if resume:
@@ -129,6 +146,47 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_typed(name: str, value) -> str:
+    """A setting's value as it is typed after --set (lists comma- or |-separated; '' for empty)."""
+    if isinstance(value, list):
+        value = LIST_SEPARATORS.get(name, ",").join(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else "''"
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Every setting, grouped, with the value this preset and command line give it and what it does."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    cfg, builtin = load_config(args.preset, _overrides(args)), TrainConfig()
+    flag_of = {key: flag for flag, key in FLAGS.items()}
+    console, table = Console(highlight=False), None
+    for name, f in SETTINGS.items():
+        if f.metadata["section"]:  # one table per group of settings
+            if table is not None:
+                console.print(table)
+            table = Table(title=f"[bold]{escape(f.metadata['section'])}[/]", title_justify="left", box=None,
+                          show_header=False, pad_edge=False)
+            table.add_column(style="cyan", no_wrap=True, min_width=2 + max(map(len, SETTINGS)))
+            table.add_column(overflow="fold", width=25)  # the same columns in every group
+            table.add_column()
+        value = getattr(cfg, name)
+        shown = escape(_as_typed(name, value))
+        if value != getattr(builtin, name):
+            shown = f"[bold yellow]{shown}[/]"
+        choices, flag = f.metadata["choices"], flag_of.get(name)
+        what = (escape(f.metadata["help"]) + (f" [dim]({escape(', '.join(map(repr, choices)))})[/]" if choices else "")
+                + (f" [dim]{flag}[/]" if flag else ""))
+        table.add_row(f"  {name}", shown, what)
+    console.print(table)
+    console.print(f"Values in yellow come from the preset ({args.preset or 'none'}) or the command line. Flags "
+                  "set the common settings; --set key=value sets any of them.", style="dim")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Where the GPU memory of a training step goes, from the model's config alone (plan.py)."""
     from . import plan
@@ -166,7 +224,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowvram-dopsd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a D-OPSD LoRA on a folder of images")
+    p = sub.add_parser("train", help="train a D-OPSD LoRA on a folder of images", description=SETTINGS_NOTE)
     _add_train_flags(p, preset_default=None)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="train on the embedded tiny model and bundled images (CPU, ~1 min)")
@@ -183,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)
+    p = sub.add_parser("settings", help="every setting, its value under a preset and your flags, and what it does",
+                       description=SETTINGS_NOTE)
+    _add_train_flags(p, preset_default=None, resume=False)
+    p.set_defaults(func=cmd_settings)
 
     p = sub.add_parser("sample", help="generate with a trained LoRA through the stock diffusers pipeline")
     p.add_argument("--lora", required=True, help="training output folder, checkpoint folder or .safetensors file")

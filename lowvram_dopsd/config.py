@@ -23,62 +23,93 @@ DEFAULT_EDIT_INSTRUCTION = ("Make the main subject (facial/ip details), backgrou
                             "consistent with the reference image.")
 
 
+def setting(default: Any, help: str, choices: tuple[str, ...] = (), section: str = "") -> Any:
+    """A TrainConfig field with its one-line help (shown by `train --help` and `lowvram-dopsd settings`),
+    the values a string setting may take (checked by `validate`), and, on the first field of a group,
+    the group's title."""
+    meta = {"help": help, "choices": choices, "section": section}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    # --- what to train on
-    model: str = DEFAULT_MODEL          # HF repo id or local diffusers folder
-    images: str = ""                    # folder of images (+ optional same-stem .txt captions)
-    caption: str = ""                   # caption for images without a .txt ("" = use the trigger alone)
-    trigger: str = ""                   # word prepended to every caption (if not already in it)
-    output: str = "out"
-    # --- the method (paper §2.2 / Appendix D)
-    teacher: str = ""                   # "vlm" | "edit"; "" = the family's default
-    teacher_encoder: str = DEFAULT_TEACHER_VLM  # Qwen3-VL folder or id, for the vlm teacher
-    edit_instruction: str = DEFAULT_EDIT_INSTRUCTION  # appended to the caption for the edit teacher (klein)
-    loss: str = "x0"                    # "velocity" (paper eq. 6) | "x0" (authors' code)
-    rollout_steps: int = 0              # 0 = the family's own few-step count (Z-Image 8, klein 4)
-    train_states: int = 0               # visited states trained per roll-out; 0 = all
-    ema_decay: float = 0.9999
-    # --- LoRA and optimisation (paper: r64 / a128 / batch 4 / lr 4e-5 Z-Image, 1e-5 klein)
-    rank: int = 64
-    alpha: float = 128.0
-    lora_targets: list[str] = field(default_factory=list)  # [] = the family's default
-    lr: float = 0.0                     # 0 = the family's paper learning rate
-    batch_size: int = 4                 # total batch per optimizer step
-    micro_batch: int = 1                # roll-outs per forward; batch_size / micro_batch = accumulation
-    steps: int = 1000
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"            # "adamw" | "adamw8bit"
-    seed: int = 0
-    # --- resolution and precision
-    resolution: int = 1024              # training area is resolution², aspect kept per image (buckets)
-    dtype: str = "bf16"                 # "bf16" | "fp16" | "fp32" compute dtype of the frozen base
-    quant: str = "none"                 # "none" | "qint8" | "qfloat8" (optimum-quanto) | "bnb-int8" (quant.py)
-    act_quant: str = "off"              # "int8": the 8-bit base's GEMMs on per-token int8 activations
-                                        # (quant = "qint8" only; int8 tensor cores; docs/kernels.md)
-    grad_checkpointing: bool = True
-    kernels: str = "auto"               # "auto": Triton kernels (loss, fused 8-bit LoRA linear) on CUDA;
-                                        # "on": force them (CPU: TRITON_INTERPRET=1); "off": plain torch
-    device: str = "auto"                # "auto" | "cuda" | "cpu"
-    encoders_on: str = "auto"           # "auto" (= device) | "cpu" | "cuda": where precompute runs
-    # --- encoders (Z-Image pipeline: 512 tokens; authors' VLM: 1024 tokens, 512-768 px images)
-    max_sequence_length: int = 512
-    teacher_max_sequence_length: int = 1024
-    vlm_min_pixels: int = 512 * 512
-    vlm_max_pixels: int = 768 * 768
-    cache_dir: str = ""                 # "" = ~/.cache/lowvram-dopsd/features
-    # --- bookkeeping
-    save_every: int = 250               # checkpoint (resumable) every N steps, and at the end / on Ctrl-C
-    keep_checkpoints: int = 3           # keep the last K checkpoints (0 = keep all)
-    log_every: int = 1
-    on_bad_image: str = "skip"          # "skip" (warn and list) | "stop": unreadable or too-small images
-    # --- previews (0 = off): a grid of few-step samples before training, every N steps and at the end
-    preview_every: int = 0
-    preview_prompts: list[str] = field(default_factory=list)  # [] = two training captions + two new scenes
-    preview_seed: int = 1000            # image i of a grid uses seed preview_seed + i (= `sample --seed`)
-    preview_teacher: bool = False       # add the EMA teacher's sample (teacher condition) for training captions
+    model: str = setting(DEFAULT_MODEL, "Hugging Face id or local diffusers folder of the base model "
+                         "(Z-Image-Turbo, FLUX.2-klein)", section="What to train on")
+    images: str = setting("", "folder of training images (.jpg/.png/.webp), each with an optional same-name "
+                          ".txt caption")
+    caption: str = setting("", "caption for images without a .txt ('' = the trigger alone)")
+    trigger: str = setting("", "word(s) naming your subject or style: put in front of every caption that lacks "
+                           "them; a '[trigger]' placeholder in a caption is replaced")
+    output: str = setting("out", "folder for the LoRA, checkpoints, previews and metrics.jsonl")
+
+    teacher: str = setting("", "teacher condition: 'vlm' (caption + your photo, read by Qwen3-VL) or 'edit' "
+                           "(klein's reference-image branch); '' = the model's default",
+                           choices=("", "vlm", "edit"), section="The method (paper §2.2, Appendix D)")
+    teacher_encoder: str = setting(DEFAULT_TEACHER_VLM, "Qwen3-VL-4B-Instruct folder or id, for the vlm teacher")
+    edit_instruction: str = setting(DEFAULT_EDIT_INSTRUCTION, "appended to the caption for klein's edit teacher "
+                                    "(default: the authors' instruction)")
+    loss: str = setting("x0", "'x0' (the authors' code: the velocity error weighted by sigma², early steps "
+                        "weigh more) or 'velocity' (paper eq. 6)", choices=("velocity", "x0"))
+    rollout_steps: int = setting(0, "steps of each student roll-out; 0 = the model's own (Z-Image 8, klein 4)")
+    train_states: int = setting(0, "visited states trained per roll-out, chosen at random; 0 = all of them")
+    ema_decay: float = setting(0.9999, "EMA decay of the teacher's LoRA (paper: 0.9999)")
+
+    rank: int = setting(64, "LoRA rank (paper: 64)", section="LoRA and optimisation (paper: rank 64, alpha "
+                        "128, batch 4, lr 4e-5 Z-Image / 1e-5 klein)")
+    alpha: float = setting(128.0, "LoRA alpha: the update is scaled by alpha / rank")
+    lora_targets: list[str] = setting([], "module names that get a LoRA (comma-separated on the command line); "
+                                      "[] = the model's attention and feed-forward linears")
+    lr: float = setting(0.0, "learning rate; 0 = the paper's for the model (Z-Image 4e-5, klein 1e-5)")
+    batch_size: int = setting(4, "roll-outs per optimizer step")
+    micro_batch: int = setting(1, "roll-outs per forward pass; batch_size / micro_batch are accumulated")
+    steps: int = setting(1000, "optimizer steps to train")
+    warmup_steps: int = setting(0, "linear learning-rate warm-up steps (0 = none)")
+    max_grad_norm: float = setting(1.0, "gradient-norm clip (0 = no clipping)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    optimizer: str = setting("adamw", "'adamw' (torch) or 'adamw8bit' (bitsandbytes: 8-bit moments, a "
+                             "quarter of the optimizer memory)", choices=("adamw", "adamw8bit"))
+    seed: int = setting(0, "seed of the noise, the item order and the LoRA initialisation")
+
+    resolution: int = setting(1024, "training area is resolution², each image keeping its aspect ratio "
+                              "(buckets); a multiple of 16", section="Resolution and precision")
+    dtype: str = setting("bf16", "compute dtype of the frozen base", choices=("bf16", "fp16", "fp32"))
+    quant: str = setting("none", "frozen base in 8 bits, shared by student and teacher: 'qint8' / 'qfloat8' "
+                         "(optimum-quanto), 'bnb-int8' (bitsandbytes), 'none' (bf16)",
+                         choices=("none", "qint8", "qfloat8", "bnb-int8"))
+    act_quant: str = setting("off", "'int8': the 8-bit base's matmuls also quantise their activations per "
+                             "token (int8 tensor cores; quant = 'qint8' only; docs/kernels.md)",
+                             choices=("off", "int8"))
+    grad_checkpointing: bool = setting(True, "recompute each block's activations in the backward pass: "
+                                       "far less memory, about 1/3 more compute in the trained passes")
+    kernels: str = setting("auto", "Triton kernels (D-OPSD loss, fused 8-bit LoRA linear): 'auto' = on CUDA, "
+                           "'on' = force (CPU: TRITON_INTERPRET=1), 'off' = plain torch",
+                           choices=("auto", "on", "off"))
+    device: str = setting("auto", "where training runs ('auto': CUDA if available)", choices=("auto", "cuda", "cpu"))
+    encoders_on: str = setting("auto", "where the text encoder and VLM compute the conditions ('auto' = device)",
+                               choices=("auto", "cpu", "cuda"))
+
+    max_sequence_length: int = setting(512, "text tokens of the student's caption (the pipeline's default, 512)",
+                                       section="Encoders")
+    teacher_max_sequence_length: int = setting(1024, "tokens of the vlm teacher's condition, image "
+                                               "tokens included (the authors': 1024)")
+    vlm_min_pixels: int = setting(512 * 512, "the VLM reads your photo resized to at least this many pixels")
+    vlm_max_pixels: int = setting(768 * 768, "the VLM reads your photo resized to at most this many pixels")
+    cache_dir: str = setting("", "cache of computed conditions ('' = ~/.cache/lowvram-dopsd/features)")
+
+    save_every: int = setting(250, "write a resumable checkpoint every N steps (and at the end and on Ctrl-C)",
+                              section="Checkpoints and input checks")
+    keep_checkpoints: int = setting(3, "keep the last K checkpoints (0 = keep all)")
+    on_bad_image: str = setting("skip", "unreadable or too-small images: 'skip' (listed at the start) or 'stop'",
+                                choices=("skip", "stop"))
+
+    preview_every: int = setting(0, "sample a preview grid before training, every N steps and at the end "
+                                 "(0 = off)", section="Previews")
+    preview_prompts: list[str] = setting([], "preview prompts ('|'-separated on the command line); [] = two "
+                                         "training captions and two new scenes with the trigger")
+    preview_seed: int = setting(1000, "image i of a grid uses seed preview_seed + i (as `sample --seed`)")
+    preview_teacher: bool = setting(False, "add a row of the EMA teacher's samples, reading your photo")
 
     def resolved_lr(self, family_default: float) -> float:
         return self.lr if self.lr > 0 else family_default
@@ -91,18 +122,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "teacher": ("", "vlm", "edit"),
-    "loss": ("velocity", "x0"),
-    "optimizer": ("adamw", "adamw8bit"),
-    "dtype": ("bf16", "fp16", "fp32"),
-    "quant": ("none", "qint8", "qfloat8", "bnb-int8"),
-    "kernels": ("auto", "on", "off"),
-    "act_quant": ("off", "int8"),
-    "device": ("auto", "cuda", "cpu"),
-    "encoders_on": ("auto", "cpu", "cuda"),
-    "on_bad_image": ("skip", "stop"),
-}
+# the values each string setting may take (its `choices`), e.g. CHOICES["quant"]
+CHOICES = {f.name: f.metadata["choices"] for f in fields(TrainConfig) if f.metadata["choices"]}
 
 
 LIST_SEPARATORS = {"preview_prompts": "|"}
@@ -115,9 +136,11 @@ def field_names() -> list[str]:
 def _unknown_key(key: str, where: str) -> UserError:
     valid = field_names()
     close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    docs = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+    hint = f" Did you mean '{close[0]}' ({docs[close[0]]})?" if close else ""
     return UserError(
-        f"Unknown setting '{key}' in {where}.{hint} Valid settings are: {', '.join(valid)}."
+        f"Unknown setting '{key}' in {where}.{hint} Valid settings are: {', '.join(valid)} "
+        "(`lowvram-dopsd settings` says what each one does)."
     )
 
 
@@ -166,7 +189,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if value not in allowed:
             shown = ", ".join(repr(a) for a in allowed if a)
             raise UserError(f"Setting '{name}' is {value!r}; it must be one of {shown}.")
-    positive = ("rank", "batch_size", "micro_batch", "steps", "resolution", "save_every", "log_every",
+    positive = ("rank", "batch_size", "micro_batch", "steps", "resolution", "save_every",
                 "max_sequence_length", "teacher_max_sequence_length")
     for name in positive:
         if getattr(cfg, name) <= 0:

@@ -81,3 +81,38 @@ def test_a_caption_the_pipeline_would_cut_is_warned_before_training(tmp_path, ti
     out = " ".join((cap.out + cap.err).split())  # rich wraps long lines
     assert code == 0 and "1 of 6 caption prompts" in out, out
     assert "longer than max_sequence_length = 64" in out and first.with_suffix(".png").name in out
+
+
+def test_train_help_documents_each_flag_from_its_setting(capsys):
+    import dataclasses
+
+    import pytest
+
+    from lowvram_dopsd.cli import FLAGS
+    from lowvram_dopsd.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    docs = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    for flag, key in FLAGS.items():
+        assert " ".join(docs[key]["help"].split()[:4]) in out, flag
+        if docs[key]["choices"]:
+            assert f"{flag} {{" + ",".join(c or "''" for c in docs[key]["choices"]) + "}" in out
+    assert "(default: 'x0')" in out and "lowvram-dopsd settings" in out
+
+
+def test_settings_lists_every_setting_with_its_resolved_value(capsys, monkeypatch):
+    import dataclasses
+
+    from lowvram_dopsd.config import TrainConfig
+
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["settings", "--preset", "16gb", "--rank", "32", "--set", "preview_prompts=a dog|a cat, running"]) == 0
+    out = capsys.readouterr().out
+    # a setting's row starts with two spaces and its name; wrapped text is indented further
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line[2] != " "}
+    assert set(rows) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert rows["quant"].split()[1] == "qint8" and rows["rank"].split()[1] == "32"  # preset, then flag
+    assert "a dog|a cat, running" in rows["preview_prompts"] and "--rank" in rows["rank"]
+    assert main(["settings", "--preset", "16gb", "--set", "rnak=3"]) == 2  # same checks as train

@@ -67,3 +67,39 @@ def test_int8_activations_need_an_int8_base():
             load_config("16gb", {"act_quant": "int8", "quant": quant})
     with pytest.raises(UserError, match="act_quant"):
         load_config("16gb", {"act_quant": "fp4"})
+
+
+def test_every_setting_is_documented_and_grouped():
+    from dataclasses import fields
+
+    fs = fields(TrainConfig)
+    assert fs[0].metadata["section"], "the first setting opens a group"
+    for f in fs:
+        assert len(f.metadata["help"]) > 10, f"{f.name} has no help text"
+
+
+def test_choices_are_the_settings_own_and_validated():
+    from dataclasses import fields
+
+    from lowvram_dopsd.config import CHOICES
+
+    assert CHOICES["quant"] == ("none", "qint8", "qfloat8", "bnb-int8") and "rank" not in CHOICES
+    for f in fields(TrainConfig):
+        if f.metadata["choices"]:
+            assert getattr(TrainConfig(), f.name) in f.metadata["choices"]  # the default is a valid value
+            with pytest.raises(UserError, match=f"'{f.name}' is 'bogus'; it must be one of"):
+                load_config(None, {f.name: "bogus"})
+
+
+def test_every_setting_is_read_by_the_trainer():
+    """A setting nothing reads (log_every was one) would let a user change a value that does nothing."""
+    import re
+    from dataclasses import fields
+    from pathlib import Path
+
+    import lowvram_dopsd
+
+    pkg = Path(lowvram_dopsd.__file__).parent
+    src = "\n".join(p.read_text(encoding="utf-8") for p in pkg.rglob("*.py") if p.name != "config.py")
+    unread = [f.name for f in fields(TrainConfig) if not re.search(rf"\bcfg\.{f.name}\b", src)]
+    assert unread == []
