@@ -167,3 +167,11 @@ def test_fused_linear_dispatch(monkeypatch):
     monkeypatch.delenv("LOWVRAM_DOPSD_KERNELS")
     with kernels_mode("auto"):
         assert not use_fused_linear(cuda)
+
+
+def test_act_quant_values_are_the_kernels():
+    """config.py names the values without importing the kernels (the CLI starts without torch)."""
+    from lowvram_dopsd.config import CHOICES
+    from lowvram_dopsd.kernels.lora_linear import ACT_QUANT
+
+    assert CHOICES["act_quant"] == ACT_QUANT
