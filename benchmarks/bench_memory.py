@@ -251,6 +251,9 @@ def run_child(name: str, args) -> dict:
     if cfg.kernels != "auto":  # one child process per config: the switch can stay set
         os.environ["LOWVRAM_DOPSD_KERNELS"] = cfg.kernels
     res["fused_layers"] = route_fused_linears(lora, cfg, device)  # as train.py
+    if cfg.teacher_ema_on == "cpu":  # as train.py (the 12gb preset)
+        lora.keep_teacher_ema_on_cpu(dtype)
+    res["teacher_ema_on"] = cfg.teacher_ema_on
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, cfg.resolved_lr(1e-5))
     sigmas = family.sigmas(cfg.resolution, cfg.resolution, steps)

@@ -54,9 +54,9 @@ FORMAT = 2
 HARMLESS = {
     "steps", "save_every", "keep_checkpoints", "output", "cache_dir", "device", "encoders_on",
     "kernels", "grad_checkpointing", "on_bad_image", "preview_every", "preview_prompts", "preview_seed",
-    "preview_teacher", "model", "images", "caption", "trigger", "teacher_encoder",
+    "preview_teacher", "model", "images", "caption", "trigger", "teacher_encoder", "teacher_ema_on",
 }
-NUMERIC_ONLY = {"device", "kernels"}  # harmless for the method, but results are no longer bit-identical
+NUMERIC_ONLY = {"device", "kernels", "teacher_ema_on"}  # harmless for the method, but results are no longer bit-identical
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,9 @@ class DualLoRA:
 
     def __init__(self, model: nn.Module, layers: dict[str, DualLoRALinear], switch: _Switch):
         self.model, self.layers, self.switch = model, layers, switch
+        # teacher_ema_on = "cpu": the EMA state (fp32, A and B of every layer in order) in host RAM;
+        # the layers then hold a copy in the compute dtype. None: the layers' buffers are the state.
+        self.teacher_master: list[torch.Tensor] | None = None
 
     @classmethod
     def attach(cls, model: nn.Module, targets: tuple[str, ...] | list[str], rank: int, alpha: float) -> "DualLoRA":
@@ -123,6 +126,30 @@ class DualLoRA:
             n += layer.fused
         return n
 
+    def keep_teacher_ema_on_cpu(self, dtype: torch.dtype) -> None:
+        """Move the EMA teacher's fp32 weights (the EMA state) to host RAM and leave the layers a copy
+        in `dtype`, the compute dtype. The teacher passes read nothing else, and both LoRA paths
+        cast A and B to the activations' dtype anyway, so they compute exactly what they did: a bf16
+        copy halves the teacher's GPU memory (0.30 GiB for Z-Image at rank 64). The EMA update then
+        runs on the CPU (lowvram_dopsd.plan counts it)."""
+        pin = next(iter(self.layers.values())).teacher_A.is_cuda
+        master = []
+        for layer in self.layers.values():
+            for name in ("teacher_A", "teacher_B"):
+                t = getattr(layer, name)
+                m = t.detach().to("cpu", torch.float32, copy=True)
+                master.append(m.pin_memory() if pin else m)
+                setattr(layer, name, t.to(dtype))  # replaces the registered buffer
+        self.teacher_master = master
+
+    def _teacher_buffers(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers.values() for t in (layer.teacher_A, layer.teacher_B)]
+
+    @torch.no_grad()
+    def _sync_teacher_copy(self) -> None:
+        for buf, m in zip(self._teacher_buffers(), self.teacher_master):
+            buf.copy_(m)  # host -> device, cast to the copy's dtype; blocking: the next update rewrites m
+
     # ----- which set is active
     @contextmanager
     def use(self, role: str | None) -> Iterator[None]:
@@ -139,9 +166,11 @@ class DualLoRA:
 
     def tensors(self, role: str) -> dict[str, torch.Tensor]:
         """Name -> tensor for one set, names relative to the transformer (`<module>.lora_A.weight`)."""
+        pairs = [layer.pair(role) for layer in self.layers.values()]
+        if role == "teacher" and self.teacher_master is not None:  # the fp32 EMA state, not the copy
+            pairs = list(zip(self.teacher_master[0::2], self.teacher_master[1::2]))
         out = {}
-        for name, layer in self.layers.items():
-            A, B = layer.pair(role)
+        for name, (A, B) in zip(self.layers, pairs):
             out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = A, B
         return out
 
@@ -160,22 +189,28 @@ class DualLoRA:
                 raise UserError(f"LoRA tensor {k} has shape {tuple(tensors[k].shape)}, expected {tuple(t.shape)} "
                                 "(different rank?).")
             t.copy_(tensors[k])
+        if role == "teacher" and self.teacher_master is not None:
+            self._sync_teacher_copy()
 
     @torch.no_grad()
     def ema_update(self, decay: float) -> None:
         """teacher <- decay * teacher + (1 - decay) * student, on the LoRA weights only."""
-        teacher, student = [], []
-        for layer in self.layers.values():
-            teacher += [layer.teacher_A, layer.teacher_B]
-            student += [layer.student_A.detach(), layer.student_B.detach()]
+        student = [p.detach() for p in self.student_parameters()]
+        if self.teacher_master is None:
+            teacher = self._teacher_buffers()
+        else:  # on the CPU: the student comes down (fp32), the new teacher copy goes back up
+            teacher, student = self.teacher_master, [p.to("cpu") for p in student]
         torch._foreach_mul_(teacher, decay)
         torch._foreach_add_(teacher, student, alpha=1.0 - decay)
+        if self.teacher_master is not None:
+            self._sync_teacher_copy()
 
     @torch.no_grad()
     def copy_student_to_teacher(self) -> None:
-        for layer in self.layers.values():
-            layer.teacher_A.copy_(layer.student_A)
-            layer.teacher_B.copy_(layer.student_B)
+        for t, p in zip(self.teacher_master or self._teacher_buffers(), self.student_parameters()):
+            t.copy_(p)
+        if self.teacher_master is not None:
+            self._sync_teacher_copy()
 
     @property
     def rank(self) -> int:

@@ -11,6 +11,7 @@ The public ids we support are planned before anything is downloaded, from the co
 The prediction, for batch 1 (one roll-out per forward, as the trainer runs it):
 
     peak = frozen base + LoRA (student + EMA teacher, fp32) + LoRA grads (fp32) + optimizer state
+         (teacher_ema_on = "cpu": the EMA teacher is a bf16 copy, its fp32 state in host RAM)
          + activations of the worst phase + workspace
 
 Activations (tokens T = image tokens (H/16)(W/16) + text tokens, both padded as the pipeline pads):
@@ -337,7 +338,7 @@ def optimizer_bytes(n: int, optimizer: str) -> float:
 def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = None,
               calibration: dict[str, float] | None = None, budget_gib: float | None = None) -> Plan:
     """`settings`: resolution (or height/width), rank, quant, optimizer, grad_checkpointing,
-    max_sequence_length, teacher_max_sequence_length, teacher (all as in TrainConfig), and
+    max_sequence_length, teacher_max_sequence_length, teacher, teacher_ema_on (all as in TrainConfig), and
     fused_linear (the 8-bit layers run on the fused Triton kernel; default False: quanto)."""
     cal = {**CALIBRATION, **(calibration or {})}
     mc = mc or resolve_model(model)
@@ -362,7 +363,10 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
                     kept_bytes))
     rows.append(Row("LoRA student (fp32)", f"{c.lora / 1e6:.1f}M params, rank {s['rank']}, {c.lora_layers} layers",
                     4 * c.lora))
-    rows.append(Row("LoRA EMA teacher (fp32)", "same shapes, a buffer", 4 * c.lora))
+    if s.get("teacher_ema_on", "device") == "cpu":  # the fp32 EMA in host RAM, a bf16 copy on the GPU
+        rows.append(Row("LoRA EMA teacher (bf16 copy)", "its fp32 EMA state in host RAM", 2 * c.lora))
+    else:
+        rows.append(Row("LoRA EMA teacher (fp32)", "same shapes, a buffer", 4 * c.lora))
     rows.append(Row("LoRA gradients (fp32)", "kept across the roll-out's per-step backwards", 4 * c.lora))
     rows.append(Row("optimizer state", s["optimizer"], optimizer_bytes(c.lora, s["optimizer"])))
     static = sum(r.bytes for r in rows)
@@ -417,7 +421,7 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
         rows.append(Row("(activations without checkpointing)", "for comparison", no_ckpt + bwd, in_peak=False))
     peak = static + activation + work
     settings_out = {**{k: s[k] for k in ("rank", "quant", "optimizer", "grad_checkpointing", "max_sequence_length",
-                                         "teacher_max_sequence_length") if k in s},
+                                         "teacher_max_sequence_length", "teacher_ema_on") if k in s},
                     "height": height, "width": width, "teacher": teacher}
     return Plan(model, mc.source, arch, settings_out, c, tok, rows, peak, no_ckpt + bwd, phase, budget_gib)
 
@@ -444,6 +448,8 @@ def suggest(model: str, settings: dict[str, Any], budget_gib: float, mc: ModelCo
         steps.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
     if not s.get("grad_checkpointing", True):
         steps.append(("--set grad_checkpointing=true", {"grad_checkpointing": True}))
+    if s.get("teacher_ema_on", "device") != "cpu":  # same math; the EMA update moves to the CPU
+        steps.append(("--set teacher_ema_on=cpu", {"teacher_ema_on": "cpu"}))
     res = int(s.get("resolution") or 1024)
     for r in (896, 768, 640, 512):
         if r < res:
@@ -451,13 +457,13 @@ def suggest(model: str, settings: dict[str, Any], budget_gib: float, mc: ModelCo
     for rank in (32, 16):
         if rank < int(s["rank"]):
             steps.append((f"--rank {rank}", {"rank": rank}))
-    applied = []
+    applied: dict[str, str] = {}  # setting -> its flag: a later --resolution replaces an earlier one
     for flag, change in steps:
         s.update(change)
-        applied.append(flag)
+        applied[next(iter(change))] = flag
         p = make_plan(model, s, mc, budget_gib=budget_gib)
         if p.fits():
-            out.append((" ".join(applied), p))
+            out.append((" ".join(applied.values()), p))
             break
     # single changes that fit on their own are often nicer than the cumulative list
     for flag, change in steps:
@@ -476,6 +482,7 @@ def _settings(cfg) -> dict[str, Any]:
     return {"resolution": cfg.resolution, "rank": cfg.rank, "quant": cfg.quant, "optimizer": cfg.optimizer,
             "grad_checkpointing": cfg.grad_checkpointing, "max_sequence_length": cfg.max_sequence_length,
             "teacher_max_sequence_length": cfg.teacher_max_sequence_length, "teacher": cfg.teacher,
+            "teacher_ema_on": cfg.teacher_ema_on,
             "lora_targets": list(cfg.lora_targets), "fused_linear": fused_linear_planned(cfg.kernels, cfg.quant) or cfg.act_quant != "off"}
 
 

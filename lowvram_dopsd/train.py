@@ -331,7 +331,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
                 f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
         "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}"
                    + (" with int8 activations" if cfg.act_quant == "int8" else "")
-                   + f", checkpointing {cfg.grad_checkpointing}",
+                   + f", checkpointing {cfg.grad_checkpointing}"
+                   + (", EMA teacher in host RAM" if cfg.teacher_ema_on == "cpu" else ""),
         "output": str(out_dir) + (f" (resuming {ckpt.path.name})" if ckpt else ""),
     })
     for path, why in ds.skipped:
@@ -361,6 +362,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         model = family.load_transformer(cfg, device, dtype)
         lora = DualLoRA.attach(model, tuple(cfg.lora_targets) or family.lora_targets, cfg.rank, cfg.alpha)
     fused = route_fused_linears(lora, cfg, device)
+    if cfg.teacher_ema_on == "cpu":
+        lora.keep_teacher_ema_on_cpu(dtype)
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, lr)
     warmup = max(cfg.warmup_steps, 0)

@@ -75,3 +75,39 @@ def test_teacher_gets_no_gradient_and_load_roundtrip():
     saved = {k: v.clone() + 1 for k, v in lora.tensors("student").items()}
     lora.load("teacher", saved)
     assert all(torch.equal(lora.tensors("teacher")[k], saved[k]) for k in saved)
+
+
+def test_teacher_ema_on_cpu_is_the_same_ema_with_a_compute_dtype_copy():
+    torch.manual_seed(0)
+    models = [Toy(), Toy()]
+    models[1].load_state_dict(models[0].state_dict())
+    torch.manual_seed(1)
+    here = DualLoRA.attach(models[0], ["to_q", "other"], rank=3, alpha=3.0)
+    torch.manual_seed(1)
+    away = DualLoRA.attach(models[1], ["to_q", "other"], rank=3, alpha=3.0)
+    away.keep_teacher_ema_on_cpu(torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in away._teacher_buffers())
+    assert all(t.dtype == torch.float32 for t in away.tensors("teacher").values())
+    for step in range(3):
+        with torch.no_grad():
+            for a, b in zip(here.student_parameters(), away.student_parameters()):
+                a.add_(torch.randn_like(a))
+                b.copy_(a)
+        here.ema_update(0.9)
+        away.ema_update(0.9)
+    mine, theirs = here.tensors("teacher"), away.tensors("teacher")
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)  # the fp32 state: the same EMA
+    for name, layer in away.layers.items():  # the layers hold its bf16 rounding
+        assert torch.equal(layer.teacher_B, mine[f"{name}.lora_B.weight"].to(torch.bfloat16))
+    for lora in (here, away):  # a bf16 base: the teacher pass casts A and B to x's dtype anyway
+        for layer in lora.layers.values():
+            layer.base.to(torch.bfloat16)
+    assert here.layers["block.to_q"].teacher_A.dtype == torch.float32
+    x = torch.randn(4, 6, dtype=torch.bfloat16)
+    with here.use("teacher"), away.use("teacher"):
+        assert torch.equal(models[0](x), models[1](x))
+    # load (resume) writes the state and its copy
+    new = {k: v + 1 for k, v in mine.items()}
+    away.load("teacher", new)
+    assert torch.equal(away.tensors("teacher")["block.to_q.lora_A.weight"], new["block.to_q.lora_A.weight"])
+    assert torch.equal(away.layers["block.to_q"].teacher_A, new["block.to_q.lora_A.weight"].to(torch.bfloat16))

@@ -200,3 +200,21 @@ def test_cli_plan(capsys):
     assert "warning" in text and "--quant qint8" in text
     assert main(["plan", "--preset", "16gb", "--model", "black-forest-labs/FLUX.2-klein-4B"]) == 0
     assert "klein" in capsys.readouterr().out
+
+
+def test_teacher_ema_on_cpu_leaves_a_bf16_copy_on_the_gpu():
+    dev = plan.make_plan("Tongyi-MAI/Z-Image-Turbo", SETTINGS)
+    cpu = plan.make_plan("Tongyi-MAI/Z-Image-Turbo", {**SETTINGS, "teacher_ema_on": "cpu"})
+    row = {r.what: r.bytes for r in cpu.rows}
+    assert row["LoRA EMA teacher (bf16 copy)"] == 2 * cpu.counts.lora
+    assert dev.peak - cpu.peak == 2 * dev.counts.lora  # 0.30 GiB for Z-Image at rank 64
+    from lowvram_dopsd.config import load_config
+
+    assert plan.plan_from_config(load_config("12gb")).settings["teacher_ema_on"] == "cpu"
+
+
+def test_a_cumulative_suggestion_names_each_setting_once():
+    fixes = plan.suggest("Tongyi-MAI/Z-Image-Turbo", {**SETTINGS, "quant": "qint8"}, 8.75)
+    assert any(flag.count("--") > 1 for flag, _ in fixes)  # a cumulative one: 896, 768 ... were tried in turn
+    for flag, _ in fixes:
+        assert flag.count("--resolution") <= 1 and flag.count("--rank") <= 1, flag

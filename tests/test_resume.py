@@ -141,3 +141,24 @@ def test_klein_edit_teacher_resumes_exactly_with_teacher_previews(tiny_klein_dir
     assert [p.name for p in grids] == ["step-000000.png", "step-000002.png"]  # no grid on Ctrl-C
     from PIL import Image
     assert Image.open(grids[-1]).height > 2 * 64  # student row + teacher row
+
+
+def test_teacher_ema_on_cpu_is_the_same_run(args, reference, tmp_path):
+    """fp32 here, so the layers' copy is exact: same losses, same LoRAs, bit for bit. Stopped after
+    step 2 and resumed, its checkpoint carries the fp32 EMA state from host RAM."""
+    out = tmp_path / "ema-on-cpu"
+    assert main(args(out, "--set", "teacher_ema_on=cpu", "--steps", "2")) == 0
+    assert main(args(out, "--set", "teacher_ema_on=cpu", "--resume")) == 0
+    assert_same_run(out, reference)
+
+
+def test_teacher_ema_on_cpu_in_bf16_trains_as_on_the_device(args, tmp_path):
+    """In bf16 the layers hold a bf16 copy, which the teacher passes would cast to anyway."""
+    runs = {}
+    for where in ("device", "cpu"):
+        out = tmp_path / where
+        assert main(args(out, "--dtype", "bf16", "--set", f"teacher_ema_on={where}")) == 0
+        runs[where] = read_run(out)
+    (lora, teacher, metrics), (ref_lora, ref_teacher, ref_metrics) = runs["cpu"], runs["device"]
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics]
+    assert all(torch.equal(lora[k], ref_lora[k]) and torch.equal(teacher[k], ref_teacher[k]) for k in lora)
