@@ -7,20 +7,23 @@ For each configuration it
   1. writes a model folder with the PUBLISHED configs (lowvram_dopsd/published/: model_index.json,
      transformer/, scheduler/, vae/) and, once, a random bf16 checkpoint of the full transformer
      (built on the GPU, never on the CPU; no download);
-  2. in a fresh process, loads it through the trainer's own path (`ZImage.load_transformer`:
-     meta model, filled and quantized block by block), recording load time, peak GPU memory and
-     peak host RSS;
-  3. attaches `DualLoRA` (rank 64, alpha 128, the family's targets) and the preset's optimizer and
-     runs REAL training steps with `train.rollout_and_learn` (8 roll-out steps, every state trained,
-     batch 1, random student/teacher conditions of the real shapes: Z-Image caption features
-     [512, 2560] for the student, [1024, 2560] for the teacher), then clips, steps the optimizer
-     and updates the EMA teacher exactly as `train.train` does;
+  2. in a fresh process, loads it through the trainer's own family adapter
+     (`families.load_family(folder).load_transformer`: meta model, filled and quantized block by
+     block), recording load time, peak GPU memory and peak host RSS;
+  3. attaches `DualLoRA` (rank 64, alpha 128, the family's targets), routes the 8-bit linears and
+     places the EMA teacher as `train.train` does, builds the preset's optimizer and runs REAL
+     training steps with `train.rollout_and_learn` and the family's own schedule and velocity (the
+     model's own roll-out steps, every state trained, batch 1, random conditions of the real
+     shapes: Z-Image caption features [512, 2560] for the student, [1024, 2560] for the VLM
+     teacher; klein [512, 7680] for both, plus the edit teacher's reference-image tokens and
+     position ids as the pipeline builds them for `image=`), then clips, steps the optimizer and
+     updates the EMA teacher exactly as `train.train` does;
   4. records `torch.cuda.max_memory_allocated` over the second (steady-state) step, its time, the
      phase probes (one teacher pass without grad, one student forward+backward) and the planner's
      prediction for the same settings, side by side.
-FLUX.2-klein (its family is built separately) is measured with a small adapter here: the real
-`Flux2Transformer2DModel` from its published config, qint8, LoRA on its attention/MLP linears,
-4 roll-out steps, and the edit teacher's sequence (reference latents concatenated: image tokens x2).
+klein's scheduler config is not among the published files kept here; its folder gets the tiny
+klein's (`tiny.KLEIN_SCHEDULER`: dynamic shifting, as the pipeline needs), which sets the sigma
+values only, not memory or time.
 
 Results: <out>/memory-<device>.md and .json (device, versions, command).
 """
@@ -89,29 +92,41 @@ def host_rss() -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # Model folders
 # ---------------------------------------------------------------------------------------------
-def write_zimage_folder(folder: Path, tiny: bool) -> None:
-    src = published("Tongyi-MAI--Z-Image-Turbo")
-    for rel in ("model_index.json", "transformer/config.json", "scheduler/scheduler_config.json", "vae/config.json"):
+def write_model_folder(family: str, folder: Path, tiny: bool) -> None:
+    """A pipeline folder the family loads: published configs, empty encoder folders."""
+    if family == "zimage":
+        src, files, tiny_cfg = published("Tongyi-MAI--Z-Image-Turbo"), ("model_index.json", "transformer/config.json",
+                                                                        "scheduler/scheduler_config.json",
+                                                                        "vae/config.json"), TINY_ZIMAGE
+    else:  # klein: no VAE config (the family's default, 8x, is klein's), the tiny klein's scheduler
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from lowvram_dopsd.tiny import KLEIN_SCHEDULER
+
+        src, files, tiny_cfg = published("black-forest-labs--FLUX.2-klein-4B"), ("model_index.json",
+                                                                                "transformer/config.json"), TINY_KLEIN
+        FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER).save_pretrained(folder / "scheduler")
+    for rel in files:
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_text((src / rel).read_text())
     if tiny:
-        (folder / "transformer/config.json").write_text(json.dumps(TINY_ZIMAGE))
-    for empty in ("text_encoder", "tokenizer"):  # the family checks the folders exist; never loaded here
+        (folder / "transformer/config.json").write_text(json.dumps(tiny_cfg))
+    for empty in ("text_encoder", "tokenizer", "vae"):  # the family checks the folders exist; never loaded here
         (folder / empty).mkdir(exist_ok=True)
         (folder / empty / "README").write_text("benchmark folder: features are random, encoders are not loaded\n")
 
 
 def write_random_checkpoint(folder: Path, device: str) -> dict:
     """Random bf16 weights of the full transformer, built directly on `device` (no CPU copy of the model)."""
+    import diffusers
     import torch
-    from diffusers import ZImageTransformer2DModel
 
     t0 = time.perf_counter()
     cfg = json.loads((folder / "transformer" / "config.json").read_text())
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(device):
-        model = ZImageTransformer2DModel.from_config(cfg)
+        model = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
     torch.set_default_dtype(torch.float32)
     with torch.no_grad():  # keep activations finite through 30 blocks: small weights, as trained models have
         for name, p in model.named_parameters():
@@ -129,41 +144,23 @@ def write_random_checkpoint(folder: Path, device: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # One configuration, in its own process
 # ---------------------------------------------------------------------------------------------
-class KleinBench:
-    """Just enough of a family for `rollout_and_learn` on FLUX.2-klein (the real family lands separately)."""
+def random_conditions(family_name: str, family, cfg, device, dtype) -> tuple[list[dict], list[dict]]:
+    """One item's student and teacher conditions: random values, the shapes the encoders give."""
+    import torch
 
-    name = "klein"
+    tcfg = json.loads((family.model_dir / "transformer" / "config.json").read_text())
+    if family_name == "zimage":  # caption features [L, 2560]; the VLM teacher's are longer (image tokens)
+        feat = tcfg["cap_feat_dim"]
+        return ([{"cap": torch.randn(cfg.max_sequence_length, feat, dtype=dtype, device=device)}],
+                [{"cap": torch.randn(cfg.teacher_max_sequence_length, feat, dtype=dtype, device=device)}])
+    # klein, edit teacher: both captions padded to max_sequence_length ([L, 3 x 2560]); the reference
+    # image's latent packed to tokens with its T=10 position ids, as prepare_image_latents does.
+    from diffusers import Flux2KleinPipeline
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        return ((height // 16) * (width // 16), 128)  # packed latents: 2x2 patches of the 32-channel VAE latent
-
-    def sigmas(self, height: int, width: int, steps: int):
-        import torch
-        s = torch.linspace(1.0, 0.0, steps + 1)
-        mu = 1.15  # the shape of the schedule does not change memory or time
-        return (torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / s.clamp(min=1e-6) - 1))).where(s > 0, s)
-
-    @staticmethod
-    def _ids(h: int, w: int, t: int, device):
-        import torch
-        hh, ww = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        return torch.stack([torch.full_like(hh, t), hh, ww, torch.zeros_like(hh)], -1).reshape(-1, 4)
-
-    def velocity(self, model, x, sigma, conds):
-        import torch
-        B, N, _ = x.shape
-        side = int(N ** 0.5)
-        hs = x.to(torch.bfloat16)
-        ids = self._ids(side, side, 0, x.device)
-        if "ref" in conds[0]:  # edit teacher: the target image's latents as reference tokens
-            hs = torch.cat([hs, torch.stack([c["ref"] for c in conds])], dim=1)
-            ids = torch.cat([ids, self._ids(side, side, 10, x.device)])
-        cap = torch.stack([c["cap"] for c in conds])
-        L = cap.shape[1]
-        txt_ids = torch.stack([torch.zeros(L), torch.zeros(L), torch.zeros(L), torch.arange(L)], -1).to(x.device)
-        out = model(hidden_states=hs, encoder_hidden_states=cap, timestep=sigma.to(x.device).expand(B),
-                    img_ids=ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0]
-        return out[:, :N].float()
+    caps = torch.randn(2, cfg.max_sequence_length, tcfg["joint_attention_dim"], dtype=dtype, device=device)
+    ref = torch.randn((1, *family.latent_shape(cfg.resolution, cfg.resolution)), dtype=dtype, device=device)
+    ref_ids = Flux2KleinPipeline._prepare_image_ids([ref])[0].to(device)
+    return [{"cap": caps[0]}], [{"cap": caps[1], "ref": Flux2KleinPipeline._pack_latents(ref)[0], "ref_ids": ref_ids}]
 
 
 def run_child(name: str, args) -> dict:
@@ -171,6 +168,7 @@ def run_child(name: str, args) -> dict:
 
     from lowvram_dopsd import plan as planner
     from lowvram_dopsd.config import load_config
+    from lowvram_dopsd.families import load_family
     from lowvram_dopsd.lora import DualLoRA
     from lowvram_dopsd.train import make_optimizer, rollout_and_learn, route_fused_linears
 
@@ -185,7 +183,7 @@ def run_child(name: str, args) -> dict:
         overrides.update(resolution=64, max_sequence_length=32, teacher_max_sequence_length=64, rank=4, alpha=8.0)
         if not cuda:
             overrides.update(optimizer="adamw", dtype="bf16")
-    folder = Path(args.work) / ("zimage" if family_name == "zimage" else "klein")
+    folder = Path(args.work) / family_name
     overrides["model"] = str(folder)
     cfg = load_config(str(ROOT / "presets" / f"{preset}.toml"), overrides)
     dtype = torch.bfloat16
@@ -197,46 +195,11 @@ def run_child(name: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     rss0 = host_rss()
     t0 = time.perf_counter()
-    if family_name == "zimage":
-        from lowvram_dopsd.families import load_family
-
-        family = load_family(str(folder))
-        model = family.load_transformer(cfg, device, dtype)
-        targets = tuple(cfg.lora_targets) or family.lora_targets
-        steps = cfg.rollout_steps or family.default_rollout_steps
-        L_s, L_t = cfg.max_sequence_length, cfg.teacher_max_sequence_length
-        feat = json.loads((folder / "transformer" / "config.json").read_text())["cap_feat_dim"]
-        c_s = [{"cap": torch.randn(L_s, feat, dtype=dtype, device=device)}]
-        c_t = [{"cap": torch.randn(L_t, feat, dtype=dtype, device=device)}]
-    else:
-        from diffusers import Flux2Transformer2DModel
-
-        from lowvram_dopsd.quant import quantize_frozen
-
-        tcfg = json.loads((folder / "transformer" / "config.json").read_text())
-        torch.manual_seed(0)
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            model = Flux2Transformer2DModel.from_config(tcfg)
-        torch.set_default_dtype(torch.float32)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim >= 2:
-                    p.normal_(0.0, 0.02)
-        model.requires_grad_(False).eval()
-        arch = planner.with_family(planner.ARCHS["Flux2KleinPipeline"])
-        quantize_frozen(model, cfg.quant, arch.skip)
-        model._dopsd_dtype = dtype
-        if cfg.grad_checkpointing:
-            model.enable_gradient_checkpointing()
-        family = KleinBench()
-        targets = arch.lora_targets
-        steps = 4
-        L = cfg.max_sequence_length
-        n_img = (cfg.resolution // 16) ** 2
-        c_s = [{"cap": torch.randn(L, tcfg["joint_attention_dim"], dtype=dtype, device=device)}]
-        c_t = [{"cap": torch.randn(L, tcfg["joint_attention_dim"], dtype=dtype, device=device),
-                "ref": torch.randn(n_img, tcfg["in_channels"], dtype=dtype, device=device)}]
+    family = load_family(str(folder))
+    model = family.load_transformer(cfg, device, dtype)  # the trainer's own loading path
+    targets = tuple(cfg.lora_targets) or family.lora_targets
+    steps = cfg.rollout_steps or family.default_rollout_steps
+    c_s, c_t = random_conditions(family_name, family, cfg, device, dtype)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -532,19 +495,12 @@ def main() -> int:
     names = [n for n in args.configs.split(",") if n]
     meta = {"device": device_name(args.device), "versions": versions(),
             "command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:])}
-    if any(CONFIGS[n]["family"] == "zimage" for n in names):
-        folder = work / "zimage"
-        write_zimage_folder(folder, args.tiny)
+    for family in dict.fromkeys(CONFIGS[n]["family"] for n in names):
+        folder = work / family
+        write_model_folder(family, folder, args.tiny)
         if not list((folder / "transformer").glob("*.safetensors")):
-            meta["checkpoint"] = write_random_checkpoint(folder, args.device)
-            print("checkpoint", meta["checkpoint"], flush=True)
-    if any(CONFIGS[n]["family"] == "klein" for n in names):
-        folder = work / "klein"
-        src = published("black-forest-labs--FLUX.2-klein-4B")
-        (folder / "transformer").mkdir(parents=True, exist_ok=True)
-        (folder / "model_index.json").write_text((src / "model_index.json").read_text())
-        (folder / "transformer/config.json").write_text(
-            json.dumps(TINY_KLEIN) if args.tiny else (src / "transformer/config.json").read_text())
+            meta.setdefault("checkpoint", {})[family] = write_random_checkpoint(folder, args.device)
+            print("checkpoint", family, meta["checkpoint"][family], flush=True)
 
     results = []
     out = Path(args.out)

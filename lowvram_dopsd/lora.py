@@ -205,13 +205,6 @@ class DualLoRA:
         if self.teacher_master is not None:
             self._sync_teacher_copy()
 
-    @torch.no_grad()
-    def copy_student_to_teacher(self) -> None:
-        for t, p in zip(self.teacher_master or self._teacher_buffers(), self.student_parameters()):
-            t.copy_(p)
-        if self.teacher_master is not None:
-            self._sync_teacher_copy()
-
     @property
     def rank(self) -> int:
         return next(iter(self.layers.values())).rank

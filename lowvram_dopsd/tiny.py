@@ -270,6 +270,13 @@ def make_tiny_zimage(root, seed: int = 0) -> Path:
 # ----------------------------------------------------------------------------------------------
 # FLUX.2-klein
 
+# klein's scheduler: dynamic shifting, which Flux2KleinPipeline needs (it passes `mu` =
+# compute_empirical_mu(image tokens, steps) to set_timesteps). Also written by bench_memory.py.
+KLEIN_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                       max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+                       time_shift_type="exponential")
+
+
 def make_tiny_klein(root, seed: int = 0) -> Path:
     """Write a tiny black-forest-labs/FLUX.2-klein-4B folder at `root`; returns `root`.
 
@@ -306,10 +313,7 @@ def make_tiny_klein(root, seed: int = 0) -> Path:
         vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
     vae.save_pretrained(root / "vae")
 
-    FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
-    ).save_pretrained(root / "scheduler")
+    FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER).save_pretrained(root / "scheduler")
 
     _write_json(root / "model_index.json", {
         "_class_name": "Flux2KleinPipeline",
