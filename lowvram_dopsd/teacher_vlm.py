@@ -245,25 +245,70 @@ class VlmInputBuilder:
 @torch.inference_mode()
 def encode_vlm(model, inputs_builder: VlmInputBuilder, captions: Sequence[str], images: Sequence,
                hidden_layers: Sequence[int] = (-2,), max_sequence_length: int = 1024,
-               min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> list[torch.Tensor]:
-    """Teacher conditions, one per (caption, image), on the CPU in the model's dtype.
+               min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, pad_to: int = 0,
+               pad_token_id: int | None = None) -> list[torch.Tensor]:
+    """Teacher conditions, one per (caption, image), on the CPU in the model's dtype (`vlm_features`)."""
+    if len(captions) != len(images):
+        raise ValueError(f"{len(captions)} captions but {len(images)} images")
+    return [vlm_features(model, inputs_builder(caption, image, min_pixels, max_pixels), hidden_layers,
+                         max_sequence_length, pad_to, pad_token_id)
+            for caption, image in zip(captions, images)]
+
+
+@torch.inference_mode()
+def vlm_features(model, inputs: dict[str, torch.Tensor], hidden_layers: Sequence[int] = (-2,),
+                 max_sequence_length: int = 1024, pad_to: int = 0, pad_token_id: int | None = None) -> torch.Tensor:
+    """One item's condition from its model inputs (batch 1, no padding, as VlmInputBuilder gives).
 
     `hidden_layers=(-2,)` (Z-Image): `hidden_states[-2]` of the real tokens, [L, D].
     Several layers (klein: (9, 18, 27)): stacked per token as Flux2KleinPipeline's
     `_get_qwen3_prompt_embeds` does, [L, len(layers) * D] (layer-major within each token).
     L counts every real token, image pad tokens included, cut to `max_sequence_length`; cutting
     the output equals cutting the input because the language model is causal.
+
+    `pad_to` (klein): a sequence shorter than this is right-padded to it with `pad_token_id`, as
+    Flux2KleinPipeline pads every caption to max_sequence_length (`padding="max_length"`), and the
+    pad tokens' states are part of the condition, because the pipeline hands the transformer all
+    512 of them, without a mask. See `_append_padding`.
     """
-    if len(captions) != len(images):
-        raise ValueError(f"{len(captions)} captions but {len(images)} images")
-    layers = tuple(hidden_layers)
     device = next(model.parameters()).device
-    out = []
-    for caption, image in zip(captions, images):
-        inputs = {k: v.to(device) for k, v in inputs_builder(caption, image, min_pixels, max_pixels).items()}
-        hidden = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
-        real = inputs["attention_mask"][0].bool()
-        stacked = torch.stack([hidden[k][0] for k in layers], dim=1)  # [S, K, D]
-        feats = stacked.reshape(stacked.shape[0], -1)[real]           # [L, K*D]
-        out.append(feats[:max_sequence_length].cpu())
-    return out
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    real = int(inputs["attention_mask"][0].sum())
+    n_pad = min(pad_to, max_sequence_length) - real
+    position_ids = None
+    if n_pad > 0:
+        inputs, position_ids = _append_padding(model, inputs, n_pad, pad_token_id)
+    hidden = model(**inputs, position_ids=position_ids, output_hidden_states=True, use_cache=False).hidden_states
+    stacked = torch.stack([hidden[k][0] for k in hidden_layers], dim=1)  # [S, K, D]
+    feats = stacked.reshape(stacked.shape[0], -1)                        # [S, K*D]
+    if n_pad <= 0:
+        feats = feats[inputs["attention_mask"][0].bool()][:max_sequence_length]
+    return feats.cpu()
+
+
+def _append_padding(model, inputs: dict[str, torch.Tensor], n: int,
+                    pad_token_id: int | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`n` pad tokens after the real ones, the way the pipeline's text encoder sees its padding:
+    masked as keys (so the real tokens' states do not change: the model is causal) but each a
+    query over every real token, at the positions after the last one (Qwen3 numbers tokens by
+    index; with M-RoPE the text after the image continues from the image's last position, so a
+    text-only input gets exactly the text encoder's positions; `tests/test_teacher_vlm.py` checks
+    the result against `Flux2KleinPipeline._get_qwen3_prompt_embeds`, pads included)."""
+    if pad_token_id is None:
+        raise ValueError("padding the VLM condition needs the pipeline tokenizer's pad_token_id")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    types = inputs.get("mm_token_type_ids")
+    if types is None:  # processors that do not return it: the model's own image/video token ids
+        types = (ids == model.config.image_token_id).long() + 2 * (ids == model.config.video_token_id).long()
+    positions, _ = model.model.get_rope_index(input_ids=ids, mm_token_type_ids=types,
+                                              image_grid_thw=inputs.get("image_grid_thw"),
+                                              video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
+    tail = positions.amax() + 1 + torch.arange(n, device=ids.device)
+    positions = torch.cat([positions, tail.view(1, 1, n).expand(positions.shape[0], 1, n)], dim=2)
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.cat([t, t.new_full((t.shape[0], n), value)], dim=1)
+
+    out = {**inputs, "input_ids": pad(ids, pad_token_id), "attention_mask": pad(mask, 0),
+           "mm_token_type_ids": pad(types, 0)}
+    return out, positions

@@ -1,4 +1,5 @@
-"""The command line on a tiny FLUX.2-klein folder: both teachers end to end, and a teacher a family lacks."""
+"""The command line on a tiny FLUX.2-klein folder: both teachers end to end, and a teacher a family lacks;
+the vlm teacher's condition layout."""
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline
@@ -49,6 +50,22 @@ def test_vlm_teacher_on_klein(tmp_path, tiny_klein_dir, klein_vlm_dir, demo_imag
     assert code == 0, capsys.readouterr().err
     info = read_info(tmp_path / "run" / "pytorch_lora_weights.safetensors")
     assert info["teacher"] == "vlm" and info["loss"] == "velocity" and "edit_instruction" not in info
+
+
+def test_vlm_condition_is_padded_like_the_caption(tiny_klein_dir, klein_vlm_dir, demo_images):
+    """klein's pipeline gives the transformer every caption as max_sequence_length states, padding
+    included; the vlm teacher's condition has the same layout (teacher_vlm.py tests the pad states)."""
+    from lowvram_dopsd.config import load_config
+    from lowvram_dopsd.data import scan
+    from lowvram_dopsd.families import load_family
+
+    cfg = load_config("cpu-demo", {"model": str(tiny_klein_dir), "images": str(demo_images), "teacher": "vlm",
+                                   "teacher_encoder": str(klein_vlm_dir), "max_sequence_length": "96"})
+    family, item = load_family(cfg.model), scan(cfg.images, "", "sks ball", cfg.resolution).items[0]
+    (teacher,) = family.encode_teacher([item], "vlm", cfg, torch.device("cpu"))
+    (student,) = family.encode_student([item.caption], cfg, torch.device("cpu"))
+    assert teacher["cap"].shape == student["cap"].shape == (96, student["cap"].shape[1])
+    assert family.encoder_identity("vlm", cfg)["padded_to"] == 96  # in the cache key: old features re-encode
 
 
 def test_edit_teacher_on_zimage_is_a_clear_error(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, capsys):

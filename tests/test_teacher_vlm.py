@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from lowvram_dopsd import tiny
 from lowvram_dopsd.errors import UserError
 from lowvram_dopsd.teacher_vlm import (VlmInputBuilder, encode_vlm, graft_language_model, load_grafted_vlm,
-                                       vlm_messages)
+                                       vlm_features, vlm_messages)
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +190,63 @@ def test_encode_vlm_klein_layers_stack_like_the_pipeline(grafted, ball):
     assert stacked.shape == (singles[0].shape[0], 3 * d)
     # Flux2KleinPipeline: stack(dim=1) -> permute(0, 2, 1, 3) -> reshape(B, L, 3 * D): per token, layer-major.
     torch.testing.assert_close(stacked, torch.cat(singles, dim=1), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding (klein: the pipeline pads every caption to max_sequence_length and keeps the pad states)
+
+KLEIN_LAYERS = (9, 18, 27)
+
+
+def test_padded_text_reproduces_the_klein_pipelines_prompt_embeds(tiny_vlm_dir, tiny_klein_dir):
+    """Text only, the grafted VLM is klein's text encoder; padded, it must give what
+    Flux2KleinPipeline gives the transformer: all max_sequence_length states, the pads' included."""
+    from diffusers import Flux2KleinPipeline
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    model, _ = load_grafted_vlm(tiny_vlm_dir, tiny_klein_dir / "text_encoder", "cpu", torch.float32)
+    te = Qwen3ForCausalLM.from_pretrained(tiny_klein_dir / "text_encoder", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_klein_dir / "tokenizer")
+    caption, length = "a photo of sks ball", 40
+    text = tok.apply_chat_template([{"role": "user", "content": caption}], tokenize=False,
+                                   add_generation_prompt=True, enable_thinking=False)
+    enc = tok(text, return_tensors="pt")
+    inputs = {**enc, "mm_token_type_ids": torch.zeros_like(enc["input_ids"])}
+    real = enc["input_ids"].shape[1]
+    assert real < length  # there is padding to compare
+    with torch.no_grad():
+        expected = Flux2KleinPipeline._get_qwen3_prompt_embeds(te, tok, caption, max_sequence_length=length,
+                                                               hidden_states_layers=KLEIN_LAYERS)[0]
+    got = vlm_features(model, inputs, KLEIN_LAYERS, pad_to=length, pad_token_id=tok.pad_token_id)
+    assert got.shape == expected.shape == (length, 3 * te.config.hidden_size)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # The comparison sees the pads' positions: at 0, where Qwen3-VL's rope index puts masked tokens
+    # (so where it would put them beside an image), their states differ.
+    padded = {k: torch.cat([v, v.new_full((1, length - real), tok.pad_token_id if k == "input_ids" else 0)], 1)
+              for k, v in inputs.items()}
+    at_zero = torch.cat([torch.arange(real), torch.zeros(length - real, dtype=torch.long)]).view(1, 1, -1)
+    with torch.no_grad():
+        hidden = model(**padded, position_ids=at_zero.expand(3, 1, -1), output_hidden_states=True,
+                       use_cache=False).hidden_states
+    wrong = torch.cat([hidden[k][0] for k in KLEIN_LAYERS], dim=1)
+    torch.testing.assert_close(wrong[:real], expected[:real], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(wrong[real:], expected[real:], rtol=1e-3, atol=1e-3)
+
+
+def test_padding_keeps_the_real_tokens_and_the_length_limits(grafted, ball):
+    model, builder = grafted
+    pad_id = builder.processor.tokenizer.pad_token_id if builder.processor else builder.tokenizer.pad_token_id
+    (plain,) = encode_vlm(model, builder, ["a photo of sks ball"], [ball], hidden_layers=KLEIN_LAYERS)
+    n = plain.shape[0]
+    (padded,) = encode_vlm(model, builder, ["a photo of sks ball"], [ball], hidden_layers=KLEIN_LAYERS,
+                           pad_to=n + 12, pad_token_id=pad_id)
+    assert padded.shape == (n + 12, plain.shape[1])
+    torch.testing.assert_close(padded[:n], plain, rtol=1e-5, atol=1e-5)  # causal: pads change no real token
+    assert torch.isfinite(padded[n:]).all() and not torch.allclose(padded[n], padded[n + 1])
+    # already as long as pad_to: unchanged; the condition never exceeds max_sequence_length
+    (same,) = encode_vlm(model, builder, ["a photo of sks ball"], [ball], hidden_layers=KLEIN_LAYERS,
+                         pad_to=n, pad_token_id=pad_id)
+    assert torch.equal(same, plain)
+    (capped,) = encode_vlm(model, builder, ["a photo of sks ball"], [ball], hidden_layers=KLEIN_LAYERS,
+                           max_sequence_length=n + 5, pad_to=n + 12, pad_token_id=pad_id)
+    torch.testing.assert_close(capped, padded[:n + 5], rtol=1e-5, atol=1e-5)

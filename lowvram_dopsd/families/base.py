@@ -55,6 +55,10 @@ class Family:
     transformer_class: ClassVar[str]     # diffusers class of `transformer/`
     quant_skip: ClassVar[tuple[str, ...]] = ()  # module-name prefixes kept in the compute dtype (quant.py)
     vlm_hidden_layers: ClassVar[tuple[int, ...]] = (-2,)  # text-encoder layers the pipeline reads
+    # Whether the pipeline hands the transformer its caption padded to max_sequence_length (klein:
+    # all 512 states, no mask; Z-Image drops the padding): the VLM teacher's condition is then
+    # padded the same way, so the teacher sees the layout every training caption had.
+    vlm_padded: ClassVar[bool] = False
 
     # ----- detection
     @classmethod
@@ -94,13 +98,19 @@ class Family:
         from .zimage import DTYPES, release
 
         dtype = DTYPES[cfg.dtype]
+        pad_to, pad_id = 0, None
+        if self.vlm_padded:  # as the pipeline pads the caption: to max_sequence_length, its tokenizer's pad
+            from transformers import AutoTokenizer
+            pad_to = cfg.max_sequence_length
+            pad_id = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer").pad_token_id
         model, builder = load_grafted_vlm(self.vlm_dir(cfg), self.model_dir / "text_encoder", device, dtype)
         out = []
         for item in items:
             (emb,) = encode_vlm(model, builder, [item.caption], [load_rgb(item.image_path)],
                                 hidden_layers=self.vlm_hidden_layers,
                                 max_sequence_length=cfg.teacher_max_sequence_length,
-                                min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
+                                min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels,
+                                pad_to=pad_to, pad_token_id=pad_id)
             out.append({"cap": emb.to(dtype).cpu()})
         release(model)
         return out

@@ -22,7 +22,9 @@ Teachers:
     (VAE mode, 2x2 patchify, batch-norm normalisation, T=10 position ids, packing); those tokens
     are appended to the noisy-latent sequence exactly as the pipeline does for `image=`, the
     caption gets `cfg.edit_instruction` appended, and the prediction is read off the noisy part.
-  * `vlm` (paper): the grafted Qwen3-VL (`teacher_vlm.py`) read at the layers the pipeline stacks.
+  * `vlm` (paper): the grafted Qwen3-VL (`teacher_vlm.py`) read at the layers the pipeline stacks,
+    padded to max_sequence_length as the pipeline pads a caption (the transformer sees the pad
+    tokens' states too: it always had 512 text tokens in training).
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ class Klein(DiffusersFamily):
     @property
     def vlm_hidden_layers(self) -> tuple[int, ...]:  # the layers the pipeline stacks (9, 18, 27)
         return text_layers()
+    vlm_padded = True  # _get_qwen3_prompt_embeds: padding="max_length", every state to the transformer
     required_components = ("transformer", "text_encoder", "tokenizer", "scheduler", "vae")
 
     def __init__(self, model_dir: Path, model_id: str):
@@ -122,7 +125,8 @@ class Klein(DiffusersFamily):
             ident.update(teacher=teacher, vlm=folder_identity(self.vlm_dir(cfg)),
                          image_resize="torchvision" if importlib.util.find_spec("torchvision") else "pil",
                          max_sequence_length=cfg.teacher_max_sequence_length,
-                         pixels=[cfg.vlm_min_pixels, cfg.vlm_max_pixels])
+                         pixels=[cfg.vlm_min_pixels, cfg.vlm_max_pixels],
+                         padded_to=min(cfg.max_sequence_length, cfg.teacher_max_sequence_length))
         return ident
 
     def _encode_prompts(self, prompts: list[str], cfg, device: torch.device) -> list[torch.Tensor]:
