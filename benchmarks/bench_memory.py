@@ -144,12 +144,12 @@ def write_random_checkpoint(folder: Path, device: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # One configuration, in its own process
 # ---------------------------------------------------------------------------------------------
-def random_conditions(family_name: str, family, cfg, device, dtype) -> tuple[list[dict], list[dict]]:
+def random_conditions(family, cfg, device, dtype) -> tuple[list[dict], list[dict]]:
     """One item's student and teacher conditions: random values, the shapes the encoders give."""
     import torch
 
     tcfg = json.loads((family.model_dir / "transformer" / "config.json").read_text())
-    if family_name == "zimage":  # caption features [L, 2560]; the VLM teacher's are longer (image tokens)
+    if family.name == "zimage":  # caption features [L, 2560]; the VLM teacher's are longer (image tokens)
         feat = tcfg["cap_feat_dim"]
         return ([{"cap": torch.randn(cfg.max_sequence_length, feat, dtype=dtype, device=device)}],
                 [{"cap": torch.randn(cfg.teacher_max_sequence_length, feat, dtype=dtype, device=device)}])
@@ -199,7 +199,7 @@ def run_child(name: str, args) -> dict:
     model = family.load_transformer(cfg, device, dtype)  # the trainer's own loading path
     targets = tuple(cfg.lora_targets) or family.lora_targets
     steps = cfg.rollout_steps or family.default_rollout_steps
-    c_s, c_t = random_conditions(family_name, family, cfg, device, dtype)
+    c_s, c_t = random_conditions(family, cfg, device, dtype)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()

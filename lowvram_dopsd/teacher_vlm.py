@@ -296,10 +296,7 @@ def _append_padding(model, inputs: dict[str, torch.Tensor], n: int,
     the result against `Flux2KleinPipeline._get_qwen3_prompt_embeds`, pads included)."""
     if pad_token_id is None:
         raise ValueError("padding the VLM condition needs the pipeline tokenizer's pad_token_id")
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    types = inputs.get("mm_token_type_ids")
-    if types is None:  # processors that do not return it: the model's own image/video token ids
-        types = (ids == model.config.image_token_id).long() + 2 * (ids == model.config.video_token_id).long()
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
     positions, _ = model.model.get_rope_index(input_ids=ids, mm_token_type_ids=types,
                                               image_grid_thw=inputs.get("image_grid_thw"),
                                               video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)

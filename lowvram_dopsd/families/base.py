@@ -60,6 +60,10 @@ class Family:
     # padded the same way, so the teacher sees the layout every training caption had.
     vlm_padded: ClassVar[bool] = False
 
+    def vlm_pad_to(self, cfg) -> int:
+        """Length the VLM teacher's condition is padded to (0: not padded); never over its own limit."""
+        return min(cfg.max_sequence_length, cfg.teacher_max_sequence_length) if self.vlm_padded else 0
+
     # ----- detection
     @classmethod
     def matches(cls, model_index: dict[str, Any]) -> bool:
@@ -98,10 +102,9 @@ class Family:
         from .zimage import DTYPES, release
 
         dtype = DTYPES[cfg.dtype]
-        pad_to, pad_id = 0, None
-        if self.vlm_padded:  # as the pipeline pads the caption: to max_sequence_length, its tokenizer's pad
+        pad_to, pad_id = self.vlm_pad_to(cfg), None
+        if pad_to:  # with the pad token of the pipeline's own tokenizer
             from transformers import AutoTokenizer
-            pad_to = cfg.max_sequence_length
             pad_id = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer").pad_token_id
         model, builder = load_grafted_vlm(self.vlm_dir(cfg), self.model_dir / "text_encoder", device, dtype)
         out = []
