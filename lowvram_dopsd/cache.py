@@ -56,8 +56,12 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def get_or_compute(self, keys: list[str], compute: Callable[[list[int]], list[Cond]]) -> list[Cond]:
-        """Load every key present; call `compute(indices)` once for the missing ones and store them."""
+    def get_or_compute(self, keys: list[str], compute: Callable[[list[int]], list[Cond]],
+                       check: Callable[[int, Cond], None] = lambda i, cond: None) -> list[Cond]:
+        """Load every key present; call `compute(indices)` once for the missing ones and store them.
+
+        `check(i, cond)` sees every fresh condition before anything is stored; raising there stores none
+        of them (a bad condition must not be found again by the next run)."""
         out: list[Cond | None] = [None] * len(keys)
         missing = []
         for i, key in enumerate(keys):
@@ -73,6 +77,8 @@ class FeatureCache:
         self.misses += len(missing)
         if missing:
             fresh = compute(missing)
+            for i, cond in zip(missing, fresh):
+                check(i, cond)
             for i, cond in zip(missing, fresh):
                 atomic_save_safetensors(cond, self.path(keys[i]))
                 out[i] = {k: v.cpu() for k, v in cond.items()}

@@ -59,14 +59,19 @@ class Display:
         if self.progress:
             self.progress.__exit__(*exc)
 
-    def step(self, step: int, metrics: dict[str, float]) -> None:
+    def step(self, step: int, metrics: dict[str, float | None]) -> None:
         loss = metrics["loss"]
-        self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+        if metrics.get("skipped"):
+            self.note(f"[yellow]step {step}:[/] the loss or a gradient is not finite (NaN or inf); "
+                      "this update was skipped")
+        if loss is not None:
+            self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
         done = step - self.start
         self.busy += metrics.get("sec", 0.0)  # the steps' own time: not model loading nor previews
         spi = (self.busy or time.perf_counter() - self.t0) / max(done, 1)
         eta = spi * (self.total - step)
-        stats = f"loss {loss:.4g} (avg {self.smoothed:.4g})  lr {metrics['lr']:.2e}  {spi:.2f} s/it"
+        avg = "-" if self.smoothed is None else f"{self.smoothed:.4g}"
+        stats = f"loss {'nan' if loss is None else f'{loss:.4g}'} (avg {avg})  lr {metrics['lr']:.2e}  {spi:.2f} s/it"
         if metrics.get("vram_gb"):
             stats += f"  peak {metrics['vram_gb']:.1f} GB"
         if self.last_preview is not None:

@@ -70,12 +70,25 @@ def precompute(family: Family, ds: data.Dataset, teacher: str, cfg: TrainConfig,
     ident_s = family.encoder_identity("student", cfg)
     texts = [it.caption for it in ds.items] + list(prompts)
     keys_s = [key_for("student", ident_s, text, None) for text in texts]
-    student = cache.get_or_compute(keys_s, lambda idx: family.encode_student([texts[i] for i in idx], cfg, device))
+    student = cache.get_or_compute(keys_s, lambda idx: family.encode_student([texts[i] for i in idx], cfg, device),
+                                   check=lambda i, c: check_finite(c, f"the caption {texts[i]!r}", "text", cfg))
     ident_t = family.encoder_identity(teacher, cfg)
     keys_t = [key_for(teacher, ident_t, it.caption, it.image_sha256) for it in ds.items]
     teacher_conds = cache.get_or_compute(
-        keys_t, lambda idx: family.encode_teacher([ds.items[i] for i in idx], teacher, cfg, device))
+        keys_t, lambda idx: family.encode_teacher([ds.items[i] for i in idx], teacher, cfg, device),
+        check=lambda i, c: check_finite(c, f"{ds.items[i].image_path.name}", f"{teacher} teacher's", cfg))
     return student[:len(ds)], teacher_conds, student[len(ds):]
+
+
+def check_finite(cond: Cond, what: str, encoder: str, cfg: TrainConfig) -> None:
+    """A NaN/inf condition would make every step that draws it non-finite, and the cache would keep it."""
+    bad = sorted(k for k, v in cond.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        hint = ("fp16 overflows in these encoders' activations: use --dtype bf16 (RTX 30xx and newer) or fp32"
+                if cfg.dtype == "fp16" else "check that the model and encoder downloads are complete "
+                "(download them again)")
+        raise UserError(f"The {encoder} encoder gave non-finite values (NaN or inf, in {', '.join(bad)}) for {what}. "
+                        f"Nothing from this batch was cached. Most likely {hint}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +239,28 @@ def oom_advice(cfg: TrainConfig, preset: str) -> str:
     if cfg.preview_every:
         levers.append("--set preview_every=0")
     return ", ".join(levers) if levers else "a smaller resolution or rank; close other programs using the GPU"
+
+
+# Consecutive non-finite steps before the run stops: one bad roll-out can be bad luck (an fp16
+# overflow at one state); five in a row means the settings diverge, and each costs a full step.
+MAX_SKIPPED_IN_A_ROW = 5
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no NaN: metrics.jsonl stays readable by any tool
+
+
+def nonfinite_advice(cfg: TrainConfig, lr: float) -> str:
+    """The settings that most often make a loss or a gradient overflow, in the order to try them."""
+    levers = []
+    if cfg.dtype == "fp16":
+        levers.append("--dtype bf16 (fp16's range overflows in these models; bf16 runs on RTX 30xx and newer)")
+    if cfg.act_quant != "off":
+        levers.append("--act-quant off")
+    levers.append(f"a lower --lr (now {lr:g})")
+    if cfg.max_grad_norm <= 0:
+        levers.append("--set max_grad_norm=1.0 (gradient clipping is off)")
+    return ", ".join(levers)
 
 
 @contextmanager
@@ -416,6 +451,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     if previews and not (out_dir / "previews" / "step-000000.png").exists():
         write_preview(0)  # the baseline: the base model before any training
     last_ckpt, saved_step, step = (ckpt.path if ckpt else None), start, start
+    skipped = skipped_in_a_row = 0  # updates skipped for a non-finite loss or gradient
+    diverged = False
     if start >= cfg.steps:
         console.print(f"[yellow]note[/] the checkpoint is already at step {start} = steps: nothing to train "
                       f"(pass --steps {start + 100} to train further); writing its LoRA.")
@@ -445,26 +482,37 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
                                                   [conds_t[i] for i in batch], trained, cfg.loss,
                                                   loss_scale=1.0 / (len(trained) * cfg.grad_accum))
                     step_losses += losses
+            loss = sum(step_losses) / len(step_losses)
             with explain_oom(cfg, preset, f"the optimizer step of step {step}"):
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-                optimizer.step()
-                scheduler.step()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
+                # One NaN/inf update would make the LoRA, its EMA teacher and every later checkpoint NaN
+                # for good: such a step changes nothing (optimizer, schedule, EMA), and a run that keeps
+                # producing them stops below.
+                update = math.isfinite(loss) and math.isfinite(grad_norm)
+                if update:
+                    optimizer.step()
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                lora.ema_update(cfg.ema_decay)
+                if update:
+                    lora.ema_update(cfg.ema_decay)
+            skipped += not update
+            skipped_in_a_row = 0 if update else skipped_in_a_row + 1
 
-            metrics = {"step": step, "loss": sum(step_losses) / len(step_losses), "grad_norm": float(grad_norm),
-                       "lr": scheduler.get_last_lr()[0], "sec": round(time.perf_counter() - t_step, 4)}
+            metrics = {"step": step, "loss": finite_or_none(loss), "grad_norm": finite_or_none(grad_norm),
+                       "lr": scheduler.get_last_lr()[0], "sec": round(time.perf_counter() - t_step, 4),
+                       **({} if update else {"skipped": True})}
             if device.type == "cuda":
                 metrics["vram_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             display.step(step, metrics)
 
-            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested:
+            diverged = skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW
+            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested or diverged:
                 last_ckpt = save_checkpoint(step, RNGState.capture(noise_gen, rng, sampler.order))
                 saved_step = step
-            if stop.requested:
+            if stop.requested or diverged:
                 break
             if previews and (step % cfg.preview_every == 0 or step == cfg.steps):
                 write_preview(step)
@@ -477,6 +525,12 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         raise UserError(f"Could not write the LoRA to '{out_dir}' ({exc.strerror or exc}). The checkpoint "
                         f"{last_ckpt} holds it (fp32, loadable as is); free some space and run again with "
                         "--resume to write it.") from exc
+    if diverged:
+        raise UserError(
+            f"Steps {step - skipped_in_a_row + 1}-{step} all gave a non-finite loss or gradient (NaN or inf; "
+            f"metrics.jsonl marks them \"skipped\"). None of them changed the LoRA: the LoRA so far ({path}) and "
+            f"the checkpoint {last_ckpt} hold it as trained up to step {step - skipped_in_a_row}, and are finite. "
+            f"Change what overflows and run again: {nonfinite_advice(cfg, lr)}.")
     stopped = step < cfg.steps
     if stopped:
         again = shlex.join([*command, "--resume"]) if command else "the same command with --resume"
@@ -485,6 +539,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     else:
         display.header({
             "LoRA": str(path),
+            **({"skipped updates": f"{skipped} (a non-finite loss or gradient; \"skipped\" in metrics.jsonl)"}
+               if skipped else {}),
             "EMA teacher": str(out_dir / checkpoint.TEACHER_FILE),
             "metrics": str(out_dir / "metrics.jsonl"),
             **({"previews": str(out_dir / "previews")} if previews else {}),

@@ -1,4 +1,5 @@
-"""Stop a run (Ctrl-C, or CUDA out of memory) and resume it: the final LoRA equals an uninterrupted run's.
+"""Stop a run (Ctrl-C, CUDA out of memory, losses that stay NaN) and resume it: the final LoRA equals an
+uninterrupted run's. A single non-finite step changes nothing and the run goes on.
 
 All runs go through the command line, on the tiny Z-Image model, fp32 on the CPU (deterministic).
 """
@@ -162,3 +163,74 @@ def test_teacher_ema_on_cpu_in_bf16_trains_as_on_the_device(args, tmp_path):
     (lora, teacher, metrics), (ref_lora, ref_teacher, ref_metrics) = runs["cpu"], runs["device"]
     assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics]
     assert all(torch.equal(lora[k], ref_lora[k]) and torch.equal(teacher[k], ref_teacher[k]) for k in lora)
+
+
+def nan_losses_from(monkeypatch, first_call, last_call=10**9):
+    """The D-OPSD loss of calls first_call..last_call (one per micro-batch here) is NaN, as an fp16
+    overflow in a forward makes it: the gradients it back-propagates are NaN too."""
+    real, count = train_mod.dopsd_loss, [0]
+
+    def wrapped(*a, **k):
+        count[0] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if first_call <= count[0] <= last_call else loss
+    monkeypatch.setattr(train_mod, "dopsd_loss", wrapped)
+
+
+def checkpoint_loras(out, step):
+    folder = out / "checkpoints" / f"step-{step:06d}"
+    return (load_file(str(folder / "pytorch_lora_weights.safetensors")),
+            load_file(str(folder / "teacher_ema_lora.safetensors")))
+
+
+def test_a_nan_step_changes_nothing_and_the_run_goes_on(args, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    nan_losses_from(monkeypatch, 3, 3)  # the first micro-batch of step 2
+    assert main(args(out, "--set", "save_every=1", "--set", "keep_checkpoints=10")) == 0
+    printed = capsys.readouterr().out
+    assert "step 2:" in printed and "skipped" in printed and "skipped updates" in printed
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(line) for line in lines]
+    assert "NaN" not in "".join(lines)  # strict JSON: jq and pandas read it
+    assert [m.get("skipped", False) for m in metrics] == [False, True, False, False]
+    assert metrics[1]["loss"] is None and metrics[1]["grad_norm"] is None
+    assert all(isinstance(m["loss"], float) for i, m in enumerate(metrics) if i != 1)
+    (s1, t1), (s2, t2), (s3, _) = (checkpoint_loras(out, k) for k in (1, 2, 3))
+    assert all(torch.equal(s1[k], s2[k]) and torch.equal(t1[k], t2[k]) for k in s1)  # no update, no EMA
+    assert any(not torch.equal(s2[k], s3[k]) for k in s2)  # step 3 trains again
+    final = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_losses_that_stay_nan_stop_the_run_with_the_lora_as_it_was(args, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    nan_losses_from(monkeypatch, 3)  # every micro-batch from step 2 on
+    assert main(args(out, "--steps", "10", "--set", "save_every=1", "--set", "keep_checkpoints=10")) == 2
+    err = capsys.readouterr().err
+    assert f"Steps 2-{1 + train_mod.MAX_SKIPPED_IN_A_ROW} all gave a non-finite loss" in err
+    assert "trained up to step 1" in err and "lower --lr (now 0.005)" in err and "Traceback" not in err
+    assert "--dtype bf16" not in err  # fp32 here: not a lever
+    stop = 1 + train_mod.MAX_SKIPPED_IN_A_ROW
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == f"step-{stop:06d}"
+    (s1, t1), (s_stop, t_stop) = checkpoint_loras(out, 1), checkpoint_loras(out, stop)
+    final = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(s1[k], s_stop[k]) and torch.equal(t1[k], t_stop[k]) for k in s1)
+    assert all(torch.equal(s1[k], final[k]) for k in s1)
+
+
+def test_a_nan_condition_stops_before_training_and_is_not_cached(args, tmp_path, monkeypatch, capsys):
+    from lowvram_dopsd.families.zimage import ZImage
+
+    real = ZImage.encode_student
+
+    def nan_for_one(self, captions, cfg, device):
+        conds = real(self, captions, cfg, device)
+        conds[0]["cap"][0, 0] = float("inf")
+        return conds
+    monkeypatch.setattr(ZImage, "encode_student", nan_for_one)
+    cache = tmp_path / "cache"
+    assert main(args(tmp_path / "run", "--cache-dir", str(cache), "--dtype", "fp16")) == 2
+    err = capsys.readouterr().err
+    assert "text encoder gave non-finite values" in err and "--dtype bf16" in err and "Traceback" not in err
+    assert not list(cache.rglob("*.safetensors"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
