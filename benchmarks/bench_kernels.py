@@ -25,7 +25,12 @@ Shapes (published transformer configs):
 
 Usage: python benchmarks/bench_kernels.py [--shapes zimage,klein] [--methods ...] [--variants WxD,WxDT,WxF]
        [--out benchmarks/results]
+       python benchmarks/bench_kernels.py --tiny --out /tmp/r    # CPU smoke test of this script
 Timings: triton.testing.do_bench medians (CUDA events) after warm-up, random data.
+
+--tiny runs every method and report path on the CPU at tiny shapes (our kernels through the Triton
+interpreter when TRITON_INTERPRET=1, else their torch reference: each row says which ran). It checks
+the script, not speed: a GPU session is rare and should not find this script broken.
 """
 
 from __future__ import annotations
@@ -48,9 +53,11 @@ except ImportError:  # pragma: no cover
     sys.exit("bench_kernels.py needs triton and a CUDA GPU")
 
 import lowvram_dopsd.kernels.lora_linear as ll
+from lowvram_dopsd.kernels import DISPATCH_COUNTS
 from lowvram_dopsd.kernels.dopsd_loss import dopsd_loss, dopsd_loss_reference
 
 TOKENS = 4096 + 512
+DEV = "cuda"  # --tiny: "cpu"
 SHAPES = {
     # name: (K in, N out, uses per model step)
     "zimage": [
@@ -68,15 +75,28 @@ SHAPES = {
         ("single out 12288->3072", 12288, 3072, 20),
     ],
 }
+# --tiny: odd sizes (not multiples of any block), one shape per kind of launch the real ones make
+TINY_TOKENS = 40
+TINY_SHAPES = [("tiny square 96->96", 96, 96, 4), ("tiny up 96->160", 96, 160, 2), ("tiny down 160->96", 160, 96, 1)]
 ALL_METHODS = ["ours-int8", "ours-int8-act8", "ours-fp8", "quanto-qint8", "quanto-qfloat8", "bnb-int8", "bf16"]
 
 
 def bench_ms(fn, grad_to_none=None, warmup=10, rep=50):
+    if DEV == "cpu":  # --tiny: one call's wall clock (do_bench needs CUDA events; nothing to read here)
+        import time
+
+        for t in grad_to_none or ():
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
 def graph_ms(fn, grad_to_none=None):
     """GPU time alone: fn captured in a CUDA graph and replayed (no Python / launch overhead)."""
+    if DEV == "cpu":
+        return "n/a (cpu)"
     try:
         return triton.testing.do_bench_cudagraph(fn, rep=30, grad_to_none=grad_to_none, return_mode="median")
     except Exception as e:  # noqa: BLE001 - e.g. a library that syncs inside fn
@@ -87,6 +107,8 @@ def host_ms(fn, n=20):
     """CPU time to enqueue one call (GPU not waited for, unless fn itself syncs)."""
     import time
 
+    if DEV == "cpu":
+        return bench_ms(fn)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
@@ -97,6 +119,8 @@ def host_ms(fn, n=20):
 
 
 def peak_extra_mb(fn):
+    if DEV == "cpu":
+        return "n/a (cpu)"
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -144,7 +168,7 @@ def build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha):
         Ap, Bp = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
         return (lambda x: ll.lora_linear(x, wq, ws, None, Ap, Bp, scale, act_quant=act)), [Ap, Bp]
     if method == "bf16":
-        lin = torch.nn.utils.skip_init(torch.nn.Linear, K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.utils.skip_init(torch.nn.Linear, K, N, bias=False, device=DEV, dtype=torch.bfloat16)
         lin.weight.data.copy_(w)
         m = _peft(lin, rank, alpha, A, B)
     elif method.startswith("quanto"):
@@ -156,7 +180,7 @@ def build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha):
         # runs its generic path (dequantise the weight, torch.matmul)
         qext.is_extension_available = lambda name: False
         qb.is_extension_available = lambda name: False
-        lin = torch.nn.utils.skip_init(torch.nn.Linear, K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.utils.skip_init(torch.nn.Linear, K, N, bias=False, device=DEV, dtype=torch.bfloat16)
         lin.weight.data.copy_(w)
         wrap = _Wrap(lin)
         quantize(wrap, weights=qint8 if method == "quanto-qint8" else qfloat8)
@@ -167,7 +191,7 @@ def build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha):
 
         lin = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=6.0)
         lin.weight = bnb.nn.Int8Params(w.detach().cpu().clone(), requires_grad=False, has_fp16_weights=False)
-        lin = lin.cuda()
+        lin = lin.to(DEV)  # Int8Params quantises on the move (CPU included)
         m = _peft(lin, rank, alpha, A, B)
     else:
         raise ValueError(method)
@@ -203,16 +227,16 @@ def _same_as_another(v, variants_, act8: bool) -> bool:
 
 def bench_lora(shapes, methods, rank, alpha, variants_, log, breakdown=False):
     rows = []
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=DEV).manual_seed(0)
     for family in shapes:
         for name, K, N, count in SHAPES[family]:
-            w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+            w = (torch.randn(N, K, device=DEV, generator=g) * 0.02).to(torch.bfloat16)
             w_q8, s8 = ll.quantize_weight(w, "int8")
             w_f8, sf8 = ll.quantize_weight(w, "fp8")
-            A = (torch.randn(rank, K, device="cuda", generator=g) * 0.01).to(torch.bfloat16)
-            B = (torch.randn(N, rank, device="cuda", generator=g) * 0.01).to(torch.bfloat16)
-            x = torch.randn(TOKENS, K, device="cuda", generator=g).to(torch.bfloat16)
-            dy = torch.randn(TOKENS, N, device="cuda", generator=g).to(torch.bfloat16)
+            A = (torch.randn(rank, K, device=DEV, generator=g) * 0.01).to(torch.bfloat16)
+            B = (torch.randn(N, rank, device=DEV, generator=g) * 0.01).to(torch.bfloat16)
+            x = torch.randn(TOKENS, K, device=DEV, generator=g).to(torch.bfloat16)
+            dy = torch.randn(TOKENS, N, device=DEV, generator=g).to(torch.bfloat16)
             flops_fwd = 2 * TOKENS * K * N
             variants = []
             for m in methods:
@@ -238,10 +262,15 @@ def bench_lora(shapes, methods, rank, alpha, variants_, log, breakdown=False):
                     def fwd_bwd():
                         f(xg).backward(dy)
 
+                    before = dict(DISPATCH_COUNTS)
                     y = fwd()
+                    if method.startswith("ours"):  # which implementation this row timed
+                        ran = [k.split(".")[1] for k, n in DISPATCH_COUNTS.items()
+                               if k.startswith("lora_linear.") and n > before.get(k, 0)]
+                        row["ran"] = ",".join(ran)
                     # fp32 reference on the same (quantised) base the method uses
                     if method == "bf16":
-                        wq_ref, s_ref = w, torch.ones(N, device="cuda")
+                        wq_ref, s_ref = w, torch.ones(N, device=DEV)
                     elif "fp8" in method or "qfloat8" in method:
                         wq_ref, s_ref = w_f8, sf8
                     else:
@@ -281,10 +310,15 @@ def bench_lora(shapes, methods, rank, alpha, variants_, log, breakdown=False):
                 finally:
                     for k_, v_ in DEFAULTS.items():
                         setattr(ll, k_, v_)
-                torch.cuda.empty_cache()
+                if DEV == "cuda":
+                    torch.cuda.empty_cache()
                 rows.append(row)
                 log(_fmt_row(row))
     return rows
+
+
+def _num(v, fmt=".3f"):
+    return format(v, fmt) if isinstance(v, float) else str(v)
 
 
 def _fmt_row(r):
@@ -294,9 +328,10 @@ def _fmt_row(r):
     g = f"{g:7.3f}" if isinstance(g, float) else str(g)
     bd = r.get("bwd_breakdown_graph_ms")
     bd = (" [" + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in bd.items()) + "]") if bd else ""
-    return (f"{r['shape']:<28} {r['method']:<18} fwd {r['fwd_ms']:7.3f} ms  fwd+bwd {r['fwd_bwd_ms']:7.3f} ms  "
+    ran = f" (ran: {r['ran']})" if r.get("ran", "triton") != "triton" else ""
+    return (f"{r['shape']:<28} {r['method'] + ran:<18} fwd {r['fwd_ms']:7.3f} ms  fwd+bwd {r['fwd_bwd_ms']:7.3f} ms  "
             f"graph {g}  host {r['fwd_bwd_host_ms']:6.3f}{bd}  "
-            f"({r['fwd_tflops']:5.0f} / {r['fwd_bwd_tflops']:5.0f} TFLOP/s)  +{r['peak_extra_mb_fwd_bwd']:6.0f} MB  "
+            f"({r['fwd_tflops']:5.0f} / {r['fwd_bwd_tflops']:5.0f} TFLOP/s)  +{_num(r['peak_extra_mb_fwd_bwd'], '6.0f')} MB  "
             f"err y {r['rel_err_vs_fp32_ref']:.1e}"
             + (f" dx {r['rel_err_dx']:.1e} dA {r['rel_err_dA']:.1e} dB {r['rel_err_dB']:.1e}" if "rel_err_dx" in r else ""))
 
@@ -343,18 +378,20 @@ def precompile(variants_, fmts, log):
 # ---------------------------------------------------------------------------------------------
 # loss
 # ---------------------------------------------------------------------------------------------
-def bench_loss(log):
+def bench_loss(log, tiny=False):
     out = {}
-    nbytes = 512 * 2**20
-    src = torch.randn(nbytes // 2, device="cuda").to(torch.bfloat16)
+    nbytes = (1 if tiny else 512) * 2**20
+    src = torch.randn(nbytes // 2, device=DEV).to(torch.bfloat16)
     dst = torch.empty_like(src)
     t = bench_ms(lambda: dst.copy_(src))
     out["copy_GBps"] = 2 * nbytes / t / 1e6
     log(f"device-to-device copy: {out['copy_GBps']:.0f} GB/s (read + write, {nbytes >> 20} MiB)")
-    for label, shape in (("large", (4, 32 * 2**20)), ("latent 1x16x128x128", (1, 16, 128, 128))):
-        v_s = torch.randn(shape, device="cuda").to(torch.bfloat16).requires_grad_()
-        v_t = torch.randn(shape, device="cuda").to(torch.bfloat16)
-        w = torch.rand(shape[0], device="cuda") + 0.1
+    shapes = ((("odd", (3, 1000)), ("latent 1x16x8x8", (1, 16, 8, 8))) if tiny else
+              (("large", (4, 32 * 2**20)), ("latent 1x16x128x128", (1, 16, 128, 128))))
+    for label, shape in shapes:
+        v_s = torch.randn(shape, device=DEV).to(torch.bfloat16).requires_grad_()
+        v_t = torch.randn(shape, device=DEV).to(torch.bfloat16)
+        w = torch.rand(shape[0], device=DEV) + 0.1
         e = v_s.numel() * 2  # bytes per tensor
 
         def ours_fwd():
@@ -399,8 +436,10 @@ def write_report(meta, rows, loss, out_dir):
         json.dump(dict(meta=meta, lora_linear=rows, loss=loss), f, indent=1)
     L = [f"# Kernel benchmarks: {meta['device']}", ""]
     L += [f"- date: {meta['date']}", f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}",
-          f"- command: `{meta['command']}`", f"- M = {TOKENS} tokens (4096 image + 512 text, 1024²), "
-          f"LoRA rank {meta['rank']}, alpha {meta['alpha']}, bf16 activations; "
+          f"- command: `{meta['command']}`",
+          f"- M = {TOKENS} tokens " + ("(4096 image + 512 text, 1024²), " if DEV == "cuda" else
+                                       "(--tiny: a CPU smoke test of this script; its times mean nothing), ")
+          + f"LoRA rank {meta['rank']}, alpha {meta['alpha']}, bf16 activations; "
           "times are do_bench medians in ms; fwd under no_grad, fwd+bwd with grads for x and LoRA",
           f"- ours, default GEMM variant: {meta['defaults']} (bracketed labels: variants, see docs/kernels.md)", ""]
     L += ["## LoRA linear", "",
@@ -418,16 +457,16 @@ def write_report(meta, rows, loss, out_dir):
         v = r.get(k)
         return f"{v / b:.2f}x" if isinstance(v, float) and isinstance(b, float) else "-"
 
-    def num(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    num = _num
 
     for r in rows:
         if "error" in r:
             L.append(f"| {r['shape']} | {r['method']} | error: {r['error'][:120]} | | | | | | | |")
             continue
-        L.append(f"| {r['shape']} | {r['method']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+        method = r["method"] + (f" (ran: {r['ran']})" if r.get("ran", "triton") != "triton" else "")
+        L.append(f"| {r['shape']} | {method} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
                  f"{ratio(r, 'fwd_bwd_ms')} | {num(r['fwd_bwd_graph_ms'])} | {ratio(r, 'fwd_bwd_graph_ms')} | "
-                 f"{r['fwd_bwd_host_ms']:.2f} | {r['fwd_tflops']:.0f} | {r['peak_extra_mb_fwd_bwd']:.0f} |")
+                 f"{r['fwd_bwd_host_ms']:.2f} | {r['fwd_tflops']:.0f} | {num(r['peak_extra_mb_fwd_bwd'], '.0f')} |")
     bd = [r for r in ok if r.get("bwd_breakdown_graph_ms")]
     if bd:
         L += ["", "Per launch (CUDA-graph GPU ms; u, dx, dA, dB derived from graphs of subsets of the backward, "
@@ -502,15 +541,21 @@ def main(argv=None):
     ap.add_argument("--no-precompile", dest="precompile", action="store_false",
                     help="skip compiling the autotuning candidates in parallel worker processes first")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--tiny", action="store_true",
+                    help="CPU smoke test of this script at tiny shapes (no timing worth reading)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_kernels.py needs a CUDA GPU")
+    global DEV, TOKENS
+    if args.tiny:
+        DEV, TOKENS, SHAPES["tiny"], args.shapes, args.precompile = "cpu", TINY_TOKENS, TINY_SHAPES, "tiny", False
+    elif not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU (or --tiny for its CPU smoke test)")
 
     def log(s):
         print(s, flush=True)
 
     meta = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        device="cpu-tiny" if args.tiny else torch.cuda.get_device_name(), torch=torch.__version__,
+        triton=triton.__version__, triton_interpret=os.environ.get("TRITON_INTERPRET", "0"),
         cuda=torch.version.cuda, python=platform.python_version(), rank=args.rank, alpha=args.alpha,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command="python " + " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:])),
@@ -535,7 +580,7 @@ def main(argv=None):
     loss = {}
     if not args.no_loss:
         try:
-            loss = bench_loss(log)
+            loss = bench_loss(log, tiny=args.tiny)
         except Exception:  # noqa: BLE001 - still write the LoRA results
             log("loss benchmark failed:\n" + traceback.format_exc(limit=4))
     meta["tuned_configs"] = {repr(k): v for k, v in ll._BEST_CONFIG.items() if isinstance(k[1], int) and k[1] >= 1024}
