@@ -164,6 +164,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
     cfg, builtin = load_config(args.preset, _overrides(args)), TrainConfig()
     flag_of = {key: flag for flag, key in FLAGS.items()}
     console, table = Console(highlight=False), None
+    wide = console.width >= 110  # else the value goes above its description: 3 columns leave it ~20 characters
     for name, f in SETTINGS.items():
         if f.metadata["section"]:  # one table per group of settings
             if table is not None:
@@ -171,7 +172,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
             table = Table(title=f"[bold]{escape(f.metadata['section'])}[/]", title_justify="left", box=None,
                           show_header=False, pad_edge=False)
             table.add_column(style="cyan", no_wrap=True, min_width=2 + max(map(len, SETTINGS)))
-            table.add_column(overflow="fold", width=25)  # the same columns in every group
+            if wide:
+                table.add_column(overflow="fold", width=25)  # the same columns in every group
             table.add_column()
         value = getattr(cfg, name)
         shown = escape(_as_typed(name, value))
@@ -180,7 +182,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
         choices, flag = f.metadata["choices"], flag_of.get(name)
         what = (escape(f.metadata["help"]) + (f" [dim]({escape(', '.join(map(repr, choices)))})[/]" if choices else "")
                 + (f" [dim]{flag}[/]" if flag else ""))
-        table.add_row(f"  {name}", shown, what)
+        table.add_row(f"  {name}", shown, what) if wide else table.add_row(f"  {name}", f"{shown}\n[dim]{what}[/]")
     console.print(table)
     console.print(f"Values in yellow come from the preset ({args.preset or 'none'}) or the command line. Flags "
                   "set the common settings; --set key=value sets any of them.", style="dim")

@@ -1,4 +1,5 @@
 """The command line end to end: exit codes, a loadable LoRA, one-paragraph errors."""
+import pytest
 import torch
 from diffusers import ZImagePipeline
 
@@ -102,17 +103,27 @@ def test_train_help_documents_each_flag_from_its_setting(capsys):
     assert "(default: 'x0')" in out and "lowvram-dopsd settings" in out
 
 
-def test_settings_lists_every_setting_with_its_resolved_value(capsys, monkeypatch):
+@pytest.mark.parametrize("columns", [200, 80])  # value beside its description / above it
+def test_settings_lists_every_setting_with_its_resolved_value(capsys, monkeypatch, columns):
     import dataclasses
 
     from lowvram_dopsd.config import TrainConfig
 
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("COLUMNS", str(columns))
     assert main(["settings", "--preset", "16gb", "--rank", "32", "--set", "preview_prompts=a dog|a cat, running"]) == 0
     out = capsys.readouterr().out
     # a setting's row starts with two spaces and its name; wrapped text is indented further
-    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line[2] != " "}
+    rows, name = {}, None
+    for line in out.splitlines():
+        if line.startswith("  ") and line[2] != " ":
+            name = line.split()[0]
+            rows[name] = line
+        elif line.startswith("   ") and name:
+            rows[name] += "\n" + line
+        else:
+            name = None  # a group's title
     assert set(rows) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert rows["quant"].split()[1] == "qint8" and rows["rank"].split()[1] == "32"  # preset, then flag
     assert "a dog|a cat, running" in rows["preview_prompts"] and "--rank" in rows["rank"]
+    assert max(map(len, out.splitlines())) <= columns
     assert main(["settings", "--preset", "16gb", "--set", "rnak=3"]) == 2  # same checks as train
