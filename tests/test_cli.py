@@ -87,8 +87,6 @@ def test_a_caption_the_pipeline_would_cut_is_warned_before_training(tmp_path, ti
 def test_train_help_documents_each_flag_from_its_setting(capsys):
     import dataclasses
 
-    import pytest
-
     from lowvram_dopsd.cli import FLAGS
     from lowvram_dopsd.config import TrainConfig
 
