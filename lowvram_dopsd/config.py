@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -131,6 +132,7 @@ CHOICES = {f.name: f.metadata["choices"] for f in fields(TrainConfig) if f.metad
 
 
 LIST_SEPARATORS = {"preview_prompts": "|"}
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
 def field_names() -> list[str]:
@@ -168,7 +170,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 raise ValueError(value)
             return int(value)
         if hint is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):  # "nan", "inf" parse as floats
                 raise ValueError(value)
             return float(value)
         if hint is str:
@@ -183,7 +185,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             raise ValueError(value)
     except (TypeError, ValueError):
         pass
-    type_name = getattr(hint, "__name__", str(hint))
+    type_name = "finite number" if hint is float else getattr(hint, "__name__", str(hint))
     raise UserError(f"Setting '{name}' in {where} must be a {type_name}, got {value!r}.")
 
 
@@ -194,10 +196,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             shown = ", ".join(repr(a) for a in allowed if a)
             raise UserError(f"Setting '{name}' is {value!r}; it must be one of {shown}.")
     positive = ("rank", "batch_size", "micro_batch", "steps", "resolution", "save_every",
-                "max_sequence_length", "teacher_max_sequence_length")
+                "max_sequence_length", "teacher_max_sequence_length", "vlm_min_pixels", "vlm_max_pixels")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise UserError(f"Setting '{name}' must be a positive number, got {getattr(cfg, name)}.")
+    # 0 means something for these (their help says what); a negative value means nothing
+    non_negative = ("lr", "warmup_steps", "max_grad_norm", "weight_decay", "keep_checkpoints", "preview_every",
+                    "rollout_steps", "train_states")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"Setting '{name}' must be 0 or more, got {getattr(cfg, name)} "
+                            f"({_FIELDS[name].metadata['help']}).")
+    if cfg.vlm_min_pixels > cfg.vlm_max_pixels:
+        raise UserError(f"vlm_min_pixels ({cfg.vlm_min_pixels}) is above vlm_max_pixels ({cfg.vlm_max_pixels}): "
+                        "the VLM resizes your photo into that range. Lower the first or raise the second.")
     if cfg.batch_size % cfg.micro_batch:
         raise UserError(
             f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch ({cfg.micro_batch}): "
@@ -209,10 +221,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"alpha must be positive, got {cfg.alpha}.")
     if cfg.resolution % 16:
         raise UserError(f"resolution must be a multiple of 16 (VAE 8x and patch 2x), got {cfg.resolution}.")
-    if cfg.keep_checkpoints < 0 or cfg.preview_every < 0:
-        raise UserError("keep_checkpoints and preview_every must be >= 0 (0 means keep all / no previews).")
-    if cfg.train_states < 0 or cfg.rollout_steps < 0:
-        raise UserError("rollout_steps and train_states must be >= 0 (0 means the default).")
     if cfg.act_quant == "int8" and cfg.quant != "qint8":
         raise UserError(
             f"act_quant = 'int8' multiplies int8 activations with an int8 base weight, so it needs "

@@ -52,6 +52,20 @@ def test_bad_values_are_rejected(key, value):
         load_config(None, {key: value})
 
 
+@pytest.mark.parametrize("key,value,says", [
+    ("lr", "-1e-4", "'lr' must be 0 or more"), ("weight_decay", "-0.01", "'weight_decay' must be 0 or more"),
+    ("warmup_steps", "-5", "'warmup_steps' must be 0 or more"), ("max_grad_norm", "-1", "0 = no clipping"),
+    ("keep_checkpoints", "-1", "0 = keep all"), ("train_states", "-2", "0 = all of them"),
+    ("lr", "nan", "must be a finite number"), ("alpha", "inf", "must be a finite number"),
+    ("vlm_max_pixels", "0", "positive"), ("vlm_min_pixels", str(2048 * 2048), "above vlm_max_pixels"),
+])
+def test_values_that_mean_nothing_are_rejected_saying_what_zero_means(key, value, says):
+    with pytest.raises(UserError, match=says):
+        load_config(None, {key: value})
+    if "0 or more" in says or key == "lr":
+        assert getattr(load_config(None, {key: "0"}), key) == 0  # and 0 itself is valid
+
+
 def test_batch_must_divide_into_micro_batches():
     with pytest.raises(UserError, match="multiple of micro_batch"):
         load_config(None, {"batch_size": "4", "micro_batch": "3"})
