@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("plan", help="predict the GPU memory of a training step, from the model's config alone")
     _add_train_flags(p, preset_default="16gb", resume=False)
-    p.add_argument("--vram", type=float, default=None, metavar="GIB",
+    p.add_argument("--vram", type=_gib, default=None, metavar="GIB",
                    help="your card's memory in GiB (default: the preset's card, e.g. 16gb -> 14.0 GiB allocatable)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
@@ -273,6 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", action="store_true", help="export the EMA teacher LoRA instead of the student")
     p.set_defaults(func=cmd_export)
     return parser
+
+
+def _gib(text: str) -> float:
+    """--vram: a card's memory in GiB (argparse turns the error into a usage message, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1024:
+        raise argparse.ArgumentTypeError(f"expected a card's memory in GiB such as 12 or 23.5, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,6 +200,10 @@ def test_cli_plan(capsys):
     assert "warning" in text and "--quant qint8" in text
     assert main(["plan", "--preset", "16gb", "--model", "black-forest-labs/FLUX.2-klein-4B"]) == 0
     assert "klein" in capsys.readouterr().out
+    for vram in ("-3", "0", "lots"):  # a usage error (exit 2), not a plan against a negative budget
+        with pytest.raises(SystemExit) as exc:
+            main(["plan", "--preset", "16gb", "--vram", vram])
+        assert exc.value.code == 2 and "card's memory in GiB" in capsys.readouterr().err
 
 
 def test_teacher_ema_on_cpu_leaves_a_bf16_copy_on_the_gpu():
