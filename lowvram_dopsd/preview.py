@@ -115,6 +115,9 @@ class Previewer:
         path = self.out_dir / "previews" / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.png")
-        grid.save(tmp, pnginfo=info)
-        tmp.replace(path)
+        try:
+            grid.save(tmp, pnginfo=info)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a half-written grid (full disk) is not left behind
         return path

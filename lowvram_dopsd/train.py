@@ -437,7 +437,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         try:
             with explain_oom(cfg, preset, "sampling a preview"):
                 display.preview(previews.write(step))
-        except UserError as exc:  # a preview is never worth the run: say so and go on
+        except (UserError, OSError) as exc:  # a preview is never worth the run (nor a full disk): say so, go on
             display.note(f"[yellow]preview skipped:[/] {exc}")
 
     def save_checkpoint(step: int, rng_state: RNGState) -> Path:
@@ -504,8 +504,14 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
                        **({} if update else {"skipped": True})}
             if device.type == "cuda":
                 metrics["vram_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
+            try:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            except OSError as exc:  # a full disk, most likely: the next checkpoint would fail as well
+                kept = (f"The last checkpoint ({last_ckpt}) is intact: free some space and run the same command "
+                        "with --resume." if last_ckpt else "No checkpoint was written yet: free some space and "
+                        "run again.")
+                raise UserError(f"Could not append step {step} to {log.name} ({exc.strerror or exc}). {kept}") from exc
             display.step(step, metrics)
 
             diverged = skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW

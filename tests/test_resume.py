@@ -1,10 +1,13 @@
-"""Stop a run (Ctrl-C, CUDA out of memory, losses that stay NaN) and resume it: the final LoRA equals an
-uninterrupted run's. A single non-finite step changes nothing and the run goes on.
+"""Stop a run (Ctrl-C, CUDA out of memory, losses that stay NaN, a full disk) and resume it: the final
+LoRA equals an uninterrupted run's. A single non-finite step, or a preview that cannot be written,
+changes nothing and the run goes on.
 
 All runs go through the command line, on the tiny Z-Image model, fp32 on the CPU (deterministic).
 """
+import errno
 import json
 import os
+import pathlib
 import signal
 
 import pytest
@@ -234,3 +237,62 @@ def test_a_nan_condition_stops_before_training_and_is_not_cached(args, tmp_path,
     assert "text encoder gave non-finite values" in err and "--dtype bf16" in err and "Traceback" not in err
     assert not list(cache.rglob("*.safetensors"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+class DiskFullAfter:
+    """Stands in for metrics.jsonl opened for appending: the disk fills up at write number `n`."""
+
+    def __init__(self, real, n):
+        self.real, self.n, self.name = real, n, real.name
+
+    def write(self, text):
+        self.n -= 1
+        if self.n == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real.write(text)
+
+    def __getattr__(self, attr):
+        return getattr(self.real, attr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.real.close()
+
+
+def test_a_full_disk_while_logging_keeps_the_last_checkpoint_and_resumes_exactly(args, reference, tmp_path,
+                                                                              monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_open = pathlib.Path.open
+
+    def open_(self, mode="r", *a, **k):
+        f = real_open(self, mode, *a, **k)
+        return DiskFullAfter(f, 3) if self.name == "metrics.jsonl" and "a" in mode else f
+    monkeypatch.setattr(pathlib.Path, "open", open_)
+    assert main(args(out, "--set", "save_every=1")) == 2
+    err = capsys.readouterr().err
+    assert "Could not append step 3" in err and "No space left" in err and "Traceback" not in err
+    assert "step-000002) is intact" in err and "--resume" in err
+    monkeypatch.undo()
+    assert main(args(out, "--set", "save_every=1", "--resume")) == 0
+    assert_same_run(out, reference)
+
+
+def test_a_preview_that_cannot_be_written_is_skipped_and_the_run_goes_on(args, reference, tmp_path, monkeypatch,
+                                                                       capsys):
+    from PIL import Image
+
+    out, real_save, calls = tmp_path / "run", Image.Image.save, [0]
+
+    def save(self, fp, *a, **k):
+        calls[0] += 1
+        if calls[0] == 2:  # the grid of step 2
+            real_save(self, fp, *a, **k)  # half a file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *a, **k)
+    monkeypatch.setattr(Image.Image, "save", save)
+    assert main(args(out, "--set", "preview_every=2", "--set", "preview_prompts=sks ball in space")) == 0
+    assert "preview skipped" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "previews").iterdir()) == ["step-000000.png", "step-000004.png"]
+    assert_same_run(out, reference)
