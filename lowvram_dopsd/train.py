@@ -277,6 +277,24 @@ def explain_oom(cfg: TrainConfig, preset: str, doing: str, on_oom: Callable[[], 
                         "the memory goes.") from exc
 
 
+def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler, lora: DualLoRA,
+                   cfg: TrainConfig, loss: float) -> tuple[bool, float]:
+    """Clip, step the student LoRA, then its EMA into the teacher; returns (updated, gradient norm).
+
+    One NaN/inf update would make the LoRA, its EMA teacher and every later checkpoint NaN for good:
+    such a step changes nothing (optimizer, schedule, EMA); the loop stops a run that keeps making them.
+    """
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
+    update = math.isfinite(loss) and math.isfinite(grad_norm)
+    if update:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if update:
+        lora.ema_update(cfg.ema_decay)
+    return update, grad_norm
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The run
 # ---------------------------------------------------------------------------------------------
@@ -484,18 +502,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
                     step_losses += losses
             loss = sum(step_losses) / len(step_losses)
             with explain_oom(cfg, preset, f"the optimizer step of step {step}"):
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
-                # One NaN/inf update would make the LoRA, its EMA teacher and every later checkpoint NaN
-                # for good: such a step changes nothing (optimizer, schedule, EMA), and a run that keeps
-                # producing them stops below.
-                update = math.isfinite(loss) and math.isfinite(grad_norm)
-                if update:
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if update:
-                    lora.ema_update(cfg.ema_decay)
+                update, grad_norm = optimizer_step(params, optimizer, scheduler, lora, cfg, loss)
             skipped += not update
             skipped_in_a_row = 0 if update else skipped_in_a_row + 1
 
