@@ -165,13 +165,22 @@ def resolve_model(model: str) -> ModelConfig:
 def _fetch_configs(model_id: str) -> Path:
     if model_id.count("/") != 1:
         raise UserError(f"'{model_id}' is neither a folder nor a Hugging Face id (owner/name).")
+    import logging
+
+    from huggingface_hub import hf_hub_download
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its "... thrown while requesting HEAD" warning would precede our message
     try:
-        from huggingface_hub import hf_hub_download
         index = hf_hub_download(model_id, "model_index.json")
         hf_hub_download(model_id, "transformer/config.json")
     except Exception as exc:
-        raise UserError(f"Could not get the configs of '{model_id}' ({type(exc).__name__}). The planner needs only "
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+        raise UserError(f"Could not get the configs of '{model_id}' ({why}). The planner needs only "
                         "model_index.json and transformer/config.json: pass a folder that holds them.") from exc
+    finally:
+        hub_log.setLevel(level)
     return Path(index).parent
 
 

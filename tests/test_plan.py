@@ -222,3 +222,23 @@ def test_a_cumulative_suggestion_names_each_setting_once():
     assert any(flag.count("--") > 1 for flag, _ in fixes)  # a cumulative one: 896, 768 ... were tried in turn
     for flag, _ in fixes:
         assert flag.count("--resolution") <= 1 and flag.count("--rank") <= 1, flag
+
+
+def test_an_unknown_id_gives_one_paragraph_without_the_hubs_own_warning(monkeypatch, caplog, capsys):
+    import logging
+
+    import huggingface_hub
+
+    from lowvram_dopsd.cli import main
+
+    def download(repo_id, filename, **kw):  # what the hub does offline: warn, then raise
+        logging.getLogger("huggingface_hub.file_download").warning(
+            "'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/...")
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot find the requested files in the local cache.")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    level = logging.getLogger("huggingface_hub").level
+    with caplog.at_level(logging.WARNING):
+        assert main(["plan", "--preset", "16gb", "--model", "someone/typo"]) == 2
+    assert "Could not get the configs of 'someone/typo'" in capsys.readouterr().err
+    assert not [r for r in caplog.records if "thrown while requesting" in r.getMessage()]
+    assert logging.getLogger("huggingface_hub").level == level  # put back as it was
