@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
 import tempfile
 import time
@@ -38,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .config import TrainConfig
+from .config import LIST_SEPARATORS, TrainConfig
 from .errors import UserError
 
 CKPT_DIR = "checkpoints"
@@ -334,8 +335,8 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
         if key in ckpt.identity and ckpt.identity[key] != identity.get(key):
             problems.append(label)
     if problems:
-        fixes = " ".join(f"--set {p.split(' = ')[0]}={_cli_value(ckpt.config.get(p.split(' = ')[0]))}"
-                         for p in problems if " = " in p)
+        fixes = " ".join("--set " + shlex.quote(f"{k}={_cli_value(k, ckpt.config.get(k, defaults.get(k)))}")
+                         for k in (p.split(" = ")[0] for p in problems if " = " in p))
         raise UserError(
             f"Cannot resume '{ckpt.path}': this run would not continue the one that was saved. Changed: "
             f"{'; '.join(problems)}. Run with the original settings{' (' + fixes + ')' if fixes else ''}, "
@@ -344,9 +345,9 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
     return notes
 
 
-def _cli_value(value: Any) -> str:
+def _cli_value(key: str, value: Any) -> str:
     if isinstance(value, list):
-        return ",".join(str(v) for v in value)
+        return LIST_SEPARATORS.get(key, ",").join(str(v) for v in value)
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

@@ -80,6 +80,15 @@ def precompute(family: Family, ds: data.Dataset, teacher: str, cfg: TrainConfig,
     return student[:len(ds)], teacher_conds, student[len(ds):]
 
 
+def check_prior_prompts(cfg: TrainConfig) -> None:
+    """A prior prompt that names the subject would pull the subject itself back to the base."""
+    named = [p for p in cfg.prior_prompts if cfg.trigger and data.apply_trigger(p, cfg.trigger) == p]
+    if named:
+        raise UserError(f"The prior prompt {named[0]!r} contains the trigger {cfg.trigger!r}. Prior prompts are "
+                        "the ones whose images must NOT change (e.g. 'a photo of a dog' when you train "
+                        "'sks dog'): remove the trigger from them.")
+
+
 def check_finite(cond: Cond, what: str, encoder: str, cfg: TrainConfig) -> None:
     """A NaN/inf condition would make every step that draws it non-finite, and the cache would keep it."""
     bad = sorted(k for k, v in cond.items() if v.is_floating_point() and not torch.isfinite(v).all())
@@ -96,8 +105,12 @@ def check_finite(cond: Cond, what: str, encoder: str, cfg: TrainConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 def rollout_and_learn(family: Family, model: torch.nn.Module, lora: DualLoRA, x: torch.Tensor,
                       sigmas: torch.Tensor, c_s: list[Cond], c_t: list[Cond], trained: set[int],
-                      loss_kind: str, loss_scale: float) -> tuple[list[float], torch.Tensor]:
+                      loss_kind: str, loss_scale: float, teacher: str | None = "teacher"
+                      ) -> tuple[list[float], torch.Tensor]:
     """Roll out from noise `x`; at each step in `trained`, back-propagate `loss_scale * loss` at once.
+
+    `teacher`: the LoRA set the target is computed with ("teacher" = the EMA teacher; None = the bare
+    base model, for the prior roll-outs).
 
     Returns the per-trained-step losses and the final latents. Gradients accumulate in the student
     LoRA's .grad; the caller steps the optimizer.
@@ -106,7 +119,7 @@ def rollout_and_learn(family: Family, model: torch.nn.Module, lora: DualLoRA, x:
     for k in range(len(sigmas) - 1):
         sigma = sigmas[k]
         if k in trained:
-            with torch.no_grad(), lora.use("teacher"):
+            with torch.no_grad(), lora.use(teacher):
                 v_t = family.velocity(model, x, sigma, c_t)
             with lora.use("student"):
                 v_s = family.velocity(model, x, sigma, c_s)
@@ -378,7 +391,9 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         "dataset": f"{len(ds)} images from {cfg.images}" + (f", {len(ds.skipped)} skipped" if ds.skipped else ""),
         "captions": ds.caption_rule,
         "method": f"teacher {teacher}, loss {cfg.loss}, {rollout_steps}-step roll-outs, "
-                  f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}",
+                  f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}"
+                  + (f"; prior: {len(cfg.prior_prompts)} prompts, weight {cfg.prior_weight:g}" if cfg.prior_prompts
+                     else ""),
         **notes,
         "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}, batch {cfg.batch_size} "
                 f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
@@ -404,10 +419,13 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     # 1. conditions, then free the encoders before the transformer is loaded
     prompts = (cfg.preview_prompts or default_prompts([it.caption for it in ds.items], cfg.trigger)) \
         if cfg.preview_every else []
+    check_prior_prompts(cfg)
     cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
     t0 = time.perf_counter()
     with explain_oom(cfg, preset, "encoding the captions and images"):
-        conds_s, conds_t, conds_preview = precompute(family, ds, teacher, cfg, enc_device, cache, prompts)
+        conds_s, conds_t, extra = precompute(family, ds, teacher, cfg, enc_device, cache,
+                                             prompts + cfg.prior_prompts)
+    conds_preview, conds_prior = extra[:len(prompts)], extra[len(prompts):]
     console.print(f"conditions: {cache.hits} cached, {cache.misses} encoded ({time.perf_counter() - t0:.1f}s)")
 
     # 2. one frozen base, two LoRA sets
@@ -441,6 +459,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     info = {"base_model": cfg.model, "family": family.name, "teacher": teacher, "loss": cfg.loss,
             "caption_rule": ds.caption_rule, "trigger": cfg.trigger, "rollout_steps": rollout_steps,
             "preset": preset, "lr": lr, "ema_decay": cfg.ema_decay, "resolution": cfg.resolution,
+            **({"prior_prompts": " | ".join(cfg.prior_prompts), "prior_weight": cfg.prior_weight}
+               if cfg.prior_prompts else {}),
             **notes}
 
     previews = None
@@ -464,6 +484,18 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         display.note(f"checkpoint: {path}")
         return path
 
+    def learn(height: int, width: int, c_s: list[Cond], c_t: list[Cond], weight: float,
+              teacher: str | None = "teacher") -> list[float]:
+        """One micro-batch: a roll-out from fresh noise at this size, `weight` × its mean loss back-propagated."""
+        sigmas = family.sigmas(height, width, rollout_steps)
+        x = torch.randn((len(c_s), *family.latent_shape(height, width)), generator=noise_gen,
+                        dtype=torch.float32).to(device)
+        k = cfg.train_states or rollout_steps
+        trained = set(range(rollout_steps)) if k == rollout_steps else set(rng.sample(range(rollout_steps), k))
+        losses, _ = rollout_and_learn(family, model, lora, x, sigmas, c_s, c_t, trained, cfg.loss,
+                                      loss_scale=weight / len(trained), teacher=teacher)
+        return losses
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if previews and not (out_dir / "previews" / "step-000000.png").exists():
@@ -486,27 +518,25 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
                 return f"The last checkpoint ({last_ckpt}) is intact. " if last_ckpt else ""
 
             with explain_oom(cfg, preset, f"training step {step}", on_oom=save_before_this_step):
-                step_losses = []
-                for _ in range(cfg.grad_accum):
+                step_losses, prior_losses = [], []
+                for _ in range(cfg.grad_accum):  # your images: the teacher reads each one
                     batch = sampler.next()
                     item = ds.items[batch[0]]
-                    sigmas = family.sigmas(item.height, item.width, rollout_steps)
-                    x = torch.randn((len(batch), *family.latent_shape(item.height, item.width)),
-                                    generator=noise_gen, dtype=torch.float32).to(device)
-                    k = cfg.train_states or rollout_steps
-                    trained = (set(range(rollout_steps)) if k == rollout_steps
-                               else set(rng.sample(range(rollout_steps), k)))
-                    losses, _ = rollout_and_learn(family, model, lora, x, sigmas, [conds_s[i] for i in batch],
-                                                  [conds_t[i] for i in batch], trained, cfg.loss,
-                                                  loss_scale=1.0 / (len(trained) * cfg.grad_accum))
-                    step_losses += losses
+                    step_losses += learn(item.height, item.width, [conds_s[i] for i in batch],
+                                         [conds_t[i] for i in batch], weight=1.0 / cfg.grad_accum)
+                if conds_prior:  # a prompt without your subject: the target is the bare base model's
+                    c = [conds_prior[rng.randrange(len(conds_prior))] for _ in range(cfg.micro_batch)]
+                    prior_losses = learn(cfg.resolution, cfg.resolution, c, c, weight=cfg.prior_weight, teacher=None)
             loss = sum(step_losses) / len(step_losses)
+            prior_loss = sum(prior_losses) / len(prior_losses) if prior_losses else 0.0
             with explain_oom(cfg, preset, f"the optimizer step of step {step}"):
-                update, grad_norm = optimizer_step(params, optimizer, scheduler, lora, cfg, loss)
+                update, grad_norm = optimizer_step(params, optimizer, scheduler, lora, cfg, loss + prior_loss)
             skipped += not update
             skipped_in_a_row = 0 if update else skipped_in_a_row + 1
 
-            metrics = {"step": step, "loss": finite_or_none(loss), "grad_norm": finite_or_none(grad_norm),
+            metrics = {"step": step, "loss": finite_or_none(loss),
+                       **({"prior_loss": finite_or_none(prior_loss)} if prior_losses else {}),
+                       "grad_norm": finite_or_none(grad_norm),
                        "lr": scheduler.get_last_lr()[0], "sec": round(time.perf_counter() - t_step, 4),
                        **({} if update else {"skipped": True})}
             if device.type == "cuda":

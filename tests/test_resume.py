@@ -296,3 +296,29 @@ def test_a_preview_that_cannot_be_written_is_skipped_and_the_run_goes_on(args, r
     assert "preview skipped" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "previews").iterdir()) == ["step-000000.png", "step-000004.png"]
     assert_same_run(out, reference)
+
+
+PRIOR = ("--set", "prior_prompts=a red ball in space|a ball, on grass", "--set", "prior_weight=2")
+
+
+def test_a_run_with_prior_prompts_resumes_exactly_and_refuses_other_ones(args, tmp_path, monkeypatch, capsys):
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert main(args(reference, *PRIOR)) == 0
+    metrics = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["prior_loss"] == 0.0  # step 1: the student is still the base (B = 0)
+    assert all(m["prior_loss"] > 0 for m in metrics[1:])
+    calls_that(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))  # Ctrl-C during step 2
+    assert main(args(out, *PRIOR)) == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(args(out, "--set", "prior_prompts=a dog", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "prior_prompts = ['a dog']" in err and "--set 'prior_prompts=a red ball in space|a ball, on grass'" in err
+    assert main(args(out, *PRIOR, "--resume")) == 0
+    assert_same_run(out, reference)
+
+
+def test_a_prior_prompt_that_names_the_subject_is_refused(args, tmp_path, capsys):
+    assert main(args(tmp_path / "run", "--trigger", "sks", "--set", "prior_prompts=a photo of sks ball")) == 2
+    err = capsys.readouterr().err
+    assert "contains the trigger 'sks'" in err and "remove the trigger" in err

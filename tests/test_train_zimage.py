@@ -149,3 +149,51 @@ def test_prompt_token_counts_are_what_the_pipeline_keeps_and_long_captions_are_w
     n_cut = sum(n > cfg.max_sequence_length for n in counts)
     assert len(warnings) == 1 and warnings[0].startswith(f"{n_cut} of 3 caption prompts") and "c.txt" in warnings[0]
     assert family.prompt_warnings(captions[:1], ["a.txt"], "vlm", cfg) == []
+
+
+def test_a_prior_rollout_learns_toward_the_bare_base_model(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images):
+    """rollout_and_learn(teacher=None): the target is the base without any LoRA, not the EMA teacher."""
+    cfg = make_cfg(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images)
+    family = load_family(str(tiny_zimage_dir))
+    (c,) = family.encode_student(["a red ball in space"], cfg, CPU)
+    model = family.load_transformer(cfg, CPU, torch.float32)
+    lora = DualLoRA.attach(model, family.lora_targets, rank=4, alpha=8.0)
+    g = torch.Generator().manual_seed(3)
+    for layer in lora.layers.values():  # student, EMA teacher and base: three different models
+        layer.student_B.data.normal_(0, 0.05, generator=g)
+        layer.teacher_B.normal_(0, 0.05, generator=g)
+    x = torch.randn((1, *family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(4))
+    sigmas = family.sigmas(64, 64, 4)
+    (loss,), _ = rollout_and_learn(family, model, lora, x.clone(), sigmas, [c], [c], {0}, "velocity", 1.0,
+                                   teacher=None)
+    with torch.no_grad():
+        v = {}
+        for role in ("student", None, "teacher"):
+            with lora.use(role):
+                v[role] = family.velocity(model, x, sigmas[0], [c])
+    assert loss == pytest.approx(((v["student"] - v[None]) ** 2).mean().item(), rel=1e-5)
+    assert abs(loss - ((v["student"] - v["teacher"]) ** 2).mean().item()) > 0.1 * loss  # not the EMA teacher
+
+
+def test_prior_prompts_keep_the_student_near_the_base_on_them(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images):
+    """Trained on the demo's 'sks ball' with a high lr, the LoRA moves the model on a prompt without the
+    trigger; with that prompt among prior_prompts it moves half as far (measured: 0.21 vs 0.10)."""
+    prompt = "a red ball in space"
+
+    def moved(tag, **over):
+        cfg = make_cfg(tmp_path / tag, tiny_zimage_dir, tiny_vlm_dir, demo_images, steps=8, lr=1e-2,
+                       rollout_steps=2, cache_dir=tmp_path / "cache", **over)
+        r = train(cfg)
+        (c,) = r.family.encode_student([prompt], cfg, CPU)
+        x = torch.randn((4, *r.family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(5))
+        sigma = r.family.sigmas(64, 64, 2)[0]
+        with torch.no_grad():
+            with r.lora.use("student"):
+                v_s = r.family.velocity(r.model, x, sigma, [c] * 4)
+            with r.lora.use(None):
+                v_b = r.family.velocity(r.model, x, sigma, [c] * 4)
+        return rel_err(v_s, v_b)
+
+    free, kept = moved("off"), moved("prior", prior_prompts=f"{prompt}|a ball on grass")
+    assert free > 0.1  # the LoRA does move this prompt: not a vacuous comparison
+    assert kept < 0.7 * free

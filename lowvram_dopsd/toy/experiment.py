@@ -52,6 +52,18 @@ def concept_set(folder: Path, n: int, seed: int) -> list[world.Scene]:
     return scenes
 
 
+def prior_prompts(n: int = 12) -> list[str]:
+    """The prior_prompts of the `dopsd-x0-prior` variant (fixed before it was first run): captions of
+    named-shape scenes, the world the LoRA should leave alone, none of them an evaluation prompt."""
+    held_out = {s.caption() for s in eval_scenes()[0]}
+    rng, out = random.Random(777), []
+    while len(out) < n:
+        caption = world.random_scene(rng).caption()
+        if caption not in held_out and caption not in out:
+            out.append(caption)
+    return out
+
+
 def quiet_console():
     from rich.console import Console
     return Console(file=io.StringIO(), width=120)
@@ -123,7 +135,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     if a.merge:
         files = [json.loads(Path(f).read_text()) for f in a.merge]
-        runs = [r for f in files for r in f["runs"]]
+        runs, seen = [], set()
+        for r in (r for f in files for r in f["runs"]):  # a base or teacher row per file: keep one per seed
+            if (r["method"], r["seed"]) not in seen:
+                seen.add((r["method"], r["seed"]))
+                runs.append(r)
         meta = dict(files[0]["meta"])
         meta["seeds"] = sorted({r["seed"] for r in runs})
         meta["wall_s"] = sum(f["meta"]["wall_s"] for f in files)
@@ -148,6 +164,9 @@ def main(argv=None) -> int:
                 "dopsd-x0-frozen": {"loss": "x0", "ema_decay": 0.99999999},
                 "dopsd-x0-copy": {"loss": "x0", "ema_decay": 0.0},
                 "dopsd-x0-1state": {"loss": "x0", "train_states": 1},
+                # + one micro-batch of prompts without the trigger per step, pulled toward the bare base
+                "dopsd-x0-prior": {"loss": "x0", "prior_prompts": prior_prompts()},
+                "dopsd-x0-prior-w0.25": {"loss": "x0", "prior_prompts": prior_prompts(), "prior_weight": 0.25},
                 # the 8-bit paths (docs/kernels.md): int8 base, then int8 base + int8 activations
                 "dopsd-x0-qint8": {"loss": "x0", "quant": "qint8"},
                 "dopsd-x0-act8": {"loss": "x0", "quant": "qint8", "act_quant": "int8"}}
