@@ -58,9 +58,9 @@ class TrainConfig:
     ema_decay: float = setting(0.9999, "EMA decay of the teacher's LoRA (paper: 0.9999)")
     prior_prompts: list[str] = setting(
         [], "prompts WITHOUT your subject, e.g. 'a photo of a dog' for 'sks dog' ('|'-separated on the command "
-        "line): each step also rolls out one and pulls the student toward the bare base model on it, so the "
-        "LoRA changes less of what it should not (DreamBooth's prior preservation, on-policy; not in the "
-        "paper); [] = off")
+        "line): each step also rolls out a micro-batch of them and pulls the student toward the bare base model "
+        "there, so the LoRA changes less of what it should not (DreamBooth's prior preservation, on-policy; not "
+        "in the paper); [] = off")
     prior_weight: float = setting(1.0, "weight of the prior_prompts roll-out's loss against your images' loss")
 
     rank: int = setting(64, "LoRA rank (paper: 64)", section="LoRA and optimisation (paper: rank 64, alpha "
@@ -207,8 +207,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, name) <= 0:
             raise UserError(f"Setting '{name}' must be a positive number, got {getattr(cfg, name)}.")
     # 0 means something for these (their help says what); a negative value means nothing
-    non_negative = ("prior_weight", "lr", "warmup_steps", "max_grad_norm", "weight_decay", "keep_checkpoints", "preview_every",
-                    "rollout_steps", "train_states")
+    non_negative = ("prior_weight", "lr", "warmup_steps", "max_grad_norm", "weight_decay", "keep_checkpoints",
+                    "preview_every", "rollout_steps", "train_states")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise UserError(f"Setting '{name}' must be 0 or more, got {getattr(cfg, name)} "

@@ -53,7 +53,8 @@ def test_bad_values_are_rejected(key, value):
 
 
 @pytest.mark.parametrize("key,value,says", [
-    ("lr", "-1e-4", "'lr' must be 0 or more"), ("prior_weight", "-1", "'prior_weight' must be 0 or more"), ("weight_decay", "-0.01", "'weight_decay' must be 0 or more"),
+    ("lr", "-1e-4", "'lr' must be 0 or more"), ("prior_weight", "-1", "'prior_weight' must be 0 or more"),
+    ("weight_decay", "-0.01", "'weight_decay' must be 0 or more"),
     ("warmup_steps", "-5", "'warmup_steps' must be 0 or more"), ("max_grad_norm", "-1", "0 = no clipping"),
     ("keep_checkpoints", "-1", "0 = keep all"), ("train_states", "-2", "0 = all of them"),
     ("lr", "nan", "must be a finite number"), ("alpha", "inf", "must be a finite number"),
