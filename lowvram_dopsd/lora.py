@@ -53,17 +53,21 @@ class DualLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         role = self.switch.active
-        if role is None:
-            return self.base(x)
-        A, B = self.pair(role)
         if self.fused:
             # kernels/lora_linear.py: x·dequant(Wq)ᵀ + b + s·(x·Aᵀ)·Bᵀ without materialising the bf16
-            # weight; it dispatches to its torch reference where Triton cannot run.
+            # weight; it dispatches to its torch reference where Triton cannot run. The bare base (role
+            # None: the prior roll-outs' target) takes the same kernel with s = 0, so it has the student's
+            # base numerics, int8 activations included, and no dequantised weight either.
             from .kernels.lora_linear import lora_linear
             from .quant import int8_view
 
             w_q, w_scale = int8_view(self.base)
-            return lora_linear(x, w_q, w_scale, self.base.bias, A, B, self.scale, act_quant=self.act_quant)
+            A, B = self.pair(role or "student")
+            return lora_linear(x, w_q, w_scale, self.base.bias, A, B, self.scale if role else 0.0,
+                               act_quant=self.act_quant)
+        if role is None:
+            return self.base(x)
+        A, B = self.pair(role)
         y = self.base(x)
         # LoRA weights are kept in fp32 for the optimizer; the matmuls run in the compute dtype.
         lora = (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -111,3 +112,31 @@ def test_teacher_ema_on_cpu_is_the_same_ema_with_a_compute_dtype_copy():
     away.load("teacher", new)
     assert torch.equal(away.tensors("teacher")["block.to_q.lora_A.weight"], new["block.to_q.lora_A.weight"])
     assert torch.equal(away.layers["block.to_q"].teacher_A, new["block.to_q.lora_A.weight"].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("act_quant", ["off", "int8"])
+def test_the_bare_base_of_a_fused_layer_runs_on_the_kernel_with_the_students_numerics(act_quant):
+    """use(None) (the prior roll-outs' target) on an 8-bit layer routed to the fused kernel: the same
+    kernel with a zero LoRA scale, not quanto's own forward (exact activations, a dequantised weight)."""
+    from lowvram_dopsd.kernels import utils as kutils
+    from lowvram_dopsd.kernels.lora_linear import lora_linear_reference
+    from lowvram_dopsd.quant import int8_view, quantize_frozen
+
+    torch.manual_seed(0)
+    model = quantize_frozen(Toy(), "qint8")
+    lora = DualLoRA.attach(model, ["to_q"], rank=2, alpha=4.0)
+    assert lora.enable_fused_kernels(act_quant) == 1
+    layer = lora.layers["block.to_q"]
+    x = torch.randn(3, 6)
+    kutils.reset_dispatch_counts()
+    with torch.no_grad(), lora.use(None):
+        bare = layer(x)
+    assert sum(n for k, n in kutils.DISPATCH_COUNTS.items() if k.startswith("lora_linear.")) == 1
+    with torch.no_grad():
+        student = layer(x)  # B = 0: the student is the base, computed the same way
+    assert torch.equal(bare, student)
+    w_q, w_scale = int8_view(layer.base)
+    expect = lora_linear_reference(x, w_q, w_scale, layer.base.bias, layer.student_A, layer.student_B, 0.0, act_quant)
+    assert torch.allclose(bare, expect, atol=1e-6)
+    if act_quant == "int8":  # quanto's forward would have used the exact activations
+        assert not torch.allclose(bare, layer.base(x), atol=1e-6)
