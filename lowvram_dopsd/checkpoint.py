@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .config import LIST_SEPARATORS, TrainConfig
+from .config import TrainConfig, typed_value
 from .errors import UserError
 
 CKPT_DIR = "checkpoints"
@@ -335,7 +335,7 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
         if key in ckpt.identity and ckpt.identity[key] != identity.get(key):
             problems.append(label)
     if problems:
-        fixes = " ".join("--set " + shlex.quote(f"{k}={_cli_value(k, ckpt.config.get(k, defaults.get(k)))}")
+        fixes = " ".join("--set " + shlex.quote(f"{k}={typed_value(k, ckpt.config.get(k, defaults.get(k)))}")
                          for k in (p.split(" = ")[0] for p in problems if " = " in p))
         raise UserError(
             f"Cannot resume '{ckpt.path}': this run would not continue the one that was saved. Changed: "
@@ -343,12 +343,6 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
             "or start a new run in another --output folder."
         )
     return notes
-
-
-def _cli_value(key: str, value: Any) -> str:
-    if isinstance(value, list):
-        return LIST_SEPARATORS.get(key, ",").join(str(v) for v in value)
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------

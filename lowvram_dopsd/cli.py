@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import LIST_SEPARATORS, TrainConfig, field_names, load_config, preset_names, read_preset
+from .config import SETTINGS, TrainConfig, field_names, load_config, preset_names, read_preset, typed_value
 from .errors import UserError
 
 # flag -> config key, for the settings people change most; everything else via --set key=value
@@ -31,8 +31,6 @@ FLAGS = {
     "--seed": "seed", "--cache-dir": "cache_dir", "--save-every": "save_every", "--kernels": "kernels",
     "--act-quant": "act_quant",
 }
-SETTINGS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
 
 SETTINGS_NOTE = ("Defaults shown are the built-in ones; a preset replaces some of them. "
                  "`lowvram-dopsd settings --preset NAME [flags]` lists every setting with the value it will have.")
@@ -147,15 +145,6 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _as_typed(name: str, value) -> str:
-    """A setting's value as it is typed after --set (lists comma- or |-separated; '' for empty)."""
-    if isinstance(value, list):
-        value = LIST_SEPARATORS.get(name, ",").join(value)
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value) if value != "" else "''"
-
-
 def cmd_settings(args: argparse.Namespace) -> int:
     """Every setting, grouped, with the value this preset and command line give it and what it does."""
     from rich.console import Console
@@ -177,7 +166,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
                 table.add_column(overflow="fold", width=25)  # the same columns in every group
             table.add_column()
         value = getattr(cfg, name)
-        shown = escape(_as_typed(name, value))
+        shown = escape(typed_value(name, value) or "''")
         if value != getattr(builtin, name):
             shown = f"[bold yellow]{shown}[/]"
         choices, flag = f.metadata["choices"], flag_of.get(name)

@@ -138,7 +138,14 @@ CHOICES = {f.name: f.metadata["choices"] for f in fields(TrainConfig) if f.metad
 
 
 LIST_SEPARATORS = {"preview_prompts": "|", "prior_prompts": "|"}
-_FIELDS = {f.name: f for f in fields(TrainConfig)}
+SETTINGS = {f.name: f for f in fields(TrainConfig)}  # name -> field, its metadata holds help, choices, section
+
+
+def typed_value(name: str, value: Any) -> str:
+    """A setting's value as it is typed after `--set name=` (lists joined by their separator, bools lowercase)."""
+    if isinstance(value, list):
+        return LIST_SEPARATORS.get(name, ",").join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def field_names() -> list[str]:
@@ -212,7 +219,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise UserError(f"Setting '{name}' must be 0 or more, got {getattr(cfg, name)} "
-                            f"({_FIELDS[name].metadata['help']}).")
+                            f"({SETTINGS[name].metadata['help']}).")
     if cfg.vlm_min_pixels > cfg.vlm_max_pixels:
         raise UserError(f"vlm_min_pixels ({cfg.vlm_min_pixels}) is above vlm_max_pixels ({cfg.vlm_max_pixels}): "
                         "the VLM resizes your photo into that range. Lower the first or raise the second.")

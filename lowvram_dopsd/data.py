@@ -58,12 +58,17 @@ def caption_rule(caption: str, trigger: str) -> str:
     return "; ".join(parts)
 
 
+def mentions_trigger(text: str, trigger: str) -> bool:
+    """The trigger as a whole word or phrase ("sks" in "a sks dog", not in "sksx")."""
+    return bool(trigger) and re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text) is not None
+
+
 def apply_trigger(text: str, trigger: str) -> str:
     if not trigger:
         return text
     if "[trigger]" in text:
         return text.replace("[trigger]", trigger)
-    if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text):
+    if mentions_trigger(text, trigger):
         return text
     return f"{trigger}, {text}" if text else trigger
 

@@ -82,7 +82,7 @@ def precompute(family: Family, ds: data.Dataset, teacher: str, cfg: TrainConfig,
 
 def check_prior_prompts(cfg: TrainConfig) -> None:
     """A prior prompt that names the subject would pull the subject itself back to the base."""
-    named = [p for p in cfg.prior_prompts if cfg.trigger and data.apply_trigger(p, cfg.trigger) == p]
+    named = [p for p in cfg.prior_prompts if data.mentions_trigger(p, cfg.trigger)]
     if named:
         raise UserError(f"The prior prompt {named[0]!r} contains the trigger {cfg.trigger!r}. Prior prompts are "
                         "the ones whose images must NOT change (e.g. 'a photo of a dog' when you train "
@@ -502,7 +502,6 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         write_preview(0)  # the baseline: the base model before any training
     last_ckpt, saved_step, step = (ckpt.path if ckpt else None), start, start
     skipped = skipped_in_a_row = 0  # updates skipped for a non-finite loss or gradient
-    diverged = False
     if start >= cfg.steps:
         console.print(f"[yellow]note[/] the checkpoint is already at step {start} = steps: nothing to train "
                       f"(pass --steps {start + 100} to train further); writing its LoRA.")
@@ -568,7 +567,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         raise UserError(f"Could not write the LoRA to '{out_dir}' ({exc.strerror or exc}). The checkpoint "
                         f"{last_ckpt} holds it (fp32, loadable as is); free some space and run again with "
                         "--resume to write it.") from exc
-    if diverged:
+    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:  # the loop stopped on it
         raise UserError(
             f"Steps {step - skipped_in_a_row + 1}-{step} all gave a non-finite loss or gradient (NaN or inf; "
             f"metrics.jsonl marks them \"skipped\"). None of them changed the LoRA: the LoRA so far ({path}) and "
