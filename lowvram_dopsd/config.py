@@ -61,7 +61,8 @@ class TrainConfig:
         "line): each step also rolls out a micro-batch of them and pulls the student toward the bare base model "
         "there, so the LoRA changes less of what it should not (DreamBooth's prior preservation, on-policy; not "
         "in the paper); [] = off")
-    prior_weight: float = setting(1.0, "weight of the prior_prompts roll-out's loss against your images' loss")
+    prior_weight: float = setting(1.0, "weight of the prior_prompts roll-out's loss against your images' loss; 0 = "
+                                       "only measure it (prior_loss in metrics.jsonl: how far the LoRA moved them)")
 
     rank: int = setting(64, "LoRA rank (paper: 64)", section="LoRA and optimisation (paper: rank 64, alpha "
                         "128, batch 4, lr 4e-5 Z-Image / 1e-5 klein)")

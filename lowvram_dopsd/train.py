@@ -110,7 +110,7 @@ def rollout_and_learn(family: Family, model: torch.nn.Module, lora: DualLoRA, x:
     """Roll out from noise `x`; at each step in `trained`, back-propagate `loss_scale * loss` at once.
 
     `teacher`: the LoRA set the target is computed with ("teacher" = the EMA teacher; None = the bare
-    base model, for the prior roll-outs).
+    base model, for the prior roll-outs). `loss_scale = 0` measures only: no graph, no backward.
 
     Returns the per-trained-step losses and the final latents. Gradients accumulate in the student
     LoRA's .grad; the caller steps the optimizer.
@@ -121,12 +121,13 @@ def rollout_and_learn(family: Family, model: torch.nn.Module, lora: DualLoRA, x:
         if k in trained:
             with torch.no_grad(), lora.use(teacher):
                 v_t = family.velocity(model, x, sigma, c_t)
-            with lora.use("student"):
+            with lora.use("student"), torch.set_grad_enabled(loss_scale != 0):
                 v_s = family.velocity(model, x, sigma, c_s)
                 loss = dopsd_loss(loss_kind, v_s, v_t, sigma)
                 # Backward inside the student context: gradient checkpointing re-runs the forward
                 # during backward, and that re-run must see the same LoRA set.
-                (loss * loss_scale).backward()
+                if loss_scale != 0:
+                    (loss * loss_scale).backward()
             losses.append(loss.item())
             v = v_s.detach()
         else:
@@ -392,7 +393,9 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         "captions": ds.caption_rule,
         "method": f"teacher {teacher}, loss {cfg.loss}, {rollout_steps}-step roll-outs, "
                   f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}"
-                  + (f"; prior: {len(cfg.prior_prompts)} prompts, weight {cfg.prior_weight:g}" if cfg.prior_prompts
+                  + (f"; prior: {len(cfg.prior_prompts)} prompts, "
+                     + (f"weight {cfg.prior_weight:g}" if cfg.prior_weight else "measured only (weight 0)")
+                     if cfg.prior_prompts
                      else ""),
         **notes,
         "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}, batch {cfg.batch_size} "

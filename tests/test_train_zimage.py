@@ -173,6 +173,13 @@ def test_a_prior_rollout_learns_toward_the_bare_base_model(tmp_path, tiny_zimage
                 v[role] = family.velocity(model, x, sigmas[0], [c])
     assert loss == pytest.approx(((v["student"] - v[None]) ** 2).mean().item(), rel=1e-5)
     assert abs(loss - ((v["student"] - v["teacher"]) ** 2).mean().item()) > 0.1 * loss  # not the EMA teacher
+    # prior_weight = 0 measures the same loss without a graph or a backward (no .grad at all)
+    for p in lora.student_parameters():
+        p.grad = None
+    (measured,), _ = rollout_and_learn(family, model, lora, x.clone(), sigmas, [c], [c], {0}, "velocity", 0.0,
+                                       teacher=None)
+    assert measured == pytest.approx(loss, rel=1e-6)
+    assert all(p.grad is None for p in lora.student_parameters())
 
 
 def test_prior_prompts_keep_the_student_near_the_base_on_them(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images):
