@@ -31,6 +31,7 @@ from .utils import (
     tl,
     to_storage,
     triton,
+    why_unavailable,
 )
 
 __all__ = ["dopsd_loss", "dopsd_loss_reference", "x0_weight", "DOPSDLossFunction", "dopsd_loss_forward"]
@@ -207,7 +208,7 @@ def dopsd_loss(v_s: torch.Tensor, v_t: torch.Tensor, weight: Optional[torch.Tens
         reason = "v_s and v_t on different devices"
     if mode == "on" and (reason is not None or not kernels_available(v_s.device)):
         raise RuntimeError(f"LOWVRAM_DOPSD_KERNELS=on but the Triton dopsd_loss cannot run: "
-                           f"{reason or f'Triton unavailable on {v_s.device}'}")
+                           f"{reason or why_unavailable(v_s.device)}")
     if mode != "off" and reason is None and kernels_available(v_s.device):
         DISPATCH_COUNTS["dopsd_loss.triton"] += 1
         return DOPSDLossFunction.apply(v_s, v_t.detach(), None if weight is None else weight.detach())

@@ -72,6 +72,7 @@ from .utils import (
     to_storage,
     torch_to_tl_dtype,
     triton,
+    why_unavailable,
 )
 
 __all__ = [
@@ -431,9 +432,10 @@ def _tune_bench(fn, quantiles=None):
 
 
 def _autotune_options() -> dict:
-    """Keep the autotuner's timings on disk (Triton >= 3.2): a later run on the same GPU
-    architecture, Triton version and kernel source skips the benchmarking part of the first step
-    (which took 7-23 s together with compilation on the H100; compiled kernels are cached anyway)."""
+    """Keep the autotuner's timings on disk where Triton can (`cache_results`; Triton 3.3 cannot):
+    a later run on the same GPU architecture, Triton version and kernel source skips the
+    benchmarking part of the first step (which took 7-23 s together with compilation on the H100;
+    compiled kernels are cached anyway)."""
     return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
@@ -961,7 +963,7 @@ def lora_linear(
     reason = _triton_supported(x, w_q, w_scale, bias, lora_A, lora_B)
     if mode == "on" and (reason is not None or not kernels_available(x.device)):
         raise RuntimeError(f"LOWVRAM_DOPSD_KERNELS=on but the Triton lora_linear cannot run: "
-                           f"{reason or f'Triton unavailable on {x.device}'}")
+                           f"{reason or why_unavailable(x.device)}")
     if mode != "off" and reason is None and kernels_available(x.device):
         DISPATCH_COUNTS["lora_linear.triton"] += 1
         w_scale = w_scale.to(torch.float32).contiguous()

@@ -21,13 +21,33 @@ from typing import Iterator
 
 import torch
 
+#: The oldest Triton the kernels run on: every parity test passes on 3.3.1's interpreter (torch 2.7's
+#: Triton; with numpy < 2.3, which its interpreter needs). Triton 3.2 (torch 2.6's) is left on the
+#: references: its autotuner ignores a custom timer and asks for a GPU driver when a kernel is
+#: decorated (at import: the CPU interpreter has none) and its interpreter passes the autotune
+#: configs' internal fields to the kernel, so our kernels could not be checked on it.
+MIN_TRITON = (3, 3)
+
+
+def _version(text: str) -> tuple[int, int]:
+    """'3.3.1' -> (3, 3); '3.10.0+git1234' -> (3, 10)."""
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 try:  # Triton is an optional extra ("kernels"); CPU-only installs run the references.
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
+    TRITON_VERSION: tuple[int, int] | None = _version(triton.__version__)
+    HAS_TRITON = TRITON_VERSION >= MIN_TRITON
+    #: why the kernels cannot run, for error messages ("" when they can)
+    TRITON_MISSING = "" if HAS_TRITON else (
+        f"Triton {triton.__version__} is older than the {MIN_TRITON[0]}.{MIN_TRITON[1]} the kernels need")
 except ImportError:  # pragma: no cover - exercised only where Triton is absent
-    HAS_TRITON = False
+    TRITON_VERSION, HAS_TRITON, TRITON_MISSING = None, False, "Triton is not installed"
+
+if not HAS_TRITON:  # absent or too old: the kernel modules import against a stub and never launch
 
     class _Stub:
         """Stands in for ``triton`` / ``triton.language`` so the kernel modules still import.
@@ -47,8 +67,12 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
     triton = _Stub()  # type: ignore[assignment]
     tl = _Stub()  # type: ignore[assignment]
 
+
 __all__ = [
     "HAS_TRITON",
+    "MIN_TRITON",
+    "TRITON_MISSING",
+    "TRITON_VERSION",
     "triton",
     "tl",
     "DISPATCH_COUNTS",
@@ -56,6 +80,7 @@ __all__ = [
     "kernels_mode",
     "kernels_available",
     "use_triton",
+    "why_unavailable",
     "is_interpret",
     "poison_outputs",
     "empty",
@@ -105,6 +130,13 @@ def kernels_available(device: torch.device | str | None = None) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
+def why_unavailable(device: torch.device | str) -> str:
+    """The reason ``kernels_available(device)`` is False, for the errors of ``LOWVRAM_DOPSD_KERNELS=on``."""
+    if TRITON_MISSING:
+        return TRITON_MISSING
+    return f"Triton does not run on {device} (set TRITON_INTERPRET=1 for the CPU interpreter)"
+
+
 def use_triton(name: str, *tensors: torch.Tensor) -> bool:
     """Decide (and count) which path the public function ``name`` takes for ``tensors``."""
     mode = kernels_mode()
@@ -114,8 +146,7 @@ def use_triton(name: str, *tensors: torch.Tensor) -> bool:
     elif mode == "on":
         if not kernels_available(device):
             raise RuntimeError(
-                f"LOWVRAM_DOPSD_KERNELS=on but Triton cannot run on {device} "
-                f"(triton importable: {HAS_TRITON}; set TRITON_INTERPRET=1 for CPU)"
+                f"LOWVRAM_DOPSD_KERNELS=on but Triton cannot run: {why_unavailable(device)}"
             )
         ok = True
     else:

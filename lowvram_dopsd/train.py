@@ -48,7 +48,7 @@ from .output import LORA_FILE, save_lora
 from .preview import Previewer, default_prompts
 from .export import LAYOUTS
 from .progress import Display, make_console
-from .quant import kernels_mode, use_fused_linear
+from .quant import QUANTO, kernels_mode, use_fused_linear
 
 
 def resolve_device(name: str) -> torch.device:
@@ -341,11 +341,26 @@ def check_act_quant(cfg: TrainConfig, device: torch.device) -> None:
     torch reference (tests, the toy study); on a GPU that emulation would be slow and hold float32
     copies of the weights, so the kernel is required. Checked before anything is loaded."""
     if cfg.act_quant != "off" and device.type == "cuda" and not use_fused_linear(device):
+        from .kernels.utils import MIN_TRITON, TRITON_MISSING
+
+        why = TRITON_MISSING or "kernels = 'off'"
         raise UserError(
-            "act_quant = 'int8' runs inside the fused Triton kernel, which this run does not use "
-            "(kernels = 'off', or Triton is not installed). Set kernels = 'auto' and install Triton "
-            "(`pip install triton`; Windows: `pip install triton-windows`), or set act_quant = 'off'."
+            f"act_quant = 'int8' runs inside the fused Triton kernel, which this run does not use ({why}). "
+            f"Set kernels = 'auto' and install Triton {MIN_TRITON[0]}.{MIN_TRITON[1]} or newer (torch 2.7+ "
+            "ships it; `pip install -U triton`, Windows: `pip install -U triton-windows`), or set act_quant = 'off'."
         )
+
+
+def no_kernel_note(cfg: TrainConfig, device: torch.device, fused: int) -> str:
+    """Why the 8-bit layers of a GPU run are not on the fused kernel when the user did not turn it
+    off: Triton missing or too old (kernels.utils.MIN_TRITON). "" when there is nothing to say."""
+    from .kernels.utils import TRITON_MISSING
+
+    if fused or device.type != "cuda" or cfg.quant not in QUANTO or not TRITON_MISSING:
+        return ""
+    return (f"the 8-bit layers run on quanto's dequantise + matmul, not the fused kernel ({TRITON_MISSING}): "
+            "~1.2x slower per layer (benchmarks/results/kernels-h100.md), same results. Triton 3.3+ "
+            "(torch 2.7+ ships it) enables it.")
 
 
 def route_fused_linears(lora: DualLoRA, cfg: TrainConfig, device: torch.device) -> int:
@@ -445,6 +460,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     act = ", int8 activations" if cfg.act_quant == "int8" else ""
     console.print(f"LoRA: {len(lora.layers)} layers ({fused} on the fused 8-bit kernel{act}), "
                   f"{lora.num_parameters() / 1e6:.2f}M trainable parameters")
+    if note := no_kernel_note(cfg, device, fused):
+        console.print(f"[yellow]note[/] {note}")
 
     noise_gen = torch.Generator("cpu").manual_seed(cfg.seed)  # CPU noise: identical on every device
     rng = random.Random(cfg.seed)

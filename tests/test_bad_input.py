@@ -7,6 +7,7 @@ unknown preset and unknown key (test_config.py, test_cli.py); disk full during a
 import shutil
 
 import pytest
+import PIL
 from PIL import Image
 
 from lowvram_dopsd import data
@@ -65,7 +66,13 @@ def test_decompression_bomb_limit(tmp_path, monkeypatch):
     assert ds.skipped[0][0].name == "bomb.png" and "decompression-bomb limit" in ds.skipped[0][1]
 
 
-@pytest.mark.parametrize("mode", ["LA", "I", "F", "1", "YCbCr"])
+# Pillow before 13 cannot read back the uncompressed YCbCr TIFF it writes ("image file is truncated"):
+# such a file is then skipped with that reason (pyproject allows Pillow 11; docs/compat.md).
+OLD_PILLOW_TIFF = pytest.mark.xfail(int(PIL.__version__.split(".")[0]) < 13, raises=OSError, strict=True,
+                                    reason="Pillow < 13 reads an uncompressed YCbCr TIFF as truncated")
+
+
+@pytest.mark.parametrize("mode", ["LA", "I", "F", "1", pytest.param("YCbCr", marks=OLD_PILLOW_TIFF)])
 def test_more_modes_become_rgb(tmp_path, mode):
     path = tmp_path / ("x.tif" if mode in ("I", "F", "YCbCr") else "x.png")
     Image.new("RGB", (20, 10), (10, 200, 30)).convert(mode).save(path)

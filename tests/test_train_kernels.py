@@ -100,3 +100,37 @@ def test_int8_activations_on_a_gpu_need_the_kernel():
             check()
     with kernels_mode("off"):
         check_act_quant(cfg, torch.device("cpu"))  # the CPU runs the reference: allowed
+
+
+def test_int8_activations_with_a_too_old_triton_say_so(monkeypatch):
+    """kernels = "auto" but Triton older than the kernels need (kernels.utils.MIN_TRITON): the
+    error names the installed version instead of a kernels = 'off' the user never set."""
+    import torch
+
+    from lowvram_dopsd.errors import UserError
+    from lowvram_dopsd.kernels import utils
+    from lowvram_dopsd.train import check_act_quant
+
+    monkeypatch.setattr(utils, "HAS_TRITON", False)
+    monkeypatch.setattr(utils, "TRITON_MISSING", "Triton 3.2.0 is older than the 3.3 the kernels need")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = load_config("16gb", {"act_quant": "int8"})
+    with pytest.raises(UserError, match=r"\(Triton 3\.2\.0 is older than the 3\.3 the kernels need\)"):
+        check_act_quant(cfg, torch.device("cuda"))
+
+
+def test_a_gpu_run_without_a_usable_triton_says_why_its_8bit_layers_are_slower(monkeypatch):
+    import torch
+
+    from lowvram_dopsd.kernels import utils
+    from lowvram_dopsd.train import no_kernel_note
+
+    cuda, cfg = torch.device("cuda"), load_config("16gb", {})
+    monkeypatch.setattr(utils, "TRITON_MISSING", "Triton 3.2.0 is older than the 3.3 the kernels need")
+    assert "quanto" in no_kernel_note(cfg, cuda, fused=0) and "Triton 3.2.0 is older" in no_kernel_note(cfg, cuda, 0)
+    assert no_kernel_note(cfg, cuda, fused=210) == ""  # on the kernel after all
+    assert no_kernel_note(load_config("24gb", {}), cuda, 0) == ""  # a bf16 base has no 8-bit layers
+    assert no_kernel_note(cfg, torch.device("cpu"), 0) == ""
+    monkeypatch.setattr(utils, "TRITON_MISSING", "")  # Triton fine: kernels = "off" was the user's choice
+    assert no_kernel_note(cfg, cuda, 0) == ""

@@ -66,3 +66,46 @@ def test_bad_mode_rejected(monkeypatch):
     monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "sometimes")
     with pytest.raises(ValueError):
         utils.kernels_mode()
+
+
+def test_a_triton_older_than_the_kernels_need_leaves_them_on_the_references(tmp_path):
+    """Triton 3.2 (torch 2.6's) decorates our kernels only with a GPU driver and its interpreter
+    cannot run them (utils.MIN_TRITON): with it installed the package must still import, run the
+    references under "auto", and say why under "on". A stand-in `triton` 3.2.0 package shows it."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("__version__ = '3.2.0'\n"
+                                      "def autotune(*a, **k):\n    raise RuntimeError('0 active drivers')\n")
+    (fake / "language.py").write_text("")
+    code = """
+import torch
+from lowvram_dopsd.kernels import utils
+from lowvram_dopsd.kernels.lora_linear import lora_linear, quantize_weight
+w_q, w_s = quantize_weight(torch.randn(8, 4), "int8")
+args = (torch.randn(3, 4), w_q, w_s, None, torch.randn(2, 4), torch.randn(8, 2), 0.5)
+y = lora_linear(*args)
+assert not utils.HAS_TRITON and utils.TRITON_VERSION == (3, 2), utils.TRITON_VERSION
+assert dict(utils.DISPATCH_COUNTS) == {"lora_linear.reference": 1}, utils.DISPATCH_COUNTS
+import os
+os.environ["LOWVRAM_DOPSD_KERNELS"] = "on"
+try:
+    lora_linear(*args)
+except RuntimeError as exc:
+    print(exc)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "Triton 3.2.0 is older than the 3.3 the kernels need" in run.stdout
+
+
+def test_triton_version_parsing():
+    assert utils._version("3.3.1") == (3, 3)
+    assert utils._version("3.10.0+git1a2b3c") == (3, 10)
+    assert utils._version("4.0") == (4, 0)
+    assert (3, 10) >= utils.MIN_TRITON > (3, 2)

@@ -306,7 +306,7 @@ def test_split_reduction_is_exercised():
 
 
 def test_autotuner_keeps_its_timings_on_disk():
-    """Triton >= 3.2 can cache autotuning results across processes; ours asks for it (the
+    """Triton can (since after 3.3) cache autotuning results across processes; ours asks for it (the
     interpreter never benchmarks, so only the request is checked here)."""
     triton = pytest.importorskip("triton")
     import inspect
