@@ -17,7 +17,7 @@ For each configuration it
      shapes: Z-Image caption features [512, 2560] for the student, [1024, 2560] for the VLM
      teacher; klein [512, 7680] for both, plus the edit teacher's reference-image tokens and
      position ids as the pipeline builds them for `image=`), then clips, steps the optimizer and
-     updates the EMA teacher exactly as `train.train` does;
+     updates the EMA teacher with `train.optimizer_step`, as `train.train` does;
   4. records `torch.cuda.max_memory_allocated` over the second (steady-state) step, its time, the
      phase probes (one teacher pass without grad, one student forward+backward) and the planner's
      prediction for the same settings, side by side.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -170,7 +171,7 @@ def run_child(name: str, args) -> dict:
     from lowvram_dopsd.config import load_config
     from lowvram_dopsd.families import load_family
     from lowvram_dopsd.lora import DualLoRA
-    from lowvram_dopsd.train import make_optimizer, rollout_and_learn, route_fused_linears
+    from lowvram_dopsd.train import make_optimizer, optimizer_step, rollout_and_learn, route_fused_linears
 
     spec = dict(CONFIGS[name])
     family_name = spec.pop("family")
@@ -219,6 +220,7 @@ def run_child(name: str, args) -> dict:
     res["teacher_ema_on"] = cfg.teacher_ema_on
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, cfg.resolved_lr(1e-5))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     sigmas = family.sigmas(cfg.resolution, cfg.resolution, steps)
     gen = torch.Generator("cpu").manual_seed(0)
     x0 = torch.randn((1, *family.latent_shape(cfg.resolution, cfg.resolution)), generator=gen).to(device)
@@ -227,10 +229,7 @@ def run_child(name: str, args) -> dict:
     def step() -> list[float]:
         losses, _ = rollout_and_learn(family, model, lora, x0.clone(), sigmas, c_s, c_t, trained, cfg.loss,
                                       loss_scale=1.0 / len(trained))
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lora.ema_update(cfg.ema_decay)
+        optimizer_step(params, optimizer, scheduler, lora, cfg, sum(losses) / len(losses))  # clip, step, EMA
         return losses
 
     def sync():
@@ -252,7 +251,7 @@ def run_child(name: str, args) -> dict:
         sync()
         times.append(time.perf_counter() - t1)
     res["step"] = {"seconds": sorted(times)[len(times) // 2], "all_seconds": times, "rollout_steps": steps,
-                   "losses_finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)),
+                   "losses_finite": all(map(math.isfinite, losses)),
                    "static_gib": static,
                    "peak_gib": torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
                    "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB if cuda else None}

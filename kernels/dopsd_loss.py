@@ -22,16 +22,13 @@ from typing import Optional, Tuple
 import torch
 
 from .utils import (
-    DISPATCH_COUNTS,
     empty,
     is_interpret,
-    kernels_available,
-    kernels_mode,
     num_sms,
     tl,
     to_storage,
     triton,
-    why_unavailable,
+    use_triton,
 )
 
 __all__ = ["dopsd_loss", "dopsd_loss_reference", "x0_weight", "DOPSDLossFunction", "dopsd_loss_forward"]
@@ -200,17 +197,11 @@ def dopsd_loss(v_s: torch.Tensor, v_t: torch.Tensor, weight: Optional[torch.Tens
         raise ValueError("dopsd_loss needs a non-empty [B, ...] tensor")
     if weight is not None and weight.numel() != v_s.shape[0]:
         raise ValueError(f"weight must have B={v_s.shape[0]} elements, got {tuple(weight.shape)}")
-    mode = kernels_mode()
     reason = None
     if v_s.dtype not in _DTYPES or v_t.dtype not in _DTYPES:
         reason = f"dtypes {v_s.dtype}/{v_t.dtype}"
     elif v_s.device != v_t.device:
         reason = "v_s and v_t on different devices"
-    if mode == "on" and (reason is not None or not kernels_available(v_s.device)):
-        raise RuntimeError(f"LOWVRAM_DOPSD_KERNELS=on but the Triton dopsd_loss cannot run: "
-                           f"{reason or why_unavailable(v_s.device)}")
-    if mode != "off" and reason is None and kernels_available(v_s.device):
-        DISPATCH_COUNTS["dopsd_loss.triton"] += 1
+    if use_triton("dopsd_loss", v_s.device, reason):
         return DOPSDLossFunction.apply(v_s, v_t.detach(), None if weight is None else weight.detach())
-    DISPATCH_COUNTS["dopsd_loss.reference"] += 1
     return dopsd_loss_reference(v_s, v_t, weight)

@@ -61,18 +61,16 @@ import torch
 import torch.nn.functional as F
 
 from .utils import (
-    DISPATCH_COUNTS,
     HAS_TRITON,
     empty,
     is_interpret,
     kernels_available,
-    kernels_mode,
     num_sms,
     tl,
     to_storage,
     torch_to_tl_dtype,
     triton,
-    why_unavailable,
+    use_triton,
 )
 
 __all__ = [
@@ -959,14 +957,7 @@ def lora_linear(
         raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
     if act_quant == "int8" and w_q.dtype != torch.int8:
         raise ValueError(f"act_quant='int8' needs an int8 base weight, got {w_q.dtype}")
-    mode = kernels_mode()
-    reason = _triton_supported(x, w_q, w_scale, bias, lora_A, lora_B)
-    if mode == "on" and (reason is not None or not kernels_available(x.device)):
-        raise RuntimeError(f"LOWVRAM_DOPSD_KERNELS=on but the Triton lora_linear cannot run: "
-                           f"{reason or why_unavailable(x.device)}")
-    if mode != "off" and reason is None and kernels_available(x.device):
-        DISPATCH_COUNTS["lora_linear.triton"] += 1
+    if use_triton("lora_linear", x.device, _triton_supported(x, w_q, w_scale, bias, lora_A, lora_B)):
         w_scale = w_scale.to(torch.float32).contiguous()
         return LoRALinearFunction.apply(x, w_q, w_scale, bias, lora_A, lora_B, float(scale), act_quant == "int8")
-    DISPATCH_COUNTS["lora_linear.reference"] += 1
     return lora_linear_reference(x, w_q, w_scale, bias, lora_A, lora_B, scale, act_quant)

@@ -27,6 +27,7 @@ import torch
 #: decorated (at import: the CPU interpreter has none) and its interpreter passes the autotune
 #: configs' internal fields to the kernel, so our kernels could not be checked on it.
 MIN_TRITON = (3, 3)
+MIN_TRITON_TEXT = f"Triton {MIN_TRITON[0]}.{MIN_TRITON[1]}+ (torch 2.7+ ships it)"  # for advice to the user
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -71,6 +72,7 @@ if not HAS_TRITON:  # absent or too old: the kernel modules import against a stu
 __all__ = [
     "HAS_TRITON",
     "MIN_TRITON",
+    "MIN_TRITON_TEXT",
     "TRITON_MISSING",
     "TRITON_VERSION",
     "triton",
@@ -80,7 +82,6 @@ __all__ = [
     "kernels_mode",
     "kernels_available",
     "use_triton",
-    "why_unavailable",
     "is_interpret",
     "poison_outputs",
     "empty",
@@ -130,27 +131,17 @@ def kernels_available(device: torch.device | str | None = None) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
-def why_unavailable(device: torch.device | str) -> str:
-    """The reason ``kernels_available(device)`` is False, for the errors of ``LOWVRAM_DOPSD_KERNELS=on``."""
-    if TRITON_MISSING:
-        return TRITON_MISSING
-    return f"Triton does not run on {device} (set TRITON_INTERPRET=1 for the CPU interpreter)"
+def use_triton(name: str, device: torch.device, unsupported: str | None = None) -> bool:
+    """Decide (and count) which path the public function ``name`` takes for tensors on ``device``.
 
-
-def use_triton(name: str, *tensors: torch.Tensor) -> bool:
-    """Decide (and count) which path the public function ``name`` takes for ``tensors``."""
+    ``unsupported``: why these inputs are reference-only (e.g. float64), or None. With
+    ``LOWVRAM_DOPSD_KERNELS=on`` that, or Triton not running on ``device``, is an error."""
     mode = kernels_mode()
-    device = tensors[0].device
-    if mode == "off":
-        ok = False
-    elif mode == "on":
-        if not kernels_available(device):
-            raise RuntimeError(
-                f"LOWVRAM_DOPSD_KERNELS=on but Triton cannot run: {why_unavailable(device)}"
-            )
-        ok = True
-    else:
-        ok = kernels_available(device)
+    ok = mode != "off" and unsupported is None and kernels_available(device)
+    if mode == "on" and not ok:
+        why = unsupported or TRITON_MISSING or (
+            f"Triton does not run on {device} (set TRITON_INTERPRET=1 for the CPU interpreter)")
+        raise RuntimeError(f"LOWVRAM_DOPSD_KERNELS=on but the Triton {name} cannot run: {why}")
     DISPATCH_COUNTS[f"{name}.{'triton' if ok else 'reference'}"] += 1
     return ok
 

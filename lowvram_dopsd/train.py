@@ -76,7 +76,7 @@ def precompute(family: Family, ds: data.Dataset, teacher: str, cfg: TrainConfig,
     keys_t = [key_for(teacher, ident_t, it.caption, it.image_sha256) for it in ds.items]
     teacher_conds = cache.get_or_compute(
         keys_t, lambda idx: family.encode_teacher([ds.items[i] for i in idx], teacher, cfg, device),
-        check=lambda i, c: check_finite(c, f"{ds.items[i].image_path.name}", f"{teacher} teacher's", cfg))
+        check=lambda i, c: check_finite(c, ds.items[i].image_path.name, f"{teacher} teacher's", cfg))
     return student[:len(ds)], teacher_conds, student[len(ds):]
 
 
@@ -341,26 +341,26 @@ def check_act_quant(cfg: TrainConfig, device: torch.device) -> None:
     torch reference (tests, the toy study); on a GPU that emulation would be slow and hold float32
     copies of the weights, so the kernel is required. Checked before anything is loaded."""
     if cfg.act_quant != "off" and device.type == "cuda" and not use_fused_linear(device):
-        from .kernels.utils import MIN_TRITON, TRITON_MISSING
+        from .kernels.utils import MIN_TRITON_TEXT, TRITON_MISSING
 
         why = TRITON_MISSING or "kernels = 'off'"
         raise UserError(
             f"act_quant = 'int8' runs inside the fused Triton kernel, which this run does not use ({why}). "
-            f"Set kernels = 'auto' and install Triton {MIN_TRITON[0]}.{MIN_TRITON[1]} or newer (torch 2.7+ "
-            "ships it; `pip install -U triton`, Windows: `pip install -U triton-windows`), or set act_quant = 'off'."
+            f"Set kernels = 'auto' and install {MIN_TRITON_TEXT} (`pip install -U triton`; Windows: "
+            "`pip install -U triton-windows`), or set act_quant = 'off'."
         )
 
 
 def no_kernel_note(cfg: TrainConfig, device: torch.device, fused: int) -> str:
     """Why the 8-bit layers of a GPU run are not on the fused kernel when the user did not turn it
     off: Triton missing or too old (kernels.utils.MIN_TRITON). "" when there is nothing to say."""
-    from .kernels.utils import TRITON_MISSING
+    from .kernels.utils import MIN_TRITON_TEXT, TRITON_MISSING
 
     if fused or device.type != "cuda" or cfg.quant not in QUANTO or not TRITON_MISSING:
         return ""
     return (f"the 8-bit layers run on quanto's dequantise + matmul, not the fused kernel ({TRITON_MISSING}): "
-            "~1.2x slower per layer (benchmarks/results/kernels-h100.md), same results. Triton 3.3+ "
-            "(torch 2.7+ ships it) enables it.")
+            f"~1.2x slower per layer (benchmarks/results/kernels-h100.md), same results. {MIN_TRITON_TEXT} "
+            "enables it.")
 
 
 def route_fused_linears(lora: DualLoRA, cfg: TrainConfig, device: torch.device) -> int:
@@ -401,6 +401,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     torch.manual_seed(cfg.seed)
 
     notes = family.run_notes(teacher, cfg)
+    prior_weight = f"weight {cfg.prior_weight:g}" if cfg.prior_weight else "measured only (weight 0)"
     display = Display(console, cfg.steps, start_step=ckpt.step if ckpt else 0)
     display.header({
         "model": f"{cfg.model} ({family.name})", "preset": preset or "(none)",
@@ -408,10 +409,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         "captions": ds.caption_rule,
         "method": f"teacher {teacher}, loss {cfg.loss}, {rollout_steps}-step roll-outs, "
                   f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}"
-                  + (f"; prior: {len(cfg.prior_prompts)} prompts, "
-                     + (f"weight {cfg.prior_weight:g}" if cfg.prior_weight else "measured only (weight 0)")
-                     if cfg.prior_prompts
-                     else ""),
+                  + (f"; prior: {len(cfg.prior_prompts)} prompts, {prior_weight}" if cfg.prior_prompts else ""),
         **notes,
         "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}, batch {cfg.batch_size} "
                 f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
