@@ -402,7 +402,7 @@ def host_rss_child(mode: str, folder: str, quant: str) -> dict:
     before = host_rss()
     t0 = time.perf_counter()
     if mode == "old":
-        model = ZImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16)
+        model = ZImageTransformer2DModel.from_pretrained(folder, dtype=torch.bfloat16)
         quantize_frozen(model, quant, skip)
     else:
         model = load_frugal(ZImageTransformer2DModel, folder, torch.device("cpu"), torch.bfloat16, quant, skip)

@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", required=True, help="training output folder, checkpoint folder or .safetensors file")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
     p.add_argument("--model", help="base model id or folder (default: the base_model in the LoRA's metadata)")
-    p.add_argument("--steps", type=int, default=0, help="sampling steps (default: the model's own, Z-Image 8)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="sampling steps (0, the default: the model's own, Z-Image 8, klein 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=0, help="default: the training resolution")
     p.add_argument("--height", type=int, default=0)

@@ -371,6 +371,71 @@ def route_fused_linears(lora: DualLoRA, cfg: TrainConfig, device: torch.device) 
     return lora.enable_fused_kernels(cfg.act_quant) if on_route else 0
 
 
+# What the run prints and writes around the loop
+def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, teacher: str, rollout_steps: int,
+               lr: float, device: torch.device, notes: dict[str, str], out_dir: Path,
+               ckpt: checkpoint.Checkpoint | None) -> dict[str, str]:
+    """What the run is about to do, as the box printed before anything is loaded."""
+    prior_weight = f"weight {cfg.prior_weight:g}" if cfg.prior_weight else "measured only (weight 0)"
+    return {
+        "model": f"{cfg.model} ({family.name})", "preset": preset or "(none)",
+        "dataset": f"{len(ds)} images from {cfg.images}" + (f", {len(ds.skipped)} skipped" if ds.skipped else ""),
+        "captions": ds.caption_rule,
+        "method": f"teacher {teacher}, loss {cfg.loss}, {rollout_steps}-step roll-outs, "
+                  f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}"
+                  + (f"; prior: {len(cfg.prior_prompts)} prompts, {prior_weight}" if cfg.prior_prompts else ""),
+        **notes,
+        "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}, batch {cfg.batch_size} "
+                f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
+        "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}"
+                   + (" with int8 activations" if cfg.act_quant == "int8" else "")
+                   + f", checkpointing {cfg.grad_checkpointing}"
+                   + (", EMA teacher in host RAM" if cfg.teacher_ema_on == "cpu" else ""),
+        "output": str(out_dir) + (f" (resuming {ckpt.path.name})" if ckpt else ""),
+    }
+
+
+def append_metrics(log, metrics: dict, last_ckpt: Path | None) -> None:
+    """One line of metrics.jsonl, flushed: a reader (or a crash) sees every finished step."""
+    try:
+        log.write(json.dumps(metrics) + "\n")
+        log.flush()
+    except OSError as exc:  # a full disk, most likely: the next checkpoint would fail as well
+        kept = (f"The last checkpoint ({last_ckpt}) is intact: free some space and run the same command "
+                "with --resume." if last_ckpt else "No checkpoint was written yet: free some space and run again.")
+        raise UserError(f"Could not append step {metrics['step']} to {log.name} ({exc.strerror or exc}). "
+                        f"{kept}") from exc
+
+
+def write_loras(out_dir: Path, lora: DualLoRA, meta: dict, dtype: torch.dtype, last_ckpt: Path | None) -> Path:
+    """The student LoRA (the product) and the EMA teacher's, in the compute dtype; returns the student's path."""
+    try:
+        path = save_lora(out_dir / LORA_FILE, lora, "student", meta, dtype=dtype)
+        save_lora(out_dir / checkpoint.TEACHER_FILE, lora, "teacher", meta, dtype=dtype)
+    except OSError as exc:
+        raise UserError(f"Could not write the LoRA to '{out_dir}' ({exc.strerror or exc}). The checkpoint "
+                        f"{last_ckpt} holds it (fp32, loadable as is); free some space and run again with "
+                        "--resume to write it.") from exc
+    return path
+
+
+def done_summary(cfg: TrainConfig, family: Family, out_dir: Path, path: Path, skipped: int,
+                 previews: bool) -> dict[str, str]:
+    """The closing box of a finished run: where everything is and how to use the LoRA."""
+    return {
+        "LoRA": str(path),
+        **({"skipped updates": f"{skipped} (a non-finite loss or gradient; \"skipped\" in metrics.jsonl)"}
+           if skipped else {}),
+        "EMA teacher": str(out_dir / checkpoint.TEACHER_FILE),
+        "metrics": str(out_dir / "metrics.jsonl"),
+        **({"previews": str(out_dir / "previews")} if previews else {}),
+        "load it": f"pipe = {family.pipeline_class}.from_pretrained('{cfg.model}'); "
+                   f"pipe.load_lora_weights('{out_dir}')",
+        **({"try it": f"lowvram-dopsd sample --lora {out_dir} --prompt \"...\""} if family.in_diffusers else {}),
+        **({"ComfyUI": f"lowvram-dopsd export --format comfyui {out_dir}"} if family.name in LAYOUTS else {}),
+    }
+
+
 def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: list[str] | None) -> TrainResult:
     console = console or make_console()
     device = resolve_device(cfg.device)
@@ -401,24 +466,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     torch.manual_seed(cfg.seed)
 
     notes = family.run_notes(teacher, cfg)
-    prior_weight = f"weight {cfg.prior_weight:g}" if cfg.prior_weight else "measured only (weight 0)"
     display = Display(console, cfg.steps, start_step=ckpt.step if ckpt else 0)
-    display.header({
-        "model": f"{cfg.model} ({family.name})", "preset": preset or "(none)",
-        "dataset": f"{len(ds)} images from {cfg.images}" + (f", {len(ds.skipped)} skipped" if ds.skipped else ""),
-        "captions": ds.caption_rule,
-        "method": f"teacher {teacher}, loss {cfg.loss}, {rollout_steps}-step roll-outs, "
-                  f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}"
-                  + (f"; prior: {len(cfg.prior_prompts)} prompts, {prior_weight}" if cfg.prior_prompts else ""),
-        **notes,
-        "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}, batch {cfg.batch_size} "
-                f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
-        "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}"
-                   + (" with int8 activations" if cfg.act_quant == "int8" else "")
-                   + f", checkpointing {cfg.grad_checkpointing}"
-                   + (", EMA teacher in host RAM" if cfg.teacher_ema_on == "cpu" else ""),
-        "output": str(out_dir) + (f" (resuming {ckpt.path.name})" if ckpt else ""),
-    })
+    display.header(run_header(cfg, preset, family, ds, teacher, rollout_steps, lr, device, notes, out_dir, ckpt))
     for path, why in ds.skipped:
         console.print(f"[yellow]skipped[/] {path.name}: {why}")
     for path, why in ds.warnings:
@@ -558,14 +607,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
                        **({} if update else {"skipped": True})}
             if device.type == "cuda":
                 metrics["vram_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            try:
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-            except OSError as exc:  # a full disk, most likely: the next checkpoint would fail as well
-                kept = (f"The last checkpoint ({last_ckpt}) is intact: free some space and run the same command "
-                        "with --resume." if last_ckpt else "No checkpoint was written yet: free some space and "
-                        "run again.")
-                raise UserError(f"Could not append step {step} to {log.name} ({exc.strerror or exc}). {kept}") from exc
+            append_metrics(log, metrics, last_ckpt)
             display.step(step, metrics)
 
             diverged = skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW
@@ -577,14 +619,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
             if previews and (step % cfg.preview_every == 0 or step == cfg.steps):
                 write_preview(step)
 
-    meta = {**info, "steps": step}
-    try:
-        path = save_lora(out_dir / LORA_FILE, lora, "student", meta, dtype=dtype)
-        save_lora(out_dir / checkpoint.TEACHER_FILE, lora, "teacher", meta, dtype=dtype)
-    except OSError as exc:
-        raise UserError(f"Could not write the LoRA to '{out_dir}' ({exc.strerror or exc}). The checkpoint "
-                        f"{last_ckpt} holds it (fp32, loadable as is); free some space and run again with "
-                        "--resume to write it.") from exc
+    path = write_loras(out_dir, lora, {**info, "steps": step}, dtype, last_ckpt)
     if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:  # the loop stopped on it
         raise UserError(
             f"Steps {step - skipped_in_a_row + 1}-{step} all gave a non-finite loss or gradient (NaN or inf; "
@@ -597,16 +632,5 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         display.header({"stopped at": f"step {step} of {cfg.steps}", "checkpoint": str(last_ckpt),
                         "LoRA so far": str(path), "resume with": again}, title="stopped")
     else:
-        display.header({
-            "LoRA": str(path),
-            **({"skipped updates": f"{skipped} (a non-finite loss or gradient; \"skipped\" in metrics.jsonl)"}
-               if skipped else {}),
-            "EMA teacher": str(out_dir / checkpoint.TEACHER_FILE),
-            "metrics": str(out_dir / "metrics.jsonl"),
-            **({"previews": str(out_dir / "previews")} if previews else {}),
-            "load it": f"pipe = {family.pipeline_class}.from_pretrained('{cfg.model}'); "
-                       f"pipe.load_lora_weights('{out_dir}')",
-            **({"try it": f"lowvram-dopsd sample --lora {out_dir} --prompt \"...\""} if family.in_diffusers else {}),
-            **({"ComfyUI": f"lowvram-dopsd export --format comfyui {out_dir}"} if family.name in LAYOUTS else {}),
-        }, title="done")
+        display.header(done_summary(cfg, family, out_dir, path, skipped, previews is not None), title="done")
     return TrainResult(path, family, model, lora, cache, step=step, stopped=stopped, checkpoint=last_ckpt)

@@ -16,7 +16,7 @@ def test_demo_runs_and_writes_a_lora_the_pipeline_loads(tmp_path, monkeypatch, t
     info = read_info(out / "pytorch_lora_weights.safetensors")
     assert info["steps"] == 2 and info["family"] == "zimage" and info["teacher"] == "vlm"
     assert "sks" in info["caption_rule"] or info["caption_rule"]
-    pipe = ZImagePipeline.from_pretrained(tiny_demo_root / "tiny-zimage", torch_dtype=torch.float32)
+    pipe = ZImagePipeline.from_pretrained(tiny_demo_root / "tiny-zimage", dtype=torch.float32)
     pipe.load_lora_weights(out)
     printed = capsys.readouterr().out
     assert "pipe.load_lora_weights" in printed and "caption" in printed

@@ -58,6 +58,8 @@ def test_ema_formula_and_base_untouched():
     lora.ema_update(0.9)
     assert torch.allclose(layer.teacher_A, 0.9 * t_A + 0.1 * s_A)
     assert torch.allclose(layer.teacher_B, 0.1 * layer.student_B)  # teacher B started at 0
+    lora.ema_update(0.0)  # decay 0 copies the student exactly (the toy's student-copy ablation)
+    assert torch.equal(layer.teacher_A, layer.student_A) and torch.equal(layer.teacher_B, layer.student_B)
     for name, value in base_before.items():
         mod, _, leaf = name.rpartition(".")
         assert torch.equal(model.get_submodule(mod).base.get_parameter(leaf), value)

@@ -115,7 +115,7 @@ def test_frugal_loading_equals_load_then_quantize(tmp_path, base, kind, sharded)
     folder = tmp_path / "transformer"
     base.save_pretrained(folder, max_shard_size="300KB" if sharded else "10GB")
     assert (len(list(folder.glob("*.safetensors"))) > 1) == sharded
-    ref = quantize_frozen(ZImageTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16), kind, SKIP)
+    ref = quantize_frozen(ZImageTransformer2DModel.from_pretrained(folder, dtype=torch.bfloat16), kind, SKIP)
     got = load_frugal(ZImageTransformer2DModel, folder, torch.device("cpu"), torch.bfloat16, kind, SKIP)
     assert storage_bytes(got) == storage_bytes(ref)
     assert not any(t.is_meta for t in list(got.parameters()) + list(got.buffers()))

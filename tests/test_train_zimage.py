@@ -34,7 +34,7 @@ def student_rollout(family, model, lora, cond, noise, steps):
 
 
 def pipeline_latents(model_dir, noise, steps, lora_dir=None):
-    pipe = ZImagePipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    pipe = ZImagePipeline.from_pretrained(model_dir, dtype=torch.float32)
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir)
     return pipe(PROMPT, height=64, width=64, num_inference_steps=steps, guidance_scale=0.0,
