@@ -211,7 +211,7 @@ def run_child(name: str, args) -> dict:
                    "host_rss_before_gib": rss0.get("VmRSS"), "host_peak_rss_gib": rss1.get("VmHWM"),
                    "host_rss_after_gib": rss1.get("VmRSS"), "host_anon_after_gib": rss1.get("RssAnon")}
 
-    lora = DualLoRA.attach(model, targets, cfg.rank, cfg.alpha)
+    lora = DualLoRA.attach(model, targets, cfg.rank, cfg.alpha, seed=cfg.seed)
     if cfg.kernels != "auto":  # one child process per config: the switch can stay set
         os.environ["LOWVRAM_DOPSD_KERNELS"] = cfg.kernels
     res["fused_layers"] = route_fused_linears(lora, cfg, device)  # as train.py

@@ -31,7 +31,8 @@ class _Switch:
 
 
 class DualLoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, rank: int, alpha: float, switch: _Switch):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, switch: _Switch,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -41,8 +42,11 @@ class DualLoRALinear(nn.Module):
         self.act_quant = "off"  # "int8": the fused kernel's base GEMMs on per-token int8 activations
         dev = _weight_device(base)
         # peft's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so training starts at the base model.
-        a = torch.empty(rank, self.in_features, device=dev, dtype=torch.float32)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        # Drawn on the CPU (from `generator`, else torch's global CPU RNG), then moved: the same A on
+        # every device, as the trainer's noise is.
+        a = torch.empty(rank, self.in_features, dtype=torch.float32, device="meta" if dev.type == "meta" else "cpu")
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        a = a.to(dev)
         self.student_A = nn.Parameter(a)
         self.student_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
         self.register_buffer("teacher_A", a.clone())
@@ -97,8 +101,14 @@ class DualLoRA:
         self.teacher_master: list[torch.Tensor] | None = None
 
     @classmethod
-    def attach(cls, model: nn.Module, targets: tuple[str, ...] | list[str], rank: int, alpha: float) -> "DualLoRA":
-        """Wrap every linear whose qualified name ends with one of `targets` (e.g. 'attention.to_q')."""
+    def attach(cls, model: nn.Module, targets: tuple[str, ...] | list[str], rank: int, alpha: float,
+               seed: int | None = None) -> "DualLoRA":
+        """Wrap every linear whose qualified name ends with one of `targets` (e.g. 'attention.to_q').
+
+        `seed`: the LoRA's initial A come from a generator of their own, so they are a function of the
+        seed alone. From the global RNG instead (seed None) they would depend on whatever drew from it
+        before: the trainer's encoders do on a cold feature cache and not on a warm one, which made two
+        runs of one command start from different LoRAs."""
         for p in model.parameters():
             p.requires_grad_(False)
         switch = _Switch()
@@ -109,11 +119,12 @@ class DualLoRA:
                 f"No layer of the transformer matches the LoRA targets {list(targets)}. "
                 "Check `lora_targets` in your preset: they are suffixes of module names such as 'attention.to_q'."
             )
+        generator = None if seed is None else torch.Generator("cpu").manual_seed(seed)
         layers: dict[str, DualLoRALinear] = {}
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            wrapped = DualLoRALinear(getattr(parent, child), rank, alpha, switch)
+            wrapped = DualLoRALinear(getattr(parent, child), rank, alpha, switch, generator)
             setattr(parent, child, wrapped)
             layers[name] = wrapped
         return cls(model, layers, switch)

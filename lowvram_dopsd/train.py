@@ -496,7 +496,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     # 2. one frozen base, two LoRA sets
     with explain_oom(cfg, preset, "loading the transformer"):
         model = family.load_transformer(cfg, device, dtype)
-        lora = DualLoRA.attach(model, tuple(cfg.lora_targets) or family.lora_targets, cfg.rank, cfg.alpha)
+        lora = DualLoRA.attach(model, tuple(cfg.lora_targets) or family.lora_targets, cfg.rank, cfg.alpha,
+                               seed=cfg.seed)
     fused = route_fused_linears(lora, cfg, device)
     if cfg.teacher_ema_on == "cpu":
         lora.keep_teacher_ema_on_cpu(dtype)

@@ -45,6 +45,20 @@ def test_switch_selects_the_set_and_scale_is_alpha_over_rank():
         assert torch.equal(layer(x), base)
 
 
+def test_seeded_init_is_a_function_of_the_seed_alone():
+    """attach(seed=s) draws A from its own generator, on the CPU: whatever drew from the global RNG
+    before (the trainer's encoders on a cold feature cache) does not change the starting LoRA."""
+    inits = []
+    for seed, draws in ((3, 0), (3, 5), (4, 0)):
+        torch.manual_seed(0)
+        torch.rand(draws)
+        lora = DualLoRA.attach(Toy(), ["to_q", "other"], rank=3, alpha=3.0, seed=seed)
+        inits.append([t.clone() for t in lora.student_parameters()])
+        assert all(torch.equal(lora.layers[n].teacher_A, lora.layers[n].student_A) for n in lora.layers)
+    assert all(torch.equal(a, b) for a, b in zip(inits[0], inits[1]))
+    assert not torch.equal(inits[0][0], inits[2][0])
+
+
 def test_ema_formula_and_base_untouched():
     torch.manual_seed(0)
     model = Toy()

@@ -130,6 +130,21 @@ def test_toy_family_through_train_and_saved_lora_reproduces_student(tmp_path):
     torch.testing.assert_close(pipe(prompts, noise=noise), bare, atol=2e-4, rtol=1e-4)
 
 
+def test_same_command_same_lora_whether_the_feature_cache_is_cold_or_warm(tmp_path):
+    """The toy encoders draw from torch's global RNG when they run (a cold cache) and not when their
+    features are cached: the LoRA's initial A must not depend on that (it did, by 0.25 after 1 step)."""
+    from lowvram_dopsd.toy.experiment import make_cfg, quiet_console
+    from lowvram_dopsd.train import train
+
+    runs = []
+    for name in ("cold", "warm"):
+        cfg = make_cfg(TOY_MODEL, TOY_CONCEPT, tmp_path / name, tmp_path / "cache", 0, 1)
+        res = train(cfg, preset="toy", console=quiet_console())
+        assert (res.cache.misses > 0) == (name == "cold")
+        runs.append(res.lora.tensors("student"))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_toy_trains_on_an_int8_base_with_int8_activations(tmp_path):
     """The toy family takes quant = "qint8" (blocks 8-bit, embedders and final layer kept, as for
     Z-Image) and act_quant = "int8": the arms of the 8-bit study (docs/kernels.md)."""
