@@ -216,7 +216,8 @@ class DualLoRA:
         else:  # on the CPU: the student comes down (fp32), the new teacher copy goes back up
             teacher, student = self.teacher_master, [p.to("cpu") for p in student]
         # teacher + (1 - decay)·(student - teacher): one pass over both lists where mul_ + add_ took two,
-        # half the rounding error; Z-Image's 140M-element EMA on one CPU thread: 69 ms instead of 123 ms
+        # half the rounding error; Z-Image's 159M elements on one CPU thread: 78 ms instead of 120 ms
+        # (benchmarks/bench_ema.py, results/ema-cpu-x86_64.md)
         torch._foreach_lerp_(teacher, student, 1.0 - decay)
         if self.teacher_master is not None:
             self._sync_teacher_copy()
