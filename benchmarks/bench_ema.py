@@ -16,7 +16,7 @@ tensors, 140M elements, 0.56 GB in fp32). Two layouts are timed, as `train.train
 
 and, for the record, the update as it was before 66ccdd2 (`_foreach_mul_` then `_foreach_add_`)
 next to the current one (`_foreach_lerp_`), on the same tensors. The LoRA'd linears and their
-shapes come from the published config through the planner (`plan.count`'s targets); the frozen
+shapes come from the published config, picked by `lora.is_target` as `DualLoRA.attach` does; the frozen
 base weights are not built (the update never reads them).
 
 Results: <out>/ema-<device>.md and .json (device, versions, command).
@@ -52,14 +52,13 @@ class _ShapeOnly(nn.Module):
 
 def lora_shapes(model: str) -> list[tuple[str, int, int]]:
     """(name, in, out) of every linear the trainer puts a LoRA on, from the model's published config."""
-    from lowvram_dopsd.lora import _is_linear
+    from lowvram_dopsd.lora import is_target
     from lowvram_dopsd.plan import build_meta, resolve_model
 
     mc = resolve_model(MODELS.get(model, model))
     meta = build_meta(mc.arch, mc.transformer)
-    targets = mc.arch.lora_targets
     return [(n, m.in_features, m.out_features) for n, m in meta.named_modules()
-            if type(m) is nn.Linear and _is_linear(m) and any(n == t or n.endswith("." + t) for t in targets)]
+            if is_target(n, m, mc.arch.lora_targets)]
 
 
 def build(shapes, rank: int, device: torch.device) -> DualLoRA:
@@ -110,7 +109,6 @@ def run(model: str, shapes, rank: int, device: torch.device, repeat: int, decay:
                          ("state update, lerp_ (now)", lambda: torch._foreach_lerp_(state, student, 1 - decay))):
             rows.append({"model": model, "layout": layout, "what": what, "tensors": 2 * len(shapes),
                          "elements_M": round(n / 1e6, 2), "ms": round(timed(fn, device, repeat), 2)})
-        del lora, state, student
     return rows
 
 

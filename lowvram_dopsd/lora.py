@@ -91,6 +91,11 @@ def _is_linear(module: nn.Module) -> bool:
     return hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight")
 
 
+def is_target(name: str, module: nn.Module, targets: tuple[str, ...] | list[str]) -> bool:
+    """Whether `attach` puts a LoRA on this module: a linear whose qualified name ends with a target."""
+    return _is_linear(module) and any(name == t or name.endswith("." + t) for t in targets)
+
+
 class DualLoRA:
     """The set of wrapped layers of one transformer, with the operations the trainer needs."""
 
@@ -112,8 +117,7 @@ class DualLoRA:
         for p in model.parameters():
             p.requires_grad_(False)
         switch = _Switch()
-        names = [n for n, m in model.named_modules()
-                 if _is_linear(m) and any(n == t or n.endswith("." + t) for t in targets)]
+        names = [n for n, m in model.named_modules() if is_target(n, m, targets)]
         if not names:
             raise UserError(
                 f"No layer of the transformer matches the LoRA targets {list(targets)}. "

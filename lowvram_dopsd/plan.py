@@ -213,7 +213,7 @@ def build_meta(arch: Arch, transformer: dict[str, Any]) -> nn.Module:
 
 
 def count(model: nn.Module, skip: tuple[str, ...], targets: tuple[str, ...], rank: int) -> Counts:
-    from .lora import _is_linear
+    from .lora import is_target
     from .quant import _skipped
 
     c = Counts()
@@ -233,7 +233,7 @@ def count(model: nn.Module, skip: tuple[str, ...], targets: tuple[str, ...], ran
                 c.quant_rows += module.out_features
                 c.quant_bias += n_b
                 c.max_linear = max(c.max_linear, n_w)
-            if _is_linear(module) and any(name == t or name.endswith("." + t) for t in targets):
+            if is_target(name, module, targets):
                 c.lora += rank * (module.in_features + module.out_features)
                 c.lora_layers += 1
         else:

@@ -160,13 +160,14 @@ def main(argv=None) -> int:
     methods = list(a.methods)
     if a.ablations:
         methods += ["dopsd-x0-frozen", "dopsd-x0-copy", "dopsd-x0-1state"]
+    prior_captions = prior_prompts()
     variants = {"dopsd-v": {"loss": "velocity"}, "dopsd-x0": {"loss": "x0"},
                 "dopsd-x0-frozen": {"loss": "x0", "ema_decay": 0.99999999},
                 "dopsd-x0-copy": {"loss": "x0", "ema_decay": 0.0},
                 "dopsd-x0-1state": {"loss": "x0", "train_states": 1},
                 # + one micro-batch of prompts without the trigger per step, pulled toward the bare base
-                "dopsd-x0-prior": {"loss": "x0", "prior_prompts": prior_prompts()},
-                "dopsd-x0-prior-w0.25": {"loss": "x0", "prior_prompts": prior_prompts(), "prior_weight": 0.25},
+                "dopsd-x0-prior": {"loss": "x0", "prior_prompts": prior_captions},
+                "dopsd-x0-prior-w0.25": {"loss": "x0", "prior_prompts": prior_captions, "prior_weight": 0.25},
                 # the 8-bit paths (docs/kernels.md): int8 base, then int8 base + int8 activations
                 "dopsd-x0-qint8": {"loss": "x0", "quant": "qint8"},
                 "dopsd-x0-act8": {"loss": "x0", "quant": "qint8", "act_quant": "int8"}}
