@@ -14,7 +14,7 @@ tensors, 140M elements, 0.56 GB in fp32). Two layouts are timed, as `train.train
           state up into the layers' compute-dtype copies. On a GPU this is the per-step cost the
           12gb preset pays for its 0.30 GiB.
 
-and, for the record, the update as it was before 66ccdd2 (`_foreach_mul_` then `_foreach_add_`)
+and, for the record, the update as it was before 329666e (`_foreach_mul_` then `_foreach_add_`)
 next to the current one (`_foreach_lerp_`), on the same tensors. The LoRA'd linears and their
 shapes come from the published config, picked by `lora.is_target` as `DualLoRA.attach` does; the frozen
 base weights are not built (the update never reads them).
@@ -87,7 +87,7 @@ def timed(fn, device: torch.device, repeat: int) -> float:
 
 
 def mul_add(teacher: list[torch.Tensor], student: list[torch.Tensor], decay: float) -> None:
-    """The update before 66ccdd2, for the comparison: two passes over the teacher."""
+    """The update before 329666e, for the comparison: two passes over the teacher."""
     torch._foreach_mul_(teacher, decay)
     torch._foreach_add_(teacher, student, alpha=1.0 - decay)
 
