@@ -1,7 +1,7 @@
 """What each kernel needs on each GPU architecture, compiled here, without a GPU (kernels/aot.py).
 
     TRITON_INTERPRET=0 python benchmarks/compile_report.py [--targets sm_80,sm_86,sm_89,sm_90,sm_120]
-        [--shapes zimage,klein] [--modes int8,fp8,int8-act8] [--out benchmarks/results]
+        [--shapes zimage,klein] [--layers N] [--modes int8,fp8,int8-act8] [--out benchmarks/results]
 
 For each target the real host code of one LoRA linear (bf16 activations, rank 64, M = 4096 + 512
 tokens, the layer shapes of bench_kernels.py) runs forward and backward on meta tensors with its
@@ -10,7 +10,9 @@ ptxas. Per candidate: shared memory (and whether it fits the target's per-block 
 registers and spilled bytes per thread (ptxas -v), the tensor-core instructions in the SASS, and
 what the GEMM's K loop issues per iteration (instructions, MMAs, synchronous global loads, async
 copies, shared-memory loads and stores: kernels.aot.k_loop).
-A candidate is *usable* when it fits and does not spill. The D-OPSD loss kernel is compiled for a
+A candidate is *usable* when it compiles, fits and does not spill; one that does not compile is
+reported with the compiler's reason (benchmarks/compile_versions.py runs this report once per
+Triton release). The D-OPSD loss kernel is compiled for a
 1×16×128×128 latent. Nothing is timed: that needs the GPU (bench_kernels.py).
 
 Modes: int8 / fp8 weights with exact activations (the default path: dx on cuBLAS after a
@@ -24,8 +26,11 @@ import datetime
 import json
 import os
 import platform
+import re
+import contextlib
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -59,29 +64,62 @@ ROLES = {
 }
 
 
-def compile_target(tname: str, modes: list, shapes: list, rank: int) -> list:
+def compile_target(tname: str, modes: list, shapes: list, rank: int, layers: int = 0) -> list:
     target, rows, t0 = aot.TARGETS[tname], [], time.time()
     for mode in modes:
         jobs = [(f"{fam}: {name}", aot.lora_linear_step(TOKENS, K, N, rank, *MODES[mode]))
-                for fam in shapes for name, K, N, _ in SHAPES[fam]]
+                for fam in shapes for name, K, N, _ in SHAPES[fam][:layers or None]]
         if mode == modes[0]:
             jobs.append(("loss", aot.loss_step()))
         for shape, run in jobs:
             for launch in aot.record(run, target):
-                for c in aot.compile_launch(launch, target):
-                    rows.append(dict(target=tname, mode="-" if shape == "loss" else mode, shape=shape,
-                                     role=ROLES.get((c.label, c.kernel), f"{c.label} {c.kernel}"),
-                                     kernel=c.kernel, config=c.config, shared=c.shared, fits=c.fits,
-                                     registers=c.registers, spill_bytes=c.spill_bytes, mma=list(c.mma),
-                                     loop=c.loop))
+                for cfg in launch.configs():  # one at a time: a candidate that does not compile is a row too
+                    base = dict(target=tname, mode="-" if shape == "loss" else mode, shape=shape,
+                                role=ROLES.get((launch.label, launch.name), f"{launch.label} {launch.name}"),
+                                kernel=launch.name)
+                    try:
+                        with compiler_messages() as said:
+                            (c,) = aot.compile_launch(launch, target, [cfg])
+                    except Exception as exc:  # noqa: BLE001 - not hidden: the row and the report say what failed
+                        kw = {**launch.kwargs, **(cfg.all_kwargs() if cfg else {})}
+                        rows.append(dict(base, config=aot.shown_config(kw), error=failure_text(exc, "".join(said)),
+                                         shared=0, fits=False, registers=0, spill_bytes=0, mma=[], loop={}))
+                        continue
+                    rows.append(dict(base, config=c.config, shared=c.shared, fits=c.fits, registers=c.registers,
+                                     spill_bytes=c.spill_bytes, mma=list(c.mma), loop=c.loop))
         print(f"[{time.time() - t0:5.0f}s] {tname} {mode}: {len(rows)} rows", flush=True)
     return rows
 
 
-def ptxas_version() -> str:
-    from triton.backends.nvidia.compiler import get_ptxas
+@contextlib.contextmanager
+def compiler_messages():
+    """Capture what the compiler writes to file descriptor 2 (MLIR diagnostics and C++ assertions do
+    not go through Python's sys.stderr) into the list it yields, as one string on exit."""
+    sys.stderr.flush()
+    said, saved = [], os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            said.append(f.read().decode(errors="replace"))
 
-    out = subprocess.run([get_ptxas(90).path, "--version"], capture_output=True, text=True).stdout
+
+def failure_text(exc: Exception, said: str) -> str:
+    """The exception and the compiler's own reason (an assertion or `error:` line), on one line."""
+    # "python: /project/lib/.../AccelerateMatmul.cpp:42: int ...(int, DotOp): Assertion `...' failed."
+    asserts = re.findall(r"/([\w.]+\.cpp):\d+: .*?(Assertion .*)", said)
+    errors = re.findall(r"error: (.*)", said)
+    why = [f"{src}: {text}" for src, text in asserts] + errors
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" + (f" ({why[0][:160]})" if why else "")
+
+
+def ptxas_version() -> str:
+    out = subprocess.run([aot.ptxas_path(90), "--version"], capture_output=True, text=True).stdout
     return out.strip().splitlines()[-1]
 
 
@@ -91,13 +129,15 @@ def main(argv=None):
     ap.add_argument("--shapes", default="zimage,klein")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=0, help="the first N layer shapes of each model (0 = all); "
+                    "they compile to the same kernels, as the shapes are all multiples of 16")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--name", default="compile-report")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="targets compiled in parallel")
     args = ap.parse_args(argv)
 
     targets = args.targets.split(",")
-    work = [(t, args.modes.split(","), args.shapes.split(","), args.rank) for t in targets]
+    work = [(t, args.modes.split(","), args.shapes.split(","), args.rank, args.layers) for t in targets]
     with ProcessPoolExecutor(max_workers=min(args.jobs, len(targets))) as pool:  # ptxas is single-threaded
         rows = [r for part in pool.map(compile_target, *zip(*work)) for r in part]
 
@@ -105,7 +145,8 @@ def main(argv=None):
         date=datetime.date.today().isoformat(), host=platform.node(), python=platform.python_version(),
         torch=torch.__version__, triton=triton.__version__, ptxas=ptxas_version(),
         command=" ".join(["TRITON_INTERPRET=0 python benchmarks/compile_report.py", *(argv or sys.argv[1:])]),
-        rank=args.rank, tokens=TOKENS, targets={k: vars(aot.TARGETS[k]) for k in targets},
+        rank=args.rank, tokens=TOKENS, targets={k: vars(aot.TARGETS[k]) for k in targets}, layers=args.layers,
+        shapes=[f"{fam}: {name}" for fam in args.shapes.split(",") for name, *_ in SHAPES[fam][:args.layers or None]],
         switches=DEFAULTS,  # the lora_linear switches in effect (LOWVRAM_DOPSD_LORA_*)
     )
     merged = merge(rows)
@@ -146,9 +187,10 @@ def merge(rows: list) -> list:
         m["fits"] = m["fits"] and r["fits"]
         m["mma"] = sorted(set(m["mma"]) | set(r["mma"]))
         m["loop"] = {k: max(v, m["loop"].get(k, 0)) for k, v in r["loop"].items()}
+        m["error"] = m.get("error") or r.get("error")  # failing on one shape is failing
     for m in merged.values():
         m.pop("shape")
-        m["usable"] = m["fits"] and m["spill_bytes"] == 0
+        m["usable"] = m["fits"] and m["spill_bytes"] == 0 and not m["error"]
     return list(merged.values())
 
 
@@ -158,9 +200,9 @@ def render(meta: dict, merged: list) -> str:
         f"- {meta['date']}, `{meta['command']}`; triton {meta['triton']}, {meta['ptxas']}, torch {meta['torch']}.",
         "- lora_linear switches (LOWVRAM_DOPSD_LORA_*): "
         + ", ".join(f"{k} = {v}" for k, v in meta.get("switches", {}).items()) + ".",
-        f"- LoRA linear: bf16 activations, rank {meta['rank']}, M = {meta['tokens']} tokens, every layer shape of "
-        "bench_kernels.py (Z-Image and klein), forward and backward; compiled in every autotune candidate "
-        "the autotuner would time. Figures are the worst over the shapes.",
+        f"- LoRA linear: bf16 activations, rank {meta['rank']}, M = {meta['tokens']} tokens, the layer shapes "
+        f"{'; '.join(meta.get('shapes', ['of bench_kernels.py']))}, forward and backward; compiled in every "
+        "autotune candidate the autotuner would time. Figures are the worst over the shapes.",
         "- *usable*: fits the per-block shared-memory maximum and spills nothing. The autotuner skips "
         "candidates that do not launch and times the rest, so a spilling one costs first-step compile "
         "time, and speed only if it still wins.",
@@ -177,15 +219,27 @@ def render(meta: dict, merged: list) -> str:
         cells = []
         for t in targets:
             ms = [m for m in merged if (m["target"], m["mode"], m["role"]) == (t, mode, role)]
-            cells.append(f"{sum(m['usable'] for m in ms)}/{len(ms)}")
+            failed = sum(bool(m["error"]) for m in ms)
+            cells.append(f"{sum(m['usable'] for m in ms)}/{len(ms)}" + (f" (**{failed} fail**)" if failed else ""))
         out.append(f"| {mode} | {role} | " + " | ".join(cells) + " |")
     out.append("")
+    failures = [m for m in merged if m["error"]]
+    if failures:
+        out += ["## Candidates that do not compile", "",
+                "The autotuner on such a card would stop the first step on them (a compiler error is not "
+                "one of the launch failures it skips).", "",
+                "| target | mode | role | candidate | error |", "| --- | --- | --- | --- | --- |"]
+        out += [f"| {m['target']} | {m['mode']} | {m['role']} | {m['candidate']} | {m['error']} |" for m in failures]
+        out.append("")
     for tname in targets:
         t = meta["targets"][tname]
         out += [f"## {tname} ({t['example']}; {t['smem'] // 1024} KB shared per block)", "",
                 "| mode | role | candidate | shared KB | fits | regs | spills B | tensor-core SASS | K loop |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for m in (m for m in merged if m["target"] == tname):
+            if m["error"]:
+                out.append(f"| {m['mode']} | {m['role']} | {m['candidate']} | - | **does not compile** | - | - | - | - |")
+                continue
             spill = f"**{m['spill_bytes']}**" if m["spill_bytes"] else "0"
             out.append(f"| {m['mode']} | {m['role']} | {m['candidate']} | {m['shared'] / 1024:.0f} | "
                        f"{'yes' if m['fits'] else '**no**'} | {m['registers']} | {spill} | "

@@ -231,16 +231,33 @@ class _TargetDriver:
         return 0
 
 
+def shown_config(kwargs: dict) -> dict:
+    """The fields of a launch's keyword arguments that name its candidate (``Compiled.config``)."""
+    return {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("num_warps", "num_stages")}
+
+
+def ptxas_path(cap: int) -> str:
+    """The ptxas Triton itself runs for compute capability ``cap``. Triton 3.3 returns (path, version),
+    3.4 takes no argument, 3.5+ picks a binary by architecture; 3.4+ return a tool with ``.path``."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        tool = get_ptxas(cap)
+    except TypeError:
+        tool = get_ptxas()
+    return tool[0] if isinstance(tool, tuple) else tool.path
+
+
 def _ptxas_report(ptx: str, cap: int) -> tuple:
     """(registers, spill-store bytes) from ptxas -v on the kernel's PTX."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
         log = subprocess.run(
-            [get_ptxas(cap).path, "-v", f"--gpu-name={sm_arch_from_capability(cap)}", src, "-o", src + ".o"],
+            [ptxas_path(cap), "-v", f"--gpu-name={sm_arch_from_capability(cap)}", src, "-o", src + ".o"],
             capture_output=True, text=True, check=True,
         ).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
@@ -249,9 +266,7 @@ def _ptxas_report(ptx: str, cap: int) -> tuple:
 
 
 def _sass(cubin: bytes) -> str:
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    tool = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
+    tool = os.path.join(os.path.dirname(ptxas_path(90)), "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -293,7 +308,9 @@ def compile_launch(launch: Launch, target: Target, configs: Optional[list] = Non
     """Compile ``launch`` for ``target`` in each of ``configs`` (default: every candidate it would time)."""
     _require()
     driver = triton.runtime.driver
-    old = driver._active  # not reset_active(): that builds the real driver, which needs a GPU
+    # not `driver.active`: from Triton 3.4 on it builds the real driver, which needs a GPU; 3.4+ keep
+    # the unbuilt one in `_active`, 3.3 keeps a lazy proxy in `active`
+    old = driver.__dict__["_active"] if "_active" in driver.__dict__ else driver.active
     driver.set_active(_TargetDriver(target))
     out = []
     try:
@@ -304,9 +321,10 @@ def compile_launch(launch: Launch, target: Target, configs: Optional[list] = Non
                 fn = launch.fn.fn  # the autotuner's inner (heuristics -> jit) chain
             else:
                 fn = launch.fn
-            ck = fn.warmup(*launch.args, grid=launch.grid, **kw)
+            # what `warmup` does from Triton 3.4 on; 3.3's heuristics wrapper has no `warmup`
+            ck = fn.run(*launch.args, grid=launch.grid, warmup=True, **kw)
             regs, spills = _ptxas_report(ck.asm["ptx"], target.cap)
-            shown = {k: v for k, v in kw.items() if k.startswith("BLOCK") or k in ("num_warps", "num_stages")}
+            shown = shown_config(kw)
             sass = _sass(ck.asm["cubin"])
             out.append(Compiled(launch.label, launch.name, shown, ck.metadata.shared, regs, spills,
                                 _mma_opcodes(sass), ck.metadata.shared <= target.smem,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections import Counter
 from typing import Iterator
 
@@ -26,21 +27,28 @@ import torch
 #: references: its autotuner ignores a custom timer and asks for a GPU driver when a kernel is
 #: decorated (at import: the CPU interpreter has none) and its interpreter passes the autotune
 #: configs' internal fields to the kernel, so our kernels could not be checked on it.
-MIN_TRITON = (3, 3)
+MIN_TRITON = (3, 3, 0)
 MIN_TRITON_TEXT = f"Triton {MIN_TRITON[0]}.{MIN_TRITON[1]}+ (torch 2.7+ ships it)"  # for advice to the user
 
+#: GPU generations (compute capability major) whose matrix multiplies a Triton release cannot compile.
+#: benchmarks/compile_versions.py compiles every kernel launch for sm_80-sm_120 with each Triton a
+#: torch release pins (results/compile-triton-versions.md): 3.3.0 (torch 2.7.0) stops every tl.dot for
+#: sm_120 (RTX 50xx) at "computeCapability not supported", which the autotuner does not skip, so the
+#: first step would crash; 3.3.1 (torch 2.7.1) compiles them all.
+NO_MMA = {(3, 3, 0): (12,)}
 
-def _version(text: str) -> tuple[int, int]:
-    """'3.3.1' -> (3, 3); '3.10.0+git1234' -> (3, 10)."""
-    major, minor = (text.split(".") + ["0"])[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+def _version(text: str) -> tuple[int, int, int]:
+    """'3.3.1' -> (3, 3, 1); '3.10.0+git1234' -> (3, 10, 0); '4.0' -> (4, 0, 0)."""
+    parts = (text.split(".") + ["0", "0"])[:3]
+    return tuple(int(re.match(r"\d*", p).group() or 0) for p in parts)  # type: ignore[return-value]
 
 
 try:  # Triton is an optional extra ("kernels"); CPU-only installs run the references.
     import triton
     import triton.language as tl
 
-    TRITON_VERSION: tuple[int, int] | None = _version(triton.__version__)
+    TRITON_VERSION: tuple[int, int, int] | None = _version(triton.__version__)
     HAS_TRITON = TRITON_VERSION >= MIN_TRITON
     #: why the kernels cannot run, for error messages ("" when they can)
     TRITON_MISSING = "" if HAS_TRITON else (
@@ -75,6 +83,9 @@ __all__ = [
     "MIN_TRITON_TEXT",
     "TRITON_MISSING",
     "TRITON_VERSION",
+    "NO_MMA",
+    "gpu_problem",
+    "why_not",
     "triton",
     "tl",
     "DISPATCH_COUNTS",
@@ -116,19 +127,42 @@ def kernels_mode() -> str:
     raise ValueError(f"LOWVRAM_DOPSD_KERNELS must be off|on|auto, got {mode!r}")
 
 
+def gpu_problem(device: torch.device | str | None = None) -> str:
+    """Why the installed Triton cannot compile the kernels for this CUDA GPU (``NO_MMA``), or "".
+    Asked on every kernel call (through ``kernels_available``): only a listed Triton queries the GPU."""
+    if not HAS_TRITON or TRITON_VERSION not in NO_MMA:
+        return ""
+    device = torch.device(device if device is not None else "cuda")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return ""
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in NO_MMA.get(TRITON_VERSION, ()):
+        return ""
+    version = ".".join(map(str, TRITON_VERSION))
+    return (f"Triton {version} cannot compile matrix multiplies for this GPU (compute capability {major}.{minor}); "
+            "a newer Triton can (torch 2.7.1+ ships 3.3.1)")
+
+
+def why_not(device: torch.device | str | None = None) -> str:
+    """Why the kernels cannot run on ``device``'s GPU: Triton missing, too old, or unable to compile for
+    it; "" when they can. For messages to the user."""
+    return TRITON_MISSING or gpu_problem(device)
+
+
 def kernels_available(device: torch.device | str | None = None) -> bool:
     """Whether the Triton kernels can run for tensors on ``device``.
 
-    True when Triton imports and either ``device`` is a CUDA device or the Triton CPU
-    interpreter is switched on (then any device qualifies: the interpreter runs on CPU tensors).
+    True when Triton imports and either ``device`` is a CUDA device it compiles for (``gpu_problem``)
+    or the Triton CPU interpreter is switched on (then any device qualifies: the interpreter runs on
+    CPU tensors).
     """
     if not HAS_TRITON:
         return False
     if is_interpret():
         return True
-    if device is None:
-        return torch.cuda.is_available()
-    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+    if device is not None and torch.device(device).type != "cuda":
+        return False
+    return torch.cuda.is_available() and not gpu_problem(device)
 
 
 def use_triton(name: str, device: torch.device, unsupported: str | None = None) -> bool:
@@ -139,7 +173,7 @@ def use_triton(name: str, device: torch.device, unsupported: str | None = None) 
     mode = kernels_mode()
     ok = mode != "off" and unsupported is None and kernels_available(device)
     if mode == "on" and not ok:
-        why = unsupported or TRITON_MISSING or (
+        why = unsupported or why_not(device) or (
             f"Triton does not run on {device} (set TRITON_INTERPRET=1 for the CPU interpreter)")
         raise RuntimeError(f"LOWVRAM_DOPSD_KERNELS=on but the Triton {name} cannot run: {why}")
     DISPATCH_COUNTS[f"{name}.{'triton' if ok else 'reference'}"] += 1

@@ -341,26 +341,28 @@ def check_act_quant(cfg: TrainConfig, device: torch.device) -> None:
     torch reference (tests, the toy study); on a GPU that emulation would be slow and hold float32
     copies of the weights, so the kernel is required. Checked before anything is loaded."""
     if cfg.act_quant != "off" and device.type == "cuda" and not use_fused_linear(device):
-        from .kernels.utils import MIN_TRITON_TEXT, TRITON_MISSING
+        from .kernels.utils import MIN_TRITON_TEXT, why_not
 
-        why = TRITON_MISSING or "kernels = 'off'"
+        why = why_not(device) or "kernels = 'off'"
         raise UserError(
             f"act_quant = 'int8' runs inside the fused Triton kernel, which this run does not use ({why}). "
-            f"Set kernels = 'auto' and install {MIN_TRITON_TEXT} (`pip install -U triton`; Windows: "
-            "`pip install -U triton-windows`), or set act_quant = 'off'."
+            f"Set kernels = 'auto' with a Triton that runs it (`pip install -U triton`; Windows: "
+            f"`pip install -U triton-windows`; the kernels need {MIN_TRITON_TEXT}), or set act_quant = 'off'."
         )
 
 
 def no_kernel_note(cfg: TrainConfig, device: torch.device, fused: int) -> str:
     """Why the 8-bit layers of a GPU run are not on the fused kernel when the user did not turn it
-    off: Triton missing or too old (kernels.utils.MIN_TRITON). "" when there is nothing to say."""
-    from .kernels.utils import MIN_TRITON_TEXT, TRITON_MISSING
+    off: Triton missing, too old (kernels.utils.MIN_TRITON) or unable to compile for this GPU
+    (kernels.utils.NO_MMA). "" when there is nothing to say."""
+    from .kernels.utils import MIN_TRITON_TEXT, TRITON_MISSING, why_not
 
-    if fused or device.type != "cuda" or cfg.quant not in QUANTO or not TRITON_MISSING:
+    why = why_not(device)
+    if fused or device.type != "cuda" or cfg.quant not in QUANTO or not why:
         return ""
-    return (f"the 8-bit layers run on quanto's dequantise + matmul, not the fused kernel ({TRITON_MISSING}): "
-            f"~1.2x slower per layer (benchmarks/results/kernels-h100.md), same results. {MIN_TRITON_TEXT} "
-            "enables it.")
+    fix = f" {MIN_TRITON_TEXT} enables it." if TRITON_MISSING else ""  # else `why` names the fix
+    return (f"the 8-bit layers run on quanto's dequantise + matmul, not the fused kernel ({why}): "
+            f"~1.2x slower per layer (benchmarks/results/kernels-h100.md), same results.{fix}")
 
 
 def route_fused_linears(lora: DualLoRA, cfg: TrainConfig, device: torch.device) -> int:

@@ -96,7 +96,7 @@ def test_int8_activations_on_a_gpu_need_the_kernel():
     cfg = load_config("16gb", {"act_quant": "int8", "kernels": "off"})
     for check in (lambda: check_act_quant(cfg, torch.device("cuda")),
                   lambda: route_fused_linears(None, cfg, torch.device("cuda"))):
-        with kernels_mode(cfg.kernels), pytest.raises(UserError, match="kernels = 'auto' and install Triton"):
+        with kernels_mode(cfg.kernels), pytest.raises(UserError, match="kernels = 'auto' with a Triton that runs it"):
             check()
     with kernels_mode("off"):
         check_act_quant(cfg, torch.device("cpu"))  # the CPU runs the reference: allowed
@@ -134,3 +134,8 @@ def test_a_gpu_run_without_a_usable_triton_says_why_its_8bit_layers_are_slower(m
     assert no_kernel_note(cfg, torch.device("cpu"), 0) == ""
     monkeypatch.setattr(utils, "TRITON_MISSING", "")  # Triton fine: kernels = "off" was the user's choice
     assert no_kernel_note(cfg, cuda, 0) == ""
+    # Triton fine, but it cannot compile for this GPU (kernels.utils.NO_MMA): the note says so, and the fix
+    monkeypatch.setattr(utils, "gpu_problem", lambda device=None: "Triton 3.3.0 cannot compile matrix multiplies "
+                        "for this GPU (compute capability 12.0); a newer Triton can (torch 2.7.1+ ships 3.3.1)")
+    note = no_kernel_note(cfg, cuda, 0)
+    assert "quanto" in note and "compute capability 12.0" in note and "3.3.1" in note

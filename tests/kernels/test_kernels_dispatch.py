@@ -88,7 +88,7 @@ from lowvram_dopsd.kernels.lora_linear import lora_linear, quantize_weight
 w_q, w_s = quantize_weight(torch.randn(8, 4), "int8")
 args = (torch.randn(3, 4), w_q, w_s, None, torch.randn(2, 4), torch.randn(8, 2), 0.5)
 y = lora_linear(*args)
-assert not utils.HAS_TRITON and utils.TRITON_VERSION == (3, 2), utils.TRITON_VERSION
+assert not utils.HAS_TRITON and utils.TRITON_VERSION == (3, 2, 0), utils.TRITON_VERSION
 assert dict(utils.DISPATCH_COUNTS) == {"lora_linear.reference": 1}, utils.DISPATCH_COUNTS
 import os
 os.environ["LOWVRAM_DOPSD_KERNELS"] = "on"
@@ -105,7 +105,33 @@ except RuntimeError as exc:
 
 
 def test_triton_version_parsing():
-    assert utils._version("3.3.1") == (3, 3)
-    assert utils._version("3.10.0+git1a2b3c") == (3, 10)
-    assert utils._version("4.0") == (4, 0)
-    assert (3, 10) >= utils.MIN_TRITON > (3, 2)
+    assert utils._version("3.3.1") == (3, 3, 1)
+    assert utils._version("3.10.0+git1a2b3c") == (3, 10, 0)
+    assert utils._version("3.5.0rc1") == (3, 5, 0)
+    assert utils._version("4.0") == (4, 0, 0)
+    assert (3, 10, 0) >= utils.MIN_TRITON > (3, 2, 0)
+
+
+@pytest.mark.skipif(not utils.HAS_TRITON, reason="the gate applies only where Triton imports")
+@pytest.mark.parametrize("version, capability, problem", [
+    ((3, 3, 0), (12, 0), True),    # torch 2.7.0's Triton on an RTX 50xx: no tl.dot compiles (compile-triton-versions.md)
+    ((3, 3, 1), (12, 0), False),   # torch 2.7.1's compiles them
+    ((3, 3, 0), (9, 0), False),    # and 3.3.0 compiles them for an H100
+])
+def test_a_gpu_the_installed_triton_cannot_compile_for_takes_the_reference(monkeypatch, version, capability, problem):
+    """Without the gate, 3.3.0 on sm_120 would crash the first step: the autotuner does not skip a
+    compiler error. With it, the GPU counts as one the kernels do not run on, and the reason is given."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(utils, "TRITON_VERSION", version)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert utils.kernels_available("cuda") is not problem
+    assert bool(utils.gpu_problem("cuda")) is problem
+    if problem:
+        assert "Triton 3.3.0 cannot compile matrix multiplies for this GPU (compute capability 12.0)" \
+            in utils.why_not("cuda")
+        monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "on")
+        with pytest.raises(RuntimeError, match="compute capability 12.0"):
+            utils.use_triton("lora_linear", torch.device("cuda"))
+        monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
+        assert not utils.use_triton("lora_linear", torch.device("cuda"))
