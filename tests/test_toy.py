@@ -273,3 +273,21 @@ def test_blob_holes_are_drawn_only_when_asked():
     m = world.shape_mask(holed)
     assert m[16, 16] == 0.0 and m[16, 16 + 7] == 1.0  # empty centre, filled band (outline 9.9 px)
     assert world.shape_mask(world.Scene("blob", "red", "large", "center", "black", blob=(1.0,) * 8))[16, 16] == 1.0
+
+
+def test_results_name_the_commit_they_were_made_from(tmp_path):
+    """toy.experiment writes the source commit into its result meta and table (a re-run after a fix is
+    then told apart from the numbers before it)."""
+    import re
+    import subprocess
+
+    from lowvram_dopsd.toy.experiment import source_commit, table
+
+    here = source_commit()
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent)
+    if head.returncode == 0:  # a git checkout (CI's clean clone is one)
+        assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", here) and here.startswith(head.stdout.strip())
+    assert source_commit(tmp_path) == "unknown"  # no repository there
+    meta = dict(command="c", seeds=[0], steps=1, images=1, threads=1, wall_s=1.0, torch="t", commit=here)
+    assert f"code at commit {here}." in table({}, meta)

@@ -24,6 +24,7 @@ import io
 import json
 import random
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -145,6 +146,7 @@ def main(argv=None) -> int:
         meta["wall_s"] = sum(f["meta"]["wall_s"] for f in files)
         meta["command"] = " ; ".join(f["meta"]["command"] for f in files)
         meta["merged_from"] = list(a.merge)
+        meta["commit"] = ", ".join(sorted({f["meta"].get("commit", "unknown") for f in files}))
         summary = summarize(runs)
         out = Path(a.out)
         (out / f"{a.tag}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
             "python -m lowvram_dopsd.toy.experiment " + " ".join(__import__("sys").argv[1:]),
             "seeds": a.seeds, "steps": a.steps, "images": a.images, "threads": a.threads, **lora_kw,
             "model": str(model_dir), "wall_s": round(time.time() - t_start, 1),
-            "preset": "presets/toy.toml", "torch": torch.__version__}
+            "preset": "presets/toy.toml", "torch": torch.__version__, "commit": source_commit()}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.tag}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
@@ -289,6 +291,22 @@ def summarize(runs):
     return summ
 
 
+def source_commit(where: Path = Path(__file__).parent) -> str:
+    """The git commit the code ran from, "+dirty" with uncommitted changes, "unknown" outside a git
+    checkout: a result file then says which code made it (a number re-run after a fix is not mixed
+    with one from before it)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):  # no git
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def table(summary, meta) -> str:
     head = "| method | " + " | ".join(lbl for _, lbl in METRICS) + " |\n"
     head += "|---|" + "---|" * len(METRICS) + "\n"
@@ -309,7 +327,8 @@ def table(summary, meta) -> str:
                 f"the base with the same captions text-only: {t['base_text_only_train_prompts'][0]:.3f}.\n")
     return (f"# Toy world: SFT vs D-OPSD (issue #7)\n\nCommand: `{meta['command']}`  \n"
             f"Seeds {meta['seeds']}, {meta['steps']} steps, {meta['images']} concept images, "
-            f"{meta['threads']} CPU thread(s), total wall-clock {meta['wall_s']:.0f} s (summed over processes), torch {meta['torch']}.  \n"
+            f"{meta['threads']} CPU thread(s), total wall-clock {meta['wall_s']:.0f} s (summed over processes), torch {meta['torch']}, "
+            f"code at commit {meta.get('commit', 'unknown')}.  \n"
             f"Mean ± std over seeds (n = {len(meta['seeds'])}).\n\n" + head + "\n".join(lines) + "\n" + tail)
 
 
