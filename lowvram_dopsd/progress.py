@@ -1,5 +1,6 @@
 """What the user sees: a header, a live progress line, a summary. Plain lines when not on a TTY.
 
+Commands to copy (resume, load, sample, export) are printed under the boxes, one line each.
 The live line (Rich, on a terminal) shows step, loss (and its running average), learning rate,
 s/it, peak VRAM, the last preview's file and the ETA. Without a terminal (CI, `nohup`, a log
 file) the same numbers are printed as one plain line at the first and last step and every
@@ -48,6 +49,14 @@ class Display:
         for k, v in rows.items():
             table.add_row(k, Text(v))  # plain text: captions like "[trigger]" are not markup
         self.console.print(Panel(table, title=title, expand=False))
+
+    def commands(self, rows: dict[str, str]) -> None:
+        """Commands to copy, printed under a box one per line, never wrapped or cut: inside the box a
+        long command would be broken over lines with the border in between, and a path longer than its
+        column cut short with an ellipsis."""
+        width = max(map(len, rows)) + 2
+        for name, command in rows.items():
+            self.console.print(Text.assemble((f"{name}:".ljust(width), "bold cyan"), command), soft_wrap=True)
 
     def __enter__(self) -> "Display":
         if self.progress:

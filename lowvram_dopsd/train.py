@@ -421,9 +421,8 @@ def write_loras(out_dir: Path, lora: DualLoRA, meta: dict, dtype: torch.dtype, l
     return path
 
 
-def done_summary(cfg: TrainConfig, family: Family, out_dir: Path, path: Path, skipped: int,
-                 previews: bool) -> dict[str, str]:
-    """The closing box of a finished run: where everything is and how to use the LoRA."""
+def done_summary(out_dir: Path, path: Path, skipped: int, previews: bool) -> dict[str, str]:
+    """The closing box of a finished run: where everything is."""
     return {
         "LoRA": str(path),
         **({"skipped updates": f"{skipped} (a non-finite loss or gradient; \"skipped\" in metrics.jsonl)"}
@@ -431,10 +430,18 @@ def done_summary(cfg: TrainConfig, family: Family, out_dir: Path, path: Path, sk
         "EMA teacher": str(out_dir / checkpoint.TEACHER_FILE),
         "metrics": str(out_dir / "metrics.jsonl"),
         **({"previews": str(out_dir / "previews")} if previews else {}),
-        "load it": f"pipe = {family.pipeline_class}.from_pretrained('{cfg.model}'); "
-                   f"pipe.load_lora_weights('{out_dir}')",
-        **({"try it": f"lowvram-dopsd sample --lora {out_dir} --prompt \"...\""} if family.in_diffusers else {}),
-        **({"ComfyUI": f"lowvram-dopsd export --format comfyui {out_dir}"} if family.name in LAYOUTS else {}),
+    }
+
+
+def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, str]:
+    """How to use the LoRA, printed under the closing box to be copied."""
+    q = shlex.quote
+    return {
+        "load it": f"pipe = {family.pipeline_class}.from_pretrained({cfg.model!r}); "
+                   f"pipe.load_lora_weights({str(out_dir)!r})",
+        **({"try it": f"lowvram-dopsd sample --lora {q(str(out_dir))} --prompt \"...\""}
+           if family.in_diffusers else {}),
+        **({"ComfyUI": f"lowvram-dopsd export --format comfyui {q(str(out_dir))}"} if family.name in LAYOUTS else {}),
     }
 
 
@@ -633,7 +640,9 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     if stopped:
         again = shlex.join([*command, "--resume"]) if command else "the same command with --resume"
         display.header({"stopped at": f"step {step} of {cfg.steps}", "checkpoint": str(last_ckpt),
-                        "LoRA so far": str(path), "resume with": again}, title="stopped")
+                        "LoRA so far": str(path)}, title="stopped")
+        display.commands({"resume with": again})
     else:
-        display.header(done_summary(cfg, family, out_dir, path, skipped, previews is not None), title="done")
+        display.header(done_summary(out_dir, path, skipped, previews is not None), title="done")
+        display.commands(use_commands(cfg, family, out_dir))
     return TrainResult(path, family, model, lora, cache, step=step, stopped=stopped, checkpoint=last_ckpt)

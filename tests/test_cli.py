@@ -1,4 +1,6 @@
 """The command line end to end: exit codes, a loadable LoRA, one-paragraph errors."""
+import shlex
+
 import pytest
 import torch
 from diffusers import ZImagePipeline
@@ -16,10 +18,16 @@ def test_demo_runs_and_writes_a_lora_the_pipeline_loads(tmp_path, monkeypatch, t
     info = read_info(out / "pytorch_lora_weights.safetensors")
     assert info["steps"] == 2 and info["family"] == "zimage" and info["teacher"] == "vlm"
     assert "sks" in info["caption_rule"] or info["caption_rule"]
-    pipe = ZImagePipeline.from_pretrained(tiny_demo_root / "tiny-zimage", dtype=torch.float32)
-    pipe.load_lora_weights(out)
     printed = capsys.readouterr().out
-    assert "pipe.load_lora_weights" in printed and "caption" in printed
+    assert "caption" in printed
+    # the closing lines are pasted as printed: the Python line loads the LoRA, the command is one line
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in printed.splitlines()
+             if line.startswith(("load it:", "try it:", "ComfyUI:"))}
+    scope = {"ZImagePipeline": ZImagePipeline}
+    exec(lines["load it"], scope)
+    assert scope["pipe"].get_list_adapters()["transformer"]  # our LoRA, in the stock pipeline
+    assert shlex.split(lines["ComfyUI"]) == ["lowvram-dopsd", "export", "--format", "comfyui", "dopsd-demo-out"]
+    assert shlex.split(lines["try it"])[:4] == ["lowvram-dopsd", "sample", "--lora", "dopsd-demo-out"]
 
 
 def test_train_on_a_tiny_folder(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images):

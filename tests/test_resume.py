@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pathlib
+import shlex
 import signal
 
 import pytest
@@ -123,7 +124,7 @@ def test_second_ctrl_c_stops_at_once():
 
 
 def test_klein_edit_teacher_resumes_exactly_with_teacher_previews(tiny_klein_dir, demo_images, tmp_path,
-                                                                  monkeypatch):
+                                                                  monkeypatch, capsys):
     """The same on the other family: klein's edit teacher (reference latents in its condition), and
     preview grids with the EMA teacher's row, decoded by klein's own decode_latents."""
     def run(out, *extra):
@@ -137,7 +138,13 @@ def test_klein_edit_teacher_resumes_exactly_with_teacher_previews(tiny_klein_dir
                 "--set", "preview_prompts=a photo of sks ball on grass|sks ball on the moon"]
     assert run(tmp_path / "run", *previews) == 0
     monkeypatch.undo()
-    assert run(tmp_path / "run", *previews, "--resume") == 0
+    # the printed command is the one to run: on one line whatever the terminal width (here 80
+    # columns, the command ~400 characters), quoted where needed ('|' and spaces in the prompts)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume with:")]
+    assert len(printed) == 1
+    again = shlex.split(printed[0].removeprefix("resume with:"))
+    assert again[0] == "lowvram-dopsd" and again[-1] == "--resume"
+    assert main(again[1:]) == 0
     ref = load_file(str(tmp_path / "ref" / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors"))
     got = load_file(str(tmp_path / "run" / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors"))
     assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
