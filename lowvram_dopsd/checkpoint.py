@@ -318,7 +318,10 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
         before = ckpt.config.get(key, defaults.get(key))
         if before == now or (isinstance(before, list) and list(now) == before):
             continue
-        if key in HARMLESS:
+        if key == "steps" and cfg.lr_schedule != "constant":  # the decay is spread over `steps`
+            problems.append(f"steps = {now!r} (the run used {before!r}; with lr_schedule = "
+                            f"{cfg.lr_schedule!r} it sets the learning rate of every step)")
+        elif key in HARMLESS:
             if key == "steps" and now < ckpt.step:
                 raise UserError(f"The checkpoint '{ckpt.path}' is at step {ckpt.step}, but steps = {now}. "
                                 f"Pass --steps {ckpt.step + 1} or more to train further.")

@@ -74,6 +74,9 @@ class TrainConfig:
     micro_batch: int = setting(1, "roll-outs per forward pass; batch_size / micro_batch are accumulated")
     steps: int = setting(1000, "optimizer steps to train")
     warmup_steps: int = setting(0, "linear learning-rate warm-up steps (0 = none)")
+    lr_schedule: str = setting("constant", "learning rate after the warm-up: 'constant' (the paper's and the "
+                               "authors'), or 'cosine' / 'linear' decay to 0 at the last step",
+                               choices=("constant", "cosine", "linear"))
     max_grad_norm: float = setting(1.0, "gradient-norm clip (0 = no clipping)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     optimizer: str = setting("adamw", "'adamw' (torch) or 'adamw8bit' (bitsandbytes: 8-bit moments, a "

@@ -160,6 +160,20 @@ class BucketSampler:
         return batch
 
 
+def lr_factor(updates: int, cfg: TrainConfig) -> float:
+    """The learning rate of the next optimizer step, as a fraction of `lr`, after `updates` steps
+    (LambdaLR's counter: skipped non-finite steps do not advance it). Linear warm-up to 1 over
+    `warmup_steps`, then `lr_schedule`: constant, or a cosine / linear decay that reaches 0 where the
+    step after the last one would be (the last step still learns; the usual convention, e.g.
+    transformers' get_cosine_schedule_with_warmup)."""
+    if updates < cfg.warmup_steps:
+        return (updates + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    done = min((updates - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * done)) if cfg.lr_schedule == "cosine" else 1.0 - done
+
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw8bit":
         if params[0].device.type != "cuda":
@@ -387,7 +401,7 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
                   f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}"
                   + (f"; prior: {len(cfg.prior_prompts)} prompts, {prior_weight}" if cfg.prior_prompts else ""),
         **notes,
-        "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}, batch {cfg.batch_size} "
+        "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}{lr_shape(cfg)}, batch {cfg.batch_size} "
                 f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
         "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}"
                    + (" with int8 activations" if cfg.act_quant == "int8" else "")
@@ -395,6 +409,13 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
                    + (", EMA teacher in host RAM" if cfg.teacher_ema_on == "cpu" else ""),
         "output": str(out_dir) + (f" (resuming {ckpt.path.name})" if ckpt else ""),
     }
+
+
+def lr_shape(cfg: TrainConfig) -> str:
+    """The schedule around the learning rate, for the run header: '' when it is constant from step 1."""
+    parts = ([f"{cfg.warmup_steps}-step warm-up"] if cfg.warmup_steps else []) + \
+        ([f"{cfg.lr_schedule} decay"] if cfg.lr_schedule != "constant" else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def append_metrics(log, metrics: dict, last_ckpt: Path | None) -> None:
@@ -512,8 +533,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         lora.keep_teacher_ema_on_cpu(dtype)
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, lr)
-    warmup = max(cfg.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda updates: lr_factor(updates, cfg))
     act = ", int8 activations" if cfg.act_quant == "int8" else ""
     console.print(f"LoRA: {len(lora.layers)} layers ({fused} on the fused 8-bit kernel{act}), "
                   f"{lora.num_parameters() / 1e6:.2f}M trainable parameters")
@@ -536,6 +556,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     info = {"base_model": cfg.model, "family": family.name, "teacher": teacher, "loss": cfg.loss,
             "caption_rule": ds.caption_rule, "trigger": cfg.trigger, "rollout_steps": rollout_steps,
             "preset": preset, "lr": lr, "ema_decay": cfg.ema_decay, "resolution": cfg.resolution,
+            **({"lr_schedule": lr_shape(cfg).strip(" ()")} if lr_shape(cfg) else {}),
             **({"prior_prompts": " | ".join(cfg.prior_prompts), "prior_weight": cfg.prior_weight}
                if cfg.prior_prompts else {}),
             **notes}
@@ -605,6 +626,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
                     prior_losses = learn(cfg.resolution, cfg.resolution, c, c, weight=cfg.prior_weight, teacher=None)
             loss = sum(step_losses) / len(step_losses)
             prior_loss = sum(prior_losses) / len(prior_losses) if prior_losses else 0.0
+            step_lr = scheduler.get_last_lr()[0]  # this step's: after optimizer_step it is the next one's
             with explain_oom(cfg, preset, f"the optimizer step of step {step}"):
                 update, grad_norm = optimizer_step(params, optimizer, scheduler, lora, cfg, loss + prior_loss)
             skipped += not update
@@ -613,7 +635,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
             metrics = {"step": step, "loss": finite_or_none(loss),
                        **({"prior_loss": finite_or_none(prior_loss)} if prior_losses else {}),
                        "grad_norm": finite_or_none(grad_norm),
-                       "lr": scheduler.get_last_lr()[0], "sec": round(time.perf_counter() - t_step, 4),
+                       "lr": step_lr, "sec": round(time.perf_counter() - t_step, 4),
                        **({} if update else {"skipped": True})}
             if device.type == "cuda":
                 metrics["vram_gb"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -329,3 +329,42 @@ def test_a_prior_prompt_that_names_the_subject_is_refused(args, tmp_path, capsys
     assert main(args(tmp_path / "run", "--trigger", "sks", "--set", "prior_prompts=a photo of sks ball")) == 2
     err = capsys.readouterr().err
     assert "contains the trigger 'sks'" in err and "remove the trigger" in err
+
+
+def test_a_decaying_lr_schedule_resumes_exactly_and_fixes_its_steps(args, tmp_path, monkeypatch, capsys):
+    """lr_schedule = "cosine": each step's learning rate comes from the schedule's checkpointed
+    counter and `steps`. metrics.jsonl logs the rate the step used (warm-up 2, then the cosine over
+    the last 2 of 4 steps). Stopped by Ctrl-C at step 2 and resumed, the run is the uninterrupted one;
+    resuming with other `steps` would re-shape the decay, so it is refused with the flag to restore."""
+    cosine = ("--set", "lr_schedule=cosine")
+    ref = tmp_path / "ref"
+    assert main(args(ref, *cosine)) == 0
+    assert [m["lr"] for m in read_run(ref)[2]] == pytest.approx([2.5e-3, 5e-3, 5e-3, 2.5e-3])
+
+    out = tmp_path / "run"
+    calls_that(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))  # during step 2
+    assert main(args(out, *cosine)) == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(args(out, *cosine, "--steps", "6", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "steps = 6 (the run used 4; with lr_schedule = 'cosine'" in err and "--set steps=4" in err
+    assert main(args(out, *cosine, "--resume")) == 0
+    assert_same_run(out, ref)
+
+
+def test_lr_factor_shapes():
+    """Warm-up, then constant / cosine / linear; the factor is for the step after `updates` updates."""
+    from lowvram_dopsd.config import load_config
+
+    def factors(schedule, warmup=2, steps=10):
+        cfg = load_config(None, {"steps": steps, "warmup_steps": warmup, "lr_schedule": schedule})
+        return [train_mod.lr_factor(u, cfg) for u in range(steps)]
+
+    assert factors("constant") == [0.5] + [1.0] * 9
+    cos, lin = factors("cosine"), factors("linear")
+    assert cos[:3] == lin[:3] == [0.5, 1.0, 1.0]                    # decay starts after the warm-up
+    assert cos[6] == pytest.approx(0.5) and lin[6] == pytest.approx(0.5)  # half of the 8 decay steps done
+    assert lin[9] == pytest.approx(1 / 8) and 0 < cos[9] < 0.04     # the last step still learns
+    assert all(a > b for a, b in zip(cos[2:], cos[3:])) and all(a > b for a, b in zip(lin[2:], lin[3:]))
+    assert factors("linear", warmup=0, steps=4) == pytest.approx([1.0, 0.75, 0.5, 0.25])
