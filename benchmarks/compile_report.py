@@ -22,12 +22,12 @@ dequantising pass), and int8 weights with act_quant = "int8" (both base GEMMs in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
 import re
-import contextlib
 import subprocess
 import sys
 import tempfile
