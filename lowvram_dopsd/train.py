@@ -20,6 +20,7 @@ exit; a CUDA out-of-memory error says which setting to lower and keeps what was 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -191,8 +192,11 @@ def warn_if_it_will_not_fit(cfg: TrainConfig, device: torch.device, console) -> 
     """Before anything loads: the planner's prediction (plan.py, within 1% of the H100 measurements)
     against this card's memory."""
     from . import plan
+    from .kernels.utils import gpu_problem
 
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if cfg.kernels == "auto" and gpu_problem(device):  # the 8-bit layers will take quanto's path: plan that
+        cfg = dataclasses.replace(cfg, kernels="off")
     try:
         p = plan.plan_from_config(cfg, budget_gib=plan.budget_for(total))
     except UserError:

@@ -139,3 +139,35 @@ def test_a_gpu_run_without_a_usable_triton_says_why_its_8bit_layers_are_slower(m
                         "for this GPU (compute capability 12.0); a newer Triton can (torch 2.7.1+ ships 3.3.1)")
     note = no_kernel_note(cfg, cuda, 0)
     assert "quanto" in note and "compute capability 12.0" in note and "3.3.1" in note
+
+
+@pytest.mark.parametrize("problem, planned_fused", [("", True), ("Triton 3.3.0 cannot compile ...", False)])
+def test_the_fit_warning_plans_the_path_the_run_will_take(monkeypatch, capsys, problem, planned_fused):
+    """On a GPU the installed Triton cannot compile for (kernels.utils.NO_MMA) the 8-bit layers run on
+    quanto, whose teacher pass needs more memory (plan.py): the fit warning before loading plans that
+    path, and the fused kernel's elsewhere."""
+    import io
+
+    import torch
+    from rich.console import Console
+
+    from lowvram_dopsd import plan
+    from lowvram_dopsd.train import warn_if_it_will_not_fit
+
+    asked = []
+    real = plan.plan_from_config
+
+    def spy(cfg, budget_gib=None):
+        asked.append(plan._settings(cfg)["fused_linear"])
+        return real(cfg, budget_gib=budget_gib)
+
+    class Props:
+        total_memory = 12 * 2**30
+
+    monkeypatch.setattr(plan, "plan_from_config", spy)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(kutils, "gpu_problem", lambda device=None: problem)
+    monkeypatch.setattr(kutils, "HAS_TRITON", True)  # as on a CUDA install
+    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
+    warn_if_it_will_not_fit(load_config("16gb", {}), torch.device("cuda"), Console(file=io.StringIO()))
+    assert asked == [planned_fused]
