@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from .utils import (
+    FP_FUSION,
     empty,
     is_interpret,
     num_sms,
@@ -122,6 +123,7 @@ def dopsd_loss_forward(
         EMULATE_RNE=is_interpret() and vs.dtype == torch.bfloat16,
         BLOCK=block,
         num_warps=8 if block >= 1024 else 4,
+        **FP_FUSION,
     )
     loss = partial.sum() / (B * n)
     return loss, grad
@@ -136,7 +138,7 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     _scale_grad_kernel[(triton.cdiv(n, block),)](
         grad, go, out, n,
         EMULATE_RNE=is_interpret() and grad.dtype == torch.bfloat16,
-        BLOCK=block, num_warps=4 if block < 1024 else 8,
+        BLOCK=block, num_warps=4 if block < 1024 else 8, **FP_FUSION,
     )
     return out
 

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from .utils import (
+    FP_FUSION,
     HAS_TRITON,
     empty,
     is_interpret,
@@ -557,6 +558,7 @@ def _mm(
         DOT_PRECISION=prec,
         EMULATE_RNE=is_interpret() and out.dtype == torch.bfloat16,
         **extra,
+        **FP_FUSION,
     )
     # Host overhead matters (~100 µs of Python per launch on the H100 machine): after the first
     # call for a problem key, launch the JIT kernel directly with the tuned config, skipping the
@@ -603,7 +605,7 @@ def _scale(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, per_row
     block = 1024 if is_interpret() else 4096
     _scale_kernel[(triton.cdiv(x.numel(), block),)](
         x, scale, out, x.numel(), x.shape[1], PER_ROW=per_row, SOFT_FP8=soft,
-        EMULATE_RNE=is_interpret() and out_dtype == torch.bfloat16, BLOCK=block, num_warps=8,
+        EMULATE_RNE=is_interpret() and out_dtype == torch.bfloat16, BLOCK=block, num_warps=8, **FP_FUSION,
     )
     return out
 
@@ -640,7 +642,7 @@ def transpose_8bit(w: torch.Tensor) -> torch.Tensor:
     out = empty((C, R), w.dtype, w.device)
     block = 16 if is_interpret() else 64
     _transpose_kernel[(triton.cdiv(R, block), triton.cdiv(C, block))](
-        w.contiguous().view(torch.uint8), out.view(torch.uint8), R, C, BLOCK=block, num_warps=4)
+        w.contiguous().view(torch.uint8), out.view(torch.uint8), R, C, BLOCK=block, num_warps=4, **FP_FUSION)
     return out
 
 

@@ -135,3 +135,23 @@ def test_a_gpu_the_installed_triton_cannot_compile_for_takes_the_reference(monke
             utils.use_triton("lora_linear", torch.device("cuda"))
         monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
         assert not utils.use_triton("lora_linear", torch.device("cuda"))
+
+
+@pytest.mark.skipif(not utils.HAS_TRITON, reason="records real launches")
+def test_every_launch_asks_for_its_fp_fusion(monkeypatch):
+    """Every kernel launch names enable_fp_fusion (utils.FP_FUSION; False for the quantiser), so the
+    numerics do not move with Triton's default (3.10 turns contraction off) and Triton 3.9 prints no
+    warning into the training log. The launches of a LoRA linear's forward and backward in every
+    mode and of the loss are recorded, not run (kernels.aot.record)."""
+    from lowvram_dopsd.kernels import aot
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # aot.record refuses interpreted mode; nothing is compiled
+    target, launches = aot.TARGETS["sm_90"], []
+    for weight, act8 in (("int8", False), ("fp8", False), ("int8", True)):
+        launches += aot.record(aot.lora_linear_step(272, 384, 640, 16, weight, act8), target)
+    launches += aot.record(aot.loss_step(), target)
+    assert {launch.name for launch in launches} == {
+        "_mm_main", "_mm_skinny_p", "_mm_skinny_q", "_scale_kernel", "_quant_rows_kernel", "_transpose_kernel",
+        "_dopsd_loss_kernel", "_scale_grad_kernel"}
+    for launch in launches:
+        assert launch.kwargs.get("enable_fp_fusion") is (launch.name != "_quant_rows_kernel"), launch.name
