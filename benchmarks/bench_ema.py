@@ -99,13 +99,12 @@ def run(model: str, shapes, rank: int, device: torch.device, repeat: int, decay:
         lora = build(shapes, rank, device)
         if layout == "cpu":
             lora.keep_teacher_ema_on_cpu(torch.bfloat16)
-        rows.append({"model": model, "layout": layout, "what": "ema_update (lerp)", "tensors": 2 * len(shapes),
-                     "elements_M": round(n / 1e6, 2),
-                     "ms": round(timed(lambda: lora.ema_update(decay), device, repeat), 2)})
-        # the two formulas on the state alone (host for "cpu", the device for "device"): what the change saved
+        # the whole update, then the two formulas on the state alone (host for "cpu", the device for
+        # "device"): what the change saved
         state = lora.teacher_master if layout == "cpu" else lora._teacher_buffers()
         student = [p.detach().to(state[0].device) for p in lora.student_parameters()]
-        for what, fn in (("state update, mul_ + add_ (before)", lambda: mul_add(state, student, decay)),
+        for what, fn in (("ema_update (lerp)", lambda: lora.ema_update(decay)),
+                         ("state update, mul_ + add_ (before)", lambda: mul_add(state, student, decay)),
                          ("state update, lerp_ (now)", lambda: torch._foreach_lerp_(state, student, 1 - decay))):
             rows.append({"model": model, "layout": layout, "what": what, "tensors": 2 * len(shapes),
                          "elements_M": round(n / 1e6, 2), "ms": round(timed(fn, device, repeat), 2)})

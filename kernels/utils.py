@@ -93,6 +93,7 @@ __all__ = [
     "TRITON_VERSION",
     "NO_MMA",
     "FP_FUSION",
+    "no_mma",
     "gpu_problem",
     "why_not",
     "triton",
@@ -136,6 +137,12 @@ def kernels_mode() -> str:
     raise ValueError(f"LOWVRAM_DOPSD_KERNELS must be off|on|auto, got {mode!r}")
 
 
+def no_mma(major: int) -> bool:
+    """Whether the installed Triton cannot compile matrix multiplies for compute capability ``major``.x
+    (``NO_MMA``); also what the compile tests skip (tests/kernels/test_kernels_aot.py)."""
+    return major in NO_MMA.get(TRITON_VERSION, ())
+
+
 def gpu_problem(device: torch.device | str | None = None) -> str:
     """Why the installed Triton cannot compile the kernels for this CUDA GPU (``NO_MMA``), or "".
     Asked on every kernel call (through ``kernels_available``): only a listed Triton queries the GPU."""
@@ -145,7 +152,7 @@ def gpu_problem(device: torch.device | str | None = None) -> str:
     if device.type != "cuda" or not torch.cuda.is_available():
         return ""
     major, minor = torch.cuda.get_device_capability(device)
-    if major not in NO_MMA.get(TRITON_VERSION, ()):
+    if not no_mma(major):
         return ""
     version = ".".join(map(str, TRITON_VERSION))
     return (f"Triton {version} cannot compile matrix multiplies for this GPU (compute capability {major}.{minor}); "

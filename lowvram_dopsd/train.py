@@ -192,11 +192,11 @@ def warn_if_it_will_not_fit(cfg: TrainConfig, device: torch.device, console) -> 
     """Before anything loads: the planner's prediction (plan.py, within 1% of the H100 measurements)
     against this card's memory."""
     from . import plan
-    from .kernels.utils import gpu_problem
 
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    if cfg.kernels == "auto" and gpu_problem(device):  # the 8-bit layers will take quanto's path: plan that
-        cfg = dataclasses.replace(cfg, kernels="off")
+    # plan the path route_fused_linears will route the 8-bit layers to on this GPU, not the one the
+    # config alone suggests (Triton may not compile for it: kernels.utils.NO_MMA)
+    cfg = dataclasses.replace(cfg, kernels="on" if use_fused_linear(device) else "off")
     try:
         p = plan.plan_from_config(cfg, budget_gib=plan.budget_for(total))
     except UserError:
@@ -397,6 +397,7 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
                ckpt: checkpoint.Checkpoint | None) -> dict[str, str]:
     """What the run is about to do, as the box printed before anything is loaded."""
     prior_weight = f"weight {cfg.prior_weight:g}" if cfg.prior_weight else "measured only (weight 0)"
+    schedule = f" ({shape})" if (shape := lr_shape(cfg)) else ""
     return {
         "model": f"{cfg.model} ({family.name})", "preset": preset or "(none)",
         "dataset": f"{len(ds)} images from {cfg.images}" + (f", {len(ds.skipped)} skipped" if ds.skipped else ""),
@@ -405,7 +406,7 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
                   f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}"
                   + (f"; prior: {len(cfg.prior_prompts)} prompts, {prior_weight}" if cfg.prior_prompts else ""),
         **notes,
-        "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}{lr_shape(cfg)}, batch {cfg.batch_size} "
+        "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}{schedule}, batch {cfg.batch_size} "
                 f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
         "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}"
                    + (" with int8 activations" if cfg.act_quant == "int8" else "")
@@ -416,10 +417,11 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
 
 
 def lr_shape(cfg: TrainConfig) -> str:
-    """The schedule around the learning rate, for the run header: '' when it is constant from step 1."""
+    """The schedule around the learning rate, e.g. "2-step warm-up, cosine decay"; '' when it is
+    constant from step 1 (the run header and the LoRA's metadata)."""
     parts = ([f"{cfg.warmup_steps}-step warm-up"] if cfg.warmup_steps else []) + \
         ([f"{cfg.lr_schedule} decay"] if cfg.lr_schedule != "constant" else [])
-    return f" ({', '.join(parts)})" if parts else ""
+    return ", ".join(parts)
 
 
 def append_metrics(log, metrics: dict, last_ckpt: Path | None) -> None:
@@ -560,7 +562,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     info = {"base_model": cfg.model, "family": family.name, "teacher": teacher, "loss": cfg.loss,
             "caption_rule": ds.caption_rule, "trigger": cfg.trigger, "rollout_steps": rollout_steps,
             "preset": preset, "lr": lr, "ema_decay": cfg.ema_decay, "resolution": cfg.resolution,
-            **({"lr_schedule": lr_shape(cfg).strip(" ()")} if lr_shape(cfg) else {}),
+            **({"lr_schedule": schedule} if (schedule := lr_shape(cfg)) else {}),
             **({"prior_prompts": " | ".join(cfg.prior_prompts), "prior_weight": cfg.prior_weight}
                if cfg.prior_prompts else {}),
             **notes}

@@ -168,6 +168,8 @@ def test_the_fit_warning_plans_the_path_the_run_will_take(monkeypatch, capsys, p
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
     monkeypatch.setattr(kutils, "gpu_problem", lambda device=None: problem)
     monkeypatch.setattr(kutils, "HAS_TRITON", True)  # as on a CUDA install
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
     warn_if_it_will_not_fit(load_config("16gb", {}), torch.device("cuda"), Console(file=io.StringIO()))
     assert asked == [planned_fused]

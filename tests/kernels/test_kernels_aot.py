@@ -50,7 +50,7 @@ def mid(c):  # a main-GEMM tile every target runs spill-free
 
 for tname in ("sm_86", "sm_89", "sm_90", "sm_120"):
     tg = aot.TARGETS[tname]
-    if tg.cap // 10 in utils.NO_MMA.get(utils.TRITON_VERSION, ()):
+    if utils.no_mma(tg.cap // 10):
         # the kernels are gated off there (this Triton cannot compile its matrix multiplies): is it so?
         launch = next(l for l in aot.record(aot.lora_linear_step(M, K, N, R), tg) if l.name == "_mm_main")
         try:
@@ -95,7 +95,7 @@ def rows():
 # on sm_120, met by scripts/test_floor.sh). Training there runs the torch reference, so the kernels'
 # properties are not asked of them; test_the_no_mma_gate_matches_the_compiler checks the gate instead.
 GATED = [t for t in ("sm_86", "sm_89", "sm_90", "sm_120")
-         if aot.TARGETS[t].cap // 10 in utils.NO_MMA.get(utils.TRITON_VERSION, ())]
+         if utils.no_mma(aot.TARGETS[t].cap // 10)]
 
 
 # The K loops' instruction counts were pinned on the Triton CI runs (3.9): there our loops match the
