@@ -31,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 # the Triton each torch release pins on Linux x86_64 (its wheel metadata, read with
 # `pip install --dry-run --no-deps --report - torch==X`); torch 2.6's 3.2 is below MIN_TRITON
 TORCH_PINS = {"3.3.0": "2.7.0", "3.3.1": "2.7.1", "3.4.0": "2.8", "3.5.0": "2.9.0", "3.5.1": "2.9.1",
-              "3.6.0": "2.10, 2.11", "3.7.0": "2.12", "3.8.0": "2.14"}
+              "3.6.0": "2.10, 2.11", "3.7.0": "2.12.0", "3.7.1": "2.12.1, 2.13",
+              "3.8.0": "2.14", "3.9.0": "2.15"}
 
 
 def install(version: str, root: Path) -> Path:
@@ -81,8 +82,9 @@ def render(meta: dict, table: dict) -> str:
         f"- Per version: every mode, role and autotune candidate of compile_report.py on {meta['shapes']}, "
         "and the D-OPSD loss. A cell is *compiled / candidates (usable)*; *usable* = fits the target's "
         "shared memory and spills nothing. Nothing is timed or run.",
-        "- *torch*: the release that pins that Triton on Linux x86_64 (its wheel metadata); `-`: none "
-        "checked (3.9.0 is what CI runs, beside the CPU build of torch 2.13).",
+        "- *torch*: the releases that pin that Triton on Linux x86_64 (their wheel metadata; `~=3.8.0` "
+        "and `~=3.9.0` for 2.14 and 2.15, `==` before); `-`: none checked. CI runs 3.9.0 beside the CPU "
+        "build of torch 2.13.",
         "",
         "| Triton | torch | " + " | ".join(targets) + " |",
         "| --- | --- | " + " | ".join("---" for _ in targets) + " |",
