@@ -24,11 +24,13 @@ from .errors import UserError
 FLAGS = {
     "--model": "model", "--images": "images", "--caption": "caption", "--trigger": "trigger",
     "--output": "output", "--teacher": "teacher", "--teacher-encoder": "teacher_encoder", "--loss": "loss",
-    "--steps": "steps", "--rank": "rank", "--alpha": "alpha", "--lr": "lr", "--batch-size": "batch_size",
+    "--steps": "steps", "--rank": "rank", "--alpha": "alpha", "--lr": "lr", "--lr-schedule": "lr_schedule",
+    "--warmup-steps": "warmup_steps", "--batch-size": "batch_size",
     "--micro-batch": "micro_batch", "--resolution": "resolution", "--rollout-steps": "rollout_steps",
     "--train-states": "train_states", "--ema-decay": "ema_decay", "--quant": "quant",
     "--optimizer": "optimizer", "--device": "device", "--encoders-on": "encoders_on", "--dtype": "dtype",
-    "--seed": "seed", "--cache-dir": "cache_dir", "--save-every": "save_every", "--kernels": "kernels",
+    "--seed": "seed", "--cache-dir": "cache_dir", "--save-every": "save_every",
+    "--preview-every": "preview_every", "--kernels": "kernels",
     "--act-quant": "act_quant",
 }
 
@@ -52,7 +54,7 @@ def _add_train_flags(p: argparse.ArgumentParser, preset_default: str | None, res
         metavar, help_ = _flag_help(key)
         p.add_argument(flag, dest=key, default=None, metavar=metavar, help=help_)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting, e.g. --set warmup_steps=50 (repeatable)")
+                   help="override any setting, e.g. --set keep_checkpoints=5 (repeatable)")
     if resume:
         p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                        help="continue a run: the latest checkpoint in --output, or PATH (a checkpoint or "

@@ -269,7 +269,7 @@ def oom_advice(cfg: TrainConfig, preset: str) -> str:
     if cfg.rank > 16:
         levers.append(f"--rank {cfg.rank // 2} (and --alpha {cfg.alpha / 2:g} to keep the scale)")
     if cfg.preview_every:
-        levers.append("--set preview_every=0")
+        levers.append("--preview-every 0")
     return ", ".join(levers) if levers else "a smaller resolution or rank; close other programs using the GPU"
 
 

@@ -140,4 +140,4 @@ def test_out_of_memory_advice_names_the_levers_left():
     assert "--preset 16gb" in advice and "--quant qint8" in advice and "--resolution 768" in advice
     advice = oom_advice(load_config("16gb"), "16gb")
     assert "--quant" not in advice and "adamw8bit" not in advice and "--resolution 768" in advice
-    assert "--rank 32" in advice and "preview_every=0" in advice
+    assert "--rank 32" in advice and "--preview-every 0" in advice

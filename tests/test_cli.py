@@ -6,6 +6,7 @@ import torch
 from diffusers import ZImagePipeline
 
 from lowvram_dopsd.cli import main
+from lowvram_dopsd.config import load_config
 from lowvram_dopsd.output import read_info
 
 
@@ -107,6 +108,17 @@ def test_train_help_documents_each_flag_from_its_setting(capsys):
         if docs[key]["choices"]:
             assert f"{flag} {{" + ",".join(c or "''" for c in docs[key]["choices"]) + "}" in out
     assert "(default: 'x0')" in out and "lowvram-dopsd settings" in out
+
+
+@pytest.mark.parametrize("flag,value,expected", [("--lr-schedule", "cosine", "cosine"), ("--warmup-steps", "25", 25),
+                                                 ("--preview-every", "0", 0), ("--rank", "16", 16)])
+def test_a_named_flag_sets_its_setting_over_the_preset(flag, value, expected):
+    from lowvram_dopsd.cli import FLAGS, _overrides, build_parser
+
+    args = build_parser().parse_args(["train", "--preset", "16gb", flag, value])
+    cfg = load_config(args.preset, _overrides(args))
+    assert getattr(cfg, FLAGS[flag]) == expected
+    assert getattr(load_config("16gb", {}), FLAGS[flag]) != expected  # the flag, not the preset, set it
 
 
 @pytest.mark.parametrize("columns", [200, 80])  # value beside its description / above it
