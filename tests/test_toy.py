@@ -291,3 +291,23 @@ def test_results_name_the_commit_they_were_made_from(tmp_path):
     assert source_commit(tmp_path) == "unknown"  # no repository there
     meta = dict(command="c", seeds=[0], steps=1, images=1, threads=1, wall_s=1.0, torch="t", commit=here)
     assert f"code at commit {here}." in table({}, meta)
+
+
+def test_experiment_lr_sets_every_method_and_labels_its_rows(tmp_path, monkeypatch):
+    """`toy.experiment --lr` (the learning-rate sweep, docs/toy.md): SFT and D-OPSD both train at that
+    rate, and the rows carry it, so the runs of several rates merge into one table."""
+    import json
+
+    from lowvram_dopsd import train as train_mod
+    from lowvram_dopsd.toy import experiment
+
+    used = []
+    real = train_mod.make_optimizer
+    monkeypatch.setattr(train_mod, "make_optimizer", lambda params, cfg, lr: used.append(lr) or real(params, cfg, lr))
+    assert experiment.main(["--out", str(tmp_path), "--seeds", "0", "--steps", "1", "--images", "2",
+                            "--methods", "sft", "dopsd-x0", "--lr", "2.5e-4", "--grid", "", "--tag", "t"]) == 0
+    assert used == [2.5e-4, 2.5e-4]
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert [r["method"] for r in result["runs"] if r["method"] != "teacher-in-context"] == \
+        ["base", "sft lr=0.00025", "dopsd-x0 lr=0.00025"]
+    assert result["meta"]["lr"] == 2.5e-4

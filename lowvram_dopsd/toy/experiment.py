@@ -12,6 +12,8 @@ all with the same LoRA (targets, rank, alpha), steps, batch, learning rate and o
   dopsd-v / dopsd-x0   D-OPSD through the project's `train()` (loss `velocity` / `x0`), preset `toy`.
 Ablations: teacher = frozen base LoRA-less (EMA decay ~1), teacher = student copy (decay 0),
 one random state per roll-out (train_states = 1).
+dopsd-x0-ema0.9999: the paper's EMA decay (preset toy: 0.999). --lr sets every method's learning rate
+(the sweep in docs/toy.md); its rows are labelled "<method> lr=<lr>".
 8-bit arms (--methods dopsd-x0-qint8 dopsd-x0-act8): the base quantised to int8 (quanto qint8), and
 the same with the base GEMMs on per-token int8 activations (act_quant = "int8").
 Also reported: the TEACHER's own concept rate (in-context: training image + caption) — an upper
@@ -127,6 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--rank", type=int, default=None, help="LoRA rank for every method (default: preset toy's 8)")
     ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha for every method (default: = rank)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="learning rate for every method (default: preset toy's 1e-3); rows are then labelled "
+                         "'<method> lr=<lr>'")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="toy")
     ap.add_argument("--grid", default="docs/img/toy-samples.png")
@@ -167,13 +172,16 @@ def main(argv=None) -> int:
                 "dopsd-x0-frozen": {"loss": "x0", "ema_decay": 0.99999999},
                 "dopsd-x0-copy": {"loss": "x0", "ema_decay": 0.0},
                 "dopsd-x0-1state": {"loss": "x0", "train_states": 1},
+                "dopsd-x0-ema0.9999": {"loss": "x0", "ema_decay": 0.9999},  # the paper's decay (toy preset: 0.999)
                 # + one micro-batch of prompts without the trigger per step, pulled toward the bare base
                 "dopsd-x0-prior": {"loss": "x0", "prior_prompts": prior_captions},
                 "dopsd-x0-prior-w0.25": {"loss": "x0", "prior_prompts": prior_captions, "prior_weight": 0.25},
                 # the 8-bit paths (docs/kernels.md): int8 base, then int8 base + int8 activations
                 "dopsd-x0-qint8": {"loss": "x0", "quant": "qint8"},
                 "dopsd-x0-act8": {"loss": "x0", "quant": "qint8", "act_quant": "int8"}}
-    lora_kw = {} if a.rank is None else {"rank": a.rank, "alpha": a.alpha if a.alpha is not None else float(a.rank)}
+    every_arm = {} if a.rank is None else {"rank": a.rank, "alpha": a.alpha if a.alpha is not None else float(a.rank)}
+    if a.lr is not None:
+        every_arm["lr"] = a.lr
     runs: list[dict] = []
     rows_for_grid: dict[str, torch.Tensor] = {}
     work = Path(tempfile.mkdtemp(prefix="toy-exp-"))
@@ -233,20 +241,20 @@ def main(argv=None) -> int:
             t0 = time.time()
             out = work / f"{method}-{seed}"
             if method == "sft":
-                cfg = make_cfg(model_dir, images, out, work / "cache", seed, a.steps, **lora_kw)
+                cfg = make_cfg(model_dir, images, out, work / "cache", seed, a.steps, **every_arm)
                 model, lora = run_sft(cfg, images)
             else:
-                cfg = make_cfg(model_dir, images, out, work / "cache", seed, a.steps, **lora_kw, **variants[method])
+                cfg = make_cfg(model_dir, images, out, work / "cache", seed, a.steps, **every_arm, **variants[method])
                 result = train(cfg, preset="toy", console=quiet_console())
                 model, lora = result.model, result.lora
             wall = time.time() - t0
             lora.switch.active = "student"
-            record(method, gen_with(model), wall)
+            record(label(method, a.lr), gen_with(model), wall)
 
     summary = summarize(runs)
     meta = {"command": "python -m lowvram_dopsd.toy.experiment " + " ".join(argv or []) if argv is not None else
             "python -m lowvram_dopsd.toy.experiment " + " ".join(__import__("sys").argv[1:]),
-            "seeds": a.seeds, "steps": a.steps, "images": a.images, "threads": a.threads, **lora_kw,
+            "seeds": a.seeds, "steps": a.steps, "images": a.images, "threads": a.threads, **every_arm,
             "model": str(model_dir), "wall_s": round(time.time() - t_start, 1),
             "preset": "presets/toy.toml", "torch": torch.__version__, "commit": source_commit()}
     out = Path(a.out)
@@ -269,6 +277,12 @@ METRICS = [("concept", "concept ↑"), ("concept_colour", "concept colour ↑"),
            ("prior_colour", "colour ↑"), ("prior_position", "position ↑"), ("prior_all", "all 5 attrs ↑"),
            ("prior_ring", "ring w/o trigger ↓"),
            ("wall_s", "train s")]
+
+
+def label(method: str, lr: float | None) -> str:
+    """A result row's name: the method, and the learning rate when --lr set it (so the runs of a sweep
+    can be merged into one table)."""
+    return method if lr is None else f"{method} lr={lr:g}"
 
 
 def summarize(runs):
