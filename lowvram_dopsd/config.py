@@ -113,8 +113,8 @@ class TrainConfig:
     vlm_max_pixels: int = setting(768 * 768, "the VLM reads your photo resized to at most this many pixels")
     cache_dir: str = setting("", "cache of computed conditions ('' = ~/.cache/lowvram-dopsd/features)")
 
-    save_every: int = setting(250, "write a resumable checkpoint every N steps (and at the end and on Ctrl-C)",
-                              section="Checkpoints and input checks")
+    save_every: int = setting(250, "write a resumable checkpoint every N steps (and at the end and on Ctrl-C or "
+                              "SIGTERM)", section="Checkpoints and input checks")
     keep_checkpoints: int = setting(3, "keep the last K checkpoints (0 = keep all)")
     on_bad_image: str = setting("skip", "unreadable or too-small images: 'skip' (listed at the start) or 'stop'",
                                 choices=("skip", "stop"))

@@ -113,14 +113,33 @@ def test_resume_refuses_a_change_in_the_math(args, reference, capsys):
     assert "rank = 8" in err and "--set rank=4" in err
 
 
-def test_second_ctrl_c_stops_at_once():
+@pytest.mark.parametrize("first,second", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM),
+                                          (signal.SIGTERM, signal.SIGINT)])
+def test_a_second_signal_stops_at_once_and_the_handlers_are_restored(first, second):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # SIG_IGN under `nohup ... &`
     notes = []
     with pytest.raises(KeyboardInterrupt):
         with train_mod.GracefulStop(notes.append) as stop:
-            os.kill(os.getpid(), signal.SIGINT)
-            assert stop.requested and "Ctrl-C again" in notes[0]
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            os.kill(os.getpid(), first)
+            assert stop.requested and f"{train_mod.GracefulStop.SIGNALS[first]} again" in notes[0]
+            os.kill(os.getpid(), second)
+    assert {s: signal.getsignal(s) for s in before} == before
+    with train_mod.GracefulStop(notes.append):  # and after a run that was not interrupted
+        pass
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_sigterm_saves_and_resume_continues_exactly(args, reference, tmp_path, monkeypatch, capsys):
+    """`kill PID`, `docker stop`, a scheduler's preemption: SIGTERM during step 2 stops like Ctrl-C."""
+    out = tmp_path / "run"
+    calls_that(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(args(out)) == 0
+    printed = capsys.readouterr().out
+    assert "SIGTERM" in printed and "resume with" in printed
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    monkeypatch.undo()
+    assert main(args(out, "--resume")) == 0
+    assert_same_run(out, reference)
 
 
 def test_klein_edit_teacher_resumes_exactly_with_teacher_previews(tiny_klein_dir, demo_images, tmp_path,
