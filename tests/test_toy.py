@@ -311,3 +311,25 @@ def test_experiment_lr_sets_every_method_and_labels_its_rows(tmp_path, monkeypat
     assert [r["method"] for r in result["runs"] if r["method"] != "teacher-in-context"] == \
         ["base", "sft lr=0.00025", "dopsd-x0 lr=0.00025"]
     assert result["meta"]["lr"] == 2.5e-4
+
+
+def test_merge_lists_a_setting_the_merged_runs_differ_in(tmp_path):
+    """`--merge` of a sweep's files: the meta keeps one value per file for what differs (the lr of each),
+    not the first file's value as if it held for every row."""
+    import json
+
+    from lowvram_dopsd.toy import experiment
+
+    def result(lr, name):
+        runs = [{"method": experiment.label("sft", lr), "seed": 0, **{k: 0.5 for k, _ in experiment.METRICS}}]
+        meta = dict(command=f"c {lr}", seeds=[0], steps=200, images=6, threads=1, wall_s=1.0, torch="t",
+                    commit="abc", lr=lr)
+        path = tmp_path / name
+        path.write_text(json.dumps({"meta": meta, "runs": runs}))
+        return str(path)
+
+    assert experiment.main(["--merge", result(2.5e-4, "a.json"), result(1e-3, "b.json"), "--out", str(tmp_path),
+                            "--tag", "m"]) == 0
+    meta = json.loads((tmp_path / "m.json").read_text())["meta"]
+    assert meta["lr"] == [2.5e-4, 1e-3] and meta["steps"] == 200 and meta["commit"] == "abc"
+    assert meta["command"] == "c 0.00025 ; c 0.001" and meta["wall_s"] == 2.0

@@ -147,6 +147,10 @@ def main(argv=None) -> int:
                 seen.add((r["method"], r["seed"]))
                 runs.append(r)
         meta = dict(files[0]["meta"])
+        for key in {k for f in files for k in f["meta"]}:  # a setting the files differ in (a sweep's lr):
+            values = [f["meta"].get(key) for f in files]   # one value per file, not the first file's
+            if any(v != values[0] for v in values):
+                meta[key] = values
         meta["seeds"] = sorted({r["seed"] for r in runs})
         meta["wall_s"] = sum(f["meta"]["wall_s"] for f in files)
         meta["command"] = " ; ".join(f["meta"]["command"] for f in files)
