@@ -62,6 +62,9 @@ CONFIGS = {
     # the base GEMMs on per-token int8 activations (act_quant = "int8"; not measured yet)
     "zimage-16gb-act8": dict(family="zimage", preset="16gb", act_quant="int8", target_gib=14.0),
     "klein-16gb-edit-act8": dict(family="klein", preset="16gb", act_quant="int8", target_gib=12.0),
+    # prior_prompts: each step also rolls out a prior micro-batch toward the bare base (train.py); one
+    # roll-out's activations are alive at a time, so the peak should not move (not measured yet)
+    "zimage-16gb-prior": dict(family="zimage", preset="16gb", prior=True, target_gib=14.0),
 }
 TINY_ZIMAGE = {"_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],
                "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "cap_feat_dim": 64, "dim": 256,
@@ -177,6 +180,7 @@ def run_child(name: str, args) -> dict:
     family_name = spec.pop("family")
     target = spec.pop("target_gib")
     preset = spec.pop("preset")
+    prior = spec.pop("prior", False)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     overrides = {"device": args.device, "batch_size": 1, "micro_batch": 1, **spec}
@@ -218,6 +222,7 @@ def run_child(name: str, args) -> dict:
     if cfg.teacher_ema_on == "cpu":  # as train.py (the 12gb preset)
         lora.keep_teacher_ema_on_cpu(dtype)
     res["teacher_ema_on"] = cfg.teacher_ema_on
+    res["prior"] = prior
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, cfg.resolved_lr(1e-5))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -229,6 +234,9 @@ def run_child(name: str, args) -> dict:
     def step() -> list[float]:
         losses, _ = rollout_and_learn(family, model, lora, x0.clone(), sigmas, c_s, c_t, trained, cfg.loss,
                                       loss_scale=1.0 / len(trained))
+        if prior:  # as train.py: the prior prompt's condition for student and target, the bare base as teacher
+            losses += rollout_and_learn(family, model, lora, x0.clone(), sigmas, c_s, c_s, trained, cfg.loss,
+                                        loss_scale=1.0 / len(trained), teacher=None)[0]
         optimizer_step(params, optimizer, scheduler, lora, cfg, sum(losses) / len(losses))  # clip, step, EMA
         return losses
 
@@ -251,7 +259,7 @@ def run_child(name: str, args) -> dict:
         sync()
         times.append(time.perf_counter() - t1)
     res["step"] = {"seconds": sorted(times)[len(times) // 2], "all_seconds": times, "rollout_steps": steps,
-                   "losses_finite": all(map(math.isfinite, losses)),
+                   "losses_finite": all(map(math.isfinite, losses)), "trained_passes": len(losses),
                    "static_gib": static,
                    "peak_gib": torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
                    "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB if cuda else None}

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
-    configs = "zimage-12gb,klein-16gb-edit-act8"
+    configs = "zimage-12gb,klein-16gb-edit-act8,zimage-16gb-prior"
     # The fused linear's CPU path is its torch reference unless the Triton interpreter is on (as the
     # suite sets it for tests/kernels, where the kernels are checked): interpreted, one klein
     # roll-out takes minutes.
@@ -30,6 +30,9 @@ def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
     assert runs["zimage-12gb"]["step"]["rollout_steps"] == 8
     assert runs["klein-16gb-edit-act8"]["step"]["rollout_steps"] == 4
     assert runs["zimage-12gb"]["teacher_ema_on"] == "cpu"                 # the 12gb preset, applied as train.py
+    # prior_prompts as train.py runs them: a second roll-out per step, every state trained again
+    assert runs["zimage-12gb"]["step"]["trained_passes"] == 8
+    assert runs["zimage-16gb-prior"]["prior"] and runs["zimage-16gb-prior"]["step"]["trained_passes"] == 16
     # act_quant routes every LoRA'd 8-bit linear of the tiny klein (1 double + 1 single block: 12 + 2)
     assert runs["klein-16gb-edit-act8"]["fused_layers"] == 14
     # the klein folder is one the real family reads, with the dynamic shifting its pipeline needs
