@@ -56,6 +56,7 @@ HARMLESS = {
     "steps", "save_every", "keep_checkpoints", "output", "cache_dir", "device", "encoders_on",
     "kernels", "grad_checkpointing", "on_bad_image", "preview_every", "preview_prompts", "preview_seed",
     "preview_teacher", "model", "images", "caption", "trigger", "teacher_encoder", "teacher_ema_on",
+    "lora_init",  # read at step 0 only: a resumed run loads its LoRAs from the checkpoint
 }
 NUMERIC_ONLY = {"device", "kernels", "teacher_ema_on"}  # harmless for the method, but results are no longer bit-identical
 
@@ -327,7 +328,7 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
                                 f"Pass --steps {ckpt.step + 1} or more to train further.")
             if key in NUMERIC_ONLY:
                 notes.append(f"{key} changed ({before!r} -> {now!r}): the run continues, but not bit-identically")
-            elif key not in ("model", "images", "caption", "trigger", "teacher_encoder"):
+            elif key not in ("model", "images", "caption", "trigger", "teacher_encoder", "lora_init"):
                 notes.append(f"{key} changed ({before!r} -> {now!r})")
         else:
             problems.append(f"{key} = {now!r} (the run used {before!r})")

@@ -24,7 +24,7 @@ from .errors import UserError
 FLAGS = {
     "--model": "model", "--images": "images", "--caption": "caption", "--trigger": "trigger",
     "--output": "output", "--teacher": "teacher", "--teacher-encoder": "teacher_encoder", "--loss": "loss",
-    "--steps": "steps", "--rank": "rank", "--alpha": "alpha", "--lr": "lr", "--lr-schedule": "lr_schedule",
+    "--steps": "steps", "--rank": "rank", "--alpha": "alpha", "--lora-init": "lora_init", "--lr": "lr", "--lr-schedule": "lr_schedule",
     "--warmup-steps": "warmup_steps", "--batch-size": "batch_size",
     "--micro-batch": "micro_batch", "--resolution": "resolution", "--rollout-steps": "rollout_steps",
     "--train-states": "train_states", "--ema-decay": "ema_decay", "--quant": "quant",

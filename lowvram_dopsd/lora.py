@@ -30,9 +30,12 @@ class _Switch:
         self.active: str | None = "student"
 
 
+INITS = ("gaussian", "kaiming")
+
+
 class DualLoRALinear(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float, switch: _Switch,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, init: str = "gaussian"):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -41,11 +44,19 @@ class DualLoRALinear(nn.Module):
         self.fused = False  # True: base is 8-bit and the fused kernel computes base + LoRA in one pass
         self.act_quant = "off"  # "int8": the fused kernel's base GEMMs on per-token int8 activations
         dev = _weight_device(base)
-        # peft's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so training starts at the base model.
+        # B = 0, so training starts at the base model. A (see INITS): "gaussian" N(0, 1/rank²), the
+        # authors' (peft's init_lora_weights="gaussian"), or "kaiming" uniform(±1/sqrt(in)), peft's
+        # default. At rank 64 the gaussian A is 1.7x (in 3840) to 2.7x (in 10240) larger, and with
+        # Adam the LoRA's change per step grows with |A|: the paper's learning rates were tuned on it.
         # Drawn on the CPU (from `generator`, else torch's global CPU RNG), then moved: the same A on
         # every device, as the trainer's noise is.
         a = torch.empty(rank, self.in_features, dtype=torch.float32, device="meta" if dev.type == "meta" else "cpu")
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        if init == "gaussian":
+            nn.init.normal_(a, std=1.0 / rank, generator=generator)
+        elif init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        else:
+            raise ValueError(f"unknown LoRA init {init!r}; one of {INITS}")
         a = a.to(dev)
         self.student_A = nn.Parameter(a)
         self.student_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
@@ -107,7 +118,7 @@ class DualLoRA:
 
     @classmethod
     def attach(cls, model: nn.Module, targets: tuple[str, ...] | list[str], rank: int, alpha: float,
-               seed: int | None = None) -> "DualLoRA":
+               seed: int | None = None, init: str = "gaussian") -> "DualLoRA":
         """Wrap every linear whose qualified name ends with one of `targets` (e.g. 'attention.to_q').
 
         `seed`: the LoRA's initial A come from a generator of their own, so they are a function of the
@@ -128,7 +139,7 @@ class DualLoRA:
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            wrapped = DualLoRALinear(getattr(parent, child), rank, alpha, switch, generator)
+            wrapped = DualLoRALinear(getattr(parent, child), rank, alpha, switch, generator, init)
             setattr(parent, child, wrapped)
             layers[name] = wrapped
         return cls(model, layers, switch)

@@ -418,7 +418,7 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
                   f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}"
                   + (f"; prior: {len(cfg.prior_prompts)} prompts, {prior_weight}" if cfg.prior_prompts else ""),
         **notes,
-        "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, lr {lr:g}{schedule}, batch {cfg.batch_size} "
+        "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, {cfg.lora_init} init, lr {lr:g}{schedule}, batch {cfg.batch_size} "
                 f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
         "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}"
                    + (" with int8 activations" if cfg.act_quant == "int8" else "")
@@ -545,7 +545,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     with explain_oom(cfg, preset, "loading the transformer"):
         model = family.load_transformer(cfg, device, dtype)
         lora = DualLoRA.attach(model, tuple(cfg.lora_targets) or family.lora_targets, cfg.rank, cfg.alpha,
-                               seed=cfg.seed)
+                               seed=cfg.seed, init=cfg.lora_init)
     fused = route_fused_linears(lora, cfg, device)
     if cfg.teacher_ema_on == "cpu":
         lora.keep_teacher_ema_on_cpu(dtype)
@@ -573,7 +573,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         console.print(f"resumed from {ckpt.path} at step {start}")
     info = {"base_model": cfg.model, "family": family.name, "teacher": teacher, "loss": cfg.loss,
             "caption_rule": ds.caption_rule, "trigger": cfg.trigger, "rollout_steps": rollout_steps,
-            "preset": preset, "lr": lr, "ema_decay": cfg.ema_decay, "resolution": cfg.resolution,
+            "preset": preset, "lr": lr, "lora_init": cfg.lora_init, "ema_decay": cfg.ema_decay,
+            "resolution": cfg.resolution,
             **({"lr_schedule": schedule} if (schedule := lr_shape(cfg)) else {}),
             **({"prior_prompts": " | ".join(cfg.prior_prompts), "prior_weight": cfg.prior_weight}
                if cfg.prior_prompts else {}),

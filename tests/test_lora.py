@@ -59,6 +59,33 @@ def test_seeded_init_is_a_function_of_the_seed_alone():
     assert not torch.equal(inits[0][0], inits[2][0])
 
 
+@pytest.mark.parametrize("init", ["gaussian", "kaiming"])
+def test_init_draws_A_as_peft_does(init):
+    """lora_init = "gaussian" is peft's init_lora_weights="gaussian" (the authors' LoraConfig), "kaiming"
+    peft's default (init_lora_weights=True): A has the same distribution as the A peft makes for that
+    option, and not the other's (at in_features 512, rank 64 they differ 1.4x in scale)."""
+    from peft import LoraConfig, get_peft_model
+
+    def a_of(cfg_init):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(512, 96))
+        peft_model = get_peft_model(net, LoraConfig(r=64, lora_alpha=128, target_modules=["0"],
+                                                    init_lora_weights=cfg_init))
+        return next(p for n, p in peft_model.named_parameters() if "lora_A" in n).detach()
+
+    peft_a = {"gaussian": a_of("gaussian"), "kaiming": a_of(True)}
+    ours = DualLoRA.attach(nn.Sequential(nn.Linear(512, 96)), ["0"], rank=64, alpha=128.0, seed=0, init=init)
+    a = ours.layers["0"].student_A.detach()
+    assert torch.equal(ours.layers["0"].student_B, torch.zeros(96, 64))
+    other = "kaiming" if init == "gaussian" else "gaussian"
+    # std of 32768 draws is within ~0.4% of the true one; the two options' stds are 1/64 = 0.0156 and
+    # 1/sqrt(3 * 512) = 0.0255, and only kaiming's draws are bounded (by 1/sqrt(512) = 0.0442)
+    assert abs(a.std() / peft_a[init].std() - 1) < 0.03
+    assert abs(a.std() / peft_a[other].std() - 1) > 0.3
+    bounded = a.abs().max() <= 512 ** -0.5
+    assert bounded == (init == "kaiming") == bool(peft_a[init].abs().max() <= 512 ** -0.5)
+
+
 def test_ema_formula_and_base_untouched():
     torch.manual_seed(0)
     model = Toy()

@@ -1,9 +1,11 @@
 """The spine on a tiny Z-Image checkpoint, checked against the stock diffusers ZImagePipeline."""
+import json
 import shutil
 
 import pytest
 import torch
 from diffusers import ZImagePipeline
+from safetensors import safe_open
 
 from lowvram_dopsd.config import load_config
 from lowvram_dopsd.families import load_family
@@ -71,13 +73,24 @@ def test_per_step_backward_equals_one_backward_of_the_summed_loss(tmp_path, tiny
                                            loss_kind)
 
 
+@pytest.mark.parametrize("lora_init", ["gaussian", "kaiming"])
 def test_trained_lora_loads_in_stock_pipeline_and_reproduces_the_student(tmp_path, tiny_zimage_dir, tiny_vlm_dir,
-                                                                        demo_images):
-    cfg = make_cfg(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, steps=3, lr=5e-3, rank=4, alpha=16)
+                                                                        demo_images, lora_init):
+    cfg = make_cfg(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, steps=3, lr=5e-3, rank=4, alpha=16,
+                   **({} if lora_init == "gaussian" else {"lora_init": lora_init}))
     base_family = load_family(str(tiny_zimage_dir))
     base_before = {k: v.clone() for k, v in base_family.load_transformer(cfg, CPU, torch.float32).state_dict().items()}
     result = train(cfg)
     assert result.lora_path.name == "pytorch_lora_weights.safetensors"
+    # the LoRA init the run asked for (default: the authors' "gaussian", A ~ N(0, 1/rank²); "kaiming":
+    # uniform, std 1/sqrt(3 in)). 3 steps at lr 5e-3 move A by ~0.015 per element against a std of 0.25
+    # (gaussian) or ~0.07 (kaiming, these in_features), so the trained A still shows its init
+    assert cfg.lora_init == lora_init
+    for init, unit in (("gaussian", lambda layer: cfg.rank), ("kaiming", lambda layer: (3 * layer.in_features) ** 0.5)):
+        z = torch.cat([layer.student_A.detach().flatten() * unit(layer) for layer in result.lora.layers.values()])
+        assert (abs(z.std().item() - 1) < 0.1) == (init == lora_init), (init, z.std())
+    with safe_open(str(result.lora_path), framework="pt") as fh:
+        assert json.loads(fh.metadata()["lowvram_dopsd"])["lora_init"] == lora_init
 
     # the frozen base was never modified
     for name, module in result.model.named_modules():

@@ -92,7 +92,7 @@ def run_sft(cfg, images: Path) -> tuple[torch.nn.Module, object]:
     x0_all = world.to_tensor([world.render_file(it.image_path) for it in ds.items])
     torch.manual_seed(cfg.seed)
     model = family.load_transformer(cfg, torch.device("cpu"), torch.float32)
-    lora = DualLoRA.attach(model, family.lora_targets, cfg.rank, cfg.alpha, seed=cfg.seed)  # as train()
+    lora = DualLoRA.attach(model, family.lora_targets, cfg.rank, cfg.alpha, seed=cfg.seed, init=cfg.lora_init)  # as train()
     params = lora.student_parameters()
     opt = make_optimizer(params, cfg, cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
