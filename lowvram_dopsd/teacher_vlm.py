@@ -133,7 +133,7 @@ def graft_language_model(model, text_encoder_dir) -> int:
     return len(seen)
 
 
-def load_grafted_vlm(vlm_dir, text_encoder_dir, device="cpu", dtype=torch.bfloat16):
+def load_grafted_vlm(vlm_dir, text_encoder_dir, device="cpu", dtype=torch.bfloat16, reply_prefix: str = ""):
     """Load Qwen3-VL from `vlm_dir` with its language model replaced by `text_encoder_dir`.
 
     Returns `(model, build_inputs)`: the model in eval mode with requires_grad False, and the
@@ -145,7 +145,7 @@ def load_grafted_vlm(vlm_dir, text_encoder_dir, device="cpu", dtype=torch.bfloat
     n = graft_language_model(model, text_encoder_dir)
     log.info("grafted %d text-encoder tensors from %s into the VLM language model", n, text_encoder_dir)
     model.eval().requires_grad_(False)
-    return model, VlmInputBuilder(vlm_dir)
+    return model, VlmInputBuilder(vlm_dir, reply_prefix=reply_prefix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,12 +171,16 @@ class VlmInputBuilder:
 
     `path` says which route is used: "processor" (AutoProcessor) or "fallback" (assembled here
     from the tokenizer and AutoImageProcessor, which is the image processor AutoProcessor holds).
+    `reply_prefix`: text after the generation prompt, so that the teacher's text ends as the
+    student's does (`Family.vlm_reply_prefix`: klein's pipeline renders Qwen3's template with
+    enable_thinking=False, which closes an empty think block there; Qwen3-VL-Instruct's has no switch).
     """
 
-    def __init__(self, vlm_dir, use_processor: bool = True):
+    def __init__(self, vlm_dir, use_processor: bool = True, reply_prefix: str = ""):
         from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 
         self.vlm_dir = Path(vlm_dir)
+        self.reply_prefix = reply_prefix
         self.processor = None
         self.fallback_reason = "use_processor=False" if not use_processor else None
         if use_processor:
@@ -212,26 +216,27 @@ class VlmInputBuilder:
         size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
         if self.processor is not None:
             text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return dict(self.processor(text=[text], images=[image], size=size, return_tensors="pt"))
-        return self._assemble(messages, image, size)
-
-    def _assemble(self, messages, image, size) -> dict[str, torch.Tensor]:
-        """What Qwen3VLProcessor.__call__ does for one text and one image, written out."""
-        # 1. Chat text with one `<|vision_start|><|image_pad|><|vision_end|>` placeholder.
+            return dict(self.processor(text=[text + self.reply_prefix], images=[image], size=size,
+                                       return_tensors="pt"))
+        # Chat text with one `<|vision_start|><|image_pad|><|vision_end|>` placeholder.
         text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
                                                   tokenize=False, add_generation_prompt=True)
-        # 2. Pixels: patches flattened to [grid_t*grid_h*grid_w, C*temporal_patch*patch*patch].
+        return self._assemble(text + self.reply_prefix, image, size)
+
+    def _assemble(self, text: str, image, size) -> dict[str, torch.Tensor]:
+        """What Qwen3VLProcessor.__call__ does for one chat text and one image, written out."""
+        # 1. Pixels: patches flattened to [grid_t*grid_h*grid_w, C*temporal_patch*patch*patch].
         vision = self.image_processor(images=[image], size=size, return_tensors="pt")
-        # 3. Placeholder -> one pad token per merged patch: grid_t*grid_h*grid_w / merge_size^2
+        # 2. Placeholder -> one pad token per merged patch: grid_t*grid_h*grid_w / merge_size^2
         #    (Qwen3VLProcessor.replace_image_token); e.g. 512x512 -> grid (1, 32, 32) -> 256 tokens.
         n_tokens = int(vision["image_grid_thw"][0].prod()) // self.image_processor.merge_size ** 2
         if text.count(self.image_token) != 1:
             raise ValueError(f"expected one {self.image_token} in the chat text, got {text!r}")
         text = text.replace(self.image_token, self.image_token * n_tokens)
-        # 4. Tokenize (the processor's text kwargs: no padding, no token_type_ids).
+        # 3. Tokenize (the processor's text kwargs: no padding, no token_type_ids).
         enc = self.tokenizer([text], return_tensors="pt", return_token_type_ids=False)
         ids = enc["input_ids"]
-        # 5. Modality of each token for M-RoPE: 0 text, 1 image, 2 video (create_mm_token_type_ids).
+        # 4. Modality of each token for M-RoPE: 0 text, 1 image, 2 video (create_mm_token_type_ids).
         mm_token_type_ids = torch.zeros_like(ids)
         mm_token_type_ids[ids == self.image_token_id] = 1
         mm_token_type_ids[ids == self.video_token_id] = 2

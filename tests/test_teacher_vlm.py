@@ -233,6 +233,53 @@ def test_padded_text_reproduces_the_klein_pipelines_prompt_embeds(tiny_vlm_dir, 
     assert not torch.allclose(wrong[real:], expected[real:], rtol=1e-3, atol=1e-3)
 
 
+class _Captured(Exception):
+    pass
+
+
+def _pipeline_prompt_text(family_name, model_dir, caption):
+    """The chat text the stock pipeline tokenizes for `caption`, caught at its tokenizer call."""
+    from types import SimpleNamespace
+
+    from diffusers import Flux2KleinPipeline, ZImagePipeline
+    from transformers import AutoTokenizer
+
+    real = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+
+    class Spy:
+        def apply_chat_template(self, *args, **kwargs):
+            return real.apply_chat_template(*args, **kwargs)
+
+        def __call__(self, text, *args, **kwargs):
+            raise _Captured(text if isinstance(text, str) else text[0])
+
+    with pytest.raises(_Captured) as caught:
+        if family_name == "zimage":
+            ZImagePipeline._encode_prompt(SimpleNamespace(tokenizer=Spy(), _execution_device="cpu"), caption)
+        else:
+            Flux2KleinPipeline._get_qwen3_prompt_embeds(None, Spy(), caption, dtype=torch.float32, device="cpu")
+    return caught.value.args[0]
+
+
+@pytest.mark.parametrize("family_name", ["zimage", "klein"])
+def test_the_vlm_teachers_text_is_the_pipelines_caption_text_plus_the_image(tiny_vlm_dir, tiny_zimage_dir,
+                                                                             tiny_klein_dir, ball, family_name):
+    """Student and vlm teacher differ by the image alone: the teacher's chat text, image tokens
+    removed, is what the pipeline tokenizes for the caption (klein's ends in an empty think block,
+    which Qwen3-VL-Instruct's template cannot render: the family supplies it)."""
+    import re
+
+    from lowvram_dopsd.families import load_family
+
+    model_dir = tiny_zimage_dir if family_name == "zimage" else tiny_klein_dir
+    caption = "a photo of sks ball"
+    family = load_family(str(model_dir))
+    builder = VlmInputBuilder(tiny_vlm_dir, use_processor=False, reply_prefix=family.vlm_reply_prefix())
+    teacher = builder.tokenizer.decode(builder(caption, ball)["input_ids"][0])
+    without_image = re.sub(r"<\|vision_start\|>(<\|image_pad\|>)+<\|vision_end\|>", "", teacher)
+    assert without_image == _pipeline_prompt_text(family_name, model_dir, caption)
+
+
 def test_padding_keeps_the_real_tokens_and_the_length_limits(grafted, ball):
     model, builder = grafted
     pad_id = builder.processor.tokenizer.pad_token_id if builder.processor else builder.tokenizer.pad_token_id

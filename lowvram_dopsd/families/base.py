@@ -106,7 +106,8 @@ class Family:
         if pad_to:  # with the pad token of the pipeline's own tokenizer
             from transformers import AutoTokenizer
             pad_id = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer").pad_token_id
-        model, builder = load_grafted_vlm(self.vlm_dir(cfg), self.model_dir / "text_encoder", device, dtype)
+        model, builder = load_grafted_vlm(self.vlm_dir(cfg), self.model_dir / "text_encoder", device, dtype,
+                                          reply_prefix=self.vlm_reply_prefix())
         out = []
         for item in items:
             (emb,) = encode_vlm(model, builder, [item.caption], [load_rgb(item.image_path)],
@@ -147,6 +148,18 @@ class Family:
         raise NotImplementedError
 
     # ----- reporting
+    def vlm_reply_prefix(self) -> str:
+        """What the pipeline's own chat template puts after the assistant turn opens: '' for Z-Image,
+        an empty think block for klein (enable_thinking=False). The vlm teacher's text gets it too, so
+        the two conditions differ by the image alone."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=self.chat_enable_thinking)
+        opened = "<|im_start|>assistant\n"
+        return text.rsplit(opened, 1)[1] if opened in text else ""
+
     def prompt_warnings(self, captions: list[str], names: list[str], teacher: str, cfg) -> list[str]:
         """Warnings about the prompts this run will encode (e.g. cut at max_sequence_length)."""
         return []
@@ -208,6 +221,18 @@ class DiffusersFamily(Family):
         return [len(tokenizer(tokenizer.apply_chat_template(
             [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
             enable_thinking=self.chat_enable_thinking)).input_ids) for p in prompts]
+
+    def vlm_reply_prefix(self) -> str:
+        """What the pipeline's own chat template puts after the assistant turn opens: '' for Z-Image,
+        an empty think block for klein (enable_thinking=False). The vlm teacher's text gets it too, so
+        the two conditions differ by the image alone."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=self.chat_enable_thinking)
+        opened = "<|im_start|>assistant\n"
+        return text.rsplit(opened, 1)[1] if opened in text else ""
 
     def prompt_warnings(self, captions: list[str], names: list[str], teacher: str, cfg) -> list[str]:
         limit, out = cfg.max_sequence_length, []
