@@ -177,15 +177,20 @@ def _quant_rows_kernel(x_ptr, col_scale_ptr, q_ptr, s_ptr, K, stride_xm,
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    nans = tl.zeros((BLOCK_K,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         m = (k0 + offs) < K
         v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_COL_SCALE:
             v = v * tl.load(col_scale_ptr + k0 + offs, mask=m, other=0.0)
-        amax = tl.maximum(amax, tl.abs(v))
+        amax = tl.maximum(amax, tl.abs(v))  # max ignores NaN (maxnum), hence the count
+        nans += (v != v).to(tl.int32)
     # an all-zero row quantises to zeros, not NaN; the cast keeps the interpreter in float32 (numpy
     # promotes the Python constant to float64, and the rounding trick below needs float32)
     a = tl.maximum(tl.max(amax, 0), 1e-30).to(tl.float32)
+    # a NaN in the row makes its scale NaN, as in the reference, so the GEMM's output row is NaN
+    # and the trainer's finiteness check sees it (else NaN would quantise to -127 and vanish)
+    a = tl.where(tl.sum(nans, 0) > 0, float("nan"), a)
     inv = tl.math.div_rn(127.0, a)
     for k0 in range(0, K, BLOCK_K):
         m = (k0 + offs) < K
@@ -194,7 +199,7 @@ def _quant_rows_kernel(x_ptr, col_scale_ptr, q_ptr, s_ptr, K, stride_xm,
             v = v * tl.load(col_scale_ptr + k0 + offs, mask=m, other=0.0)
         r = v * inv
         r = (r + 12582912.0) - 12582912.0  # round half to even (|r| <= 127 << 2^22)
-        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+        r = tl.minimum(tl.maximum(tl.where(r != r, 0.0, r), -127.0), 127.0)  # NaN rows: q = 0, s = NaN
         tl.store(q_ptr + row * K + k0 + offs, r.to(tl.int8), mask=m)
     tl.store(s_ptr + row, tl.math.div_rn(a, 127.0))
 
@@ -601,6 +606,7 @@ def _reduce_over_m(kind, a, a_st, b, b_st, P, Q, R, out_dtype, device, compute, 
 def _scale(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, per_row: bool) -> torch.Tensor:
     """Launch ``_scale_kernel`` on a contiguous 2-D ``x`` (8-bit weight or activations)."""
     x, soft = _wq_operand(x.contiguous())
+    scale = scale.contiguous()  # read as a dense vector
     out = empty(tuple(x.shape), out_dtype, x.device)
     block = 1024 if is_interpret() else 4096
     _scale_kernel[(triton.cdiv(x.numel(), block),)](
@@ -617,6 +623,8 @@ def quantize_rows(x: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> 
     M, K = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
+    if col_scale is not None:
+        col_scale = col_scale.contiguous()  # read as a dense vector
     q = empty((M, K), torch.int8, x.device)
     s = empty((M,), torch.float32, x.device)
     block = 32 if is_interpret() else min(4096, max(128, _next_pow2(K)))
@@ -632,7 +640,8 @@ def quantize_rows_reference(x: torch.Tensor, col_scale: Optional[torch.Tensor] =
     v = x.float() if col_scale is None else x.float() * col_scale.float()[None, :]
     amax = v.abs().amax(dim=1).clamp_min(1e-30)
     qmax = torch.full_like(amax, 127.0)  # tensor / tensor: `127.0 / amax` runs as reciprocal · 127 (an ulp off)
-    q = torch.round(v * (qmax / amax)[:, None]).clamp_(-127, 127).to(torch.int8)
+    r = torch.round(v * (qmax / amax)[:, None])
+    q = r.masked_fill_(r.isnan(), 0.0).clamp_(-127, 127).to(torch.int8)  # a NaN row: s = NaN, q = 0
     return q, amax / qmax
 
 
@@ -686,11 +695,15 @@ def lora_linear_forward(
     scale: float,
     swap: Optional[bool] = None,
     act8: bool = False,
+    lead_shape: Optional[Tuple[int, ...]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton forward on 2-D ``x2d`` [M, K]. Returns (y [M, N] in x's dtype, t = x·Aᵀ [M, r]).
-    ``act8``: the base GEMM runs on per-token int8 activations (int8 ``w_q`` only)."""
+    ``act8``: the base GEMM runs on per-token int8 activations (int8 ``w_q`` only).
+    ``lead_shape``: y is allocated as [*lead_shape, N] (prod = M) and returned so, not as a view."""
     M, K = x2d.shape
     N, r = w_q.shape[0], lora_A.shape[0]
+    if bias is not None:
+        bias = bias.contiguous()  # the epilogue reads it as a dense vector
     swap = SWAP_FWD if swap is None else swap
     dev = x2d.device
     comp = _compute(x2d.dtype)
@@ -701,7 +714,8 @@ def lora_linear_forward(
     # act8: y = s_x[m] · s_w[n] · (q_x · Wqᵀ) + bias + s·t·Bᵀ, the GEMM on q_x instead of x
     xg, s_x = quantize_rows(x2d) if act8 else (x2d, None)
     act = dict(int8_dot=act8, act_scale=s_x)
-    y = empty((M, N), x2d.dtype, dev)
+    y_out = empty((*lead_shape, N) if lead_shape is not None else (M, N), x2d.dtype, dev)
+    y = y_out.view(M, N)
     if not swap:  # C[m, n]: A = x, B = Wqᵀ, scale per column, LoRA t · Bᵀ
         _mm("main", xg, (xg.stride(0), xg.stride(1)), wq, (wq.stride(1), wq.stride(0)),
             y, (0, y.stride(0), y.stride(1)), M, N, K, compute=comp,
@@ -714,7 +728,7 @@ def lora_linear_forward(
             scale=w_scale, scale_mode=1, bias=bias, bias_mode=0 if bias is None else 1,
             lora=(lora_B, (lora_B.stride(0), lora_B.stride(1)), t, (t.stride(1), t.stride(0)), r, scale),
             a_soft=soft, act_scale_mode=2 if act8 else 0, **act)
-    return y, t
+    return y_out, t
 
 
 def lora_linear_backward(
@@ -790,24 +804,34 @@ def lora_linear_backward(
 # =============================================================================================
 # autograd
 # =============================================================================================
+def _int32_addressable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy when its strides reach past 2^31 elements: the GEMM's tile
+    offsets are int32, and ``_triton_supported`` bounds the sizes, not a sliced view's strides."""
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+    return t.contiguous() if extent >= 2**31 else t
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """y = x·dequant(Wq)ᵀ + bias + s·(x·Aᵀ)·Bᵀ; grads for x, A, B only. Saves x and t."""
 
     @staticmethod
     def forward(ctx, x, w_q, w_scale, bias, lora_A, lora_B, scale, act8=False):
         K = x.shape[-1]
-        x2d = x.reshape(-1, K)
-        y2d, t = lora_linear_forward(x2d, w_q, w_scale, bias, lora_A, lora_B, scale, act8=act8)
+        x2d = _int32_addressable(x.reshape(-1, K))
+        # y in its final shape, not a view of a 2-D buffer: autograd refuses in-place ops on a view
+        # made inside a Function, and model code may do `y += ...` (the reference path allows it)
+        y, t = lora_linear_forward(x2d, w_q, w_scale, bias, lora_A, lora_B, scale, act8=act8,
+                                   lead_shape=tuple(x.shape[:-1]))
         ctx.save_for_backward(x2d, t, w_q, w_scale, lora_A, lora_B)
         ctx.scale, ctx.act8 = scale, act8
         ctx.x_shape = x.shape
-        return y2d.view(*x.shape[:-1], w_q.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x2d, t, w_q, w_scale, lora_A, lora_B = ctx.saved_tensors
         need_dx, _, _, _, need_dA, need_dB = ctx.needs_input_grad[:6]
-        dy2d = dy.reshape(-1, dy.shape[-1])
+        dy2d = _int32_addressable(dy.reshape(-1, dy.shape[-1]))
         if dy2d.dtype != x2d.dtype:
             dy2d = dy2d.to(x2d.dtype)
         dx, dA, dB = lora_linear_backward(
@@ -905,6 +929,10 @@ def _triton_supported(x, w_q, w_scale, bias, lora_A, lora_B) -> Optional[str]:
     devs = {t.device for t in (x, w_q, w_scale, lora_A, lora_B) + ((bias,) if bias is not None else ())}
     if len(devs) != 1:
         return f"tensors on several devices {devs}"
+    if torch.is_autocast_enabled(x.device.type):  # the kernel computes in x's dtype; the reference follows autocast
+        return "autocast is on"
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (bias, w_scale)):
+        return "bias or w_scale requires grad (the kernel treats the base as frozen)"
     big = max(x.numel() // x.shape[-1] * max(w_q.shape), w_q.numel())
     if big >= 2**31:
         return "more than 2^31 elements in one operand (32-bit indexing)"

@@ -174,7 +174,7 @@ def test_a_prior_rollout_learns_toward_the_bare_base_model(tmp_path, tiny_zimage
     g = torch.Generator().manual_seed(3)
     for layer in lora.layers.values():  # student, EMA teacher and base: three different models
         layer.student_B.data.normal_(0, 0.05, generator=g)
-        layer.teacher_B.normal_(0, 0.05, generator=g)
+        layer.teacher_B.copy_(-layer.student_B.data)  # the teacher's LoRA term is the student's negated
     x = torch.randn((1, *family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(4))
     sigmas = family.sigmas(64, 64, 4)
     (loss,), _ = rollout_and_learn(family, model, lora, x.clone(), sigmas, [c], [c], {0}, "velocity", 1.0,

@@ -76,3 +76,35 @@ def test_x0_identity(kernels_on):
     sig = sigma.view(-1, 1, 1)
     x0_loss = ((x - sig * v_s) - (x - sig * v_t)).double().pow(2).mean()
     assert rel_err(dopsd_loss(v_s, v_t, x0_weight(sigma)), x0_loss) <= LOSS_TOL
+
+
+@pytest.mark.parametrize("grad_out", [1024.0, 0.25])
+def test_fp16_gradient_is_rounded_once(kernels_on, grad_out):
+    """One 64x64x16 latent (n = 65536): 2/n = 3e-5 sits in fp16's subnormals, so a gradient stored
+    in fp16 before backward scales it lost its low bits (1.2e-2 off at grad_output 1024). It is
+    kept in fp32 and rounded once, to fp16: equal to the exact gradient rounded to fp16."""
+    g = torch.Generator().manual_seed(5)
+    v_t = torch.randn(1, 16, 64, 64, generator=g)
+    v_s = (v_t + 0.01 * torch.randn(v_t.shape, generator=g)).half().to(DEVICE).requires_grad_()
+    v_t = v_t.half().to(DEVICE)
+    (dopsd_loss(v_s, v_t) * grad_out).backward()
+    _, exact = _ref64(v_s, v_t, None, grad_out)
+    assert v_s.grad.dtype == torch.float16
+    assert rel_err(v_s.grad, exact.half()) <= 1e-3
+
+
+def test_no_gradient_pass_without_a_graph(kernels_on, monkeypatch):
+    """Under no_grad (the measure-only prior pass) the kernel writes no gradient, even when v_s
+    requires grad; with a graph it does."""
+    import lowvram_dopsd.kernels.dopsd_loss as mod
+
+    asked = []
+    real = mod.dopsd_loss_forward
+    monkeypatch.setattr(mod, "dopsd_loss_forward", lambda *a, need_grad: asked.append(need_grad) or real(*a, need_grad=need_grad))
+    v_s, v_t, w = _make(SHAPES[2], torch.float32, True, seed=6)
+    v_s.requires_grad_()
+    with torch.no_grad():
+        quiet = dopsd_loss(v_s, v_t, w)
+    loud = dopsd_loss(v_s, v_t, w)
+    assert asked == [False, True] and quiet.grad_fn is None and loud.grad_fn is not None
+    assert torch.equal(quiet, loud.detach())

@@ -157,6 +157,21 @@ def test_quantize_rows_is_bitwise_the_reference(kernels_on, dtype):
     assert ((back - x.float()).abs() <= s_ref[:, None] * (0.5 + 1e-4)).all()  # half a step (+ fp32 rounding)
 
 
+def test_a_nan_token_stays_nan_with_int8_activations(kernels_on):
+    """A NaN in a token makes its scale NaN (q = 0 there, as the reference), so the base GEMM's
+    output row is NaN even with no LoRA term (the bare-base roll-out): the trainer's finiteness
+    check must see it. maxnum-style max would drop it and quantise NaN to -127, a finite row."""
+    d = _make(CASES[2], torch.float32, "int8", seed=13)
+    x = d["x"].clone().reshape(-1, d["x"].shape[-1])
+    x[4, 3] = float("nan")
+    q, s_ = ll.quantize_rows(x)
+    q_ref, s_ref = ll.quantize_rows_reference(x.cpu())
+    assert s_[4].isnan() and (q[4] == 0).all() and torch.equal(q.cpu(), q_ref)
+    assert torch.equal(s_.cpu()[torch.arange(len(s_)) != 4], s_ref[torch.arange(len(s_)) != 4])
+    y = lora_linear(x, d["w_q"], d["w_scale"], d["bias"], d["A"], d["B"], 0.0, act_quant="int8")
+    assert y[4].isnan().all() and torch.isfinite(y[torch.arange(len(y)) != 4]).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_wrong_reference_fails_at_tolerance(kernels_on, dtype):
     """The tolerances are tight: a 1 % error in the base weight scale or the LoRA scale fails."""
@@ -212,14 +227,90 @@ def test_zero_lora_scale(kernels_on, act_quant):
 
 def test_no_grad_for_frozen_inputs_and_partial_grads(kernels_on):
     d = _make(CASES[0], torch.float32, "int8", seed=4)
-    bias = d["bias"].clone().requires_grad_()
-    w_scale = d["w_scale"].clone().requires_grad_()
     A = d["A"].clone().requires_grad_()
-    y = lora_linear(d["x"], d["w_q"], w_scale, bias, A, d["B"], 0.5)  # x and B need no grad
+    y = lora_linear(d["x"], d["w_q"], d["w_scale"], d["bias"], A, d["B"], 0.5)  # x and B need no grad
     y.backward(d["dy"])
-    assert bias.grad is None and w_scale.grad is None
+    assert utils.DISPATCH_COUNTS["lora_linear.triton"] == 1
     ref = _run_reference64(d, 0.5)
     assert rel_err(A.grad, ref[2]) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("trainable", ["bias", "w_scale"])
+def test_a_trainable_base_goes_to_the_reference(monkeypatch, trainable):
+    """The kernel treats bias and scales as frozen (no gradient for them): one that requires grad
+    takes the reference, which gives it one, instead of silently getting None; forced on, it is an
+    error that says why."""
+    d = _make(CASES[0], torch.float32, "int8", seed=4)
+    base = {"bias": d["bias"].clone(), "w_scale": d["w_scale"].clone()}
+    base[trainable].requires_grad_()
+    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
+    utils.reset_dispatch_counts()
+    y = lora_linear(d["x"], d["w_q"], base["w_scale"], base["bias"], d["A"], d["B"], 0.5)
+    y.backward(d["dy"])
+    assert utils.DISPATCH_COUNTS["lora_linear.reference"] == 1 and base[trainable].grad is not None
+    with torch.no_grad():  # no graph, nothing to differentiate: the kernel runs
+        lora_linear(d["x"], d["w_q"], base["w_scale"], base["bias"], d["A"], d["B"], 0.5)
+    assert utils.DISPATCH_COUNTS["lora_linear.triton"] == 1
+    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "on")
+    with pytest.raises(RuntimeError, match="requires grad"):
+        lora_linear(d["x"], d["w_q"], base["w_scale"], base["bias"], d["A"], d["B"], 0.5)
+
+
+def test_autocast_goes_to_the_reference(monkeypatch):
+    """The kernel computes in x's dtype; under autocast the reference does what autocast asks
+    (here: bf16 output for fp32 x), where the kernel returned fp32 and its backward crashed."""
+    d = _make(CASES[2], torch.float32, "int8", seed=6)
+    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
+    utils.reset_dispatch_counts()
+    x = d["x"].clone().requires_grad_()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        y = lora_linear(x, d["w_q"], d["w_scale"], d["bias"], d["A"], d["B"], 0.5)
+        y.float().sum().backward()
+    assert utils.DISPATCH_COUNTS["lora_linear.reference"] == 1 and y.dtype == torch.bfloat16
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_output_can_be_modified_in_place(kernels_on):
+    """As on the reference path: `y += r` on the kernel's output (a model's in-place residual) works
+    and the gradients are those of the out-of-place sum."""
+    d = _make(CASES[1], torch.float32, "int8", seed=7)  # 3-D x
+    x = d["x"].clone().requires_grad_()
+    A = d["A"].clone().requires_grad_()
+    y = lora_linear(x, d["w_q"], d["w_scale"], d["bias"], A, d["B"], 0.5)
+    assert y.shape == (*d["x"].shape[:-1], d["w_q"].shape[0]) and y._base is None
+    y.mul_(2.0).add_(1.0)
+    y.backward(d["dy"])
+    ref = _run_reference64({**d, "dy": 2.0 * d["dy"]}, 0.5)
+    assert rel_err(x.grad, ref[1]) <= TOL[torch.float32] and rel_err(A.grad, ref[2]) <= TOL[torch.float32]
+
+
+def test_strided_bias_and_scales_are_read_by_their_strides(kernels_on):
+    """A bias or scale vector that is a strided view (every other element of a larger tensor)
+    gives the reference's values, in the GEMM epilogue, the dequantiser and the row quantiser."""
+    d = _make(CASES[0], torch.float32, "int8", seed=8)
+    N = d["w_q"].shape[0]
+    strided = lambda v: torch.stack([v, torch.full_like(v, 7.0)], 1).reshape(-1)[::2]  # noqa: E731
+    bias, w_scale = strided(d["bias"]), strided(d["w_scale"])
+    assert bias.stride(0) == 2 and torch.equal(bias, d["bias"])
+    y = lora_linear(d["x"], d["w_q"], w_scale, bias, d["A"], d["B"], 0.5)
+    assert rel_err(y, _run_reference64(d, 0.5)[0]) <= TOL[torch.float32]
+    assert torch.equal(ll.dequantize(d["w_q"], w_scale, torch.float32), ll.dequantize(d["w_q"], d["w_scale"],
+                                                                                       torch.float32))
+    x2d = d["x"].reshape(-1, d["x"].shape[-1])
+    col = torch.rand(x2d.shape[1], device=x2d.device) + 0.5
+    q, s_ = ll.quantize_rows(x2d, strided(col))
+    q_ref, s_ref = ll.quantize_rows_reference(x2d, col)
+    assert torch.equal(q.cpu(), q_ref.cpu()) and torch.equal(s_.cpu(), s_ref.cpu()) and N == d["bias"].numel()
+
+
+def test_a_view_reaching_past_int32_offsets_is_copied():
+    """The GEMM's offsets are int32: a sliced x whose rows are 2^31 elements apart is copied to a
+    dense one (the size check alone would let it through); anything smaller is passed as it is."""
+    wide = torch.empty((2, 2**31), dtype=torch.int8, device="meta")[:, :4]
+    dense = ll._int32_addressable(wide)
+    assert dense.stride() == (4, 1) and dense.shape == (2, 4)
+    small = torch.empty((3, 8))[:, :4]
+    assert ll._int32_addressable(small) is small
 
 
 def test_soft_fp8_conversion_path(kernels_on, monkeypatch):
