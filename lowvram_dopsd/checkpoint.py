@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .cache import current_umask
 from .config import TrainConfig, typed_value
 from .errors import UserError
 
@@ -217,6 +218,7 @@ def save(out_dir: Path, step: int, lora, optimizer: torch.optim.Optimizer, sched
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: readable as any folder the user makes
         meta = {**info, "steps": step}
         save_lora(tmp / STUDENT_FILE, lora, "student", meta, dtype=torch.float32)
         save_lora(tmp / TEACHER_FILE, lora, "teacher", meta, dtype=torch.float32)
@@ -226,6 +228,7 @@ def save(out_dir: Path, step: int, lora, optimizer: torch.optim.Optimizer, sched
         rng_tensors.update({f"cuda.{i}": t for i, t in enumerate(rng_state.cuda)})
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         for name in ("optimizer.safetensors", "rng.safetensors"):
+            (tmp / name).chmod(0o666 & ~current_umask())  # safetensors writes 0600
             with open(tmp / name, "rb+") as fh:
                 os.fsync(fh.fileno())
         _write_json(tmp / STATE_FILE, {  # written last: its presence marks a complete checkpoint
@@ -298,7 +301,10 @@ def resolve(resume: str, out_dir: Path) -> Path:
     if resume in ("", "latest"):
         found = latest(out_dir)
         if found is None:
-            raise UserError(f"--resume: there is no checkpoint in '{Path(out_dir) / CKPT_DIR}'. Pass the run's "
+            archived = sorted(p.parent for p in (Path(out_dir) / ARCHIVE_DIR).glob(f"*/{CKPT_DIR}") if latest(p.parent))
+            hint = (f" The last run in it was moved to '{archived[-1]}' when a new run started there: "
+                    f"--resume {archived[-1]} continues it." if archived else "")
+            raise UserError(f"--resume: there is no checkpoint in '{Path(out_dir) / CKPT_DIR}'.{hint} Pass the run's "
                             "--output folder (or --resume PATH), or leave out --resume to start a new run.")
         return found
     path = Path(resume).expanduser()
@@ -352,6 +358,7 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
 # ---------------------------------------------------------------------------------------------
 # the output folder between runs
 # ---------------------------------------------------------------------------------------------
+ARCHIVE_DIR = "previous-runs"  # where a new run moves the one it finds in --output
 RUN_FILES = (CKPT_DIR, "previews", "metrics.jsonl", STUDENT_FILE, TEACHER_FILE, "comfyui")
 
 
@@ -362,7 +369,7 @@ def archive_previous_run(out_dir: Path) -> Path | None:
     if not (out_dir / CKPT_DIR).is_dir() and not (out_dir / "metrics.jsonl").is_file():
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest = out_dir / "previous-runs" / stamp
+    dest = out_dir / ARCHIVE_DIR / stamp
     n = 1
     while dest.exists():
         n += 1

@@ -209,6 +209,11 @@ def scan(folder: str, caption: str, trigger: str, resolution: int, on_bad_image:
             if not text:
                 notes.append((txt, "empty caption; " + ("using --caption" if caption else "using the trigger")))
         text = text or caption or trigger
+        if "[trigger]" in text and not trigger:
+            raise UserError(
+                f"The caption of '{path.name}' ({text!r}) has a [trigger] placeholder, but no --trigger was given, "
+                "so it would be trained literally. Pass --trigger WORD (e.g. --trigger 'sks dog'), or write "
+                "the word into the caption.")
         if not text:
             raise UserError(
                 f"'{path.name}' has no caption: there is no {txt.name}, and neither --caption nor --trigger "

@@ -484,9 +484,30 @@ def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, s
     }
 
 
+def check_device(cfg: TrainConfig, device: torch.device) -> None:
+    """What this device cannot run, said before anything is read, encoded or moved aside."""
+    if device.type == "cuda":
+        return
+    if cfg.device == "auto":  # a GPU preset (or none) on a machine whose torch sees no GPU
+        raise UserError(
+            f"PyTorch sees no CUDA GPU (torch {torch.__version__}), so device = 'auto' would train on the CPU: "
+            f"hours per step at {cfg.resolution}² on the real models. Usually torch is a CPU-only build or the "
+            "driver is missing: install a CUDA build (https://pytorch.org/get-started/locally/) and check "
+            "`python -c \"import torch; print(torch.cuda.is_available())\"`. To train on the CPU anyway (the tiny "
+            "demo models), pass --device cpu.")
+    if cfg.optimizer == "adamw8bit":
+        raise UserError("optimizer = 'adamw8bit' (bitsandbytes) needs a CUDA GPU; use --optimizer adamw on the CPU.")
+    if cfg.kernels == "on":
+        from .kernels.utils import kernels_available
+        if not kernels_available(device):
+            raise UserError("kernels = 'on' forces the Triton kernels, which run on a CUDA GPU (or, for tests, on "
+                            "the CPU under TRITON_INTERPRET=1, very slowly). Use --kernels auto or off on the CPU.")
+
+
 def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: list[str] | None) -> TrainResult:
     console = console or make_console()
     device = resolve_device(cfg.device)
+    check_device(cfg, device)
     enc_device = device if cfg.encoders_on == "auto" else resolve_device(cfg.encoders_on)
     dtype = DTYPES[cfg.dtype]
     family = load_family(cfg.model)
@@ -615,8 +636,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if previews and not (out_dir / "previews" / "step-000000.png").exists():
-        write_preview(0)  # the baseline: the base model before any training
+    if previews and start == 0 and not (out_dir / "previews" / "step-000000.png").exists():
+        write_preview(0)  # the baseline: the base model before any training (not a resumed LoRA)
     last_ckpt, saved_step, step = (ckpt.path if ckpt else None), start, start
     skipped = skipped_in_a_row = 0  # updates skipped for a non-finite loss or gradient
     if start >= cfg.steps:

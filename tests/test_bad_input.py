@@ -141,3 +141,43 @@ def test_out_of_memory_advice_names_the_levers_left():
     advice = oom_advice(load_config("16gb"), "16gb")
     assert "--quant" not in advice and "adamw8bit" not in advice and "--resolution 768" in advice
     assert "--rank 32" in advice and "--preview-every 0" in advice
+
+
+def _earlier_run(out):
+    """An output folder that holds a run: the checks below must stop before it is moved aside."""
+    (out / "checkpoints" / "step-000005").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+
+
+@pytest.mark.parametrize("flags, says", [
+    ([], "PyTorch sees no CUDA GPU"),                                          # device auto (a GPU preset, or none)
+    (["--device", "cpu", "--optimizer", "adamw8bit"], "needs a CUDA GPU"),
+    (["--device", "cpu", "--kernels", "on"], "kernels = 'on'"),
+])
+def test_what_the_cpu_cannot_run_stops_before_anything_is_touched(tmp_path, tiny_zimage_dir, capsys, monkeypatch,
+                                                                  flags, says):
+    """A machine whose torch sees no GPU: a GPU run used to train on the CPU without a word (396 s a
+    step on the tiny model at 1024²), and adamw8bit / kernels=on failed only after the conditions were
+    encoded and the earlier run in --output had been moved to previous-runs/."""
+    import torch
+
+    import lowvram_dopsd.kernels.utils as kutils
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(kutils, "is_interpret", lambda: False)  # the suite interprets Triton; a user does not
+    img(tmp_path / "a.png")
+    out = tmp_path / "out"
+    _earlier_run(out)
+    code = main(["train", "--model", str(tiny_zimage_dir), "--images", str(tmp_path), "--trigger", "sks",
+                 "--output", str(out), "--cache-dir", str(tmp_path / "cache"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err
+    assert (out / "checkpoints" / "step-000005").is_dir() and not (out / "previous-runs").exists()
+    assert not (tmp_path / "cache").exists()  # nothing encoded
+
+
+def test_a_trigger_placeholder_without_a_trigger_is_refused(tmp_path):
+    img(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a photo of [trigger] on grass")
+    with pytest.raises(UserError, match=r"a\.png.*\[trigger\] placeholder.*--trigger"):
+        data.scan(str(tmp_path), "", "", 64)
+    assert data.scan(str(tmp_path), "", "sks dog", 64).items[0].caption == "a photo of sks dog on grass"

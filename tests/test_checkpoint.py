@@ -255,3 +255,28 @@ def test_metrics_trimmed_and_previous_run_archived(tmp_path):
     assert (tmp_path / "my_notes.txt").is_file() and not (tmp_path / "metrics.jsonl").exists()
     assert checkpoint.archive_previous_run(tmp_path) is None  # nothing left to move
 
+
+def test_resume_after_a_new_run_moved_the_old_one_names_where_it_went(tmp_path):
+    model, lora, opt, sched = tiny_run()
+    save(tmp_path, 3, lora, opt, sched, torch.Generator(), random.Random())
+    dest = checkpoint.archive_previous_run(tmp_path)  # a new run started here (without --resume)
+    with pytest.raises(UserError, match=f"moved to '{dest}'.*--resume {dest} continues it"):
+        checkpoint.resolve("latest", tmp_path)
+    assert checkpoint.resolve(str(dest), tmp_path).name == "step-000003"
+
+
+def test_saved_files_and_folders_follow_the_umask(tmp_path):
+    """mkstemp / mkdtemp make 0600 / 0700: a LoRA a ComfyUI service running as another user (or a
+    container with another uid) could not read. They get what any file the user writes gets."""
+    import os
+    import stat
+
+    model, lora, opt, sched = tiny_run()
+    old = os.umask(0o022)
+    try:
+        path = save(tmp_path, 7, lora, opt, sched, torch.Generator(), random.Random())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert stat.S_IMODE((path / checkpoint.STUDENT_FILE).stat().st_mode) == 0o644
+

@@ -108,6 +108,15 @@ def test_out_of_memory_keeps_the_state_before_the_step_and_resumes_exactly(args,
     assert_same_run(out, reference)
 
 
+def test_previews_turned_on_at_resume_make_no_trained_baseline(args, tmp_path):
+    """step-000000.png is the base model before training: a run resumed at step 2 with previews on
+    writes its grids from step 2 on, not a 'step 0' sampled with the trained LoRA."""
+    out = tmp_path / "out"
+    assert main(args(out, "--steps", "2")) == 0
+    assert main(args(out, "--resume", "--preview-every", "1")) == 0
+    assert sorted(p.name for p in (out / "previews").glob("*.png")) == ["step-000003.png", "step-000004.png"]
+
+
 def test_resume_refuses_a_change_in_the_math(args, reference, capsys):
     assert main(args(reference, "--rank", "8", "--resume")) == 2
     err = capsys.readouterr().err
