@@ -94,6 +94,11 @@ class Family:
         from . import resolve_dir
         return resolve_dir(cfg.teacher_encoder, "teacher encoder (Qwen3-VL)", needs="config.json")
 
+    def vlm_reply_prefix(self) -> str:
+        """Text the vlm teacher's chat gets after the assistant turn opens (DiffusersFamily: what its
+        pipeline's template puts there); none by default."""
+        return ""
+
     def encode_vlm_teacher(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
         """The paper's teacher condition: image + caption through Qwen3-VL whose language model is
         the text encoder (teacher_vlm.py), read at the same layers the pipeline reads."""
@@ -148,18 +153,6 @@ class Family:
         raise NotImplementedError
 
     # ----- reporting
-    def vlm_reply_prefix(self) -> str:
-        """What the pipeline's own chat template puts after the assistant turn opens: '' for Z-Image,
-        an empty think block for klein (enable_thinking=False). The vlm teacher's text gets it too, so
-        the two conditions differ by the image alone."""
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=self.chat_enable_thinking)
-        opened = "<|im_start|>assistant\n"
-        return text.rsplit(opened, 1)[1] if opened in text else ""
-
     def prompt_warnings(self, captions: list[str], names: list[str], teacher: str, cfg) -> list[str]:
         """Warnings about the prompts this run will encode (e.g. cut at max_sequence_length)."""
         return []
