@@ -38,18 +38,23 @@ def current_umask() -> int:
     return mask
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """save_file, readable as any file the user writes, and on disk (fsync) when this returns.
+    safetensors' writer leaves 0600 whatever the umask: a ComfyUI service or a container running as
+    another user could not read the LoRA."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~current_umask())
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        # mkstemp and safetensors' writer both leave 0600: give it what any file the user writes gets
-        # (a ComfyUI service or a container running as another user must read the LoRA)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        write_safetensors(tensors, tmp, metadata)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

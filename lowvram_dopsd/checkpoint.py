@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__
-from .cache import current_umask
+from .cache import current_umask, write_safetensors
 from .config import TrainConfig, typed_value
 from .errors import UserError
 
@@ -223,14 +223,10 @@ def save(out_dir: Path, step: int, lora, optimizer: torch.optim.Optimizer, sched
         save_lora(tmp / STUDENT_FILE, lora, "student", meta, dtype=torch.float32)
         save_lora(tmp / TEACHER_FILE, lora, "teacher", meta, dtype=torch.float32)
         opt_tensors, opt_meta = _optimizer_to_files(optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        write_safetensors(opt_tensors, tmp / "optimizer.safetensors")
         rng_tensors = {"noise": rng_state.noise, "torch_cpu": rng_state.torch_cpu}
         rng_tensors.update({f"cuda.{i}": t for i, t in enumerate(rng_state.cuda)})
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        for name in ("optimizer.safetensors", "rng.safetensors"):
-            (tmp / name).chmod(0o666 & ~current_umask())  # safetensors writes 0600
-            with open(tmp / name, "rb+") as fh:
-                os.fsync(fh.fileno())
+        write_safetensors(rng_tensors, tmp / "rng.safetensors")
         _write_json(tmp / STATE_FILE, {  # written last: its presence marks a complete checkpoint
             "format": FORMAT, "tool_version": __version__, "step": step, "saved_at": time.time(),
             "config": cfg.to_dict(), "identity": identity, "info": info,

@@ -102,7 +102,7 @@ def test_8bit_adamw_state_round_trips(tmp_path):
         pytest.skip(f"bitsandbytes 8-bit AdamW does not run on this CPU: {exc}")
     tensors, meta = checkpoint._optimizer_to_files(opt.state_dict())
     assert any(k.count("/") == 2 for k in tensors)  # the nested quantization state, flattened
-    checkpoint.save_file(tensors, str(tmp_path / "opt.safetensors"))
+    checkpoint.write_safetensors(tensors, tmp_path / "opt.safetensors")
     meta = json.loads(json.dumps(meta))  # plain JSON, no pickle
     p_at_2, gen_at_2 = p.detach().clone(), gen.get_state()
     steps(p, opt, 2, gen)  # the uninterrupted run
@@ -149,7 +149,7 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", full)  # the LoRA files are written, then the disk fills
+    monkeypatch.setattr(checkpoint, "write_safetensors", full)  # the LoRA files are written, then the disk fills
     with pytest.raises(UserError) as err:
         save(tmp_path, 2, lora, opt, sched, torch.Generator(), random.Random())
     msg = str(err.value)

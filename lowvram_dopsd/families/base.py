@@ -196,6 +196,7 @@ class DiffusersFamily(Family):
         self.vae_scale_factor = 2 ** (blocks - 1)  # as the pipelines' __init__
         self.in_channels = json.loads((self.model_dir / "transformer" / "config.json").read_text())["in_channels"]
         self._scheduler = None
+        self._reply_prefix: str | None = None  # vlm_reply_prefix, read once (a Qwen tokenizer load)
 
     # The pipelines wrap each prompt in the tokenizer's chat template before tokenizing with
     # truncation at max_sequence_length: ZImagePipeline with enable_thinking=True, Flux2KleinPipeline
@@ -218,14 +219,17 @@ class DiffusersFamily(Family):
     def vlm_reply_prefix(self) -> str:
         """What the pipeline's own chat template puts after the assistant turn opens: '' for Z-Image,
         an empty think block for klein (enable_thinking=False). The vlm teacher's text gets it too, so
-        the two conditions differ by the image alone."""
-        from transformers import AutoTokenizer
+        the two conditions differ by the image alone. Asked by the cache key (encoder_identity, twice a
+        run) and the encoder: the tokenizer is loaded once."""
+        if self._reply_prefix is None:
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=self.chat_enable_thinking)
-        opened = "<|im_start|>assistant\n"
-        return text.rsplit(opened, 1)[1] if opened in text else ""
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer")
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                 add_generation_prompt=True, enable_thinking=self.chat_enable_thinking)
+            opened = "<|im_start|>assistant\n"
+            self._reply_prefix = text.rsplit(opened, 1)[1] if opened in text else ""
+        return self._reply_prefix
 
     def prompt_warnings(self, captions: list[str], names: list[str], teacher: str, cfg) -> list[str]:
         limit, out = cfg.max_sequence_length, []
