@@ -200,7 +200,7 @@ def run_child(name: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     rss0 = host_rss()
     t0 = time.perf_counter()
-    family = load_family(str(folder))
+    family = load_family(str(folder), check_files=False)  # encoders and VAE are configs only
     model = family.load_transformer(cfg, device, dtype)  # the trainer's own loading path
     targets = tuple(cfg.lora_targets) or family.lora_targets
     steps = cfg.rollout_steps or family.default_rollout_steps

@@ -54,10 +54,10 @@ FORMAT = 2
 # match, or the resumed run would not be the run that was stopped. `model`, `images`, `caption`,
 # `trigger` and `teacher_encoder` are checked through the identities instead (a moved folder is fine).
 HARMLESS = {
-    "steps", "save_every", "keep_checkpoints", "output", "cache_dir", "device", "encoders_on",
+    "steps", "save_every", "keep_checkpoints", "lora_every", "output", "cache_dir", "device", "encoders_on",
     "kernels", "grad_checkpointing", "on_bad_image", "preview_every", "preview_prompts", "preview_seed",
     "preview_teacher", "model", "images", "caption", "trigger", "teacher_encoder", "teacher_ema_on",
-    "lora_init",  # read at step 0 only: a resumed run loads its LoRAs from the checkpoint
+    "lora_init", "init_lora",  # read at step 0 only: a resumed run loads its LoRAs from the checkpoint
 }
 NUMERIC_ONLY = {"device", "kernels", "teacher_ema_on"}  # harmless for the method, but results are no longer bit-identical
 
@@ -355,7 +355,7 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
 # the output folder between runs
 # ---------------------------------------------------------------------------------------------
 ARCHIVE_DIR = "previous-runs"  # where a new run moves the one it finds in --output
-RUN_FILES = (CKPT_DIR, "previews", "metrics.jsonl", STUDENT_FILE, TEACHER_FILE, "comfyui")
+RUN_FILES = (CKPT_DIR, "previews", "loras", "metrics.jsonl", STUDENT_FILE, TEACHER_FILE, "comfyui")
 
 
 def archive_previous_run(out_dir: Path) -> Path | None:

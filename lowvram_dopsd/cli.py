@@ -24,12 +24,13 @@ from .errors import UserError
 FLAGS = {
     "--model": "model", "--images": "images", "--caption": "caption", "--trigger": "trigger",
     "--output": "output", "--teacher": "teacher", "--teacher-encoder": "teacher_encoder", "--loss": "loss",
-    "--steps": "steps", "--rank": "rank", "--alpha": "alpha", "--lora-init": "lora_init", "--lr": "lr", "--lr-schedule": "lr_schedule",
+    "--steps": "steps", "--rank": "rank", "--alpha": "alpha", "--lora-init": "lora_init", "--init-lora": "init_lora",
+    "--lr": "lr", "--lr-schedule": "lr_schedule",
     "--warmup-steps": "warmup_steps", "--batch-size": "batch_size",
     "--micro-batch": "micro_batch", "--resolution": "resolution", "--rollout-steps": "rollout_steps",
     "--train-states": "train_states", "--ema-decay": "ema_decay", "--quant": "quant",
     "--optimizer": "optimizer", "--device": "device", "--encoders-on": "encoders_on", "--dtype": "dtype",
-    "--seed": "seed", "--cache-dir": "cache_dir", "--save-every": "save_every",
+    "--seed": "seed", "--cache-dir": "cache_dir", "--save-every": "save_every", "--lora-every": "lora_every",
     "--preview-every": "preview_every", "--kernels": "kernels",
     "--act-quant": "act_quant",
 }
@@ -47,12 +48,21 @@ def _flag_help(key: str) -> tuple[str, str]:
     return metavar, f"{f.metadata['help']} (default: {default!r})"
 
 
-def _add_train_flags(p: argparse.ArgumentParser, preset_default: str | None, resume: bool = True) -> None:
+# The settings that change a step's GPU memory (plan.py reads these): `plan --help` lists their flags.
+# plan accepts the others too, so a train command runs as a plan with only its first word changed.
+MEMORY_SETTINGS = ("model", "teacher", "rank", "micro_batch", "resolution", "quant", "act_quant", "optimizer",
+                   "kernels")
+
+
+def _add_train_flags(p: argparse.ArgumentParser, preset_default: str | None, resume: bool = True,
+                     listed: tuple[str, ...] | None = None) -> None:
+    """The settings' flags; `listed`: the ones --help shows (None: all)."""
     p.add_argument("--preset", default=preset_default,
                    help=f"shipped preset ({', '.join(preset_names())}) or a .toml file with the same keys")
     for flag, key in FLAGS.items():
         metavar, help_ = _flag_help(key)
-        p.add_argument(flag, dest=key, default=None, metavar=metavar, help=help_)
+        shown = listed is None or key in listed
+        p.add_argument(flag, dest=key, default=None, metavar=metavar, help=help_ if shown else argparse.SUPPRESS)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. --set keep_checkpoints=5 (repeatable)")
     if resume:
@@ -78,11 +88,16 @@ def _without_resume(argv: list[str]) -> list[str]:
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
     out = {key: getattr(args, key) for key in FLAGS.values() if getattr(args, key) is not None}
+    flag_of = {key: flag for flag, key in FLAGS.items()}
     for item in args.overrides:
         key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
         if not sep:
             raise UserError(f"--set expects KEY=VALUE, got '{item}'. Settings: {', '.join(field_names())}.")
-        out[key.strip()] = value.strip()
+        if key in flag_of and getattr(args, key) is not None and getattr(args, key) != value:
+            raise UserError(f"'{key}' is set twice: {flag_of[key]} {getattr(args, key)} and --set {key}={value}. "
+                            "Keep one of them.")
+        out[key] = value
     return out
 
 
@@ -153,8 +168,15 @@ def cmd_settings(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
+    from .families import family_class_of
+
     cfg, builtin = load_config(args.preset, _overrides(args)), TrainConfig()
     flag_of = {key: flag for flag, key in FLAGS.items()}
+    family = family_class_of(cfg.model)
+    # what a setting left at "the model's default" becomes for this model
+    resolved = {} if family is None else {
+        "lr": f"{family.default_lr:g}", "teacher": family.teachers[0],
+        "rollout_steps": str(family.default_rollout_steps)}
     console, table = Console(highlight=False), None
     wide = console.width >= 110  # else the value goes above its description: 3 columns leave it ~20 characters
     for name, f in SETTINGS.items():
@@ -171,6 +193,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
         shown = escape(typed_value(name, value) or "''")
         if value != getattr(builtin, name):
             shown = f"[bold yellow]{shown}[/]"
+        if name in resolved and not value:
+            shown += f" [dim]= {escape(resolved[name])} ({family.name})[/]"
         choices, flag = f.metadata["choices"], flag_of.get(name)
         what = (escape(f.metadata["help"]) + (f" [dim]({escape(', '.join(map(repr, choices)))})[/]" if choices else "")
                 + (f" [dim]{flag}[/]" if flag else ""))
@@ -186,7 +210,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import plan
 
     cfg = load_config(args.preset, _overrides(args))
-    budget = plan.budget_for(args.vram) if args.vram else plan.vram_of_preset(args.preset)
+    budget = plan.budget_for(_gib(args.vram)) if args.vram else plan.vram_of_preset(args.preset)
     p = plan.plan_from_config(cfg, budget_gib=budget)
     fixes = plan.suggest(cfg.model, plan._settings(cfg), budget) if budget and not p.fits() else None
     if args.json:
@@ -227,9 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny: random-weight tiny Z-Image (plumbing only); toy: the trained toy world "
                         "(docs/toy.md), preset 'toy'")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("plan", help="predict the GPU memory of a training step, from the model's config alone")
-    _add_train_flags(p, preset_default="16gb", resume=False)
-    p.add_argument("--vram", type=_gib, default=None, metavar="GIB",
+    p = sub.add_parser("plan", help="predict the GPU memory of a training step, from the model's config alone",
+                       description="Takes the train command's flags; those listed change the memory.")
+    _add_train_flags(p, preset_default="16gb", resume=False, listed=MEMORY_SETTINGS)
+    p.add_argument("--vram", default=None, metavar="GIB",
                    help="your card's memory in GiB (default: the preset's card, e.g. 16gb -> 14.0 GiB allocatable)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
@@ -247,10 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=0,
                    help="sampling steps (0, the default: the model's own, Z-Image 8, klein 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=0, help="default: the training resolution")
-    p.add_argument("--height", type=int, default=0)
+    p.add_argument("--width", type=int, default=0, help="a multiple of 16 (default: the training resolution)")
+    p.add_argument("--height", type=int, default=0, help="a multiple of 16 (default: the training resolution)")
     p.add_argument("--scale", type=float, default=1.0, help="LoRA strength")
-    p.add_argument("--output", help="image file (default sample-<seed>.png; numbered for several prompts)")
+    p.add_argument("--output", help="image file (no extension: .png) or folder (default sample-<seed>.png; "
+                                    "numbered for several prompts)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="on a GPU (the CPU uses fp32)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
@@ -260,22 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="write the LoRA in another tool's key layout")
-    p.add_argument("lora", help="training output folder (or its .safetensors file)")
+    p.add_argument("lora", help="training output folder, checkpoint folder or .safetensors file")
     p.add_argument("--format", required=True, choices=("comfyui",))
-    p.add_argument("--output", help="file to write (default <lora>/comfyui/<name>.safetensors)")
+    p.add_argument("--output", help="file to write (default <lora>/comfyui/<name>.safetensors; for a checkpoint "
+                                    "folder <run>/comfyui/step-N.safetensors, which checkpoint rotation keeps)")
     p.add_argument("--teacher", action="store_true", help="export the EMA teacher LoRA instead of the student")
     p.set_defaults(func=cmd_export)
     return parser
 
 
 def _gib(text: str) -> float:
-    """--vram: a card's memory in GiB (argparse turns the error into a usage message, exit 2)."""
+    """--vram: a card's memory in GiB."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not 0 < value < 1024:
-        raise argparse.ArgumentTypeError(f"expected a card's memory in GiB such as 12 or 23.5, got {text!r}")
+        raise UserError(f"--vram is your card's memory in GiB, such as 12 or 23.5; got {text!r}.")
     return value
 
 

@@ -31,6 +31,9 @@ from .errors import UserError
 from .families.base import Item
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# Image files that are not read, listed as skipped rather than passed over in silence: GIF keeps at
+# most 256 colours (training learns its dithering); the others need Pillow plugins or a raw developer.
+NOT_READ_SUFFIXES = (".gif", ".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".dng", ".cr2", ".nef", ".arw")
 MIN_SIDE = 16  # below this an image carries no usable detail at any training size
 
 
@@ -167,6 +170,7 @@ def scan(folder: str, caption: str, trigger: str, resolution: int, on_bad_image:
                         "Pass --images with the folder that holds your training images.")
     try:
         files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        not_read = sorted(p for p in root.iterdir() if p.suffix.lower() in NOT_READ_SUFFIXES and p.is_file())
     except OSError as exc:
         raise UserError(f"Cannot list the images folder '{root}' ({exc.strerror or exc}). "
                         "Check its permissions.") from exc
@@ -174,9 +178,16 @@ def scan(folder: str, caption: str, trigger: str, resolution: int, on_bad_image:
         subs = _images_in_subfolders(root)
         where = (f" Images were found in its subfolders {', '.join(subs[:5])}: pass one of those folders "
                  "(subfolders are not searched)." if subs else "")
+        if not_read:
+            where += (f" Its {', '.join(p.name for p in not_read[:3])}{', ...' if len(not_read) > 3 else ''} "
+                      "are in a format this tool does not read: convert them to PNG or JPEG.")
         raise UserError(f"No images in '{root}'. Put {', '.join(IMAGE_SUFFIXES)} files there "
                         f"(optionally with same-name .txt captions) and run again.{where}")
-    items, skipped, notes = [], [], []
+    items, notes = [], []
+    skipped = [(p, f"{p.suffix.lower()} is not read (" + ("256 colours at most: training would learn the "
+                                                           "dithering" if p.suffix.lower() == ".gif" else
+                                                           "not a format this tool reads")
+                + "): convert it to PNG or JPEG") for p in not_read]
     for path in files:
         try:
             data = path.read_bytes()
@@ -223,12 +234,13 @@ def scan(folder: str, caption: str, trigger: str, resolution: int, on_bad_image:
         w, h = bucket_size(*im.size, resolution)
         items.append(Item(image_path=path, caption=apply_trigger(text, trigger),
                           image_sha256=hashlib.sha256(data).hexdigest(), width=w, height=h))
+    total = len(files) + len(not_read)
     listed = "; ".join(f"{p.name}: {why}" for p, why in skipped[:8]) + ("; ..." if len(skipped) > 8 else "")
     if not items:
-        raise UserError(f"None of the {len(files)} images in '{root}' could be read and used ({listed}). "
+        raise UserError(f"None of the {total} images in '{root}' could be read and used ({listed}). "
                         "Re-export them as PNG or JPEG and run again.")
     if skipped and on_bad_image == "stop":
-        raise UserError(f"{len(skipped)} of the {len(files)} images in '{root}' cannot be used ({listed}), and "
+        raise UserError(f"{len(skipped)} of the {total} images in '{root}' cannot be used ({listed}), and "
                         "on_bad_image = 'stop'. Fix or remove them, or set on_bad_image = 'skip' "
                         f"(--set on_bad_image=skip) to train on the {len(items)} good ones.")
     return Dataset(items=items, skipped=skipped, caption_rule=caption_rule(caption, trigger), warnings=notes)

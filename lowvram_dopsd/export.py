@@ -2,6 +2,7 @@
 
     lowvram-dopsd export --format comfyui out            # -> out/comfyui/<out>.safetensors
     lowvram-dopsd export --format comfyui out --teacher  # the EMA teacher LoRA instead
+    lowvram-dopsd export --format comfyui out/checkpoints/step-000500  # -> out/comfyui/step-000500.safetensors
 
 Our own file (`pytorch_lora_weights.safetensors`) is in the diffusers/peft layout with rank and
 alpha in the peft metadata. ComfyUI reads neither that metadata nor the `transformer.` names of
@@ -42,6 +43,7 @@ from safetensors.torch import load_file
 
 from . import __version__
 from .cache import atomic_save_safetensors
+from .checkpoint import TEACHER_FILE, list_checkpoints
 from .errors import UserError
 from .sample import find_lora_file, read_metadata
 
@@ -233,10 +235,46 @@ def lora_config(meta: dict[str, str]) -> tuple[int, float]:
     return int(r), float(alpha)
 
 
+def read_lora(path: str, family: str) -> tuple[Tensors, int, float]:
+    """A LoRA this tool wrote, in its own layout or as its ComfyUI export (`--init-lora`): tensors named
+    as DualLoRA names them (`<module>.lora_A.weight`, relative to the transformer), rank, alpha."""
+    lora_file = find_lora_file(path)
+    meta = read_metadata(lora_file)
+    info = json.loads(meta.get("lowvram_dopsd", "{}"))
+    if not info:  # another trainer's klein file may fuse q/k/v in ways our block-diagonal split would garble
+        raise UserError(f"'{lora_file}' was not written by lowvram-dopsd (no lowvram_dopsd metadata). --init-lora "
+                        "reads this tool's LoRAs (the output, a checkpoint, a step LoRA) and their ComfyUI exports.")
+    if info.get("family") != family:
+        raise UserError(f"'{lora_file}' is a LoRA of a {info.get('family')} model ({info.get('base_model', '?')}); "
+                        f"this run trains a {family} model. Pass a LoRA trained on this family, or the model it "
+                        "was trained on as --model.")
+    tensors = load_file(str(lora_file))
+    if info.get("export") == "comfyui":
+        modules, alpha = LAYOUTS[family].to_diffusers(tensors)
+    else:
+        modules, alpha = split_modules(tensors), lora_config(meta)[1]
+    ranks = {a.shape[0] for a, _ in modules.values()}
+    if len(ranks) != 1:
+        raise UserError(f"'{lora_file}' mixes LoRA ranks {sorted(ranks)}; one rank per LoRA is expected.")
+    out = {}
+    for module, (a, b) in modules.items():
+        out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = a, b
+    return out, ranks.pop(), alpha
+
+
+def default_dest(lora_file: Path, teacher: bool) -> Path:
+    """<folder>/comfyui/<folder name>.safetensors, except for a checkpoint folder: the checkpoint rotation
+    deletes it with everything inside, so its export goes to the run's output folder, named after the step."""
+    folder = lora_file.parent
+    here = folder.resolve()  # "." (a file in the current folder) has no name, "../step-000500" no run folder
+    if here in {p for _, p in list_checkpoints(here.parent.parent)}:  # how checkpoint._rotate finds what to delete
+        folder = here.parent.parent
+    return folder / "comfyui" / f"{here.name}{'-teacher' if teacher else ''}.safetensors"
+
+
 def export_comfyui(source: str, dest: str = "", teacher: bool = False) -> Path:
     src = Path(source).expanduser()
     if teacher:
-        from .checkpoint import TEACHER_FILE
         src = src / TEACHER_FILE if src.is_dir() else src
     lora_file = find_lora_file(str(src))
     meta = read_metadata(lora_file)
@@ -248,9 +286,7 @@ def export_comfyui(source: str, dest: str = "", teacher: bool = False) -> Path:
     rank, alpha = lora_config(meta)
     tensors = load_file(str(lora_file))
     comfy = LAYOUTS[family].to_comfy(split_modules(tensors), alpha)
-    out_dir = lora_file.parent
-    path = Path(dest).expanduser() if dest else out_dir / "comfyui" / (
-        f"{out_dir.name}{'-teacher' if teacher else ''}.safetensors")
+    path = Path(dest).expanduser() if dest else default_dest(lora_file, teacher)
     # No lora_adapter_metadata here: diffusers would apply alpha/r a second time on top of the .alpha tensors.
     metadata = {"format": "pt", "lowvram_dopsd": json.dumps({**info, "export": "comfyui", "tool_version": __version__},
                                                             sort_keys=True),

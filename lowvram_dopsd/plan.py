@@ -8,12 +8,14 @@ every parameter is counted exactly, per kind (8-bit linears, linears kept in bf1
 The public ids we support are planned before anything is downloaded, from the configs kept in
 `lowvram_dopsd/published/` (their sources are listed in the README there).
 
-The prediction, for batch 1 (one roll-out per forward, as the trainer runs it):
+The prediction, for `micro_batch` = B roll-outs per forward (the trainer forwards B samples at
+once, each with its own condition):
 
     peak = frozen base + LoRA (student + EMA teacher, fp32) + LoRA grads (fp32) + optimizer state
          (teacher_ema_on = "cpu": the EMA teacher is a bf16 copy, its fp32 state in host RAM)
          + activations of the worst phase + workspace
 
+Only the activations depend on B; weights, LoRA, grads, optimizer state and workspace do not.
 Activations (tokens T = image tokens (H/16)(W/16) + text tokens, both padded as the pipeline pads):
   * with gradient checkpointing every block keeps only its input (T x dim, bf16); in backward one
     block is recomputed with all its activations (`k_block * T * dim` bytes; k_block is measured
@@ -24,6 +26,18 @@ Activations (tokens T = image tokens (H/16)(W/16) + text tokens, both padded as 
     (`c_fwd * T_teacher * dim * 2`, smaller on the fused 8-bit kernel). For Z-Image that is smaller
     than the student's backward; for klein's edit teacher (image tokens x 2) on quanto it is the
     peak phase.
+Each of these is per sample and is multiplied by B; only the bf16 casts of a block's LoRA factors
+(saved once per recomputed block) are not. The GPU calibration (`c_bwd`, `c_fwd`, the recorded runs)
+is at B = 1: the linear scaling in B is the model, not a GPU measurement. On the CPU,
+`measure_block_activations(batch=2)` checks it on the real blocks: per sample they keep what they
+keep at B = 1, except klein's double-stream block, 2 B/token/dim more (its attention output is split
+into text and image tokens; at B > 1 the slices are not contiguous and the LoRA's `x @ A^T` saves a
+copy). That makes it as large as the single-stream block planned here, ~0.1 % of a klein peak: left
+out. The model is an upper bound where the trainer splits a micro-batch (klein runs samples whose
+conditions differ in shape one at a time).
+The prior_prompts roll-out (train.py) also forwards B samples, at `resolution`, with the student's
+conditions on both sides: its student backward is the phase planned here, and its target pass (the
+bare base, no grad, student tokens) is smaller than that backward, so it adds no phase.
 The calibration constants and the measurements they come from are in `CALIBRATION` below and in
 `benchmarks/results/memory-*.md`.
 """
@@ -347,8 +361,9 @@ def optimizer_bytes(n: int, optimizer: str) -> float:
 def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = None,
               calibration: dict[str, float] | None = None, budget_gib: float | None = None) -> Plan:
     """`settings`: resolution (or height/width), rank, quant, optimizer, grad_checkpointing,
-    max_sequence_length, teacher_max_sequence_length, teacher, teacher_ema_on (all as in TrainConfig), and
-    fused_linear (the 8-bit layers run on the fused Triton kernel; default False: quanto)."""
+    max_sequence_length, teacher_max_sequence_length, teacher, teacher_ema_on, micro_batch (default 1; all
+    as in TrainConfig), and fused_linear (the 8-bit layers run on the fused Triton kernel; default False:
+    quanto)."""
     cal = {**CALIBRATION, **(calibration or {})}
     mc = mc or resolve_model(model)
     arch = mc.arch
@@ -363,6 +378,8 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
                      int(s["teacher_max_sequence_length"]), teacher)
     quant = s["quant"]
     q_bytes, kept_bytes = weights_bytes(c, quant)
+    b = int(s.get("micro_batch") or 1)  # samples per forward: every per-token activation term is x b
+    per = f" x {b} samples" if b > 1 else ""
 
     rows = []
     if quant != "none":
@@ -386,41 +403,41 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     lora_per_block = c.lora_layers / max(n_blocks, 1)
     lora_copies = 2 * c.lora / max(n_blocks, 1)   # bf16 casts of one block's LoRA factors, saved for backward
 
-    def full(name: str, t: int) -> float:  # all saved activations of one block with t tokens
-        return arch.k_block[name] * t * dim + lora_per_block * rank * 2 * t + lora_copies
+    def full(name: str, t: int) -> float:  # all saved activations of one block with t tokens per sample
+        return b * (arch.k_block[name] * t * dim + lora_per_block * rank * 2 * t) + lora_copies
 
     block_full = {name: full(name, t) for name, n, t in streams if n}
     worst = max(block_full, key=block_full.get)
     t_worst = next(t for name, _, t in streams if name == worst)
-    inputs = sum(n * t * dim * 2 for _, n, t in streams)
-    bwd = cal["c_bwd"] * tok.student * dim * 2
+    inputs = b * sum(n * t * dim * 2 for _, n, t in streams)
+    bwd = b * cal["c_bwd"] * tok.student * dim * 2
     no_ckpt = sum(n * full(name, t) for name, n, t in streams if n)
     if s.get("grad_checkpointing", True):
         act_rows = [Row("activations: block inputs", f"{n_blocks} checkpointed blocks (bf16 inputs, <= {tok.student} "
-                        f"tokens x {dim})", inputs),
+                        f"tokens x {dim}{per})", inputs),
                     Row("activations: one block recomputed", f"{worst}: {arch.k_block[worst]:g} B/token/dim x "
-                        f"{t_worst} tokens + LoRA", block_full[worst])]
+                        f"{t_worst} tokens{per} + LoRA", block_full[worst])]
         student = inputs + block_full[worst] + bwd
     else:
-        act_rows = [Row("activations: all blocks (no checkpointing)", f"{n_blocks} blocks x <= {tok.student} tokens",
-                        no_ckpt)]
+        act_rows = [Row("activations: all blocks (no checkpointing)",
+                        f"{n_blocks} blocks x <= {tok.student} tokens{per}", no_ckpt)]
         student = no_ckpt + bwd
-    act_rows.append(Row("activations: backward temporaries", f"{cal['c_bwd']:g} x tokens x dim x 2 B", bwd))
+    act_rows.append(Row("activations: backward temporaries", f"{cal['c_bwd']:g} x tokens x dim x 2 B{per}", bwd))
     fused = bool(s.get("fused_linear")) and quant in QUANTO
-    teacher_fwd = cal.get("c_fwd", arch.c_fwd_fused if fused else arch.c_fwd) * tok.teacher * dim * 2
+    teacher_fwd = b * cal.get("c_fwd", arch.c_fwd_fused if fused else arch.c_fwd) * tok.teacher * dim * 2
     work = cal["work"]
     if student >= teacher_fwd:
         phase, rows_act = "student backward", act_rows
         activation = student
     else:
         phase, rows_act = "teacher forward (no grad)", [Row("activations: teacher pass (no grad)",
-                                                            f"{tok.teacher} tokens" + (", fused 8-bit linears"
+                                                            f"{tok.teacher} tokens{per}" + (", fused 8-bit linears"
                                                                                       if fused else ""), teacher_fwd)]
         activation = teacher_fwd
         rows += [Row(r.what, r.detail, r.bytes, in_peak=False) for r in act_rows]
     rows += rows_act
     if phase == "student backward":
-        rows.append(Row("teacher pass transients (no grad)", f"{tok.teacher} tokens; not the peak phase",
+        rows.append(Row("teacher pass transients (no grad)", f"{tok.teacher} tokens{per}; not the peak phase",
                         teacher_fwd, in_peak=False))
     rows.append(Row("workspace", "cuBLAS/attention workspaces", work))
     if quant != "none":
@@ -431,7 +448,7 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     peak = static + activation + work
     settings_out = {**{k: s[k] for k in ("rank", "quant", "optimizer", "grad_checkpointing", "max_sequence_length",
                                          "teacher_max_sequence_length", "teacher_ema_on") if k in s},
-                    "height": height, "width": width, "teacher": teacher}
+                    "height": height, "width": width, "teacher": teacher, "micro_batch": b}
     return Plan(model, mc.source, arch, settings_out, c, tok, rows, peak, no_ckpt + bwd, phase, budget_gib)
 
 
@@ -459,6 +476,8 @@ def suggest(model: str, settings: dict[str, Any], budget_gib: float, mc: ModelCo
         steps.append(("--set grad_checkpointing=true", {"grad_checkpointing": True}))
     if s.get("teacher_ema_on", "device") != "cpu":  # same math; the EMA update moves to the CPU
         steps.append(("--set teacher_ema_on=cpu", {"teacher_ema_on": "cpu"}))
+    if int(s.get("micro_batch") or 1) > 1:  # batch_size is kept through accumulation; only slower
+        steps.append(("--micro-batch 1", {"micro_batch": 1}))
     res = int(s.get("resolution") or 1024)
     for r in (896, 768, 640, 512):
         if r < res:
@@ -491,7 +510,7 @@ def _settings(cfg) -> dict[str, Any]:
     return {"resolution": cfg.resolution, "rank": cfg.rank, "quant": cfg.quant, "optimizer": cfg.optimizer,
             "grad_checkpointing": cfg.grad_checkpointing, "max_sequence_length": cfg.max_sequence_length,
             "teacher_max_sequence_length": cfg.teacher_max_sequence_length, "teacher": cfg.teacher,
-            "teacher_ema_on": cfg.teacher_ema_on,
+            "teacher_ema_on": cfg.teacher_ema_on, "micro_batch": cfg.micro_batch,
             "lora_targets": list(cfg.lora_targets), "fused_linear": fused_linear_planned(cfg.kernels, cfg.quant) or cfg.act_quant != "off"}
 
 
@@ -506,7 +525,10 @@ def render(plan: Plan, console=None, suggestions: list[tuple[str, Plan]] | None 
     s = plan.settings
     title = (f"{plan.model} ({plan.arch.family}) - {s['height']}x{s['width']}, rank {s['rank']}, "
              f"quant {s['quant']}, {s['optimizer']}, checkpointing {'on' if s.get('grad_checkpointing', True) else 'off'}")
-    table = Table(title=title, caption=f"config: {plan.source}; batch 1; tokens: student {plan.tokens.student}, "
+    b = s.get("micro_batch", 1)
+    batch = (f"micro_batch {b} (activations scaled linearly from the batch-1 GPU calibration)" if b > 1
+             else "micro_batch 1")
+    table = Table(title=title, caption=f"config: {plan.source}; {batch}; tokens: student {plan.tokens.student}, "
                                        f"teacher {plan.tokens.teacher}; peak phase: {plan.phase}")
     table.add_column("where", style="bold")
     table.add_column("what")
@@ -537,11 +559,14 @@ def render(plan: Plan, console=None, suggestions: list[tuple[str, Plan]] | None 
 # Measuring one block (tests, and to re-derive `k_block` when diffusers changes a block)
 # ---------------------------------------------------------------------------------------------
 def measure_block_activations(family: str, dim_heads: int = 4, tokens: int = 256, text: int = 64,
-                              rank: int = 8, quant: str = "none") -> dict[str, float]:
-    """Bytes saved for backward by one real diffusers block with LoRA (bf16, CPU), per token per dim.
+                              rank: int = 8, quant: str = "none", batch: int = 1) -> dict[str, float]:
+    """Bytes saved for backward by one real diffusers block with LoRA (bf16, CPU), per token per dim
+    per sample, for a forward of `batch` samples.
 
     Counts every tensor the autograd graph keeps, minus the block's inputs (checkpointing keeps
-    those anyway) and the module's own parameters (they exist regardless). Returns a dict per block kind.
+    those anyway), the module's own parameters (they exist regardless) and the bf16 casts of the
+    LoRA factors (once per forward, whatever the batch). Returns a dict per block kind. About the
+    same value at batch 2 as at batch 1 is what lets make_plan scale these terms by micro_batch.
     """
     from .lora import DualLoRA
     from .quant import _leaves, quantize_frozen
@@ -589,17 +614,18 @@ def measure_block_activations(family: str, dim_heads: int = 4, tokens: int = 256
         return float(sum(seen.values())) - lora_copies(block)
 
     out = {}
+    B = batch
     if family == "zimage":
         T = tokens
-        x = torch.randn(1, T, D, dtype=torch.bfloat16, requires_grad=True)
-        freqs = torch.randn(1, T, 64, dtype=torch.complex64)
-        ad = torch.randn(1, 256, dtype=torch.bfloat16)
-        out["layers"] = run(lambda: m.layers[0](x, None, freqs, ad), [x, freqs], m.layers[0]) / (T * D)
+        x = torch.randn(B, T, D, dtype=torch.bfloat16, requires_grad=True)
+        freqs = torch.randn(B, T, 64, dtype=torch.complex64)
+        ad = torch.randn(B, 256, dtype=torch.bfloat16)
+        out["layers"] = run(lambda: m.layers[0](x, None, freqs, ad), [x, freqs], m.layers[0]) / (B * T * D)
     else:
         N, L = tokens, text
-        hs = torch.randn(1, N, D, dtype=torch.bfloat16, requires_grad=True)
-        enc = torch.randn(1, L, D, dtype=torch.bfloat16, requires_grad=True)
-        temb = torch.randn(1, D, dtype=torch.bfloat16)
+        hs = torch.randn(B, N, D, dtype=torch.bfloat16, requires_grad=True)
+        enc = torch.randn(B, L, D, dtype=torch.bfloat16, requires_grad=True)
+        temb = torch.randn(B, D, dtype=torch.bfloat16)
         with torch.no_grad():
             mi, mt, ms = (m.double_stream_modulation_img(temb), m.double_stream_modulation_txt(temb),
                           m.single_stream_modulation(temb))
@@ -607,10 +633,10 @@ def measure_block_activations(family: str, dim_heads: int = 4, tokens: int = 256
         out["transformer_blocks"] = run(
             lambda: m.transformer_blocks[0](hidden_states=hs, encoder_hidden_states=enc, temb_mod_img=mi,
                                             temb_mod_txt=mt, image_rotary_emb=rot, joint_attention_kwargs=None),
-            [hs, enc, *rot], m.transformer_blocks[0]) / ((N + L) * D)
-        xs = torch.randn(1, N + L, D, dtype=torch.bfloat16, requires_grad=True)
+            [hs, enc, *rot], m.transformer_blocks[0]) / (B * (N + L) * D)
+        xs = torch.randn(B, N + L, D, dtype=torch.bfloat16, requires_grad=True)
         out["single_transformer_blocks"] = run(lambda: m.single_transformer_blocks[0](xs, None, ms, rot, None),
-                                               [xs, *rot], m.single_transformer_blocks[0]) / ((N + L) * D)
+                                               [xs, *rot], m.single_transformer_blocks[0]) / (B * (N + L) * D)
     return out
 
 

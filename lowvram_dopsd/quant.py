@@ -324,7 +324,7 @@ def load_frugal(model_cls, folder: str | Path, device: torch.device, dtype: torc
     if kind != "none":
         _require(kind)
     if files is None:
-        model = model_cls.from_pretrained(folder, dtype=dtype, low_cpu_mem_usage=True)
+        model = model_cls.from_pretrained(folder, dtype=dtype, low_cpu_mem_usage=True, use_safetensors=True)
         model.requires_grad_(False)
         quantize_frozen(model, kind, skip)
         return model.to(device)

@@ -9,15 +9,19 @@ the file works outside this tool. `--lora` takes an output folder, a checkpoint 
 .safetensors file (including a ComfyUI export: diffusers converts it on load). Noise comes from a
 CPU generator seeded with `--seed`, so `--seed preview_seed + i` reproduces preview image i.
 Weights are read from safetensors only; remote code runs only with `--trust-remote-code`.
+`--output` is an image file (no extension: .png, which also keeps the prompt, seed and steps as text)
+or a folder; flags and the file name are checked before the pipeline is loaded.
 """
 from __future__ import annotations
 
+import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import PngImagePlugin
+from PIL import Image, PngImagePlugin
 from safetensors import safe_open
 
 from .errors import UserError
@@ -71,13 +75,59 @@ class SampleRequest:
 
 
 def output_paths(req: SampleRequest) -> list[Path]:
-    if req.output:
-        out = Path(req.output).expanduser()
-        if len(req.prompts) == 1:
-            return [out]
-        return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(req.prompts))]
-    return [Path(f"sample-{req.seed}-{i}.png" if len(req.prompts) > 1 else f"sample-{req.seed}.png")
-            for i in range(len(req.prompts))]
+    """Where each image goes. A name without an extension gets .png; a folder gets the default names."""
+    n = len(req.prompts)
+    default = [Path(f"sample-{req.seed}-{i}.png" if n > 1 else f"sample-{req.seed}.png") for i in range(n)]
+    if not req.output:
+        return default
+    out = Path(req.output).expanduser()
+    if req.output.endswith(("/", os.sep)) or out.is_dir():
+        return [out / p for p in default]
+    out = out if out.suffix else out.with_name(out.name + ".png")
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+def check_output(path: Path) -> str:
+    """Pillow's format for an output file, checked before generating: a save that fails afterwards loses the images."""
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    why = "is not an image format Pillow can write"
+    if fmt in Image.SAVE:
+        try:  # some registered formats cannot write RGB (XBM, MSP) or need a plugin that is not installed (WMF)
+            Image.new("RGB", (16, 16)).save(io.BytesIO(), format=fmt)
+            why = ""
+        except (OSError, ValueError) as exc:
+            why = f"cannot be written by Pillow here ({exc})"
+    if why:
+        raise UserError(f"--output '{path}': '{path.suffix}' {why}. Use .png (keeps the prompt, seed and steps in "
+                        "the file), .jpg or .webp.")
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # missing folders are made later
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UserError(f"--output '{path}': '{folder}' is not a folder you can write to. Pass a file in one "
+                        "that you can.")
+    return fmt
+
+
+def check_request(req: SampleRequest) -> None:
+    """Mistakes in the numbers, found before the (slow) pipeline is loaded."""
+    for flag, value in (("--width", req.width), ("--height", req.height)):
+        if value < 0 or value % 16:
+            raise UserError(f"{flag} {value}: the image size must be a positive multiple of 16 (the VAE works in "
+                            f"8x8 pixels and the transformer in 2x2 latent patches), e.g. {max(16, value // 16 * 16)}; "
+                            "leave it out to use the training resolution.")
+    if req.steps < 0:
+        raise UserError(f"--steps {req.steps}: the number of sampling steps cannot be negative. Leave it out (or "
+                        "pass 0) for the model's own few-step count.")
+
+
+def check_family(info: dict, family_name: str, lora_file: Path, base: str) -> None:
+    """A LoRA trained on another family has no module of this model: diffusers would fail after loading it."""
+    trained = info.get("family")
+    if trained and trained != family_name:  # no metadata (another trainer's LoRA): let diffusers decide
+        raise UserError(f"'{lora_file}' was trained on a {trained} model ({info.get('base_model', 'unknown')}), but "
+                        f"--model '{base}' is a {family_name} model. A LoRA only works on the family it was "
+                        f"trained on: pass a {trained} model as --model, or leave --model out to use the base "
+                        "model in the LoRA's metadata.")
 
 
 def sample(req: SampleRequest, console=None) -> list[Path]:
@@ -86,6 +136,9 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
     from .families import load_family
     from .train import resolve_device
 
+    check_request(req)
+    paths = output_paths(req)
+    formats = [check_output(path) for path in paths]
     lora_file = find_lora_file(req.lora)
     meta = read_metadata(lora_file)
     info = json.loads(meta.get("lowvram_dopsd", "{}"))
@@ -94,6 +147,7 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
         raise UserError(f"'{lora_file}' does not say which base model it was trained on (no lowvram_dopsd "
                         "metadata). Pass --model (a Hugging Face id or a local diffusers folder).")
     family = load_family(base)  # finds the folder (or cached id) and checks its components
+    check_family(info, family.name, lora_file, base)
     if not family.in_diffusers:
         raise UserError(f"`sample` runs the stock diffusers pipeline, and {family.pipeline_class} (the "
                         f"{family.name} family) is not one. Load the LoRA with the family's own pipeline "
@@ -117,16 +171,18 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
     size = info.get("resolution") or 1024
     width, height = req.width or size, req.height or size
     written = []
-    for prompt, path in zip(req.prompts, output_paths(req)):
+    for prompt, path, fmt in zip(req.prompts, paths, formats):
         gen = torch.Generator("cpu").manual_seed(req.seed)  # same noise on any device (= the trainer's previews)
         image = pipe(prompt, num_inference_steps=steps, width=width, height=height, generator=gen,
                      **family.pipeline_call_kwargs).images[0]
-        png = PngImagePlugin.PngInfo()
-        for key, value in {"prompt": prompt, "seed": req.seed, "steps": steps, "base_model": base,
-                           "lora": str(lora_file), "lora_scale": req.scale}.items():
-            png.add_text(key, str(value))
+        extra = {}
+        if fmt == "PNG":  # text chunks: only PNG has them (other writers ignore pnginfo)
+            extra["pnginfo"] = PngImagePlugin.PngInfo()
+            for key, value in {"prompt": prompt, "seed": req.seed, "steps": steps, "base_model": base,
+                               "lora": str(lora_file), "lora_scale": req.scale}.items():
+                extra["pnginfo"].add_text(key, str(value))
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, pnginfo=png)
+        image.save(path, format=fmt, **extra)
         written.append(path)
         if console is not None:
             console.print(f"wrote {path}  ({prompt!r}, seed {req.seed}, {steps} steps)")

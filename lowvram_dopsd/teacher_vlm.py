@@ -141,7 +141,8 @@ def load_grafted_vlm(vlm_dir, text_encoder_dir, device="cpu", dtype=torch.bfloat
     """
     from transformers import Qwen3VLForConditionalGeneration
 
-    model = Qwen3VLForConditionalGeneration.from_pretrained(vlm_dir, dtype=dtype, device_map=str(device))
+    model = Qwen3VLForConditionalGeneration.from_pretrained(vlm_dir, dtype=dtype, device_map=str(device),
+                                                            use_safetensors=True)
     n = graft_language_model(model, text_encoder_dir)
     log.info("grafted %d text-encoder tensors from %s into the VLM language model", n, text_encoder_dir)
     model.eval().requires_grad_(False)

@@ -47,7 +47,7 @@ from .lora import DualLoRA
 from .losses import dopsd_loss
 from .output import LORA_FILE, save_lora
 from .preview import Previewer, default_prompts
-from .export import LAYOUTS
+from .export import LAYOUTS, read_lora
 from .progress import Display, make_console
 from .quant import QUANTO, kernels_mode, use_fused_linear
 
@@ -189,8 +189,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float
 
 
 def warn_if_it_will_not_fit(cfg: TrainConfig, device: torch.device, console) -> None:
-    """Before anything loads: the planner's prediction (plan.py, within 1% of the H100 measurements)
-    against this card's memory."""
+    """Before anything loads: the planner's prediction (plan.py: within 1% of the H100 measurements at
+    micro_batch 1, scaled linearly above it) against this card's memory."""
     from . import plan
 
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
@@ -418,11 +418,13 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
                   f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}"
                   + (f"; prior: {len(cfg.prior_prompts)} prompts, {prior_weight}" if cfg.prior_prompts else ""),
         **notes,
-        "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, {cfg.lora_init} init, lr {lr:g}{schedule}, batch {cfg.batch_size} "
+        "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, "
+                + (f"from {cfg.init_lora}" if cfg.init_lora else f"{cfg.lora_init} init")
+                + f", lr {lr:g}{schedule}, batch {cfg.batch_size} "
                 f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
         "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}"
                    + (" with int8 activations" if cfg.act_quant == "int8" else "")
-                   + f", checkpointing {cfg.grad_checkpointing}"
+                   + f", gradient checkpointing {'on' if cfg.grad_checkpointing else 'off'}"
                    + (", EMA teacher in host RAM" if cfg.teacher_ema_on == "cpu" else ""),
         "output": str(out_dir) + (f" (resuming {ckpt.path.name})" if ckpt else ""),
     }
@@ -472,16 +474,34 @@ def done_summary(out_dir: Path, path: Path, skipped: int, previews: bool) -> dic
     }
 
 
+def model_for_metadata(model: str) -> str:
+    """The base model as the LoRA records it: a local folder as its absolute path (`sample` reads it
+    from any working directory), a Hugging Face id as typed."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
 def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, str]:
     """How to use the LoRA, printed under the closing box to be copied."""
     q = shlex.quote
     return {
-        "load it": f"pipe = {family.pipeline_class}.from_pretrained({cfg.model!r}); "
+        "load it": f"from {family.pipeline_module} import {family.pipeline_class}; "
+                   f"pipe = {family.pipeline_class}.from_pretrained({model_for_metadata(cfg.model)!r}); "
                    f"pipe.load_lora_weights({str(out_dir)!r})",
         **({"try it": f"lowvram-dopsd sample --lora {q(str(out_dir))} --prompt \"...\""}
            if family.in_diffusers else {}),
         **({"ComfyUI": f"lowvram-dopsd export --format comfyui {q(str(out_dir))}"} if family.name in LAYOUTS else {}),
     }
+
+
+def read_init_lora(cfg: TrainConfig, family: Family) -> dict[str, torch.Tensor]:
+    """The LoRA a new run starts from (`init_lora`), read and checked before anything is encoded."""
+    tensors, rank, alpha = read_lora(cfg.init_lora, family.name)
+    if (rank, alpha) != (cfg.rank, cfg.alpha):
+        raise UserError(f"The init LoRA '{cfg.init_lora}' has rank {rank} and alpha {alpha:g}; this run has rank "
+                        f"{cfg.rank} and alpha {cfg.alpha:g}. Pass --rank {rank} --alpha {alpha:g} to train it "
+                        "further.")
+    return tensors
 
 
 def check_device(cfg: TrainConfig, device: torch.device) -> None:
@@ -519,6 +539,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     if cfg.train_states > rollout_steps:
         raise UserError(f"train_states ({cfg.train_states}) cannot exceed the {rollout_steps} roll-out steps.")
     lr = cfg.resolved_lr(family.default_lr)
+    init = read_init_lora(cfg, family) if cfg.init_lora and resume is None else None  # a resumed run has its own
     ds = data.scan(cfg.images, cfg.caption, cfg.trigger, cfg.resolution, cfg.on_bad_image)
     out_dir = prepare_output(cfg.output)
     identity = run_identity(family, ds, teacher, cfg)
@@ -528,10 +549,6 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     if resume is not None:
         ckpt = checkpoint.load(checkpoint.resolve(resume, out_dir))
         remarks = checkpoint.check_compatible(ckpt, cfg, identity)
-    else:
-        archived = checkpoint.archive_previous_run(out_dir)
-        if archived:
-            remarks.append(f"'{out_dir}' held an earlier run: moved to {archived} (use --resume to continue a run)")
     torch.manual_seed(cfg.seed)
 
     notes = family.run_notes(teacher, cfg)
@@ -567,6 +584,9 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         model = family.load_transformer(cfg, device, dtype)
         lora = DualLoRA.attach(model, tuple(cfg.lora_targets) or family.lora_targets, cfg.rank, cfg.alpha,
                                seed=cfg.seed, init=cfg.lora_init)
+        if init is not None:  # both sets start as it, as a fresh run's EMA teacher starts as its student
+            lora.load("student", init)
+            lora.load("teacher", init)
     fused = route_fused_linears(lora, cfg, device)
     if cfg.teacher_ema_on == "cpu":
         lora.keep_teacher_ema_on_cpu(dtype)
@@ -578,6 +598,11 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
                   f"{lora.num_parameters() / 1e6:.2f}M trainable parameters")
     if note := no_kernel_note(cfg, device, fused):
         console.print(f"[yellow]note[/] {note}")
+    # A new run in a folder holding an earlier one moves that one aside, only now that everything
+    # that can refuse this run has run: a bad setting or a broken download leaves the folder as it was.
+    if ckpt is None and (archived := checkpoint.archive_previous_run(out_dir)):
+        console.print(f"[yellow]note[/] '{out_dir}' held an earlier run: moved to {archived} "
+                      "(use --resume to continue a run)")
 
     noise_gen = torch.Generator("cpu").manual_seed(cfg.seed)  # CPU noise: identical on every device
     rng = random.Random(cfg.seed)
@@ -592,9 +617,10 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         start = ckpt.step
         checkpoint.trim_metrics(out_dir / "metrics.jsonl", start)
         console.print(f"resumed from {ckpt.path} at step {start}")
-    info = {"base_model": cfg.model, "family": family.name, "teacher": teacher, "loss": cfg.loss,
+    info = {"base_model": model_for_metadata(cfg.model), "family": family.name, "teacher": teacher, "loss": cfg.loss,
             "caption_rule": ds.caption_rule, "trigger": cfg.trigger, "rollout_steps": rollout_steps,
             "preset": preset, "lr": lr, "lora_init": cfg.lora_init, "ema_decay": cfg.ema_decay,
+            **({"init_lora": model_for_metadata(cfg.init_lora)} if cfg.init_lora else {}),
             "resolution": cfg.resolution,
             **({"lr_schedule": schedule} if (schedule := lr_shape(cfg)) else {}),
             **({"prior_prompts": " | ".join(cfg.prior_prompts), "prior_weight": cfg.prior_weight}
@@ -615,6 +641,14 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
                 display.preview(previews.write(step))
         except (UserError, OSError) as exc:  # a preview is never worth the run (nor a full disk): say so, go on
             display.note(f"[yellow]preview skipped:[/] {exc}")
+
+    def write_step_lora(step: int) -> None:
+        """loras/step-NNNNNN.safetensors: the LoRA as it was at this step, kept to choose from later."""
+        try:
+            save_lora(out_dir / "loras" / f"step-{step:06d}.safetensors", lora, "student", {**info, "steps": step},
+                      dtype=dtype)
+        except OSError as exc:  # like a preview: the checkpoints still hold the run, go on
+            display.note(f"[yellow]step LoRA skipped:[/] {exc.strerror or exc}")
 
     def save_checkpoint(step: int, rng_state: RNGState) -> Path:
         path = checkpoint.save(out_dir, step, lora, optimizer, scheduler, rng_state, cfg, identity, info,
@@ -688,6 +722,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
                 saved_step = step
             if stop.requested or diverged:
                 break
+            if cfg.lora_every and step % cfg.lora_every == 0 and step < cfg.steps:  # the last one is the LoRA
+                write_step_lora(step)
             if previews and (step % cfg.preview_every == 0 or step == cfg.steps):
                 write_preview(step)
 

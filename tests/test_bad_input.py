@@ -129,6 +129,43 @@ def test_model_folder_missing_a_component(tmp_path, tiny_zimage_dir):
         load_family(str(broken))
 
 
+def _model_copy(src, dst):
+    """A copy of a tiny model folder whose files can be broken one at a time."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_model_folder_with_missing_or_pickled_weights(tmp_path, tiny_zimage_dir, tiny_vlm_dir):
+    broken = _model_copy(tiny_zimage_dir, tmp_path / "model")
+    weights = broken / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    with pytest.raises(UserError, match=r"vae/ has no weights \(\*\.safetensors\).*download the model again"):
+        load_family(str(broken))
+    (broken / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")  # safetensors only: never unpickled
+    with pytest.raises(UserError, match=r"vae/ has its weights only as diffusion_pytorch_model\.bin.*safetensors only"):
+        load_family(str(broken))
+    shutil.copy(tiny_zimage_dir / "vae" / "diffusion_pytorch_model.safetensors", weights)
+    (broken / "text_encoder" / "model.safetensors").rename(broken / "text_encoder" / "model-00001-of-00002.safetensors")
+    (broken / "text_encoder" / "model.safetensors.index.json").write_text(  # an interrupted sharded download
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+    with pytest.raises(UserError, match=r"text_encoder/ lacks 1 of its 2 weight shards \(model-00002-of-00002"):
+        load_family(str(broken))
+    (broken / "text_encoder" / "model-00002-of-00002.safetensors").symlink_to(tmp_path / "gone")  # dangling link
+    with pytest.raises(UserError, match="lacks 1 of its 2"):
+        load_family(str(broken))
+    shutil.rmtree(broken / "text_encoder")
+    (broken / "text_encoder").mkdir()
+    with pytest.raises(UserError, match=r"text_encoder/ is empty"):
+        load_family(str(broken))
+    assert load_family(str(tiny_zimage_dir)).name == "zimage"  # the complete folder passes
+
+    vlm = _model_copy(tiny_vlm_dir, tmp_path / "vlm")
+    (vlm / "model.safetensors").unlink()
+    family = load_family(str(tiny_zimage_dir))
+    with pytest.raises(UserError, match=r"teacher encoder \(Qwen3-VL\) folder .* has no weights"):
+        family.vlm_dir(load_config("cpu-demo", {"teacher_encoder": str(vlm)}))
+
+
 def test_output_folder_not_writable(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="Cannot write to the output folder"):
@@ -173,6 +210,26 @@ def test_what_the_cpu_cannot_run_stops_before_anything_is_touched(tmp_path, tiny
     assert code == 2 and says in err and "Traceback" not in err
     assert (out / "checkpoints" / "step-000005").is_dir() and not (out / "previous-runs").exists()
     assert not (tmp_path / "cache").exists()  # nothing encoded
+
+
+def test_a_run_that_fails_at_load_leaves_the_earlier_run_in_place(tmp_path, tiny_zimage_dir, tiny_vlm_dir, capsys):
+    """The earlier run in --output is moved aside only once this one has loaded: a transformer file
+    that does not match its config (a wrong or corrupt download) stops the run with the folder as it was."""
+    from safetensors.torch import load_file, save_file
+
+    model = _model_copy(tiny_zimage_dir, tmp_path / "model")
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    save_file(dict(list(tensors.items())[1:]), weights)  # one tensor short
+    img(tmp_path / "a.png")
+    out = tmp_path / "out"
+    _earlier_run(out)
+    code = main(["train", "--preset", "cpu-demo", "--model", str(model), "--images", str(tmp_path),
+                 "--teacher-encoder", str(tiny_vlm_dir), "--trigger", "sks", "--output", str(out),
+                 "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and "has no tensor" in err and "Traceback" not in err
+    assert (out / "checkpoints" / "step-000005").is_dir() and not (out / "previous-runs").exists()
 
 
 def test_a_trigger_placeholder_without_a_trigger_is_refused(tmp_path):

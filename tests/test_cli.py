@@ -24,22 +24,26 @@ def test_demo_runs_and_writes_a_lora_the_pipeline_loads(tmp_path, monkeypatch, t
     # the closing lines are pasted as printed: the Python line loads the LoRA, the command is one line
     lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in printed.splitlines()
              if line.startswith(("load it:", "try it:", "ComfyUI:"))}
-    scope = {"ZImagePipeline": ZImagePipeline}
+    scope = {}  # the line imports what it uses
     exec(lines["load it"], scope)
+    assert isinstance(scope["pipe"], ZImagePipeline)
     assert scope["pipe"].get_list_adapters()["transformer"]  # our LoRA, in the stock pipeline
     assert shlex.split(lines["ComfyUI"]) == ["lowvram-dopsd", "export", "--format", "comfyui", "dopsd-demo-out"]
     assert shlex.split(lines["try it"])[:4] == ["lowvram-dopsd", "sample", "--lora", "dopsd-demo-out"]
 
 
-def test_train_on_a_tiny_folder(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images):
+def test_train_on_a_tiny_folder(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, monkeypatch):
     out = tmp_path / "run"
-    code = main(["train", "--preset", "cpu-demo", "--model", str(tiny_zimage_dir), "--teacher-encoder",
+    monkeypatch.chdir(tiny_zimage_dir.parent)  # --model typed as a relative path
+    code = main(["train", "--preset", "cpu-demo", "--model", tiny_zimage_dir.name, "--teacher-encoder",
                  str(tiny_vlm_dir), "--images", str(demo_images), "--output", str(out), "--steps", "2",
                  "--cache-dir", str(tmp_path / "cache"), "--set", "train_states=2", "--loss", "velocity"])
     assert code == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
-    assert read_info(out / "pytorch_lora_weights.safetensors")["loss"] == "velocity"
+    info = read_info(out / "pytorch_lora_weights.safetensors")
+    assert info["loss"] == "velocity"
+    assert info["base_model"] == str(tiny_zimage_dir.resolve())  # `sample` finds it from any folder
 
 
 def test_bad_input_is_one_clear_paragraph_and_exit_2(tmp_path, capsys):
@@ -145,3 +149,23 @@ def test_settings_lists_every_setting_with_its_resolved_value(capsys, monkeypatc
     assert "a dog|a cat, running" in rows["preview_prompts"] and "--rank" in rows["rank"]
     assert max(map(len, out.splitlines())) <= columns
     assert main(["settings", "--preset", "16gb", "--set", "rnak=3"]) == 2  # same checks as train
+
+
+def test_a_setting_given_by_its_flag_and_by_set_is_refused(capsys):
+    assert main(["settings", "--steps", "100", "--set", "steps=200"]) == 2
+    assert "'steps' is set twice: --steps 100 and --set steps=200" in capsys.readouterr().err
+    assert main(["settings", "--steps", "100", "--set", "steps=100"]) == 0  # the same value twice is harmless
+
+
+def test_settings_says_what_the_models_default_is(capsys, monkeypatch, tmp_path):
+    """lr 0 and teacher '' mean "the model's own": settings names the value for the model at hand."""
+    monkeypatch.setenv("COLUMNS", "200")
+    rows = {}
+    for model in ("black-forest-labs/FLUX.2-klein-4B", "Tongyi-MAI/Z-Image-Turbo", str(tmp_path / "unknown")):
+        assert main(["settings", "--model", model]) == 0
+        rows[model] = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    klein, zimage, unknown = rows.values()
+    assert "0.0 = 1e-05 (klein)" in klein["lr"] and "'' = edit (klein)" in klein["teacher"]
+    assert "0 = 4 (klein)" in klein["rollout_steps"]
+    assert "0.0 = 4e-05 (zimage)" in zimage["lr"] and "'' = vlm (zimage)" in zimage["teacher"]
+    assert "=" not in unknown["lr"].split("learning rate")[0]  # a model it cannot read offline: no guess

@@ -58,6 +58,8 @@ def test_bad_values_are_rejected(key, value):
     ("warmup_steps", "-5", "'warmup_steps' must be 0 or more"), ("max_grad_norm", "-1", "0 = no clipping"),
     ("keep_checkpoints", "-1", "0 = keep all"), ("train_states", "-2", "0 = all of them"),
     ("lr", "nan", "must be a finite number"), ("alpha", "inf", "must be a finite number"),
+    ("steps", "1.5", "'steps' in the command line must be a whole number such as 4, got '1.5'"),
+    ("grad_checkpointing", "maybe", "must be true or false"),
     ("vlm_max_pixels", "0", "positive"), ("vlm_min_pixels", str(2048 * 2048), "above vlm_max_pixels"),
 ])
 def test_values_that_mean_nothing_are_rejected_saying_what_zero_means(key, value, says):

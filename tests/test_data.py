@@ -62,6 +62,21 @@ def test_corrupt_images_are_skipped_and_listed(tmp_path):
     assert ds.items[0].image_sha256 == hashlib.sha256(good).hexdigest()
 
 
+def test_formats_not_read_are_listed_not_passed_over(tmp_path):
+    _img(tmp_path / "good.png")
+    Image.new("P", (80, 60)).save(tmp_path / "dog.gif")
+    (tmp_path / "phone.HEIC").write_bytes(b"\x00" * 100)
+    ds = scan(str(tmp_path), "", "sks", 64)
+    assert [it.image_path.name for it in ds.items] == ["good.png"]
+    why = dict((p.name, w) for p, w in ds.skipped)
+    assert "256 colours" in why["dog.gif"] and "convert it to PNG" in why["phone.HEIC"]
+    with pytest.raises(UserError, match=r"2 of the 3 images .* on_bad_image = 'stop'"):
+        scan(str(tmp_path), "", "sks", 64, on_bad_image="stop")
+    (tmp_path / "good.png").unlink()
+    with pytest.raises(UserError, match=r"No images .* dog\.gif, phone\.HEIC are in a format this tool does not read"):
+        scan(str(tmp_path), "", "sks", 64)
+
+
 def test_all_corrupt_is_an_error(tmp_path):
     (tmp_path / "garbage.jpg").write_bytes(b"\x00" * 100)
     with pytest.raises(UserError, match="could be read"):

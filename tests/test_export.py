@@ -116,6 +116,30 @@ def test_klein_export_fuses_qkv_exactly_and_diffusers_splits_it_back(tiny_klein_
     assert_same_products(products(export.split_modules(converted)), products(ours, scale=8.0 / 4))
 
 
+def test_export_of_a_checkpoint_goes_to_the_run_folder_and_survives_rotation(tmp_path, tiny_zimage_dir, capsys,
+                                                                            monkeypatch):
+    """The default used to be <checkpoint>/comfyui/, deleted with the checkpoint by the next rotation."""
+    from lowvram_dopsd.checkpoint import _rotate
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    random_lora(tiny_zimage_dir, ckpts / "step-000500")  # a checkpoint's two LoRA files
+    for step in ("step-000500", "step-000600"):
+        (ckpts / step).mkdir(exist_ok=True)
+        (ckpts / step / "state.json").write_text("{}")  # written last by checkpoint.save: marks it complete
+    monkeypatch.chdir(ckpts)  # a relative path from inside checkpoints/ (its parent is ".")
+    assert main(["export", "--format", "comfyui", "step-000500"]) == 0
+    assert main(["export", "--format", "comfyui", str(ckpts / "step-000500"), "--teacher"]) == 0
+    student = tmp_path / "run" / "comfyui" / "step-000500.safetensors"
+    teacher = tmp_path / "run" / "comfyui" / "step-000500-teacher.safetensors"
+    assert str(teacher.resolve()) in capsys.readouterr().out
+
+    _rotate(ckpts, keep=1)  # what the save of the next checkpoint does
+    assert not (ckpts / "step-000500").exists()
+    ours, ema = load_file(str(student)), load_file(str(teacher))
+    assert all(COMFY_ZIMAGE.match(k) for k in ours) and set(ours) == set(ema)
+    assert any(not torch.equal(ours[k], ema[k]) for k in ours)  # --teacher exported the teacher
+
+
 def test_export_refuses_what_it_cannot_map(tmp_path, capsys):
     from safetensors.torch import save_file
 

@@ -4,6 +4,7 @@
 * the predicted weight bytes equal the bytes the real quantized tiny model holds, per backend;
 * the per-block activation constant matches what autograd actually saves for the real block;
 * the optimizer-state formula matches torch's AdamW state;
+* micro_batch multiplies the per-sample activation terms only, as the real blocks do on the CPU;
 * the published configs plan offline, and the CLI prints a table / JSON, warns and suggests.
 """
 from __future__ import annotations
@@ -200,10 +201,23 @@ def test_cli_plan(capsys):
     assert "warning" in text and "--quant qint8" in text
     assert main(["plan", "--preset", "16gb", "--model", "black-forest-labs/FLUX.2-klein-4B"]) == 0
     assert "klein" in capsys.readouterr().out
-    for vram in ("-3", "0", "lots"):  # a usage error (exit 2), not a plan against a negative budget
-        with pytest.raises(SystemExit) as exc:
-            main(["plan", "--preset", "16gb", "--vram", vram])
-        assert exc.value.code == 2 and "card's memory in GiB" in capsys.readouterr().err
+    for vram in ("-3", "0", "lots"):  # one line (exit 2), not a plan against a negative budget
+        assert main(["plan", "--preset", "16gb", "--vram", vram]) == 2
+        err = capsys.readouterr().err
+        assert "card's memory in GiB" in err and "usage:" not in err
+
+
+def test_plan_takes_the_train_flags_and_lists_those_that_change_memory(capsys):
+    from lowvram_dopsd.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    out = capsys.readouterr().out
+    assert "--rank" in out and "--micro-batch" in out and "--quant" in out
+    assert "--images" not in out and "--lr " not in out and "--save-every" not in out
+    # a train command with its first word changed: accepted, the memory-neutral flags change nothing
+    assert main(["plan", "--preset", "16gb", "--json", "--images", "x", "--lr", "1e-4", "--steps", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["peak_gib"] < 14.0
 
 
 def test_teacher_ema_on_cpu_leaves_a_bf16_copy_on_the_gpu():
@@ -242,3 +256,91 @@ def test_an_unknown_id_gives_one_paragraph_without_the_hubs_own_warning(monkeypa
     assert "Could not get the configs of 'someone/typo'" in capsys.readouterr().err
     assert not [r for r in caplog.records if "thrown while requesting" in r.getMessage()]
     assert logging.getLogger("huggingface_hub").level == level  # put back as it was
+
+
+def _rows(p: plan.Plan) -> dict[str, float]:
+    return {r.what: r.bytes for r in p.rows}
+
+
+@pytest.mark.parametrize("model,extra", [("Tongyi-MAI/Z-Image-Turbo", {}),  # student backward is the peak
+                                         ("black-forest-labs/FLUX.2-klein-4B",  # the edit teacher's pass is
+                                          {"teacher_max_sequence_length": 512})])
+def test_micro_batch_multiplies_the_per_sample_terms_only(model, extra):
+    """By the model, micro_batch 2 doubles every per-sample activation term exactly (the recomputed
+    block's bf16 LoRA casts excepted: once per block) and leaves weights, LoRA, grads, optimizer
+    state and workspace as they are."""
+    one = plan.make_plan(model, {**SETTINGS, **extra})
+    assert plan.make_plan(model, {**SETTINGS, **extra, "micro_batch": 1}).peak == one.peak  # the default
+    two = plan.make_plan(model, {**SETTINGS, **extra, "micro_batch": 2})
+    r1, r2 = _rows(one), _rows(two)
+    assert r1.keys() == r2.keys() and one.phase == two.phase
+    per_sample = [w for w in r1 if "activations" in w or "teacher pass" in w]
+    assert len(per_sample) == 5, per_sample  # inputs, recomputed block, bwd temporaries, teacher, no-ckpt
+    lora_casts = {"activations: one block recomputed": 2 * one.counts.lora / sum(one.counts.blocks.values()),
+                  "(activations without checkpointing)": 2 * one.counts.lora}  # every block's
+    for what in r1:
+        if what in per_sample:
+            assert r2[what] == pytest.approx(2 * r1[what] - lora_casts.get(what, 0), rel=1e-12), what
+        else:
+            assert r2[what] == r1[what], what
+    peak_rows = {r.what for r in one.rows if r.in_peak}
+    assert two.peak - one.peak == pytest.approx(sum(r2[w] - r1[w] for w in peak_rows), rel=1e-9)
+    four = plan.make_plan(model, {**SETTINGS, **extra, "micro_batch": 4})
+    assert one.peak < two.peak < four.peak
+    assert (one.settings["micro_batch"], two.to_dict()["settings"]["micro_batch"]) == (1, 2)
+
+
+def test_block_activations_per_sample_do_not_depend_on_the_batch():
+    """The per-sample scaling, checked on the real diffusers blocks (CPU, saved-tensor hooks): batch 2
+    keeps twice what batch 1 keeps. klein's double-stream block keeps 2 B/token/dim more per sample
+    at batch > 1 (the split attention output's slices are copied by the LoRA's matmul): that makes
+    it as large as the single-stream block, which the planner already recomputes (plan.py docstring)."""
+    extra = {"transformer_blocks": 2.0}
+    for family in ("zimage", "klein"):
+        one = plan.measure_block_activations(family, dim_heads=2, tokens=192, text=64, rank=8, batch=1)
+        two = plan.measure_block_activations(family, dim_heads=2, tokens=192, text=64, rank=8, batch=2)
+        for name, k in one.items():
+            assert two[name] == pytest.approx(k + extra.get(name, 0.0), rel=0.01), (name, k, two[name])
+        if family == "klein":
+            assert two["transformer_blocks"] == pytest.approx(two["single_transformer_blocks"], rel=0.02)
+
+
+def test_a_no_grad_pass_over_the_student_tokens_is_never_the_peak():
+    """The prior_prompts roll-out (micro_batch samples at `resolution`, the bare base as target) and
+    the untrained roll-out steps run no-grad passes over the student's tokens: with the teacher's
+    tokens equal to the student's, the student backward stays the peak phase, so they add none."""
+    same = {**SETTINGS, "teacher_max_sequence_length": SETTINGS["max_sequence_length"], "micro_batch": 2}
+    for model, teacher in (("Tongyi-MAI/Z-Image-Turbo", "vlm"), ("black-forest-labs/FLUX.2-klein-4B", "vlm")):
+        p = plan.make_plan(model, {**same, "teacher": teacher})
+        assert p.tokens.teacher == p.tokens.student and p.phase == "student backward", model
+
+
+def test_micro_batch_is_stated_and_suggested_back_to_1(capsys):
+    """The caption and the JSON say which micro_batch was planned; one that does not fit is told to
+    go back to 1 (batch_size is kept through accumulation)."""
+    import io
+
+    from rich.console import Console
+
+    from lowvram_dopsd.cli import main
+
+    s4 = {**SETTINGS, "micro_batch": 4}
+    p = plan.make_plan("Tongyi-MAI/Z-Image-Turbo", s4, budget_gib=14.0)
+    assert not p.fits()
+    fixes = dict(plan.suggest("Tongyi-MAI/Z-Image-Turbo", s4, 14.0))
+    assert "--micro-batch 1" in fixes and fixes["--micro-batch 1"].settings["micro_batch"] == 1
+    assert fixes["--micro-batch 1"].fits()
+    assert not any("--micro-batch" in f for f, _ in plan.suggest("Tongyi-MAI/Z-Image-Turbo", SETTINGS, 8.75))
+
+    out = io.StringIO()
+    plan.render(p, Console(file=out, width=400), suggestions=list(fixes.items()))
+    text = " ".join(out.getvalue().split())  # the caption wraps at the table's width
+    assert "micro_batch 4 (activations scaled linearly from the batch-1 GPU calibration)" in text
+    assert "batch 1;" not in text and "try --micro-batch 1" in text
+
+    assert main(["plan", "--preset", "16gb", "--json"]) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--preset", "16gb", "--micro-batch", "2", "--json"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert (base["settings"]["micro_batch"], two["settings"]["micro_batch"]) == (1, 2)
+    assert two["peak_gib"] > base["peak_gib"]

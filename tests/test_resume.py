@@ -117,6 +117,66 @@ def test_previews_turned_on_at_resume_make_no_trained_baseline(args, tmp_path):
     assert sorted(p.name for p in (out / "previews").glob("*.png")) == ["step-000003.png", "step-000004.png"]
 
 
+def test_step_loras_are_the_lora_of_their_step_and_change_nothing(args, reference, tmp_path):
+    """--lora-every 2: loras/step-000002.safetensors is the student of step 2 as the final LoRA is
+    written (the step-2 checkpoint's, in the compute dtype), with its step in the metadata; the run
+    is the reference run; a new run in the folder moves them aside with the rest of the run."""
+    from lowvram_dopsd.output import read_info
+
+    out = tmp_path / "run"
+    assert main(args(out, "--lora-every", "2", "--set", "save_every=1", "--set", "keep_checkpoints=0")) == 0
+    assert_same_run(out, reference)
+    assert [p.name for p in (out / "loras").iterdir()] == ["step-000002.safetensors"]  # step 4 is the LoRA itself
+    snap = out / "loras" / "step-000002.safetensors"
+    ckpt = load_file(str(out / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors"))
+    snapped = load_file(str(snap))
+    assert snapped.keys() == ckpt.keys() and all(torch.equal(snapped[k], v) for k, v in ckpt.items())  # fp32 run
+    assert read_info(snap)["steps"] == 2 and read_info(out / "pytorch_lora_weights.safetensors")["steps"] == 4
+    assert main(args(out, "--steps", "1")) == 0  # a new run here (no --resume)
+    assert not (out / "loras").exists() and len(list((out / "previous-runs").glob("*/loras/*"))) == 1
+
+
+def test_init_lora_starts_both_sets_from_it_in_either_layout(args, reference, tmp_path, monkeypatch, capsys):
+    """--init-lora: at the first roll-out the student and the EMA teacher are the given LoRA exactly,
+    whether it is our file or its ComfyUI export; a LoRA of another rank or family, or one this tool
+    did not write, stops the run before anything is encoded."""
+    from safetensors.torch import save_file
+
+    from lowvram_dopsd.errors import UserError
+    from lowvram_dopsd.export import export_comfyui, read_lora
+    from lowvram_dopsd.output import read_info
+
+    start = load_file(str(reference / "pytorch_lora_weights.safetensors"))  # fp32 run: the trained LoRA as is
+    comfy = export_comfyui(str(reference), str(tmp_path / "comfy.safetensors"))
+    real = train_mod.rollout_and_learn
+    for i, source in enumerate((reference / "pytorch_lora_weights.safetensors", comfy)):
+        seen = []
+
+        def first(family, model, lora, *a, **k):
+            if not seen:
+                seen.append({role: {n: t.clone() for n, t in lora.tensors(role).items()}
+                             for role in ("student", "teacher")})
+            return real(family, model, lora, *a, **k)
+        monkeypatch.setattr(train_mod, "rollout_and_learn", first)
+        out = tmp_path / f"run{i}"
+        assert main(args(out, "--init-lora", str(source), "--steps", "1")) == 0
+        for role in ("student", "teacher"):
+            assert seen[0][role].keys() == {k[len("transformer."):] for k in start}
+            assert all(torch.equal(seen[0][role][k[len("transformer."):]], v) for k, v in start.items()), role
+        assert read_info(out / "pytorch_lora_weights.safetensors")["init_lora"] == str(source.resolve())
+    monkeypatch.undo()
+    capsys.readouterr()
+    out = tmp_path / "wrong-rank"
+    assert main(args(out, "--init-lora", str(reference), "--rank", "2", "--alpha", "2")) == 2
+    assert "has rank 4 and alpha 8; this run has rank 2 and alpha 2. Pass --rank 4 --alpha 8" in capsys.readouterr().err
+    assert not out.exists()  # stopped before the output folder was made, let alone anything encoded
+    with pytest.raises(UserError, match="is a LoRA of a zimage model"):
+        read_lora(str(reference), "klein")
+    save_file(start, str(tmp_path / "foreign.safetensors"))  # no metadata: another trainer's file
+    with pytest.raises(UserError, match="not written by lowvram-dopsd"):
+        read_lora(str(tmp_path / "foreign.safetensors"), "zimage")
+
+
 def test_resume_refuses_a_change_in_the_math(args, reference, capsys):
     assert main(args(reference, "--rank", "8", "--resume")) == 2
     err = capsys.readouterr().err

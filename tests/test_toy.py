@@ -201,13 +201,19 @@ def test_shipped_teacher_passes_the_gate():
     assert gate["copy_same"] > 0.6 and gate["text_shape"] > 0.6, gate
 
 
-def test_demo_world_toy(tmp_path, monkeypatch):
+def test_demo_world_toy(tmp_path, monkeypatch, capsys):
     from lowvram_dopsd.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LOWVRAM_DOPSD_DEMO_DIR", str(tmp_path / "demo"))
     assert main(["demo", "--world", "toy", "--steps", "1"]) == 0
     assert (tmp_path / "dopsd-demo-out" / "pytorch_lora_weights.safetensors").is_file()
+    # the closing "load it" line runs as printed: it imports the toy's own pipeline, not a diffusers one
+    (load_it,) = [line.split(":", 1)[1].strip() for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("load it:")]
+    scope = {}
+    exec(load_it, scope)
+    assert isinstance(scope["pipe"], ToyDiTPipeline)
 
 
 def test_sample_refuses_a_non_diffusers_family_with_a_clear_error(tmp_path, capsys):

@@ -61,7 +61,22 @@ def registered() -> list[type[Family]]:
     return FAMILIES
 
 
-def load_family(model: str) -> Family:
+def family_class_of(model: str) -> type[Family] | None:
+    """The family of a public id we support or of a local folder, found without loading or downloading
+    anything (`settings` shows its defaults); None when that cannot be told offline."""
+    for cls in registered():
+        if model in cls.hf_repo_ids:
+            return cls
+    try:
+        index = json.loads((Path(model).expanduser() / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return next((cls for cls in registered() if cls.matches(index)), None)
+
+
+def load_family(model: str, check_files: bool = True) -> Family:
+    """The family adapter of a model folder or id, its components checked (`check_files=False`: their
+    folders only, not what is in them; the memory benchmark's folders hold configs and a transformer)."""
     model_dir = resolve_dir(model, "model")
     try:
         index = json.loads((model_dir / "model_index.json").read_text())
@@ -71,6 +86,8 @@ def load_family(model: str) -> Family:
         if cls.matches(index):
             family = cls(model_dir, model)
             family.check_components(index)
+            if check_files:
+                family.check_files()
             return family
     supported = ", ".join(f"{c.name} ({c.pipeline_class})" for c in FAMILIES)
     raise UserError(

@@ -38,9 +38,45 @@ class Item:
     height: int
 
 
+# Weight formats that unpickle (can run code when loaded): never read, see component_problem
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def component_problem(folder: Path) -> str:
+    """What is wrong with one component folder of a checkpoint ('' if nothing): a model component
+    (it has config.json) needs its safetensors weights, every shard of a sharded one; a tokenizer or
+    scheduler folder needs its files. Dangling links (an interrupted `hf download`) count as missing."""
+    files = [f for f in folder.iterdir() if f.is_file()]
+    if not files:
+        return "is empty. The download is probably incomplete: download the model again."
+    if not (folder / "config.json").is_file():
+        return ""  # tokenizer/, scheduler/: their loaders name a missing file themselves
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            shards = set(json.loads(indexes[0].read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            return f"has an unreadable shard index {indexes[0].name} ({exc}): download the model again."
+        lost = sorted(s for s in shards if not (folder / s).is_file())
+        if lost:
+            return (f"lacks {len(lost)} of its {len(shards)} weight shards ({', '.join(lost[:3])}"
+                    f"{', ...' if len(lost) > 3 else ''}). The download is incomplete: download the model again.")
+        return ""
+    if any(f.is_file() for f in folder.glob("*.safetensors")):
+        return ""
+    pickled = sorted(f.name for pattern in PICKLED for f in folder.glob(pattern) if f.is_file())
+    if pickled:
+        return (f"has its weights only as {', '.join(pickled[:2])}, a pickle format that can run code when "
+                "loaded; this tool reads safetensors only. Download the safetensors version of the model, or "
+                "convert it (diffusers: load it once with from_pretrained and save_pretrained(..., "
+                "safe_serialization=True)).")
+    return "has no weights (*.safetensors). The download is probably incomplete: download the model again."
+
+
 class Family:
     name: ClassVar[str]
     pipeline_class: ClassVar[str]        # diffusers pipeline that loads our LoRA (parity tests, `sample`)
+    pipeline_module: ClassVar[str] = "diffusers"  # where `pipeline_class` is imported from
     teachers: ClassVar[tuple[str, ...]]  # teacher kinds this family supports; first = default
     default_rollout_steps: ClassVar[int]
     default_lr: ClassVar[float]
@@ -78,6 +114,13 @@ class Family:
                 "The download is probably incomplete: download the model again."
             )
 
+    def check_files(self) -> None:
+        """Every component folder holds its files, weights as safetensors: a half-finished download
+        fails here in a second, not after minutes of encoding with a loader's traceback."""
+        for component in self.required_components:
+            if problem := component_problem(self.model_dir / component):
+                raise UserError(f"The {self.name} checkpoint at '{self.model_dir}': {component}/ {problem}")
+
     # ----- precompute (encoders live only inside these calls)
     def encoder_identity(self, teacher: str, cfg) -> dict[str, Any]:
         """Everything that changes the cached features: goes into the cache key."""
@@ -92,7 +135,10 @@ class Family:
     def vlm_dir(self, cfg) -> Path:
         """The Qwen3-VL checkpoint of the `vlm` teacher (folder or Hugging Face id)."""
         from . import resolve_dir
-        return resolve_dir(cfg.teacher_encoder, "teacher encoder (Qwen3-VL)", needs="config.json")
+        path = resolve_dir(cfg.teacher_encoder, "teacher encoder (Qwen3-VL)", needs="config.json")
+        if problem := component_problem(path):
+            raise UserError(f"The teacher encoder (Qwen3-VL) folder '{path}' {problem}")
+        return path
 
     def vlm_reply_prefix(self) -> str:
         """Text the vlm teacher's chat gets after the assistant turn opens (DiffusersFamily: what its

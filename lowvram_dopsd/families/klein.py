@@ -136,7 +136,8 @@ class Klein(DiffusersFamily):
 
         dtype = DTYPES[cfg.dtype]
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer")
-        text_encoder = Qwen3ForCausalLM.from_pretrained(self.model_dir / "text_encoder", dtype=dtype)
+        text_encoder = Qwen3ForCausalLM.from_pretrained(self.model_dir / "text_encoder", dtype=dtype,
+                                                        use_safetensors=True)
         text_encoder.to(device).eval()
         pipe = _pipeline_class()(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
                                  transformer=None, is_distilled=True)
@@ -170,7 +171,8 @@ class Klein(DiffusersFamily):
         dtype = DTYPES[cfg.dtype]
         caps = self._encode_prompts([edit_prompt(it.caption, cfg.edit_instruction) for it in items], cfg, device)
         # Text encoder released; now the VAE (the pipeline loads it in the same dtype as the rest).
-        vae = AutoencoderKLFlux2.from_pretrained(self.model_dir / "vae", dtype=dtype).to(device).eval()
+        vae = AutoencoderKLFlux2.from_pretrained(self.model_dir / "vae", dtype=dtype, use_safetensors=True)
+        vae = vae.to(device).eval()
         pipe = _pipeline_class()(scheduler=None, vae=vae, text_encoder=None, tokenizer=None, transformer=None,
                                  is_distilled=True)
         out = []
@@ -262,7 +264,8 @@ class Klein(DiffusersFamily):
         pipe_cls = _pipeline_class()
         device = latents.device
         dtype = self._dtype if device.type != "cpu" else torch.float32
-        vae = AutoencoderKLFlux2.from_pretrained(self.model_dir / "vae", dtype=dtype).to(device).eval()
+        vae = AutoencoderKLFlux2.from_pretrained(self.model_dir / "vae", dtype=dtype, use_safetensors=True)
+        vae = vae.to(device).eval()
         pipe = pipe_cls(scheduler=None, vae=vae, text_encoder=None, tokenizer=None, transformer=None,
                         is_distilled=True)
         x = latents.to(device, dtype)

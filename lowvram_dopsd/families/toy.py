@@ -26,6 +26,7 @@ from .zimage import folder_identity
 class Toy(Family):
     name = "toy"
     pipeline_class = "ToyDiTPipeline"
+    pipeline_module = "lowvram_dopsd.toy.pipeline"
     teachers = ("vlm",)
     default_rollout_steps = 4
     default_lr = 1e-3

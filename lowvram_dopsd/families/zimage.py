@@ -83,7 +83,8 @@ class ZImage(DiffusersFamily):
 
         dtype = DTYPES[cfg.dtype]
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir / "tokenizer")
-        text_encoder = AutoModel.from_pretrained(self.model_dir / "text_encoder", dtype=dtype).to(device).eval()
+        text_encoder = AutoModel.from_pretrained(self.model_dir / "text_encoder", dtype=dtype,
+                                                 use_safetensors=True).to(device).eval()
         # The pipeline's own prompt encoding, with no transformer/VAE loaded.
         pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
                               transformer=None)
@@ -140,7 +141,7 @@ class ZImage(DiffusersFamily):
 
         device = latents.device
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        vae = AutoencoderKL.from_pretrained(self.model_dir / "vae", dtype=dtype).to(device).eval()
+        vae = AutoencoderKL.from_pretrained(self.model_dir / "vae", dtype=dtype, use_safetensors=True).to(device).eval()
         processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
         images = []
         try:
