@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 Cond = dict[str, torch.Tensor]
@@ -42,7 +44,15 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str
     """save_file, readable as any file the user writes, and on disk (fsync) when this returns.
     safetensors' writer leaves 0600 whatever the umask: a ComfyUI service or a container running as
     another user could not read the LoRA."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        # A failed write (full disk, quota, file-size limit) comes back as "I/O error: ... (os error 28)", not as
+        # an OSError: as one, every caller's "free some space" message and the runs that go on apply to it.
+        code = re.search(r"I/O error.*\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from exc
     os.chmod(path, 0o666 & ~current_umask())
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import SETTINGS, TrainConfig, field_names, load_config, preset_names, read_preset, typed_value
+from .config import SETTINGS, TrainConfig, coerce, field_names, load_config, preset_names, read_preset, typed_value
 from .errors import UserError
 
 # flag -> config key, for the settings people change most; everything else via --set key=value
@@ -49,7 +49,7 @@ def _flag_help(key: str) -> tuple[str, str]:
 
 
 # The settings that change a step's GPU memory (plan.py reads these): `plan --help` lists their flags.
-# plan accepts the others too, so a train command runs as a plan with only its first word changed.
+# plan accepts the others too, so a train command (with its --preset) runs as a plan.
 MEMORY_SETTINGS = ("model", "teacher", "rank", "micro_batch", "resolution", "quant", "act_quant", "optimizer",
                    "kernels")
 
@@ -94,7 +94,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
         key, value = key.strip(), value.strip()
         if not sep:
             raise UserError(f"--set expects KEY=VALUE, got '{item}'. Settings: {', '.join(field_names())}.")
-        if key in flag_of and getattr(args, key) is not None and getattr(args, key) != value:
+        flag_value = getattr(args, key) if key in flag_of else None
+        if flag_value is not None and coerce(key, flag_value) != coerce(key, value):  # 1e-4 and 0.0001 agree
             raise UserError(f"'{key}' is set twice: {flag_of[key]} {getattr(args, key)} and --set {key}={value}. "
                             "Keep one of them.")
         out[key] = value

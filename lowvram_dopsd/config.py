@@ -177,7 +177,7 @@ def _unknown_key(key: str, where: str) -> UserError:
     )
 
 
-def _coerce(name: str, value: Any, where: str) -> Any:
+def coerce(name: str, value: Any, where: str = "the command line") -> Any:
     """Turn a TOML value or a command-line string into the field's type, or explain why not."""
     hint = get_type_hints(TrainConfig)[name]
     try:
@@ -267,7 +267,7 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], where: str) -> 
     for key, value in overrides.items():
         if key not in names:
             raise _unknown_key(key, where)
-        setattr(cfg, key, _coerce(key, value, where))
+        setattr(cfg, key, coerce(key, value, where))
     return cfg
 
 

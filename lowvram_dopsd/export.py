@@ -45,6 +45,7 @@ from . import __version__
 from .cache import atomic_save_safetensors
 from .checkpoint import TEACHER_FILE, list_checkpoints
 from .errors import UserError
+from .output import LORA_FILE
 from .sample import find_lora_file, read_metadata
 
 Tensors = dict[str, torch.Tensor]
@@ -208,9 +209,12 @@ def klein_to_diffusers(comfy: Tensors) -> tuple[dict[str, tuple[torch.Tensor, to
 
 
 def _one_alpha(alphas: set[float]) -> float:
-    if len(alphas) != 1:
-        raise UserError(f"Expected one alpha for every layer, found {sorted(alphas)}.")
-    return alphas.pop()
+    """The LoRA's alpha from its per-layer .alpha tensors: fp32, so 0.1 reads 0.10000000149 (and a fused
+    klein q/k/v's alpha / 3 a little off that): equal to 7 digits is one alpha, given with 7 digits."""
+    rounded = {float(f"{a:.7g}") for a in alphas}
+    if len(rounded) != 1:
+        raise UserError(f"Expected one alpha for every layer, found {sorted(rounded)}.")
+    return rounded.pop()
 
 
 @dataclass(frozen=True)
@@ -249,7 +253,7 @@ def read_lora(path: str, family: str) -> tuple[Tensors, int, float]:
                         f"this run trains a {family} model. Pass a LoRA trained on this family, or the model it "
                         "was trained on as --model.")
     tensors = load_file(str(lora_file))
-    if info.get("export") == "comfyui":
+    if info.get("export") == "comfyui":  # alpha from the .alpha tensors (fp32; _one_alpha rounds it)
         modules, alpha = LAYOUTS[family].to_diffusers(tensors)
     else:
         modules, alpha = split_modules(tensors), lora_config(meta)[1]
@@ -263,18 +267,23 @@ def read_lora(path: str, family: str) -> tuple[Tensors, int, float]:
 
 
 def default_dest(lora_file: Path, teacher: bool) -> Path:
-    """<folder>/comfyui/<folder name>.safetensors, except for a checkpoint folder: the checkpoint rotation
-    deletes it with everything inside, so its export goes to the run's output folder, named after the step."""
+    """<folder>/comfyui/<name>.safetensors, <name> = the folder's for our own file names (an output or a
+    checkpoint folder), else the file's (a step LoRA, loras/step-000500.safetensors). A checkpoint's export
+    goes to the run's output folder: the checkpoint rotation deletes the checkpoint with everything inside."""
     folder = lora_file.parent
     here = folder.resolve()  # "." (a file in the current folder) has no name, "../step-000500" no run folder
+    name = here.name if lora_file.name in (LORA_FILE, TEACHER_FILE) else lora_file.stem
     if here in {p for _, p in list_checkpoints(here.parent.parent)}:  # how checkpoint._rotate finds what to delete
         folder = here.parent.parent
-    return folder / "comfyui" / f"{here.name}{'-teacher' if teacher else ''}.safetensors"
+    return folder / "comfyui" / f"{name}{'-teacher' if teacher else ''}.safetensors"
 
 
 def export_comfyui(source: str, dest: str = "", teacher: bool = False) -> Path:
     src = Path(source).expanduser()
     if teacher:
+        if src.is_file() and src.name != TEACHER_FILE:  # it would be exported as it is, named "-teacher"
+            raise UserError(f"--teacher exports the {TEACHER_FILE} of an output or checkpoint folder; '{src}' is "
+                            "a LoRA file: pass its folder, or the file without --teacher.")
         src = src / TEACHER_FILE if src.is_dir() else src
     lora_file = find_lora_file(str(src))
     meta = read_metadata(lora_file)

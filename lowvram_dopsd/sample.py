@@ -133,7 +133,7 @@ def check_family(info: dict, family_name: str, lora_file: Path, base: str) -> No
 def sample(req: SampleRequest, console=None) -> list[Path]:
     from diffusers import DiffusionPipeline
 
-    from .families import load_family
+    from .families import family_class_of, load_family
     from .train import resolve_device
 
     check_request(req)
@@ -146,6 +146,8 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
     if not base:
         raise UserError(f"'{lora_file}' does not say which base model it was trained on (no lowvram_dopsd "
                         "metadata). Pass --model (a Hugging Face id or a local diffusers folder).")
+    if (known := family_class_of(base)) is not None:  # before load_family may download a model for nothing
+        check_family(info, known.name, lora_file, base)
     family = load_family(base)  # finds the folder (or cached id) and checks its components
     check_family(info, family.name, lora_file, base)
     if not family.in_diffusers:

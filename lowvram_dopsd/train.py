@@ -497,7 +497,7 @@ def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, s
 def read_init_lora(cfg: TrainConfig, family: Family) -> dict[str, torch.Tensor]:
     """The LoRA a new run starts from (`init_lora`), read and checked before anything is encoded."""
     tensors, rank, alpha = read_lora(cfg.init_lora, family.name)
-    if (rank, alpha) != (cfg.rank, cfg.alpha):
+    if rank != cfg.rank or not math.isclose(alpha, cfg.alpha, rel_tol=1e-6):
         raise UserError(f"The init LoRA '{cfg.init_lora}' has rank {rank} and alpha {alpha:g}; this run has rank "
                         f"{cfg.rank} and alpha {cfg.alpha:g}. Pass --rank {rank} --alpha {alpha:g} to train it "
                         "further.")
@@ -720,10 +720,10 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
             if step % cfg.save_every == 0 or step == cfg.steps or stop.requested or diverged:
                 last_ckpt = save_checkpoint(step, RNGState.capture(noise_gen, rng, sampler.order))
                 saved_step = step
+            if cfg.lora_every and step % cfg.lora_every == 0:  # the last step too: a resumed run goes on past it
+                write_step_lora(step)
             if stop.requested or diverged:
                 break
-            if cfg.lora_every and step % cfg.lora_every == 0 and step < cfg.steps:  # the last one is the LoRA
-                write_step_lora(step)
             if previews and (step % cfg.preview_every == 0 or step == cfg.steps):
                 write_preview(step)
 

@@ -157,6 +157,10 @@ def test_model_folder_with_missing_or_pickled_weights(tmp_path, tiny_zimage_dir,
     (broken / "text_encoder").mkdir()
     with pytest.raises(UserError, match=r"text_encoder/ is empty"):
         load_family(str(broken))
+    shutil.copytree(tiny_zimage_dir / "text_encoder", broken / "text_encoder", dirs_exist_ok=True)
+    (broken / "transformer" / "config.json").unlink()
+    with pytest.raises(UserError, match=r"transformer/ has no config\.json"):
+        load_family(str(broken))
     assert load_family(str(tiny_zimage_dir)).name == "zimage"  # the complete folder passes
 
     vlm = _model_copy(tiny_vlm_dir, tmp_path / "vlm")

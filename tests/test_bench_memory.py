@@ -37,6 +37,6 @@ def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
     assert runs["klein-16gb-edit-act8"]["fused_layers"] == 14
     # the klein folder is one the real family reads, with the dynamic shifting its pipeline needs
     from lowvram_dopsd.families import load_family
-    klein = load_family(str(tmp_path / "work" / "klein"))
+    klein = load_family(str(tmp_path / "work" / "klein"), check_files=False)  # encoders: placeholders
     assert klein.name == "klein" and klein.scheduler().config.use_dynamic_shifting
     assert "| klein-16gb-edit-act8 | FLUX.2-klein 4B (edit teacher) |" in result.with_suffix(".md").read_text()

@@ -1,4 +1,5 @@
 import torch
+from safetensors.torch import load_file
 
 from lowvram_dopsd.cache import FeatureCache, atomic_save_safetensors, key_for
 
@@ -53,3 +54,29 @@ def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
     from safetensors.torch import load_file
     assert torch.equal(load_file(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no temp file left behind
+
+
+def test_a_real_failed_write_is_an_oserror(tmp_path):
+    """safetensors (0.8) reports a failed write as its own SafetensorError: callers catch OSError (and
+    say "free some space", or skip a step LoRA and go on), so it must arrive as one. The write fails
+    for real here: a file-size limit makes the kernel refuse it (EFBIG), as a full disk would (ENOSPC)."""
+    import errno
+    import resource
+    import signal
+
+    import pytest
+
+    path = tmp_path / "x.safetensors"
+    atomic_save_safetensors({"a": torch.ones(2)}, path)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
+    try:
+        with pytest.raises(OSError) as exc:
+            atomic_save_safetensors({"a": torch.zeros(100_000)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert exc.value.errno == errno.EFBIG
+    assert torch.equal(load_file(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]

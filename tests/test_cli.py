@@ -155,6 +155,7 @@ def test_a_setting_given_by_its_flag_and_by_set_is_refused(capsys):
     assert main(["settings", "--steps", "100", "--set", "steps=200"]) == 2
     assert "'steps' is set twice: --steps 100 and --set steps=200" in capsys.readouterr().err
     assert main(["settings", "--steps", "100", "--set", "steps=100"]) == 0  # the same value twice is harmless
+    assert main(["settings", "--lr", "1e-4", "--set", "lr=0.0001"]) == 0  # the same number, written two ways
 
 
 def test_settings_says_what_the_models_default_is(capsys, monkeypatch, tmp_path):

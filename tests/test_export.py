@@ -11,6 +11,7 @@ The expected names are written out here from ComfyUI's loader, independently of 
 """
 import json
 import re
+import shutil
 
 import torch
 from diffusers import ZImagePipeline
@@ -138,6 +139,31 @@ def test_export_of_a_checkpoint_goes_to_the_run_folder_and_survives_rotation(tmp
     ours, ema = load_file(str(student)), load_file(str(teacher))
     assert all(COMFY_ZIMAGE.match(k) for k in ours) and set(ours) == set(ema)
     assert any(not torch.equal(ours[k], ema[k]) for k in ours)  # --teacher exported the teacher
+
+
+def test_a_step_lora_exports_under_its_own_name(tmp_path, tiny_zimage_dir, capsys):
+    """loras/step-N.safetensors files used to export to one name (the folder's, "loras"), each over the last;
+    --teacher on such a file exported the student under a "-teacher" name."""
+    random_lora(tiny_zimage_dir, tmp_path / "run")
+    loras = tmp_path / "run" / "loras"
+    loras.mkdir()
+    for step in ("step-000002", "step-000004"):
+        shutil.copy(tmp_path / "run" / "pytorch_lora_weights.safetensors", loras / f"{step}.safetensors")
+        assert main(["export", "--format", "comfyui", str(loras / f"{step}.safetensors")]) == 0
+    assert sorted(p.name for p in (loras / "comfyui").iterdir()) == ["step-000002.safetensors",
+                                                                     "step-000004.safetensors"]
+    capsys.readouterr()
+    assert main(["export", "--format", "comfyui", str(loras / "step-000002.safetensors"), "--teacher"]) == 2
+    assert "--teacher exports the teacher_ema_lora.safetensors" in capsys.readouterr().err
+
+
+def test_alpha_read_back_from_fp32_alpha_tensors_is_the_alpha():
+    """.alpha tensors are fp32: 0.1 reads back 0.10000000149, and --init-lora compared it with 0.1."""
+    from lowvram_dopsd.export import zimage_to_comfy, zimage_to_diffusers
+
+    a, b = torch.randn(2, 8), torch.randn(8, 2)
+    _, alpha = zimage_to_diffusers(zimage_to_comfy({"layers.0.attention.to_q": (a, b)}, 0.1))
+    assert alpha == 0.1
 
 
 def test_export_refuses_what_it_cannot_map(tmp_path, capsys):

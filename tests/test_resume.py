@@ -126,14 +126,14 @@ def test_step_loras_are_the_lora_of_their_step_and_change_nothing(args, referenc
     out = tmp_path / "run"
     assert main(args(out, "--lora-every", "2", "--set", "save_every=1", "--set", "keep_checkpoints=0")) == 0
     assert_same_run(out, reference)
-    assert [p.name for p in (out / "loras").iterdir()] == ["step-000002.safetensors"]  # step 4 is the LoRA itself
+    assert sorted(p.name for p in (out / "loras").iterdir()) == ["step-000002.safetensors", "step-000004.safetensors"]
     snap = out / "loras" / "step-000002.safetensors"
     ckpt = load_file(str(out / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors"))
     snapped = load_file(str(snap))
     assert snapped.keys() == ckpt.keys() and all(torch.equal(snapped[k], v) for k, v in ckpt.items())  # fp32 run
     assert read_info(snap)["steps"] == 2 and read_info(out / "pytorch_lora_weights.safetensors")["steps"] == 4
     assert main(args(out, "--steps", "1")) == 0  # a new run here (no --resume)
-    assert not (out / "loras").exists() and len(list((out / "previous-runs").glob("*/loras/*"))) == 1
+    assert not (out / "loras").exists() and len(list((out / "previous-runs").glob("*/loras/*"))) == 2
 
 
 def test_init_lora_starts_both_sets_from_it_in_either_layout(args, reference, tmp_path, monkeypatch, capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -42,15 +43,20 @@ class Item:
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
-def component_problem(folder: Path) -> str:
+# Components that are models (config.json + weights), as opposed to tokenizer/ and scheduler/
+MODEL_COMPONENTS = ("transformer", "text_encoder", "vae")
+
+
+def component_problem(folder: Path, model: bool = True) -> str:
     """What is wrong with one component folder of a checkpoint ('' if nothing): a model component
-    (it has config.json) needs its safetensors weights, every shard of a sharded one; a tokenizer or
+    needs its config.json and safetensors weights, every shard of a sharded one; a tokenizer or
     scheduler folder needs its files. Dangling links (an interrupted `hf download`) count as missing."""
     files = [f for f in folder.iterdir() if f.is_file()]
     if not files:
         return "is empty. The download is probably incomplete: download the model again."
     if not (folder / "config.json").is_file():
-        return ""  # tokenizer/, scheduler/: their loaders name a missing file themselves
+        # tokenizer/, scheduler/: their loaders name a missing file themselves
+        return "has no config.json. The download is probably incomplete: download the model again." if model else ""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         try:
@@ -118,7 +124,7 @@ class Family:
         """Every component folder holds its files, weights as safetensors: a half-finished download
         fails here in a second, not after minutes of encoding with a loader's traceback."""
         for component in self.required_components:
-            if problem := component_problem(self.model_dir / component):
+            if problem := component_problem(self.model_dir / component, model=component in MODEL_COMPONENTS):
                 raise UserError(f"The {self.name} checkpoint at '{self.model_dir}': {component}/ {problem}")
 
     # ----- precompute (encoders live only inside these calls)
@@ -240,9 +246,12 @@ class DiffusersFamily(Family):
         vae_cfg = self.model_dir / "vae" / "config.json"
         blocks = len(json.loads(vae_cfg.read_text())["block_out_channels"]) if vae_cfg.is_file() else 4
         self.vae_scale_factor = 2 ** (blocks - 1)  # as the pipelines' __init__
-        self.in_channels = json.loads((self.model_dir / "transformer" / "config.json").read_text())["in_channels"]
         self._scheduler = None
         self._reply_prefix: str | None = None  # vlm_reply_prefix, read once (a Qwen tokenizer load)
+
+    @cached_property
+    def in_channels(self) -> int:  # read when first used: load_family checks the folder's files first
+        return json.loads((self.model_dir / "transformer" / "config.json").read_text())["in_channels"]
 
     # The pipelines wrap each prompt in the tokenizer's chat template before tokenizing with
     # truncation at max_sequence_length: ZImagePipeline with enable_thinking=True, Flux2KleinPipeline
