@@ -34,6 +34,7 @@ FLAGS = {
     "--preview-every": "preview_every", "--kernels": "kernels",
     "--act-quant": "act_quant",
 }
+FLAG_OF = {key: flag for flag, key in FLAGS.items()}  # config key -> its flag
 
 SETTINGS_NOTE = ("Defaults shown are the built-in ones; a preset replaces some of them. "
                  "`lowvram-dopsd settings --preset NAME [flags]` lists every setting with the value it will have.")
@@ -88,15 +89,14 @@ def _without_resume(argv: list[str]) -> list[str]:
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
     out = {key: getattr(args, key) for key in FLAGS.values() if getattr(args, key) is not None}
-    flag_of = {key: flag for flag, key in FLAGS.items()}
     for item in args.overrides:
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not sep:
             raise UserError(f"--set expects KEY=VALUE, got '{item}'. Settings: {', '.join(field_names())}.")
-        flag_value = getattr(args, key) if key in flag_of else None
+        flag_value = getattr(args, key) if key in FLAG_OF else None
         if flag_value is not None and coerce(key, flag_value) != coerce(key, value):  # 1e-4 and 0.0001 agree
-            raise UserError(f"'{key}' is set twice: {flag_of[key]} {getattr(args, key)} and --set {key}={value}. "
+            raise UserError(f"'{key}' is set twice: {FLAG_OF[key]} {flag_value} and --set {key}={value}. "
                             "Keep one of them.")
         out[key] = value
     return out
@@ -172,7 +172,6 @@ def cmd_settings(args: argparse.Namespace) -> int:
     from .families import family_class_of
 
     cfg, builtin = load_config(args.preset, _overrides(args)), TrainConfig()
-    flag_of = {key: flag for flag, key in FLAGS.items()}
     family = family_class_of(cfg.model)
     # what a setting left at "the model's default" becomes for this model
     resolved = {} if family is None else {
@@ -196,7 +195,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
             shown = f"[bold yellow]{shown}[/]"
         if name in resolved and not value:
             shown += f" [dim]= {escape(resolved[name])} ({family.name})[/]"
-        choices, flag = f.metadata["choices"], flag_of.get(name)
+        choices, flag = f.metadata["choices"], FLAG_OF.get(name)
         what = (escape(f.metadata["help"]) + (f" [dim]({escape(', '.join(map(repr, choices)))})[/]" if choices else "")
                 + (f" [dim]{flag}[/]" if flag else ""))
         table.add_row(f"  {name}", shown, what) if wide else table.add_row(f"  {name}", f"{shown}\n[dim]{what}[/]")

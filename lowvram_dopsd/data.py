@@ -152,6 +152,13 @@ def _open_checked(path: Path) -> tuple[Image.Image, str | None]:
     return im, note
 
 
+def _not_read_why(path: Path) -> str:
+    suffix = path.suffix.lower()
+    why = ("256 colours at most: training would learn the dithering" if suffix == ".gif"
+           else "not a format this tool reads")
+    return f"{suffix} is not read ({why}): convert it to PNG or JPEG"
+
+
 def _images_in_subfolders(root: Path) -> list[str]:
     found = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -169,11 +176,12 @@ def scan(folder: str, caption: str, trigger: str, resolution: int, on_bad_image:
         raise UserError(f"The images folder '{root}' {what}. "
                         "Pass --images with the folder that holds your training images.")
     try:
-        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        not_read = sorted(p for p in root.iterdir() if p.suffix.lower() in NOT_READ_SUFFIXES and p.is_file())
+        listing = sorted(p for p in root.iterdir() if p.is_file())
     except OSError as exc:
         raise UserError(f"Cannot list the images folder '{root}' ({exc.strerror or exc}). "
                         "Check its permissions.") from exc
+    files = [p for p in listing if p.suffix.lower() in IMAGE_SUFFIXES]
+    not_read = [p for p in listing if p.suffix.lower() in NOT_READ_SUFFIXES]
     if not files:
         subs = _images_in_subfolders(root)
         where = (f" Images were found in its subfolders {', '.join(subs[:5])}: pass one of those folders "
@@ -184,10 +192,7 @@ def scan(folder: str, caption: str, trigger: str, resolution: int, on_bad_image:
         raise UserError(f"No images in '{root}'. Put {', '.join(IMAGE_SUFFIXES)} files there "
                         f"(optionally with same-name .txt captions) and run again.{where}")
     items, notes = [], []
-    skipped = [(p, f"{p.suffix.lower()} is not read (" + ("256 colours at most: training would learn the "
-                                                           "dithering" if p.suffix.lower() == ".gif" else
-                                                           "not a format this tool reads")
-                + "): convert it to PNG or JPEG") for p in not_read]
+    skipped = [(p, _not_read_why(p)) for p in not_read]
     for path in files:
         try:
             data = path.read_bytes()

@@ -51,8 +51,7 @@ def component_problem(folder: Path, model: bool = True) -> str:
     """What is wrong with one component folder of a checkpoint ('' if nothing): a model component
     needs its config.json and safetensors weights, every shard of a sharded one; a tokenizer or
     scheduler folder needs its files. Dangling links (an interrupted `hf download`) count as missing."""
-    files = [f for f in folder.iterdir() if f.is_file()]
-    if not files:
+    if not any(f.is_file() for f in folder.iterdir()):
         return "is empty. The download is probably incomplete: download the model again."
     if not (folder / "config.json").is_file():
         # tokenizer/, scheduler/: their loaders name a missing file themselves
