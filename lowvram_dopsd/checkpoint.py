@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import random
-import shlex
 import shutil
 import tempfile
 import time
@@ -40,7 +39,7 @@ from safetensors.torch import load_file
 
 from . import __version__
 from .cache import current_umask, write_safetensors
-from .config import TrainConfig, typed_value
+from .config import TrainConfig, as_argument
 from .errors import UserError
 
 CKPT_DIR = "checkpoints"
@@ -56,7 +55,7 @@ FORMAT = 2
 HARMLESS = {
     "steps", "save_every", "keep_checkpoints", "lora_every", "output", "cache_dir", "device", "encoders_on",
     "kernels", "grad_checkpointing", "on_bad_image", "preview_every", "preview_prompts", "preview_seed",
-    "preview_teacher", "model", "images", "caption", "trigger", "teacher_encoder", "teacher_ema_on",
+    "preview_teacher", "model", "transformer_file", "images", "caption", "trigger", "teacher_encoder", "teacher_ema_on",
     "lora_init", "init_lora",  # read at step 0 only: a resumed run loads its LoRAs from the checkpoint
 }
 NUMERIC_ONLY = {"device", "kernels", "teacher_ema_on"}  # harmless for the method, but results are no longer bit-identical
@@ -78,13 +77,16 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(_strip_paths(obj), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def model_identity(model_dir: Path, family_name: str) -> str:
-    """The transformer's config and weight file sizes: a different checkpoint gives another value."""
+def model_identity(model_dir: Path, family_name: str, transformer_file: Path | str | None = None) -> str:
+    """The transformer's config and weight file sizes: a different checkpoint gives another value. With a
+    `transformer_file` (a fine-tune's single file), its name and size stand for transformer/'s weights
+    (moving it changes nothing)."""
     folder = Path(model_dir) / "transformer"
     h = hashlib.sha256(family_name.encode())
     for p in sorted(folder.glob("*.json")):
         h.update(p.name.encode() + p.read_bytes())
-    for p in sorted(folder.glob("*.safetensors")):
+    weights = [Path(transformer_file)] if transformer_file else sorted(folder.glob("*.safetensors"))
+    for p in weights:
         h.update(f"{p.name}:{p.stat().st_size}".encode())
     return h.hexdigest()
 
@@ -330,22 +332,24 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
                                 f"Pass --steps {ckpt.step + 1} or more to train further.")
             if key in NUMERIC_ONLY:
                 notes.append(f"{key} changed ({before!r} -> {now!r}): the run continues, but not bit-identically")
-            elif key not in ("model", "images", "caption", "trigger", "teacher_encoder", "lora_init"):
+            elif key not in ("model", "transformer_file", "images", "caption", "trigger", "teacher_encoder", "lora_init"):
                 notes.append(f"{key} changed ({before!r} -> {now!r})")
         else:
             problems.append(f"{key} = {now!r} (the run used {before!r})")
     what = {"model": "the base model (its transformer config or weights differ)",
-            "dataset": "the training set (images, captions or their sizes differ)",
+            "dataset": "the training set (images, captions, their sizes or a dataset file's repeats differ)",
             "conditions": "the encoders that computed the conditions (text encoder, teacher VLM or their settings)"}
     for key, label in what.items():
         if key in ckpt.identity and ckpt.identity[key] != identity.get(key):
             problems.append(label)
     if problems:
-        fixes = " ".join("--set " + shlex.quote(f"{k}={typed_value(k, ckpt.config.get(k, defaults.get(k)))}")
+        # as flags where they have one: a `--set rank=64` added after the user's `--rank 32` is refused
+        fixes = " ".join(as_argument(k, ckpt.config.get(k, defaults.get(k)))
                          for k in (p.split(" = ")[0] for p in problems if " = " in p))
         raise UserError(
             f"Cannot resume '{ckpt.path}': this run would not continue the one that was saved. Changed: "
-            f"{'; '.join(problems)}. Run with the original settings{' (' + fixes + ')' if fixes else ''}, "
+            f"{'; '.join(problems)}. Run with the original settings"
+            f"{' (change these in your command: ' + fixes + ')' if fixes else ''}, "
             "or start a new run in another --output folder."
         )
     return notes

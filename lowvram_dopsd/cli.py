@@ -17,24 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-from .config import SETTINGS, TrainConfig, coerce, field_names, load_config, preset_names, read_preset, typed_value
+from .config import (FLAG_OF, FLAGS, SETTINGS, TrainConfig, coerce, field_names, load_config, preset_names,
+                     read_preset, typed_value)
 from .errors import UserError
 
-# flag -> config key, for the settings people change most; everything else via --set key=value
-FLAGS = {
-    "--model": "model", "--images": "images", "--caption": "caption", "--trigger": "trigger",
-    "--output": "output", "--teacher": "teacher", "--teacher-encoder": "teacher_encoder", "--loss": "loss",
-    "--steps": "steps", "--rank": "rank", "--alpha": "alpha", "--lora-init": "lora_init", "--init-lora": "init_lora",
-    "--lr": "lr", "--lr-schedule": "lr_schedule",
-    "--warmup-steps": "warmup_steps", "--batch-size": "batch_size",
-    "--micro-batch": "micro_batch", "--resolution": "resolution", "--rollout-steps": "rollout_steps",
-    "--train-states": "train_states", "--ema-decay": "ema_decay", "--quant": "quant",
-    "--optimizer": "optimizer", "--device": "device", "--encoders-on": "encoders_on", "--dtype": "dtype",
-    "--seed": "seed", "--cache-dir": "cache_dir", "--save-every": "save_every", "--lora-every": "lora_every",
-    "--preview-every": "preview_every", "--kernels": "kernels",
-    "--act-quant": "act_quant",
-}
-FLAG_OF = {key: flag for flag, key in FLAGS.items()}  # config key -> its flag
 
 SETTINGS_NOTE = ("Defaults shown are the built-in ones; a preset replaces some of them. "
                  "`lowvram-dopsd settings --preset NAME [flags]` lists every setting with the value it will have.")
@@ -51,15 +37,16 @@ def _flag_help(key: str) -> tuple[str, str]:
 
 # The settings that change a step's GPU memory (plan.py reads these): `plan --help` lists their flags.
 # plan accepts the others too, so a train command (with its --preset) runs as a plan.
-MEMORY_SETTINGS = ("model", "teacher", "rank", "micro_batch", "resolution", "quant", "act_quant", "optimizer",
-                   "kernels")
+MEMORY_SETTINGS = ("model", "teacher", "rank", "micro_batch", "resolution", "dtype", "quant", "act_quant",
+                   "optimizer", "kernels")
 
 
 def _add_train_flags(p: argparse.ArgumentParser, preset_default: str | None, resume: bool = True,
                      listed: tuple[str, ...] | None = None) -> None:
     """The settings' flags; `listed`: the ones --help shows (None: all)."""
     p.add_argument("--preset", default=preset_default,
-                   help=f"shipped preset ({', '.join(preset_names())}) or a .toml file with the same keys")
+                   help=f"shipped preset ({', '.join(preset_names())}) or a .toml file with the same keys "
+                        "(base = \"16gb\" in it starts from a shipped one)")
     for flag, key in FLAGS.items():
         metavar, help_ = _flag_help(key)
         shown = listed is None or key in listed
@@ -89,16 +76,16 @@ def _without_resume(argv: list[str]) -> list[str]:
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
     out = {key: getattr(args, key) for key in FLAGS.values() if getattr(args, key) is not None}
+    typed = {key: f"{FLAG_OF[key]} {value}" for key, value in out.items()}  # as the user wrote it, for the error
     for item in args.overrides:
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not sep:
             raise UserError(f"--set expects KEY=VALUE, got '{item}'. Settings: {', '.join(field_names())}.")
-        flag_value = getattr(args, key) if key in FLAG_OF else None
-        if flag_value is not None and coerce(key, flag_value) != coerce(key, value):  # 1e-4 and 0.0001 agree
-            raise UserError(f"'{key}' is set twice: {FLAG_OF[key]} {flag_value} and --set {key}={value}. "
-                            "Keep one of them.")
-        out[key] = value
+        # a key given twice with two values: which one was meant? (an unknown key is refused later)
+        if key in out and key in SETTINGS and coerce(key, out[key]) != coerce(key, value):  # 1e-4 and 0.0001 agree
+            raise UserError(f"'{key}' is set twice: {typed[key]} and --set {key}={value}. Keep one of them.")
+        out[key], typed[key] = value, f"--set {key}={value}"
     return out
 
 
@@ -224,10 +211,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .progress import make_console
     from .sample import SampleRequest, sample
 
-    sample(SampleRequest(lora=args.lora, prompts=args.prompt, model=args.model or "", steps=args.steps,
-                         seed=args.seed, width=args.width, height=args.height, output=args.output or "",
-                         device=args.device, dtype=args.dtype, scale=args.scale,
-                         trust_remote_code=args.trust_remote_code, offload=args.offload), console=make_console())
+    sample(SampleRequest(loras=args.lora, prompts=args.prompt, model=args.model or "", steps=args.steps,
+                         seed=args.seed, count=args.count, width=args.width, height=args.height,
+                         output=args.output or "", device=args.device, dtype=args.dtype, scale=args.scale,
+                         trust_remote_code=args.trust_remote_code, offload=args.offload,
+                         transformer_file=args.transformer_file or ""), console=make_console())
     return 0
 
 
@@ -242,7 +230,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowvram-dopsd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a D-OPSD LoRA on a folder of images", description=SETTINGS_NOTE)
+    p = sub.add_parser("train", help="train a D-OPSD LoRA on a folder of images (or a .toml dataset file)", description=SETTINGS_NOTE)
     _add_train_flags(p, preset_default=None)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="train on the embedded tiny model and bundled images (CPU, ~1 min)")
@@ -266,17 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_settings)
 
     p = sub.add_parser("sample", help="generate with a trained LoRA through the stock diffusers pipeline")
-    p.add_argument("--lora", required=True, help="training output folder, checkpoint folder or .safetensors file")
+    p.add_argument("--lora", action="append", required=True,
+                   help="training output folder, checkpoint folder or .safetensors file (repeat to compare LoRAs: "
+                        "the pipeline loads once and each LoRA draws the same prompts and seeds)")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
     p.add_argument("--model", help="base model id or folder (default: the base_model in the LoRA's metadata)")
+    p.add_argument("--transformer-file", help="a fine-tune's .safetensors transformer used instead of the model's "
+                                              "(default: the transformer_file in the LoRA's metadata, if any)")
     p.add_argument("--steps", type=int, default=0,
                    help="sampling steps (0, the default: the model's own, Z-Image 8, klein 4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=int, default=1,
+                   help="images per prompt, from seeds --seed, --seed + 1, ... (default 1)")
     p.add_argument("--width", type=int, default=0, help="a multiple of 16 (default: the training resolution)")
     p.add_argument("--height", type=int, default=0, help="a multiple of 16 (default: the training resolution)")
     p.add_argument("--scale", type=float, default=1.0, help="LoRA strength")
-    p.add_argument("--output", help="image file (no extension: .png) or folder (default sample-<seed>.png; "
-                                    "numbered for several prompts)")
+    p.add_argument("--output", help="image file, replaced if it exists (no extension: .png), or folder. Default "
+                                    "names, sample[-<lora>]-<seed>[-<prompt index>].png, never replace a file: "
+                                    "a second run writes sample-0_2.png, ...")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="on a GPU (the CPU uses fp32)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,

@@ -2,13 +2,15 @@
 
 Presets live in `presets/*.toml` (shipped as `lowvram_dopsd.presets`). Any key can be overridden
 from the command line (`--steps 500` or `--set lr=1e-5`). Unknown keys are rejected with the
-closest valid name, so a typo in a preset never silently trains with a default.
+closest valid name, so a typo in a preset never silently trains with a default. A preset file of
+your own can start from another one (`base = "16gb"`) and override a few of its settings.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+import shlex
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -38,8 +40,11 @@ def setting(default: Any, help: str, choices: tuple[str, ...] = (), section: str
 class TrainConfig:
     model: str = setting(DEFAULT_MODEL, "Hugging Face id or local diffusers folder of the base model "
                          "(Z-Image-Turbo, FLUX.2-klein)", section="What to train on")
+    transformer_file: str = setting("", "a .safetensors transformer (a fine-tune or merge, original or diffusers "
+                                    "key layout) used instead of the model's transformer/; the rest of --model "
+                                    "(VAE, text encoder, scheduler) as is; '' = the model's own")
     images: str = setting("", "folder of training images (.jpg/.png/.webp), each with an optional same-name "
-                          ".txt caption")
+                          ".txt caption, or a .toml dataset file with several folders (README)")
     caption: str = setting("", "caption for images without a .txt ('' = the trigger alone)")
     trigger: str = setting("", "word(s) naming your subject or style: put in front of every caption that lacks "
                            "them; a '[trigger]' placeholder in a caption is replaced")
@@ -162,6 +167,30 @@ def typed_value(name: str, value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+# flag -> config key, for the settings people change most; everything else via --set key=value.
+# Here rather than in cli.py so that checkpoint.py can name a setting's flag without importing the CLI.
+FLAGS = {
+    "--model": "model", "--transformer-file": "transformer_file", "--images": "images", "--caption": "caption", "--trigger": "trigger",
+    "--output": "output", "--teacher": "teacher", "--teacher-encoder": "teacher_encoder", "--loss": "loss",
+    "--steps": "steps", "--rank": "rank", "--alpha": "alpha", "--lora-init": "lora_init", "--init-lora": "init_lora",
+    "--lr": "lr", "--lr-schedule": "lr_schedule",
+    "--warmup-steps": "warmup_steps", "--batch-size": "batch_size",
+    "--micro-batch": "micro_batch", "--resolution": "resolution", "--rollout-steps": "rollout_steps",
+    "--train-states": "train_states", "--ema-decay": "ema_decay", "--quant": "quant",
+    "--optimizer": "optimizer", "--device": "device", "--encoders-on": "encoders_on", "--dtype": "dtype",
+    "--seed": "seed", "--cache-dir": "cache_dir", "--save-every": "save_every", "--lora-every": "lora_every",
+    "--preview-every": "preview_every", "--kernels": "kernels",
+    "--act-quant": "act_quant",
+}
+FLAG_OF = {key: flag for flag, key in FLAGS.items()}  # config key -> its flag
+
+
+def as_argument(name: str, value: Any) -> str:
+    """The shell words that set `name` to `value`: its flag where it has one, else --set (shell-quoted)."""
+    typed = typed_value(name, value)
+    return f"{FLAG_OF[name]} {shlex.quote(typed)}" if name in FLAG_OF else "--set " + shlex.quote(f"{name}={typed}")
+
+
 def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
@@ -276,30 +305,71 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
-def read_preset(name_or_path: str) -> tuple[dict[str, Any], str]:
-    """A preset is a shipped name (`16gb`) or a path to a TOML file of the same keys."""
-    path = Path(name_or_path)
+def _preset_file(name: str, folder: Path | None = None, named_in: str = "") -> tuple[Any, str]:
+    """(file, where) of a preset: a .toml path, taken from `folder` when relative, or a shipped name."""
+    path = Path(folder or "", name)
     if path.suffix == ".toml" and path.is_file():
-        text, where = path.read_text(encoding="utf-8"), str(path)
-    else:
-        entry = resources.files("lowvram_dopsd.presets").joinpath(f"{name_or_path}.toml")
-        if not entry.is_file():
-            raise UserError(
-                f"Unknown preset '{name_or_path}'. Shipped presets: {', '.join(preset_names())}; "
-                "or pass the path of your own .toml file with the same keys."
-            )
-        text, where = entry.read_text(encoding="utf-8"), f"preset '{name_or_path}'"
+        return path.resolve(), str(path)
+    entry = resources.files("lowvram_dopsd.presets").joinpath(f"{name}.toml")
+    if not entry.is_file():
+        raise UserError(
+            f"Unknown preset '{path if path.suffix == '.toml' else name}'"
+            f"{f' (the base of {named_in})' if named_in else ''}. Shipped presets: {', '.join(preset_names())}; "
+            "or pass the path of your own .toml file with the same keys."
+        )
+    return entry, f"preset '{name}'"
+
+
+def _parse_preset(file: Any, where: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"Could not parse {where}: {exc}. Fix the TOML syntax and run again.") from exc
-    return data, where
+
+
+def read_preset(name_or_path: str) -> tuple[dict[str, Any], str]:
+    """A preset is a shipped name (`16gb`) or a path to a TOML file of the same keys."""
+    file, where = _preset_file(name_or_path)
+    return _parse_preset(file, where), where
+
+
+def preset_layers(preset: str) -> list[tuple[dict[str, Any], str]]:
+    """The preset and the ones it builds on, base first, each as (its keys, where it is). A preset's
+    `base = "16gb"` (a shipped name, or a .toml path relative to the file) starts it from that preset,
+    whose settings its own then override; the base may have a base in turn."""
+    layers, files, name, folder, named_in = [], [], preset, None, ""
+    while name:
+        file, where = _preset_file(name, folder, named_in)
+        if file in files:  # resolved paths: the same file however its base was spelled
+            chain = " -> ".join([w for _, w in layers] + [where])
+            raise UserError(f"Presets name each other as base in a loop: {chain}. Remove one of these `base` keys.")
+        data = _parse_preset(file, where)
+        name = data.pop("base", "")
+        if not isinstance(name, str):
+            raise UserError(f"'base' in {where} must be a shipped preset's name or a .toml path, got {name!r}.")
+        layers.append((data, where))
+        files.append(file)
+        folder, named_in = file.parent, where
+    return layers[::-1]
+
+
+def shipped_root(preset: str) -> str:
+    """The shipped preset at the bottom of a preset's `base` chain: itself if shipped, '16gb' for a file
+    built on it, '' for a file with no shipped base (`plan` takes the card's memory from it)."""
+    name, folder = preset, None
+    for _ in preset_layers(preset):  # loops and unknown bases are refused there, before this walk
+        file, where = _preset_file(name, folder)
+        if where == f"preset '{name}'":
+            return name
+        name, folder = _parse_preset(file, where).get("base", ""), file.parent
+        if not name:
+            break
+    return ""
 
 
 def load_config(preset: str | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     cfg = TrainConfig()
-    if preset:
-        data, where = read_preset(preset)
+    for data, where in preset_layers(preset) if preset else []:
         data.pop("description", None)  # human text shown by `presets`, not a setting
         apply_overrides(cfg, data, where)
     apply_overrides(cfg, overrides or {}, "the command line")

@@ -14,13 +14,26 @@ Bad input never crashes the run and never passes silently: an unreadable, trunca
 (< 16 px) or over-the-decompression-bomb-limit image is skipped and listed (or, with
 `on_bad_image = "stop"`, stops the run with the list); a small image (short side under a quarter
 of the training resolution) or a caption that is not UTF-8 is used with a warning.
+
+Several folders (several subjects, or folders weighted against each other): `--images` may name a
+.toml dataset file instead of a folder, one `[[folders]]` table per folder:
+
+    [[folders]]
+    path = "my_dog"          # relative to the .toml file's folder
+    trigger = "sks dog"      # optional, default --trigger; caption likewise, default --caption
+    repeats = 2              # optional, default 1: drawn this many times per epoch
+
+Each folder is scanned as above with its own trigger and caption, and the items are merged.
 """
 from __future__ import annotations
 
 import codecs
+import difflib
 import hashlib
 import math
+import os
 import re
+import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +56,29 @@ class Dataset:
     skipped: list[tuple[Path, str]]  # images not used, and why
     caption_rule: str
     warnings: list[tuple[Path, str]] = field(default_factory=list)  # used, but the user should know
+    triggers: list[str] = field(default_factory=list)  # the distinct non-empty triggers, in folder order
+    source: str = ""  # where the items come from, for the run's summary
+    base: Path | None = None  # a dataset file's folder: items are named by their path from it
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def name(self, path: Path) -> str:
+        """How the run names a file: its name, or in a dataset file its path from the file's folder
+        (two folders may both hold 1.jpg)."""
+        if self.base is None:
+            return path.name
+        try:
+            return Path(os.path.relpath(path, self.base)).as_posix()
+        except ValueError:  # another drive (Windows)
+            return str(path)
+
     def identity(self) -> list[list]:
-        """What a checkpoint must find again to resume: every item's file, bytes hash, caption and size."""
-        return [[it.image_path.name, it.image_sha256, it.caption, it.width, it.height] for it in self.items]
+        """What a checkpoint must find again to resume: every item's file, bytes hash, caption and size,
+        and its repeats where not 1 (they change the sampling order). A single folder's identity is
+        what it always was, so that existing checkpoints still resume."""
+        return [[self.name(it.image_path), it.image_sha256, it.caption, it.width, it.height]
+                + ([it.repeats] if it.repeats != 1 else []) for it in self.items]
 
 
 def caption_rule(caption: str, trigger: str) -> str:
@@ -240,12 +269,116 @@ def scan(folder: str, caption: str, trigger: str, resolution: int, on_bad_image:
         items.append(Item(image_path=path, caption=apply_trigger(text, trigger),
                           image_sha256=hashlib.sha256(data).hexdigest(), width=w, height=h))
     total = len(files) + len(not_read)
-    listed = "; ".join(f"{p.name}: {why}" for p, why in skipped[:8]) + ("; ..." if len(skipped) > 8 else "")
     if not items:
-        raise UserError(f"None of the {total} images in '{root}' could be read and used ({listed}). "
-                        "Re-export them as PNG or JPEG and run again.")
-    if skipped and on_bad_image == "stop":
-        raise UserError(f"{len(skipped)} of the {total} images in '{root}' cannot be used ({listed}), and "
-                        "on_bad_image = 'stop'. Fix or remove them, or set on_bad_image = 'skip' "
-                        f"(--set on_bad_image=skip) to train on the {len(items)} good ones.")
-    return Dataset(items=items, skipped=skipped, caption_rule=caption_rule(caption, trigger), warnings=notes)
+        raise UserError(f"None of the {total} images in '{root}' could be read and used "
+                        f"({_listing(skipped, lambda p: p.name)}). Re-export them as PNG or JPEG and run again.")
+    ds = Dataset(items=items, skipped=skipped, caption_rule=caption_rule(caption, trigger), warnings=notes,
+                 triggers=[trigger] if trigger else [], source=str(folder))
+    if on_bad_image == "stop":
+        _stop_on_bad(ds, f"'{root}'")
+    return ds
+
+
+def _listing(skipped: list[tuple[Path, str]], name) -> str:
+    return "; ".join(f"{name(p)}: {why}" for p, why in skipped[:8]) + ("; ..." if len(skipped) > 8 else "")
+
+
+def _stop_on_bad(ds: Dataset, where: str) -> None:
+    """on_bad_image = 'stop': refuse to train with any image left out (every file is an item or skipped)."""
+    if ds.skipped:
+        raise UserError(f"{len(ds.skipped)} of the {len(ds.items) + len(ds.skipped)} images in {where} cannot be "
+                        f"used ({_listing(ds.skipped, ds.name)}), and on_bad_image = 'stop'. Fix or remove them, or "
+                        f"set on_bad_image = 'skip' (--set on_bad_image=skip) to train on the {len(ds.items)} good ones.")
+
+
+def load(images: str, caption: str, trigger: str, resolution: int, on_bad_image: str = "skip") -> Dataset:
+    """`--images`: a folder (`scan`), or a .toml dataset file that lists several folders."""
+    path = Path(images).expanduser()
+    if path.suffix.lower() != ".toml" or path.is_dir():
+        return scan(images, caption, trigger, resolution, on_bad_image)
+    parts, rules, repeats = [], [], []
+    for entry, folder in _read_dataset_file(path):
+        try:  # each folder on its own; on_bad_image = 'stop' is decided below, listing every folder's files
+            part = scan(str(folder), entry.get("caption", caption), entry.get("trigger", trigger), resolution)
+        except UserError as exc:
+            raise UserError(f"In the dataset file '{path}', folder '{entry['path']}': {exc} (A folder's trigger "
+                            "and caption can also be set in its [[folders]] table.)") from exc
+        repeats.append(entry.get("repeats", 1))
+        for it in part.items:
+            it.repeats = repeats[-1]
+        parts.append(part)
+        rules.append(f"{entry['path'].rstrip('/')}/: {part.caption_rule}")
+    count = f"{len(parts)} folder{'s' if len(parts) > 1 else ''}"
+    ds = Dataset(items=[it for part in parts for it in part.items],
+                 skipped=[s for part in parts for s in part.skipped],
+                 caption_rule=" | ".join(rules),
+                 warnings=[w for part in parts for w in part.warnings],
+                 triggers=list(dict.fromkeys(t for part in parts for t in part.triggers)),
+                 source=f"{count} in {images}" + (f" (repeats {', '.join(map(str, repeats))})"
+                                                   if set(repeats) != {1} else ""),
+                 base=path.parent)
+    if on_bad_image == "stop":
+        _stop_on_bad(ds, f"the folders of '{path}'")
+    return ds
+
+
+FOLDER_KEYS = {"path": str, "trigger": str, "caption": str, "repeats": int}
+EXAMPLE = '[[folders]] path = "my_dog" trigger = "sks dog" repeats = 2'
+
+
+def _read_dataset_file(path: Path) -> list[tuple[dict, Path]]:
+    """The dataset file's [[folders]] tables and their folders, checked: every mistake is named before
+    anything is scanned."""
+    def bad(what: str) -> UserError:
+        return UserError(f"The dataset file '{path}' {what}. Each folder is one table, e.g. {EXAMPLE} "
+                         "(keys: path, and optionally trigger, caption, repeats; README, 'Several folders').")
+
+    def unknown(key: str, valid: list[str], where: str) -> UserError:
+        close = difflib.get_close_matches(key, valid, n=1)
+        return bad(f"has an unknown key '{key}' {where}.{f' Did you mean {close[0]!r}?' if close else ''} "
+                   f"Valid keys there: {', '.join(valid)}")
+
+    if not path.is_file():
+        raise UserError(f"The dataset file '{path}' does not exist. Pass --images with a folder of images, or "
+                        "with a .toml file that lists folders (README, 'Several folders').")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"Cannot read the dataset file '{path}' ({exc}). Check that it is a UTF-8 text file "
+                        "you can read.") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"The dataset file '{path}' is not valid TOML ({exc}). Fix the syntax and run again.") from exc
+    for key in doc:
+        if key != "folders":
+            raise unknown(key, ["folders"], "at the top level")
+    entries = doc.get("folders")
+    if not entries:
+        raise bad("lists no folders: it needs at least one [[folders]] table with a path")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise bad("has 'folders' as a plain value: write one [[folders]] table per folder")
+    seen: dict[Path, int] = {}
+    folders = []
+    for n, entry in enumerate(entries, 1):
+        where = f"in its [[folders]] table {n}"
+        for key, value in entry.items():
+            if key not in FOLDER_KEYS:
+                raise unknown(key, list(FOLDER_KEYS), where)
+            want = FOLDER_KEYS[key]
+            if not isinstance(value, want) or isinstance(value, bool):  # TOML true is no repeat count
+                raise bad(f"has {key} = {value!r} {where}: it must be "
+                          + ("a whole number like 2" if want is int else 'a string in quotes, like "sks dog"'))
+        if not entry.get("path"):
+            raise bad(f"has no path {where}: add path = \"FOLDER\" (relative to the file's folder)")
+        if entry.get("repeats", 1) < 1:
+            raise bad(f"has repeats = {entry['repeats']} {where}: it must be 1 or more (how many times each "
+                      "of the folder's images is drawn per epoch)")
+        folder = path.parent / Path(entry["path"]).expanduser()
+        if not folder.is_dir():
+            what = "is a file, not a folder" if folder.is_file() else "does not exist"
+            raise bad(f"names the folder '{entry['path']}' {where}, which {what} (looked for '{folder}'; a "
+                      "relative path starts at the dataset file's folder)")
+        if (first := seen.setdefault(folder.resolve(), n)) != n:
+            raise bad(f"lists the folder '{entry['path']}' twice (tables {first} and {n}): give each folder one "
+                      "table (repeats = N draws its images N times per epoch)")
+        folders.append((entry, folder))
+    return folders

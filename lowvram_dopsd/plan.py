@@ -361,7 +361,8 @@ def optimizer_bytes(n: int, optimizer: str) -> float:
 def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = None,
               calibration: dict[str, float] | None = None, budget_gib: float | None = None) -> Plan:
     """`settings`: resolution (or height/width), rank, quant, optimizer, grad_checkpointing,
-    max_sequence_length, teacher_max_sequence_length, teacher, teacher_ema_on, micro_batch (default 1; all
+    max_sequence_length, teacher_max_sequence_length, teacher, teacher_ema_on, micro_batch (default 1), dtype
+    (default bf16; fp32 doubles the compute-dtype bytes: a model, the calibration is bf16; all
     as in TrainConfig), and fused_linear (the 8-bit layers run on the fused Triton kernel; default False:
     quanto)."""
     cal = {**CALIBRATION, **(calibration or {})}
@@ -377,20 +378,24 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     tok = tokens_for(arch, height, width, int(s["max_sequence_length"]),
                      int(s["teacher_max_sequence_length"]), teacher)
     quant = s["quant"]
-    q_bytes, kept_bytes = weights_bytes(c, quant)
+    dtype = s.get("dtype") or "bf16"
+    # bytes per element of the compute dtype: the base kept unquantized, the activations and the LoRA's
+    # casts. Calibrated in bf16; fp32 doubles each of them (a model, not measured: fp32 is for the CPU)
+    e = 4 if dtype == "fp32" else 2
+    q_bytes, kept_bytes = weights_bytes(c, quant, e)
     b = int(s.get("micro_batch") or 1)  # samples per forward: every per-token activation term is x b
     per = f" x {b} samples" if b > 1 else ""
 
     rows = []
     if quant != "none":
         rows.append(Row("frozen base, 8-bit", f"{c.quant_weight / 1e9:.2f}B weights ({quant}) + scales", q_bytes))
-    rows.append(Row("frozen base, bf16", f"{(c.total - (c.quant_weight + c.quant_bias if quant != 'none' else 0)) / 1e9:.3f}B "
+    rows.append(Row(f"frozen base, {dtype}", f"{(c.total - (c.quant_weight + c.quant_bias if quant != 'none' else 0)) / 1e9:.3f}B "
                     "params (skipped layers, norms, pad tokens)" if quant != "none" else f"{c.total / 1e9:.2f}B params",
                     kept_bytes))
     rows.append(Row("LoRA student (fp32)", f"{c.lora / 1e6:.1f}M params, rank {s['rank']}, {c.lora_layers} layers",
                     4 * c.lora))
     if s.get("teacher_ema_on", "device") == "cpu":  # the fp32 EMA in host RAM, a bf16 copy on the GPU
-        rows.append(Row("LoRA EMA teacher (bf16 copy)", "its fp32 EMA state in host RAM", 2 * c.lora))
+        rows.append(Row(f"LoRA EMA teacher ({dtype} copy)", "its fp32 EMA state in host RAM", e * c.lora))
     else:
         rows.append(Row("LoRA EMA teacher (fp32)", "same shapes, a buffer", 4 * c.lora))
     rows.append(Row("LoRA gradients (fp32)", "kept across the roll-out's per-step backwards", 4 * c.lora))
@@ -401,19 +406,19 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     n_blocks = sum(n for _, n, _ in streams)
     rank = int(s["rank"])
     lora_per_block = c.lora_layers / max(n_blocks, 1)
-    lora_copies = 2 * c.lora / max(n_blocks, 1)   # bf16 casts of one block's LoRA factors, saved for backward
+    lora_copies = e * c.lora / max(n_blocks, 1)   # compute-dtype casts of one block's LoRA factors, saved for backward
 
     def full(name: str, t: int) -> float:  # all saved activations of one block with t tokens per sample
-        return b * (arch.k_block[name] * t * dim + lora_per_block * rank * 2 * t) + lora_copies
+        return b * (arch.k_block[name] * e / 2 * t * dim + lora_per_block * rank * e * t) + lora_copies
 
     block_full = {name: full(name, t) for name, n, t in streams if n}
     worst = max(block_full, key=block_full.get)
     t_worst = next(t for name, _, t in streams if name == worst)
-    inputs = b * sum(n * t * dim * 2 for _, n, t in streams)
-    bwd = b * cal["c_bwd"] * tok.student * dim * 2
+    inputs = b * sum(n * t * dim * e for _, n, t in streams)
+    bwd = b * cal["c_bwd"] * tok.student * dim * e
     no_ckpt = sum(n * full(name, t) for name, n, t in streams if n)
     if s.get("grad_checkpointing", True):
-        act_rows = [Row("activations: block inputs", f"{n_blocks} checkpointed blocks (bf16 inputs, <= {tok.student} "
+        act_rows = [Row("activations: block inputs", f"{n_blocks} checkpointed blocks ({dtype} inputs, <= {tok.student} "
                         f"tokens x {dim}{per})", inputs),
                     Row("activations: one block recomputed", f"{worst}: {arch.k_block[worst]:g} B/token/dim x "
                         f"{t_worst} tokens{per} + LoRA", block_full[worst])]
@@ -422,9 +427,9 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
         act_rows = [Row("activations: all blocks (no checkpointing)",
                         f"{n_blocks} blocks x <= {tok.student} tokens{per}", no_ckpt)]
         student = no_ckpt + bwd
-    act_rows.append(Row("activations: backward temporaries", f"{cal['c_bwd']:g} x tokens x dim x 2 B{per}", bwd))
+    act_rows.append(Row("activations: backward temporaries", f"{cal['c_bwd']:g} x tokens x dim x {e} B{per}", bwd))
     fused = bool(s.get("fused_linear")) and quant in QUANTO
-    teacher_fwd = b * cal.get("c_fwd", arch.c_fwd_fused if fused else arch.c_fwd) * tok.teacher * dim * 2
+    teacher_fwd = b * cal.get("c_fwd", arch.c_fwd_fused if fused else arch.c_fwd) * tok.teacher * dim * e
     work = cal["work"]
     if student >= teacher_fwd:
         phase, rows_act = "student backward", act_rows
@@ -442,12 +447,12 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     rows.append(Row("workspace", "cuBLAS/attention workspaces", work))
     if quant != "none":
         rows.append(Row("(largest dequantized weight)", "transient inside one 8-bit matmul; freed before the peak",
-                        c.max_linear * 2, in_peak=False))
+                        c.max_linear * e, in_peak=False))
     if s.get("grad_checkpointing", True):
         rows.append(Row("(activations without checkpointing)", "for comparison", no_ckpt + bwd, in_peak=False))
     peak = static + activation + work
     settings_out = {**{k: s[k] for k in ("rank", "quant", "optimizer", "grad_checkpointing", "max_sequence_length",
-                                         "teacher_max_sequence_length", "teacher_ema_on") if k in s},
+                                         "teacher_max_sequence_length", "teacher_ema_on") if k in s}, "dtype": dtype,
                     "height": height, "width": width, "teacher": teacher, "micro_batch": b}
     return Plan(model, mc.source, arch, settings_out, c, tok, rows, peak, no_ckpt + bwd, phase, budget_gib)
 
@@ -468,6 +473,8 @@ def suggest(model: str, settings: dict[str, Any], budget_gib: float, mc: ModelCo
     s = dict(settings)
     out = []
     steps: list[tuple[str, dict[str, Any]]] = []
+    if s.get("dtype") == "fp32":  # twice the bytes of bf16 in the base and every activation
+        steps.append(("--dtype bf16", {"dtype": "bf16"}))
     if s["quant"] == "none":
         steps.append(("--quant qint8", {"quant": "qint8"}))
     if s["optimizer"] != "adamw8bit":
@@ -510,7 +517,7 @@ def _settings(cfg) -> dict[str, Any]:
     return {"resolution": cfg.resolution, "rank": cfg.rank, "quant": cfg.quant, "optimizer": cfg.optimizer,
             "grad_checkpointing": cfg.grad_checkpointing, "max_sequence_length": cfg.max_sequence_length,
             "teacher_max_sequence_length": cfg.teacher_max_sequence_length, "teacher": cfg.teacher,
-            "teacher_ema_on": cfg.teacher_ema_on, "micro_batch": cfg.micro_batch,
+            "teacher_ema_on": cfg.teacher_ema_on, "micro_batch": cfg.micro_batch, "dtype": cfg.dtype,
             "lora_targets": list(cfg.lora_targets), "fused_linear": fused_linear_planned(cfg.kernels, cfg.quant) or cfg.act_quant != "off"}
 
 
@@ -523,7 +530,7 @@ def render(plan: Plan, console=None, suggestions: list[tuple[str, Plan]] | None 
 
     console = console or Console()
     s = plan.settings
-    title = (f"{plan.model} ({plan.arch.family}) - {s['height']}x{s['width']}, rank {s['rank']}, "
+    title = (f"{plan.model} ({plan.arch.family}) - {s['height']}x{s['width']}, {s.get('dtype', 'bf16')}, rank {s['rank']}, "
              f"quant {s['quant']}, {s['optimizer']}, checkpointing {'on' if s.get('grad_checkpointing', True) else 'off'}")
     b = s.get("micro_batch", 1)
     batch = (f"micro_batch {b} (activations scaled linearly from the batch-1 GPU calibration)" if b > 1
@@ -641,6 +648,7 @@ def measure_block_activations(family: str, dim_heads: int = 4, tokens: int = 256
 
 
 def vram_of_preset(preset: str | None) -> float | None:
-    if preset and preset in CARD_BUDGET_GIB:
-        return CARD_BUDGET_GIB[preset]
-    return None
+    """The budget of the card preset a run is built on: `--preset 16gb`, or a file whose `base` is it."""
+    from .config import shipped_root
+
+    return CARD_BUDGET_GIB.get(shipped_root(preset)) if preset else None

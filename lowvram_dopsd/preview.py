@@ -3,7 +3,7 @@
 With `preview_every = N` (0 = off) the trainer writes `<output>/previews/step-000000.png` before the
 first step (the base model: the baseline), every N steps, and at the end. Each grid holds one
 sample per preview prompt (`preview_prompts`; default: two training captions and two unseen
-scenes with the trigger), drawn with the family's default few-step schedule (Z-Image 8 steps) by
+scenes with the trigger, or one per trigger with several), drawn with the family's default few-step schedule (Z-Image 8 steps) by
 the student (base + student LoRA), from seed `preview_seed + i` for prompt i, and decoded by
 `family.decode_latents` (the VAE is loaded for that, then released). The same image comes out of
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from .data import mentions_trigger
 from .families.base import Cond, Family
 from .lora import DualLoRA
 
@@ -27,11 +28,17 @@ UNSEEN_SCENES = ("{trigger}, walking through a busy city street at night, neon s
                  "a watercolor painting of {trigger} in a sunny meadow")
 
 
-def default_prompts(captions: list[str], trigger: str) -> list[str]:
-    """Two training captions (what it learns), plus two new scenes with the trigger (does it generalise)."""
-    seen = list(dict.fromkeys(captions))[:2]
-    unseen = [s.format(trigger=trigger) for s in UNSEEN_SCENES] if trigger else []
-    return seen + unseen
+def default_prompts(captions: list[str], triggers: str | list[str]) -> list[str]:
+    """Two training captions (what it learns), plus two new scenes with the trigger (does it generalise).
+
+    Several triggers (a dataset file's folders): a caption of each of the first two, and one new scene
+    per trigger, six prompts at most (each preview prompt costs a sample at every preview)."""
+    triggers = [t for t in ([triggers] if isinstance(triggers, str) else triggers) if t]
+    if len(triggers) <= 1:
+        return list(dict.fromkeys(captions))[:2] + [s.format(trigger=t) for t in triggers for s in UNSEEN_SCENES]
+    seen = [next((c for c in captions if mentions_trigger(c, t)), None) for t in triggers[:2]]
+    unseen = [UNSEEN_SCENES[i % len(UNSEEN_SCENES)].format(trigger=t) for i, t in enumerate(triggers[:4])]
+    return list(dict.fromkeys(c for c in seen if c)) + unseen
 
 
 @torch.no_grad()

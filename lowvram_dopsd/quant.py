@@ -253,6 +253,101 @@ def _weight_files(folder: Path) -> dict[str, Path] | None:
         return {k: files[0] for k in f.keys()}
 
 
+class Rows(tuple):
+    """Where one tensor of the model lies in a single-file checkpoint: (file, source tensor name, row runs
+    [(start, stop), ...] of its dim 0, concatenated in order; None = the whole tensor)."""
+
+
+_ROW_BITS = 32  # placeholder value = source id << _ROW_BITS | row
+
+
+def check_transformer_file(path: str | Path) -> Path:
+    """A `transformer_file` the loader may read: an existing .safetensors file (never a pickle) with a
+    readable header. Returns its resolved path."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"transformer_file '{path}' does not exist{' (it is a folder)' if path.is_dir() else ''}. "
+                        "Pass the path of the fine-tune's .safetensors file.")
+    if path.suffix != ".safetensors":
+        raise UserError(f"transformer_file '{path}' is not a .safetensors file. Formats such as .ckpt, .pt and .bin "
+                        "are pickles, which can run code when loaded; this tool reads safetensors only. Download "
+                        "the .safetensors version of the fine-tune.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if not list(f.keys()):
+                raise ValueError("it holds no tensors")
+    except Exception as exc:  # SafetensorsError, OSError, ...
+        raise UserError(f"transformer_file '{path}' is not a readable safetensors file ({exc}). The download is "
+                        "probably incomplete: download it again.") from exc
+    return path.resolve()
+
+
+def single_file_map(model_cls, path: str | Path, model_keys: list[str]) -> dict[str, Path | Rows]:
+    """Tensor name of `model_cls` -> where to read it in the single-file checkpoint `path`, without reading
+    any weight. A file in diffusers key layout maps directly. Otherwise diffusers' own converter for the
+    class (the one `from_single_file` runs) is run on placeholders: for each source tensor a 1-D int64
+    tensor of length shape[0] holding (source id, row index), so each converted tensor says which source
+    tensor and which of its rows it is made of (renames, q/k/v splits, scale/shift swaps)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    scaled = [k for k in shapes if k.endswith(("scaled_fp8", ".scale_weight", ".weight_scale", ".input_scale"))]
+    if scaled:  # the float8 weights only mean something times these scales: loaded as is they would be wrong
+        raise UserError(f"transformer_file '{path}' is a scaled-FP8 checkpoint ({scaled[0]}); this loader reads "
+                        "plain bf16/fp16/fp32 (or unscaled FP8) weights. Use the bf16 or fp16 version of the fine-tune.")
+    if set(model_keys) == set(shapes):  # diffusers layout (from_single_file converts nothing either)
+        return {k: path for k in shapes}
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    spec = SINGLE_FILE_LOADABLE_CLASSES.get(model_cls.__name__)
+    present = [k for k in model_keys if k in shapes]
+    if spec is None:
+        raise UserError(f"transformer_file '{path}' is not in diffusers key layout (it lacks "
+                        f"{len(model_keys) - len(present)} of the model's {len(model_keys)} tensors), and diffusers "
+                        f"has no converter for {model_cls.__name__} from other layouts.")
+    names = list(shapes)
+    placeholders = {}
+    for i, k in enumerate(names):
+        n = shapes[k][0] if shapes[k] else 1
+        placeholders[k] = (i << _ROW_BITS) + torch.arange(n, dtype=torch.int64)
+    try:
+        converted = spec["checkpoint_mapping_fn"](checkpoint=placeholders, config=None)
+    except Exception as exc:
+        raise UserError(f"transformer_file '{path}': its key layout is neither diffusers' nor one diffusers' "
+                        f"{model_cls.__name__} converter reads ({type(exc).__name__}: {exc}). Is it a "
+                        f"{model_cls.__name__.replace('Transformer2DModel', '')} transformer?") from exc
+    out: dict[str, Path | Rows] = {}
+    for key, t in converted.items():
+        if not (isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 1 and t.numel()):
+            raise UserError(f"transformer_file '{path}': diffusers' converter builds {key} in a way this loader "
+                            "cannot map to rows of the file (not a rename, split or reorder along dim 0).")
+        ids, rows = (t >> _ROW_BITS).tolist(), (t & ((1 << _ROW_BITS) - 1)).tolist()
+        src = names[ids[0]] if 0 <= ids[0] < len(names) else None
+        if src is None or any(i != ids[0] for i in ids) or not shapes[src] and rows != [0]:
+            raise UserError(f"transformer_file '{path}': diffusers' converter builds {key} from several tensors "
+                            "or by arithmetic; this loader reads row slices of one tensor only.")
+        if not shapes[src]:
+            out[key] = Rows((path, src, None))
+            continue
+        runs, start = [], rows[0]
+        for a, b in zip(rows, rows[1:] + [None]):
+            if b != a + 1:
+                runs.append((start, a + 1))
+                start = b
+        whole = runs == [(0, shapes[src][0])]
+        out[key] = path if whole and src == key else Rows((path, src, None if whole else tuple(runs)))
+    missing = [k for k in model_keys if k not in out]
+    if missing:
+        raise UserError(f"transformer_file '{path}' has no tensor for {missing[0]} (and {len(missing) - 1} more of "
+                        f"the model's {len(model_keys)}), in diffusers' or the original key layout: it is not a "
+                        f"{model_cls.__name__} for this model's config.")
+    return out
+
+
 def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The loading units: each block of every top-level ModuleList, and every other top-level child."""
     out = []
@@ -271,13 +366,21 @@ def _read(keys: list[str], files: dict[str, Path], device: torch.device) -> dict
 
     by_file: dict[Path, list[str]] = {}
     for k in keys:
-        by_file.setdefault(files[k], []).append(k)
+        by_file.setdefault(files[k][0] if isinstance(files[k], Rows) else files[k], []).append(k)
     out = {}
     dev = str(device) if device.type != "cuda" or device.index is not None else "cuda:0"
     for path, names in by_file.items():
         with safe_open(str(path), framework="pt", device=dev) as f:
             for k in names:
-                out[k] = f.get_tensor(k)
+                where = files[k]
+                if not isinstance(where, Rows):
+                    out[k] = f.get_tensor(k)
+                elif where[2] is None:
+                    out[k] = f.get_tensor(where[1])
+                else:  # only the rows this tensor is made of (a third of a fused q/k/v, ...)
+                    part = f.get_slice(where[1])
+                    pieces = [part[a:b].to(dev) for a, b in where[2]]  # (.to: a no-op where slices land on dev)
+                    out[k] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return out
 
 
@@ -290,6 +393,14 @@ def _fill(module: nn.Module, prefix: str, files: dict[str, Path], device: torch.
         raise UserError(f"The checkpoint has no tensor {missing[0]} (and {len(missing) - 1} more): it does not "
                         "match this model's config. Download the model again.")
     tensors = _read(full, files, device)
+    expected = module.state_dict(keep_vars=True)
+    wrong = [(k, tuple(tensors[k].shape), tuple(expected[n].shape)) for n, k in zip(names, full)
+             if tuple(tensors[k].shape) != tuple(expected[n].shape)]
+    if wrong:
+        k, got, want = wrong[0]
+        raise UserError(f"The checkpoint's {k} has shape {list(got)}, the model's config says {list(want)} (and "
+                        f"{len(wrong) - 1} more differ): the weights do not fit this model's config (another "
+                        "model size or family?).")
     state = {n: _own(t, dtype, device) for n, t in zip(names, (tensors[k] for k in full))}
     module.load_state_dict(state, assign=True, strict=True)
 
@@ -313,17 +424,18 @@ def _trim_host_heap() -> None:
 
 
 def load_frugal(model_cls, folder: str | Path, device: torch.device, dtype: torch.dtype, kind: str,
-                skip: tuple[str, ...] = ()) -> nn.Module:
+                skip: tuple[str, ...] = (), weights_file: str | Path | None = None) -> nn.Module:
     """Build `model_cls` from `folder/config.json` on meta, then load + quantize it unit by unit on `device`.
 
-    Falls back to `from_pretrained` (then quantization of the whole model) when the folder holds no
-    safetensors weights or the model keeps state outside its state dict.
+    `weights_file`: a single .safetensors file (a fine-tune; diffusers or original key layout, see
+    `single_file_map`) read instead of the folder's weights. Falls back to `from_pretrained` (then
+    quantization of the whole model) when the folder holds no safetensors weights.
     """
     folder = Path(folder)
-    files = _weight_files(folder)
+    files = None if weights_file else _weight_files(folder)
     if kind != "none":
         _require(kind)
-    if files is None:
+    if files is None and not weights_file:
         model = model_cls.from_pretrained(folder, dtype=dtype, low_cpu_mem_usage=True, use_safetensors=True)
         model.requires_grad_(False)
         quantize_frozen(model, kind, skip)
@@ -331,6 +443,8 @@ def load_frugal(model_cls, folder: str | Path, device: torch.device, dtype: torc
     with torch.device("meta"):
         model = model_cls.from_config(model_cls.load_config(folder))
     model.requires_grad_(False)
+    if weights_file:
+        files = single_file_map(model_cls, weights_file, list(model.state_dict().keys()))
     for p_name, p in list(model.named_parameters(recurse=False)) + list(model.named_buffers(recurse=False)):
         _fill_direct(model, p_name, files, device, dtype)
     for prefix, module in units(model):
@@ -354,6 +468,10 @@ def _fill_direct(model: nn.Module, name: str, files: dict[str, Path], device: to
         return  # a non-persistent buffer: reported by the final meta check if it stays unset
     t = _own(_read([name], files, device)[name], dtype, device)
     current = getattr(model, name)
+    if tuple(t.shape) != tuple(current.shape):
+        raise UserError(f"The checkpoint's {name} has shape {list(t.shape)}, the model's config says "
+                        f"{list(current.shape)}: the weights do not fit this model's config (another model size "
+                        "or family?).")
     if isinstance(current, nn.Parameter):
         setattr(model, name, nn.Parameter(t, requires_grad=False))
     else:

@@ -1,20 +1,35 @@
 """Generate with a trained LoRA through the STOCK diffusers pipeline: what users of the LoRA will get.
 
-    lowvram-dopsd sample --lora out --prompt "sks dog surfing a wave" [--steps 8] [--seed 0] [--output dog.png]
+    lowvram-dopsd sample --lora out --prompt "sks dog surfing a wave" [--seed 0] [--count 4] [--output dog.png]
+    lowvram-dopsd sample --lora out/loras/step-000500.safetensors --lora out/loras/step-001000.safetensors --prompt ...
 
-The base model is read from the LoRA's metadata (`base_model`, written by the trainer) unless
+The base model is read from the (first) LoRA's metadata (`base_model`, written by the trainer) unless
 `--model` is given. The pipeline is `DiffusionPipeline.from_pretrained(base)` and the LoRA goes in
 with `pipe.load_lora_weights(...)`: no code of ours runs between them, so this is the check that
 the file works outside this tool. `--lora` takes an output folder, a checkpoint folder or a
-.safetensors file (including a ComfyUI export: diffusers converts it on load). Noise comes from a
-CPU generator seeded with `--seed`, so `--seed preview_seed + i` reproduces preview image i.
+.safetensors file (including a ComfyUI export: diffusers converts it on load); given several times,
+the pipeline is loaded once and each LoRA in turn replaces the last (`delete_adapters`), every LoRA
+drawing the same prompts from the same seeds. Noise comes from a CPU generator seeded with `--seed`
+(`--count N`: image c of a prompt gets seed + c), so `--seed preview_seed + i` reproduces preview image i.
 Weights are read from safetensors only; remote code runs only with `--trust-remote-code`.
-`--output` is an image file (no extension: .png, which also keeps the prompt, seed and steps as text)
-or a folder; flags and the file name are checked before the pipeline is loaded.
+
+Output names. `--output` is an image file (no extension: .png, which also keeps the prompt, seed, steps
+and LoRA as text) or a folder; flags, names and formats are checked before the pipeline is loaded.
+- Default names (no `--output`, or a folder) are `sample[-<lora>]-<seed>[-<prompt index>].png`: the
+  LoRA's label only with several LoRAs, the prompt index only with several prompts. They NEVER replace
+  a file: like ComfyUI's SaveImage counter or ai-toolkit's timestamped samples, a second run gets
+  `sample-0_2.png`, then `_3`, ... (the first number free for every name of the call, so one run's
+  images share it; chosen before the pipeline loads, and moved on again if another run takes the name
+  meanwhile).
+- An explicit file name is the user's: `--output dog.png` replaces dog.png (the console says so), and
+  several images become `dog[-<lora>][-<seed> with --count > 1][-<prompt index>].png`, replaced likewise.
+Each image is written to a temporary name beside it and renamed, so a failed write (full disk, folder
+gone) leaves no half-written image; it stops with an error listing the images already written.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -59,11 +74,12 @@ def read_metadata(path: Path) -> dict:
 
 @dataclass
 class SampleRequest:
-    lora: str
+    loras: list[str]
     prompts: list[str]
     model: str = ""
     steps: int = 0
     seed: int = 0
+    count: int = 1  # images per prompt (and LoRA), seeds seed .. seed + count - 1
     width: int = 0
     height: int = 0
     output: str = ""
@@ -72,19 +88,55 @@ class SampleRequest:
     scale: float = 1.0
     trust_remote_code: bool = False
     offload: bool | None = None  # None: model CPU offload on a GPU with < 40 GB
+    transformer_file: str = ""  # a fine-tune's single file; '' = the (first) LoRA's `transformer_file`, if any
 
 
-def output_paths(req: SampleRequest) -> list[Path]:
-    """Where each image goes. A name without an extension gets .png; a folder gets the default names."""
-    n = len(req.prompts)
-    default = [Path(f"sample-{req.seed}-{i}.png" if n > 1 else f"sample-{req.seed}.png") for i in range(n)]
-    if not req.output:
-        return default
-    out = Path(req.output).expanduser()
-    if req.output.endswith(("/", os.sep)) or out.is_dir():
-        return [out / p for p in default]
+@dataclass
+class Shot:
+    """One image to make: which LoRA and prompt (indices), its seed, and where it goes."""
+    lora: int
+    prompt: int
+    seed: int
+    base: Path  # the name before any `_2` that keeps an existing file
+    path: Path
+
+
+def lora_labels(files: list[Path]) -> list[str]:
+    """Names for the LoRAs in image names: the file's stem, or its folder's name for a pytorch_lora_weights
+    file; prefixed with the position when two would be the same (images of one call never share a name)."""
+    labels = [f.parent.resolve().name if f.name == LORA_FILE else f.stem for f in files]
+    return labels if len(set(labels)) == len(labels) else [f"{k}-{label}" for k, label in enumerate(labels)]
+
+
+def numbered(path: Path, n: int) -> Path:
+    return path if n == 1 else path.with_name(f"{path.stem}_{n}{path.suffix}")
+
+
+def first_free(paths: list[Path]) -> list[Path]:
+    """The paths with the first number none of them has yet (none, `_2`, `_3`, ...): one call's images share it."""
+    n = next(n for n in itertools.count(1) if not any(numbered(p, n).exists() for p in paths))
+    return [numbered(p, n) for p in paths]
+
+
+def plan_shots(req: SampleRequest, labels: list[str]) -> tuple[list[Shot], bool]:
+    """Every image of the call, in generation order, and whether the names are the user's own (`--output` file).
+
+    Names carry what varies: the LoRA's label (several LoRAs), the seed (always in default names; with an
+    explicit name only for --count > 1) and the prompt index (several prompts)."""
+    keys = [(k, i, req.seed + c) for k in range(len(labels)) for i in range(len(req.prompts)) for c in range(req.count)]
+
+    def parts(k: int, i: int, seed: int, with_seed: bool) -> list[str]:
+        return ([labels[k]] if len(labels) > 1 else []) + ([str(seed)] if with_seed else []) + \
+            ([str(i)] if len(req.prompts) > 1 else [])
+
+    out = Path(req.output).expanduser() if req.output else None
+    if out is None or req.output.endswith(("/", os.sep)) or out.is_dir():
+        base = [(out or Path()) / ("-".join(["sample", *parts(*key, True)]) + ".png") for key in keys]
+        return [Shot(*key, b, p) for key, b, p in zip(keys, base, first_free(base))], False
     out = out if out.suffix else out.with_name(out.name + ".png")
-    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+    base = [out] if len(keys) == 1 else \
+        [out.with_name("-".join([out.stem, *parts(*key, req.count > 1)]) + out.suffix) for key in keys]
+    return [Shot(*key, b, b) for key, b in zip(keys, base)], True
 
 
 def check_output(path: Path) -> str:
@@ -118,6 +170,9 @@ def check_request(req: SampleRequest) -> None:
     if req.steps < 0:
         raise UserError(f"--steps {req.steps}: the number of sampling steps cannot be negative. Leave it out (or "
                         "pass 0) for the model's own few-step count.")
+    if req.count < 1:
+        raise UserError(f"--count {req.count}: the number of images per prompt must be at least 1 (they get the "
+                        "seeds --seed, --seed + 1, ...).")
 
 
 def check_family(info: dict, family_name: str, lora_file: Path, base: str) -> None:
@@ -130,6 +185,26 @@ def check_family(info: dict, family_name: str, lora_file: Path, base: str) -> No
                         "model in the LoRA's metadata.")
 
 
+def write_image(image: Image.Image, path: Path, fmt: str, pnginfo: PngImagePlugin.PngInfo | None) -> None:
+    """Write to a temporary name in the same folder, then rename: a failed write (full disk) never leaves a
+    half-written file under the final name, nor replaces an older image with one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: its 0600 would stay on the image
+    try:
+        image.save(tmp, format=fmt, **({"pnginfo": pnginfo} if pnginfo else {}))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_failed(path: Path, exc: OSError, written: list[Path]) -> UserError:
+    done = ", ".join(map(str, written[:6])) + (f" and {len(written) - 6} more" if len(written) > 6 else "")
+    return UserError(f"Could not write '{path}' ({exc.strerror or exc}); no partial image was left. "
+                     + (f"Already written: {done}. " if written else "No image was written. ")
+                     + "Free disk space, or pass --output a folder you can write to, and run the command again: "
+                     "the same seeds give the same images (and default names never replace earlier ones).")
+
+
 def sample(req: SampleRequest, console=None) -> list[Path]:
     from diffusers import DiffusionPipeline
 
@@ -137,31 +212,39 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
     from .train import resolve_device
 
     check_request(req)
-    paths = output_paths(req)
-    formats = [check_output(path) for path in paths]
-    lora_file = find_lora_file(req.lora)
-    meta = read_metadata(lora_file)
-    info = json.loads(meta.get("lowvram_dopsd", "{}"))
-    base = req.model or info.get("base_model", "")
+    lora_files = [find_lora_file(lora) for lora in req.loras]
+    labels = lora_labels(lora_files)
+    shots, explicit = plan_shots(req, labels)  # decided now, not after minutes of generation
+    formats = {shot.path: check_output(shot.path) for shot in shots}
+    infos = [json.loads(read_metadata(f).get("lowvram_dopsd", "{}")) for f in lora_files]
+    base = req.model or infos[0].get("base_model", "")
     if not base:
-        raise UserError(f"'{lora_file}' does not say which base model it was trained on (no lowvram_dopsd "
+        raise UserError(f"'{lora_files[0]}' does not say which base model it was trained on (no lowvram_dopsd "
                         "metadata). Pass --model (a Hugging Face id or a local diffusers folder).")
     if (known := family_class_of(base)) is not None:  # before load_family may download a model for nothing
-        check_family(info, known.name, lora_file, base)
-    family = load_family(base)  # finds the folder (or cached id) and checks its components
-    check_family(info, family.name, lora_file, base)
+        for info, f in zip(infos, lora_files):
+            check_family(info, known.name, f, base)
+    transformer_file = req.transformer_file or infos[0].get("transformer_file", "")
+    if transformer_file and not req.transformer_file and not Path(transformer_file).is_file():
+        raise UserError(f"'{lora_files[0]}' was trained on the transformer file '{transformer_file}', which is not "
+                        "there any more. Pass --transformer-file with its new location.")
+    # finds the folder (or cached id) and checks its components, and the transformer file if any
+    family = load_family(base, transformer_file=transformer_file)
+    for info, f in zip(infos, lora_files):
+        check_family(info, family.name, f, base)
     if not family.in_diffusers:
         raise UserError(f"`sample` runs the stock diffusers pipeline, and {family.pipeline_class} (the "
                         f"{family.name} family) is not one. Load the LoRA with the family's own pipeline "
                         f"instead (for the toy world: lowvram_dopsd.toy.pipeline.ToyDiTPipeline, docs/toy.md).")
     device = resolve_device(req.device)
     dtype = DTYPES[req.dtype] if device.type == "cuda" else torch.float32
+    parts = {}
+    if family.transformer_file:  # the fine-tune, read by diffusers' own single-file loader (not ours)
+        import diffusers
+        parts["transformer"] = getattr(diffusers, family.transformer_class).from_single_file(
+            str(family.transformer_file), config=str(family.model_dir), subfolder="transformer", torch_dtype=dtype)
     pipe = DiffusionPipeline.from_pretrained(family.model_dir, dtype=dtype, use_safetensors=True,
-                                             trust_remote_code=req.trust_remote_code)
-    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, use_safetensors=True,
-                           adapter_name="dopsd")
-    if req.scale != 1.0:
-        pipe.set_adapters(["dopsd"], adapter_weights=[req.scale])
+                                             trust_remote_code=req.trust_remote_code, **parts)
     offload = req.offload
     if offload is None:
         offload = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 40 * 2**30
@@ -170,22 +253,43 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
     else:
         pipe.to(device)
     steps = req.steps or family.default_rollout_steps  # the model's own few-step count
-    size = info.get("resolution") or 1024
+    size = infos[0].get("resolution") or 1024  # the first LoRA's: several are compared at one size
     width, height = req.width or size, req.height or size
-    written = []
-    for prompt, path, fmt in zip(req.prompts, paths, formats):
-        gen = torch.Generator("cpu").manual_seed(req.seed)  # same noise on any device (= the trainer's previews)
+    written: list[Path] = []
+    loaded = -1
+    for shot in shots:
+        lora_file = lora_files[shot.lora]
+        if shot.lora != loaded:  # one LoRA in the pipeline at a time: the next replaces it, nothing stacks
+            if loaded >= 0:
+                pipe.delete_adapters(f"dopsd{loaded}")
+            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, use_safetensors=True,
+                                   adapter_name=f"dopsd{shot.lora}")
+            if req.scale != 1.0:
+                pipe.set_adapters([f"dopsd{shot.lora}"], adapter_weights=[req.scale])
+            loaded = shot.lora
+        prompt = req.prompts[shot.prompt]
+        gen = torch.Generator("cpu").manual_seed(shot.seed)  # same noise on any device (= the trainer's previews)
         image = pipe(prompt, num_inference_steps=steps, width=width, height=height, generator=gen,
                      **family.pipeline_call_kwargs).images[0]
-        extra = {}
+        fmt, pnginfo = formats[shot.path], None
         if fmt == "PNG":  # text chunks: only PNG has them (other writers ignore pnginfo)
-            extra["pnginfo"] = PngImagePlugin.PngInfo()
-            for key, value in {"prompt": prompt, "seed": req.seed, "steps": steps, "base_model": base,
-                               "lora": str(lora_file), "lora_scale": req.scale}.items():
-                extra["pnginfo"].add_text(key, str(value))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, format=fmt, **extra)
+            pnginfo = PngImagePlugin.PngInfo()
+            for key, value in {"prompt": prompt, "seed": shot.seed, "steps": steps, "base_model": base,
+                               "lora": str(lora_file), "lora_scale": req.scale,
+                               **({"transformer_file": str(family.transformer_file)}
+                                  if family.transformer_file else {})}.items():
+                pnginfo.add_text(key, str(value))
+        path, note = shot.path, ""
+        if not explicit and path.exists():  # another run took the name while this one generated
+            path = first_free([shot.base])[0]
+        elif explicit and path.exists():
+            note = ", replaced the existing file"
+        try:
+            write_image(image, path, fmt, pnginfo)
+        except OSError as exc:
+            raise save_failed(path, exc, written) from exc
         written.append(path)
         if console is not None:
-            console.print(f"wrote {path}  ({prompt!r}, seed {req.seed}, {steps} steps)")
+            console.print(f"wrote {path}  ({prompt!r}, seed {shot.seed}, {steps} steps"
+                          + (f", {labels[shot.lora]}" if len(labels) > 1 else "") + f"{note})")
     return written

@@ -48,6 +48,7 @@ from .losses import dopsd_loss
 from .output import LORA_FILE, save_lora
 from .preview import Previewer, default_prompts
 from .export import LAYOUTS, read_lora
+from .sample import find_lora_file
 from .progress import Display, make_console
 from .quant import QUANTO, kernels_mode, use_fused_linear
 
@@ -81,11 +82,11 @@ def precompute(family: Family, ds: data.Dataset, teacher: str, cfg: TrainConfig,
     return student[:len(ds)], teacher_conds, student[len(ds):]
 
 
-def check_prior_prompts(cfg: TrainConfig) -> None:
-    """A prior prompt that names the subject would pull the subject itself back to the base."""
-    named = [p for p in cfg.prior_prompts if data.mentions_trigger(p, cfg.trigger)]
+def check_prior_prompts(cfg: TrainConfig, triggers: list[str]) -> None:
+    """A prior prompt that names a subject would pull that subject itself back to the base."""
+    named = [(p, t) for p in cfg.prior_prompts for t in triggers if data.mentions_trigger(p, t)]
     if named:
-        raise UserError(f"The prior prompt {named[0]!r} contains the trigger {cfg.trigger!r}. Prior prompts are "
+        raise UserError(f"The prior prompt {named[0][0]!r} contains the trigger {named[0][1]!r}. Prior prompts are "
                         "the ones whose images must NOT change (e.g. 'a photo of a dog' when you train "
                         "'sks dog'): remove the trigger from them.")
 
@@ -146,12 +147,14 @@ class BucketSampler:
         self.order: list[int] = []
 
     def next(self) -> list[int]:
-        if not self.order:
-            self.order = list(range(len(self.items)))
+        if not self.order:  # an epoch holds each item `repeats` times (1 unless a dataset file says so)
+            self.order = [i for i, it in enumerate(self.items) for _ in range(it.repeats)]
             self.rng.shuffle(self.order)
         first = self.order.pop()
         size = (self.items[first].width, self.items[first].height)
-        same = [i for i in self.order if (self.items[i].width, self.items[i].height) == size]
+        # other images before another copy of this one (a repeated item's copies are alike)
+        same = [i for i in dict.fromkeys(self.order)
+                if i != first and (self.items[i].width, self.items[i].height) == size]
         batch = [first] + same[: self.micro_batch - 1]
         for i in batch[1:]:
             self.order.remove(i)
@@ -222,7 +225,7 @@ def prepare_output(path: str) -> Path:
 
 def run_identity(family: Family, ds: data.Dataset, teacher: str, cfg: TrainConfig) -> dict[str, str]:
     """What a checkpoint must find again to be resumed (checkpoint.check_compatible)."""
-    return {"model": checkpoint.model_identity(family.model_dir, family.name),
+    return {"model": checkpoint.model_identity(family.model_dir, family.name, family.transformer_file),
             "dataset": checkpoint.digest(ds.identity()),
             "conditions": checkpoint.digest([family.encoder_identity("student", cfg),
                                              family.encoder_identity(teacher, cfg)])}
@@ -411,8 +414,10 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
     prior_weight = f"weight {cfg.prior_weight:g}" if cfg.prior_weight else "measured only (weight 0)"
     schedule = f" ({shape})" if (shape := lr_shape(cfg)) else ""
     return {
-        "model": f"{cfg.model} ({family.name})", "preset": preset or "(none)",
-        "dataset": f"{len(ds)} images from {cfg.images}" + (f", {len(ds.skipped)} skipped" if ds.skipped else ""),
+        "model": f"{cfg.model} ({family.name})"
+                 + (f", transformer {family.transformer_file.name}" if family.transformer_file else ""),
+        "preset": preset or "(none)",
+        "dataset": f"{len(ds)} images from {ds.source}" + (f", {len(ds.skipped)} skipped" if ds.skipped else ""),
         "captions": ds.caption_rule,
         "method": f"teacher {teacher}, loss {cfg.loss}, {rollout_steps}-step roll-outs, "
                   f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}"
@@ -494,14 +499,45 @@ def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, s
     }
 
 
-def read_init_lora(cfg: TrainConfig, family: Family) -> dict[str, torch.Tensor]:
-    """The LoRA a new run starts from (`init_lora`), read and checked before anything is encoded."""
-    tensors, rank, alpha = read_lora(cfg.init_lora, family.name)
+def read_init_lora(cfg: TrainConfig, family: Family) -> tuple[dict[str, torch.Tensor], Path]:
+    """The LoRA a new run starts from (`init_lora`) and its file, read and checked before anything is
+    encoded: its rank, alpha and layers must be this run's (DualLoRA.load checks the layers again, exactly,
+    once the transformer is loaded; by then the conditions have been encoded)."""
+    lora_file = find_lora_file(cfg.init_lora).resolve()
+    tensors, rank, alpha = read_lora(str(lora_file), family.name)
     if rank != cfg.rank or not math.isclose(alpha, cfg.alpha, rel_tol=1e-6):
         raise UserError(f"The init LoRA '{cfg.init_lora}' has rank {rank} and alpha {alpha:g}; this run has rank "
                         f"{cfg.rank} and alpha {cfg.alpha:g}. Pass --rank {rank} --alpha {alpha:g} to train it "
                         "further.")
-    return tensors
+    targets = tuple(cfg.lora_targets) or family.lora_targets
+    modules = sorted({key.rsplit(".lora_", 1)[0] for key in tensors})
+    outside = [m for m in modules if not any(m == t or m.endswith("." + t) for t in targets)]
+    unused = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if outside or unused:
+        theirs = sorted({_as_target(m) for m in modules})
+        why = (f"its layers {', '.join(outside[:2])}{', ...' if len(outside) > 2 else ''} are not among this run's "
+               "lora_targets" if outside else f"no layer of it matches the target(s) {', '.join(unused)}")
+        raise UserError(f"The init LoRA '{cfg.init_lora}' was trained on other layers than this run's: {why}. Train "
+                        f"the layers it has: --set lora_targets={','.join(theirs)}")
+    return tensors, lora_file
+
+
+def _as_target(module: str) -> str:
+    """A module's name as a `lora_targets` suffix: what follows its block index ("layers.3.attention.to_q"
+    -> "attention.to_q"; "layers.3.attention.to_out.0" -> "attention.to_out.0")."""
+    parts = module.split(".")
+    first_index = next((i for i, p in enumerate(parts) if p.isdigit()), -1)
+    return ".".join(parts[first_index + 1:])
+
+
+def moved_by_archive(path: Path, out_dir: Path, archived: Path | None) -> Path:
+    """Where a file of the earlier run in --output is after archive_previous_run moved it (an --init-lora
+    from the same folder: the LoRA's metadata must name where it is now)."""
+    try:
+        inside = path.relative_to(out_dir.resolve())
+    except ValueError:
+        return path
+    return archived / inside if archived is not None and (archived / inside).exists() else path
 
 
 def check_device(cfg: TrainConfig, device: torch.device) -> None:
@@ -530,7 +566,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     check_device(cfg, device)
     enc_device = device if cfg.encoders_on == "auto" else resolve_device(cfg.encoders_on)
     dtype = DTYPES[cfg.dtype]
-    family = load_family(cfg.model)
+    family = load_family(cfg.model, transformer_file=cfg.transformer_file)
     teacher = cfg.teacher or family.teachers[0]
     if teacher not in family.teachers:
         raise UserError(f"The {family.name} family supports the teacher kinds {', '.join(family.teachers)}; "
@@ -539,8 +575,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     if cfg.train_states > rollout_steps:
         raise UserError(f"train_states ({cfg.train_states}) cannot exceed the {rollout_steps} roll-out steps.")
     lr = cfg.resolved_lr(family.default_lr)
-    init = read_init_lora(cfg, family) if cfg.init_lora and resume is None else None  # a resumed run has its own
-    ds = data.scan(cfg.images, cfg.caption, cfg.trigger, cfg.resolution, cfg.on_bad_image)
+    init, init_file = read_init_lora(cfg, family) if cfg.init_lora and resume is None else (None, None)
+    ds = data.load(cfg.images, cfg.caption, cfg.trigger, cfg.resolution, cfg.on_bad_image)
     out_dir = prepare_output(cfg.output)
     identity = run_identity(family, ds, teacher, cfg)
 
@@ -555,22 +591,22 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     display = Display(console, cfg.steps, start_step=ckpt.step if ckpt else 0)
     display.header(run_header(cfg, preset, family, ds, teacher, rollout_steps, lr, device, notes, out_dir, ckpt))
     for path, why in ds.skipped:
-        console.print(f"[yellow]skipped[/] {path.name}: {why}")
+        console.print(f"[yellow]skipped[/] {ds.name(path)}: {why}")
     for path, why in ds.warnings:
-        console.print(f"[yellow]warning[/] {path.name}: {why}")
+        console.print(f"[yellow]warning[/] {ds.name(path)}: {why}")
     for remark in remarks:
         console.print(f"[yellow]note[/] {remark}")
     for warning in family.prompt_warnings([it.caption for it in ds.items],
-                                          [it.image_path.name for it in ds.items], teacher, cfg):
+                                          [ds.name(it.image_path) for it in ds.items], teacher, cfg):
         console.print(f"[yellow]warning[/] {warning}")
     if device.type == "cuda":
         warn_if_it_will_not_fit(cfg, device, console)
     check_act_quant(cfg, device)
 
     # 1. conditions, then free the encoders before the transformer is loaded
-    prompts = (cfg.preview_prompts or default_prompts([it.caption for it in ds.items], cfg.trigger)) \
+    prompts = (cfg.preview_prompts or default_prompts([it.caption for it in ds.items], ds.triggers)) \
         if cfg.preview_every else []
-    check_prior_prompts(cfg)
+    check_prior_prompts(cfg, ds.triggers)
     cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
     t0 = time.perf_counter()
     with explain_oom(cfg, preset, "encoding the captions and images"):
@@ -603,6 +639,9 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     if ckpt is None and (archived := checkpoint.archive_previous_run(out_dir)):
         console.print(f"[yellow]note[/] '{out_dir}' held an earlier run: moved to {archived} "
                       "(use --resume to continue a run)")
+        if init_file is not None and (moved := moved_by_archive(init_file, out_dir, archived)) != init_file:
+            console.print(f"[yellow]note[/] the init LoRA was part of it: it is now {moved}")
+            init_file = moved
 
     noise_gen = torch.Generator("cpu").manual_seed(cfg.seed)  # CPU noise: identical on every device
     rng = random.Random(cfg.seed)
@@ -618,9 +657,11 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         checkpoint.trim_metrics(out_dir / "metrics.jsonl", start)
         console.print(f"resumed from {ckpt.path} at step {start}")
     info = {"base_model": model_for_metadata(cfg.model), "family": family.name, "teacher": teacher, "loss": cfg.loss,
-            "caption_rule": ds.caption_rule, "trigger": cfg.trigger, "rollout_steps": rollout_steps,
+            **({"transformer_file": str(family.transformer_file)} if family.transformer_file else {}),
+            "caption_rule": ds.caption_rule, "trigger": ", ".join(ds.triggers), "rollout_steps": rollout_steps,
             "preset": preset, "lr": lr, "lora_init": cfg.lora_init, "ema_decay": cfg.ema_decay,
-            **({"init_lora": model_for_metadata(cfg.init_lora)} if cfg.init_lora else {}),
+            **({"init_lora": str(init_file)} if init_file else
+               {"init_lora": ckpt.info["init_lora"]} if ckpt and "init_lora" in ckpt.info else {}),  # resumed
             "resolution": cfg.resolution,
             **({"lr_schedule": schedule} if (schedule := lr_shape(cfg)) else {}),
             **({"prior_prompts": " | ".join(cfg.prior_prompts), "prior_weight": cfg.prior_weight}

@@ -144,7 +144,13 @@ def test_model_folder_with_missing_or_pickled_weights(tmp_path, tiny_zimage_dir,
     (broken / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")  # safetensors only: never unpickled
     with pytest.raises(UserError, match=r"vae/ has its weights only as diffusion_pytorch_model\.bin.*safetensors only"):
         load_family(str(broken))
-    shutil.copy(tiny_zimage_dir / "vae" / "diffusion_pytorch_model.safetensors", weights)
+    (broken / "vae" / "diffusion_pytorch_model.bin").unlink()
+    shutil.copy(tiny_zimage_dir / "vae" / "diffusion_pytorch_model.safetensors",  # a '--include *fp16*' download
+                broken / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(UserError, match=r"vae/ has its weights only under other names \(diffusion_pytorch_model\.fp16"
+                                        r"\.safetensors\).*variant"):
+        load_family(str(broken))
+    (broken / "vae" / "diffusion_pytorch_model.fp16.safetensors").rename(weights)
     (broken / "text_encoder" / "model.safetensors").rename(broken / "text_encoder" / "model-00001-of-00002.safetensors")
     (broken / "text_encoder" / "model.safetensors.index.json").write_text(  # an interrupted sharded download
         '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')

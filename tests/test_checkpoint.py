@@ -210,8 +210,14 @@ def test_compatibility_errors_and_warnings(tmp_path):
     assert any("steps" in n for n in notes) and any("preview_every" in n for n in notes)
     moved = TrainConfig(steps=10, rank=4, lr=1e-3, model="/elsewhere/Z-Image-Turbo", output="other")
     assert not [n for n in checkpoint.check_compatible(ck, moved, IDENTITY) if "model" in n]
-    with pytest.raises(UserError, match=r"rank = 8 \(the run used 4\).*--set rank=4"):
-        checkpoint.check_compatible(ck, TrainConfig(steps=10, rank=8, lr=1e-3), IDENTITY)
+    # the fix names each setting by its flag, to change in the command (a --set after --rank 8 would be refused)
+    # (--set for a setting without one, shell-quoted)
+    with pytest.raises(UserError, match=r"rank = 8 \(the run used 4\).*alpha = 16.0 \(the run used 128.0\). "
+                                        r"Run with the original settings \(change these in your command: "
+                                        r"--set 'edit_instruction=Make the main subject .* image\.' "
+                                        r"--rank 4 --alpha 128.0\), or start a new run"):
+        checkpoint.check_compatible(ck, TrainConfig(steps=10, rank=8, alpha=16.0, lr=1e-3, edit_instruction="x"),
+                                    IDENTITY)
     with pytest.raises(UserError, match="lr = 0.01"):
         checkpoint.check_compatible(ck, TrainConfig(steps=10, rank=4, lr=1e-2), IDENTITY)
     with pytest.raises(UserError, match="loss"):

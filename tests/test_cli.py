@@ -158,6 +158,14 @@ def test_a_setting_given_by_its_flag_and_by_set_is_refused(capsys):
     assert main(["settings", "--lr", "1e-4", "--set", "lr=0.0001"]) == 0  # the same number, written two ways
 
 
+def test_a_setting_given_twice_by_set_with_two_values_is_refused(capsys):
+    assert main(["settings", "--set", "rank=32", "--set", "rank=64"]) == 2
+    assert "'rank' is set twice: --set rank=32 and --set rank=64. Keep one of them." in capsys.readouterr().err
+    assert main(["settings", "--set", "lr=1e-4", "--set", "lr=0.0001"]) == 0  # the same value, typed two ways
+    assert main(["settings", "--set", "rnak=3", "--set", "rnak=4"]) == 2  # an unknown key: the usual suggestion
+    assert "Did you mean 'rank'" in capsys.readouterr().err
+
+
 def test_settings_says_what_the_models_default_is(capsys, monkeypatch, tmp_path):
     """lr 0 and teacher '' mean "the model's own": settings names the value for the model at hand."""
     monkeypatch.setenv("COLUMNS", "200")

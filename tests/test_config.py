@@ -120,3 +120,40 @@ def test_every_setting_is_read_by_the_trainer():
     src = "\n".join(p.read_text(encoding="utf-8") for p in pkg.rglob("*.py") if p.name != "config.py")
     unread = [f.name for f in fields(TrainConfig) if not re.search(rf"\bcfg\.{f.name}\b", src)]
     assert unread == []
+
+
+def test_a_preset_file_builds_on_a_base_chain(tmp_path):
+    """base = a shipped name or a path relative to the file naming it; each file overrides its base."""
+    (tmp_path / "team").mkdir()
+    (tmp_path / "team" / "base.toml").write_text('description = "ours"\nbase = "16gb"\nrank = 32\nalpha = 32.0\n')
+    mine = tmp_path / "mine.toml"
+    mine.write_text('description = "mine"\nbase = "team/base.toml"\nalpha = 16.0\nsteps = 500\n')
+    cfg = load_config(str(mine), {"steps": "600"})
+    assert (cfg.quant, cfg.optimizer, cfg.rank, cfg.alpha, cfg.steps) == ("qint8", "adamw8bit", 32, 16.0, 600)
+    # the resolved config is what a checkpoint saves and `--resume` compares: the same as the flags would give
+    assert cfg.to_dict() == load_config("16gb", {"rank": "32", "alpha": "16", "steps": "600"}).to_dict()
+    (tmp_path / "team" / "base.toml").write_text('base = "16gb"\nrnak = 32\n')
+    with pytest.raises(UserError, match=r"Unknown setting 'rnak' in .*base\.toml"):  # names the file that has it
+        load_config(str(mine))
+
+
+def test_a_base_loop_or_an_unknown_base_is_a_clear_error(tmp_path):
+    (tmp_path / "a.toml").write_text('base = "b.toml"\n')
+    (tmp_path / "b.toml").write_text(f'base = "../{tmp_path.name}/a.toml"\n')  # the same file, spelled another way
+    with pytest.raises(UserError, match=r"loop: .*a\.toml -> .*b\.toml -> .*a\.toml\. Remove one"):
+        load_config(str(tmp_path / "a.toml"))
+    (tmp_path / "a.toml").write_text('base = "8gb"\n')
+    with pytest.raises(UserError, match=r"Unknown preset '8gb' \(the base of .*a\.toml\)\. Shipped presets: .*16gb"):
+        load_config(str(tmp_path / "a.toml"))
+    (tmp_path / "a.toml").write_text('base = 16\n')
+    with pytest.raises(UserError, match="'base' in .* must be a shipped preset's name"):
+        load_config(str(tmp_path / "a.toml"))
+
+
+def test_a_setting_is_written_as_its_flag_where_it_has_one():
+    from lowvram_dopsd.config import as_argument
+
+    assert as_argument("rank", 64) == "--rank 64" and as_argument("model", "/my models/z") == "--model '/my models/z'"
+    assert as_argument("prior_prompts", ["a dog", "a cat"]) == "--set 'prior_prompts=a dog|a cat'"  # no flag
+    assert as_argument("teacher", "") == "--teacher ''"
+    assert as_argument("preview_teacher", True) == "--set preview_teacher=true"

@@ -3,7 +3,7 @@ import hashlib
 import pytest
 from PIL import Image
 
-from lowvram_dopsd.data import apply_trigger, bucket_size, load_rgb, scan
+from lowvram_dopsd.data import apply_trigger, bucket_size, load, load_rgb, scan
 from lowvram_dopsd.errors import UserError
 
 
@@ -105,3 +105,134 @@ def test_buckets_keep_area_and_aspect():
     assert w % 64 == 0 and h % 64 == 0 and w > h
     assert abs(w * h / 1024**2 - 1) < 0.1
     assert bucket_size(10, 4000, 64)[1] <= 4 * bucket_size(10, 4000, 64)[0]  # clamp to 4:1
+
+
+# ----- a .toml dataset file: several folders, each with its own trigger, caption and repeats
+
+def _folders(tmp_path, text):
+    """dog/1.jpg, dog/2.jpg (2.txt has a [trigger] caption), cat/1.jpg (the same bytes as dog's), and the file."""
+    for folder in ("dog", "cat"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    _img(tmp_path / "dog" / "1.jpg")
+    _img(tmp_path / "dog" / "2.jpg", color=(10, 200, 10))
+    (tmp_path / "dog" / "2.txt").write_text("a photo of [trigger] running")
+    _img(tmp_path / "cat" / "1.jpg")
+    (tmp_path / "set.toml").write_text(text)
+    return str(tmp_path / "set.toml")
+
+
+TWO = '''
+[[folders]]
+path = "dog"
+trigger = "sks dog"
+caption = "a photo of [trigger]"
+repeats = 2
+
+[[folders]]
+path = "cat/"
+trigger = "zxc cat"
+'''
+
+
+def test_dataset_file_gives_each_folder_its_trigger_caption_and_repeats(tmp_path):
+    ds = load(_folders(tmp_path, TWO), caption="a picture", trigger="sks", resolution=64)
+    caps = {ds.name(it.image_path): (it.caption, it.repeats) for it in ds.items}
+    assert caps == {"dog/1.jpg": ("a photo of sks dog", 2), "dog/2.jpg": ("a photo of sks dog running", 2),
+                    "cat/1.jpg": ("zxc cat, a picture", 1)}  # cat: the run's --caption, its own trigger
+    assert ds.triggers == ["sks dog", "zxc cat"]
+    assert ds.source == f"2 folders in {tmp_path / 'set.toml'} (repeats 2, 1)"
+    assert ds.caption_rule.startswith("dog/: <stem>.txt if present; else 'a photo of [trigger]'")
+    assert " | cat/: <stem>.txt if present; else 'a picture'; trigger 'zxc cat'" in ds.caption_rule
+    # dog/1.jpg and cat/1.jpg are the same file name (and bytes): named apart, the repeats recorded
+    assert [row[0] for row in ds.identity()] == ["dog/1.jpg", "dog/2.jpg", "cat/1.jpg"]
+    assert [row[5:] for row in ds.identity()] == [[2], [2], []]
+
+
+def test_dataset_file_defaults_and_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "sets").mkdir()
+    _folders(tmp_path, "")
+    toml = tmp_path / "sets" / "set.toml"
+    toml.write_text('[[folders]]\npath = "../dog"\n[[folders]]\npath = "~/cat"\ntrigger = ""\ncaption = "a cat"\n')
+    ds = load(str(toml), caption="", trigger="sks", resolution=64)
+    assert [(ds.name(it.image_path), it.caption, it.repeats) for it in ds.items] == [
+        ("../dog/1.jpg", "sks", 1), ("../dog/2.jpg", "a photo of sks running", 1),
+        ("../cat/1.jpg", "a cat", 1)]  # trigger = "" turns the run's trigger off for that folder
+    assert ds.triggers == ["sks"] and ds.source == f"2 folders in {toml}"
+
+
+def test_a_folder_loads_exactly_as_before(tmp_path):
+    """--images DIR: the same items and identity as ever, so existing checkpoints still resume."""
+    _img(tmp_path / "b.png")
+    _img(tmp_path / "a.jpg", size=(60, 80))
+    (tmp_path / "a.txt").write_text("a photo")
+    ds = load(str(tmp_path), "", "sks", 64)
+    sha = {p: hashlib.sha256((tmp_path / p).read_bytes()).hexdigest() for p in ("a.jpg", "b.png")}
+    assert ds.identity() == [["a.jpg", sha["a.jpg"], "sks, a photo", 48, 80], ["b.png", sha["b.png"], "sks", 80, 48]]
+    assert ds.identity() == scan(str(tmp_path), "", "sks", 64).identity()
+    assert ds.triggers == ["sks"] and ds.source == str(tmp_path) and [it.repeats for it in ds.items] == [1, 1]
+    assert load(str(tmp_path), "a photo", "", 64).triggers == []
+
+
+@pytest.mark.parametrize("changed", [TWO.replace("repeats = 2", "repeats = 3"), TWO.replace("repeats = 2\n", ""),
+                                     TWO + "repeats = 2\n", TWO.replace('"sks dog"', '"sks pup"'),
+                                     TWO + 'caption = "a cat"\n'])
+def test_the_identity_changes_with_a_folders_repeats_trigger_or_caption(tmp_path, changed):
+    """A resumed run compares identities: what changes the captions or the sampling order must show."""
+    before = load(_folders(tmp_path, TWO), "", "", 64).identity()
+    assert load(str(tmp_path / "set.toml"), "", "", 64).identity() == before
+    (tmp_path / "set.toml").write_text(changed)
+    assert load(str(tmp_path / "set.toml"), "", "", 64).identity() != before
+
+
+TABLE = r"in its \[\[folders\]\] table"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[[folders]\npath = 'dog'", "is not valid TOML"),
+    ("[[folder]]\npath = 'dog'", "unknown key 'folder' at the top level. Did you mean 'folders'"),
+    ("[[folders]]\npath = 'dog'\ntriger = 'sks'", f"unknown key 'triger' {TABLE} 1. Did you mean 'trigger'"),
+    ("", "lists no folders"),
+    ("folders = []", "lists no folders"),
+    ("folders = 'dog'", "plain value"),
+    ("[[folders]]\ntrigger = 'sks'", f"has no path {TABLE} 1"),
+    ("[[folders]]\npath = ''", f"has no path {TABLE} 1"),
+    ("[[folders]]\npath = 'dog'\n[[folders]]\npath = 'bird'", f"folder 'bird' {TABLE} 2, which does not exist"),
+    ("[[folders]]\npath = 'dog/1.jpg'", "which is a file, not a folder"),
+    ("[[folders]]\npath = 'dog'\n[[folders]]\npath = './dog/'", r"twice \(tables 1 and 2\)"),
+    ("[[folders]]\npath = 'dog'\nrepeats = 0", f"repeats = 0 {TABLE} 1: it must be 1 or more"),
+    ("[[folders]]\npath = 'dog'\nrepeats = 1.5", "repeats = 1.5 .*whole number"),
+    ("[[folders]]\npath = 'dog'\nrepeats = true", "repeats = True .*whole number"),
+    ("[[folders]]\npath = 'dog'\nrepeats = '2'", "repeats = '2' .*whole number"),
+    ("[[folders]]\npath = 'dog'\ntrigger = 3", "trigger = 3 .*a string"),
+    ("[[folders]]\npath = 7", "path = 7 .*a string"),
+])
+def test_dataset_file_mistakes_are_one_paragraph_naming_the_file(tmp_path, text, match):
+    with pytest.raises(UserError, match=match) as err:
+        load(_folders(tmp_path, text), "", "sks", 64)
+    assert str(tmp_path / "set.toml") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_missing_dataset_file_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"dataset file '.*nope.toml' does not exist"):
+        load(str(tmp_path / "nope.toml"), "", "sks", 64)
+
+
+def test_a_folders_own_errors_name_the_folder_and_the_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"set.toml', folder 'empty': No images in '.*empty'"):
+        load(_folders(tmp_path, "[[folders]]\npath = 'dog'\n[[folders]]\npath = 'empty'"), "", "sks", 64)
+    (tmp_path / "set.toml").write_text("[[folders]]\npath = 'dog'\n[[folders]]\npath = 'cat'\ntrigger = ''")
+    with pytest.raises(UserError, match=r"folder 'cat': '1.jpg' has no caption.*set in its \[\[folders\]\] table"):
+        load(str(tmp_path / "set.toml"), "", "sks", 64)
+
+
+def test_bad_images_are_listed_across_folders(tmp_path):
+    toml = _folders(tmp_path, TWO)
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"\x00" * 100)
+    (tmp_path / "cat" / "broken.jpg").write_bytes(b"\x00" * 100)
+    ds = load(toml, "", "", 64)  # skip (the default): each folder's bad files listed, the rest used
+    assert [ds.name(p) for p, _ in ds.skipped] == ["dog/broken.jpg", "cat/broken.jpg"] and len(ds) == 3
+    with pytest.raises(UserError, match=r"2 of the 5 images in the folders of '.*set.toml' cannot be used "
+                                        r"\(dog/broken.jpg: .*; cat/broken.jpg: .*on_bad_image = 'stop'"):
+        load(toml, "", "", 64, on_bad_image="stop")

@@ -344,3 +344,45 @@ def test_micro_batch_is_stated_and_suggested_back_to_1(capsys):
     two = json.loads(capsys.readouterr().out)
     assert (base["settings"]["micro_batch"], two["settings"]["micro_batch"]) == (1, 2)
     assert two["peak_gib"] > base["peak_gib"]
+
+
+@pytest.mark.parametrize("pipeline", ["ZImagePipeline", "Flux2KleinPipeline"])
+def test_fp32_doubles_the_compute_dtype_bytes_and_is_planned_from_the_config(pipeline, capsys):
+    """dtype = fp32: the base kept in the compute dtype is what a real fp32 model holds, every activation
+    term is twice bf16's (the calibration is bf16: a model), the fp32 LoRA, grads and optimizer state do
+    not change; `plan --dtype fp32` plans it and suggests --dtype bf16."""
+    mc, real = tiny(pipeline)
+    c = plan.count(plan.build_meta(mc.arch, mc.transformer), mc.arch.skip, mc.arch.lora_targets, rank=8)
+    assert plan.weights_bytes(c, "none", 4)[1] == sum(p.numel() * 4 for p in real.float().parameters())
+    bf16 = plan.make_plan("tiny", {**SETTINGS, "quant": "none"}, mc)
+    fp32 = plan.make_plan("tiny", {**SETTINGS, "quant": "none", "dtype": "fp32"}, mc)
+    r16, r32 = _rows(bf16), _rows(fp32)
+    assert r32["frozen base, fp32"] == 2 * r16["frozen base, bf16"]
+    for what in r16:
+        if "activations" in what or "teacher pass" in what:
+            assert r32[what] == pytest.approx(2 * r16[what], rel=1e-12), what
+        elif "LoRA" in what or "optimizer" in what:
+            assert r32[what] == r16[what], what
+    assert fp32.settings["dtype"] == "fp32" and bf16.settings["dtype"] == "bf16"
+
+    from lowvram_dopsd.cli import main
+
+    assert main(["plan", "--preset", "24gb", "--json"]) == 0
+    base = json.loads(capsys.readouterr().out)["peak_gib"]
+    assert main(["plan", "--preset", "24gb", "--dtype", "fp32", "--vram", "24", "--json"]) == 3
+    out = json.loads(capsys.readouterr().out)
+    assert 1.7 * base < out["peak_gib"] < 2 * base
+    assert "--dtype bf16" in [flag for flag, _ in out["suggestions"]]
+
+
+def test_a_preset_file_built_on_a_card_preset_is_planned_against_that_card(tmp_path, capsys):
+    from lowvram_dopsd.cli import main
+
+    (tmp_path / "mine.toml").write_text('base = "16gb"\nrank = 32\n')
+    (tmp_path / "derived.toml").write_text('base = "mine.toml"\n')
+    (tmp_path / "alone.toml").write_text('rank = 32\n')
+    assert plan.vram_of_preset(str(tmp_path / "derived.toml")) == plan.CARD_BUDGET_GIB["16gb"]
+    assert plan.vram_of_preset(str(tmp_path / "alone.toml")) is None and plan.vram_of_preset("cpu-demo") is None
+    assert main(["plan", "--preset", str(tmp_path / "derived.toml"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["budget_gib"] == 14.0 and out["settings"]["rank"] == 32

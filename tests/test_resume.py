@@ -170,6 +170,13 @@ def test_init_lora_starts_both_sets_from_it_in_either_layout(args, reference, tm
     assert main(args(out, "--init-lora", str(reference), "--rank", "2", "--alpha", "2")) == 2
     assert "has rank 4 and alpha 8; this run has rank 2 and alpha 2. Pass --rank 4 --alpha 8" in capsys.readouterr().err
     assert not out.exists()  # stopped before the output folder was made, let alone anything encoded
+    out = tmp_path / "other-targets"  # trained on all default targets, run on the queries only
+    assert main(args(out, "--init-lora", str(reference), "--set", "lora_targets=attention.to_q")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "its layers" in err and "are not among this run's lora_targets" in err and not out.exists()
+    from lowvram_dopsd.families.zimage import ZImage
+    suggested = err.split("--set lora_targets=")[1].split()[0].rstrip(".").split(",")
+    assert set(suggested) == set(ZImage.lora_targets)  # the targets it was trained with
     with pytest.raises(UserError, match="is a LoRA of a zimage model"):
         read_lora(str(reference), "klein")
     save_file(start, str(tmp_path / "foreign.safetensors"))  # no metadata: another trainer's file
@@ -177,10 +184,27 @@ def test_init_lora_starts_both_sets_from_it_in_either_layout(args, reference, tm
         read_lora(str(tmp_path / "foreign.safetensors"), "zimage")
 
 
+def test_an_init_lora_from_the_same_output_folder_is_recorded_where_the_archive_moved_it(args, tmp_path, capsys):
+    """--init-lora out --output out: the earlier run (its LoRA included) moves to previous-runs/ once this
+    one has loaded; the new LoRA's metadata must name the file there, not out/, which now holds the new LoRA."""
+    from lowvram_dopsd.output import read_info
+
+    out = tmp_path / "out"
+    assert main(args(out, "--steps", "1")) == 0
+    first = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert main(args(out, "--init-lora", str(out), "--steps", "1")) == 0
+    recorded = pathlib.Path(read_info(out / "pytorch_lora_weights.safetensors")["init_lora"])
+    assert recorded.parent.parent == (out / "previous-runs").resolve()
+    assert recorded.name == "pytorch_lora_weights.safetensors"
+    moved = load_file(str(recorded))
+    assert all(torch.equal(moved[k], v) for k, v in first.items())
+    assert "the init LoRA was part of it: it is now" in " ".join(capsys.readouterr().out.split())
+
+
 def test_resume_refuses_a_change_in_the_math(args, reference, capsys):
     assert main(args(reference, "--rank", "8", "--resume")) == 2
     err = capsys.readouterr().err
-    assert "rank = 8" in err and "--set rank=4" in err
+    assert "rank = 8" in err and "(change these in your command: --rank 4)" in err
 
 
 @pytest.mark.parametrize("first,second", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGTERM),
@@ -424,7 +448,7 @@ def test_a_decaying_lr_schedule_resumes_exactly_and_fixes_its_steps(args, tmp_pa
     capsys.readouterr()
     assert main(args(out, *cosine, "--steps", "6", "--resume")) == 2
     err = capsys.readouterr().err
-    assert "steps = 6 (the run used 4; with lr_schedule = 'cosine'" in err and "--set steps=4" in err
+    assert "steps = 6 (the run used 4; with lr_schedule = 'cosine'" in err and "command: --steps 4)" in err
     assert main(args(out, *cosine, "--resume")) == 0
     assert_same_run(out, ref)
 

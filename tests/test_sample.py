@@ -1,5 +1,10 @@
 """`lowvram-dopsd sample`: the stock diffusers pipeline + load_lora_weights, matching the trainer's previews."""
+import contextlib
+import errno
+import os
 import re
+import resource
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +75,7 @@ def no_pipeline(monkeypatch):
     (["--width", "100"], "--width 100: the image size must be a positive multiple of 16"),  # diffusers: ValueError
     (["--height", "-16"], "--height -16: the image size must be a positive multiple of 16"),  # negative tensor dim
     (["--steps", "-1"], "--steps -1: the number of sampling steps cannot be negative"),
+    (["--count", "0"], "--count 0: the number of images per prompt must be at least 1"),
     (["--output", "dog.xyz"], "'.xyz' is not an image format Pillow can write"),  # used to fail after generating
     (["--output", "dog.xbm"], "'.xbm' cannot be written by Pillow here"),  # registered, but XBM is 1-bit only
 ])
@@ -127,3 +133,139 @@ def test_nothing_loaded_can_run_code():
     args = build_parser().parse_args(["sample", "--lora", "x", "--prompt", "p"])
     assert args.trust_remote_code is False
     assert "use_safetensors=True" in sources[root / "sample.py"]
+
+
+class Hook:
+    """The console `sample` prints "wrote ..." to, with an action after the n-th image: something that happens
+    on the machine while a (minutes-long) run goes on. Installed through progress.make_console, as the CLI gets it."""
+
+    def __init__(self, monkeypatch, after: int, action):
+        self.lines, self.after, self.action = [], after, action
+        monkeypatch.setattr("lowvram_dopsd.progress.make_console", lambda: self)
+
+    def print(self, line, *args, **kwargs):
+        self.lines.append(line)
+        if len(self.lines) == self.after:
+            self.action()
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_default_names_never_replace_a_file(zimage_lora, tmp_path, monkeypatch):
+    """A second `sample` (another prompt, another LoRA) used to overwrite sample-0.png without a word."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sample-0.png").write_bytes(b"earlier")
+    assert main(["sample", "--lora", str(zimage_lora), "--prompt", PROMPT]) == 0
+    assert (tmp_path / "sample-0.png").read_bytes() == b"earlier"
+    assert Image.open(tmp_path / "sample-0_2.png").text["prompt"] == PROMPT
+    # Several names: the first number free for all of them, so one run's images keep one suffix.
+    (tmp_path / "sample-0-1.png").write_bytes(b"earlier")
+    assert main(["sample", "--lora", str(zimage_lora), "--prompt", "a", "--prompt", "b"]) == 0
+    assert names(tmp_path) == ["sample-0-0_2.png", "sample-0-1.png", "sample-0-1_2.png", "sample-0.png",
+                               "sample-0_2.png"]
+    assert (tmp_path / "sample-0-1.png").read_bytes() == b"earlier"
+
+
+def test_a_name_taken_during_the_run_is_not_replaced(zimage_lora, tmp_path, monkeypatch):
+    """Names are picked before the pipeline loads; another run in the same folder may take one meanwhile."""
+    monkeypatch.chdir(tmp_path)
+    hook = Hook(monkeypatch, 1, lambda: (tmp_path / "sample-0-1.png").write_bytes(b"other run"))
+    assert main(["sample", "--lora", str(zimage_lora), "--prompt", "a", "--prompt", "b"]) == 0
+    assert (tmp_path / "sample-0-1.png").read_bytes() == b"other run"
+    assert Image.open(tmp_path / "sample-0-1_2.png").text["prompt"] == "b"
+    assert "sample-0-1_2.png" in hook.lines[1]
+
+
+def test_an_explicit_name_is_replaced_and_says_so(zimage_lora, tmp_path, capsys):
+    (tmp_path / "dog.png").write_bytes(b"earlier")
+    assert main(["sample", "--lora", str(zimage_lora), "--prompt", PROMPT, "--output", str(tmp_path / "dog.png")]) == 0
+    assert Image.open(tmp_path / "dog.png").text["prompt"] == PROMPT
+    assert "replaced the existing file" in capsys.readouterr().out
+    assert names(tmp_path) == ["dog.png"]
+
+
+@contextlib.contextmanager
+def file_size_limit(monkeypatch, after: int | None = None):
+    """A real failed write: no file grows past 256 bytes (EFBIG, as a full disk fails a write), from the start or
+    once `after` images are written. Only Python-level output (captured in memory) runs meanwhile."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+    tighten = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (256, limit[1]))  # noqa: E731
+    if after:
+        Hook(monkeypatch, after, tighten)
+    else:
+        tighten()
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_failed_save_is_an_error_that_lists_what_was_written(zimage_lora, tmp_path, monkeypatch, capsys):
+    """The second of two images fails to save: it used to be an OSError traceback after the whole generation,
+    and a half-written sample-0-1.png (Pillow's buffered write fails when the file is closed)."""
+    with file_size_limit(monkeypatch, after=1):
+        code = main(["sample", "--lora", str(zimage_lora), "--prompt", "a", "--prompt", "b", "--output", str(tmp_path)])
+    err = " ".join(capsys.readouterr().err.split())  # the paragraph is wrapped to the terminal
+    assert code == 2
+    assert f"Could not write '{tmp_path / 'sample-0-1.png'}' ({os.strerror(errno.EFBIG)})" in err
+    assert f"Already written: {tmp_path / 'sample-0-0.png'}." in err
+    assert names(tmp_path) == ["sample-0-0.png"]  # no half-written image, no temporary file
+    Image.open(tmp_path / "sample-0-0.png").load()
+
+
+def test_a_failed_save_leaves_the_file_it_would_replace(zimage_lora, tmp_path, monkeypatch, capsys):
+    """Saving straight to dog.png truncates it first, so a failed write lost the earlier image too: the new one
+    is written beside it and renamed over it only once complete."""
+    (tmp_path / "dog.png").write_bytes(b"earlier")
+    with file_size_limit(monkeypatch):
+        code = main(["sample", "--lora", str(zimage_lora), "--prompt", PROMPT, "--output", str(tmp_path / "dog.png")])
+    assert code == 2 and "No image was written" in " ".join(capsys.readouterr().err.split())
+    assert names(tmp_path) == ["dog.png"] and (tmp_path / "dog.png").read_bytes() == b"earlier"
+
+
+def test_count_draws_consecutive_seeds(zimage_lora, tmp_path):
+    assert main(["sample", "--lora", str(zimage_lora), "--prompt", "a", "--prompt", "b", "--seed", "5",
+                 "--count", "2", "--output", str(tmp_path / "c") + "/"]) == 0
+    assert names(tmp_path / "c") == ["sample-5-0.png", "sample-5-1.png", "sample-6-0.png", "sample-6-1.png"]
+    image = Image.open(tmp_path / "c" / "sample-6-1.png")
+    assert image.text["prompt"] == "b" and image.text["seed"] == "6"
+    assert main(["sample", "--lora", str(zimage_lora), "--prompt", "b", "--seed", "6",
+                 "--output", str(tmp_path / "one.png")]) == 0
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(tmp_path / "one.png")))
+    # An explicit name gets the seed only when it varies.
+    assert main(["sample", "--lora", str(zimage_lora), "--prompt", "a", "--count", "2",
+                 "--output", str(tmp_path / "d" / "dog.jpg")]) == 0
+    assert names(tmp_path / "d") == ["dog-0.jpg", "dog-1.jpg"]
+
+
+@pytest.fixture(scope="module")
+def other_lora(tmp_path_factory, tiny_zimage_dir):
+    out = tmp_path_factory.mktemp("sample") / "other"
+    random_lora(tiny_zimage_dir, out, seed=1)
+    return out
+
+
+def test_several_loras_share_one_pipeline(zimage_lora, other_lora, tmp_path, monkeypatch):
+    """Each LoRA draws the same prompt and seed, and the second is not mixed with the first (delete_adapters)."""
+    from diffusers import DiffusionPipeline
+
+    loads = []
+    real = DiffusionPipeline.from_pretrained.__func__
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))
+    assert main(["sample", "--lora", str(zimage_lora), "--lora", str(other_lora), "--prompt", PROMPT,
+                 "--output", str(tmp_path)]) == 0
+    assert len(loads) == 1
+    assert names(tmp_path) == ["sample-other-0.png", "sample-run-0.png"]
+    assert main(["sample", "--lora", str(other_lora), "--prompt", PROMPT, "--output", str(tmp_path / "alone.png")]) == 0
+    alone = np.asarray(Image.open(tmp_path / "alone.png"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "sample-other-0.png")), alone)
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "sample-run-0.png")), alone)
+    # Two LoRAs with one name (the same folder twice here): the position tells their images apart.
+    assert main(["sample", "--lora", str(other_lora), "--lora", str(other_lora), "--prompt", PROMPT,
+                 "--output", str(tmp_path / "same") + "/"]) == 0
+    assert names(tmp_path / "same") == ["sample-0-other-0.png", "sample-1-other-0.png"]

@@ -74,9 +74,11 @@ def family_class_of(model: str) -> type[Family] | None:
     return next((cls for cls in registered() if cls.matches(index)), None)
 
 
-def load_family(model: str, check_files: bool = True) -> Family:
+def load_family(model: str, check_files: bool = True, transformer_file: str = "") -> Family:
     """The family adapter of a model folder or id, its components checked (`check_files=False`: their
-    folders only, not what is in them; the memory benchmark's folders hold configs and a transformer)."""
+    folders only, not what is in them; the memory benchmark's folders hold configs and a transformer).
+    `transformer_file`: a fine-tune's single .safetensors used instead of transformer/'s weights (checked
+    here; transformer/ then needs its config.json only)."""
     model_dir = resolve_dir(model, "model")
     try:
         index = json.loads((model_dir / "model_index.json").read_text())
@@ -85,6 +87,12 @@ def load_family(model: str, check_files: bool = True) -> Family:
     for cls in registered():
         if cls.matches(index):
             family = cls(model_dir, model)
+            if transformer_file:
+                if not family.takes_transformer_file:
+                    raise UserError(f"transformer_file is for diffusers transformers (Z-Image, klein); the {family.name} "
+                                    "model loads its own transformer/ only.")
+                from ..quant import check_transformer_file
+                family.transformer_file = check_transformer_file(transformer_file)
             family.check_components(index)
             if check_files:
                 family.check_files()

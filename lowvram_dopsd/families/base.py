@@ -37,10 +37,14 @@ class Item:
     image_sha256: str
     width: int            # training size of this item (bucketed), multiple of 16
     height: int
+    repeats: int = 1      # times the sampler draws it per epoch (a dataset file's `repeats`)
 
 
 # Weight formats that unpickle (can run code when loaded): never read, see component_problem
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+# The weight files from_pretrained reads without a `variant` (diffusers models, transformers models);
+# sharded: `<name>.index.json` and the shards it lists
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 
 
 # Components that are models (config.json + weights), as opposed to tokenizer/ and scheduler/
@@ -56,7 +60,7 @@ def component_problem(folder: Path, model: bool = True) -> str:
     if not (folder / "config.json").is_file():
         # tokenizer/, scheduler/: their loaders name a missing file themselves
         return "has no config.json. The download is probably incomplete: download the model again." if model else ""
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    indexes = [folder / f"{name}.index.json" for name in WEIGHT_FILES if (folder / f"{name}.index.json").is_file()]
     if indexes:
         try:
             shards = set(json.loads(indexes[0].read_text())["weight_map"].values())
@@ -67,8 +71,14 @@ def component_problem(folder: Path, model: bool = True) -> str:
             return (f"lacks {len(lost)} of its {len(shards)} weight shards ({', '.join(lost[:3])}"
                     f"{', ...' if len(lost) > 3 else ''}). The download is incomplete: download the model again.")
         return ""
-    if any(f.is_file() for f in folder.glob("*.safetensors")):
+    if any((folder / name).is_file() for name in WEIGHT_FILES):
         return ""
+    variants = sorted(f.name for f in folder.glob("*.safetensors") if f.is_file())
+    if variants:  # e.g. diffusion_pytorch_model.fp16.safetensors: from_pretrained would say "no file named ..."
+        return (f"has its weights only under other names ({', '.join(variants[:2])}{', ...' if len(variants) > 2 else ''}), "
+                f"while the loader reads {' or '.join(WEIGHT_FILES)} (and their .index.json when sharded). A "
+                "'.fp16' or '.bf16' in the name is a variant download: download the model again without a "
+                "variant filter (e.g. `hf download <id>`).")
     pickled = sorted(f.name for pattern in PICKLED for f in folder.glob(pattern) if f.is_file())
     if pickled:
         return (f"has its weights only as {', '.join(pickled[:2])}, a pickle format that can run code when "
@@ -88,9 +98,12 @@ class Family:
     lora_targets: ClassVar[tuple[str, ...]]  # module-name suffixes in the transformer that get LoRA
     hf_repo_ids: ClassVar[tuple[str, ...]] = ()  # public ids that resolve to this family
 
+    takes_transformer_file: ClassVar[bool] = True  # a diffusers transformer: `transformer_file` can replace it
+
     def __init__(self, model_dir: Path, model_id: str):
         self.model_dir = Path(model_dir)
         self.model_id = model_id  # what the user passed; recorded in outputs
+        self.transformer_file: Path | None = None  # a fine-tune's single file (load_family checked it)
 
     required_components: ClassVar[tuple[str, ...]] = ("transformer", "text_encoder", "tokenizer", "scheduler")
     transformer_class: ClassVar[str]     # diffusers class of `transformer/`
@@ -123,6 +136,12 @@ class Family:
         """Every component folder holds its files, weights as safetensors: a half-finished download
         fails here in a second, not after minutes of encoding with a loader's traceback."""
         for component in self.required_components:
+            if component == "transformer" and self.transformer_file:  # weights from the file: its config only
+                if not (self.model_dir / component / "config.json").is_file():
+                    raise UserError(f"The {self.name} checkpoint at '{self.model_dir}': transformer/ has no "
+                                    "config.json (transformer_file takes its architecture from there). The "
+                                    "download is probably incomplete: download the model again.")
+                continue
             if problem := component_problem(self.model_dir / component, model=component in MODEL_COMPONENTS):
                 raise UserError(f"The {self.name} checkpoint at '{self.model_dir}': {component}/ {problem}")
 
@@ -178,13 +197,15 @@ class Family:
     # ----- training
     def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
         """The frozen base: built on `meta`, filled and quantized block by block on `device`, so no
-        full bf16 copy is ever held in host RAM or on the GPU (quant.load_frugal)."""
+        full bf16 copy is ever held in host RAM or on the GPU (quant.load_frugal). With `transformer_file`,
+        the weights come from that single file, the architecture from transformer/config.json."""
         import diffusers
 
         from ..quant import load_frugal
 
         model = load_frugal(getattr(diffusers, self.transformer_class), self.model_dir / "transformer", device,
-                            dtype, cfg.quant, skip=self.quant_skip)
+                            dtype, cfg.quant, skip=self.quant_skip,
+                            weights_file=self.transformer_file or getattr(cfg, "transformer_file", "") or None)
         model.requires_grad_(False).eval()
         model._dopsd_dtype = dtype  # compute dtype; parameters mix int8, bf16 and fp32 LoRA
         if cfg.grad_checkpointing:

@@ -32,6 +32,7 @@ class Toy(Family):
     default_lr = 1e-3
     lora_targets = ("attn_qkv", "attn_out", "mlp_in", "mlp_out")
     required_components = ("transformer", "text_encoder", "tokenizer", "scheduler")
+    takes_transformer_file = False  # our own module format, not a diffusers transformer
     # as Z-Image: embedders and the final layer stay in the compute dtype, the blocks go 8-bit
     quant_skip = ("ref_in", "x_embed", "cond_embed", "t_embed", "final_ada", "final")
 
