@@ -230,7 +230,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowvram-dopsd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a D-OPSD LoRA on a folder of images (or a .toml dataset file)", description=SETTINGS_NOTE)
+    p = sub.add_parser("train", help="train a D-OPSD LoRA on a folder of images (or a .toml dataset file)",
+                       description=SETTINGS_NOTE)
     _add_train_flags(p, preset_default=None)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="train on the embedded tiny model and bundled images (CPU, ~1 min)")

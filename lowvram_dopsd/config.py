@@ -137,7 +137,8 @@ class TrainConfig:
     preview_every: int = setting(0, "sample a preview grid before training, every N steps and at the end "
                                  "(0 = off)", section="Previews")
     preview_prompts: list[str] = setting([], "preview prompts ('|'-separated on the command line); [] = two "
-                                         "training captions and two new scenes with the trigger")
+                                         "training captions and two new scenes with the trigger (one per trigger with "
+                                         "a dataset file's several)")
     preview_seed: int = setting(1000, "image i of a grid uses seed preview_seed + i (as `sample --seed`)")
     preview_teacher: bool = setting(False, "add a row of the EMA teacher's samples, reading your photo")
 
@@ -170,7 +171,8 @@ def typed_value(name: str, value: Any) -> str:
 # flag -> config key, for the settings people change most; everything else via --set key=value.
 # Here rather than in cli.py so that checkpoint.py can name a setting's flag without importing the CLI.
 FLAGS = {
-    "--model": "model", "--transformer-file": "transformer_file", "--images": "images", "--caption": "caption", "--trigger": "trigger",
+    "--model": "model", "--transformer-file": "transformer_file", "--images": "images", "--caption": "caption",
+    "--trigger": "trigger",
     "--output": "output", "--teacher": "teacher", "--teacher-encoder": "teacher_encoder", "--loss": "loss",
     "--steps": "steps", "--rank": "rank", "--alpha": "alpha", "--lora-init": "lora_init", "--init-lora": "init_lora",
     "--lr": "lr", "--lr-schedule": "lr_schedule",

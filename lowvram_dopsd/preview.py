@@ -3,8 +3,8 @@
 With `preview_every = N` (0 = off) the trainer writes `<output>/previews/step-000000.png` before the
 first step (the base model: the baseline), every N steps, and at the end. Each grid holds one
 sample per preview prompt (`preview_prompts`; default: two training captions and two unseen
-scenes with the trigger, or one per trigger with several), drawn with the family's default few-step schedule (Z-Image 8 steps) by
-the student (base + student LoRA), from seed `preview_seed + i` for prompt i, and decoded by
+scenes with the trigger, or one per trigger with several), drawn with the family's default
+few-step schedule (Z-Image 8 steps) by the student (base + student LoRA), from seed `preview_seed + i` for prompt i, and decoded by
 `family.decode_latents` (the VAE is loaded for that, then released). The same image comes out of
 
     lowvram-dopsd sample --lora <output> --prompt "<prompt i>" --seed <preview_seed + i>

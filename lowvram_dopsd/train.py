@@ -488,11 +488,16 @@ def model_for_metadata(model: str) -> str:
 
 def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, str]:
     """How to use the LoRA, printed under the closing box to be copied."""
-    q = shlex.quote
+    q, model = shlex.quote, model_for_metadata(cfg.model)
+    if family.transformer_file:  # trained on a fine-tune's single file: the pipeline gets that transformer
+        load = (f"from diffusers import {family.pipeline_class}, {family.transformer_class}; "
+                f"t = {family.transformer_class}.from_single_file({str(family.transformer_file)!r}, config={model!r}, "
+                f"subfolder='transformer'); pipe = {family.pipeline_class}.from_pretrained({model!r}, transformer=t); ")
+    else:
+        load = (f"from {family.pipeline_module} import {family.pipeline_class}; "
+                f"pipe = {family.pipeline_class}.from_pretrained({model!r}); ")
     return {
-        "load it": f"from {family.pipeline_module} import {family.pipeline_class}; "
-                   f"pipe = {family.pipeline_class}.from_pretrained({model_for_metadata(cfg.model)!r}); "
-                   f"pipe.load_lora_weights({str(out_dir)!r})",
+        "load it": load + f"pipe.load_lora_weights({str(out_dir)!r})",
         **({"try it": f"lowvram-dopsd sample --lora {q(str(out_dir))} --prompt \"...\""}
            if family.in_diffusers else {}),
         **({"ComfyUI": f"lowvram-dopsd export --format comfyui {q(str(out_dir))}"} if family.name in LAYOUTS else {}),

@@ -231,6 +231,12 @@ def test_training_on_a_transformer_file_records_it_and_resume_checks_it(tiny_zim
     assert "(zimage), transformer finetune.safetensors" in printed  # the run header's model line
     assert torch.equal(loaded[0], sd["x_pad_token"].float())
     assert read_info(out / "pytorch_lora_weights.safetensors")["transformer_file"] == str(finetune.resolve())
+    # the closing "load it" line, run as printed, builds the pipeline on the fine-tune's transformer
+    line = next(part for part in printed.split(" load it: ")[1:]).split(" try it:")[0]
+    scope = {}
+    exec(line, scope)
+    assert torch.equal(scope["pipe"].transformer.x_pad_token, sd["x_pad_token"])
+    assert scope["pipe"].get_list_adapters()["transformer"]
     # another fine-tune (same names and shapes, other size on disk): refused at resume
     other = tmp_path / "other.safetensors"
     extra = to_original_zimage(sd)
