@@ -24,10 +24,12 @@ def args(tiny_zimage_dir, tiny_vlm_dir, demo_images, tmp_path_factory):
     cache = tmp_path_factory.mktemp("resume-cache")
 
     def make(out, *extra):
+        # save_every=100 unless a test sets its own (a setting given twice with two values is refused)
+        save = [] if any(e.startswith("save_every=") for e in extra) else ["--set", "save_every=100"]
         return ["train", "--preset", "cpu-demo", "--model", str(tiny_zimage_dir), "--teacher-encoder",
                 str(tiny_vlm_dir), "--images", str(demo_images), "--cache-dir", str(cache), "--output", str(out),
                 "--steps", "4", "--rollout-steps", "2", "--train-states", "1", "--lr", "5e-3",
-                "--set", "warmup_steps=2", "--set", "save_every=100", *extra]
+                "--set", "warmup_steps=2", *save, *extra]
     return make
 
 
