@@ -358,15 +358,9 @@ def preset_layers(preset: str) -> list[tuple[dict[str, Any], str]]:
 def shipped_root(preset: str) -> str:
     """The shipped preset at the bottom of a preset's `base` chain: itself if shipped, '16gb' for a file
     built on it, '' for a file with no shipped base (`plan` takes the card's memory from it)."""
-    name, folder = preset, None
-    for _ in preset_layers(preset):  # loops and unknown bases are refused there, before this walk
-        file, where = _preset_file(name, folder)
-        if where == f"preset '{name}'":
-            return name
-        name, folder = _parse_preset(file, where).get("base", ""), file.parent
-        if not name:
-            break
-    return ""
+    # shipped presets have no base, so one in the chain is its first layer, "where" = "preset 'NAME'"
+    _, where = preset_layers(preset)[0]
+    return where[len("preset '"):-1] if where.startswith("preset '") else ""
 
 
 def load_config(preset: str | None, overrides: dict[str, Any] | None = None) -> TrainConfig:

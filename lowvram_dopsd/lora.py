@@ -102,9 +102,14 @@ def _is_linear(module: nn.Module) -> bool:
     return hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight")
 
 
+def names_target(name: str, target: str) -> bool:
+    """Whether a module's qualified name ends with a `lora_targets` entry ("layers.3.attention.to_q")."""
+    return name == target or name.endswith("." + target)
+
+
 def is_target(name: str, module: nn.Module, targets: tuple[str, ...] | list[str]) -> bool:
     """Whether `attach` puts a LoRA on this module: a linear whose qualified name ends with a target."""
-    return _is_linear(module) and any(name == t or name.endswith("." + t) for t in targets)
+    return _is_linear(module) and any(names_target(name, t) for t in targets)
 
 
 class DualLoRA:

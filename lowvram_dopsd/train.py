@@ -43,7 +43,7 @@ from .errors import UserError
 from .families import load_family
 from .families.base import Cond, Family
 from .families.zimage import DTYPES
-from .lora import DualLoRA
+from .lora import DualLoRA, names_target
 from .losses import dopsd_loss
 from .output import LORA_FILE, save_lora
 from .preview import Previewer, default_prompts
@@ -516,8 +516,8 @@ def read_init_lora(cfg: TrainConfig, family: Family) -> tuple[dict[str, torch.Te
                         "further.")
     targets = tuple(cfg.lora_targets) or family.lora_targets
     modules = sorted({key.rsplit(".lora_", 1)[0] for key in tensors})
-    outside = [m for m in modules if not any(m == t or m.endswith("." + t) for t in targets)]
-    unused = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    outside = [m for m in modules if not any(names_target(m, t) for t in targets)]
+    unused = [t for t in targets if not any(names_target(m, t) for m in modules)]
     if outside or unused:
         theirs = sorted({_as_target(m) for m in modules})
         why = (f"its layers {', '.join(outside[:2])}{', ...' if len(outside) > 2 else ''} are not among this run's "
