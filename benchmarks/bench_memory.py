@@ -65,6 +65,11 @@ CONFIGS = {
     # prior_prompts: each step also rolls out a prior micro-batch toward the bare base (train.py); one
     # roll-out's activations are alive at a time, so the peak should not move (not measured yet)
     "zimage-16gb-prior": dict(family="zimage", preset="16gb", prior=True, target_gib=14.0),
+    # the issue's baseline (d) as a whole step: the 16gb settings on an unquantized bf16 base (12 GB)
+    "zimage-16gb-bf16": dict(family="zimage", preset="16gb", quant="none", target_gib=22.0),
+    # --transformer-file: the same random weights as one ORIGINAL-layout file (fused qkv, ComfyUI keys),
+    # written once by `write_single_file`; load time and host RSS of the row-slicing single-file loader
+    "zimage-16gb-file": dict(family="zimage", preset="16gb", single_file=True, target_gib=14.0),
 }
 TINY_ZIMAGE = {"_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],
                "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "cap_feat_dim": 64, "dim": 256,
@@ -145,6 +150,34 @@ def write_random_checkpoint(folder: Path, device: str) -> dict:
     return {"params": n, "bytes": size, "seconds": time.perf_counter() - t0}
 
 
+def single_file_path(work: Path, family: str) -> Path:
+    return work / f"{family}-original-layout.safetensors"
+
+
+def write_single_file(work: Path, family: str) -> dict:
+    """The random checkpoint as one original-layout file, as fine-tunes are published, converted by the
+    inverse of diffusers' converter that tests/test_single_file.py checks against `from_single_file`."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_single_file import to_original_zimage
+
+    if family != "zimage":
+        raise ValueError("single-file configs are Z-Image only")
+    t0 = time.perf_counter()
+    sd = {}
+    for f in sorted((work / family / "transformer").glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    out = to_original_zimage(sd)
+    del sd
+    path = single_file_path(work, family)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+    del out
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"file": str(path), "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0}
+
+
 # ---------------------------------------------------------------------------------------------
 # One configuration, in its own process
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +214,7 @@ def run_child(name: str, args) -> dict:
     target = spec.pop("target_gib")
     preset = spec.pop("preset")
     prior = spec.pop("prior", False)
+    single = single_file_path(Path(args.work), family_name) if spec.pop("single_file", False) else None
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     overrides = {"device": args.device, "batch_size": 1, "micro_batch": 1, **spec}
@@ -193,6 +227,7 @@ def run_child(name: str, args) -> dict:
     cfg = load_config(str(ROOT / "presets" / f"{preset}.toml"), overrides)
     dtype = torch.bfloat16
     res = {"config": name, "family": family_name, "preset": preset, "target_gib": target,
+           "transformer_file": str(single) if single else None,
            "settings": {k: getattr(cfg, k) for k in ("resolution", "rank", "alpha", "quant", "optimizer",
                                                       "grad_checkpointing", "max_sequence_length",
                                                       "teacher_max_sequence_length")}}
@@ -200,7 +235,8 @@ def run_child(name: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     rss0 = host_rss()
     t0 = time.perf_counter()
-    family = load_family(str(folder), check_files=False)  # encoders and VAE are configs only
+    # encoders and VAE are configs only; a single-file config reads its transformer from that file
+    family = load_family(str(folder), check_files=False, transformer_file=str(single) if single else "")
     model = family.load_transformer(cfg, device, dtype)  # the trainer's own loading path
     targets = tuple(cfg.lora_targets) or family.lora_targets
     steps = cfg.rollout_steps or family.default_rollout_steps
@@ -284,7 +320,8 @@ def run_child(name: str, args) -> dict:
 
     # the planner's prediction for the same settings (config alone, on the CPU)
     settings = {**res["settings"], "teacher": "edit" if family_name == "klein" else "vlm",
-                "lora_targets": list(targets), "fused_linear": bool(res["fused_layers"])}
+                "lora_targets": list(targets), "fused_linear": bool(res["fused_layers"]),
+                "teacher_ema_on": cfg.teacher_ema_on}  # the 12gb preset's EMA in host RAM: 0.3 GiB less
     if family_name == "klein":
         settings["teacher_max_sequence_length"] = cfg.max_sequence_length
     mc = planner.resolve_model(str(folder))
@@ -326,7 +363,8 @@ def report(results: list[dict], meta: dict) -> str:
     lines = [f"# Memory benchmark: {meta['device']}", "",
              f"Command: `{meta['command']}`  ",
              f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}  ",
-             f"Random checkpoint: {meta.get('checkpoint', {})}", "",
+             f"Random checkpoint: {meta.get('checkpoint', {})}",
+             *([f"Single file (original layout): {meta['single_file']}"] if meta.get("single_file") else []), "",
              "Peak = `torch.cuda.max_memory_allocated` over one whole steady-state training step (batch 1, "
              "roll-out + per-step backward + clip + optimizer + EMA). Predicted = `lowvram-dopsd plan` for the "
              "same settings, from the config alone.", "",
@@ -391,7 +429,7 @@ def repredict(results: list[dict]) -> None:
             continue
         settings = {**r["settings"], "teacher": r["plan"]["settings"]["teacher"],
                     "teacher_max_sequence_length": r["plan"]["settings"]["teacher_max_sequence_length"],
-                    "fused_linear": bool(r.get("fused_layers"))}
+                    "fused_linear": bool(r.get("fused_layers")), "teacher_ema_on": r.get("teacher_ema_on", "device")}
         p = planner.make_plan(ids[r["family"]], settings)
         r.setdefault("predicted_gib_at_run", r["predicted_gib"])
         r["plan"], r["predicted_gib"] = p.to_dict(), p.peak_gib
@@ -508,6 +546,10 @@ def main() -> int:
         if not list((folder / "transformer").glob("*.safetensors")):
             meta.setdefault("checkpoint", {})[family] = write_random_checkpoint(folder, args.device)
             print("checkpoint", family, meta["checkpoint"][family], flush=True)
+    for family in dict.fromkeys(CONFIGS[n]["family"] for n in names if CONFIGS[n].get("single_file")):
+        if not single_file_path(work, family).exists():
+            meta.setdefault("single_file", {})[family] = write_single_file(work, family)
+            print("single file", family, meta["single_file"][family], flush=True)
 
     results = []
     out = Path(args.out)

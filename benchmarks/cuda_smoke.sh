@@ -40,3 +40,5 @@ for name, cls, model, out, steps, guidance in runs:
     print(f"{name}: LoRA loads on {device}, latents finite={bool(torch.isfinite(lat).all())}, "
           f"losses={['%.4g' % v for v in losses]}, peak={peak:.3f} GiB")
 PY
+# `sample` on the GPU with the two Z-Image LoRAs (offload on and off, two LoRAs in one call)
+[ -d "$W/out-off" ] && [ -d "$W/out-on" ] && WORK="$W" bash benchmarks/cuda_sample.sh

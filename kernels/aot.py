@@ -197,7 +197,7 @@ def _plain_int8_gemm(a_ptr, b_ptr, c_ptr, M, N, K,
     for k in range(0, K, BLOCK_R):
         a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
         b = tl.load(b_ptr + rn[None, :] * K + (k + rk)[:, None])
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # Triton <= 3.6 asserts acc's dtype == out_dtype (fp32 default)
     tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc)
 
 

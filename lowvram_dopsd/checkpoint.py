@@ -50,12 +50,13 @@ FORMAT = 2
 
 # Settings that may change between a run and its resume without changing the training math.
 # Everything else (rank, alpha, lr, loss, teacher, resolution, targets, seed, dtype, quant, ...) must
-# match, or the resumed run would not be the run that was stopped. `model`, `images`, `caption`,
-# `trigger` and `teacher_encoder` are checked through the identities instead (a moved folder is fine).
+# match, or the resumed run would not be the run that was stopped.
+# Paths checked through the identities instead (a moved folder is fine, so a new path says nothing):
+BY_IDENTITY = {"model", "transformer_file", "images", "caption", "trigger", "teacher_encoder"}
 HARMLESS = {
     "steps", "save_every", "keep_checkpoints", "lora_every", "output", "cache_dir", "device", "encoders_on",
     "kernels", "grad_checkpointing", "on_bad_image", "preview_every", "preview_prompts", "preview_seed",
-    "preview_teacher", "model", "transformer_file", "images", "caption", "trigger", "teacher_encoder", "teacher_ema_on",
+    "preview_teacher", "teacher_ema_on", *BY_IDENTITY,
     "lora_init", "init_lora",  # read at step 0 only: a resumed run loads its LoRAs from the checkpoint
 }
 NUMERIC_ONLY = {"device", "kernels", "teacher_ema_on"}  # harmless for the method, but results are no longer bit-identical
@@ -332,7 +333,7 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
                                 f"Pass --steps {ckpt.step + 1} or more to train further.")
             if key in NUMERIC_ONLY:
                 notes.append(f"{key} changed ({before!r} -> {now!r}): the run continues, but not bit-identically")
-            elif key not in ("model", "transformer_file", "images", "caption", "trigger", "teacher_encoder", "lora_init"):
+            elif key not in BY_IDENTITY and key != "lora_init":
                 notes.append(f"{key} changed ({before!r} -> {now!r})")
         else:
             problems.append(f"{key} = {now!r} (the run used {before!r})")

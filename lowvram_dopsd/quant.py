@@ -239,18 +239,23 @@ def fused_linear_planned(kernels: str, quant: str) -> bool:
 # Memory-frugal loading: meta model, filled and quantized block by block
 # ---------------------------------------------------------------------------------------------
 def _weight_files(folder: Path) -> dict[str, Path] | None:
-    """Tensor name -> safetensors file, from the shard index or the single file; None if not safetensors."""
-    index = sorted(folder.glob("*.safetensors.index.json"))
-    if index:
-        weight_map = json.loads(index[0].read_text())["weight_map"]
-        return {k: folder / v for k, v in weight_map.items()}
-    files = sorted(folder.glob("*.safetensors"))
-    if len(files) != 1:
-        return None
-    from safetensors import safe_open
+    """Tensor name -> safetensors file, from the files from_pretrained reads (`WEIGHT_FILES`: a shard
+    index first, then the single file); None if there are none. Other .safetensors beside them (an
+    `.fp16` variant of a full download) are ignored, as from_pretrained ignores them: counting them
+    used to send such a folder to the whole-model fallback, at twice the host RAM."""
+    from .families.base import WEIGHT_FILES  # families import this module
 
-    with safe_open(str(files[0]), framework="pt") as f:
-        return {k: files[0] for k in f.keys()}
+    for name in WEIGHT_FILES:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(folder / name), framework="pt") as f:
+                return {k: folder / name for k in f.keys()}
+    return None
 
 
 class Rows(tuple):

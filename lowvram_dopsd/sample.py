@@ -197,6 +197,21 @@ def write_image(image: Image.Image, path: Path, fmt: str, pnginfo: PngImagePlugi
         tmp.unlink(missing_ok=True)
 
 
+def mixed_notes(req: SampleRequest, infos: list[dict], labels: list[str]) -> list[str]:
+    """Several LoRAs share one pipeline at one size, the first LoRA's: say so where their metadata disagree
+    and no flag decides (a 768² LoRA drawn at another's 1024², or on another base, looks worse for it)."""
+    notes = []
+    for key, flag, given in (("base_model", "--model", req.model),
+                             ("transformer_file", "--transformer-file", req.transformer_file),
+                             ("resolution", "--width and --height", req.width and req.height)):
+        values = [info.get(key) for info in infos]
+        if not given and len({str(v) for v in values}) > 1:
+            notes.append(f"the LoRAs were trained with different {key} ("
+                         + ", ".join(f"{label}: {v or 'none'}" for label, v in zip(labels, values))
+                         + f"); all are sampled with the first one's ({values[0] or 'none'}). Pass {flag} to choose.")
+    return notes
+
+
 def save_failed(path: Path, exc: OSError, written: list[Path]) -> UserError:
     done = ", ".join(map(str, written[:6])) + (f" and {len(written) - 6} more" if len(written) > 6 else "")
     return UserError(f"Could not write '{path}' ({exc.strerror or exc}); no partial image was left. "
@@ -212,11 +227,19 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
     from .train import resolve_device
 
     check_request(req)
+    if req.offload and resolve_device(req.device).type != "cuda":
+        # diffusers' offload needs an accelerator (it raises a RuntimeError in load_lora_weights otherwise)
+        raise UserError("--offload keeps the pipeline's models in CPU memory and moves each one to the GPU while "
+                        "it runs; here there is no GPU to move them to (--device cpu, or PyTorch sees no CUDA "
+                        "GPU), so everything already runs from CPU memory. Leave out --offload.")
     lora_files = [find_lora_file(lora) for lora in req.loras]
     labels = lora_labels(lora_files)
     shots, explicit = plan_shots(req, labels)  # decided now, not after minutes of generation
     formats = {shot.path: check_output(shot.path) for shot in shots}
     infos = [json.loads(read_metadata(f).get("lowvram_dopsd", "{}")) for f in lora_files]
+    if console is not None:
+        for note in mixed_notes(req, infos, labels):
+            console.print(f"note: {note}")
     base = req.model or infos[0].get("base_model", "")
     if not base:
         raise UserError(f"'{lora_files[0]}' does not say which base model it was trained on (no lowvram_dopsd "

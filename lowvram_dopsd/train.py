@@ -78,7 +78,7 @@ def precompute(family: Family, ds: data.Dataset, teacher: str, cfg: TrainConfig,
     keys_t = [key_for(teacher, ident_t, it.caption, it.image_sha256) for it in ds.items]
     teacher_conds = cache.get_or_compute(
         keys_t, lambda idx: family.encode_teacher([ds.items[i] for i in idx], teacher, cfg, device),
-        check=lambda i, c: check_finite(c, ds.items[i].image_path.name, f"{teacher} teacher's", cfg))
+        check=lambda i, c: check_finite(c, ds.name(ds.items[i].image_path), f"{teacher} teacher's", cfg))
     return student[:len(ds)], teacher_conds, student[len(ds):]
 
 

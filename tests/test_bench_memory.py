@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
-    configs = "zimage-12gb,klein-16gb-edit-act8,zimage-16gb-prior"
+    configs = "zimage-12gb,klein-16gb-edit-act8,zimage-16gb-prior,zimage-16gb-file"
     # The fused linear's CPU path is its torch reference unless the Triton interpreter is on (as the
     # suite sets it for tests/kernels, where the kernels are checked): interpreted, one klein
     # roll-out takes minutes.
@@ -30,6 +30,14 @@ def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
     assert runs["zimage-12gb"]["step"]["rollout_steps"] == 8
     assert runs["klein-16gb-edit-act8"]["step"]["rollout_steps"] == 4
     assert runs["zimage-12gb"]["teacher_ema_on"] == "cpu"                 # the 12gb preset, applied as train.py
+    assert runs["zimage-12gb"]["plan"]["settings"]["teacher_ema_on"] == "cpu"  # ... and told to the planner
+    # --transformer-file: the random checkpoint rewritten as one original-layout file, trained from it
+    single = runs["zimage-16gb-file"]["transformer_file"]
+    assert single and runs["zimage-16gb-file"]["step"]["trained_passes"] == 8
+    from safetensors import safe_open
+    with safe_open(single, "pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith("model.diffusion_model.") for k in keys) and any(k.endswith(".qkv.weight") for k in keys)
     # prior_prompts as train.py runs them: a second roll-out per step, every state trained again
     assert runs["zimage-12gb"]["step"]["trained_passes"] == 8
     assert runs["zimage-16gb-prior"]["prior"] and runs["zimage-16gb-prior"]["step"]["trained_passes"] == 16

@@ -154,3 +154,22 @@ def test_a_prior_prompt_naming_a_folders_trigger_stops_the_run(run, tmp_path, ca
     (run[0] / "set.toml").write_text(DATASET)
     assert main(run[1](tmp_path / "out", "--set", "prior_prompts=a ball|a photo of zxc ball")) == 2
     assert "contains the trigger 'zxc ball'" in capsys.readouterr().err
+
+
+def test_a_nan_teacher_condition_names_the_image_by_its_folder(run, tmp_path, capsys, monkeypatch):
+    """Both folders hold 2.png: the error must say which one (it used to print the bare file name)."""
+    from lowvram_dopsd.families.zimage import ZImage
+
+    real = ZImage.encode_teacher
+
+    def nan_for_two(self, items, teacher, cfg, device):
+        conds = real(self, items, teacher, cfg, device)
+        for item, cond in zip(items, conds):
+            if item.image_path.parent.name == "two" and item.image_path.name == "2.png":
+                cond["cap"] = cond["cap"].clone()  # an inference tensor
+                cond["cap"][0, 0] = float("nan")
+        return conds
+    monkeypatch.setattr(ZImage, "encode_teacher", nan_for_two)
+    (run[0] / "set.toml").write_text(DATASET)
+    assert main(run[1](tmp_path / "out", "--cache-dir", str(tmp_path / "cache"))) == 2
+    assert "non-finite values (NaN or inf, in cap) for two/2.png" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 pytest.importorskip("diffusers")
@@ -127,6 +128,22 @@ def test_frugal_loading_equals_load_then_quantize(tmp_path, base, kind, sharded)
         a = ref.eval()(x, torch.tensor([0.5]), cap, return_dict=False)[0][0].float()
         b = got.eval()(x, torch.tensor([0.5]), cap, return_dict=False)[0][0].float()
     torch.testing.assert_close(b, a, rtol=0, atol=1e-2 if kind == "bnb-int8" else 0)
+
+
+def test_frugal_loading_reads_the_file_from_pretrained_reads(tmp_path, base, monkeypatch):
+    """A full download holds the weights and their fp16 variant side by side; the loader reads the file
+    from_pretrained reads, block by block (it used to see two files and load the whole model)."""
+    folder = tmp_path / "transformer"
+    base.save_pretrained(folder)
+    variant = {k: torch.zeros_like(v, dtype=torch.float16) for k, v in base.state_dict().items()}
+    save_file(variant, str(folder / "diffusion_pytorch_model.fp16.safetensors"))
+
+    def whole_model(*args, **kwargs):
+        raise AssertionError("load_frugal fell back to from_pretrained")
+    monkeypatch.setattr(ZImageTransformer2DModel, "from_pretrained", whole_model)
+    got = load_frugal(ZImageTransformer2DModel, folder, torch.device("cpu"), torch.bfloat16, "none", SKIP)
+    for k, v in base.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k
 
 
 def test_quantize_keeps_skipped_layers_in_compute_dtype(base):

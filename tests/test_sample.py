@@ -1,6 +1,7 @@
 """`lowvram-dopsd sample`: the stock diffusers pipeline + load_lora_weights, matching the trainer's previews."""
 import contextlib
 import errno
+import json
 import os
 import re
 import resource
@@ -84,6 +85,15 @@ def test_bad_sample_flags_stop_before_the_pipeline_is_loaded(zimage_lora, tmp_pa
     monkeypatch.chdir(tmp_path)
     assert main(["sample", "--lora", str(zimage_lora), "--prompt", PROMPT, *flags]) == 2
     assert says in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offload_without_a_gpu_is_a_clear_error(zimage_lora, tmp_path, capsys, monkeypatch):
+    """Model CPU offload needs a GPU: on the CPU diffusers raised a RuntimeError (traceback) inside
+    load_lora_weights, after the pipeline was loaded."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--lora", str(zimage_lora), "--prompt", PROMPT, "--device", "cpu", "--offload"]) == 2
+    assert "Leave out --offload" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -269,3 +279,23 @@ def test_several_loras_share_one_pipeline(zimage_lora, other_lora, tmp_path, mon
     assert main(["sample", "--lora", str(other_lora), "--lora", str(other_lora), "--prompt", PROMPT,
                  "--output", str(tmp_path / "same") + "/"]) == 0
     assert names(tmp_path / "same") == ["sample-0-other-0.png", "sample-1-other-0.png"]
+
+
+def test_loras_with_different_settings_are_noted(zimage_lora, tmp_path, capsys):
+    """The first LoRA's size (and base) is used for all: a LoRA trained at another size says so."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = zimage_lora / "pytorch_lora_weights.safetensors"
+    with safe_open(str(src), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    info = json.loads(meta["lowvram_dopsd"])
+    save_file(tensors, str(tmp_path / "big.safetensors"), {**meta, "lowvram_dopsd": json.dumps({**info, "resolution": 128})})
+    main(["sample", "--lora", str(zimage_lora), "--lora", str(tmp_path / "big.safetensors"), "--prompt", PROMPT,
+          "--output", str(tmp_path) + "/"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "different resolution (run: 64, big: 128); all are sampled with the first one's (64)" in out
+    assert "different base_model" not in out
+    main(["sample", "--lora", str(zimage_lora), "--lora", str(tmp_path / "big.safetensors"), "--prompt", PROMPT,
+          "--width", "64", "--height", "64", "--output", str(tmp_path) + "/"])
+    assert "different resolution" not in capsys.readouterr().out
