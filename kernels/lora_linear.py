@@ -387,16 +387,16 @@ def _main_configs():
         _cfg(128, 128, 32, 8, 4, 3),
         # The fallback (the only candidate with LOWVRAM_DOPSD_KERNELS_AUTOTUNE=0), 8 warps and 3
         # stages: the 64x64 tile is 16 fp32 accumulators per thread, not 32 as with 4 warps. With 4
-        # warps and 2 stages, act_quant's dx spilled 8 B per thread on sm_120 with Triton 3.5-3.6 (rank
-        # 16: ptxas 12.9 stopped at 72 registers and kept one value in local memory across the K
-        # loop; 3.9's ptxas compiles the same PTX to 75 registers without spilling). With 8 warps, 16-bit,
-        # FP8 and int8 runs take 44-101 registers with no spill at ranks 16 and 64 on sm_86-sm_120,
-        # Triton 3.3-3.9. The exception is rank 128 with Triton 3.6: act_quant's forward spills
-        # 16 B on sm_86 / sm_89 (64 registers). The 3rd stage keeps dx's K loop instruction for
-        # instruction the forward's on Triton 3.9 (test_kernels_aot). With 2 stages sm_86 / sm_89
-        # issue 167 vs 180 instructions, with 4 warps and 3 stages 219 vs 220. fp32 activations at
-        # rank >= 64 spill in every 64x64x32 variant (200-500 B on sm_86 / sm_89 / sm_120: the
-        # LoRA term's fp32 tiles, tf32x3).
+        # warps and 2 stages, act_quant's dx spilled 8 B per thread on sm_120 with Triton 3.5-3.6
+        # (rank 16: ptxas 12.9 stopped at 72 registers and parked one accumulator value in local
+        # memory in the epilogue; 3.9's ptxas compiles the same PTX to 75 registers, no spill).
+        # With 8 warps, 16-bit, FP8 and int8 runs take 44-101 registers with no spill at ranks 16
+        # and 64 on sm_86-sm_120, Triton 3.3-3.9. The exception is rank 128 with Triton 3.5-3.7:
+        # act_quant's forward spills 16 B on sm_86 / sm_89 (64 registers). The 3rd stage keeps
+        # dx's K loop instruction for instruction the forward's on Triton 3.9 (test_kernels_aot).
+        # With 2 stages sm_86 / sm_89 issue 167 vs 180 instructions, with 4 warps and 3 stages 219
+        # vs 220. fp32 activations at rank >= 64 spill in every 64x64x32 variant on sm_86 / sm_89 /
+        # sm_120 (the LoRA term's fp32 tiles, tf32x3: 200-530 B at rank 64, up to 2.9 KB at 128).
         _cfg(64, 64, 32, 8, 8, 3),
     ]
     return cfgs if _autotune_enabled() else cfgs[-1:]
@@ -432,11 +432,11 @@ def _skinny_p_configs():  # P (= LoRA rank) is fixed by the host
         _cfg(0, 64, 128, 1, 4, 3, drop=("BLOCK_P",)),
         _cfg(0, 256, 64, 1, 8, 3, drop=("BLOCK_P",)),
         _cfg(0, 128, 128, 1, 8, 3, drop=("BLOCK_P",)),
-        # fallback: 8 warps. With 4, ptxas spilled 4-12 B per thread, each time one value kept in local
-        # memory across the K loop: fp32 (tf32x3) on sm_90 at rank 16 (96 registers, Triton 3.5-3.6);
+        # fallback: 8 warps. With 4, ptxas spilled 4-12 B per thread: fp32 (tf32x3) on sm_90 at rank
+        # 16 (96 registers, one value kept in local memory across the K loop, Triton 3.5-3.6);
         # 16-bit on sm_120 at rank 64 (80 registers, 3.3.1-3.6); fp32 on sm_86 / sm_89 at rank 64 (168
-        # registers, 3.6). With 8 warps: no spill on sm_86-sm_120, every mode, ranks 16 and 64 on
-        # Triton 3.3-3.9 and ranks 16-128 on 3.6 and 3.9 (<= 108 registers, <= 172 with fp32).
+        # registers, 3.6). With 8 warps: no spill on sm_86-sm_120, every mode, ranks 16, 64 and 128
+        # on Triton 3.3-3.9 (and 32 on 3.6 / 3.9): <= 112 registers, <= 241 with fp32.
         _cfg(0, 64, 32, 1, 8, 2, drop=("BLOCK_P",)),
     ]
     return cfgs if _autotune_enabled() else cfgs[-1:]
