@@ -300,6 +300,17 @@ def run_child(name: str, args) -> dict:
                    "peak_gib": torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
                    "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB if cuda else None}
 
+    if args.profile:  # where one trained roll-out state's time goes (benchmarks/hostprof.py)
+        from hostprof import cuda_sync, gpu_timeline, python_hot_spots
+
+        def one_state():  # as one trained k of rollout_and_learn: teacher pass, student pass + backward
+            rollout_and_learn(family, model, lora, x0.clone(), sigmas[steps // 2: steps // 2 + 2], c_s, c_t, {0},
+                              cfg.loss, loss_scale=1.0 / len(trained))
+
+        res["profile"] = {"timeline": gpu_timeline(one_state, cuda_sync(device)),
+                          "python": python_hot_spots(one_state, cuda_sync(device), top=40)}
+        optimizer.zero_grad(set_to_none=True)
+
     # phase probes: one teacher pass without autograd state, one student forward + backward
     if cuda:
         sigma = sigmas[steps // 2]
@@ -413,6 +424,23 @@ def report(results: list[dict], meta: dict) -> str:
     for r in results:
         if r.get("superseded"):
             lines += ["", f"{r['config']} (superseded): {r['superseded']}."]
+    profiled = [r for r in results if "profile" in r]
+    if profiled:
+        lines += ["", "One trained roll-out state (teacher pass, student pass + backward) under torch.profiler "
+                  "(`--profile`): GPU busy = union of kernel/copy intervals; launches = CUDA runtime/driver "
+                  "launch calls; waits = calls that block the host (syncs, device-to-host copies).", "",
+                  "| config | wall s | GPU busy s | busy % | launches | waits (n, ms) |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for r in profiled:
+            t = r["profile"]["timeline"]
+            launches = sum(v["n"] for k, v in t["calls"].items() if "Launch" in k)
+            waits = ", ".join(f"{k} {v['n']} / {v['ms']:.0f}" for k, v in t["calls"].items() if "Launch" not in k)
+            lines.append(f"| {r['config']} | {t['wall_s']:.2f} | {t['gpu_busy_s']:.2f} | {t['gpu_busy_pct']:.0f} | "
+                         f"{launches} | {waits} |")
+        for r in profiled:
+            p = r["profile"]["python"]
+            lines += ["", f"cProfile, {r['config']}, one state: {p['wall_s']:.2f} s wall (profiled), own time by function:",
+                      "", "| function | calls | own ms | cum ms |", "| --- | ---: | ---: | ---: |"]
+            lines += [f"| `{t['fn']}` | {t['calls']} | {t['own_ms']:.1f} | {t['cum_ms']:.1f} |" for t in p["top"][:25]]
     notes = meta.get("notes")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
@@ -493,6 +521,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test of this script)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip configs once this much time has passed")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one trained roll-out state: GPU busy time, launches, Python hot spots")
     ap.add_argument("--report-only", default=None, metavar="JSON",
                     help="re-predict a recorded results file with the current planner and rewrite its .md")
     ap.add_argument("--note", action="append", default=[], help="a note for the report (with --report-only)")
@@ -560,7 +590,7 @@ def main() -> int:
             results.append({"config": name, "error": "skipped: time budget"})
             continue
         cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--device", args.device,
-               "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
+               "--steps", str(args.steps)] + (["--tiny"] if args.tiny else []) + (["--profile"] if args.profile else [])
         env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

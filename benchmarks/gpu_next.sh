@@ -18,12 +18,19 @@
 #      (train-step-h100.md)
 #   5  the compile-report tests under the GPU image's Triton; cuda_sample.sh on tiny LoRAs trained
 #      here and carried in .smoke/ (tiny-zimage, out-off, out-on; git-ignored)
+#   6  host time: one LoRA'd linear on each path (profile_host.py), one roll-out state of the 16gb
+#      Z-Image step under torch.profiler and cProfile (bench_memory.py --profile)
+#   7  the kernel tests compiled (the direct-launch tests among them), then profile_host.py again
+#   8  the kernel tests compiled again; a whole Z-Image step for fused, bf16, act8 and quanto, each
+#      with one state profiled; profile_host.py again
+#   9  Z-Image fused / act8 with the skinny GEMMs on our kernel (LOWVRAM_DOPSD_LORA_SKINNY=triton);
+#      klein's step on the fused kernel, act8 and quanto
 #
 # Each stage leaves its logs and result files in $OUT (copy them into benchmarks/results/ and
 # write up what they say, with the device and versions the files record).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_next.sh 1|2|3|4|5}
+stage=${1:?usage: gpu_next.sh 1..9}
 OUT=${OUT:-/tmp/gpu-next}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -67,6 +74,32 @@ case "$stage" in
       python3 -m pytest tests/kernels/test_kernels_aot.py -q -n 12 -p no:cacheprovider 2>&1 | tee "$OUT/aot-tests.log"
     WORK="$PWD/.smoke" timeout 150 bash benchmarks/cuda_sample.sh 2>&1 | grep -v "it/s\]" | tee "$OUT/cuda-sample.log"
     ;;
+  6)  # where the host time goes: one LoRA'd linear per path, then one roll-out state of the real model
+    timeout 200 python3 benchmarks/profile_host.py --out "$OUT" 2>&1 | tee "$OUT/profile-host.log"
+    timeout 330 python3 benchmarks/bench_memory.py --steps 2 --profile --budget-s 300 --out "$OUT" \
+      --configs zimage-16gb-fused,zimage-16gb-bf16 2>&1 | tee "$OUT/train-profile.log"
+    ;;
+  7)  # the direct-launch path: the kernel tests compiled (launch tests included), then the host profile
+    LOWVRAM_DOPSD_TEST_GPU=1 TRITON_INTERPRET=0 LOWVRAM_DOPSD_KERNELS_AUTOTUNE=0 timeout 300 \
+      python3 -m pytest tests/kernels -q -n 10 -p no:cacheprovider --ignore tests/kernels/test_kernels_aot.py \
+      2>&1 | tee "$OUT/kernel-tests.log"
+    timeout 200 python3 benchmarks/profile_host.py --out "$OUT" 2>&1 | tee "$OUT/profile-host.log"
+    ;;
+  8)  # the kernel tests compiled, a whole Z-Image step per 8-bit path (one state profiled), profile_host
+    LOWVRAM_DOPSD_TEST_GPU=1 TRITON_INTERPRET=0 LOWVRAM_DOPSD_KERNELS_AUTOTUNE=0 timeout 120 \
+      python3 -m pytest tests/kernels -q -n 10 -p no:cacheprovider --ignore tests/kernels/test_kernels_aot.py \
+      2>&1 | tail -3 | tee "$OUT/kernel-tests.log"
+    timeout 400 python3 benchmarks/bench_memory.py --steps 2 --profile --budget-s 300 --out "$OUT" \
+      --configs zimage-16gb-fused,zimage-16gb-bf16,zimage-16gb-act8,zimage-16gb-quanto 2>&1 | tee "$OUT/train-step.log"
+    timeout 120 python3 benchmarks/profile_host.py --out "$OUT" 2>&1 | tee "$OUT/profile-host.log"
+    ;;
+  9)  # t = x·Aᵀ and u = dy·B on our skinny kernel (direct launches) instead of cast + cuBLAS; klein's step
+    mkdir -p "$OUT/skinny"
+    LOWVRAM_DOPSD_LORA_SKINNY=triton timeout 260 python3 benchmarks/bench_memory.py --steps 2 --profile \
+      --budget-s 200 --out "$OUT/skinny" --configs zimage-16gb-fused,zimage-16gb-act8 2>&1 | tee "$OUT/skinny/train-step.log"
+    timeout 280 python3 benchmarks/bench_memory.py --steps 2 --profile --budget-s 230 --out "$OUT" \
+      --configs klein-16gb-edit-fused,klein-16gb-edit-act8,klein-16gb-edit-quanto 2>&1 | tee "$OUT/train-step-klein.log"
+    ;;
   *)
-    echo "unknown stage '$stage' (1 to 5)" >&2; exit 2 ;;
+    echo "unknown stage '$stage' (1 to 9)" >&2; exit 2 ;;
 esac

@@ -23,6 +23,7 @@ import torch
 
 from .utils import (
     FP_FUSION,
+    cdiv,
     empty,
     is_interpret,
     num_sms,
@@ -97,10 +98,10 @@ def _launch_params(B: int, n: int, device: torch.device) -> Tuple[int, int, int]
         block, min_iters, target = 64, 1, 8
     else:
         block, min_iters, target = 2048, 4, 8 * num_sms(device)
-    per_sample = max(1, triton.cdiv(target, B))
-    chunk = max(block * min_iters, triton.cdiv(n, per_sample))
-    chunk = triton.cdiv(chunk, block) * block
-    return block, chunk, triton.cdiv(n, chunk)
+    per_sample = max(1, cdiv(target, B))
+    chunk = max(block * min_iters, cdiv(n, per_sample))
+    chunk = cdiv(chunk, block) * block
+    return block, chunk, cdiv(n, chunk)
 
 
 def dopsd_loss_forward(
@@ -138,7 +139,7 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, dtype: Optional[to
     n = grad.numel()
     block = 64 if is_interpret() else 4096
     go = grad_output.to(device=grad.device, dtype=torch.float32).reshape(1)
-    _scale_grad_kernel[(triton.cdiv(n, block),)](
+    _scale_grad_kernel[(cdiv(n, block),)](
         grad, go, out, n,
         EMULATE_RNE=is_interpret() and out.dtype == torch.bfloat16,
         BLOCK=block, num_warps=4 if block < 1024 else 8, **FP_FUSION,

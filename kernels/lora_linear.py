@@ -60,12 +60,15 @@ from typing import Literal, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import utils as _utils
 from .utils import (
     FP_FUSION,
     HAS_TRITON,
+    cdiv,
     empty,
     is_interpret,
     kernels_available,
+    launch,
     num_sms,
     tl,
     to_storage,
@@ -475,7 +478,6 @@ if HAS_TRITON:
 
 #: tuned config per problem key, filled by the first (autotuned) launch; see `_mm`
 _BEST_CONFIG: dict = {}
-FAST_LAUNCH = os.environ.get("LOWVRAM_DOPSD_KERNELS_FAST_LAUNCH", "1") == "1"
 
 
 def _next_pow2(n: int) -> int:
@@ -510,9 +512,9 @@ def _split_plan(tiles: int, R: int, device: torch.device) -> Tuple[int, int]:
     target = 2 * num_sms(device)
     if tiles >= target or R <= 2 * align:
         return 1, R
-    splits = min(triton.cdiv(target, tiles), triton.cdiv(R, align))
-    r_per_split = triton.cdiv(triton.cdiv(R, splits), align) * align
-    return triton.cdiv(R, r_per_split), r_per_split
+    splits = min(cdiv(target, tiles), cdiv(R, align))
+    r_per_split = cdiv(cdiv(R, splits), align) * align
+    return cdiv(R, r_per_split), r_per_split
 
 
 def _mm(
@@ -583,14 +585,15 @@ def _mm(
         **FP_FUSION,
     )
     # Host overhead matters (~100 µs of Python per launch on the H100 machine): after the first
-    # call for a problem key, launch the JIT kernel directly with the tuned config, skipping the
-    # autotuner and heuristics layers. The key holds everything the autotuner keys on (_KEY, dtypes).
+    # call for a problem key, launch the JIT kernel with the tuned config, skipping the autotuner and
+    # heuristics layers, and from the next call on its compiled form (`launch`). The key holds
+    # everything the autotuner keys on (_KEY, dtypes).
     key = (kind, P, Q, R, scale_mode, act_scale_mode, int8_dot, bias_mode, lora is not None, meta["BLOCK_RANK"],
            a_soft, b_soft, a_st[1], b_st[1], a.dtype, b.dtype, out.dtype, l1.dtype, l2.dtype, cdt, splits > 1)
-    best = _BEST_CONFIG.get(key) if FAST_LAUNCH else None
+    best = _BEST_CONFIG.get(key) if _utils.FAST_LAUNCH else None
     if best is None:
         def grid(m):
-            return (triton.cdiv(P, m["BLOCK_P"]) * triton.cdiv(Q, m["BLOCK_Q"]), splits)
+            return (cdiv(P, m["BLOCK_P"]) * cdiv(Q, m["BLOCK_Q"]), splits)
 
         fn[grid](*args, **meta)
         cfg = getattr(fn, "best_config", None)
@@ -601,13 +604,13 @@ def _mm(
     bq = best.get("BLOCK_Q", extra.get("BLOCK_Q"))
     br = best["BLOCK_R"]
     even = R % br == 0 and rps % br == 0
-    _qlora_mm_kernel[(triton.cdiv(P, bp) * triton.cdiv(Q, bq), splits)](*args, **meta, **best, EVEN_R=even)
+    launch(_qlora_mm_kernel, (cdiv(P, bp) * cdiv(Q, bq), splits), args, {**meta, **best, "EVEN_R": even})
 
 
 def _reduce_over_m(kind, a, a_st, b, b_st, P, Q, R, out_dtype, device, compute, alpha):
     """[P, Q] = alpha · A[P, R] · B[R, Q] with R = M long: split R, fp32 partials, summed in order."""
     tile = 32 if is_interpret() else 128
-    tiles = triton.cdiv(Q if kind == "skinny_p" else P, tile)
+    tiles = cdiv(Q if kind == "skinny_p" else P, tile)
     splits, rps = _split_plan(tiles, R, device)
     if splits == 1:
         out = empty((P, Q), out_dtype, device)
@@ -617,7 +620,8 @@ def _reduce_over_m(kind, a, a_st, b, b_st, P, Q, R, out_dtype, device, compute, 
     part = empty((splits, P, Q), torch.float32, device)
     _mm(kind, a, a_st, b, b_st, part, (part.stride(0), part.stride(1), part.stride(2)), P, Q, R,
         compute=compute, alpha=alpha, splits=splits, r_per_split=rps)
-    return part.sum(0).to(out_dtype)  # deterministic (no atomics)
+    total = part.sum(0)  # deterministic (no atomics)
+    return total if total.dtype == out_dtype else total.to(out_dtype)
 
 
 def _scale(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, per_row: bool) -> torch.Tensor:
@@ -626,10 +630,9 @@ def _scale(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, per_row
     scale = scale.contiguous()  # read as a dense vector
     out = empty(tuple(x.shape), out_dtype, x.device)
     block = 1024 if is_interpret() else 4096
-    _scale_kernel[(triton.cdiv(x.numel(), block),)](
-        x, scale, out, x.numel(), x.shape[1], PER_ROW=per_row, SOFT_FP8=soft,
-        EMULATE_RNE=is_interpret() and out_dtype == torch.bfloat16, BLOCK=block, num_warps=8, **FP_FUSION,
-    )
+    launch(_scale_kernel, (cdiv(x.numel(), block),), (x, scale, out, x.numel(), x.shape[1]),
+           dict(PER_ROW=per_row, SOFT_FP8=soft, EMULATE_RNE=is_interpret() and out_dtype == torch.bfloat16,
+                BLOCK=block, num_warps=8, **FP_FUSION))
     return out
 
 
@@ -645,9 +648,9 @@ def quantize_rows(x: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> 
     q = empty((M, K), torch.int8, x.device)
     s = empty((M,), torch.float32, x.device)
     block = 32 if is_interpret() else min(4096, max(128, _next_pow2(K)))
-    _quant_rows_kernel[(M,)](x, col_scale if col_scale is not None else s, q, s, K, x.stride(0),
-                             HAS_COL_SCALE=col_scale is not None, BLOCK_K=block,
-                             num_warps=4 if block <= 1024 else 8, enable_fp_fusion=False)
+    launch(_quant_rows_kernel, (M,), (x, col_scale if col_scale is not None else s, q, s, K, x.stride(0)),
+           dict(HAS_COL_SCALE=col_scale is not None, BLOCK_K=block, num_warps=4 if block <= 1024 else 8,
+                enable_fp_fusion=False))
     return q, s
 
 
@@ -667,8 +670,8 @@ def transpose_8bit(w: torch.Tensor) -> torch.Tensor:
     R, C = w.shape
     out = empty((C, R), w.dtype, w.device)
     block = 16 if is_interpret() else 64
-    _transpose_kernel[(triton.cdiv(R, block), triton.cdiv(C, block))](
-        w.contiguous().view(torch.uint8), out.view(torch.uint8), R, C, BLOCK=block, num_warps=4, **FP_FUSION)
+    launch(_transpose_kernel, (cdiv(R, block), cdiv(C, block)),
+           (w.contiguous().view(torch.uint8), out.view(torch.uint8), R, C), dict(BLOCK=block, num_warps=4, **FP_FUSION))
     return out
 
 
@@ -686,7 +689,7 @@ def _skinny(a: torch.Tensor, lora: torch.Tensor, transpose_b: bool, compute) -> 
     keeps them on our kernel."""
     _check_switch("SKINNY", SKINNY, _SKINNY_MODES)
     if SKINNY == "cublas":
-        b = lora.to(a.dtype)
+        b = lora if lora.dtype == a.dtype else lora.to(a.dtype)
         return torch.mm(a, b.t() if transpose_b else b)
     M, K = a.shape
     r = lora.shape[0] if transpose_b else lora.shape[1]
@@ -762,9 +765,12 @@ def lora_linear_backward(
     need_dB: bool = True,
     swap: Optional[bool] = None,
     act8: bool = False,
+    dA_dtype: Optional[torch.dtype] = None,
 ):
     """Triton backward on 2-D tensors. Returns (dx [M, K] | None, dA [r, K] | None, dB [N, r] | None).
-    ``act8``: dx's base GEMM runs on per-token int8 ``dy ⊙ w_scale`` (dA and dB stay exact)."""
+    ``act8``: dx's base GEMM runs on per-token int8 ``dy ⊙ w_scale`` (dA and dB stay exact).
+    ``dA_dtype``: dA's dtype when ``lora_A`` is a compute-dtype copy of the trained factor (default:
+    ``lora_A``'s)."""
     M, K = x2d.shape
     N, r = w_q.shape[0], lora_A.shape[0]
     swap = SWAP_BWD if swap is None else swap
@@ -778,10 +784,10 @@ def lora_linear_backward(
     if need_dx or need_dA:
         u = _skinny(dy, lora_B, transpose_b=False, compute=comp)  # u = dy · B  [M, r]
     if need_dx and BWD_DX == "dequant" and not act8:
-        # dx = s·u·A + dy · dequant(Wq): the LoRA term first, then cuBLAS accumulates into it
-        # (beta = 1 reads it once in the GEMM epilogue instead of a separate read-modify-write pass)
-        dx = torch.mm(u, (lora_A * scale).to(x2d.dtype))
-        dx.addmm_(dy, dequantize(w_q, w_scale, x2d.dtype))
+        # dx = dy · dequant(Wq) + s·u·A: cuBLAS, the LoRA term accumulated in the second GEMM's epilogue
+        # (beta = 1, alpha = s: one read of dx, no separate pass, no scaled copy of A)
+        dx = torch.mm(dy, dequantize(w_q, w_scale, x2d.dtype))
+        dx.addmm_(u, lora_A if lora_A.dtype == x2d.dtype else lora_A.to(x2d.dtype), alpha=scale)
     elif need_dx:
         wq, soft = _wq_operand(w_q)
         mode, s_g = (4 if not swap else 3), None
@@ -811,7 +817,7 @@ def lora_linear_backward(
                 a_soft=soft, act_scale_mode=2 if act8 else 0, **act)
     if need_dA:  # dA = s · uᵀ · x   [r, K], reduce over M
         dA = _reduce_over_m("skinny_p", u, (u.stride(1), u.stride(0)), x2d, (x2d.stride(0), x2d.stride(1)),
-                            r, K, M, lora_A.dtype, dev, comp, scale)
+                            r, K, M, dA_dtype or lora_A.dtype, dev, comp, scale)
     if need_dB:  # dB = s · dyᵀ · t   [N, r], reduce over M
         dB = _reduce_over_m("skinny_q", dy, (dy.stride(1), dy.stride(0)), t, (t.stride(0), t.stride(1)),
                             N, r, M, lora_B.dtype, dev, comp, scale)
@@ -835,12 +841,15 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, w_q, w_scale, bias, lora_A, lora_B, scale, act8=False):
         K = x.shape[-1]
         x2d = _int32_addressable(x.reshape(-1, K))
+        # A in the compute dtype, cast once here and kept for the backward's dx (the trainer's A is
+        # fp32: one cast per layer per pass instead of one in each direction)
+        a_c = lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype)
         # y in its final shape, not a view of a 2-D buffer: autograd refuses in-place ops on a view
         # made inside a Function, and model code may do `y += ...` (the reference path allows it)
-        y, t = lora_linear_forward(x2d, w_q, w_scale, bias, lora_A, lora_B, scale, act8=act8,
+        y, t = lora_linear_forward(x2d, w_q, w_scale, bias, a_c, lora_B, scale, act8=act8,
                                    lead_shape=tuple(x.shape[:-1]))
-        ctx.save_for_backward(x2d, t, w_q, w_scale, lora_A, lora_B)
-        ctx.scale, ctx.act8 = scale, act8
+        ctx.save_for_backward(x2d, t, w_q, w_scale, a_c, lora_B)
+        ctx.scale, ctx.act8, ctx.a_dtype = scale, act8, lora_A.dtype
         ctx.x_shape = x.shape
         return y
 
@@ -852,7 +861,8 @@ class LoRALinearFunction(torch.autograd.Function):
         if dy2d.dtype != x2d.dtype:
             dy2d = dy2d.to(x2d.dtype)
         dx, dA, dB = lora_linear_backward(
-            dy2d, x2d, t, w_q, w_scale, lora_A, lora_B, ctx.scale, need_dx, need_dA, need_dB, act8=ctx.act8
+            dy2d, x2d, t, w_q, w_scale, lora_A, lora_B, ctx.scale, need_dx, need_dA, need_dB, act8=ctx.act8,
+            dA_dtype=ctx.a_dtype,
         )
         if dx is not None:
             dx = dx.view(ctx.x_shape)

@@ -15,6 +15,7 @@ timing anything.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 from collections import Counter
@@ -108,6 +109,10 @@ __all__ = [
     "empty",
     "num_sms",
     "to_storage",
+    "launch",
+    "cdiv",
+    "specialization",
+    "FAST_LAUNCH",
 ]
 
 _TRUE = ("1", "true", "yes", "on")
@@ -194,6 +199,67 @@ def use_triton(name: str, device: torch.device, unsupported: str | None = None) 
         raise RuntimeError(f"LOWVRAM_DOPSD_KERNELS=on but the Triton {name} cannot run: {why}")
     DISPATCH_COUNTS[f"{name}.{'triton' if ok else 'reference'}"] += 1
     return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching: skip Triton's per-call dispatch once a kernel is compiled
+# ---------------------------------------------------------------------------------------------
+#: Launch a kernel through its cached compiled form after its first launch for the same arguments'
+#: specialisation (`launch`); "0" always goes through Triton's JIT dispatch.
+FAST_LAUNCH = os.environ.get("LOWVRAM_DOPSD_KERNELS_FAST_LAUNCH", "1") == "1"
+_COMPILED: dict = {}
+
+
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b): ``triton.cdiv`` is a constexpr_function, ~5 µs a call from Python."""
+    return -(-a // b)
+
+
+def specialization(args) -> tuple:
+    """What a compiled kernel depends on in its runtime arguments, finer than what Triton keys its own
+    cache on (so one key never stands for two of Triton's kernels): a tensor's dtype and 16-byte
+    alignment; an int's being 1, a multiple of 16, beyond int32 (i64) or beyond int64 (u64) (ints
+    below 2 and negative ones are kept as they are); a float's nothing. Triton 3.3-3.9 specialise on
+    exactly these, plus a type per value. (~7 µs for the GEMM's 26 arguments.)"""
+    return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                 else (a if a <= 1 else 10 + (a % 16 == 0) + 2 * (a >= 2**31) + 4 * (a >= 2**63))
+                 if type(a) is int else type(a) for a in args)
+
+
+def launch(fn, grid: tuple, args: tuple, kwargs: dict) -> None:
+    """``fn[grid](*args, **kwargs)`` for a ``triton.jit`` function ``fn``, its runtime arguments
+    ``args`` (positional) and its constexpr parameters and launch options ``kwargs`` (hashable).
+
+    Triton's JIT dispatch costs ~100 µs of Python per launch on the H100 machine's host (binding 26
+    arguments, specialising each, hashing the cache key, reading its knobs from the environment), about
+    as much as the GEMM it launches on the smaller shapes (benchmarks/results/profile-host-*.md). The
+    first launch for a given ``kwargs`` and ``specialization(args)`` goes through it and keeps the
+    compiled kernel it returns; later ones call that kernel's launcher as Triton 3.3-3.9 do (grid,
+    stream, function, metadata, then every parameter in signature order: the launcher skips the
+    constexprs), without launch hooks: a profiler hooked into Triton (proton) sees the first launch
+    of each configuration only (``LOWVRAM_DOPSD_KERNELS_FAST_LAUNCH=0`` shows it every launch).
+    Anything but a plain JIT function (the interpreter's, or ``kernels.aot``'s recorder) is launched
+    as given."""
+    if not (FAST_LAUNCH and isinstance(fn, triton.runtime.JITFunction)):
+        fn[grid](*args, **kwargs)
+        return
+    # id(fn): a JITFunction hashes its source key. The device: Triton keeps a kernel per current device.
+    device = torch.cuda.current_device()
+    key = (id(fn), device, tuple(kwargs.items()), specialization(args))
+    hit = _COMPILED.get(key)
+    if hit is not None:
+        run, function, packed, consts, _ = hit
+        g = grid + (1,) * (3 - len(grid))
+        run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), function, packed, None, None, None,
+            *args, *consts)
+        return
+    kernel = fn[grid](*args, **kwargs)
+    if isinstance(kernel, triton.compiler.CompiledKernel) and kernel.function is not None:
+        params = inspect.signature(fn.fn).parameters
+        rest = list(params)[len(args):]
+        consts = tuple(kwargs[n] if n in kwargs else params[n].default for n in rest)
+        # the kernel object stays referenced: from Triton 3.8 on, dropping it unloads its module
+        _COMPILED[key] = (kernel.run, kernel.function, kernel.packed_metadata, consts, kernel)
 
 
 # ---------------------------------------------------------------------------------------------

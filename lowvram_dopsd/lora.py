@@ -74,9 +74,8 @@ class DualLoRALinear(nn.Module):
             # None: the prior roll-outs' target) takes the same kernel with s = 0, so it has the student's
             # base numerics, int8 activations included, and no dequantised weight either.
             from .kernels.lora_linear import lora_linear
-            from .quant import int8_view
 
-            w_q, w_scale = int8_view(self.base)
+            w_q, w_scale = self._int8()
             A, B = self.pair(role or "student")
             return lora_linear(x, w_q, w_scale, self.base.bias, A, B, self.scale if role else 0.0,
                                act_quant=self.act_quant)
@@ -87,6 +86,18 @@ class DualLoRALinear(nn.Module):
         # LoRA weights are kept in fp32 for the optimizer; the matmuls run in the compute dtype.
         lora = (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()
         return y + self.scale * lora
+
+    def _int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base's (w_q, w_scale), looked up again only when its weight object changes (a forward
+        runs ~10^3 times per step, and reading them off quanto's tensor subclass costs ~20 µs)."""
+        w = self.base.weight
+        cached = self.__dict__.get("_int8_cache")
+        if cached is None or cached[0] is not w:
+            from .quant import int8_view
+
+            cached = (w, *int8_view(self.base))
+            self.__dict__["_int8_cache"] = cached
+        return cached[1], cached[2]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"

@@ -45,7 +45,7 @@ def default_prompts(captions: list[str], triggers: str | list[str]) -> list[str]
 def few_step_sample(family: Family, model: torch.nn.Module, lora: DualLoRA, role: str | None, noise: torch.Tensor,
                     sigmas: torch.Tensor, conds: list[Cond]) -> torch.Tensor:
     """The pipeline's Euler sampler with one LoRA set (the roll-out of `rollout_and_learn`, nothing trained)."""
-    x = noise
+    x, sigmas = noise, sigmas.to(noise.device, non_blocking=True)  # as rollout_and_learn: no copy per pass
     with lora.use(role):
         for k in range(len(sigmas) - 1):
             x = x + (sigmas[k + 1] - sigmas[k]) * family.velocity(model, x, sigmas[k], conds)

@@ -211,8 +211,9 @@ def use_fused_linear(device: torch.device) -> bool:
     "on": always (the kernel raises if Triton cannot run). "auto": on a CUDA device where Triton
     runs. Measured on an H100 (benchmarks/results/kernels-h100.md, memory-nvidia-h100-80gb-hbm3.md):
     over Z-Image's LoRA'd linears forward+backward is 1.14-1.17x faster than quanto's dequantise
-    + cuBLAS and takes 1.02-1.06x the bf16 time (GPU time); the whole 16gb step is 3 % (Z-Image) /
-    5 % (klein) faster and klein's peak 0.39 GiB lower. Not in "auto" on the CPU interpreter: far too slow to train.
+    + cuBLAS and takes 1.02-1.06x the bf16 time (GPU time); the whole 16gb step is 1.11x (Z-Image,
+    7.73 vs 8.61 s) / 1.10x (klein) faster (benchmarks/results/host-time-h100.md) and klein's peak
+    0.39 GiB lower. Not in "auto" on the CPU interpreter: far too slow to train.
     """
     from .kernels.utils import kernels_available, kernels_mode as current_mode
 

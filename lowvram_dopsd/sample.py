@@ -227,7 +227,8 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
     from .train import resolve_device
 
     check_request(req)
-    if req.offload and resolve_device(req.device).type != "cuda":
+    device = resolve_device(req.device)
+    if req.offload and device.type != "cuda":
         # diffusers' offload needs an accelerator (it raises a RuntimeError in load_lora_weights otherwise)
         raise UserError("--offload keeps the pipeline's models in CPU memory and moves each one to the GPU while "
                         "it runs; here there is no GPU to move them to (--device cpu, or PyTorch sees no CUDA "
@@ -259,7 +260,6 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
         raise UserError(f"`sample` runs the stock diffusers pipeline, and {family.pipeline_class} (the "
                         f"{family.name} family) is not one. Load the LoRA with the family's own pipeline "
                         f"instead (for the toy world: lowvram_dopsd.toy.pipeline.ToyDiTPipeline, docs/toy.md).")
-    device = resolve_device(req.device)
     dtype = DTYPES[req.dtype] if device.type == "cuda" else torch.float32
     parts = {}
     if family.transformer_file:  # the fine-tune, read by diffusers' own single-file loader (not ours)

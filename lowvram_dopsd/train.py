@@ -117,6 +117,10 @@ def rollout_and_learn(family: Family, model: torch.nn.Module, lora: DualLoRA, x:
     Returns the per-trained-step losses and the final latents. Gradients accumulate in the student
     LoRA's .grad; the caller steps the optimizer.
     """
+    # Nothing in the loop waits for the GPU: the schedule goes to the device once (a CPU sigma would be
+    # copied to it, synchronously, by every pass and loss) and the losses are read after the last
+    # state, so the host can queue the next pass while the GPU still runs this one.
+    sigmas = sigmas.to(x.device, non_blocking=True)
     losses = []
     for k in range(len(sigmas) - 1):
         sigma = sigmas[k]
@@ -130,13 +134,20 @@ def rollout_and_learn(family: Family, model: torch.nn.Module, lora: DualLoRA, x:
                 # during backward, and that re-run must see the same LoRA set.
                 if loss_scale != 0:
                     (loss * loss_scale).backward()
-            losses.append(loss.item())
+            losses.append(loss.detach())
             v = v_s.detach()
         else:
             with torch.no_grad(), lora.use("student"):
                 v = family.velocity(model, x, sigma, c_s)
         x = x + (sigmas[k + 1] - sigma) * v  # the pipeline's Euler step (FlowMatchEulerDiscreteScheduler)
-    return losses, x
+    return (torch.stack(losses).tolist() if losses else []), x
+
+
+def conds_on(conds: list[Cond], device: torch.device) -> list[Cond]:
+    """A micro-batch's cached conditions (host RAM) on the device, copied once for its whole roll-out:
+    each pass would copy them again otherwise, and a copy from pageable memory waits for the GPU."""
+    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in c.items()}
+            for c in conds]
 
 
 class BucketSampler:
@@ -705,6 +716,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     def learn(height: int, width: int, c_s: list[Cond], c_t: list[Cond], weight: float,
               teacher: str | None = "teacher") -> list[float]:
         """One micro-batch: a roll-out from fresh noise at this size, `weight` × its mean loss back-propagated."""
+        c_s, c_t = conds_on(c_s, device), conds_on(c_t, device)
         sigmas = family.sigmas(height, width, rollout_steps)
         x = torch.randn((len(c_s), *family.latent_shape(height, width)), generator=noise_gen,
                         dtype=torch.float32).to(device)

@@ -17,7 +17,7 @@ def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--tiny", "--device", "cpu",
-         "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--configs", configs],
+         "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--configs", configs, "--profile"],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = (tmp_path / "out").glob("memory-*-tiny.json")
@@ -47,4 +47,11 @@ def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
     from lowvram_dopsd.families import load_family
     klein = load_family(str(tmp_path / "work" / "klein"), check_files=False)  # encoders: placeholders
     assert klein.name == "klein" and klein.scheduler().config.use_dynamic_shifting
-    assert "| klein-16gb-edit-act8 | FLUX.2-klein 4B (edit teacher) |" in result.with_suffix(".md").read_text()
+    md = result.with_suffix(".md").read_text()
+    assert "| klein-16gb-edit-act8 | FLUX.2-klein 4B (edit teacher) |" in md
+    # --profile: one trained state under torch.profiler and cProfile (no GPU here: no GPU events)
+    for name, r in runs.items():
+        prof = r["profile"]
+        assert prof["timeline"]["wall_s"] > 0 and prof["timeline"]["gpu_events"] == 0, name
+        assert any("forward" in t["fn"] for t in prof["python"]["top"]), name
+    assert "| zimage-12gb | " in md.split("under torch.profiler")[1] and "cProfile, klein-16gb-edit-act8" in md

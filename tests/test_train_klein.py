@@ -118,6 +118,22 @@ def test_zero_lora_rollout_equals_stock_pipeline(tmp_path, tiny_klein_dir, demo_
     assert rel_err(pack(noise), ref[-1]) > 0.05  # the roll-out moved: not a vacuous comparison
 
 
+def test_position_ids_are_made_once_per_shape(tmp_path, tiny_klein_dir, demo_images):
+    """The velocity builds the pipeline's position ids once per shape and keeps them on the device:
+    built on the CPU and copied in every pass, they made the host wait for the GPU there."""
+    cfg = make_cfg(tmp_path, tiny_klein_dir, demo_images)
+    family = load_family(str(tiny_klein_dir))
+    (cond,) = family.encode_student([PROMPT], cfg, CPU)
+    model, _ = attach(family, cfg)
+    with torch.no_grad():
+        for h, w in ((64, 64), (48, 80), (64, 64)):
+            family.velocity(model, torch.zeros(1, *family.latent_shape(h, w)), torch.tensor(0.5), [cond])
+    cache = family._id_cache
+    assert len(cache) == 3  # latent ids for two sizes, text ids for one caption length
+    for (name, shape, _device), ids in cache.items():
+        assert torch.equal(ids, getattr(Flux2KleinPipeline, name)(torch.zeros(shape)))
+
+
 def test_decode_latents_equals_the_pipeline_images(tmp_path, tiny_klein_dir, demo_images):
     cfg = make_cfg(tmp_path, tiny_klein_dir, demo_images)
     family = load_family(str(tiny_klein_dir))

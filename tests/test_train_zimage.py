@@ -217,3 +217,35 @@ def test_prior_prompts_keep_the_student_near_the_base_on_them(tmp_path, tiny_zim
     free, kept = moved("off"), moved("prior", prior_prompts=f"{prompt}|a ball on grass")
     assert free > 0.1  # the LoRA does move this prompt: not a vacuous comparison
     assert kept < 0.7 * free
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Records the tensor methods that make the host wait for the GPU (on CUDA they synchronise)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.cpu, torch.Tensor.numpy}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_rollout_reads_its_losses_once(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images):
+    """The losses of all trained states come back in one read after the roll-out, not one `.item()` per
+    state: on a GPU each read waits for the queue to drain, and the host could not queue the next pass
+    while the GPU runs this one (benchmarks/results/profile-host-*.md)."""
+    cfg = make_cfg(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images)
+    family = load_family(str(tiny_zimage_dir))
+    (c,) = family.encode_student(["a red ball in space"], cfg, CPU)
+    model = family.load_transformer(cfg, CPU, torch.float32)
+    lora = DualLoRA.attach(model, family.lora_targets, rank=4, alpha=8.0)
+    x = torch.randn((1, *family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(4))
+    sigmas = family.sigmas(64, 64, 4)
+    with _HostReads() as reads:
+        losses, _ = rollout_and_learn(family, model, lora, x, sigmas, [c], [c], {0, 1, 3}, "x0", 1.0)
+    assert len(losses) == 3 and all(isinstance(v, float) for v in losses)
+    assert reads.calls == ["tolist"], reads.calls

@@ -236,10 +236,10 @@ class Klein(DiffusersFamily):
         dtype = getattr(transformer, "_dopsd_dtype", None) or transformer.dtype
         b, c, h, w = x.shape
         latents = pipe._pack_latents(x)                       # [B, h·w, C]
-        img_ids = pipe._prepare_latent_ids(x).to(x.device)   # [B, h·w, 4]
+        img_ids = self._ids(pipe._prepare_latent_ids, x)     # [B, h·w, 4]
         hidden = latents.to(dtype)
         cap = torch.stack([cond["cap"] for cond in conds]).to(x.device, dtype)
-        txt_ids = pipe._prepare_text_ids(cap).to(x.device)
+        txt_ids = self._ids(pipe._prepare_text_ids, cap)
         if "ref" in conds[0]:  # edit teacher: reference tokens after the noisy ones, as for `image=`
             ref = torch.stack([cond["ref"] for cond in conds]).to(x.device, dtype)
             ref_ids = torch.stack([cond["ref_ids"] for cond in conds]).to(x.device)
@@ -251,6 +251,16 @@ class Klein(DiffusersFamily):
                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         out = out[:, : h * w].float()                          # the noisy-latent part of the sequence
         return out.permute(0, 2, 1).reshape(b, c, h, w)
+
+    def _ids(self, make, like: torch.Tensor) -> torch.Tensor:
+        """`make(like)` on `like`'s device, made once per shape: the pipeline builds position ids from
+        the shape alone, on the CPU, and copying them to the GPU in every pass would make the host
+        wait for the GPU there (a synchronous copy) several times per pass."""
+        cache = self.__dict__.setdefault("_id_cache", {})
+        key = (make.__name__, tuple(like.shape), like.device)
+        if key not in cache:
+            cache[key] = make(like).to(like.device)
+        return cache[key]
 
     # ------------------------------------------------------------------ output
     @torch.no_grad()
