@@ -13,8 +13,30 @@ Each public function dispatches with ``LOWVRAM_DOPSD_KERNELS=off|on|auto`` (see 
 Docs: docs/kernels.md.
 """
 
-from . import dopsd_loss, lora_linear, utils  # noqa: F401  (modules, not the functions)
-from .utils import DISPATCH_COUNTS, HAS_TRITON, kernels_available, kernels_mode, reset_dispatch_counts
+import os as _os
+import sys as _sys
+
+if __name__ == "kernels":  # pragma: no cover - see tests/test_packaging.py, which runs it in a subprocess
+    # Imported as the top-level `kernels`: Python was started with this repository's root first on
+    # sys.path (`python` or `python -m ...` run in a clone, a notebook opened there), and the name
+    # belongs to Hugging Face's `kernels` package, which transformers 5.25+ requires and imports at
+    # start-up (`from kernels import CUDAProperties, ...`). Hand the name to that package: load it
+    # from the rest of sys.path and leave it in sys.modules, which is what the import statement returns.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _rest = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root]
+    _spec = _machinery.PathFinder.find_spec(__name__, _rest)
+    if _spec is None:
+        raise ModuleNotFoundError(f"No module named {__name__!r} (this folder is lowvram_dopsd.kernels)",
+                                  name=__name__)
+    _module = _util.module_from_spec(_spec)
+    _sys.modules[__name__] = _module
+    _spec.loader.exec_module(_module)
+else:
+    from . import dopsd_loss, lora_linear, utils  # noqa: F401  (modules, not the functions)
+    from .utils import DISPATCH_COUNTS, HAS_TRITON, kernels_available, kernels_mode, reset_dispatch_counts
 
 __all__ = [
     "dopsd_loss",

@@ -302,8 +302,24 @@ def _gib(text: str) -> float:
     return value
 
 
+# Third-party start-up warnings about code we never run. On a CPU with AVX512-BF16 (Zen 4, Sapphire
+# Rapids) `import bitsandbytes`, which diffusers does, tries to fetch a CPU 4-bit GEMM from the Hub through
+# Hugging Face's `kernels` (a dependency of transformers 5.25+) and logs two warnings when it cannot
+# ("Failed to load CPU gemm_4bit_forward ... pip install kernels"): the first lines of every run, about a
+# 4-bit CPU path this tool does not use. Errors still show.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+
+
+def quiet_third_party() -> None:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_third_party()
     args = build_parser().parse_args(argv)
     args.argv = argv
     from rich.console import Console

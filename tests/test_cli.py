@@ -178,3 +178,24 @@ def test_settings_says_what_the_models_default_is(capsys, monkeypatch, tmp_path)
     assert "0 = 4 (klein)" in klein["rollout_steps"]
     assert "0.0 = 4e-05 (zimage)" in zimage["lr"] and "'' = vlm (zimage)" in zimage["teacher"]
     assert "=" not in unknown["lr"].split("learning rate")[0]  # a model it cannot read offline: no guess
+
+
+def test_the_cli_hides_bitsandbytes_start_up_warning_about_its_cpu_4bit_gemm():
+    """`import bitsandbytes` (diffusers does it) on an AVX512-BF16 CPU logs that it could not fetch a CPU
+    4-bit GEMM from the Hub, at every start; a run of the CLI hides that, and still shows errors."""
+    import os
+    import subprocess
+    import sys
+
+    from bitsandbytes.functional import has_avx512bf16
+
+    run = ("from lowvram_dopsd import cli; {}import diffusers, bitsandbytes, logging; "
+           "logging.getLogger('bitsandbytes.backends.cpu.ops').error('an error still shows')")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bare, quiet = (subprocess.run([sys.executable, "-c", run.format(call)], capture_output=True, text=True, env=env)
+                   for call in ("", "cli.main(['presets']); "))
+    assert bare.returncode == quiet.returncode == 0, bare.stderr + quiet.stderr
+    assert "an error still shows" in bare.stderr and "an error still shows" in quiet.stderr
+    assert "gemm_4bit_forward" not in quiet.stderr and "publisher trust" not in quiet.stderr, quiet.stderr
+    if has_avx512bf16():  # the CPUs where bitsandbytes tries (this one, here); elsewhere it stays silent
+        assert "gemm_4bit_forward" in bare.stderr, bare.stderr

@@ -1,15 +1,39 @@
 """The kernels folder ships as `lowvram_dopsd.kernels`, never as a top-level `kernels` module."""
 import subprocess
 import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = ROOT / "kernels"
+# what `import kernels` gives: the file of Hugging Face's package, or "none" where it is not installed
+_WHICH = ("try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('none', e.name)\n"
+          "else:\n    print(kernels.__file__)\n")
+
+
+def _hf_kernels() -> str:
+    """`import kernels` from a folder outside the repository: HF's package, or 'none kernels'."""
+    out = subprocess.run([sys.executable, "-c", _WHICH], cwd=Path(sys.prefix), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
 
 
 def test_top_level_kernels_is_not_ours(tmp_path):
-    code = ("import importlib.util, sys\n"
-            "spec = importlib.util.find_spec('kernels')\n"
-            "print('none' if spec is None else spec.origin)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
-    origin = out.stdout.strip()
-    assert origin == "none" or "lowvram" not in origin.lower(), origin
+    out = subprocess.run([sys.executable, "-c", _WHICH], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert not Path(out.stdout.strip()).is_relative_to(OURS), out.stdout
+
+
+def test_run_from_the_repository_root_imports_hf_kernels():
+    """Python started in a clone puts its root first on sys.path (`python -m pytest`, a REPL, a notebook),
+    where our kernels/ folder is a package named `kernels`. transformers 5.25+ requires Hugging Face's
+    `kernels` and imports it at start-up, so diffusers' pipelines failed to import there
+    ("cannot import name 'CUDAProperties' from 'kernels'"). kernels/__init__.py hands the name over."""
+    out = subprocess.run([sys.executable, "-c", _WHICH], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == _hf_kernels()  # HF's file, or the same ModuleNotFoundError without it
+    code = "from diffusers import ZImagePipeline, Flux2KleinPipeline; import lowvram_dopsd.kernels.lora_linear; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
 def test_kernels_and_presets_import_under_our_namespace(tmp_path):

@@ -127,14 +127,13 @@ def test_fallback_inputs_expand_image_placeholder(tiny_vlm_dir, ball):
 def test_fallback_matches_qwen3vl_processor_logic(tiny_vlm_dir, ball):
     """Runs here: the real Qwen3VLProcessor code, built without its torchvision-only video half."""
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen3VLProcessor
-    from transformers.processing_utils import ProcessorMixin
 
     class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        # Qwen3VLProcessor's own __init__ (the token attributes it sets differ between transformers
+        # releases: 5.25 added vision_start/end), with no video processor: ProcessorMixin takes the
+        # processor's halves from this signature, so it neither asks for nor class-checks the video one.
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
 
     tok = AutoTokenizer.from_pretrained(tiny_vlm_dir)
     proc = ImageOnlyQwen3VLProcessor(AutoImageProcessor.from_pretrained(tiny_vlm_dir), tok,
