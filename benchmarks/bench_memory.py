@@ -157,24 +157,18 @@ def single_file_path(work: Path, family: str) -> Path:
 def write_single_file(work: Path, family: str) -> dict:
     """The random checkpoint as one original-layout file, as fine-tunes are published, converted by the
     inverse of diffusers' converter that tests/test_single_file.py checks against `from_single_file`."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_single_file import to_original_zimage
+    from test_single_file import _state, to_original_zimage
 
     if family != "zimage":
         raise ValueError("single-file configs are Z-Image only")
     t0 = time.perf_counter()
-    sd = {}
-    for f in sorted((work / family / "transformer").glob("*.safetensors")):
-        sd.update(load_file(str(f)))
-    out = to_original_zimage(sd)
-    del sd
+    out = to_original_zimage(_state(work / family))
     path = single_file_path(work, family)
     save_file({k: v.contiguous() for k, v in out.items()}, str(path))
     del out
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"file": str(path), "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0}
 
 
@@ -301,14 +295,13 @@ def run_child(name: str, args) -> dict:
                    "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB if cuda else None}
 
     if args.profile:  # where one trained roll-out state's time goes (benchmarks/hostprof.py)
-        from hostprof import cuda_sync, gpu_timeline, python_hot_spots
+        from hostprof import gpu_timeline, python_hot_spots
 
         def one_state():  # as one trained k of rollout_and_learn: teacher pass, student pass + backward
             rollout_and_learn(family, model, lora, x0.clone(), sigmas[steps // 2: steps // 2 + 2], c_s, c_t, {0},
                               cfg.loss, loss_scale=1.0 / len(trained))
 
-        res["profile"] = {"timeline": gpu_timeline(one_state, cuda_sync(device)),
-                          "python": python_hot_spots(one_state, cuda_sync(device), top=40)}
+        res["profile"] = {"timeline": gpu_timeline(one_state, sync), "python": python_hot_spots(one_state, sync, top=40)}
         optimizer.zero_grad(set_to_none=True)
 
     # phase probes: one teacher pass without autograd state, one student forward + backward

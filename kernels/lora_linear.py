@@ -620,8 +620,7 @@ def _reduce_over_m(kind, a, a_st, b, b_st, P, Q, R, out_dtype, device, compute, 
     part = empty((splits, P, Q), torch.float32, device)
     _mm(kind, a, a_st, b, b_st, part, (part.stride(0), part.stride(1), part.stride(2)), P, Q, R,
         compute=compute, alpha=alpha, splits=splits, r_per_split=rps)
-    total = part.sum(0)  # deterministic (no atomics)
-    return total if total.dtype == out_dtype else total.to(out_dtype)
+    return part.sum(0).to(out_dtype)  # deterministic (no atomics)
 
 
 def _scale(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, per_row: bool) -> torch.Tensor:
@@ -689,7 +688,7 @@ def _skinny(a: torch.Tensor, lora: torch.Tensor, transpose_b: bool, compute) -> 
     keeps them on our kernel."""
     _check_switch("SKINNY", SKINNY, _SKINNY_MODES)
     if SKINNY == "cublas":
-        b = lora if lora.dtype == a.dtype else lora.to(a.dtype)
+        b = lora.to(a.dtype)
         return torch.mm(a, b.t() if transpose_b else b)
     M, K = a.shape
     r = lora.shape[0] if transpose_b else lora.shape[1]
@@ -787,7 +786,7 @@ def lora_linear_backward(
         # dx = dy · dequant(Wq) + s·u·A: cuBLAS, the LoRA term accumulated in the second GEMM's epilogue
         # (beta = 1, alpha = s: one read of dx, no separate pass, no scaled copy of A)
         dx = torch.mm(dy, dequantize(w_q, w_scale, x2d.dtype))
-        dx.addmm_(u, lora_A if lora_A.dtype == x2d.dtype else lora_A.to(x2d.dtype), alpha=scale)
+        dx.addmm_(u, lora_A.to(x2d.dtype), alpha=scale)
     elif need_dx:
         wq, soft = _wq_operand(w_q)
         mode, s_g = (4 if not swap else 3), None
@@ -843,7 +842,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x2d = _int32_addressable(x.reshape(-1, K))
         # A in the compute dtype, cast once here and kept for the backward's dx (the trainer's A is
         # fp32: one cast per layer per pass instead of one in each direction)
-        a_c = lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype)
+        a_c = lora_A.to(x.dtype)
         # y in its final shape, not a view of a 2-D buffer: autograd refuses in-place ops on a view
         # made inside a Function, and model code may do `y += ...` (the reference path allows it)
         y, t = lora_linear_forward(x2d, w_q, w_scale, bias, a_c, lora_B, scale, act8=act8,

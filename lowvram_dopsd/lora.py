@@ -43,6 +43,7 @@ class DualLoRALinear(nn.Module):
         self.switch = switch
         self.fused = False  # True: base is 8-bit and the fused kernel computes base + LoRA in one pass
         self.act_quant = "off"  # "int8": the fused kernel's base GEMMs on per-token int8 activations
+        self._int8_cache: tuple | None = None  # (base weight, w_q, w_scale): see _int8
         dev = _weight_device(base)
         # B = 0, so training starts at the base model. A (see INITS): "gaussian" N(0, 1/rank²), the
         # authors' (peft's init_lora_weights="gaussian"), or "kaiming" uniform(±1/sqrt(in)), peft's
@@ -91,13 +92,11 @@ class DualLoRALinear(nn.Module):
         """The base's (w_q, w_scale), looked up again only when its weight object changes (a forward
         runs ~10^3 times per step, and reading them off quanto's tensor subclass costs ~20 µs)."""
         w = self.base.weight
-        cached = self.__dict__.get("_int8_cache")
-        if cached is None or cached[0] is not w:
+        if self._int8_cache is None or self._int8_cache[0] is not w:
             from .quant import int8_view
 
-            cached = (w, *int8_view(self.base))
-            self.__dict__["_int8_cache"] = cached
-        return cached[1], cached[2]
+            self._int8_cache = (w, *int8_view(self.base))
+        return self._int8_cache[1], self._int8_cache[2]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"

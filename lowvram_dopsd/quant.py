@@ -244,12 +244,11 @@ def _weight_files(folder: Path) -> dict[str, Path] | None:
     index first, then the single file); None if there are none. Other .safetensors beside them (an
     `.fp16` variant of a full download) are ignored, as from_pretrained ignores them: counting them
     used to send such a folder to the whole-model fallback, at twice the host RAM."""
-    from .families.base import WEIGHT_FILES  # families import this module
+    from .families.base import WEIGHT_FILES, shard_index  # families import this module
 
-    for name in WEIGHT_FILES:
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    index = shard_index(folder)
+    if index is not None:
+        return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             from safetensors import safe_open

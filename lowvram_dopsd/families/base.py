@@ -51,6 +51,15 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 MODEL_COMPONENTS = ("transformer", "text_encoder", "vae")
 
 
+def shard_index(folder: Path) -> Path | None:
+    """The shard index from_pretrained reads in a model component folder (`<name>.index.json` for the
+    first of `WEIGHT_FILES` that has one), or None when the weights are not sharded."""
+    for name in WEIGHT_FILES:
+        if (folder / f"{name}.index.json").is_file():
+            return folder / f"{name}.index.json"
+    return None
+
+
 def component_problem(folder: Path, model: bool = True) -> str:
     """What is wrong with one component folder of a checkpoint ('' if nothing): a model component
     needs its config.json and safetensors weights, every shard of a sharded one; a tokenizer or
@@ -60,12 +69,12 @@ def component_problem(folder: Path, model: bool = True) -> str:
     if not (folder / "config.json").is_file():
         # tokenizer/, scheduler/: their loaders name a missing file themselves
         return "has no config.json. The download is probably incomplete: download the model again." if model else ""
-    indexes = [folder / f"{name}.index.json" for name in WEIGHT_FILES if (folder / f"{name}.index.json").is_file()]
-    if indexes:
+    index = shard_index(folder)
+    if index is not None:
         try:
-            shards = set(json.loads(indexes[0].read_text())["weight_map"].values())
+            shards = set(json.loads(index.read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, AttributeError) as exc:
-            return f"has an unreadable shard index {indexes[0].name} ({exc}): download the model again."
+            return f"has an unreadable shard index {index.name} ({exc}): download the model again."
         lost = sorted(s for s in shards if not (folder / s).is_file())
         if lost:
             return (f"lacks {len(lost)} of its {len(shards)} weight shards ({', '.join(lost[:3])}"

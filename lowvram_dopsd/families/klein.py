@@ -29,6 +29,7 @@ Teachers:
 from __future__ import annotations
 
 import inspect
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -256,11 +257,14 @@ class Klein(DiffusersFamily):
         """`make(like)` on `like`'s device, made once per shape: the pipeline builds position ids from
         the shape alone, on the CPU, and copying them to the GPU in every pass would make the host
         wait for the GPU there (a synchronous copy) several times per pass."""
-        cache = self.__dict__.setdefault("_id_cache", {})
         key = (make.__name__, tuple(like.shape), like.device)
-        if key not in cache:
-            cache[key] = make(like).to(like.device)
-        return cache[key]
+        if key not in self._id_cache:
+            self._id_cache[key] = make(like).to(like.device)
+        return self._id_cache[key]
+
+    @cached_property
+    def _id_cache(self) -> dict:
+        return {}
 
     # ------------------------------------------------------------------ output
     @torch.no_grad()

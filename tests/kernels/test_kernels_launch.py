@@ -22,7 +22,7 @@ from lowvram_dopsd.kernels import utils
 pytest.importorskip("triton")
 
 _BINDER = r"""
-import itertools, json
+import json
 import torch
 from lowvram_dopsd.kernels import aot, lora_linear as ll, utils
 import triton
