@@ -2,6 +2,14 @@
 
     python benchmarks/bench_memory.py --out benchmarks/results            # on a CUDA GPU
     python benchmarks/bench_memory.py --out /tmp/r --tiny --device cpu    # the same code on a tiny model
+    python benchmarks/bench_memory.py --trees before=/tmp/ab/ea7bf9f,after=. --rounds 2 --steps 2 \
+        --configs zimage-16gb-fused                                        # two versions of the code, one machine
+
+With --trees, each configuration runs once per tree and round, alternating (A B, then B A, ...), each in
+a fresh process that imports that tree's code (its own benchmarks/bench_memory.py, which puts its root
+first on sys.path; `benchmarks/tree_at.sh REV DIR` unpacks a commit there): a before/after on one
+machine, where step times otherwise move with the host CPU from machine to machine. The report ends with
+the step times side by side.
 
 For each configuration it
   1. writes a model folder with the PUBLISHED configs (lowvram_dopsd/published/: model_index.json,
@@ -220,7 +228,10 @@ def run_child(name: str, args) -> dict:
     overrides["model"] = str(folder)
     cfg = load_config(str(ROOT / "presets" / f"{preset}.toml"), overrides)
     dtype = torch.bfloat16
+    import lowvram_dopsd.kernels.lora_linear as ll
+
     res = {"config": name, "family": family_name, "preset": preset, "target_gib": target,
+           "code": str(Path(ll.__file__).resolve().parents[1]),  # the tree whose code ran (see --trees)
            "transformer_file": str(single) if single else None,
            "settings": {k: getattr(cfg, k) for k in ("resolution", "rank", "alpha", "quant", "optimizer",
                                                       "grad_checkpointing", "max_sequence_length",
@@ -341,6 +352,34 @@ def run_child(name: str, args) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Orchestration and the report
 # ---------------------------------------------------------------------------------------------
+def parse_trees(text: str) -> dict[str, Path]:
+    """'before=/tmp/ab/x,after=.' -> {label: folder}; a bare folder is labelled by its name. Default: this tree."""
+    trees = {}
+    for item in filter(None, (text or "").split(",")):
+        label, _, folder = item.rpartition("=")
+        path = Path(folder).resolve()
+        trees[label or path.name] = path
+    return trees or {"this": ROOT}
+
+
+def check_tree(label: str, tree: Path) -> None:
+    """Fail unless a child started from `tree` imports `tree`'s own package and kernels (an unpacked commit
+    has no install: without the links that the install's package-dir stands for, `lowvram_dopsd.kernels`
+    would silently come from whatever is installed)."""
+    for name in ("kernels", "presets"):
+        link = tree / "lowvram_dopsd" / name
+        if tree != ROOT and not link.exists() and (tree / name).is_dir():
+            link.symlink_to(Path("..") / name)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import lowvram_dopsd, lowvram_dopsd.kernels.lora_linear as k, "
+            "lowvram_dopsd.train, transformers.modeling_utils, diffusers.loaders.peft; "  # as the child will
+            "print(lowvram_dopsd.__file__); print(k.__file__)")
+    # -P: no working directory first on sys.path, as for the child, which runs the tree's own script
+    proc = subprocess.run([sys.executable, "-P", "-c", code, str(tree)], capture_output=True, text=True)
+    files = proc.stdout.split()
+    if proc.returncode != 0 or len(files) != 2 or not all(Path(f).resolve().is_relative_to(tree) for f in files):
+        raise SystemExit(f"tree {label} ({tree}) does not import its own code: {files or proc.stderr[-1500:]}")
+
+
 def versions() -> dict:
     import importlib.metadata as md
     out = {"python": platform.python_version()}
@@ -434,10 +473,31 @@ def report(results: list[dict], meta: dict) -> str:
             lines += ["", f"cProfile, {r['config']}, one state: {p['wall_s']:.2f} s wall (profiled), own time by function:",
                       "", "| function | calls | own ms | cum ms |", "| --- | ---: | ---: | ---: |"]
             lines += [f"| `{t['fn']}` | {t['calls']} | {t['own_ms']:.1f} | {t['cum_ms']:.1f} |" for t in p["top"][:25]]
+    if meta.get("trees"):
+        lines += ab_table(results, list(meta["trees"]))
     notes = meta.get("notes")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def ab_table(results: list[dict], labels: list[str]) -> list[str]:
+    """Per config, each tree's measured step times (every step of every round) and their median, and the
+    ratio of each tree's median to the first tree's."""
+    lines = ["", "Step seconds per tree (--trees; runs alternate A B, B A, ...): every measured step of every "
+             f"round, then the median; ratio = median / {labels[0]}'s.", "",
+             "| config | " + " | ".join(labels) + " | " + " | ".join(f"{b} / {labels[0]}" for b in labels[1:]) + " |",
+             "| --- |" + " --- |" * (2 * len(labels) - 1)]
+    for name in dict.fromkeys(r["base_config"] for r in results if "base_config" in r):
+        med, cells = {}, []
+        for label in labels:
+            times = [t for r in results if r.get("base_config") == name and r.get("tree") == label and "step" in r
+                     for t in r["step"]["all_seconds"]]
+            med[label] = sorted(times)[len(times) // 2] if times else None
+            cells.append(", ".join(f"{t:.2f}" for t in times) + (f" (**{med[label]:.2f}**)" if times else "failed"))
+        ratios = [f"{med[b] / med[labels[0]]:.3f}" if med[b] and med[labels[0]] else "" for b in labels[1:]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    return lines
 
 
 def repredict(results: list[dict]) -> None:
@@ -522,6 +582,9 @@ def main() -> int:
     ap.add_argument("--host-rss", type=int, default=0, metavar="LAYERS",
                     help="CPU only: compare peak host RSS of the old and the frugal loader on a Z-Image checkpoint "
                          "of the published width with LAYERS main blocks; writes <out>/host-rss.json")
+    ap.add_argument("--trees", default="", metavar="LABEL=DIR,...",
+                    help="run each config with the code of each tree (a checkout or unpacked commit), alternating")
+    ap.add_argument("--rounds", type=int, default=1, help="with --trees: runs per config and tree")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rss-child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -574,15 +637,25 @@ def main() -> int:
             meta.setdefault("single_file", {})[family] = write_single_file(work, family)
             print("single file", family, meta["single_file"][family], flush=True)
 
+    trees = parse_trees(args.trees)
+    for label, tree in trees.items():
+        check_tree(label, tree)
+    if len(trees) > 1:
+        meta["trees"] = {label: str(tree) for label, tree in trees.items()}
+    runs = [(name, label, r) for r in range(args.rounds) for name in names
+            for label in (list(trees) if r % 2 == 0 else list(trees)[::-1])]  # A B, B A: drift cancels
+
     results = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"memory-{slug(meta['device'])}" + ("-tiny" if args.tiny else "")
-    for name in names:
+    for name, label, rnd in runs:
+        shown = name if len(trees) == 1 else f"{name} @ {label}"
         if time.perf_counter() - t_start > args.budget_s:
-            results.append({"config": name, "error": "skipped: time budget"})
+            results.append({"config": shown, "error": "skipped: time budget"})
             continue
-        cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--device", args.device,
+        script = trees[label] / "benchmarks" / "bench_memory.py"  # that tree's code: its root goes first on sys.path
+        cmd = [sys.executable, str(script), "--child", name, "--work", str(work), "--device", args.device,
                "--steps", str(args.steps)] + (["--tiny"] if args.tiny else []) + (["--profile"] if args.profile else [])
         env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -590,6 +663,8 @@ def main() -> int:
         res = json.loads(line[7:]) if line else {"config": name, "error": (proc.stderr or proc.stdout)[-400:]}
         if "error" in res:
             sys.stderr.write(proc.stderr[-3000:])
+        if len(trees) > 1:
+            res.update(config=shown, base_config=name, tree=label, round=rnd)
         results.append(res)
         print(json.dumps({k: res.get(k) for k in ("config", "predicted_gib", "error_pct", "error")}),
               json.dumps(res.get("step")), flush=True)

@@ -25,12 +25,16 @@
 #      with one state profiled; profile_host.py again
 #   9  Z-Image fused / act8 with the skinny GEMMs on our kernel (LOWVRAM_DOPSD_LORA_SKINNY=triton);
 #      klein's step on the fused kernel, act8 and quanto
+#  10  the host-time change's before/after on ONE machine (owed since 44476b3: its two step tables
+#      came from two machines): Z-Image fused and act8 steps with the code of ea7bf9f (before) and of
+#      this checkout, alternating (bench_memory.py --trees). Prepare here, then carry .whl and .ab:
+#        bash benchmarks/tree_at.sh ea7bf9f .ab/before
 #
 # Each stage leaves its logs and result files in $OUT (copy them into benchmarks/results/ and
 # write up what they say, with the device and versions the files record).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_next.sh 1..9}
+stage=${1:?usage: gpu_next.sh 1..10}
 OUT=${OUT:-/tmp/gpu-next}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -100,6 +104,11 @@ case "$stage" in
     timeout 280 python3 benchmarks/bench_memory.py --steps 2 --profile --budget-s 230 --out "$OUT" \
       --configs klein-16gb-edit-fused,klein-16gb-edit-act8,klein-16gb-edit-quanto 2>&1 | tee "$OUT/train-step-klein.log"
     ;;
+  10)  # before/after on one machine: each config with each tree's code, A B then B A
+    [ -d .ab/before ] || { echo "run 'bash benchmarks/tree_at.sh ea7bf9f .ab/before' here first and carry .ab" >&2; exit 2; }
+    timeout 560 python3 benchmarks/bench_memory.py --steps 2 --rounds 2 --budget-s 470 --out "$OUT" \
+      --trees "before=.ab/before,after=." --configs zimage-16gb-fused,zimage-16gb-act8 2>&1 | tee "$OUT/before-after.log"
+    ;;
   *)
-    echo "unknown stage '$stage' (1 to 9)" >&2; exit 2 ;;
+    echo "unknown stage '$stage' (1 to 10)" >&2; exit 2 ;;
 esac

@@ -25,8 +25,8 @@ if __name__ == "kernels":  # pragma: no cover - see tests/test_packaging.py, whi
     import importlib.machinery as _machinery
     import importlib.util as _util
 
-    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-    _rest = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root]
+    _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
+    _rest = [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root]  # however it is spelled
     _spec = _machinery.PathFinder.find_spec(__name__, _rest)
     if _spec is None:
         raise ModuleNotFoundError(f"No module named {__name__!r} (this folder is lowvram_dopsd.kernels)",

@@ -55,3 +55,43 @@ def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
         assert prof["timeline"]["wall_s"] > 0 and prof["timeline"]["gpu_events"] == 0, name
         assert any("forward" in t["fn"] for t in prof["python"]["top"]), name
     assert "| zimage-12gb | " in md.split("under torch.profiler")[1] and "cProfile, klein-16gb-edit-act8" in md
+
+
+def _copy_tree(dst: Path) -> Path:
+    """The code bench_memory imports, as benchmarks/tree_at.sh unpacks a commit (here: the working tree)."""
+    import shutil
+
+    def skip(folder, names):  # what tree_at.sh leaves out: recorded results, the toy checkpoints
+        return [n for n in names if n == "__pycache__" or Path(folder, n) in (ROOT / "benchmarks" / "results",
+                                                                             ROOT / "lowvram_dopsd" / "assets" / "toy")]
+
+    for name in ("lowvram_dopsd", "kernels", "presets", "benchmarks", "tests"):
+        shutil.copytree(ROOT / name, dst / name, ignore=skip)
+    return dst
+
+
+def test_bench_memory_trees_alternate_and_each_run_imports_its_own_tree(tmp_path):
+    """--trees: a before/after on one machine. Each run's child imports its tree's code (the copy's, not the
+    installed checkout's), the trees alternate A B, B A, and the report puts their step times side by side."""
+    other = _copy_tree(tmp_path / "other")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--tiny", "--device", "cpu",
+           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--configs", "zimage-12gb",
+           "--trees", f"other={other},this={ROOT}", "--rounds", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = (tmp_path / "out").glob("memory-*-tiny.json")
+    runs = json.loads(result.read_text())["results"]
+    assert [(r["tree"], r["round"]) for r in runs] == [("other", 0), ("this", 0), ("this", 1), ("other", 1)]
+    assert [r["code"] for r in runs] == [str(other), str(ROOT), str(ROOT), str(other)]
+    assert all("error" not in r and r["config"] == f"zimage-12gb @ {r['tree']}" for r in runs), runs
+    md = result.with_suffix(".md").read_text()
+    (row,) = [ln for ln in md.splitlines() if ln.startswith("| zimage-12gb | ")]
+    assert row.count("(**") == 2 and row.rstrip(" |").split("| ")[-1].replace(".", "").isdigit(), row
+
+    # a tree that would import someone else's kernels (here: none of its own) is refused before any run
+    import shutil
+    shutil.rmtree(other / "kernels")
+    (other / "lowvram_dopsd" / "kernels").unlink()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0 and "does not import its own code" in proc.stderr, proc.stderr[-2000:]

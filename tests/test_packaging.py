@@ -1,4 +1,5 @@
-"""The kernels folder ships as `lowvram_dopsd.kernels`, never as a top-level `kernels` module."""
+"""The kernels folder ships as `lowvram_dopsd.kernels` and never stands in for a top-level `kernels` module."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ def test_top_level_kernels_is_not_ours(tmp_path):
     assert not Path(out.stdout.strip()).is_relative_to(OURS), out.stdout
 
 
-def test_run_from_the_repository_root_imports_hf_kernels():
+def test_run_from_the_repository_root_imports_hf_kernels(tmp_path):
     """Python started in a clone puts its root first on sys.path (`python -m pytest`, a REPL, a notebook),
     where our kernels/ folder is a package named `kernels`. transformers 5.25+ requires Hugging Face's
     `kernels` and imports it at start-up, so diffusers' pipelines failed to import there
@@ -31,6 +32,12 @@ def test_run_from_the_repository_root_imports_hf_kernels():
     out = subprocess.run([sys.executable, "-c", _WHICH], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == _hf_kernels()  # HF's file, or the same ModuleNotFoundError without it
+    # the root spelled through a link (and twice) on PYTHONPATH: still handed over, not loaded again
+    link = tmp_path / "clone"
+    link.symlink_to(ROOT, target_is_directory=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(link), str(ROOT)])}
+    out = subprocess.run([sys.executable, "-c", _WHICH], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == _hf_kernels(), out.stderr[-2000:]
     code = "from diffusers import ZImagePipeline, Flux2KleinPipeline; import lowvram_dopsd.kernels.lora_linear; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
