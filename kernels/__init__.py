@@ -22,18 +22,22 @@ if __name__ == "kernels":  # pragma: no cover - see tests/test_packaging.py, whi
     # belongs to Hugging Face's `kernels` package, which transformers 5.25+ requires and imports at
     # start-up (`from kernels import CUDAProperties, ...`). Hand the name to that package: load it
     # from the rest of sys.path and leave it in sys.modules, which is what the import statement returns.
+    # Where it is not installed, leave an empty module there instead, with no __file__ and no version:
+    # what transformers' availability check reads as a folder shadowing nothing (not installed).
     import importlib.machinery as _machinery
     import importlib.util as _util
+    import types as _types
 
     _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
     _rest = [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root]  # however it is spelled
     _spec = _machinery.PathFinder.find_spec(__name__, _rest)
     if _spec is None:
-        raise ModuleNotFoundError(f"No module named {__name__!r} (this folder is lowvram_dopsd.kernels)",
-                                  name=__name__)
-    _module = _util.module_from_spec(_spec)
-    _sys.modules[__name__] = _module
-    _spec.loader.exec_module(_module)
+        _sys.modules[__name__] = _types.ModuleType(__name__, "Hugging Face's kernels is not installed; the "
+                                                   "repository's kernels/ folder is lowvram_dopsd.kernels")
+    else:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _module
+        _spec.loader.exec_module(_module)
 else:
     from . import dopsd_loss, lora_linear, utils  # noqa: F401  (modules, not the functions)
     from .utils import DISPATCH_COUNTS, HAS_TRITON, kernels_available, kernels_mode, reset_dispatch_counts
