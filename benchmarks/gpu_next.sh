@@ -29,12 +29,14 @@
 #      came from two machines): Z-Image fused and act8 steps with the code of ea7bf9f (before) and of
 #      this checkout, alternating (bench_memory.py --trees). Prepare here, then carry .whl and .ab:
 #        bash benchmarks/tree_at.sh ea7bf9f .ab/before
+#  11  the per-layer table again on the code after the host-time cuts (its eager column predates them):
+#      ours exact and act8, quanto, bitsandbytes and bf16 in one run (kernels-<device>.md)
 #
 # Each stage leaves its logs and result files in $OUT (copy them into benchmarks/results/ and
 # write up what they say, with the device and versions the files record).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_next.sh 1..10}
+stage=${1:?usage: gpu_next.sh 1..11}
 OUT=${OUT:-/tmp/gpu-next}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -109,6 +111,10 @@ case "$stage" in
     timeout 560 python3 benchmarks/bench_memory.py --steps 2 --rounds 2 --budget-s 470 --out "$OUT" \
       --trees "before=.ab/before,after=." --configs zimage-16gb-fused,zimage-16gb-act8 2>&1 | tee "$OUT/before-after.log"
     ;;
+  11)  # every method of the issue's table in one run, eager and graph, on the current launch path
+    timeout 540 python3 benchmarks/bench_kernels.py --no-loss --out "$OUT" \
+      --methods ours-int8,ours-int8-act8,quanto-qint8,bnb-int8,bf16 2>&1 | tee "$OUT/kernels.log"
+    ;;
   *)
-    echo "unknown stage '$stage' (1 to 10)" >&2; exit 2 ;;
+    echo "unknown stage '$stage' (1 to 11)" >&2; exit 2 ;;
 esac
