@@ -22,18 +22,18 @@ if __name__ == "kernels":  # pragma: no cover - see tests/test_packaging.py, whi
     # belongs to Hugging Face's `kernels` package, which transformers 5.25+ requires and imports at
     # start-up (`from kernels import CUDAProperties, ...`). Hand the name to that package: load it
     # from the rest of sys.path and leave it in sys.modules, which is what the import statement returns.
-    # Where it is not installed, leave an empty module there instead, with no __file__ and no version:
-    # what transformers' availability check reads as a folder shadowing nothing (not installed).
+    # Where it is not installed, leave an empty namespace package there instead (no file, no version,
+    # nothing inside): what transformers' and diffusers' availability checks read as "not installed".
     import importlib.machinery as _machinery
     import importlib.util as _util
-    import types as _types
 
     _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
     _rest = [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root]  # however it is spelled
     _spec = _machinery.PathFinder.find_spec(__name__, _rest)
     if _spec is None:
-        _sys.modules[__name__] = _types.ModuleType(__name__, "Hugging Face's kernels is not installed; the "
-                                                   "repository's kernels/ folder is lowvram_dopsd.kernels")
+        _spec = _machinery.ModuleSpec(__name__, None, is_package=True)
+        _spec.submodule_search_locations = []
+        _sys.modules[__name__] = _util.module_from_spec(_spec)
     else:
         _module = _util.module_from_spec(_spec)
         _sys.modules[__name__] = _module

@@ -47,7 +47,9 @@ def test_run_from_the_repository_root_imports_hf_kernels(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(link), str(ROOT)])}
     out = subprocess.run([sys.executable, "-c", _WHICH], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.strip() == _from_root(), out.stderr[-2000:]
-    code = "from diffusers import ZImagePipeline, Flux2KleinPipeline; import lowvram_dopsd.kernels.lora_linear; print('ok')"
+    # `kernels` imported first (bitsandbytes and transformers do), then looked up again by diffusers' check
+    code = ("import importlib.util, kernels; importlib.util.find_spec('kernels'); import transformers.modeling_utils; "
+            "from diffusers import ZImagePipeline, Flux2KleinPipeline; import lowvram_dopsd.kernels.lora_linear; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
