@@ -638,9 +638,9 @@ def main() -> int:
             print("single file", family, meta["single_file"][family], flush=True)
 
     trees = parse_trees(args.trees)
-    for label, tree in trees.items():
-        check_tree(label, tree)
-    if len(trees) > 1:
+    if len(trees) > 1:  # one tree is this script's own: its root is first on sys.path already
+        for label, tree in trees.items():
+            check_tree(label, tree)
         meta["trees"] = {label: str(tree) for label, tree in trees.items()}
     runs = [(name, label, r) for r in range(args.rounds) for name in names
             for label in (list(trees) if r % 2 == 0 else list(trees)[::-1])]  # A B, B A: drift cancels
