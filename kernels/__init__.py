@@ -13,9 +13,6 @@ Each public function dispatches with ``LOWVRAM_DOPSD_KERNELS=off|on|auto`` (see 
 Docs: docs/kernels.md.
 """
 
-import os as _os
-import sys as _sys
-
 if __name__ == "kernels":  # pragma: no cover - see tests/test_packaging.py, which runs it in a subprocess
     # Imported as the top-level `kernels`: Python was started with this repository's root first on
     # sys.path (`python` or `python -m ...` run in a clone, a notebook opened there), and the name
@@ -26,18 +23,18 @@ if __name__ == "kernels":  # pragma: no cover - see tests/test_packaging.py, whi
     # nothing inside): what transformers' and diffusers' availability checks read as "not installed".
     import importlib.machinery as _machinery
     import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
     _root = _os.path.dirname(_os.path.dirname(_os.path.realpath(__file__)))
     _rest = [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root]  # however it is spelled
     _spec = _machinery.PathFinder.find_spec(__name__, _rest)
     if _spec is None:
         _spec = _machinery.ModuleSpec(__name__, None, is_package=True)
-        _spec.submodule_search_locations = []
-        _sys.modules[__name__] = _util.module_from_spec(_spec)
-    else:
-        _module = _util.module_from_spec(_spec)
-        _sys.modules[__name__] = _module
-        _spec.loader.exec_module(_module)
+        _spec.submodule_search_locations = []  # module_from_spec gives it a namespace loader
+    _module = _util.module_from_spec(_spec)
+    _sys.modules[__name__] = _module
+    _spec.loader.exec_module(_module)  # a namespace package's: nothing to run
 else:
     from . import dopsd_loss, lora_linear, utils  # noqa: F401  (modules, not the functions)
     from .utils import DISPATCH_COUNTS, HAS_TRITON, kernels_available, kernels_mode, reset_dispatch_counts

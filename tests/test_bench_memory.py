@@ -2,6 +2,7 @@
 mode (the same code on tiny configs of the real classes) keeps it from rotting in between."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,8 +60,6 @@ def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
 
 def _copy_tree(dst: Path) -> Path:
     """The code bench_memory imports, as benchmarks/tree_at.sh unpacks a commit (here: the working tree)."""
-    import shutil
-
     def skip(folder, names):  # what tree_at.sh leaves out: recorded results, the toy checkpoints
         return [n for n in names if n == "__pycache__" or Path(folder, n) in (ROOT / "benchmarks" / "results",
                                                                              ROOT / "lowvram_dopsd" / "assets" / "toy")]
@@ -90,7 +89,6 @@ def test_bench_memory_trees_alternate_and_each_run_imports_its_own_tree(tmp_path
     assert row.count("(**") == 2 and row.rstrip(" |").split("| ")[-1].replace(".", "").isdigit(), row
 
     # a tree that would import someone else's kernels (here: none of its own) is refused before any run
-    import shutil
     shutil.rmtree(other / "kernels")
     (other / "lowvram_dopsd" / "kernels").unlink()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
