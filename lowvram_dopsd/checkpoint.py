@@ -41,6 +41,7 @@ from . import __version__
 from .cache import current_umask, write_safetensors
 from .config import TrainConfig, as_argument
 from .errors import UserError
+from .tracking import TB_DIR
 
 CKPT_DIR = "checkpoints"
 STUDENT_FILE = "pytorch_lora_weights.safetensors"
@@ -56,7 +57,7 @@ BY_IDENTITY = {"model", "transformer_file", "images", "caption", "trigger", "tea
 HARMLESS = {
     "steps", "save_every", "keep_checkpoints", "lora_every", "output", "cache_dir", "device", "encoders_on",
     "kernels", "grad_checkpointing", "on_bad_image", "preview_every", "preview_prompts", "preview_seed",
-    "preview_teacher", "teacher_ema_on", *BY_IDENTITY,
+    "preview_teacher", "teacher_ema_on", "log_with", *BY_IDENTITY,
     "lora_init", "init_lora",  # read at step 0 only: a resumed run loads its LoRAs from the checkpoint
 }
 NUMERIC_ONLY = {"device", "kernels", "teacher_ema_on"}  # harmless for the method, but results are no longer bit-identical
@@ -360,7 +361,7 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
 # the output folder between runs
 # ---------------------------------------------------------------------------------------------
 ARCHIVE_DIR = "previous-runs"  # where a new run moves the one it finds in --output
-RUN_FILES = (CKPT_DIR, "previews", "loras", "metrics.jsonl", STUDENT_FILE, TEACHER_FILE, "comfyui")
+RUN_FILES = (CKPT_DIR, "previews", "loras", "metrics.jsonl", TB_DIR, STUDENT_FILE, TEACHER_FILE, "comfyui")
 
 
 def archive_previous_run(out_dir: Path) -> Path | None:

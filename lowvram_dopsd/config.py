@@ -142,6 +142,11 @@ class TrainConfig:
     preview_seed: int = setting(1000, "image i of a grid uses seed preview_seed + i (as `sample --seed`)")
     preview_teacher: bool = setting(False, "add a row of the EMA teacher's samples, reading your photo")
 
+    log_with: str = setting("none", "also log each step's numbers (loss, lr, grad norm, s/step, peak VRAM) and the "
+                            "previews to 'tensorboard': <output>/tensorboard, watch with `tensorboard --logdir "
+                            "<output>` (needs `pip install tensorboard`); metrics.jsonl is always written",
+                            choices=("none", "tensorboard"), section="Logging")
+
     def resolved_lr(self, family_default: float) -> float:
         return self.lr if self.lr > 0 else family_default
 
@@ -182,7 +187,7 @@ FLAGS = {
     "--optimizer": "optimizer", "--device": "device", "--encoders-on": "encoders_on", "--dtype": "dtype",
     "--seed": "seed", "--cache-dir": "cache_dir", "--save-every": "save_every", "--lora-every": "lora_every",
     "--preview-every": "preview_every", "--kernels": "kernels",
-    "--act-quant": "act_quant",
+    "--act-quant": "act_quant", "--log-with": "log_with",
 }
 FLAG_OF = {key: flag for flag, key in FLAGS.items()}  # config key -> its flag
 

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from . import checkpoint, data
+from . import checkpoint, data, tracking
 from .cache import FeatureCache, default_cache_dir, key_for
 from .checkpoint import RNGState
 from .config import TrainConfig
@@ -486,6 +486,7 @@ def done_summary(out_dir: Path, path: Path, skipped: int, previews: bool) -> dic
            if skipped else {}),
         "EMA teacher": str(out_dir / checkpoint.TEACHER_FILE),
         "metrics": str(out_dir / "metrics.jsonl"),
+        **({"TensorBoard": str(out_dir / tracking.TB_DIR)} if (out_dir / tracking.TB_DIR).is_dir() else {}),
         **({"previews": str(out_dir / "previews")} if previews else {}),
     }
 
@@ -580,6 +581,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     console = console or make_console()
     device = resolve_device(cfg.device)
     check_device(cfg, device)
+    tracking.check(cfg.log_with)
     enc_device = device if cfg.encoders_on == "auto" else resolve_device(cfg.encoders_on)
     dtype = DTYPES[cfg.dtype]
     family = load_family(cfg.model, transformer_file=cfg.transformer_file)
@@ -606,6 +608,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     notes = family.run_notes(teacher, cfg)
     display = Display(console, cfg.steps, start_step=ckpt.step if ckpt else 0)
     display.header(run_header(cfg, preset, family, ds, teacher, rollout_steps, lr, device, notes, out_dir, ckpt))
+    if cfg.log_with == "tensorboard":
+        display.commands({"watch it": f"tensorboard --logdir {shlex.quote(str(out_dir))}"})
     for path, why in ds.skipped:
         console.print(f"[yellow]skipped[/] {ds.name(path)}: {why}")
     for path, why in ds.warnings:
@@ -695,7 +699,9 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     def write_preview(step: int) -> None:
         try:
             with explain_oom(cfg, preset, "sampling a preview"):
-                display.preview(previews.write(step))
+                grid = previews.write(step)
+            display.preview(grid)
+            tracker.preview(step, grid)
         except (UserError, OSError) as exc:  # a preview is never worth the run (nor a full disk): say so, go on
             display.note(f"[yellow]preview skipped:[/] {exc}")
 
@@ -711,6 +717,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         path = checkpoint.save(out_dir, step, lora, optimizer, scheduler, rng_state, cfg, identity, info,
                                cfg.keep_checkpoints)
         display.note(f"checkpoint: {path}")
+        tracker.flush()  # TensorBoard then shows at least what a resume keeps
         return path
 
     def learn(height: int, width: int, c_s: list[Cond], c_t: list[Cond], weight: float,
@@ -726,17 +733,19 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
                                       loss_scale=weight / len(trained), teacher=teacher)
         return losses
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if previews and start == 0 and not (out_dir / "previews" / "step-000000.png").exists():
-        write_preview(0)  # the baseline: the base model before any training (not a resumed LoRA)
     last_ckpt, saved_step, step = (ckpt.path if ckpt else None), start, start
     skipped = skipped_in_a_row = 0  # updates skipped for a non-finite loss or gradient
     if start >= cfg.steps:
         console.print(f"[yellow]note[/] the checkpoint is already at step {start} = steps: nothing to train "
                       f"(pass --steps {start + 100} to train further); writing its LoRA.")
 
-    with (out_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, display, GracefulStop(display.note) as stop:
+    tracker = tracking.Tracker(cfg.log_with, out_dir, start, {**cfg.to_dict(), **info})  # TensorBoard, if asked for
+    with tracker, (out_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, display, \
+            GracefulStop(display.note) as stop:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if previews and start == 0 and not (out_dir / "previews" / "step-000000.png").exists():
+            write_preview(0)  # the baseline: the base model before any training (not a resumed LoRA)
         for step in range(start + 1, cfg.steps + 1):
             t_step = time.perf_counter()
             at_start = RNGState.capture(noise_gen, rng, sampler.order)
@@ -772,6 +781,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
             if device.type == "cuda":
                 metrics["vram_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             append_metrics(log, metrics, last_ckpt)
+            tracker.step(metrics)
             display.step(step, metrics)
 
             diverged = skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW

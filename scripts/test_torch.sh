@@ -17,7 +17,7 @@ VENV=.venv-torch$TORCH
 PY=$VENV/bin/python
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 pip_install "torch==$TORCH" ${TORCHVISION:+"torchvision==$TORCHVISION"}
-pip_install -e ".[quant,kernels,test]"
+pip_install -e ".[quant,kernels,tensorboard,test]"
 "$PY" -m pip list --disable-pip-version-check 2>/dev/null \
   | grep -iE "^(torch|torchvision|triton|diffusers|transformers|peft|bitsandbytes|optimum-quanto|numpy) "
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -253,11 +253,12 @@ def test_metrics_trimmed_and_previous_run_archived(tmp_path):
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
     (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
     (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+    (tmp_path / "tensorboard").mkdir()
     (tmp_path / "my_notes.txt").write_text("mine")
     dest = checkpoint.archive_previous_run(tmp_path)
     assert dest.parent == tmp_path / "previous-runs"
     assert (dest / "checkpoints" / "step-000002").is_dir() and (dest / "metrics.jsonl").is_file()
-    assert (dest / "pytorch_lora_weights.safetensors").read_bytes() == b"lora"
+    assert (dest / "pytorch_lora_weights.safetensors").read_bytes() == b"lora" and (dest / "tensorboard").is_dir()
     assert (tmp_path / "my_notes.txt").is_file() and not (tmp_path / "metrics.jsonl").exists()
     assert checkpoint.archive_previous_run(tmp_path) is None  # nothing left to move
 

@@ -5,6 +5,7 @@ changes nothing and the run goes on.
 All runs go through the command line, on the tiny Z-Image model, fp32 on the CPU (deterministic).
 """
 import errno
+import io
 import json
 import os
 import pathlib
@@ -470,3 +471,55 @@ def test_lr_factor_shapes():
     assert lin[9] == pytest.approx(1 / 8) and 0 < cos[9] < 0.04     # the last step still learns
     assert all(a > b for a, b in zip(cos[2:], cos[3:])) and all(a > b for a, b in zip(lin[2:], lin[3:]))
     assert factors("linear", warmup=0, steps=4) == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+def tensorboard_events(out):
+    """<out>/tensorboard as TensorBoard reads it (its own reader: purged steps are dropped as it shows them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+
+
+def test_tensorboard_mirrors_the_run_and_a_resume_drops_the_steps_it_redoes(args, reference, tmp_path,
+                                                                           monkeypatch, capsys):
+    """--log-with tensorboard: a crash in step 4 after step 3 was logged (checkpoint at 2), then --resume.
+    TensorBoard shows each step once, with the resumed run's numbers (those of metrics.jsonl and of the
+    uninterrupted run), and every preview grid as its PNG; the training itself is unchanged."""
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "run"
+    extra = ("--log-with", "tensorboard", "--set", "save_every=2", "--set", "preview_every=2",
+             "--set", "preview_prompts=sks ball in space")
+
+    def crash():
+        raise RuntimeError("the machine went away")
+
+    calls_that(monkeypatch, 7, crash)  # the first micro-batch of step 4
+    with pytest.raises(RuntimeError, match="went away"):
+        main(args(out, *extra))
+    assert [e.step for e in tensorboard_events(out).Scalars("loss/train")] == [1, 2, 3]
+    monkeypatch.undo()
+    assert main(args(out, *extra, "--resume")) == 0
+    assert f"tensorboard --logdir {out}" in capsys.readouterr().out
+    assert_same_run(out, reference)
+    assert not (reference / "tensorboard").exists()  # the default: metrics.jsonl only
+
+    events = tensorboard_events(out)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key, tag in (("loss", "loss/train"), ("grad_norm", "train/grad_norm"), ("lr", "train/lr"),
+                     ("sec", "speed/sec_per_step")):
+        logged = events.Scalars(tag)
+        assert [e.step for e in logged] == [1, 2, 3, 4], tag
+        # TensorBoard keeps float32: each value is the metrics.jsonl one, rounded once
+        assert [e.value for e in logged] == [float(np.float32(m[key])) for m in metrics], tag
+    assert "memory/peak_vram_gb" not in events.Tags()["scalars"]  # CPU run: no VRAM figure, not a 0
+    grids = events.Images("previews")
+    assert [e.step for e in grids] == [0, 2, 4]
+    for e in grids:
+        png = np.asarray(Image.open(out / "previews" / f"step-{e.step:06d}.png").convert("RGB"))
+        logged = np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB"))
+        assert np.array_equal(logged, png)
+    (settings,) = events.Tensors("run/text_summary")  # the run's settings, once (not again at the resume)
+    table = settings.tensor_proto.string_val[0].decode()
+    assert "| steps | 4 |" in table and "| lr | 0.005 |" in table  # every setting; lr as resolved
