@@ -9,6 +9,7 @@ metrics.jsonl.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 
@@ -33,10 +34,11 @@ def check(log_with: str) -> None:
 class Tracker:
     """Mirrors the training loop's metrics and previews to the trackers asked for; does nothing when
     none is (so the loop calls it unconditionally). Use as a context manager: the files are flushed
-    and closed however the loop ends (done, Ctrl-C, a crash)."""
+    and closed however the loop ends (done, Ctrl-C, a crash). A write that fails (a full disk) stops
+    this log with a `note`, not the run: metrics.jsonl, the record, has its own full-disk stop."""
 
-    def __init__(self, log_with: str, out_dir: Path, start_step: int, settings: dict):
-        self.writer = None
+    def __init__(self, log_with: str, out_dir: Path, start_step: int, settings: dict, note: Callable[[str], None]):
+        self.writer, self.note = None, note
         if log_with != "tensorboard":
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -51,29 +53,37 @@ class Tracker:
             self.writer.add_text("run", "| setting | value |\n| --- | --- |\n" + rows, 0)
 
     def step(self, metrics: dict) -> None:
-        if self.writer is None:
-            return
-        for key, tag in SCALARS.items():
-            if metrics.get(key) is not None:  # a skipped step's loss is None (NaN): left out, not plotted as 0
-                self.writer.add_scalar(tag, metrics[key], metrics["step"])
+        def write():
+            for key, tag in SCALARS.items():
+                if metrics.get(key) is not None:  # a skipped step's loss is None (NaN): left out, not plotted as 0
+                    self.writer.add_scalar(tag, metrics[key], metrics["step"])
+        self._guarded(write)
 
     def preview(self, step: int, path: Path) -> None:
-        if self.writer is None:
-            return
-        import numpy as np
-        from PIL import Image
+        def write():
+            import numpy as np
+            from PIL import Image
 
-        with Image.open(path) as im:
-            self.writer.add_image("previews", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+            with Image.open(path) as im:
+                self.writer.add_image("previews", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+        self._guarded(write)
 
     def flush(self) -> None:
         """Called with each checkpoint: what TensorBoard shows is then at least what a resume keeps."""
-        if self.writer is not None:
-            self.writer.flush()
+        self._guarded(lambda: self.writer.flush())
+
+    def _guarded(self, write: Callable[[], None]) -> None:
+        if self.writer is None:
+            return
+        try:
+            write()
+        except OSError as exc:
+            # Not closed: closing waits on its writer thread, which may be the one that failed.
+            self.writer = None
+            self.note(f"[yellow]TensorBoard log stopped:[/] {exc.strerror or exc} (metrics.jsonl goes on)")
 
     def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self._guarded(lambda: self.writer.close())

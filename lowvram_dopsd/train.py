@@ -739,7 +739,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         console.print(f"[yellow]note[/] the checkpoint is already at step {start} = steps: nothing to train "
                       f"(pass --steps {start + 100} to train further); writing its LoRA.")
 
-    tracker = tracking.Tracker(cfg.log_with, out_dir, start, {**cfg.to_dict(), **info})  # TensorBoard, if asked for
+    tracker = tracking.Tracker(cfg.log_with, out_dir, start, {**cfg.to_dict(), **info}, display.note)  # TensorBoard, if asked for
     with tracker, (out_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, display, \
             GracefulStop(display.note) as stop:
         if device.type == "cuda":

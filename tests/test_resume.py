@@ -523,3 +523,20 @@ def test_tensorboard_mirrors_the_run_and_a_resume_drops_the_steps_it_redoes(args
     (settings,) = events.Tensors("run/text_summary")  # the run's settings, once (not again at the resume)
     table = settings.tensor_proto.string_val[0].decode()
     assert "| steps | 4 |" in table and "| lr | 0.005 |" in table  # every setting; lr as resolved
+
+
+def test_a_tensorboard_write_that_fails_stops_that_log_not_the_run(args, reference, tmp_path, monkeypatch, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    real = SummaryWriter.add_scalar
+
+    def add_scalar(self, tag, value, step, *a, **k):
+        if step == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, tag, value, step, *a, **k)
+    monkeypatch.setattr(SummaryWriter, "add_scalar", add_scalar)
+    out = tmp_path / "run"
+    assert main(args(out, "--log-with", "tensorboard")) == 0
+    assert "TensorBoard log stopped: No space left on device (metrics.jsonl goes on)" in capsys.readouterr().out
+    assert_same_run(out, reference)  # metrics.jsonl has all four steps
+    assert [e.step for e in tensorboard_events(out).Scalars("loss/train")] == [1, 2]
