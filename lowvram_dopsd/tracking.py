@@ -32,8 +32,8 @@ def check(log_with: str) -> None:
 
 
 class Tracker:
-    """Mirrors the training loop's metrics and previews to the trackers asked for; does nothing when
-    none is (so the loop calls it unconditionally). Use as a context manager: the files are flushed
+    """Mirrors the training loop's metrics and previews to TensorBoard when asked to; does nothing
+    otherwise (so the loop calls it unconditionally). Use as a context manager: the files are flushed
     and closed however the loop ends (done, Ctrl-C, a crash). A write that fails (a full disk) stops
     this log with a `note`, not the run: metrics.jsonl, the record, has its own full-disk stop."""
 
