@@ -3,6 +3,9 @@
     TRITON_INTERPRET=0 python benchmarks/compile_report.py [--targets sm_80,sm_86,sm_89,sm_90,sm_120]
         [--shapes zimage,klein] [--layers N] [--modes int8,fp8,int8-act8] [--out benchmarks/results]
 
+(`--targets sm_75` compiles for a Turing GPU too, below kernels.utils.MIN_CAPABILITY: what it shows is
+why the kernels do not run there; results/compile-report-sm75.md.)
+
 For each target the real host code of one LoRA linear (bf16 activations, rank 64, M = 4096 + 512
 tokens, the layer shapes of bench_kernels.py) runs forward and backward on meta tensors with its
 launches recorded, and every recorded launch is compiled in every autotune candidate by Triton and
@@ -42,7 +45,7 @@ try:
 except ImportError:  # pragma: no cover
     sys.exit("compile_report.py needs triton")
 
-from lowvram_dopsd.kernels import aot  # noqa: E402
+from lowvram_dopsd.kernels import aot, utils  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import DEFAULTS, SHAPES, TOKENS  # noqa: E402
@@ -125,7 +128,8 @@ def ptxas_version() -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default=",".join(aot.TARGETS))
+    ap.add_argument("--targets", default=",".join(t for t, tg in aot.TARGETS.items()  # the GPUs the kernels run on
+                                                  if divmod(tg.cap, 10) >= utils.MIN_CAPABILITY))
     ap.add_argument("--shapes", default="zimage,klein")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--rank", type=int, default=64)

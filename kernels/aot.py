@@ -41,6 +41,8 @@ class Target:
 
 
 TARGETS = {
+    # below the kernels' MIN_CAPABILITY: compiled only to show why they do not run there
+    "sm_75": Target(75, 65536, 40, "T4 / RTX 2080 Ti"),
     "sm_80": Target(80, 166912, 108, "A100"),
     "sm_86": Target(86, 101376, 82, "RTX 3090"),
     "sm_89": Target(89, 101376, 128, "RTX 4090"),

@@ -15,6 +15,7 @@ timing anything.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import re
@@ -37,6 +38,13 @@ MIN_TRITON_TEXT = f"Triton {MIN_TRITON[0]}.{MIN_TRITON[1]}+ (torch 2.7+ ships it
 #: sm_120 (RTX 50xx) at "computeCapability not supported", which the autotuner does not skip, so the
 #: first step would crash; 3.3.1 (torch 2.7.1) compiles them all.
 NO_MMA = {(3, 3, 0): (12,)}
+
+#: The oldest GPUs the kernels run on: Ampere, compute capability 8.0. Below it Triton emits no tensor-core
+#: instruction for a tl.dot in any dtype. Compiled for sm_75 (Turing: T4, RTX 20xx) with Triton 3.9
+#: (results/compile-report-sm75.md), every main-GEMM candidate is plain FMAs and spills (176 B to 48 KB per
+#: thread in bf16), and the int8-activation GEMM does not compile, which would crash the first step.
+#: Those GPUs take the torch reference: quanto's dequantise + cuBLAS for the 8-bit layers.
+MIN_CAPABILITY = (8, 0)
 
 
 #: Launch option of every kernel but the quantiser (which asks for False: its rounding trick needs the
@@ -93,8 +101,12 @@ __all__ = [
     "TRITON_MISSING",
     "TRITON_VERSION",
     "NO_MMA",
+    "MIN_CAPABILITY",
     "FP_FUSION",
     "no_mma",
+    "capability",
+    "gpu_capability",
+    "too_old",
     "gpu_problem",
     "why_not",
     "triton",
@@ -148,15 +160,35 @@ def no_mma(major: int) -> bool:
     return major in NO_MMA.get(TRITON_VERSION, ())
 
 
-def gpu_problem(device: torch.device | str | None = None) -> str:
-    """Why the installed Triton cannot compile the kernels for this CUDA GPU (``NO_MMA``), or "".
-    Asked on every kernel call (through ``kernels_available``): only a listed Triton queries the GPU."""
-    if not HAS_TRITON or TRITON_VERSION not in NO_MMA:
-        return ""
+@functools.cache
+def capability(index: int) -> tuple[int, int]:
+    """CUDA device ``index``'s compute capability, looked up once (gpu_problem runs on every kernel call)."""
+    return torch.cuda.get_device_capability(index)
+
+
+def gpu_capability(device: torch.device | str | None = None) -> tuple[int, int] | None:
+    """The compute capability of ``device`` (default: the current CUDA device); None off CUDA."""
     device = torch.device(device if device is not None else "cuda")
     if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return capability(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def too_old(device: torch.device | str | None = None) -> bool:
+    """Whether ``device`` is a CUDA GPU older than ``MIN_CAPABILITY``."""
+    cap = gpu_capability(device)
+    return cap is not None and cap < MIN_CAPABILITY
+
+
+def gpu_problem(device: torch.device | str | None = None) -> str:
+    """Why the kernels cannot run on this CUDA GPU: older than ``MIN_CAPABILITY``, or one the installed
+    Triton cannot compile matrix multiplies for (``NO_MMA``); "" when they can (and off CUDA)."""
+    if not HAS_TRITON or (cap := gpu_capability(device)) is None:
         return ""
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = cap
+    if cap < MIN_CAPABILITY:
+        return (f"this GPU (compute capability {major}.{minor}) is older than Ampere (8.0), the oldest the kernels "
+                "run on: Triton has no tensor-core path for it")
     if not no_mma(major):
         return ""
     version = ".".join(map(str, TRITON_VERSION))

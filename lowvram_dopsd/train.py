@@ -385,9 +385,12 @@ def check_act_quant(cfg: TrainConfig, device: torch.device) -> None:
     torch reference (tests, the toy study); on a GPU that emulation would be slow and hold float32
     copies of the weights, so the kernel is required. Checked before anything is loaded."""
     if cfg.act_quant != "off" and device.type == "cuda" and not use_fused_linear(device):
-        from .kernels.utils import MIN_TRITON_TEXT, why_not
+        from .kernels.utils import MIN_TRITON_TEXT, too_old, why_not
 
         why = why_not(device) or "kernels = 'off'"
+        if too_old(device):  # no Triton fixes that
+            raise UserError(f"act_quant = 'int8' runs inside the fused Triton kernel, which does not run on this GPU "
+                            f"({why}). Set act_quant = 'off'.")
         raise UserError(
             f"act_quant = 'int8' runs inside the fused Triton kernel, which this run does not use ({why}). "
             f"Set kernels = 'auto' with a Triton that runs it (`pip install -U triton`; Windows: "
@@ -398,12 +401,15 @@ def check_act_quant(cfg: TrainConfig, device: torch.device) -> None:
 def no_kernel_note(cfg: TrainConfig, device: torch.device, fused: int) -> str:
     """Why the 8-bit layers of a GPU run are not on the fused kernel when the user did not turn it
     off: Triton missing, too old (kernels.utils.MIN_TRITON) or unable to compile for this GPU
-    (kernels.utils.NO_MMA). "" when there is nothing to say."""
-    from .kernels.utils import MIN_TRITON_TEXT, TRITON_MISSING, why_not
+    (kernels.utils.NO_MMA), or older than it runs on (kernels.utils.MIN_CAPABILITY). "" when there is
+    nothing to say."""
+    from .kernels.utils import MIN_TRITON_TEXT, TRITON_MISSING, too_old, why_not
 
     why = why_not(device)
     if fused or device.type != "cuda" or cfg.quant not in QUANTO or not why:
         return ""
+    if too_old(device):  # nothing to install, and the H100's 1.2x says nothing about this GPU
+        return f"the 8-bit layers run on quanto's dequantise + matmul: the fused kernel does not run here ({why})."
     fix = f" {MIN_TRITON_TEXT} enables it." if TRITON_MISSING else ""  # else `why` names the fix
     return (f"the 8-bit layers run on quanto's dequantise + matmul, not the fused kernel ({why}): "
             f"~1.2x slower per layer (benchmarks/results/kernels-h100.md), same results.{fix}")

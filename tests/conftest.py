@@ -5,6 +5,7 @@
     tiny_vlm_dir      Qwen3VLForConditionalGeneration folder (Qwen/Qwen3-VL-4B-Instruct layout)
                       whose language model has the dims of tiny_zimage_dir/text_encoder
     demo_images       the bundled demo images with their captions
+    fake_gpu          fake_gpu((7, 5)): torch sees one CUDA GPU of that compute capability (no GPU needed)
 
 Treat them as read-only: they are shared by every test of the session.
 
@@ -59,3 +60,18 @@ def tiny_klein_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_images() -> Path:
     return Path(str(resources.files("lowvram_dopsd") / "assets" / "demo"))
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch sees one CUDA GPU of the given compute capability. The kernels look a GPU's capability up
+    once (kernels.utils.capability), so the made-up one is dropped from that cache before and after."""
+    from lowvram_dopsd.kernels import utils
+
+    def make(capability: tuple[int, int]) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        utils.capability.cache_clear()
+    yield make
+    utils.capability.cache_clear()

@@ -102,7 +102,7 @@ def test_int8_activations_on_a_gpu_need_the_kernel():
         check_act_quant(cfg, torch.device("cpu"))  # the CPU runs the reference: allowed
 
 
-def test_int8_activations_with_a_too_old_triton_say_so(monkeypatch):
+def test_int8_activations_with_a_too_old_triton_say_so(monkeypatch, fake_gpu):
     """kernels = "auto" but Triton older than the kernels need (kernels.utils.MIN_TRITON): the
     error names the installed version instead of a kernels = 'off' the user never set."""
     import torch
@@ -113,14 +113,33 @@ def test_int8_activations_with_a_too_old_triton_say_so(monkeypatch):
 
     monkeypatch.setattr(utils, "HAS_TRITON", False)
     monkeypatch.setattr(utils, "TRITON_MISSING", "Triton 3.2.0 is older than the 3.3 the kernels need")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake_gpu((8, 6))  # an RTX 3090
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cfg = load_config("16gb", {"act_quant": "int8"})
     with pytest.raises(UserError, match=r"\(Triton 3\.2\.0 is older than the 3\.3 the kernels need\)"):
         check_act_quant(cfg, torch.device("cuda"))
 
 
-def test_a_gpu_run_without_a_usable_triton_says_why_its_8bit_layers_are_slower(monkeypatch):
+def test_int8_activations_on_a_gpu_older_than_ampere_are_refused_with_no_install_advice(monkeypatch, fake_gpu):
+    """A T4 / RTX 20xx (compute capability 7.5): Triton compiles no tensor-core GEMM there and not the
+    act8 one at all (kernels.utils.MIN_CAPABILITY), so no Triton install helps; the error says so."""
+    import torch
+
+    from lowvram_dopsd.errors import UserError
+    from lowvram_dopsd.kernels import utils
+    from lowvram_dopsd.train import check_act_quant
+
+    monkeypatch.setattr(utils, "HAS_TRITON", True)  # as on a CUDA install
+    fake_gpu((7, 5))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = load_config("16gb", {"act_quant": "int8"})
+    with pytest.raises(UserError, match=r"does not run on this GPU \(this GPU \(compute capability 7\.5\) is older "
+                                        r"than Ampere.*Set act_quant = 'off'\.$") as err:
+        check_act_quant(cfg, torch.device("cuda"))
+    assert "pip install" not in str(err.value)
+
+
+def test_a_gpu_run_without_a_usable_triton_says_why_its_8bit_layers_are_slower(monkeypatch, fake_gpu):
     import torch
 
     from lowvram_dopsd.kernels import utils
@@ -135,10 +154,18 @@ def test_a_gpu_run_without_a_usable_triton_says_why_its_8bit_layers_are_slower(m
     monkeypatch.setattr(utils, "TRITON_MISSING", "")  # Triton fine: kernels = "off" was the user's choice
     assert no_kernel_note(cfg, cuda, 0) == ""
     # Triton fine, but it cannot compile for this GPU (kernels.utils.NO_MMA): the note says so, and the fix
+    real_gpu_problem = utils.gpu_problem
     monkeypatch.setattr(utils, "gpu_problem", lambda device=None: "Triton 3.3.0 cannot compile matrix multiplies "
                         "for this GPU (compute capability 12.0); a newer Triton can (torch 2.7.1+ ships 3.3.1)")
     note = no_kernel_note(cfg, cuda, 0)
     assert "quanto" in note and "compute capability 12.0" in note and "3.3.1" in note
+    # a GPU older than the kernels run on (kernels.utils.MIN_CAPABILITY): where the layers run, no speed
+    # claim measured on another GPU, nothing to install
+    monkeypatch.setattr(utils, "gpu_problem", real_gpu_problem)
+    monkeypatch.setattr(utils, "HAS_TRITON", True)
+    fake_gpu((7, 5))
+    note = no_kernel_note(cfg, cuda, 0)
+    assert "quanto" in note and "compute capability 7.5" in note and "1.2x" not in note and "Triton 3" not in note
 
 
 @pytest.mark.parametrize("problem, planned_fused", [("", True), ("Triton 3.3.0 cannot compile ...", False)])

@@ -77,6 +77,15 @@ for tname in ("sm_86", "sm_89", "sm_90", "sm_120"):
         if launch.name == "_mm_main" and launch.label == "backward":
             add(tname, "direct-act8", launch, launch.configs()[-1:])
     ll.ACT8_DX = "transposed"
+# Turing, below kernels.utils.MIN_CAPABILITY: is there still no tensor-core path (and no act8 GEMM)?
+tg = aot.TARGETS["sm_75"]
+for tag, act8 in (("old-int8", False), ("old-act8", True)):
+    launch = next(l for l in aot.record(aot.lora_linear_step(M, K, N, R, "int8", act8), tg) if l.name == "_mm_main")
+    try:
+        (c,) = aot.compile_launch(launch, tg, launch.configs()[-1:])
+        rows.append(dict(target="sm_75", tag=tag, compiled=True, mma=list(c.mma)))
+    except Exception:
+        rows.append(dict(target="sm_75", tag=tag, compiled=False, mma=[]))
 print("ROWS " + json.dumps(rows))
 """
 
@@ -196,6 +205,17 @@ def test_the_no_mma_gate_matches_the_compiler(rows):
     gated = [r for r in rows if r["tag"] == "gated"]
     assert sorted(r["target"] for r in gated) == sorted(GATED)
     assert not any(r["compiled"] for r in gated), gated
+
+
+def test_the_min_capability_gate_matches_the_compiler(rows):
+    """kernels.utils.MIN_CAPABILITY sends GPUs older than Ampere to the torch reference. On Turing
+    (sm_75: T4, RTX 20xx) Triton compiles the main GEMM without a single tensor-core instruction and
+    cannot compile the int8-activation one (results/compile-report-sm75.md). If a Triton release
+    changes that, the gate costs those cards their speed: this fails, and the gate is to be revisited."""
+    (exact,) = [r for r in rows if r["tag"] == "old-int8"]
+    (act8,) = [r for r in rows if r["tag"] == "old-act8"]
+    assert exact["compiled"] and exact["mma"] == [], exact
+    assert not act8["compiled"], act8
 
 
 @pytest.mark.parametrize("tag", ["big-int8", "big-act8"])

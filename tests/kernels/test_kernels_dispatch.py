@@ -114,24 +114,30 @@ def test_triton_version_parsing():
 
 @pytest.mark.skipif(not utils.HAS_TRITON, reason="the gate applies only where Triton imports")
 @pytest.mark.parametrize("version, capability, problem", [
-    ((3, 3, 0), (12, 0), True),    # torch 2.7.0's Triton on an RTX 50xx: no tl.dot compiles (compile-triton-versions.md)
-    ((3, 3, 1), (12, 0), False),   # torch 2.7.1's compiles them
-    ((3, 3, 0), (9, 0), False),    # and 3.3.0 compiles them for an H100
+    # torch 2.7.0's Triton on an RTX 50xx: no tl.dot compiles (compile-triton-versions.md)
+    ((3, 3, 0), (12, 0), "Triton 3.3.0 cannot compile matrix multiplies for this GPU (compute capability 12.0)"),
+    ((3, 3, 1), (12, 0), ""),   # torch 2.7.1's compiles them
+    ((3, 3, 0), (9, 0), ""),    # and 3.3.0 compiles them for an H100
+    # a T4 / RTX 20xx: no tensor-core path in Triton, the act8 GEMM does not compile (compile-report-sm75.md)
+    ((3, 9, 0), (7, 5), "this GPU (compute capability 7.5) is older than Ampere (8.0)"),
+    ((3, 9, 0), (8, 0), ""),    # an A100, the oldest the kernels run on
 ])
-def test_a_gpu_the_installed_triton_cannot_compile_for_takes_the_reference(monkeypatch, version, capability, problem):
-    """Without the gate, 3.3.0 on sm_120 would crash the first step: the autotuner does not skip a
-    compiler error. With it, the GPU counts as one the kernels do not run on, and the reason is given."""
+def test_a_gpu_the_installed_triton_cannot_compile_for_takes_the_reference(monkeypatch, fake_gpu, version, capability,
+                                                                          problem):
+    """Without the gate, 3.3.0 on sm_120 (or an act8 run on a T4) would crash the first step: the
+    autotuner does not skip a compiler error. With it, the GPU counts as one the kernels do not run on,
+    and the reason is given."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(utils, "TRITON_VERSION", version)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert utils.kernels_available("cuda") is not problem
-    assert bool(utils.gpu_problem("cuda")) is problem
+    fake_gpu(capability)
+    assert utils.kernels_available("cuda") is not bool(problem)
+    assert utils.kernels_available("cuda:0") is not bool(problem)
+    assert utils.too_old("cuda") is (capability < (8, 0))
+    assert (problem in utils.gpu_problem("cuda")) if problem else utils.gpu_problem("cuda") == ""
     if problem:
-        assert "Triton 3.3.0 cannot compile matrix multiplies for this GPU (compute capability 12.0)" \
-            in utils.why_not("cuda")
+        assert problem in utils.why_not("cuda")
         monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "on")
-        with pytest.raises(RuntimeError, match="compute capability 12.0"):
+        with pytest.raises(RuntimeError, match=f"compute capability {capability[0]}.{capability[1]}"):
             utils.use_triton("lora_linear", torch.device("cuda"))
         monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
         assert not utils.use_triton("lora_linear", torch.device("cuda"))
