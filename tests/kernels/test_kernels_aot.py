@@ -209,12 +209,13 @@ def test_the_no_mma_gate_matches_the_compiler(rows):
 
 def test_the_min_capability_gate_matches_the_compiler(rows):
     """kernels.utils.MIN_CAPABILITY sends GPUs older than Ampere to the torch reference. On Turing
-    (sm_75: T4, RTX 20xx) Triton compiles the main GEMM without a single tensor-core instruction and
-    cannot compile the int8-activation one (results/compile-report-sm75.md). If a Triton release
-    changes that, the gate costs those cards their speed: this fails, and the gate is to be revisited."""
+    (sm_75: T4, RTX 20xx) Triton 3.9 compiles the main GEMM without a single tensor-core instruction
+    (3.3.0, on the floor run, not at all) and cannot compile the int8-activation one
+    (results/compile-report-sm75.md). If a Triton release changes that, the gate costs those cards
+    their speed: this fails, and the gate is to be revisited."""
     (exact,) = [r for r in rows if r["tag"] == "old-int8"]
     (act8,) = [r for r in rows if r["tag"] == "old-act8"]
-    assert exact["compiled"] and exact["mma"] == [], exact
+    assert exact["mma"] == [], exact
     assert not act8["compiled"], act8
 
 
