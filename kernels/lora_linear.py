@@ -66,6 +66,7 @@ from .utils import (
     HAS_TRITON,
     cdiv,
     empty,
+    gpu_capability,
     is_interpret,
     kernels_available,
     launch,
@@ -502,7 +503,7 @@ def _soft_fp8(w_q: torch.Tensor) -> bool:
     if os.environ.get("LOWVRAM_DOPSD_KERNELS_SOFT_FP8", "0") == "1":
         return True
     if w_q.device.type == "cuda":
-        return torch.cuda.get_device_capability(w_q.device) < (8, 9)
+        return gpu_capability(w_q.device) < (8, 9)  # no FP8 conversion instructions before Ada
     return False
 
 
