@@ -398,6 +398,20 @@ def check_act_quant(cfg: TrainConfig, device: torch.device) -> None:
         )
 
 
+def emulated_bf16_note(cfg: TrainConfig, device: torch.device) -> str:
+    """A bf16 run on a GPU older than Ampere (T4, RTX 20xx): it has no bf16 arithmetic, so PyTorch
+    computes bf16 in fp32 without tensor cores. Said before anything is encoded; "" elsewhere."""
+    from .kernels.utils import gpu_capability, too_old
+
+    if cfg.dtype != "bf16" or not too_old(device):
+        return ""
+    major, minor = gpu_capability(device)
+    return (f"this GPU (compute capability {major}.{minor}) has no bf16 arithmetic (Ampere, 8.0, brought it): "
+            "PyTorch emulates dtype = 'bf16' in fp32 without tensor cores, far slower than on an RTX 30xx or "
+            "newer. dtype = 'fp16' would use its tensor cores, but fp16 training of these models is untested "
+            "here (its range is much narrower than bf16's).")
+
+
 def no_kernel_note(cfg: TrainConfig, device: torch.device, fused: int) -> str:
     """Why the 8-bit layers of a GPU run are not on the fused kernel when the user did not turn it
     off: Triton missing, too old (kernels.utils.MIN_TRITON) or unable to compile for this GPU
@@ -627,6 +641,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         console.print(f"[yellow]warning[/] {warning}")
     if device.type == "cuda":
         warn_if_it_will_not_fit(cfg, device, console)
+        if note := emulated_bf16_note(cfg, device):
+            console.print(f"[yellow]note[/] {note}")
     check_act_quant(cfg, device)
 
     # 1. conditions, then free the encoders before the transformer is loaded

@@ -200,3 +200,20 @@ def test_the_fit_warning_plans_the_path_the_run_will_take(monkeypatch, capsys, p
     monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
     warn_if_it_will_not_fit(load_config("16gb", {}), torch.device("cuda"), Console(file=io.StringIO()))
     assert asked == [planned_fused]
+
+
+def test_bf16_on_a_gpu_older_than_ampere_is_said_to_be_emulated(fake_gpu):
+    """A T4 / RTX 20xx has no bf16 arithmetic: the run says so before anything is encoded, and
+    nothing is said on an Ampere GPU or for an fp16 run."""
+    import torch
+
+    from lowvram_dopsd.train import emulated_bf16_note
+
+    cuda = torch.device("cuda")
+    fake_gpu((7, 5))
+    note = emulated_bf16_note(load_config("16gb", {}), cuda)
+    assert "compute capability 7.5" in note and "emulates" in note and "fp16" in note
+    assert emulated_bf16_note(load_config("16gb", {"dtype": "fp16"}), cuda) == ""
+    fake_gpu((8, 6))
+    assert emulated_bf16_note(load_config("16gb", {}), cuda) == ""
+    assert emulated_bf16_note(load_config("16gb", {}), torch.device("cpu")) == ""
