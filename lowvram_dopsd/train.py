@@ -400,7 +400,10 @@ def check_act_quant(cfg: TrainConfig, device: torch.device) -> None:
 
 def emulated_bf16_note(cfg: TrainConfig, device: torch.device) -> str:
     """A bf16 run on a GPU older than Ampere (T4, RTX 20xx): it has no bf16 arithmetic, so PyTorch
-    computes bf16 in fp32 without tensor cores. Said before anything is encoded; "" elsewhere."""
+    computes bf16 in fp32 without tensor cores, and its flash and memory-efficient attention take bf16
+    only from sm_80 on (aten sdp_utils.cpp), so attention falls back to the kernel that holds the whole
+    score matrix, which the planner (H100-calibrated) does not count. Said before anything is encoded;
+    "" elsewhere."""
     from .kernels.utils import gpu_capability, too_old
 
     if cfg.dtype != "bf16" or not too_old(device):
@@ -408,8 +411,9 @@ def emulated_bf16_note(cfg: TrainConfig, device: torch.device) -> str:
     major, minor = gpu_capability(device)
     return (f"this GPU (compute capability {major}.{minor}) has no bf16 arithmetic (Ampere, 8.0, brought it): "
             "PyTorch emulates dtype = 'bf16' in fp32 without tensor cores, far slower than on an RTX 30xx or "
-            "newer. dtype = 'fp16' would use its tensor cores, but fp16 training of these models is untested "
-            "here (its range is much narrower than bf16's).")
+            "newer, and its attention then holds whole score matrices (more memory than `plan` predicts). "
+            "dtype = 'fp16' would use its tensor cores, but fp16 training of these models is untested here "
+            "(its range is much narrower than bf16's).")
 
 
 def no_kernel_note(cfg: TrainConfig, device: torch.device, fused: int) -> str:

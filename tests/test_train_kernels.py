@@ -212,7 +212,7 @@ def test_bf16_on_a_gpu_older_than_ampere_is_said_to_be_emulated(fake_gpu):
     cuda = torch.device("cuda")
     fake_gpu((7, 5))
     note = emulated_bf16_note(load_config("16gb", {}), cuda)
-    assert "compute capability 7.5" in note and "emulates" in note and "fp16" in note
+    assert "compute capability 7.5" in note and "emulates" in note and "`plan`" in note and "fp16" in note
     assert emulated_bf16_note(load_config("16gb", {"dtype": "fp16"}), cuda) == ""
     fake_gpu((8, 6))
     assert emulated_bf16_note(load_config("16gb", {}), cuda) == ""
