@@ -389,13 +389,12 @@ def check_act_quant(cfg: TrainConfig, device: torch.device) -> None:
 
         why = why_not(device) or "kernels = 'off'"
         if too_old(device):  # no Triton fixes that
-            raise UserError(f"act_quant = 'int8' runs inside the fused Triton kernel, which does not run on this GPU "
-                            f"({why}). Set act_quant = 'off'.")
-        raise UserError(
-            f"act_quant = 'int8' runs inside the fused Triton kernel, which this run does not use ({why}). "
-            f"Set kernels = 'auto' with a Triton that runs it (`pip install -U triton`; Windows: "
-            f"`pip install -U triton-windows`; the kernels need {MIN_TRITON_TEXT}), or set act_quant = 'off'."
-        )
+            unused, fix = "does not run on this GPU", "Set act_quant = 'off'."
+        else:
+            unused, fix = "this run does not use", (
+                f"Set kernels = 'auto' with a Triton that runs it (`pip install -U triton`; Windows: `pip install -U "
+                f"triton-windows`; the kernels need {MIN_TRITON_TEXT}), or set act_quant = 'off'.")
+        raise UserError(f"act_quant = 'int8' runs inside the fused Triton kernel, which {unused} ({why}). {fix}")
 
 
 def emulated_bf16_note(cfg: TrainConfig, device: torch.device) -> str:
@@ -404,11 +403,12 @@ def emulated_bf16_note(cfg: TrainConfig, device: torch.device) -> str:
     only from sm_80 on (aten sdp_utils.cpp), so attention falls back to the kernel that holds the whole
     score matrix, which the planner (H100-calibrated) does not count. Said before anything is encoded;
     "" elsewhere."""
-    from .kernels.utils import gpu_capability, too_old
+    from .kernels.utils import MIN_CAPABILITY, gpu_capability
 
-    if cfg.dtype != "bf16" or not too_old(device):
+    cap = gpu_capability(device)
+    if cfg.dtype != "bf16" or cap is None or cap >= MIN_CAPABILITY:
         return ""
-    major, minor = gpu_capability(device)
+    major, minor = cap
     return (f"this GPU (compute capability {major}.{minor}) has no bf16 arithmetic (Ampere, 8.0, brought it): "
             "PyTorch emulates dtype = 'bf16' in fp32 without tensor cores, far slower than on an RTX 30xx or "
             "newer, and its attention then holds whole score matrices (more memory than `plan` predicts). "
@@ -765,7 +765,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         console.print(f"[yellow]note[/] the checkpoint is already at step {start} = steps: nothing to train "
                       f"(pass --steps {start + 100} to train further); writing its LoRA.")
 
-    tracker = tracking.Tracker(cfg.log_with, out_dir, start, {**cfg.to_dict(), **info}, display.note)  # TensorBoard, if asked for
+    tracker = tracking.Tracker(cfg.log_with, out_dir, start, {**cfg.to_dict(), **info}, display.note)
     with tracker, (out_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, display, \
             GracefulStop(display.note) as stop:
         if device.type == "cuda":
