@@ -339,3 +339,16 @@ def test_merge_lists_a_setting_the_merged_runs_differ_in(tmp_path):
     meta = json.loads((tmp_path / "m.json").read_text())["meta"]
     assert meta["lr"] == [2.5e-4, 1e-3] and meta["steps"] == 200 and meta["commit"] == "abc"
     assert meta["command"] == "c 0.00025 ; c 0.001" and meta["wall_s"] == 2.0
+
+
+def test_prior_weight_arms_are_named_by_their_weight(tmp_path):
+    """`dopsd-x0-prior-w<weight>` trains the prior arm at that weight (the prior-weight sweep, docs/toy.md);
+    an unknown method stops the experiment before any seed runs."""
+    from lowvram_dopsd.toy import experiment
+
+    arm = experiment.prior_variant("dopsd-x0-prior-w0.05")
+    assert arm["prior_weight"] == 0.05 and arm["loss"] == "x0" and arm["prior_prompts"] == experiment.prior_prompts()
+    assert experiment.prior_variant("dopsd-x0-prior") is None and experiment.prior_variant("dopsd-x0-prior-w") is None
+    with pytest.raises(SystemExit):
+        experiment.main(["--out", str(tmp_path), "--seeds", "0", "--methods", "dopsd-x0-prior-wx", "--grid", ""])
+    assert not list(tmp_path.iterdir())

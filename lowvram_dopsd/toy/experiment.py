@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import random
+import re
 import statistics
 import subprocess
 import tempfile
@@ -65,6 +66,12 @@ def prior_prompts(n: int = 12) -> list[str]:
         if caption not in held_out and caption not in out:
             out.append(caption)
     return out
+
+
+def prior_variant(method: str) -> dict | None:
+    """`dopsd-x0-prior-w<weight>` (e.g. w0.25): the prior arm at that prior_weight; None for other names."""
+    m = re.fullmatch(r"dopsd-x0-prior-w(\d+(?:\.\d+)?)", method)
+    return {"loss": "x0", "prior_prompts": prior_prompts(), "prior_weight": float(m[1])} if m else None
 
 
 def quiet_console():
@@ -171,18 +178,21 @@ def main(argv=None) -> int:
     methods = list(a.methods)
     if a.ablations:
         methods += ["dopsd-x0-frozen", "dopsd-x0-copy", "dopsd-x0-1state"]
-    prior_captions = prior_prompts()
     variants = {"dopsd-v": {"loss": "velocity"}, "dopsd-x0": {"loss": "x0"},
                 "dopsd-x0-frozen": {"loss": "x0", "ema_decay": 0.99999999},
                 "dopsd-x0-copy": {"loss": "x0", "ema_decay": 0.0},
                 "dopsd-x0-1state": {"loss": "x0", "train_states": 1},
                 "dopsd-x0-ema0.9999": {"loss": "x0", "ema_decay": 0.9999},  # the paper's decay (toy preset: 0.999)
                 # + one micro-batch of prompts without the trigger per step, pulled toward the bare base
-                "dopsd-x0-prior": {"loss": "x0", "prior_prompts": prior_captions},
-                "dopsd-x0-prior-w0.25": {"loss": "x0", "prior_prompts": prior_captions, "prior_weight": 0.25},
+                # (dopsd-x0-prior-w<weight>: the same at prior_weight = <weight>; see prior_variant)
+                "dopsd-x0-prior": {"loss": "x0", "prior_prompts": prior_prompts()},
                 # the 8-bit paths (docs/kernels.md): int8 base, then int8 base + int8 activations
                 "dopsd-x0-qint8": {"loss": "x0", "quant": "qint8"},
                 "dopsd-x0-act8": {"loss": "x0", "quant": "qint8", "act_quant": "int8"}}
+    variants.update({m: prior_variant(m) for m in methods if prior_variant(m)})
+    unknown = [m for m in methods if m != "sft" and m not in variants]
+    if unknown:  # before any seed has run, not after an hour of them
+        ap.error(f"unknown method(s) {', '.join(unknown)}; known: sft, {', '.join(variants)}, dopsd-x0-prior-w<weight>")
     every_arm = {} if a.rank is None else {"rank": a.rank, "alpha": a.alpha if a.alpha is not None else float(a.rank)}
     if a.lr is not None:
         every_arm["lr"] = a.lr
