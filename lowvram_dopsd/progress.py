@@ -20,6 +20,12 @@ from rich.text import Text
 
 
 PLAIN_EVERY_S = 10.0
+# A run that will take longer than this at the pace of its first steps is told once what shortens it:
+# at the paper's settings Z-Image takes 8.6 h on an H100, and consumer cards have a sixth (RTX 4090)
+# to a twentieth of its bf16 tensor rate (README "How long will it take?").
+LONG_RUN_S = 12 * 3600
+# The pace is read off steps 2 and 3: the first one also compiles and autotunes the Triton kernels (7-25 s).
+PACE_STEPS = 3
 
 
 def make_console() -> Console:
@@ -27,8 +33,10 @@ def make_console() -> Console:
 
 
 class Display:
-    def __init__(self, console: Console, total_steps: int, start_step: int = 0):
-        self.console = console
+    def __init__(self, console: Console, total_steps: int, start_step: int = 0, shorten: str = ""):
+        """`shorten`: what would shorten this run, said if it will take over LONG_RUN_S ("" = never)."""
+        self.console, self.shorten = console, shorten
+        self.first_secs: list[float] = []
         self.live = console.is_terminal and sys.stdout.isatty()
         self.total, self.start = total_steps, start_step
         self.t0 = time.perf_counter()
@@ -77,6 +85,10 @@ class Display:
             self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
         done = step - self.start
         self.busy += metrics.get("sec", 0.0)  # the steps' own time: not model loading nor previews
+        if done <= PACE_STEPS:
+            self.first_secs.append(metrics.get("sec", 0.0))
+            if done == PACE_STEPS:
+                self._long_run_note(step)
         spi = (self.busy or time.perf_counter() - self.t0) / max(done, 1)
         eta = spi * (self.total - step)
         avg = "-" if self.smoothed is None else f"{self.smoothed:.4g}"
@@ -90,6 +102,13 @@ class Display:
         elif time.perf_counter() - self.last_plain > PLAIN_EVERY_S or step in (self.start + 1, self.total):
             self.last_plain = time.perf_counter()
             self.console.print(f"step {step}/{self.total}  {stats}  eta {eta / 60:.1f} min", soft_wrap=True)
+
+    def _long_run_note(self, step: int) -> None:
+        pace, steps = sum(self.first_secs[1:]) / (len(self.first_secs) - 1), self.total - step
+        if self.shorten and pace * steps > LONG_RUN_S:
+            left = f"{steps} steps left take" if steps != 1 else "step left takes"
+            self.note(f"[yellow]note:[/] at {pace:.3g} s per step, the {left} about {pace * steps / 3600:.0f} h. "
+                      f"What shortens it: {self.shorten} (README: \"How long will it take?\").")
 
     def note(self, text: str) -> None:
         (self.progress.console if self.progress else self.console).print(text)

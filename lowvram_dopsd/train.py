@@ -299,6 +299,23 @@ def oom_advice(cfg: TrainConfig, preset: str) -> str:
     return ", ".join(levers) if levers else "a smaller resolution or rank; close other programs using the GPU"
 
 
+def shorter_run_advice(cfg: TrainConfig, rollout_steps: int) -> str:
+    """What shortens a run, for the note a long one gets after its first steps (progress.LONG_RUN_S)."""
+    levers = ["fewer --steps (the previews show when your subject has come through; Ctrl-C saves)"]
+    trained = cfg.train_states or rollout_steps
+    if trained > 2:  # an untrained state is one forward pass, about a quarter of a trained one
+        levers.append(f"--train-states 2 (learn at 2 random states of each {rollout_steps}-step roll-out, "
+                      f"not {trained})")
+    half = cfg.batch_size // 2
+    if half >= cfg.micro_batch and half % cfg.micro_batch == 0:
+        levers.append(f"--batch-size {half}")
+    if cfg.resolution > 768:
+        levers.append("--resolution 768")
+    if cfg.prior_prompts:
+        levers.append("no prior_prompts (each step also rolls them out)")
+    return ", ".join(levers)
+
+
 # Consecutive non-finite steps before the run stops: one bad roll-out can be bad luck (an fp16
 # overflow at one state); five in a row means the settings diverge, and each costs a full step.
 MAX_SKIPPED_IN_A_ROW = 5
@@ -630,7 +647,8 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
     torch.manual_seed(cfg.seed)
 
     notes = family.run_notes(teacher, cfg)
-    display = Display(console, cfg.steps, start_step=ckpt.step if ckpt else 0)
+    display = Display(console, cfg.steps, start_step=ckpt.step if ckpt else 0,
+                      shorten=shorter_run_advice(cfg, rollout_steps))
     display.header(run_header(cfg, preset, family, ds, teacher, rollout_steps, lr, device, notes, out_dir, ckpt))
     if cfg.log_with == "tensorboard":
         display.commands({"watch it": f"tensorboard --logdir {shlex.quote(str(out_dir))}"})

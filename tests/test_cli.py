@@ -32,15 +32,21 @@ def test_demo_runs_and_writes_a_lora_the_pipeline_loads(tmp_path, monkeypatch, t
     assert shlex.split(lines["try it"])[:4] == ["lowvram-dopsd", "sample", "--lora", "dopsd-demo-out"]
 
 
-def test_train_on_a_tiny_folder(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, monkeypatch):
+def test_train_on_a_tiny_folder(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, monkeypatch, capsys):
     out = tmp_path / "run"
     monkeypatch.chdir(tiny_zimage_dir.parent)  # --model typed as a relative path
+    monkeypatch.setattr("lowvram_dopsd.progress.LONG_RUN_S", 0)  # any run is "long": the note's wiring
     code = main(["train", "--preset", "cpu-demo", "--model", tiny_zimage_dir.name, "--teacher-encoder",
-                 str(tiny_vlm_dir), "--images", str(demo_images), "--output", str(out), "--steps", "2",
+                 str(tiny_vlm_dir), "--images", str(demo_images), "--output", str(out), "--steps", "4",
                  "--cache-dir", str(tmp_path / "cache"), "--set", "train_states=2", "--loss", "velocity"])
     assert code == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 4
+    # after step 3, once, with the levers this config has left (it already trains 2 states per roll-out)
+    printed = " ".join(capsys.readouterr().out.split())  # the note may wrap at the console's width
+    assert printed.count("What shortens it") == 1 and "the step left takes about 0 h" in printed
+    note = printed[printed.index("What shortens it"):printed.index("How long will it take?")]
+    assert note.startswith("What shortens it: fewer --steps") and "--train-states" not in note
     info = read_info(out / "pytorch_lora_weights.safetensors")
     assert info["loss"] == "velocity"
     assert info["base_model"] == str(tiny_zimage_dir.resolve())  # `sample` finds it from any folder

@@ -1,12 +1,8 @@
-"""Preview grids: default prompts, the grid file, the teacher row, the progress display."""
-import io
-
+"""Preview grids: default prompts, the grid file, the teacher row."""
 from PIL import Image
-from rich.console import Console
 from trust_helpers import CPU, random_lora
 
 from lowvram_dopsd.preview import Previewer, default_prompts
-from lowvram_dopsd.progress import Display
 
 
 def test_default_prompts_are_training_captions_plus_new_scenes():
@@ -34,18 +30,3 @@ def test_grid_has_student_and_teacher_rows_and_its_step(tmp_path, tiny_zimage_di
     assert grid.crop((0, row2, 64, row2 + 64)).getextrema() != white     # the teacher's sample of prompt 0
     assert grid.crop((64, row2, 128, row2 + 64)).getextrema() == white   # prompt 1 is no training caption
     assert grid.crop((64, row2 - 64, 128, row2)).getextrema() != white   # the student's sample of prompt 1
-
-
-def test_plain_progress_lines_without_a_terminal():
-    buf = io.StringIO()
-    display = Display(Console(file=buf, force_terminal=False, width=60), total_steps=3)
-    assert not display.live
-    with display:
-        display.preview(tmp := __import__("pathlib").Path("out/previews/step-000000.png"))
-        for step in (1, 2, 3):
-            display.step(step, {"loss": 0.5, "lr": 1e-4, "sec": 2.0, "vram_gb": 11.2})
-    text = buf.getvalue()
-    assert "preview: out/previews/step-000000.png" in text
-    first = next(line for line in text.splitlines() if line.startswith("step 1/3"))
-    assert "loss 0.5" in first and "2.00 s/it" in first and "peak 11.2 GB" in first and tmp.name in first
-    assert "eta 0.1 min" in first and "step 3/3" in text  # one line per line, no wrapping at 60 columns
