@@ -73,6 +73,10 @@ CONFIGS = {
     # prior_prompts: each step also rolls out a prior micro-batch toward the bare base (train.py); one
     # roll-out's activations are alive at a time, so the peak should not move (not measured yet)
     "zimage-16gb-prior": dict(family="zimage", preset="16gb", prior=True, target_gib=14.0),
+    # train_states = k: learn at k of the roll-out's states, the others one forward pass without grad; the
+    # README's "How long will it take?" expects ~0.45 of the step time for 2 of Z-Image's 8 (not measured yet)
+    "zimage-16gb-ts2": dict(family="zimage", preset="16gb", train_states=2, target_gib=14.0),
+    "klein-16gb-edit-ts1": dict(family="klein", preset="16gb", train_states=1, target_gib=12.0),
     # the baseline (d) as a whole step: the 16gb settings on an unquantized bf16 base (12 GB)
     "zimage-16gb-bf16": dict(family="zimage", preset="16gb", quant="none", target_gib=22.0),
     # --transformer-file: the same random weights as one ORIGINAL-layout file (fused qkv, ComfyUI keys),
@@ -234,7 +238,7 @@ def run_child(name: str, args) -> dict:
            "code": str(Path(ll.__file__).resolve().parents[1]),  # the tree whose code ran (see --trees)
            "transformer_file": str(single) if single else None,
            "settings": {k: getattr(cfg, k) for k in ("resolution", "rank", "alpha", "quant", "optimizer",
-                                                      "grad_checkpointing", "max_sequence_length",
+                                                      "grad_checkpointing", "train_states", "max_sequence_length",
                                                       "teacher_max_sequence_length")}}
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -270,7 +274,9 @@ def run_child(name: str, args) -> dict:
     sigmas = family.sigmas(cfg.resolution, cfg.resolution, steps)
     gen = torch.Generator("cpu").manual_seed(0)
     x0 = torch.randn((1, *family.latent_shape(cfg.resolution, cfg.resolution)), generator=gen).to(device)
-    trained = set(range(steps))
+    # which k states does not change the cost (each trained state is one teacher pass + student forward and
+    # backward); train.py draws them at random, here they are the first k, so every step costs the same
+    trained = set(range(cfg.train_states or steps))
 
     def step() -> list[float]:
         losses, _ = rollout_and_learn(family, model, lora, x0.clone(), sigmas, c_s, c_t, trained, cfg.loss,

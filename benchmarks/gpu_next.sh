@@ -31,12 +31,14 @@
 #        bash benchmarks/tree_at.sh ea7bf9f .ab/before
 #  11  the per-layer table again on the code after the host-time cuts (its eager column predates them):
 #      ours exact and act8, quanto, bitsandbytes and bf16 in one run (kernels-<device>.md)
+#  12  what --train-states saves (README "How long will it take?" expects ~0.45 of the step for 2 of
+#      Z-Image's 8 states): each model's step with every state trained and with train_states = 2 / 1
 #
 # Each stage leaves its logs and result files in $OUT (copy them into benchmarks/results/ and
 # write up what they say, with the device and versions the files record).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_next.sh 1..11}
+stage=${1:?usage: gpu_next.sh 1..12}
 OUT=${OUT:-/tmp/gpu-next}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -115,6 +117,10 @@ case "$stage" in
     timeout 540 python3 benchmarks/bench_kernels.py --no-loss --out "$OUT" \
       --methods ours-int8,ours-int8-act8,quanto-qint8,bnb-int8,bf16 2>&1 | tee "$OUT/kernels.log"
     ;;
+  12)
+    timeout 500 python3 benchmarks/bench_memory.py --steps 2 --budget-s 420 --out "$OUT" \
+      --configs zimage-16gb,zimage-16gb-ts2,klein-16gb-edit,klein-16gb-edit-ts1 2>&1 | tee "$OUT/train-states.log"
+    ;;
   *)
-    echo "unknown stage '$stage' (1 to 11)" >&2; exit 2 ;;
+    echo "unknown stage '$stage' (1 to 12)" >&2; exit 2 ;;
 esac

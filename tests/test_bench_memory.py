@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
-    configs = "zimage-12gb,klein-16gb-edit-act8,zimage-16gb-prior,zimage-16gb-file"
+    configs = "zimage-12gb,klein-16gb-edit-act8,zimage-16gb-prior,zimage-16gb-file,zimage-16gb-ts2"
     # The fused linear's CPU path is its torch reference unless the Triton interpreter is on (as the
     # suite sets it for tests/kernels, where the kernels are checked): interpreted, one klein
     # roll-out takes minutes.
@@ -42,6 +42,10 @@ def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
     # prior_prompts as train.py runs them: a second roll-out per step, every state trained again
     assert runs["zimage-12gb"]["step"]["trained_passes"] == 8
     assert runs["zimage-16gb-prior"]["prior"] and runs["zimage-16gb-prior"]["step"]["trained_passes"] == 16
+    # train_states = 2: the whole 8-step roll-out, learning at 2 of its states
+    ts2 = runs["zimage-16gb-ts2"]
+    assert ts2["step"]["trained_passes"] == 2 and ts2["step"]["rollout_steps"] == 8
+    assert ts2["settings"]["train_states"] == 2
     # act_quant routes every LoRA'd 8-bit linear of the tiny klein (1 double + 1 single block: 12 + 2)
     assert runs["klein-16gb-edit-act8"]["fused_layers"] == 14
     # the klein folder is one the real family reads, with the dynamic shifting its pipeline needs
