@@ -22,7 +22,7 @@ from rich.text import Text
 PLAIN_EVERY_S = 10.0
 # A run that will take longer than this at the pace of its first steps is told once what shortens it:
 # at the paper's settings Z-Image takes 8.6 h on an H100, and consumer cards have a sixth (RTX 4090)
-# to a twentieth of its bf16 tensor rate (README "How long will it take?").
+# to about a twentieth (RTX 4060 Ti) of its bf16 tensor rate (README "How long will it take?").
 LONG_RUN_S = 12 * 3600
 # The pace is read off steps 2 and 3: the first one also compiles and autotunes the Triton kernels (7-25 s).
 PACE_STEPS = 3
