@@ -14,6 +14,8 @@ Ablations: teacher = frozen base LoRA-less (EMA decay ~1), teacher = student cop
 one random state per roll-out (train_states = 1).
 dopsd-x0-ema0.9999: the paper's EMA decay (preset toy: 0.999). --lr sets every method's learning rate
 (the sweep in docs/toy.md); its rows are labelled "<method> lr=<lr>".
+Prior arms (--methods dopsd-x0-prior dopsd-x0-prior-w<weight>): prior_prompts at prior_weight 1 or <weight>
+(the prior-weight sweep in docs/toy.md).
 8-bit arms (--methods dopsd-x0-qint8 dopsd-x0-act8): the base quantised to int8 (quanto qint8), and
 the same with the base GEMMs on per-token int8 activations (act_quant = "int8").
 Also reported: the TEACHER's own concept rate (in-context: training image + caption) — an upper
