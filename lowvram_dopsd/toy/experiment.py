@@ -191,7 +191,7 @@ def main(argv=None) -> int:
                 # the 8-bit paths (docs/kernels.md): int8 base, then int8 base + int8 activations
                 "dopsd-x0-qint8": {"loss": "x0", "quant": "qint8"},
                 "dopsd-x0-act8": {"loss": "x0", "quant": "qint8", "act_quant": "int8"}}
-    variants.update({m: prior_variant(m) for m in methods if prior_variant(m)})
+    variants.update({m: arm for m in methods if (arm := prior_variant(m))})
     unknown = [m for m in methods if m != "sft" and m not in variants]
     if unknown:  # before any seed has run, not after an hour of them
         ap.error(f"unknown method(s) {', '.join(unknown)}; known: sft, {', '.join(variants)}, dopsd-x0-prior-w<weight>")
