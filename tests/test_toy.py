@@ -2,6 +2,8 @@
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,10 @@ from lowvram_dopsd.toy import world
 from lowvram_dopsd.toy.models import ToyDiT, ToyEncoder, load_module
 from lowvram_dopsd.toy.pipeline import ToyDiTPipeline, sample
 
-ASSETS = Path(__file__).resolve().parent.parent / "lowvram_dopsd" / "assets" / "toy"
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # experiments/ (research code, not installed) imports from the repository root
+    sys.path.insert(0, str(ROOT))
+ASSETS = ROOT / "lowvram_dopsd" / "assets" / "toy"
 TOY_MODEL = Path(os.environ.get("LOWVRAM_DOPSD_TOY_MODEL", ASSETS / "model"))  # env: try a rebuilt folder
 TOY_CONCEPT = ASSETS / "concept"
 
@@ -82,7 +87,7 @@ def test_reference_grid_and_aligned_reference_path(tmp_path):
 
 
 def test_caption_dropout_only_leaves_out_what_the_reference_shows():
-    from lowvram_dopsd.toy.build import make_batch
+    from experiments.toy.build import make_batch
 
     _, full = make_batch(random.Random(3), 256, p_context=1.0)
     assert all(world.parse_caption(c)["size"] in world.SIZES for c in full[0])  # p_drop = 0: nothing left out
@@ -99,13 +104,13 @@ def test_caption_dropout_only_leaves_out_what_the_reference_shows():
 
 
 def _cfg(tmp_path, steps, **kw):
-    from lowvram_dopsd.toy.experiment import make_cfg
+    from experiments.toy.experiment import make_cfg
     return make_cfg(TOY_MODEL, TOY_CONCEPT, tmp_path / "out", tmp_path / "cache", 0, steps, **kw)
 
 
 def test_toy_family_through_train_and_saved_lora_reproduces_student(tmp_path):
     from lowvram_dopsd.output import read_info
-    from lowvram_dopsd.toy.experiment import quiet_console
+    from experiments.toy.experiment import quiet_console
     from lowvram_dopsd.train import train
 
     res = train(_cfg(tmp_path, 2, lr=1e-2), preset="toy", console=quiet_console())
@@ -133,7 +138,7 @@ def test_toy_family_through_train_and_saved_lora_reproduces_student(tmp_path):
 def test_same_command_same_lora_whether_the_feature_cache_is_cold_or_warm(tmp_path):
     """The toy encoders draw from torch's global RNG when they run (a cold cache) and not when their
     features are cached: the LoRA's initial A must not depend on that (it did, by 0.25 after 1 step)."""
-    from lowvram_dopsd.toy.experiment import make_cfg, quiet_console
+    from experiments.toy.experiment import make_cfg, quiet_console
     from lowvram_dopsd.train import train
 
     runs = []
@@ -150,7 +155,7 @@ def test_toy_trains_on_an_int8_base_with_int8_activations(tmp_path):
     Z-Image) and act_quant = "int8": the arms of the 8-bit study (docs/kernels.md)."""
     from optimum.quanto import QLinear
 
-    from lowvram_dopsd.toy.experiment import quiet_console
+    from experiments.toy.experiment import quiet_console
     from lowvram_dopsd.train import train
 
     res = train(_cfg(tmp_path, 2, quant="qint8", act_quant="int8"), preset="toy", console=quiet_console())
@@ -239,7 +244,7 @@ def test_toy_decode_latents_is_the_pixel_image():
 
 
 def test_train_sigmas_are_the_shifted_logit_normal():
-    from lowvram_dopsd.toy.build import train_sigmas
+    from experiments.toy.build import train_sigmas
 
     plain = train_sigmas(4096, torch.Generator().manual_seed(0), shift=1.0)
     torch.testing.assert_close(plain, torch.sigmoid(torch.randn(4096, generator=torch.Generator().manual_seed(0))))
@@ -281,13 +286,24 @@ def test_blob_holes_are_drawn_only_when_asked():
     assert world.shape_mask(world.Scene("blob", "red", "large", "center", "black", blob=(1.0,) * 8))[16, 16] == 1.0
 
 
+def test_research_scripts_run_from_the_repository_root_and_are_not_installed():
+    """experiments/toy/ is one command each from the repository root (their docstrings say so), and the
+    installed package no longer carries it (pyproject's package list)."""
+    import tomllib
+
+    out = subprocess.run([sys.executable, "-m", "experiments.toy.experiment", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--merge" in out.stdout, out.stderr[-2000:]
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert "lowvram_dopsd.toy" in packages and not any(p.startswith("experiments") for p in packages)
+
+
 def test_results_name_the_commit_they_were_made_from(tmp_path):
-    """toy.experiment writes the source commit into its result meta and table (a re-run after a fix is
+    """experiments.toy.experiment writes the source commit into its result meta and table (a re-run after a fix is
     then told apart from the numbers before it)."""
     import re
-    import subprocess
 
-    from lowvram_dopsd.toy.experiment import source_commit, table
+    from experiments.toy.experiment import source_commit, table
 
     here = source_commit()
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
@@ -300,12 +316,12 @@ def test_results_name_the_commit_they_were_made_from(tmp_path):
 
 
 def test_experiment_lr_sets_every_method_and_labels_its_rows(tmp_path, monkeypatch):
-    """`toy.experiment --lr` (the learning-rate sweep, docs/toy.md): SFT and D-OPSD both train at that
+    """`experiments.toy.experiment --lr` (the learning-rate sweep, docs/toy.md): SFT and D-OPSD both train at that
     rate, and the rows carry it, so the runs of several rates merge into one table."""
     import json
 
     from lowvram_dopsd import train as train_mod
-    from lowvram_dopsd.toy import experiment
+    from experiments.toy import experiment
 
     used = []
     real = train_mod.make_optimizer
@@ -324,7 +340,7 @@ def test_merge_lists_a_setting_the_merged_runs_differ_in(tmp_path):
     not the first file's value as if it held for every row."""
     import json
 
-    from lowvram_dopsd.toy import experiment
+    from experiments.toy import experiment
 
     def result(lr, name):
         runs = [{"method": experiment.label("sft", lr), "seed": 0, **{k: 0.5 for k, _ in experiment.METRICS}}]
@@ -344,7 +360,7 @@ def test_merge_lists_a_setting_the_merged_runs_differ_in(tmp_path):
 def test_prior_weight_arms_are_named_by_their_weight(tmp_path):
     """`dopsd-x0-prior-w<weight>` trains the prior arm at that weight (the prior-weight sweep, docs/toy.md);
     an unknown method stops the experiment before any seed runs."""
-    from lowvram_dopsd.toy import experiment
+    from experiments.toy import experiment
 
     arm = experiment.prior_variant("dopsd-x0-prior-w0.05")
     assert arm["prior_weight"] == 0.05 and arm["loss"] == "x0" and arm["prior_prompts"] == experiment.prior_prompts()

@@ -1,7 +1,7 @@
 """Issue #7: learn a new concept in the toy world with vanilla SFT LoRA vs D-OPSD LoRA, measured at 4 steps.
 
-    python -m lowvram_dopsd.toy.experiment --out benchmarks/results            # the table (3 seeds)
-    python -m lowvram_dopsd.toy.experiment --out benchmarks/results --ablations
+    python -m experiments.toy.experiment --out benchmarks/results            # the table (3 seeds), from the repo root
+    python -m experiments.toy.experiment --out benchmarks/results --ablations
 
 Per seed: a concept set of N images of the never-seen shape (a ring) in random scenes, captioned
 with the trigger in the shape slot ("a large red sks at the left on gray background"). Methods,
@@ -37,13 +37,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import world
-from .build import train_sigmas
-from .evaluate import eval_scenes, evaluate, grid
-from .models import load_module
-from .pipeline import ToyDiTPipeline, sample
+from lowvram_dopsd.toy import world
+from lowvram_dopsd.toy.evaluate import classify, eval_scenes, evaluate, grid
+from lowvram_dopsd.toy.models import load_module
+from lowvram_dopsd.toy.pipeline import ToyDiTPipeline, sample
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "toy" / "model"
+from .build import ROOT, train_sigmas
+
+DEFAULT_MODEL = ROOT / "lowvram_dopsd" / "assets" / "toy" / "model"
 
 
 def concept_set(folder: Path, n: int, seed: int) -> list[world.Scene]:
@@ -82,7 +83,7 @@ def quiet_console():
 
 
 def make_cfg(model: Path, images: Path, out: Path, cache: Path, seed: int, steps: int, **kw):
-    from ..config import load_config
+    from lowvram_dopsd.config import load_config
     overrides = {"model": str(model), "images": str(images), "output": str(out), "cache_dir": str(cache),
                  "seed": seed, "steps": steps, "save_every": steps + 1, **kw}
     return load_config("toy", overrides)
@@ -90,10 +91,10 @@ def make_cfg(model: Path, images: Path, out: Path, cache: Path, seed: int, steps
 
 def run_sft(cfg, images: Path) -> tuple[torch.nn.Module, object]:
     """Vanilla SFT LoRA with the trainer's own LoRA machinery, optimizer and data."""
-    from .. import data
-    from ..families import load_family
-    from ..lora import DualLoRA
-    from ..train import BucketSampler, make_optimizer
+    from lowvram_dopsd import data
+    from lowvram_dopsd.families import load_family
+    from lowvram_dopsd.lora import DualLoRA
+    from lowvram_dopsd.train import BucketSampler, make_optimizer
 
     family = load_family(cfg.model)
     ds = data.scan(str(images), cfg.caption, cfg.trigger, cfg.resolution)
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
         (out / f"{a.tag}.md").write_text(table(summary, meta))
         print(table(summary, meta))
         return 0
-    from ..train import train
+    from lowvram_dopsd.train import train
 
     t_start = time.time()
     model_dir = Path(a.model)
@@ -237,7 +238,6 @@ def main(argv=None) -> int:
             h, m = pipe.encode(caps * reps, refs.repeat(reps, 1, 1, 1))
             noise = torch.randn((len(caps) * reps, 3, 32, 32), generator=torch.Generator().manual_seed(seed))
             tx = sample(pipe.transformer, h, m, noise, pipe.sigmas)
-            from .evaluate import classify
             _, pred = classify(clf, tx)
             ring = world.ALL_SHAPES.index(world.CONCEPT_SHAPE)
             teacher_rate = float((pred["shape"] == ring).float().mean())
@@ -268,8 +268,8 @@ def main(argv=None) -> int:
             record(label(method, a.lr), gen_with(model), wall)
 
     summary = summarize(runs)
-    meta = {"command": "python -m lowvram_dopsd.toy.experiment " + " ".join(argv or []) if argv is not None else
-            "python -m lowvram_dopsd.toy.experiment " + " ".join(__import__("sys").argv[1:]),
+    meta = {"command": "python -m experiments.toy.experiment " + " ".join(argv or []) if argv is not None else
+            "python -m experiments.toy.experiment " + " ".join(__import__("sys").argv[1:]),
             "seeds": a.seeds, "steps": a.steps, "images": a.images, "threads": a.threads, **every_arm,
             "model": str(model_dir), "wall_s": round(time.time() - t_start, 1),
             "preset": "presets/toy.toml", "torch": torch.__version__, "commit": source_commit()}

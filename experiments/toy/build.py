@@ -1,7 +1,7 @@
 """Build the toy world's checkpoints from scratch (nothing downloaded), in minutes on a CPU:
 
-    python -m lowvram_dopsd.toy.build --out lowvram_dopsd/assets/toy/model          # all stages
-    python -m lowvram_dopsd.toy.build --out ... --stage classifier|base|distill
+    python -m experiments.toy.build --out lowvram_dopsd/assets/toy/model          # all stages, from the repo root
+    python -m experiments.toy.build --out ... --stage classifier|base|distill
 
 1. classifier (first: the later stages log the teacher gate with it): CNN with attribute heads on
    rendered scenes INCLUDING the concept (for evaluation only), with noise/blur augmentation.
@@ -36,10 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import world
-from .evaluate import teacher_gate
-from .models import HEADS, ToyClassifier, ToyDiT, ToyEncoder, load_module, save_module
-from .pipeline import sample as euler
+from lowvram_dopsd.toy import world
+from lowvram_dopsd.toy.evaluate import teacher_gate
+from lowvram_dopsd.toy.models import HEADS, ToyClassifier, ToyDiT, ToyEncoder, load_module, save_module
+from lowvram_dopsd.toy.pipeline import sample as euler
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SIGMAS4 = (1.0, 0.9, 0.75, 0.5, 0.0)   # the authors' 4-step schedule t = {0, .1, .25, .5} -> 1 (0 = noise there)
 
@@ -240,7 +242,7 @@ def distill(out: Path, n_traj: int, steps: int, batch: int, seed: int, log, shif
          "transformer": ["lowvram_dopsd.toy.models", "ToyDiT"],
          "text_encoder": ["lowvram_dopsd.toy.models", "ToyEncoder"],
          "tokenizer": ["lowvram_dopsd.toy.world", "Tokenizer"],
-         "scheduler": ["lowvram_dopsd.toy.build", "ToyEulerSchedule"]}, indent=2))
+         "scheduler": ["lowvram_dopsd.toy.pipeline", "ToyEulerSchedule"]}, indent=2))
     return gate
 
 
@@ -276,7 +278,7 @@ def train_classifier(out: Path, steps: int, batch: int, seed: int, log) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "assets" / "toy" / "model"))
+    ap.add_argument("--out", default=str(ROOT / "lowvram_dopsd" / "assets" / "toy" / "model"))
     ap.add_argument("--stage", default="all", choices=["all", "base", "distill", "classifier"])
     # Defaults = the shipped recipe (docs/toy.md; the gate runs in benchmarks/results/toy-teacher-attempts.md).
     # The first shipped base (2000 steps, whose teacher could not read the ring) is

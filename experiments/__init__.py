@@ -1,0 +1,1 @@
+"""Research code that runs from the repository root and is not installed (`python -m experiments.<...>`)."""
