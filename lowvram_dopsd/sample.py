@@ -34,6 +34,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -41,6 +42,9 @@ from safetensors import safe_open
 
 from .errors import UserError
 from .output import LORA_FILE
+
+if TYPE_CHECKING:
+    from .families.base import Family
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -185,6 +189,14 @@ def check_family(info: dict, family_name: str, lora_file: Path, base: str) -> No
                         "model in the LoRA's metadata.")
 
 
+def png_info(**values) -> PngImagePlugin.PngInfo:
+    """PNG text chunks: what made the image (prompt, seed, steps, base model, LoRA)."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in values.items():
+        info.add_text(key, str(value))
+    return info
+
+
 def write_image(image: Image.Image, path: Path, fmt: str, pnginfo: PngImagePlugin.PngInfo | None) -> None:
     """Write to a temporary name in the same folder, then rename: a failed write (full disk) never leaves a
     half-written file under the final name, nor replaces an older image with one."""
@@ -220,23 +232,12 @@ def save_failed(path: Path, exc: OSError, written: list[Path]) -> UserError:
                      "the same seeds give the same images (and default names never replace earlier ones).")
 
 
-def sample(req: SampleRequest, console=None) -> list[Path]:
-    from diffusers import DiffusionPipeline
-
+def checked_base(req: SampleRequest, lora_files: list[Path], labels: list[str], console=None
+                 ) -> tuple[list[dict], str, Family]:
+    """The LoRAs' metadata, the base model and its family adapter, every LoRA checked against that family
+    before the (slow) pipeline is loaded; notes where the LoRAs disagree go to `console`."""
     from .families import family_class_of, load_family
-    from .train import resolve_device
 
-    check_request(req)
-    device = resolve_device(req.device)
-    if req.offload and device.type != "cuda":
-        # diffusers' offload needs an accelerator (it raises a RuntimeError in load_lora_weights otherwise)
-        raise UserError("--offload keeps the pipeline's models in CPU memory and moves each one to the GPU while "
-                        "it runs; here there is no GPU to move them to (--device cpu, or PyTorch sees no CUDA "
-                        "GPU), so everything already runs from CPU memory. Leave out --offload.")
-    lora_files = [find_lora_file(lora) for lora in req.loras]
-    labels = lora_labels(lora_files)
-    shots, explicit = plan_shots(req, labels)  # decided now, not after minutes of generation
-    formats = {shot.path: check_output(shot.path) for shot in shots}
     infos = [json.loads(read_metadata(f).get("lowvram_dopsd", "{}")) for f in lora_files]
     if console is not None:
         for note in mixed_notes(req, infos, labels):
@@ -260,48 +261,90 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
         raise UserError(f"`sample` runs the stock diffusers pipeline, and {family.pipeline_class} (the "
                         f"{family.name} family) is not one. Load the LoRA with the family's own pipeline "
                         f"instead (for the toy world: lowvram_dopsd.toy.pipeline.ToyDiTPipeline, docs/toy.md).")
-    dtype = DTYPES[req.dtype] if device.type == "cuda" else torch.float32
-    parts = {}
-    if family.transformer_file:  # the fine-tune, read by diffusers' own single-file loader (not ours)
-        import diffusers
-        parts["transformer"] = getattr(diffusers, family.transformer_class).from_single_file(
-            str(family.transformer_file), config=str(family.model_dir), subfolder="transformer", torch_dtype=dtype)
-    pipe = DiffusionPipeline.from_pretrained(family.model_dir, dtype=dtype, use_safetensors=True,
-                                             trust_remote_code=req.trust_remote_code, **parts)
-    offload = req.offload
-    if offload is None:
-        offload = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 40 * 2**30
-    if offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    steps = req.steps or family.default_rollout_steps  # the model's own few-step count
-    size = infos[0].get("resolution") or 1024  # the first LoRA's: several are compared at one size
-    width, height = req.width or size, req.height or size
+    return infos, base, family
+
+
+@dataclass
+class StockPipeline:
+    """The stock diffusers pipeline (`DiffusionPipeline.from_pretrained` + `load_lora_weights`), at most one
+    LoRA in it at a time, drawing images as `sample` does: noise from a CPU generator, the model's own steps."""
+    pipe: Any
+    family: Family
+    steps: int
+    width: int
+    height: int
+    scale: float = 1.0
+    loaded: int | None = None  # index of the LoRA in the pipeline (None: the base alone)
+
+    @classmethod
+    def open(cls, req: SampleRequest, family: Family, size: int, device: torch.device) -> "StockPipeline":
+        from diffusers import DiffusionPipeline
+
+        dtype = DTYPES[req.dtype] if device.type == "cuda" else torch.float32
+        parts = {}
+        if family.transformer_file:  # the fine-tune, read by diffusers' own single-file loader (not ours)
+            import diffusers
+            parts["transformer"] = getattr(diffusers, family.transformer_class).from_single_file(
+                str(family.transformer_file), config=str(family.model_dir), subfolder="transformer", torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(family.model_dir, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=req.trust_remote_code, **parts)
+        offload = req.offload
+        if offload is None:
+            offload = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 40 * 2**30
+        if offload:
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        steps = req.steps or family.default_rollout_steps  # the model's own few-step count
+        return cls(pipe, family, steps, req.width or size, req.height or size, req.scale)
+
+    def use(self, k: int | None, lora_file: Path | None = None) -> None:
+        """LoRA number k (`lora_file`) in the pipeline, replacing the one before: nothing stacks. None: no LoRA."""
+        if k == self.loaded:
+            return
+        if self.loaded is not None:
+            self.pipe.delete_adapters(f"dopsd{self.loaded}")
+        if k is not None:
+            self.pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, use_safetensors=True,
+                                        adapter_name=f"dopsd{k}")
+            if self.scale != 1.0:
+                self.pipe.set_adapters([f"dopsd{k}"], adapter_weights=[self.scale])
+        self.loaded = k
+
+    def draw(self, prompt: str, seed: int) -> Image.Image:
+        gen = torch.Generator("cpu").manual_seed(seed)  # same noise on any device (= the trainer's previews)
+        return self.pipe(prompt, num_inference_steps=self.steps, width=self.width, height=self.height,
+                         generator=gen, **self.family.pipeline_call_kwargs).images[0]
+
+
+def sample(req: SampleRequest, console=None) -> list[Path]:
+    from .train import resolve_device
+
+    check_request(req)
+    device = resolve_device(req.device)
+    if req.offload and device.type != "cuda":
+        # diffusers' offload needs an accelerator (it raises a RuntimeError in load_lora_weights otherwise)
+        raise UserError("--offload keeps the pipeline's models in CPU memory and moves each one to the GPU while "
+                        "it runs; here there is no GPU to move them to (--device cpu, or PyTorch sees no CUDA "
+                        "GPU), so everything already runs from CPU memory. Leave out --offload.")
+    lora_files = [find_lora_file(lora) for lora in req.loras]
+    labels = lora_labels(lora_files)
+    shots, explicit = plan_shots(req, labels)  # decided now, not after minutes of generation
+    formats = {shot.path: check_output(shot.path) for shot in shots}
+    infos, base, family = checked_base(req, lora_files, labels, console)
+    # the first LoRA's size: several are compared at one size
+    stock = StockPipeline.open(req, family, infos[0].get("resolution") or 1024, device)
     written: list[Path] = []
-    loaded = -1
     for shot in shots:
         lora_file = lora_files[shot.lora]
-        if shot.lora != loaded:  # one LoRA in the pipeline at a time: the next replaces it, nothing stacks
-            if loaded >= 0:
-                pipe.delete_adapters(f"dopsd{loaded}")
-            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, use_safetensors=True,
-                                   adapter_name=f"dopsd{shot.lora}")
-            if req.scale != 1.0:
-                pipe.set_adapters([f"dopsd{shot.lora}"], adapter_weights=[req.scale])
-            loaded = shot.lora
+        stock.use(shot.lora, lora_file)
         prompt = req.prompts[shot.prompt]
-        gen = torch.Generator("cpu").manual_seed(shot.seed)  # same noise on any device (= the trainer's previews)
-        image = pipe(prompt, num_inference_steps=steps, width=width, height=height, generator=gen,
-                     **family.pipeline_call_kwargs).images[0]
+        image = stock.draw(prompt, shot.seed)
         fmt, pnginfo = formats[shot.path], None
         if fmt == "PNG":  # text chunks: only PNG has them (other writers ignore pnginfo)
-            pnginfo = PngImagePlugin.PngInfo()
-            for key, value in {"prompt": prompt, "seed": shot.seed, "steps": steps, "base_model": base,
-                               "lora": str(lora_file), "lora_scale": req.scale,
-                               **({"transformer_file": str(family.transformer_file)}
-                                  if family.transformer_file else {})}.items():
-                pnginfo.add_text(key, str(value))
+            pnginfo = png_info(prompt=prompt, seed=shot.seed, steps=stock.steps, base_model=base,
+                               lora=str(lora_file), lora_scale=req.scale,
+                               **({"transformer_file": str(family.transformer_file)} if family.transformer_file else {}))
         path, note = shot.path, ""
         if not explicit and path.exists():  # another run took the name while this one generated
             path = first_free([shot.base])[0]
@@ -313,6 +356,6 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
             raise save_failed(path, exc, written) from exc
         written.append(path)
         if console is not None:
-            console.print(f"wrote {path}  ({prompt!r}, seed {shot.seed}, {steps} steps"
+            console.print(f"wrote {path}  ({prompt!r}, seed {shot.seed}, {stock.steps} steps"
                           + (f", {labels[shot.lora]}" if len(labels) > 1 else "") + f"{note})")
     return written
