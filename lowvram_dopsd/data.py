@@ -41,7 +41,19 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
-from .families.base import Item
+
+
+@dataclass
+class Item:
+    """One training pair as the families see it at precompute time."""
+
+    image_path: Path
+    caption: str
+    image_sha256: str
+    width: int            # training size of this item (bucketed), multiple of 16
+    height: int
+    repeats: int = 1      # times the sampler draws it per epoch (a dataset file's `repeats`)
+
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # Image files that are not read, listed as skipped rather than passed over in silence: GIF keeps at

@@ -45,8 +45,7 @@ from . import __version__
 from .cache import atomic_save_safetensors
 from .checkpoint import TEACHER_FILE, list_checkpoints
 from .errors import UserError
-from .output import LORA_FILE
-from .sample import find_lora_file, read_metadata
+from .files import LORA_FILE, find_lora_file, read_metadata
 
 Tensors = dict[str, torch.Tensor]
 

@@ -17,9 +17,8 @@ from safetensors import safe_open
 
 from . import __version__
 from .cache import atomic_save_safetensors
+from .files import LORA_FILE
 from .lora import DualLoRA
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def lora_state_dict(lora: DualLoRA, role: str, prefix: str = "transformer", dtype=torch.bfloat16) -> dict[str, torch.Tensor]:

@@ -42,6 +42,7 @@ from torch import nn
 
 from .config import CHOICES
 from .errors import UserError
+from .files import WEIGHT_FILES, shard_index
 
 BACKENDS = CHOICES["quant"]  # the config validates `quant` against the same tuple
 QUANTO = ("qint8", "qfloat8")  # the backends whose 8-bit layers the fused Triton kernel runs
@@ -244,8 +245,6 @@ def _weight_files(folder: Path) -> dict[str, Path] | None:
     index first, then the single file); None if there are none. Other .safetensors beside them (an
     `.fp16` variant of a full download) are ignored, as from_pretrained ignores them: counting them
     used to send such a folder to the whole-model fallback, at twice the host RAM."""
-    from .families.base import WEIGHT_FILES, shard_index  # families import this module
-
     index = shard_index(folder)
     if index is not None:
         return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}

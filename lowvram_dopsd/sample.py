@@ -38,42 +38,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image, PngImagePlugin
-from safetensors import safe_open
 
 from .errors import UserError
-from .output import LORA_FILE
+from .files import LORA_FILE, find_lora_file, read_metadata
+from .runtime import DTYPES, resolve_device
 
 if TYPE_CHECKING:
     from .families.base import Family
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def find_lora_file(path: str) -> Path:
-    p = Path(path).expanduser()
-    if p.is_file():
-        if p.suffix != ".safetensors":
-            raise UserError(f"'{p}' is not a .safetensors file. LoRAs are read from safetensors only "
-                            "(other formats can run code when loaded).")
-        return p
-    if (p / LORA_FILE).is_file():
-        return p / LORA_FILE
-    if p.is_dir():
-        files = sorted(p.glob("*.safetensors"))
-        if len(files) == 1:
-            return files[0]
-        raise UserError(f"'{p}' has no {LORA_FILE}" + (f" but {len(files)} .safetensors files: pass one of them."
-                                                       if files else "."))
-    raise UserError(f"The LoRA '{path}' does not exist. Pass the training output folder, a checkpoint folder "
-                    "or a .safetensors file.")
-
-
-def read_metadata(path: Path) -> dict:
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return fh.metadata() or {}
-    except Exception as exc:
-        raise UserError(f"'{path}' is not a readable safetensors file ({exc}).") from exc
 
 
 @dataclass
@@ -318,8 +289,6 @@ class StockPipeline:
 
 
 def sample(req: SampleRequest, console=None) -> list[Path]:
-    from .train import resolve_device
-
     check_request(req)
     device = resolve_device(req.device)
     if req.offload and device.type != "cuda":

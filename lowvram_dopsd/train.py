@@ -42,24 +42,15 @@ from .config import TrainConfig
 from .errors import UserError
 from .families import load_family
 from .families.base import Cond, Family
-from .families.zimage import DTYPES
 from .lora import DualLoRA, names_target
 from .losses import dopsd_loss
 from .output import LORA_FILE, save_lora
 from .preview import Previewer, default_prompts
 from .export import LAYOUTS, read_lora
-from .sample import find_lora_file
+from .files import find_lora_file
 from .progress import Display, make_console
 from .quant import QUANTO, kernels_mode, use_fused_linear
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device = 'cuda' but PyTorch sees no CUDA GPU. Install a CUDA build of PyTorch "
-                        "(https://pytorch.org/get-started/locally/) or pass --device cpu for the tiny demo.")
-    return torch.device(name)
+from .runtime import DTYPES, resolve_device
 
 
 # ---------------------------------------------------------------------------------------------

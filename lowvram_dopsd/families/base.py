@@ -12,7 +12,6 @@ Adding a family = one module here implementing `Family`, registered in `families
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,7 +19,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from ..data import Item, load_rgb
 from ..errors import UserError
+from ..files import component_problem
+from ..runtime import DTYPES, release
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -28,73 +30,8 @@ if TYPE_CHECKING:
 Cond = dict[str, torch.Tensor]  # one item's precomputed condition; stored as safetensors in the cache
 
 
-@dataclass
-class Item:
-    """One training pair as the families see it at precompute time."""
-
-    image_path: Path
-    caption: str
-    image_sha256: str
-    width: int            # training size of this item (bucketed), multiple of 16
-    height: int
-    repeats: int = 1      # times the sampler draws it per epoch (a dataset file's `repeats`)
-
-
-# Weight formats that unpickle (can run code when loaded): never read, see component_problem
-PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-# The weight files from_pretrained reads without a `variant` (diffusers models, transformers models);
-# sharded: `<name>.index.json` and the shards it lists
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-
-
 # Components that are models (config.json + weights), as opposed to tokenizer/ and scheduler/
 MODEL_COMPONENTS = ("transformer", "text_encoder", "vae")
-
-
-def shard_index(folder: Path) -> Path | None:
-    """The shard index from_pretrained reads in a model component folder (`<name>.index.json` for the
-    first of `WEIGHT_FILES` that has one), or None when the weights are not sharded."""
-    for name in WEIGHT_FILES:
-        if (folder / f"{name}.index.json").is_file():
-            return folder / f"{name}.index.json"
-    return None
-
-
-def component_problem(folder: Path, model: bool = True) -> str:
-    """What is wrong with one component folder of a checkpoint ('' if nothing): a model component
-    needs its config.json and safetensors weights, every shard of a sharded one; a tokenizer or
-    scheduler folder needs its files. Dangling links (an interrupted `hf download`) count as missing."""
-    if not any(f.is_file() for f in folder.iterdir()):
-        return "is empty. The download is probably incomplete: download the model again."
-    if not (folder / "config.json").is_file():
-        # tokenizer/, scheduler/: their loaders name a missing file themselves
-        return "has no config.json. The download is probably incomplete: download the model again." if model else ""
-    index = shard_index(folder)
-    if index is not None:
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
-            return f"has an unreadable shard index {index.name} ({exc}): download the model again."
-        lost = sorted(s for s in shards if not (folder / s).is_file())
-        if lost:
-            return (f"lacks {len(lost)} of its {len(shards)} weight shards ({', '.join(lost[:3])}"
-                    f"{', ...' if len(lost) > 3 else ''}). The download is incomplete: download the model again.")
-        return ""
-    if any((folder / name).is_file() for name in WEIGHT_FILES):
-        return ""
-    variants = sorted(f.name for f in folder.glob("*.safetensors") if f.is_file())
-    if variants:  # e.g. diffusion_pytorch_model.fp16.safetensors: from_pretrained would say "no file named ..."
-        return (f"has its weights only under other names ({', '.join(variants[:2])}{', ...' if len(variants) > 2 else ''}), "
-                f"while the loader reads {' or '.join(WEIGHT_FILES)} (and their .index.json when sharded). A "
-                "'.fp16' or '.bf16' in the name is a variant download: download the model again without a "
-                "variant filter (e.g. `hf download <id>`).")
-    pickled = sorted(f.name for pattern in PICKLED for f in folder.glob(pattern) if f.is_file())
-    if pickled:
-        return (f"has its weights only as {', '.join(pickled[:2])}, a pickle format that can run code when "
-                "loaded; this tool reads safetensors only. Download the safetensors version of the model, or "
-                "convert it (diffusers: load it once with from_pretrained and save_pretrained(..., "
-                "safe_serialization=True)).")
-    return "has no weights (*.safetensors). The download is probably incomplete: download the model again."
 
 
 class Family:
@@ -181,9 +118,7 @@ class Family:
     def encode_vlm_teacher(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
         """The paper's teacher condition: image + caption through Qwen3-VL whose language model is
         the text encoder (teacher_vlm.py), read at the same layers the pipeline reads."""
-        from ..data import load_rgb
         from ..teacher_vlm import encode_vlm, load_grafted_vlm
-        from .zimage import DTYPES, release
 
         dtype = DTYPES[cfg.dtype]
         pad_to, pad_id = self.vlm_pad_to(cfg), None

@@ -35,10 +35,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data import Item, load_rgb
 from ..errors import UserError
+from ..files import folder_identity
+from ..runtime import DTYPES, release
 from . import register
-from .base import Cond, DiffusersFamily, Item
-from .zimage import DTYPES, folder_identity, release
+from .base import Cond, DiffusersFamily
 
 
 def _pipeline_class():
@@ -166,8 +168,6 @@ class Klein(DiffusersFamily):
 
     def _encode_edit(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
         from diffusers import AutoencoderKLFlux2
-
-        from ..data import load_rgb
 
         dtype = DTYPES[cfg.dtype]
         caps = self._encode_prompts([edit_prompt(it.caption, cfg.edit_instruction) for it in items], cfg, device)

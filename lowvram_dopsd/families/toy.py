@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import Item, load_rgb
 from ..errors import UserError
+from ..files import folder_identity
 from . import register
-from .base import Cond, Family, Item
-from .zimage import folder_identity
+from .base import Cond, Family
 
 
 @register
@@ -58,7 +59,6 @@ class Toy(Family):
     def encode_teacher(self, items: list[Item], teacher: str, cfg, device: torch.device) -> list[Cond]:
         if teacher != "vlm":
             raise UserError(f"The toy family supports the teacher kinds {self.teachers}, not '{teacher}'.")
-        from ..data import load_rgb
         from ..toy import world
 
         enc, tok = self._encoder(device)

@@ -11,37 +11,16 @@ Conventions in `ZImagePipeline.__call__` (diffusers 0.42):
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-from pathlib import Path
-
 import torch
 from torch import nn
 
+from ..data import Item
 from ..errors import UserError
+from ..files import folder_identity
+from ..runtime import DTYPES, release
 from . import register
-from .base import Cond, DiffusersFamily, Item
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def folder_identity(folder: Path) -> dict:
-    """Cheap identity of a checkpoint folder: its real path, config hash and weight file sizes."""
-    folder = Path(folder).resolve()
-    h = hashlib.sha256()
-    for p in sorted(folder.glob("*.json")):
-        h.update(p.name.encode() + p.read_bytes())
-    weights = {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
-    return {"path": str(folder), "config_sha256": h.hexdigest(), "weights": weights}
-
-
-def release(*modules: nn.Module) -> None:
-    """Free an encoder's weights now, even if a reference lingers: its tensors become storage-less
-    'meta' tensors, and the CUDA cache is emptied so the transformer can use that memory."""
-    for m in modules:
-        m.to("meta")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+from .base import Cond, DiffusersFamily
 
 
 @register

@@ -1,0 +1,104 @@
+"""Files on disk that several stages read: model checkpoint folders (which weight files a loader
+reads, whether a download is complete, a cheap identity for cache keys) and LoRA files (finding one
+in what the user passed, reading its metadata). Low level: imports nothing of ours but `errors`."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .errors import UserError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the trainer's output, in the diffusers/peft layout
+
+
+def folder_identity(folder: Path) -> dict:
+    """Cheap identity of a checkpoint folder: its real path, config hash and weight file sizes."""
+    folder = Path(folder).resolve()
+    h = hashlib.sha256()
+    for p in sorted(folder.glob("*.json")):
+        h.update(p.name.encode() + p.read_bytes())
+    weights = {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
+    return {"path": str(folder), "config_sha256": h.hexdigest(), "weights": weights}
+
+
+# Weight formats that unpickle (can run code when loaded): never read, see component_problem
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+# The weight files from_pretrained reads without a `variant` (diffusers models, transformers models);
+# sharded: `<name>.index.json` and the shards it lists
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def shard_index(folder: Path) -> Path | None:
+    """The shard index from_pretrained reads in a model component folder (`<name>.index.json` for the
+    first of `WEIGHT_FILES` that has one), or None when the weights are not sharded."""
+    for name in WEIGHT_FILES:
+        if (folder / f"{name}.index.json").is_file():
+            return folder / f"{name}.index.json"
+    return None
+
+
+def component_problem(folder: Path, model: bool = True) -> str:
+    """What is wrong with one component folder of a checkpoint ('' if nothing): a model component
+    needs its config.json and safetensors weights, every shard of a sharded one; a tokenizer or
+    scheduler folder needs its files. Dangling links (an interrupted `hf download`) count as missing."""
+    if not any(f.is_file() for f in folder.iterdir()):
+        return "is empty. The download is probably incomplete: download the model again."
+    if not (folder / "config.json").is_file():
+        # tokenizer/, scheduler/: their loaders name a missing file themselves
+        return "has no config.json. The download is probably incomplete: download the model again." if model else ""
+    index = shard_index(folder)
+    if index is not None:
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            return f"has an unreadable shard index {index.name} ({exc}): download the model again."
+        lost = sorted(s for s in shards if not (folder / s).is_file())
+        if lost:
+            return (f"lacks {len(lost)} of its {len(shards)} weight shards ({', '.join(lost[:3])}"
+                    f"{', ...' if len(lost) > 3 else ''}). The download is incomplete: download the model again.")
+        return ""
+    if any((folder / name).is_file() for name in WEIGHT_FILES):
+        return ""
+    variants = sorted(f.name for f in folder.glob("*.safetensors") if f.is_file())
+    if variants:  # e.g. diffusion_pytorch_model.fp16.safetensors: from_pretrained would say "no file named ..."
+        return (f"has its weights only under other names ({', '.join(variants[:2])}{', ...' if len(variants) > 2 else ''}), "
+                f"while the loader reads {' or '.join(WEIGHT_FILES)} (and their .index.json when sharded). A "
+                "'.fp16' or '.bf16' in the name is a variant download: download the model again without a "
+                "variant filter (e.g. `hf download <id>`).")
+    pickled = sorted(f.name for pattern in PICKLED for f in folder.glob(pattern) if f.is_file())
+    if pickled:
+        return (f"has its weights only as {', '.join(pickled[:2])}, a pickle format that can run code when "
+                "loaded; this tool reads safetensors only. Download the safetensors version of the model, or "
+                "convert it (diffusers: load it once with from_pretrained and save_pretrained(..., "
+                "safe_serialization=True)).")
+    return "has no weights (*.safetensors). The download is probably incomplete: download the model again."
+
+
+def find_lora_file(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise UserError(f"'{p}' is not a .safetensors file. LoRAs are read from safetensors only "
+                            "(other formats can run code when loaded).")
+        return p
+    if (p / LORA_FILE).is_file():
+        return p / LORA_FILE
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors"))
+        if len(files) == 1:
+            return files[0]
+        raise UserError(f"'{p}' has no {LORA_FILE}" + (f" but {len(files)} .safetensors files: pass one of them."
+                                                       if files else "."))
+    raise UserError(f"The LoRA '{path}' does not exist. Pass the training output folder, a checkpoint folder "
+                    "or a .safetensors file.")
+
+
+def read_metadata(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata() or {}
+    except Exception as exc:
+        raise UserError(f"'{path}' is not a readable safetensors file ({exc}).") from exc

@@ -1,0 +1,30 @@
+"""Torch runtime helpers every stage shares: compute dtypes by name, the device to run on, and
+freeing a model's memory at once. Low level: imports nothing of ours but `errors`."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+# The `dtype` setting's names (config.py CHOICES) -> torch dtypes
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU when PyTorch sees one, else the CPU; `cuda` without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device = 'cuda' but PyTorch sees no CUDA GPU. Install a CUDA build of PyTorch "
+                        "(https://pytorch.org/get-started/locally/) or pass --device cpu for the tiny demo.")
+    return torch.device(name)
+
+
+def release(*modules: nn.Module) -> None:
+    """Free an encoder's weights now, even if a reference lingers: its tensors become storage-less
+    'meta' tensors, and the CUDA cache is emptied so the transformer can use that memory."""
+    for m in modules:
+        m.to("meta")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
