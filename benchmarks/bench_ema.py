@@ -4,8 +4,8 @@
     python benchmarks/bench_ema.py --tiny --out /tmp/r                      # smoke test (tests/)
 
 After every optimizer step `DualLoRA.ema_update` moves the teacher LoRA toward the student:
-teacher <- decay * teacher + (1 - decay) * student, over every A and B (Z-Image at rank 64: 420
-tensors, 140M elements, 0.56 GB in fp32). Two layouts are timed, as `train.train` builds them:
+teacher <- decay * teacher + (1 - decay) * student, over every A and B (their counts per model are
+in the report, benchmarks/results/ema-*.md). Two layouts are timed, as `train.train` builds them:
 
   device  teacher_ema_on = "device" (16gb / 24gb presets): the fp32 EMA state is the layers' own
           buffers, updated where they live.
