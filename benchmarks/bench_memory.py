@@ -261,8 +261,6 @@ def run_child(name: str, args) -> dict:
                    "host_rss_after_gib": rss1.get("VmRSS"), "host_anon_after_gib": rss1.get("RssAnon")}
 
     lora = DualLoRA.attach(model, targets, cfg.rank, cfg.alpha, seed=cfg.seed)
-    if cfg.kernels != "auto":  # one child process per config: the switch can stay set
-        os.environ["LOWVRAM_DOPSD_KERNELS"] = cfg.kernels
     res["fused_layers"] = route_fused_linears(lora, cfg, device)  # as train.py
     if cfg.teacher_ema_on == "cpu":  # as train.py (the 12gb preset)
         lora.keep_teacher_ema_on_cpu(dtype)
@@ -280,10 +278,10 @@ def run_child(name: str, args) -> dict:
 
     def step() -> list[float]:
         losses, _ = rollout_and_learn(family, model, lora, x0.clone(), sigmas, c_s, c_t, trained, cfg.loss,
-                                      loss_scale=1.0 / len(trained))
+                                      loss_scale=1.0 / len(trained), kernels=cfg.kernels)
         if prior:  # as train.py: the prior prompt's condition for student and target, the bare base as teacher
             losses += rollout_and_learn(family, model, lora, x0.clone(), sigmas, c_s, c_s, trained, cfg.loss,
-                                        loss_scale=1.0 / len(trained), teacher=None)[0]
+                                        loss_scale=1.0 / len(trained), teacher=None, kernels=cfg.kernels)[0]
         optimizer_step(params, optimizer, scheduler, lora, cfg, sum(losses) / len(losses))  # clip, step, EMA
         return losses
 
@@ -316,7 +314,7 @@ def run_child(name: str, args) -> dict:
 
         def one_state():  # as one trained k of rollout_and_learn: teacher pass, student pass + backward
             rollout_and_learn(family, model, lora, x0.clone(), sigmas[steps // 2: steps // 2 + 2], c_s, c_t, {0},
-                              cfg.loss, loss_scale=1.0 / len(trained))
+                              cfg.loss, loss_scale=1.0 / len(trained), kernels=cfg.kernels)
 
         res["profile"] = {"timeline": gpu_timeline(one_state, sync), "python": python_hot_spots(one_state, sync, top=40)}
         optimizer.zero_grad(set_to_none=True)

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hostprof import cuda_sync, gpu_timeline, python_hot_spots  # noqa: E402
 
 from lowvram_dopsd.lora import DualLoRA  # noqa: E402
-from lowvram_dopsd.quant import kernels_mode, quantize_frozen  # noqa: E402
+from lowvram_dopsd.quant import quantize_frozen  # noqa: E402
 
 SHAPES = [("attn 3840->3840", 3840, 3840), ("ffn w1 3840->10240", 3840, 10240), ("ffn w2 10240->3840", 10240, 3840)]
 TINY = [("tiny 96->160", 96, 160)]
@@ -85,34 +85,32 @@ def run(shapes, tokens: int, device, reps: int) -> list[dict]:
         x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(tokens, n, device=device, dtype=dtype)
         for path in PATHS:
-            mode = "off" if path == "quanto" else "auto"
-            with kernels_mode(mode):
-                m, lora = build(path, k, n, device, dtype)
+            m, lora = build(path, k, n, device, dtype)
 
-                def fwd():
-                    with torch.no_grad(), lora.use("teacher"):
-                        m(x)
+            def fwd():
+                with torch.no_grad(), lora.use("teacher"):
+                    m(x)
 
-                def fwd_bwd():
-                    with lora.use("student"):
-                        m(x).backward(dy)
+            def fwd_bwd():
+                with lora.use("student"):
+                    m(x).backward(dy)
 
-                for _ in range(3):  # compile / autotune, allocator
-                    fwd()
-                    fwd_bwd()
-                row = {"shape": name, "K": k, "N": n, "M": tokens, "path": path,
-                       "host_fwd_ms": host_ms(fwd, sync, reps), "host_fwd_bwd_ms": host_ms(fwd_bwd, sync, reps)}
-                if device.type == "cuda":
-                    row["gpu_fwd_bwd_ms"] = graph_ms(fwd_bwd)
-                tl = gpu_timeline(lambda: [fwd_bwd() for _ in range(5)], sync)
-                row["per_fwd_bwd_calls"] = {c: v["n"] / 5 for c, v in tl["calls"].items()}
-                row["gpu_events_per_fwd_bwd"] = tl["gpu_events"] / 5
-                if path.startswith("fused") and name == shapes[0][0]:
-                    row["python"] = python_hot_spots(lambda: [fwd_bwd() for _ in range(reps)], sync, top=30)
-                    row["python"]["reps"] = reps
-                rows.append(row)
-                print(json.dumps({k_: v for k_, v in row.items() if k_ != "python"}), flush=True)
-                del m, lora
+            for _ in range(3):  # compile / autotune, allocator
+                fwd()
+                fwd_bwd()
+            row = {"shape": name, "K": k, "N": n, "M": tokens, "path": path,
+                   "host_fwd_ms": host_ms(fwd, sync, reps), "host_fwd_bwd_ms": host_ms(fwd_bwd, sync, reps)}
+            if device.type == "cuda":
+                row["gpu_fwd_bwd_ms"] = graph_ms(fwd_bwd)
+            tl = gpu_timeline(lambda: [fwd_bwd() for _ in range(5)], sync)
+            row["per_fwd_bwd_calls"] = {c: v["n"] / 5 for c, v in tl["calls"].items()}
+            row["gpu_events_per_fwd_bwd"] = tl["gpu_events"] / 5
+            if path.startswith("fused") and name == shapes[0][0]:
+                row["python"] = python_hot_spots(lambda: [fwd_bwd() for _ in range(reps)], sync, top=30)
+                row["python"]["reps"] = reps
+            rows.append(row)
+            print(json.dumps({k_: v for k_, v in row.items() if k_ != "python"}), flush=True)
+            del m, lora
     return rows
 
 

@@ -9,7 +9,7 @@
 
 Import the functions from their modules (``from lowvram_dopsd.kernels.lora_linear import
 lora_linear``); this package does not re-export them, so the submodule names stay modules.
-Each public function dispatches with ``LOWVRAM_DOPSD_KERNELS=off|on|auto`` (see ``utils``).
+Each public function dispatches by its ``kernels`` argument, ``auto|on|off`` (see ``utils``).
 Docs: docs/kernels.md.
 """
 
@@ -37,14 +37,14 @@ if __name__ == "kernels":  # pragma: no cover - see tests/test_packaging.py, whi
     _spec.loader.exec_module(_module)  # a namespace package's: nothing to run
 else:
     from . import dopsd_loss, lora_linear, utils  # noqa: F401  (modules, not the functions)
-    from .utils import DISPATCH_COUNTS, HAS_TRITON, kernels_available, kernels_mode, reset_dispatch_counts
+    from .utils import DISPATCH_COUNTS, HAS_TRITON, MODES, kernels_available, reset_dispatch_counts
 
 __all__ = [
     "dopsd_loss",
     "lora_linear",
     "utils",
     "kernels_available",
-    "kernels_mode",
+    "MODES",
     "DISPATCH_COUNTS",
     "reset_dispatch_counts",
     "HAS_TRITON",

@@ -188,15 +188,15 @@ def dopsd_loss_reference(v_s: torch.Tensor, v_t: torch.Tensor, weight: Optional[
     return (w * d2).mean()
 
 
-def dopsd_loss(v_s: torch.Tensor, v_t: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dopsd_loss(v_s: torch.Tensor, v_t: torch.Tensor, weight: Optional[torch.Tensor] = None,
+               kernels: str = "auto") -> torch.Tensor:
     """``mean(w_b · (v_s − v_t)²)`` as an fp32 scalar; gradient to ``v_s`` only.
 
     Args:
         v_s: student prediction [B, ...], bf16 / fp16 / fp32.
         v_t: teacher prediction, same shape (any of those dtypes); receives no gradient.
         weight: optional [B] per-sample weights (e.g. ``x0_weight(sigma)``); receives no gradient.
-
-    Dispatch as ``lora_linear`` (``LOWVRAM_DOPSD_KERNELS=off|on|auto``).
+        kernels: "auto" | "on" | "off", the dispatch rule of ``kernels.utils`` (as ``lora_linear``).
     """
     if v_s.shape != v_t.shape:
         raise ValueError(f"v_s {tuple(v_s.shape)} and v_t {tuple(v_t.shape)} differ")
@@ -209,7 +209,7 @@ def dopsd_loss(v_s: torch.Tensor, v_t: torch.Tensor, weight: Optional[torch.Tens
         reason = f"dtypes {v_s.dtype}/{v_t.dtype}"
     elif v_s.device != v_t.device:
         reason = "v_s and v_t on different devices"
-    if use_triton("dopsd_loss", v_s.device, reason):
+    if use_triton("dopsd_loss", v_s.device, reason, kernels):
         w = None if weight is None else weight.detach()
         if not (torch.is_grad_enabled() and v_s.requires_grad):  # no graph: skip the gradient pass's write
             return dopsd_loss_forward(v_s, v_t.detach(), w, need_grad=False)[0]

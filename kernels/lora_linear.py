@@ -992,6 +992,7 @@ def lora_linear(
     lora_B: torch.Tensor,
     scale: float,
     act_quant: str = "off",
+    kernels: str = "auto",
 ) -> torch.Tensor:
     """``x·dequant(w_q)ᵀ + bias + scale·(x·lora_Aᵀ)·lora_Bᵀ``, fused; output dtype = ``x.dtype``.
 
@@ -1008,16 +1009,15 @@ def lora_linear(
             only): the base GEMMs run int8 x int8 -> int32 on per-token quantised activations,
             the forward on ``x`` and the backward's dx on ``dy ⊙ w_scale`` (SwitchBack, Wortsman
             et al. 2023); the LoRA term, dA and dB use the exact ``x`` and ``dy``.
-
-    Dispatch: Triton when available for x's device (see ``kernels.utils``), else
-    ``lora_linear_reference``; ``LOWVRAM_DOPSD_KERNELS=off|on|auto`` forces.
+        kernels: "auto" (Triton when it runs for x's device, else ``lora_linear_reference``), "on"
+            (Triton or an error) or "off" (the reference): the dispatch rule of ``kernels.utils``.
     """
     _check_shapes(x, w_q, w_scale, bias, lora_A, lora_B)
     if act_quant not in ACT_QUANT:
         raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
     if act_quant == "int8" and w_q.dtype != torch.int8:
         raise ValueError(f"act_quant='int8' needs an int8 base weight, got {w_q.dtype}")
-    if use_triton("lora_linear", x.device, _triton_supported(x, w_q, w_scale, bias, lora_A, lora_B)):
+    if use_triton("lora_linear", x.device, _triton_supported(x, w_q, w_scale, bias, lora_A, lora_B), kernels):
         w_scale = w_scale.to(torch.float32).contiguous()
         return LoRALinearFunction.apply(x, w_q, w_scale, bias, lora_A, lora_B, float(scale), act_quant == "int8")
     return lora_linear_reference(x, w_q, w_scale, bias, lora_A, lora_B, scale, act_quant)

@@ -1,12 +1,13 @@
 """Shared helpers for the Triton kernels: optional Triton import, dispatch, debug allocation.
 
-Dispatch rule (every public kernel function follows it):
+Dispatch rule (every public kernel function follows it, by its ``kernels`` argument: the run's
+``kernels`` setting, which the trainer hands to the LoRA layers and the loss):
 
-* ``LOWVRAM_DOPSD_KERNELS=off``  -> always the plain-torch reference.
-* ``LOWVRAM_DOPSD_KERNELS=on``   -> always Triton (error if Triton cannot run on that device).
-* ``LOWVRAM_DOPSD_KERNELS=auto`` (default) -> Triton when it is importable and the tensors are on
-  CUDA, or when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``, used by the CPU
-  tests); the reference otherwise.
+* ``kernels="off"``  -> always the plain-torch reference.
+* ``kernels="on"``   -> always Triton (error if Triton cannot run on that device).
+* ``kernels="auto"`` (default) -> Triton when it is importable and the tensors are on CUDA, or when
+  Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``, used by the CPU tests); the
+  reference otherwise.
 
 ``DISPATCH_COUNTS`` records which path each call took, so tests can check dispatch without
 timing anything.
@@ -113,7 +114,7 @@ __all__ = [
     "tl",
     "DISPATCH_COUNTS",
     "reset_dispatch_counts",
-    "kernels_mode",
+    "MODES",
     "kernels_available",
     "use_triton",
     "is_interpret",
@@ -142,16 +143,8 @@ def is_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
 
-def kernels_mode() -> str:
-    """``off`` | ``on`` | ``auto`` from ``LOWVRAM_DOPSD_KERNELS`` (default ``auto``)."""
-    mode = os.environ.get("LOWVRAM_DOPSD_KERNELS", "auto").strip().lower()
-    if mode in ("0", "false", "no", "off", "ref", "reference"):
-        return "off"
-    if mode in _TRUE:
-        return "on"
-    if mode in ("", "auto"):
-        return "auto"
-    raise ValueError(f"LOWVRAM_DOPSD_KERNELS must be off|on|auto, got {mode!r}")
+#: the values of every public function's ``kernels`` argument (and of the config key ``kernels``)
+MODES = ("auto", "on", "off")
 
 
 def no_mma(major: int) -> bool:
@@ -218,17 +211,19 @@ def kernels_available(device: torch.device | str | None = None) -> bool:
     return torch.cuda.is_available() and not gpu_problem(device)
 
 
-def use_triton(name: str, device: torch.device, unsupported: str | None = None) -> bool:
-    """Decide (and count) which path the public function ``name`` takes for tensors on ``device``.
+def use_triton(name: str, device: torch.device, unsupported: str | None = None, kernels: str = "auto") -> bool:
+    """Decide (and count) which path the public function ``name`` takes for tensors on ``device``
+    under the dispatch rule ``kernels`` (``MODES``).
 
     ``unsupported``: why these inputs are reference-only (e.g. float64), or None. With
-    ``LOWVRAM_DOPSD_KERNELS=on`` that, or Triton not running on ``device``, is an error."""
-    mode = kernels_mode()
-    ok = mode != "off" and unsupported is None and kernels_available(device)
-    if mode == "on" and not ok:
+    ``kernels="on"`` that, or Triton not running on ``device``, is an error."""
+    if kernels not in MODES:
+        raise ValueError(f"kernels must be one of {'|'.join(MODES)}, got {kernels!r}")
+    ok = kernels != "off" and unsupported is None and kernels_available(device)
+    if kernels == "on" and not ok:
         why = unsupported or why_not(device) or (
             f"Triton does not run on {device} (set TRITON_INTERPRET=1 for the CPU interpreter)")
-        raise RuntimeError(f"LOWVRAM_DOPSD_KERNELS=on but the Triton {name} cannot run: {why}")
+        raise RuntimeError(f"kernels='on' but the Triton {name} cannot run: {why}")
     DISPATCH_COUNTS[f"{name}.{'triton' if ok else 'reference'}"] += 1
     return ok
 

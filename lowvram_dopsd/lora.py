@@ -43,6 +43,7 @@ class DualLoRALinear(nn.Module):
         self.switch = switch
         self.fused = False  # True: base is 8-bit and the fused kernel computes base + LoRA in one pass
         self.act_quant = "off"  # "int8": the fused kernel's base GEMMs on per-token int8 activations
+        self.kernels = "auto"  # the fused kernel's dispatch rule, the run's `kernels` setting (kernels.utils)
         self._int8_cache: tuple | None = None  # (base weight, w_q, w_scale): see _int8
         dev = _weight_device(base)
         # B = 0, so training starts at the base model. A (see INITS): "gaussian" N(0, 1/rank²), the
@@ -79,7 +80,7 @@ class DualLoRALinear(nn.Module):
             w_q, w_scale = self._int8()
             A, B = self.pair(role or "student")
             return lora_linear(x, w_q, w_scale, self.base.bias, A, B, self.scale if role else 0.0,
-                               act_quant=self.act_quant)
+                               act_quant=self.act_quant, kernels=self.kernels)
         if role is None:
             return self.base(x)
         A, B = self.pair(role)
@@ -159,15 +160,17 @@ class DualLoRA:
             layers[name] = wrapped
         return cls(model, layers, switch)
 
-    def enable_fused_kernels(self, act_quant: str = "off") -> int:
-        """Route every layer whose base is 8-bit (quanto qint8 / qfloat8) through the fused kernel
-        (its torch reference where Triton cannot run), with `act_quant` activations."""
+    def enable_fused_kernels(self, act_quant: str = "off", kernels: str = "auto") -> int:
+        """Route every layer whose base is 8-bit (quanto qint8 / qfloat8) through the fused kernel,
+        with `act_quant` activations; `kernels` ("auto" | "on" | "off", the run's setting) decides
+        whether that is Triton or the kernel's torch reference. Returns how many layers."""
         from .quant import int8_view
 
         n = 0
         for layer in self.layers.values():
             layer.fused = int8_view(layer.base) is not None
             layer.act_quant = act_quant if layer.fused else "off"
+            layer.kernels = kernels
             n += layer.fused
         return n
 

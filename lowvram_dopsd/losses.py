@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 
 
-def dopsd_loss(kind: str, v_student: torch.Tensor, v_teacher: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """One fused pass (kernels/dopsd_loss.py, torch reference where Triton cannot run); no grad to v_T."""
+def dopsd_loss(kind: str, v_student: torch.Tensor, v_teacher: torch.Tensor, sigma: torch.Tensor,
+               kernels: str = "auto") -> torch.Tensor:
+    """One fused pass (kernels/dopsd_loss.py; `kernels`, the run's setting, picks Triton or its torch
+    reference); no grad to v_T."""
     from .kernels.dopsd_loss import dopsd_loss as fused_loss, x0_weight
 
     weight = None
@@ -20,4 +22,4 @@ def dopsd_loss(kind: str, v_student: torch.Tensor, v_teacher: torch.Tensor, sigm
         weight = x0_weight(sigma.expand(v_student.shape[0])).to(v_student.device)
     elif kind != "velocity":
         raise ValueError(f"unknown loss kind {kind!r}")
-    return fused_loss(v_student, v_teacher.detach(), weight)
+    return fused_loss(v_student, v_teacher.detach(), weight, kernels=kernels)

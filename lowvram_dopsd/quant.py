@@ -32,10 +32,8 @@ weights next to the CUDA context and still quantize).
 from __future__ import annotations
 
 import json
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -188,53 +186,27 @@ def int8_view(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return data, scale.reshape(-1)
 
 
-@contextmanager
-def kernels_mode(mode: str) -> Iterator[None]:
-    """Apply the config's `kernels` switch ("on"/"off") for the duration of a run; "auto" leaves
-    the decision to the env var LOWVRAM_DOPSD_KERNELS (default auto: Triton where it can run)."""
-    if mode == "auto":
-        yield
-        return
-    old = os.environ.get("LOWVRAM_DOPSD_KERNELS")
-    os.environ["LOWVRAM_DOPSD_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LOWVRAM_DOPSD_KERNELS", None)
-        else:
-            os.environ["LOWVRAM_DOPSD_KERNELS"] = old
+def use_fused_linear(device: torch.device, kernels: str) -> bool:
+    """Whether 8-bit LoRA layers run on the fused Triton kernel, under the run's `kernels` setting.
 
-
-def use_fused_linear(device: torch.device) -> bool:
-    """Whether 8-bit LoRA layers run on the fused Triton kernel (ask inside `kernels_mode`).
-
-    "on": always (the kernel raises if Triton cannot run). "auto": on a CUDA device where Triton
-    runs. Measured on an H100 (benchmarks/results/kernels-h100.md, memory-nvidia-h100-80gb-hbm3.md):
-    over Z-Image's LoRA'd linears forward+backward is 1.14-1.17x faster than quanto's dequantise
-    + cuBLAS and takes 1.02-1.06x the bf16 time (GPU time); the whole 16gb step is 1.11x (Z-Image,
-    7.73 vs 8.61 s) / 1.10x (klein) faster (benchmarks/results/host-time-h100.md) and klein's peak
-    0.39 GiB lower. Not in "auto" on the CPU interpreter: far too slow to train.
+    "on": always (the kernel raises if Triton cannot run). "off": never (quanto's dequantise +
+    matmul). "auto": on a CUDA device where Triton runs, where it is faster than quanto and its
+    teacher pass holds no dequantised weight (docs/kernels.md, "Measured"); not on the CPU
+    interpreter, far too slow to train.
     """
-    from .kernels.utils import kernels_available, kernels_mode as current_mode
+    from .kernels.utils import kernels_available
 
-    mode = current_mode()
-    if mode == "on":
-        return True
-    return mode == "auto" and device.type == "cuda" and kernels_available(device)
+    return kernels == "on" or (kernels == "auto" and device.type == "cuda" and kernels_available(device))
 
 
 def fused_linear_planned(kernels: str, quant: str) -> bool:
     """What `use_fused_linear` will answer on a CUDA GPU, from the config alone (the memory plan):
-    only quanto's 8-bit layers have the fused kernel; `kernels` "auto" defers to the env var,
-    then to whether Triton imports (CUDA builds of torch on Linux ship it; on Windows it may be
-    missing, and the plan then counts quanto's larger teacher-pass transients)."""
-    from .kernels.utils import HAS_TRITON, kernels_mode as current_mode
+    only quanto's 8-bit layers have the fused kernel; "auto" counts on it where Triton imports (CUDA
+    builds of torch on Linux ship it; on Windows it may be missing, and the plan then counts quanto's
+    larger teacher-pass transients)."""
+    from .kernels.utils import HAS_TRITON
 
-    if quant not in QUANTO:
-        return False
-    mode = kernels if kernels != "auto" else current_mode()
-    return mode == "on" or (mode == "auto" and HAS_TRITON)
+    return quant in QUANTO and (kernels == "on" or (kernels == "auto" and HAS_TRITON))
 
 
 # ---------------------------------------------------------------------------------------------

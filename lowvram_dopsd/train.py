@@ -49,7 +49,7 @@ from .preview import Previewer, default_prompts
 from .export import LAYOUTS, read_lora
 from .files import find_lora_file
 from .progress import Display, make_console
-from .quant import QUANTO, kernels_mode, use_fused_linear
+from .quant import QUANTO, use_fused_linear
 from .runtime import DTYPES, resolve_device
 
 
@@ -98,12 +98,13 @@ def check_finite(cond: Cond, what: str, encoder: str, cfg: TrainConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 def rollout_and_learn(family: Family, model: torch.nn.Module, lora: DualLoRA, x: torch.Tensor,
                       sigmas: torch.Tensor, c_s: list[Cond], c_t: list[Cond], trained: set[int],
-                      loss_kind: str, loss_scale: float, teacher: str | None = "teacher"
+                      loss_kind: str, loss_scale: float, teacher: str | None = "teacher", kernels: str = "auto"
                       ) -> tuple[list[float], torch.Tensor]:
     """Roll out from noise `x`; at each step in `trained`, back-propagate `loss_scale * loss` at once.
 
     `teacher`: the LoRA set the target is computed with ("teacher" = the EMA teacher; None = the bare
     base model, for the prior roll-outs). `loss_scale = 0` measures only: no graph, no backward.
+    `kernels`: the run's `kernels` setting, the loss kernel's dispatch rule (kernels.utils).
 
     Returns the per-trained-step losses and the final latents. Gradients accumulate in the student
     LoRA's .grad; the caller steps the optimizer.
@@ -120,7 +121,7 @@ def rollout_and_learn(family: Family, model: torch.nn.Module, lora: DualLoRA, x:
                 v_t = family.velocity(model, x, sigma, c_t)
             with lora.use("student"), torch.set_grad_enabled(loss_scale != 0):
                 v_s = family.velocity(model, x, sigma, c_s)
-                loss = dopsd_loss(loss_kind, v_s, v_t, sigma)
+                loss = dopsd_loss(loss_kind, v_s, v_t, sigma, kernels)
                 # Backward inside the student context: gradient checkpointing re-runs the forward
                 # during backward, and that re-run must see the same LoRA set.
                 if loss_scale != 0:
@@ -201,7 +202,7 @@ def warn_if_it_will_not_fit(cfg: TrainConfig, device: torch.device, console) -> 
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     # plan the path route_fused_linears will route the 8-bit layers to on this GPU, not the one the
     # config alone suggests (Triton may not compile for it: kernels.utils.NO_MMA)
-    cfg = dataclasses.replace(cfg, kernels="on" if use_fused_linear(device) else "off")
+    cfg = dataclasses.replace(cfg, kernels="on" if use_fused_linear(device, cfg.kernels) else "off")
     try:
         p = plan.plan_from_config(cfg, budget_gib=plan.budget_for(total))
     except UserError:
@@ -384,15 +385,14 @@ def train(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
 
     `command`: the command line that started it, without --resume (printed as the way to resume).
     """
-    with kernels_mode(cfg.kernels):
-        return _train(cfg, preset, console, resume, command)
+    return _train(cfg, preset, console, resume, command)
 
 
 def check_act_quant(cfg: TrainConfig, device: torch.device) -> None:
     """int8 activations exist only inside the fused LoRA linear: on the CPU it runs the kernel's
     torch reference (tests, the toy study); on a GPU that emulation would be slow and hold float32
     copies of the weights, so the kernel is required. Checked before anything is loaded."""
-    if cfg.act_quant != "off" and device.type == "cuda" and not use_fused_linear(device):
+    if cfg.act_quant != "off" and device.type == "cuda" and not use_fused_linear(device, cfg.kernels):
         from .kernels.utils import MIN_TRITON_TEXT, too_old, why_not
 
         why = why_not(device) or "kernels = 'off'"
@@ -445,8 +445,8 @@ def route_fused_linears(lora: DualLoRA, cfg: TrainConfig, device: torch.device) 
     """Put the 8-bit LoRA layers on the fused Triton LoRA linear (on CUDA unless kernels = "off";
     quant.py says why), with int8 activations if asked for; returns how many."""
     check_act_quant(cfg, device)
-    on_route = use_fused_linear(device) or cfg.act_quant != "off"
-    return lora.enable_fused_kernels(cfg.act_quant) if on_route else 0
+    on_route = use_fused_linear(device, cfg.kernels) or cfg.act_quant != "off"
+    return lora.enable_fused_kernels(cfg.act_quant, cfg.kernels) if on_route else 0
 
 
 # What the run prints and writes around the loop
@@ -765,7 +765,7 @@ def _train(cfg: TrainConfig, preset: str, console, resume: str | None, command: 
         k = cfg.train_states or rollout_steps
         trained = set(range(rollout_steps)) if k == rollout_steps else set(rng.sample(range(rollout_steps), k))
         losses, _ = rollout_and_learn(family, model, lora, x, sigmas, c_s, c_t, trained, cfg.loss,
-                                      loss_scale=weight / len(trained), teacher=teacher)
+                                      loss_scale=weight / len(trained), teacher=teacher, kernels=cfg.kernels)
         return losses
 
     last_ckpt, saved_step, step = (ckpt.path if ckpt else None), start, start

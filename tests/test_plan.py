@@ -159,18 +159,16 @@ def test_fused_linear_shrinks_the_teacher_pass(monkeypatch):
     assert (plan.make_plan("Tongyi-MAI/Z-Image-Turbo", {**bf16, "fused_linear": True}).peak_gib
             == plan.make_plan("Tongyi-MAI/Z-Image-Turbo", bf16).peak_gib)
 
-    monkeypatch.delenv("LOWVRAM_DOPSD_KERNELS", raising=False)
     monkeypatch.setattr(utils, "HAS_TRITON", True)
     assert fused_linear_planned("auto", "qint8") and fused_linear_planned("on", "qfloat8")
     assert not fused_linear_planned("off", "qint8") and not fused_linear_planned("auto", "bnb-int8")
     assert not fused_linear_planned("auto", "none")
     monkeypatch.setattr(utils, "HAS_TRITON", False)  # e.g. torch on Windows without triton
     assert not fused_linear_planned("auto", "qint8")
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "on")
-    assert fused_linear_planned("auto", "qint8")
+    assert fused_linear_planned("on", "qint8")  # forced on: the run uses it (or stops saying why)
     # the config reaches the planner
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "off")
-    assert plan._settings(load_config("16gb", {}))["fused_linear"] is False
+    assert plan._settings(load_config("16gb", {}))["fused_linear"] is False  # auto, and no Triton
+    assert plan._settings(load_config("16gb", {"kernels": "off"}))["fused_linear"] is False
     assert plan._settings(load_config("16gb", {"kernels": "on"}))["fused_linear"] is True
 
 

@@ -166,24 +166,16 @@ def test_bnb_int8_is_a_config_choice():
 def test_fused_linear_dispatch(monkeypatch):
     """kernels = "auto" puts 8-bit layers on the fused kernel on CUDA only; "on"/"off" force it."""
     from lowvram_dopsd.kernels import utils
-    from lowvram_dopsd.quant import kernels_mode, use_fused_linear
+    from lowvram_dopsd.quant import use_fused_linear
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.delenv("LOWVRAM_DOPSD_KERNELS", raising=False)
     monkeypatch.setattr(utils, "kernels_available", lambda device=None: True)  # as on a GPU with Triton
-    with kernels_mode("auto"):
-        assert use_fused_linear(cuda) and not use_fused_linear(cpu)
-    with kernels_mode("off"):
-        assert not use_fused_linear(cuda)
-    with kernels_mode("on"):
-        assert use_fused_linear(cpu)
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "off")  # the env var decides when the config says auto
-    with kernels_mode("auto"):
-        assert not use_fused_linear(cuda)
+    assert use_fused_linear(cuda, "auto") and not use_fused_linear(cpu, "auto")
+    assert not use_fused_linear(cuda, "off")
+    assert use_fused_linear(cpu, "on")
     monkeypatch.setattr(utils, "kernels_available", lambda device=None: False)  # no Triton / no GPU
-    monkeypatch.delenv("LOWVRAM_DOPSD_KERNELS")
-    with kernels_mode("auto"):
-        assert not use_fused_linear(cuda)
+    assert not use_fused_linear(cuda, "auto")
+    assert use_fused_linear(cuda, "on")  # forced: the kernel then says why it cannot run
 
 
 def test_act_quant_values_are_the_kernels():

@@ -45,9 +45,9 @@ def test_auto_follows_the_dispatch_rule(tmp_path, tiny_zimage_dir, tiny_vlm_dir,
     import lowvram_dopsd.train as train_mod
 
     asked = []
-    monkeypatch.setattr(train_mod, "use_fused_linear", lambda device: asked.append(device) or True)
+    monkeypatch.setattr(train_mod, "use_fused_linear", lambda device, kernels: asked.append((device, kernels)) or True)
     _, counts, res = run(tmp_path, "auto", tiny_zimage_dir, tiny_vlm_dir, demo_images, "auto", "qint8")
-    assert [d.type for d in asked] == ["cpu"]
+    assert [(d.type, k) for d, k in asked] == [("cpu", "auto")]
     assert all(layer.fused for layer in res.lora.layers.values())
     assert counts.get("lora_linear.triton", 0) > 0 and counts.get("lora_linear.reference", 0) == 0
 
@@ -90,16 +90,14 @@ def test_int8_activations_on_a_gpu_need_the_kernel():
     import torch
 
     from lowvram_dopsd.errors import UserError
-    from lowvram_dopsd.quant import kernels_mode
     from lowvram_dopsd.train import check_act_quant, route_fused_linears
 
     cfg = load_config("16gb", {"act_quant": "int8", "kernels": "off"})
     for check in (lambda: check_act_quant(cfg, torch.device("cuda")),
                   lambda: route_fused_linears(None, cfg, torch.device("cuda"))):
-        with kernels_mode(cfg.kernels), pytest.raises(UserError, match="kernels = 'auto' with a Triton that runs it"):
+        with pytest.raises(UserError, match="kernels = 'auto' with a Triton that runs it"):
             check()
-    with kernels_mode("off"):
-        check_act_quant(cfg, torch.device("cpu"))  # the CPU runs the reference: allowed
+    check_act_quant(cfg, torch.device("cpu"))  # the CPU runs the reference: allowed
 
 
 def test_int8_activations_with_a_too_old_triton_say_so(monkeypatch, fake_gpu):
@@ -197,7 +195,6 @@ def test_the_fit_warning_plans_the_path_the_run_will_take(monkeypatch, capsys, p
     monkeypatch.setattr(kutils, "HAS_TRITON", True)  # as on a CUDA install
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
     warn_if_it_will_not_fit(load_config("16gb", {}), torch.device("cuda"), Console(file=io.StringIO()))
     assert asked == [planned_fused]
 

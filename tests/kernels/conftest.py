@@ -21,9 +21,9 @@ def _poisoned_outputs():
 
 
 @pytest.fixture
-def kernels_on(monkeypatch):
-    """Force the Triton path (fails loudly instead of silently testing the reference)."""
+def kernels_on():
+    """A test of the Triton path: needs Triton, starts with zeroed dispatch counts. Its calls pass
+    ``kernels="on"``, so a kernel that cannot run fails loudly instead of testing the reference."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "on")
     utils.reset_dispatch_counts()
     yield

@@ -1,4 +1,4 @@
-"""Dispatch: LOWVRAM_DOPSD_KERNELS=off|on|auto, checked through the dispatch counters."""
+"""Dispatch: kernels="off"|"on"|"auto", checked through the dispatch counters."""
 
 import pytest
 import torch
@@ -18,27 +18,24 @@ def _args():
     return [t.to(DEVICE) for t in (x, w_q, w_s)] + [None] + [A.to(DEVICE), B.to(DEVICE), 0.5]
 
 
-def test_off_uses_reference(monkeypatch):
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "off")
+def test_off_uses_reference():
     utils.reset_dispatch_counts()
-    lora_linear(*_args())
-    dopsd_loss(torch.randn(2, 5, device=DEVICE), torch.randn(2, 5, device=DEVICE))
+    lora_linear(*_args(), kernels="off")
+    dopsd_loss(torch.randn(2, 5, device=DEVICE), torch.randn(2, 5, device=DEVICE), kernels="off")
     assert utils.DISPATCH_COUNTS == {"lora_linear.reference": 1, "dopsd_loss.reference": 1}
 
 
-def test_on_uses_triton(monkeypatch):
+def test_on_uses_triton():
     pytest.importorskip("triton")
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "on")
     utils.reset_dispatch_counts()
-    lora_linear(*_args())
-    dopsd_loss(torch.randn(2, 5, device=DEVICE), torch.randn(2, 5, device=DEVICE))
+    lora_linear(*_args(), kernels="on")
+    dopsd_loss(torch.randn(2, 5, device=DEVICE), torch.randn(2, 5, device=DEVICE), kernels="on")
     assert utils.DISPATCH_COUNTS == {"lora_linear.triton": 1, "dopsd_loss.triton": 1}
 
 
-def test_auto_follows_availability(monkeypatch):
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
+def test_auto_follows_availability():
     utils.reset_dispatch_counts()
-    lora_linear(*_args())
+    lora_linear(*_args())  # "auto", the default
     path = "triton" if utils.kernels_available(DEVICE) else "reference"
     assert utils.DISPATCH_COUNTS == {f"lora_linear.{path}": 1}
 
@@ -50,22 +47,21 @@ def test_kernels_available_cpu_needs_interpreter(monkeypatch):
     assert utils.kernels_available("cpu") == utils.HAS_TRITON
 
 
-def test_on_with_unsupported_input_raises(monkeypatch):
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "on")
+def test_on_with_unsupported_input_raises():
     args = _args()
     args[0] = args[0].double()  # float64 activations: reference only
     with pytest.raises(RuntimeError, match="float64"):
-        lora_linear(*args)
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
+        lora_linear(*args, kernels="on")
     utils.reset_dispatch_counts()
-    assert lora_linear(*args).dtype == torch.float64
+    assert lora_linear(*args, kernels="auto").dtype == torch.float64
     assert utils.DISPATCH_COUNTS == {"lora_linear.reference": 1}
 
 
-def test_bad_mode_rejected(monkeypatch):
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "sometimes")
-    with pytest.raises(ValueError):
-        utils.kernels_mode()
+def test_bad_mode_rejected():
+    with pytest.raises(ValueError, match="auto|on|off"):
+        lora_linear(*_args(), kernels="sometimes")
+    with pytest.raises(ValueError, match="auto|on|off"):
+        dopsd_loss(torch.randn(2, 5, device=DEVICE), torch.randn(2, 5, device=DEVICE), kernels="sometimes")
 
 
 def test_a_triton_older_than_the_kernels_need_leaves_them_on_the_references(tmp_path):
@@ -90,10 +86,8 @@ args = (torch.randn(3, 4), w_q, w_s, None, torch.randn(2, 4), torch.randn(8, 2),
 y = lora_linear(*args)
 assert not utils.HAS_TRITON and utils.TRITON_VERSION == (3, 2, 0), utils.TRITON_VERSION
 assert dict(utils.DISPATCH_COUNTS) == {"lora_linear.reference": 1}, utils.DISPATCH_COUNTS
-import os
-os.environ["LOWVRAM_DOPSD_KERNELS"] = "on"
 try:
-    lora_linear(*args)
+    lora_linear(*args, kernels="on")
 except RuntimeError as exc:
     print(exc)
 """
@@ -136,11 +130,9 @@ def test_a_gpu_the_installed_triton_cannot_compile_for_takes_the_reference(monke
     assert (problem in utils.gpu_problem("cuda")) if problem else utils.gpu_problem("cuda") == ""
     if problem:
         assert problem in utils.why_not("cuda")
-        monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "on")
         with pytest.raises(RuntimeError, match=f"compute capability {capability[0]}.{capability[1]}"):
-            utils.use_triton("lora_linear", torch.device("cuda"))
-        monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
-        assert not utils.use_triton("lora_linear", torch.device("cuda"))
+            utils.use_triton("lora_linear", torch.device("cuda"), kernels="on")
+        assert not utils.use_triton("lora_linear", torch.device("cuda"), kernels="auto")
 
 
 @pytest.mark.skipif(not utils.HAS_TRITON, reason="records real launches")

@@ -36,7 +36,7 @@ def test_dopsd_loss_matches_reference(kernels_on, dtype, shape, weighted):
     v_s, v_t, w = _make(shape, dtype, weighted)
     v_s.requires_grad_()
     v_t.requires_grad_()
-    loss = dopsd_loss(v_s, v_t, w)
+    loss = dopsd_loss(v_s, v_t, w, kernels="on")
     (loss * 1.7).backward()  # grad_output != 1 exercises the backward scaling
     ref_loss, ref_grad = _ref64(v_s, v_t, w, 1.7)
     assert utils.DISPATCH_COUNTS["dopsd_loss.triton"] == 1
@@ -51,11 +51,11 @@ def test_dopsd_loss_matches_reference(kernels_on, dtype, shape, weighted):
 def test_wrong_reference_fails_at_tolerance(kernels_on, dtype):
     v_s, v_t, w = _make(SHAPES[0], dtype, True, seed=1)
     v_s.requires_grad_()
-    dopsd_loss(v_s, v_t, w).backward()
+    dopsd_loss(v_s, v_t, w, kernels="on").backward()
     ok_loss, ok_grad = _ref64(v_s, v_t, w, 1.0)
     assert rel_err(v_s.grad, ok_grad) <= TOL[dtype]
     bad_loss, bad_grad = _ref64(v_s, v_t, w, 1.0, w_mult=1.01)  # weights off by 1 %
-    assert rel_err(dopsd_loss(v_s, v_t, w), bad_loss) > LOSS_TOL
+    assert rel_err(dopsd_loss(v_s, v_t, w, kernels="on"), bad_loss) > LOSS_TOL
     assert rel_err(v_s.grad, bad_grad) > TOL[dtype]
 
 
@@ -63,7 +63,7 @@ def test_mixed_dtypes_and_no_grad(kernels_on):
     v_s, _, w = _make(SHAPES[2], torch.bfloat16, True, seed=2)
     _, v_t, _ = _make(SHAPES[2], torch.float32, True, seed=3)
     with torch.no_grad():
-        loss = dopsd_loss(v_s, v_t, w)
+        loss = dopsd_loss(v_s, v_t, w, kernels="on")
     ref, _ = _ref64(v_s, v_t, w, 1.0)
     assert rel_err(loss, ref) <= LOSS_TOL
 
@@ -75,7 +75,7 @@ def test_x0_identity(kernels_on):
     sigma = torch.tensor([0.2, 0.5, 0.9], device=v_s.device)
     sig = sigma.view(-1, 1, 1)
     x0_loss = ((x - sig * v_s) - (x - sig * v_t)).double().pow(2).mean()
-    assert rel_err(dopsd_loss(v_s, v_t, x0_weight(sigma)), x0_loss) <= LOSS_TOL
+    assert rel_err(dopsd_loss(v_s, v_t, x0_weight(sigma), kernels="on"), x0_loss) <= LOSS_TOL
 
 
 @pytest.mark.parametrize("grad_out", [1024.0, 0.25])
@@ -87,7 +87,7 @@ def test_fp16_gradient_is_rounded_once(kernels_on, grad_out):
     v_t = torch.randn(1, 16, 64, 64, generator=g)
     v_s = (v_t + 0.01 * torch.randn(v_t.shape, generator=g)).half().to(DEVICE).requires_grad_()
     v_t = v_t.half().to(DEVICE)
-    (dopsd_loss(v_s, v_t) * grad_out).backward()
+    (dopsd_loss(v_s, v_t, kernels="on") * grad_out).backward()
     _, exact = _ref64(v_s, v_t, None, grad_out)
     assert v_s.grad.dtype == torch.float16
     assert rel_err(v_s.grad, exact.half()) <= 1e-3
@@ -104,7 +104,7 @@ def test_no_gradient_pass_without_a_graph(kernels_on, monkeypatch):
     v_s, v_t, w = _make(SHAPES[2], torch.float32, True, seed=6)
     v_s.requires_grad_()
     with torch.no_grad():
-        quiet = dopsd_loss(v_s, v_t, w)
-    loud = dopsd_loss(v_s, v_t, w)
+        quiet = dopsd_loss(v_s, v_t, w, kernels="on")
+    loud = dopsd_loss(v_s, v_t, w, kernels="on")
     assert asked == [False, True] and quiet.grad_fn is None and loud.grad_fn is not None
     assert torch.equal(quiet, loud.detach())

@@ -39,7 +39,7 @@ def _run_kernel(d, s, act_quant="off"):
     x = d["x"].clone().requires_grad_()
     A = d["A"].clone().requires_grad_()
     B = d["B"].clone().requires_grad_()
-    y = lora_linear(x, d["w_q"], d["w_scale"], d["bias"], A, B, s, act_quant=act_quant)
+    y = lora_linear(x, d["w_q"], d["w_scale"], d["bias"], A, B, s, act_quant=act_quant, kernels="on")
     y.backward(d["dy"])
     return y, x.grad, A.grad, B.grad
 
@@ -168,7 +168,7 @@ def test_a_nan_token_stays_nan_with_int8_activations(kernels_on):
     q_ref, s_ref = ll.quantize_rows_reference(x.cpu())
     assert s_[4].isnan() and (q[4] == 0).all() and torch.equal(q.cpu(), q_ref)
     assert torch.equal(s_.cpu()[torch.arange(len(s_)) != 4], s_ref[torch.arange(len(s_)) != 4])
-    y = lora_linear(x, d["w_q"], d["w_scale"], d["bias"], d["A"], d["B"], 0.0, act_quant="int8")
+    y = lora_linear(x, d["w_q"], d["w_scale"], d["bias"], d["A"], d["B"], 0.0, act_quant="int8", kernels="on")
     assert y[4].isnan().all() and torch.isfinite(y[torch.arange(len(y)) != 4]).all()
 
 
@@ -206,7 +206,7 @@ def test_switch_lora_sets_without_copies(kernels_on):
         g = torch.Generator().manual_seed(seed)
         A = (torch.randn(d["A"].shape, generator=g) * 0.1).to(DEVICE)
         B = (torch.randn(d["B"].shape, generator=g) * 0.1).to(DEVICE)
-        y = lora_linear(d["x"], d["w_q"], d["w_scale"], d["bias"], A, B, 1.0)
+        y = lora_linear(d["x"], d["w_q"], d["w_scale"], d["bias"], A, B, 1.0, kernels="on")
         ref = lora_linear_reference(d["x"].double().cpu(), d["w_q"].cpu(), d["w_scale"].double().cpu(),
                                     d["bias"].double().cpu(), A.double().cpu(), B.double().cpu(), 1.0)
         assert rel_err(y, ref) <= TOL[torch.float32]
@@ -228,7 +228,7 @@ def test_zero_lora_scale(kernels_on, act_quant):
 def test_no_grad_for_frozen_inputs_and_partial_grads(kernels_on):
     d = _make(CASES[0], torch.float32, "int8", seed=4)
     A = d["A"].clone().requires_grad_()
-    y = lora_linear(d["x"], d["w_q"], d["w_scale"], d["bias"], A, d["B"], 0.5)  # x and B need no grad
+    y = lora_linear(d["x"], d["w_q"], d["w_scale"], d["bias"], A, d["B"], 0.5, kernels="on")  # x and B need no grad
     y.backward(d["dy"])
     assert utils.DISPATCH_COUNTS["lora_linear.triton"] == 1
     ref = _run_reference64(d, 0.5)
@@ -236,35 +236,32 @@ def test_no_grad_for_frozen_inputs_and_partial_grads(kernels_on):
 
 
 @pytest.mark.parametrize("trainable", ["bias", "w_scale"])
-def test_a_trainable_base_goes_to_the_reference(monkeypatch, trainable):
+def test_a_trainable_base_goes_to_the_reference(trainable):
     """The kernel treats bias and scales as frozen (no gradient for them): one that requires grad
     takes the reference, which gives it one, instead of silently getting None; forced on, it is an
     error that says why."""
     d = _make(CASES[0], torch.float32, "int8", seed=4)
     base = {"bias": d["bias"].clone(), "w_scale": d["w_scale"].clone()}
     base[trainable].requires_grad_()
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
     utils.reset_dispatch_counts()
-    y = lora_linear(d["x"], d["w_q"], base["w_scale"], base["bias"], d["A"], d["B"], 0.5)
+    y = lora_linear(d["x"], d["w_q"], base["w_scale"], base["bias"], d["A"], d["B"], 0.5, kernels="auto")
     y.backward(d["dy"])
     assert utils.DISPATCH_COUNTS["lora_linear.reference"] == 1 and base[trainable].grad is not None
     with torch.no_grad():  # no graph, nothing to differentiate: the kernel runs
-        lora_linear(d["x"], d["w_q"], base["w_scale"], base["bias"], d["A"], d["B"], 0.5)
+        lora_linear(d["x"], d["w_q"], base["w_scale"], base["bias"], d["A"], d["B"], 0.5, kernels="auto")
     assert utils.DISPATCH_COUNTS["lora_linear.triton"] == 1
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "on")
     with pytest.raises(RuntimeError, match="requires grad"):
-        lora_linear(d["x"], d["w_q"], base["w_scale"], base["bias"], d["A"], d["B"], 0.5)
+        lora_linear(d["x"], d["w_q"], base["w_scale"], base["bias"], d["A"], d["B"], 0.5, kernels="on")
 
 
-def test_autocast_goes_to_the_reference(monkeypatch):
+def test_autocast_goes_to_the_reference():
     """The kernel computes in x's dtype; under autocast the reference does what autocast asks
     (here: bf16 output for fp32 x), where the kernel returned fp32 and its backward crashed."""
     d = _make(CASES[2], torch.float32, "int8", seed=6)
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS", "auto")
     utils.reset_dispatch_counts()
     x = d["x"].clone().requires_grad_()
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
-        y = lora_linear(x, d["w_q"], d["w_scale"], d["bias"], d["A"], d["B"], 0.5)
+        y = lora_linear(x, d["w_q"], d["w_scale"], d["bias"], d["A"], d["B"], 0.5, kernels="auto")
         y.float().sum().backward()
     assert utils.DISPATCH_COUNTS["lora_linear.reference"] == 1 and y.dtype == torch.bfloat16
     assert x.grad is not None and torch.isfinite(x.grad).all()
@@ -276,7 +273,7 @@ def test_output_can_be_modified_in_place(kernels_on):
     d = _make(CASES[1], torch.float32, "int8", seed=7)  # 3-D x
     x = d["x"].clone().requires_grad_()
     A = d["A"].clone().requires_grad_()
-    y = lora_linear(x, d["w_q"], d["w_scale"], d["bias"], A, d["B"], 0.5)
+    y = lora_linear(x, d["w_q"], d["w_scale"], d["bias"], A, d["B"], 0.5, kernels="on")
     assert y.shape == (*d["x"].shape[:-1], d["w_q"].shape[0]) and y._base is None
     y.mul_(2.0).add_(1.0)
     y.backward(d["dy"])
@@ -292,7 +289,7 @@ def test_strided_bias_and_scales_are_read_by_their_strides(kernels_on):
     strided = lambda v: torch.stack([v, torch.full_like(v, 7.0)], 1).reshape(-1)[::2]  # noqa: E731
     bias, w_scale = strided(d["bias"]), strided(d["w_scale"])
     assert bias.stride(0) == 2 and torch.equal(bias, d["bias"])
-    y = lora_linear(d["x"], d["w_q"], w_scale, bias, d["A"], d["B"], 0.5)
+    y = lora_linear(d["x"], d["w_q"], w_scale, bias, d["A"], d["B"], 0.5, kernels="on")
     assert rel_err(y, _run_reference64(d, 0.5)[0]) <= TOL[torch.float32]
     assert torch.equal(ll.dequantize(d["w_q"], w_scale, torch.float32), ll.dequantize(d["w_q"], d["w_scale"],
                                                                                        torch.float32))
