@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import (FLAG_OF, FLAGS, SETTINGS, TrainConfig, coerce, field_names, load_config, preset_names,
                      read_preset, typed_value)
-from .errors import UserError
+from .errors import EXIT_INTERRUPTED, Stopped, UserError
 
 
 SETTINGS_NOTE = ("Defaults shown are the built-in ones; a preset replaces some of them. "
@@ -229,6 +229,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowvram-dopsd", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_PrintVersion, nargs=0,
+                        help="the version of lowvram-dopsd and of the libraries it runs on (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a D-OPSD LoRA on a folder of images (or a .toml dataset file)",
                        description=SETTINGS_NOTE)
@@ -291,6 +293,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version_text() -> str:
+    """`lowvram-dopsd --version`: ours, then the versions that change results (read from the installed
+    packages' metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def of(name: str) -> str:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return f"{name} not installed"
+
+    libraries = ", ".join(of(name) for name in ("torch", "diffusers", "transformers", "peft", "triton"))
+    return f"lowvram-dopsd {__version__} (python {sys.version.split()[0]}; {libraries})"
+
+
+class _PrintVersion(argparse.Action):
+    """--version: one line, unwrapped (argparse's own version action wraps it at the terminal's width)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def _gib(text: str) -> float:
     """--vram: a card's memory in GiB."""
     try:
@@ -318,20 +345,23 @@ def quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (errors.py lists them)."""
+    from .progress import plain_console, safe_streams, styled
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    safe_streams()
     quiet_third_party()
     args = build_parser().parse_args(argv)
     args.argv = argv
-    from rich.console import Console
-    err = Console(stderr=True, highlight=False)
+    err = plain_console(stderr=True)
     try:
         return args.func(args)
     except UserError as exc:
-        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        err.print(styled("error:", str(exc), "bold red"), soft_wrap=True)
         return exc.exit_code
-    except KeyboardInterrupt:  # the second Ctrl-C, or one outside the training loop
-        err.print("[bold red]interrupted.[/] Checkpoints already written are intact; continue with --resume.")
-        return 130
+    except KeyboardInterrupt as exc:  # a second Ctrl-C, or one outside the training loop
+        err.print(styled("interrupted.", str(exc) if isinstance(exc, Stopped) else "", "bold red"), soft_wrap=True)
+        return getattr(exc, "exit_code", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

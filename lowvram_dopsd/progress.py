@@ -8,6 +8,7 @@ file) the same numbers are printed as one plain line at the first and last step 
 """
 from __future__ import annotations
 
+import codecs
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,40 @@ PACE_STEPS = 3
 
 def make_console() -> Console:
     return Console(stderr=False, highlight=False, soft_wrap=False)
+
+
+def plain_console(stderr: bool = False) -> Console:
+    """A console that prints text exactly as given: no Rich markup (a caption's "[trigger]", a dataset
+    file's "[[folders]]" or a path like "shots [v2]" would lose its brackets), no ":emoji:" codes, no
+    highlighting. Colour comes only from `styled` labels, never from parsing what is printed."""
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=False)
+
+
+def styled(label: str, text: str = "", style: str = "yellow") -> Text:
+    """`label` in `style`, then `text` verbatim: "warning" + a message that may hold any characters."""
+    return Text.assemble((label, style), (" " + text) if text else "")
+
+
+def _as_typed(exc: UnicodeError) -> tuple[str | bytes, int]:
+    """Encoding errors when printing: a file name's undecodable bytes (Python holds them as surrogates)
+    are written back as those bytes, as typed; a character the terminal's encoding lacks as \\uXXXX."""
+    chunk = exc.object[exc.start:exc.end]
+    if all("\udc80" <= c <= "\udcff" for c in chunk):
+        return bytes(ord(c) - 0xDC00 for c in chunk), exc.end
+    return chunk.encode("ascii", "backslashreplace").decode("ascii"), exc.end
+
+
+codecs.register_error("lowvram_dopsd.as_typed", _as_typed)
+
+
+def safe_streams() -> None:
+    """stdout and stderr never fail on a character (an emoji in a caption on a Latin-1 terminal, a file
+    name that is not UTF-8): a message about the user's text must not become a UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="lowvram_dopsd.as_typed")
+        except (AttributeError, ValueError):  # not a text stream we can reconfigure (replaced by a caller)
+            pass
 
 
 class Display:

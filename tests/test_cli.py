@@ -205,3 +205,34 @@ def test_the_cli_hides_bitsandbytes_start_up_warning_about_its_cpu_4bit_gemm():
     assert "gemm_4bit_forward" not in quiet.stderr and "publisher trust" not in quiet.stderr, quiet.stderr
     if has_avx512bf16():  # the CPUs where bitsandbytes tries (this one, here); elsewhere it stays silent
         assert "gemm_4bit_forward" in bare.stderr, bare.stderr
+
+
+def test_version(capsys):
+    from lowvram_dopsd import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith(f"lowvram-dopsd {__version__} (python ") and "torch " in out
+    assert out.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["my [dataset].toml", "x[/].toml", "[bold]a[/bold].toml"])
+def test_an_error_shows_the_users_text_and_ours_as_typed(tmp_path, tiny_zimage_dir, capsys, name):
+    """Rich markup used to eat the brackets of a path and of our own "[[folders]]", and a "[/]" in a path
+    raised a MarkupError instead of the message."""
+    (tmp_path / name).parent.mkdir(exist_ok=True)  # "x[/].toml": the file "].toml" in the folder "x["
+    (tmp_path / name).write_text("")
+    assert main(["train", "--preset", "cpu-demo", "--model", str(tiny_zimage_dir), "--images", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert f"The dataset file '{tmp_path / name}' lists no folders" in err and "one [[folders]] table" in err
+    assert "Traceback" not in err and err.startswith("error: ")
+
+
+def test_ctrl_c_outside_a_run_gives_no_advice_to_resume(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lowvram_dopsd.cli.cmd_presets", interrupted)
+    assert main(["presets"]) == 130
+    assert capsys.readouterr().err == "interrupted.\n"

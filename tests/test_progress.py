@@ -63,3 +63,26 @@ def test_shorter_run_advice_names_only_the_levers_this_config_has_left():
     assert advice.startswith("fewer --steps") and "no prior_prompts" in advice
     odd = load_config("16gb", {"micro_batch": 2, "batch_size": 2})  # half of 2 is under one micro-batch
     assert "--batch-size" not in shorter_run_advice(odd, rollout_steps=4)
+
+
+def test_plain_console_prints_user_text_as_typed():
+    buf = io.StringIO()
+    console = progress.plain_console()
+    console.file = buf
+    text = "a photo of [trigger] in 'shots [v2]/[bold]x[/]' :smile: [[folders]] \\[x]"
+    console.print(progress.styled("warning", text))
+    console.print(text)
+    assert buf.getvalue().splitlines() == ["warning " + text, text]
+
+
+def test_streams_never_fail_on_a_character(tmp_path):
+    """A Latin-1 terminal gets \\U escapes for what it cannot show; a file name's undecodable bytes (held by
+    Python as surrogates) come out as those very bytes."""
+    import subprocess
+    import sys
+
+    code = ("from lowvram_dopsd.progress import safe_streams; import os; safe_streams(); "
+            "print('caf\\u00e9 \\U0001f436 ' + os.fsdecode(b'photo-\\xff.png'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, env={"PYTHONIOENCODING": "latin-1",
+                                                                                 "PATH": ""}).stdout
+    assert out == b"caf\xe9 \\U0001f436 photo-\xff.png\n"
