@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import (FLAG_OF, FLAGS, SETTINGS, TrainConfig, coerce, field_names, load_config, preset_names,
                      read_preset, typed_value)
-from .errors import EXIT_INTERRUPTED, Stopped, UserError
+from .errors import EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOPPED, Stopped, UserError
 
 
 SETTINGS_NOTE = ("Defaults shown are the built-in ones; a preset replaces some of them. "
@@ -93,8 +93,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = load_config(args.preset, _overrides(args))
-    train(cfg, preset=args.preset or "", resume=args.resume, command=_without_resume(args.argv))
-    return 0
+    return exit_code(train(cfg, preset=args.preset or "", resume=args.resume, command=_without_resume(args.argv)))
+
+
+def exit_code(run) -> int:
+    """A run's exit code: finished, or stopped by Ctrl-C / SIGTERM with a checkpoint to resume from."""
+    return EXIT_STOPPED if run.stopped else EXIT_FINISHED
 
 
 def demo_model_dir() -> Path:
@@ -129,8 +133,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides = {"model": str(toy / "model"), "images": str(toy / "concept"), "output": "dopsd-demo-out",
                      "cache_dir": str(root / "features"), "trigger": "sks"}
         overrides.update(_overrides(args))
-        train(load_config(preset, overrides), preset=preset, resume=args.resume, command=_without_resume(args.argv))
-        return 0
+        return exit_code(train(load_config(preset, overrides), preset=preset, resume=args.resume,
+                               command=_without_resume(args.argv)))
     root = demo_model_dir()
     images = resources.files("lowvram_dopsd") / "assets" / "demo"
     overrides = {"model": str(root / "tiny-zimage"), "teacher_encoder": str(root / "tiny-qwen3vl"),
@@ -138,8 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                  "trigger": "sks ball", "preview_every": "10"}  # previews: the demo shows what it learns
     overrides.update(_overrides(args))
     cfg = load_config(args.preset, overrides)
-    train(cfg, preset=args.preset, resume=args.resume, command=_without_resume(args.argv))
-    return 0
+    return exit_code(train(cfg, preset=args.preset, resume=args.resume, command=_without_resume(args.argv)))
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

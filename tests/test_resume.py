@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import lowvram_dopsd.train as train_mod
 from lowvram_dopsd.cli import main
+from lowvram_dopsd.errors import EXIT_STOPPED
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +77,11 @@ def calls_that(monkeypatch, on_call, action):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # SIGTERM: kill, docker stop, preemption
 def test_ctrl_c_or_sigterm_saves_and_resume_continues_exactly(args, reference, tmp_path, monkeypatch, capsys, sig):
     out = tmp_path / "run"
-    # Ctrl-C (or SIGTERM) during step 2: the step finishes, a checkpoint is saved, exit 0. Previews on:
+    # Ctrl-C (or SIGTERM) during step 2: the step finishes, a checkpoint is saved, exit 75 (stopped,
+    # resumable: errors.py) where a finished run exits 0. Previews on:
     # they must not disturb the training randomness.
     calls_that(monkeypatch, 3, lambda: os.kill(os.getpid(), sig))
-    assert main(args(out, "--set", "preview_every=3", "--set", "preview_prompts=sks ball in space")) == 0
+    assert main(args(out, "--set", "preview_every=3", "--set", "preview_prompts=sks ball in space")) == EXIT_STOPPED
     printed = capsys.readouterr().out
     assert train_mod.GracefulStop.SIGNALS[sig] in printed and "stopped" in printed
     assert "--resume" in printed and "lowvram-dopsd train" in printed
@@ -239,7 +241,7 @@ def test_klein_edit_teacher_resumes_exactly_with_teacher_previews(tiny_klein_dir
     calls_that(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGINT))  # during step 1
     previews = ["--set", "preview_every=1", "--set", "preview_teacher=true",
                 "--set", "preview_prompts=a photo of sks ball on grass|sks ball on the moon"]
-    assert run(tmp_path / "run", *previews) == 0
+    assert run(tmp_path / "run", *previews) == EXIT_STOPPED
     monkeypatch.undo()
     # the printed command is the one to run: on one line whatever the terminal width (here 80
     # columns, the command ~400 characters), quoted where needed ('|' and spaces in the prompts)
@@ -418,7 +420,7 @@ def test_a_run_with_prior_prompts_resumes_exactly_and_refuses_other_ones(args, t
     assert metrics[0]["prior_loss"] == 0.0  # step 1: the student is still the base (B = 0)
     assert all(m["prior_loss"] > 0 for m in metrics[1:])
     calls_that(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))  # Ctrl-C during step 2
-    assert main(args(out, *PRIOR)) == 0
+    assert main(args(out, *PRIOR)) == EXIT_STOPPED
     monkeypatch.undo()
     capsys.readouterr()
     assert main(args(out, "--set", "prior_prompts=a dog", "--resume")) == 2
@@ -446,7 +448,7 @@ def test_a_decaying_lr_schedule_resumes_exactly_and_fixes_its_steps(args, tmp_pa
 
     out = tmp_path / "run"
     calls_that(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGINT))  # during step 2
-    assert main(args(out, *cosine)) == 0
+    assert main(args(out, *cosine)) == EXIT_STOPPED
     monkeypatch.undo()
     capsys.readouterr()
     assert main(args(out, *cosine, "--steps", "6", "--resume")) == 2
