@@ -1,10 +1,11 @@
-"""Command line: `lowvram-dopsd train | demo | plan | presets | settings | sample | export`.
+"""Command line: `lowvram-dopsd train | demo | plan | presets | settings | sample | eval | export`.
 
     lowvram-dopsd train --preset 16gb --images ./my_dog
     lowvram-dopsd train --preset 16gb --images ./my_dog --resume        # continue the run in --output
     lowvram-dopsd demo          # tiny Z-Image model + bundled images, on the CPU, about a minute
     lowvram-dopsd settings --preset 16gb --rank 32                      # every setting, its value, what it does
     lowvram-dopsd sample --lora out --prompt "sks dog on the moon"      # stock diffusers pipeline
+    lowvram-dopsd eval --lora A --lora B --images ./my_dog --trigger "sks dog"   # which LoRA is better
     lowvram-dopsd export --format comfyui out                           # ComfyUI key layout
 """
 from __future__ import annotations
@@ -222,6 +223,42 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import EvalRequest, evaluate
+    from .metrics import CLIP_DEFAULT, DINO_DEFAULT
+    from .progress import make_console
+
+    evaluate(EvalRequest(loras=args.lora, images=args.images, trigger=args.trigger or "", caption=args.caption or "",
+                         subject=args.subject or "", output=args.output, prompts_file=args.prompts or "",
+                         prior_prompts_file=args.prior_prompts or "", captions=args.captions,
+                         model=args.model or "", transformer_file=args.transformer_file or "", steps=args.steps,
+                         seed=args.seed, width=args.width, height=args.height, scale=args.scale, device=args.device,
+                         dtype=args.dtype, offload=args.offload, preset=args.preset or "",
+                         dino_model=args.dino_model or DINO_DEFAULT, clip_model=args.clip_model or CLIP_DEFAULT,
+                         trust_remote_code=args.trust_remote_code),
+             console=make_console(), command=["lowvram-dopsd", *args.argv])
+    return 0
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """How images are drawn: `sample`'s flags, shared by `eval`."""
+    p.add_argument("--model", help="base model id or folder (default: the base_model in the LoRA's metadata)")
+    p.add_argument("--transformer-file", help="a fine-tune's .safetensors transformer used instead of the model's "
+                                              "(default: the transformer_file in the LoRA's metadata, if any)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="sampling steps (0, the default: the model's own, Z-Image 8, klein 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=0, help="a multiple of 16 (default: the training resolution)")
+    p.add_argument("--height", type=int, default=0, help="a multiple of 16 (default: the training resolution)")
+    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="on a GPU (the CPU uses fp32)")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="model CPU offload (default: on for GPUs under 40 GB)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the base model folder to run its own Python code (off by default)")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_comfyui
 
@@ -264,27 +301,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training output folder, checkpoint folder or .safetensors file (repeat to compare LoRAs: "
                         "the pipeline loads once and each LoRA draws the same prompts and seeds)")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
-    p.add_argument("--model", help="base model id or folder (default: the base_model in the LoRA's metadata)")
-    p.add_argument("--transformer-file", help="a fine-tune's .safetensors transformer used instead of the model's "
-                                              "(default: the transformer_file in the LoRA's metadata, if any)")
-    p.add_argument("--steps", type=int, default=0,
-                   help="sampling steps (0, the default: the model's own, Z-Image 8, klein 4)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--count", type=int, default=1,
                    help="images per prompt, from seeds --seed, --seed + 1, ... (default 1)")
-    p.add_argument("--width", type=int, default=0, help="a multiple of 16 (default: the training resolution)")
-    p.add_argument("--height", type=int, default=0, help="a multiple of 16 (default: the training resolution)")
-    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength")
     p.add_argument("--output", help="image file, replaced if it exists (no extension: .png), or folder. Default "
                                     "names, sample[-<lora>]-<seed>[-<prompt index>].png, never replace a file: "
                                     "a second run writes sample-0_2.png, ...")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="on a GPU (the CPU uses fp32)")
-    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
-                   help="model CPU offload (default: on for GPUs under 40 GB)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the base model folder to run its own Python code (off by default)")
+    _add_sampling_flags(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="compare LoRAs and the base: a contact sheet and the paper's metrics",
+                       description="Samples the base and each LoRA through the stock pipeline (as `sample` does) on "
+                                   "the training captions, unseen prompts with the trigger and prompts without it, "
+                                   "then scores concept (DINO), prompt following (CLIP), prior kept (DINO against "
+                                   "the base) and few-step quality (CLIP-IQA). docs/eval.md says what each means.")
+    p.add_argument("--lora", action="append", required=True,
+                   help="training output folder, checkpoint folder or .safetensors file (repeat to compare LoRAs)")
+    p.add_argument("--images", required=True, help="the training images (folder or .toml dataset file) the LoRAs "
+                                                   "learned from: the concept score compares with them")
+    p.add_argument("--trigger", help="the trigger word or phrase (default: the one in the LoRAs' metadata)")
+    p.add_argument("--caption", help="the caption of images without a .txt, as in training (default: the trigger)")
+    p.add_argument("--subject", help="what the trigger stands for, e.g. 'dog': CLIP reads it in the trigger's place "
+                                     "(CLIP does not know the trigger)")
+    p.add_argument("--prompts", metavar="FILE", help="unseen prompts, one a line, with the trigger or a [trigger] "
+                                                     "placeholder (default: six built-in scenes)")
+    p.add_argument("--prior-prompts", metavar="FILE", help="prompts without the trigger, one a line (default: six "
+                                                           "built-in ones)")
+    p.add_argument("--captions", type=int, default=6, help="training captions sampled, spread over the data set "
+                                                           "(default 6)")
+    p.add_argument("--output", default="eval", help="folder for the images, sheet.png, eval.json and steps.png "
+                                                    "(default ./eval; files of an earlier eval there are replaced)")
+    p.add_argument("--preset", help="the card preset (12gb, 16gb, 24gb) whose memory the metric models must fit "
+                                    "(default: the GPU's own); one that does not fit runs on the CPU")
+    # the defaults are metrics.DINO_DEFAULT / CLIP_DEFAULT (not imported here: that module imports torch)
+    p.add_argument("--dino-model", help="DINO model id or folder (default facebook/dinov3-vits16plus-pretrain-"
+                                        "lvd1689m, the paper's DINOv3 ViT-S+/16; gated: accept its license first)")
+    p.add_argument("--clip-model", help="CLIP model id or folder (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K, the "
+                                        "authors' scoring script's)")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write the LoRA in another tool's key layout")
     p.add_argument("lora", help="training output folder, checkpoint folder or .safetensors file")

@@ -150,6 +150,14 @@ def check_request(req: SampleRequest) -> None:
                         "seeds --seed, --seed + 1, ...).")
 
 
+def check_offload(req: SampleRequest, device: torch.device) -> None:
+    if req.offload and device.type != "cuda":
+        # diffusers' offload needs an accelerator (it raises a RuntimeError in load_lora_weights otherwise)
+        raise UserError("--offload keeps the pipeline's models in CPU memory and moves each one to the GPU while "
+                        "it runs; here there is no GPU to move them to (--device cpu, or PyTorch sees no CUDA "
+                        "GPU), so everything already runs from CPU memory. Leave out --offload.")
+
+
 def check_family(info: dict, family_name: str, lora_file: Path, base: str) -> None:
     """A LoRA trained on another family has no module of this model: diffusers would fail after loading it."""
     trained = info.get("family")
@@ -291,11 +299,7 @@ class StockPipeline:
 def sample(req: SampleRequest, console=None) -> list[Path]:
     check_request(req)
     device = resolve_device(req.device)
-    if req.offload and device.type != "cuda":
-        # diffusers' offload needs an accelerator (it raises a RuntimeError in load_lora_weights otherwise)
-        raise UserError("--offload keeps the pipeline's models in CPU memory and moves each one to the GPU while "
-                        "it runs; here there is no GPU to move them to (--device cpu, or PyTorch sees no CUDA "
-                        "GPU), so everything already runs from CPU memory. Leave out --offload.")
+    check_offload(req, device)
     lora_files = [find_lora_file(lora) for lora in req.loras]
     labels = lora_labels(lora_files)
     shots, explicit = plan_shots(req, labels)  # decided now, not after minutes of generation

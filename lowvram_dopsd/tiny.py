@@ -9,6 +9,8 @@ file layout and the real classes, only with tiny widths and random weights:
     make_tiny_klein(root)         black-forest-labs/FLUX.2-klein-4B (Flux2KleinPipeline)
     make_tiny_qwen3vl(root, te)   Qwen/Qwen3-VL-4B-Instruct, its language model shaped like the
                                   text encoder `te` so the D-OPSD graft (paper App. D) applies
+    make_tiny_dino(root)          facebook/dinov3-vits16plus-pretrain-lvd1689m (eval's DINO)
+    make_tiny_clip(root)          laion/CLIP-ViT-H-14-laion2B-s32B-b79K (eval's CLIP)
     make_demo_assets(out_dir)     the bundled toy data set (a striped "sks ball", 64x64 PNG + .txt)
 
 Every folder loads in the stock pipelines and generates a 64x64 image on the CPU in about a
@@ -215,6 +217,51 @@ def _folder(root) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; the tiny-model factory writes into an empty folder")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Metric models of `eval` (metrics.py)
+
+def make_tiny_dino(root, seed: int = 0) -> Path:
+    """A tiny facebook/dinov3-vits16plus-pretrain-lvd1689m folder (`DINOv3ViTModel`): the real one is hidden
+    384, 12 layers, 6 heads, gated MLP, 4 register tokens, patch 16, ImageNet mean/std. Kept: patch, registers,
+    gated MLP, the preprocessor config; shrunk: widths and depth."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    root = _folder(root)
+    config = DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             num_register_tokens=4, use_gated_mlp=True, patch_size=16, layerscale_value=1.0)
+    with _seeded(seed):
+        DINOv3ViTModel(config).save_pretrained(root)
+    _write_json(root / "preprocessor_config.json", {
+        "image_processor_type": "DINOv3ViTImageProcessorFast", "do_resize": True, "size": {"height": 224, "width": 224},
+        "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+        "do_rescale": True, "rescale_factor": 1 / 255})
+    return root
+
+
+def make_tiny_clip(root, seed: int = 0) -> Path:
+    """A tiny laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder (`CLIPModel` + `CLIPProcessor`): the real one is
+    ViT-H/14 at 224 px, text width 1024, projection 1024, 77 tokens, vocabulary 49408. Kept: the 77-token
+    context, the processor's resize / centre crop / OpenAI mean and std, the tokenizer class and its special
+    tokens; shrunk: widths, depth, the image side (32 px) and the vocabulary (single bytes, no merges)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    root = _folder(root)
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77,
+                                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                                         pad_token_id=vocab["<|endoftext|>"], **dims),
+                        vision_config=dict(image_size=32, patch_size=8, **dims), projection_dim=16)
+    with _seeded(seed):
+        CLIPModel(config).save_pretrained(root)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root)
     return root
 
 

@@ -23,7 +23,7 @@ for req in re.findall(r'"([A-Za-z0-9_.-]+)>=([^"]+)"', deps + extras):
         print("==".join(req))
 EOF
 )
-pip_install "${pins[@]}" "numpy<2.3" pytest
+pip_install "${pins[@]}" "numpy<2.3" pytest torchmetrics
 pip_install --no-deps -e .
 "$PY" -m pip list --disable-pip-version-check 2>/dev/null \
   | grep -iE "^(torch|diffusers|transformers|peft|accelerate|safetensors|huggingface.hub|rich|pillow|bitsandbytes|optimum-quanto|triton|tensorboard|numpy) "

@@ -4,6 +4,8 @@
     tiny_klein_dir    Flux2KleinPipeline folder (black-forest-labs/FLUX.2-klein-4B layout)
     tiny_vlm_dir      Qwen3VLForConditionalGeneration folder (Qwen/Qwen3-VL-4B-Instruct layout)
                       whose language model has the dims of tiny_zimage_dir/text_encoder
+    tiny_dino_dir     DINOv3ViTModel folder (facebook/dinov3-vits16plus-pretrain-lvd1689m layout), eval's DINO
+    tiny_clip_dir     CLIPModel + CLIPProcessor folder (laion/CLIP-ViT-H-14-laion2B-s32B-b79K layout), eval's CLIP
     demo_images       the bundled demo images with their captions
     fake_gpu          fake_gpu((7, 5)): torch sees one CUDA GPU of that compute capability (no GPU needed)
 
@@ -55,6 +57,20 @@ def tiny_klein_dir(tmp_path_factory) -> Path:
     from lowvram_dopsd.tiny import make_tiny_klein
 
     return make_tiny_klein(tmp_path_factory.mktemp("tiny-klein") / "tiny-klein")
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_dir(tmp_path_factory) -> Path:
+    from lowvram_dopsd.tiny import make_tiny_dino
+
+    return make_tiny_dino(tmp_path_factory.mktemp("tiny-dino") / "dino")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    from lowvram_dopsd.tiny import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "clip")
 
 
 @pytest.fixture(scope="session")

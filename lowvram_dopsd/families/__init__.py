@@ -16,10 +16,12 @@ def register(cls: type[Family]) -> type[Family]:
     return cls
 
 
-def resolve_dir(id_or_path: str, what: str, needs: str = "model_index.json") -> Path:
+def resolve_dir(id_or_path: str, what: str, needs: str = "model_index.json", include: tuple[str, ...] = ()) -> Path:
     """A local folder, or a Hugging Face repo id found in the local cache or downloaded.
 
     `needs` is a file that must exist in the folder (so a half-finished download is caught here).
+    `include`: download only the files matching these patterns (a repo that also holds pickled or other
+    libraries' copies of its weights), and say so in the `hf download` advice.
     """
     path = Path(id_or_path).expanduser()
     if path.exists():
@@ -35,21 +37,22 @@ def resolve_dir(id_or_path: str, what: str, needs: str = "model_index.json") -> 
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(id_or_path, local_files_only=True))
+        return Path(snapshot_download(id_or_path, local_files_only=True, allow_patterns=list(include) or None))
     except Exception:
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
     error = "offline mode (HF_HUB_OFFLINE is set)"
     if not offline:
         try:
-            return Path(snapshot_download(id_or_path))
+            return Path(snapshot_download(id_or_path, allow_patterns=list(include) or None))
         except Exception as exc:  # no network, gated repo, typo: all end in the same advice
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    command = f"hf download {id_or_path}" + "".join(f' --include "{p}"' for p in include)
     raise UserError(
         f"The {what} '{id_or_path}' is not in the Hugging Face cache ({cache}) and could not be downloaded "
-        f"({error}). On a machine with internet run `hf download {id_or_path}` (it goes to that cache), or "
+        f"({error}). On a machine with internet run `{command}` (it goes to that cache), or "
         f"download it anywhere and pass the folder's path instead of the id."
     )
 
