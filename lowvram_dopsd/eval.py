@@ -40,8 +40,10 @@ from rich.markup import escape
 from . import __version__, data, metrics
 from .errors import UserError
 from .preview import UNSEEN_SCENES
-from .sample import (DTYPES, SampleRequest, StockPipeline, check_family, check_offload, check_request, checked_base,
-                     find_lora_file, lora_labels, png_info, read_metadata, write_image)
+from .files import find_lora_file, read_metadata
+from .runtime import DTYPES, release, resolve_device
+from .sample import (SampleRequest, StockPipeline, check_family, check_offload, check_request, checked_base,
+                     lora_labels, png_info, write_image)
 
 SCHEMA = "lowvram-dopsd-eval/1"
 UNSEEN_PROMPTS = (*UNSEEN_SCENES,
@@ -314,7 +316,7 @@ def score(req: EvalRequest, rows: list[Row], sets: list[PromptSet], triggers: li
     refs = dino.features([data.load_rgb(p) for p in by_name["captions"].references], size)
     feats = [{name: dino.features(row.images[name], size) for name in ("captions", "prior")} for row in rows]
     peak("dino", where)
-    metrics.release(dino.model)
+    release(dino.model)
     del dino
     for row, f in zip(rows, feats):
         row.per_image["captions"] = {"concept": metrics.cosine_distance(f["captions"], refs)}
@@ -333,7 +335,7 @@ def score(req: EvalRequest, rows: list[Row], sets: list[PromptSet], triggers: li
             if s.name == "unseen":
                 row.per_image[s.name]["clip_s"] = (f * texts).sum(dim=-1).tolist()
     peak("clip", where)
-    metrics.release(clip.model)
+    release(clip.model)
     del clip
 
     for row in rows:
@@ -352,7 +354,6 @@ def evaluate(req: EvalRequest, console=None, command: list[str] | None = None) -
     """Sample, score, write everything to `req.output`; returns the path of eval.json."""
     from . import report
     from .plan import budget_for, vram_of_preset
-    from .train import resolve_device
 
     sreq = req.sample_request()
     check_request(sreq)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import UserError
+from .files import component_problem
 
 DINO_DEFAULT = "facebook/dinov3-vits16plus-pretrain-lvd1689m"
 CLIP_DEFAULT = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -49,13 +50,8 @@ def locate(model: str, what: str) -> Path:
         folder = resolve_dir(model, what, needs="config.json", include=MODEL_FILES)
     except UserError as exc:
         raise UserError(f"{exc} {GATED.get(model, '')}".rstrip()) from exc
-    if not any(folder.glob("model*.safetensors")):
-        pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in folder.glob(pattern))
-        raise UserError(f"The {what} folder '{folder}' has no safetensors weights (model.safetensors)"
-                        + (f", only {', '.join(pickled)}, a pickle format that can run code when loaded" if pickled
-                           else "") + ". Download them: `hf download <id> --include \"*.json\" --include \"*.txt\" "
-                        "--include \"model*.safetensors\"`, or save the model with save_pretrained(..., "
-                        "safe_serialization=True).")
+    if problem := component_problem(folder):  # safetensors only, every shard there
+        raise UserError(f"The {what} folder '{folder}' {problem}")
     return folder
 
 
@@ -89,13 +85,6 @@ def load(folder: Path, device: torch.device, dtype: torch.dtype):
 
     model = AutoModel.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     return model.to(device).eval()
-
-
-def release(model: torch.nn.Module) -> None:
-    """Free a metric model's memory before the next one loads."""
-    model.to("meta")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _pixels(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:

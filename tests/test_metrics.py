@@ -100,7 +100,7 @@ def test_a_metric_model_is_read_from_safetensors_only(tmp_path, tiny_clip_dir):
     folder.mkdir()
     (folder / "config.json").write_bytes((tiny_clip_dir / "config.json").read_bytes())
     (folder / "pytorch_model.bin").write_bytes(b"\x80pickle")
-    with pytest.raises(UserError, match="only pytorch_model.bin, a pickle format"):
+    with pytest.raises(UserError, match="weights only as pytorch_model.bin, a pickle format"):
         metrics.locate(str(folder), "CLIP model")
 
 
