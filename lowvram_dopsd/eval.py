@@ -228,7 +228,7 @@ def clip_text(prompt: str, triggers: list[str], subject: str) -> str:
     return prompt
 
 
-def check_output(folder: Path) -> None:
+def check_output_folder(folder: Path) -> None:
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
         raise UserError(f"--output '{folder}': '{existing}' is not a folder you can write to. Pass a folder you can "
@@ -288,12 +288,11 @@ def score(req: EvalRequest, rows: list[Row], sets: list[PromptSet], triggers: li
           device: torch.device, budget_gib: float | None, console) -> dict:
     """Every metric of every row, the metric models loaded one at a time; returns what ran where."""
     by_name = {s.name: s for s in sets}
-    size = rows[0].images["captions"][0].size if by_name["captions"].prompts else \
-        rows[0].images["prior"][0].size
+    size = rows[0].images["captions"][0].size  # every set holds a prompt (checked when they were read)
     runs = {}
 
     def place(name: str, batch: int, image_size: tuple[int, int] | None) -> tuple[torch.device, torch.dtype]:
-        dtype = DTYPES["fp16" if req.dtype == "fp16" else "bf16"] if device.type == "cuda" else torch.float32
+        dtype = DTYPES[req.dtype] if device.type == "cuda" else torch.float32  # the sampling dtype
         planned = metrics.planned_bytes(folders[name], dtype, batch, image_size)
         where = metric_device(planned / 2**30, device, budget_gib)
         dtype = dtype if where.type == "cuda" else torch.float32
@@ -328,7 +327,7 @@ def score(req: EvalRequest, rows: list[Row], sets: list[PromptSet], triggers: li
     texts = clip.text_features([clip_text(p, triggers, req.subject) for p in by_name["unseen"].prompts])
     for row in rows:
         for s in sets:
-            f = clip.image_features(row.images[s.name]) if s.prompts else torch.empty(0, texts.shape[-1])
+            f = clip.image_features(row.images[s.name])
             parts = clip.iqa(f)
             quality = [sum(v) / len(v) for v in zip(*parts.values())]
             row.per_image.setdefault(s.name, {}).update({"quality": quality, **{f"iqa_{k}": v for k, v in parts.items()}})
@@ -363,7 +362,7 @@ def evaluate(req: EvalRequest, console=None, command: list[str] | None = None) -
     device = resolve_device(req.device)
     check_offload(sreq, device)
     out = Path(req.output).expanduser()
-    check_output(out)
+    check_output_folder(out)
     lora_files = [find_lora_file(lora) for lora in req.loras]
     labels = lora_labels(lora_files)
     infos = [json.loads(read_metadata(f).get("lowvram_dopsd", "{}")) for f in lora_files]
