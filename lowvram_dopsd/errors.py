@@ -6,6 +6,10 @@ Exit codes (a job script or scheduler reads these; under torchrun every rank ret
     2    something to fix first (UserError): bad input or settings, the output folder in use by another
          run, a full disk, CUDA out of memory, a loss that stays NaN; the message says what to do
     3    `plan`: the run is predicted not to fit the card's memory
+    69   (a torchrun job) another rank is gone without a word: killed (kill -9, the host's out-of-memory
+         killer) or its node lost; every rank stops, the message names it, the last checkpoint is intact
+         and --resume continues from it (EX_UNAVAILABLE of sysexits.h). A rank that fails with one of the
+         other codes makes every rank exit with that code.
     75   stopped by Ctrl-C or SIGTERM after saving a checkpoint: resumable, the same command with --resume
          continues it exactly (EX_TEMPFAIL of sysexits.h: "try again later")
     130  stopped at once by Ctrl-C (143: by SIGTERM) before anything new was saved; the message says
@@ -15,6 +19,7 @@ Exit codes (a job script or scheduler reads these; under torchrun every rank ret
 
 EXIT_FINISHED, EXIT_BUG, EXIT_USER_ERROR, EXIT_PLAN_DOES_NOT_FIT = 0, 1, 2, 3
 EXIT_STOPPED = 75
+EXIT_RANK_LOST = 69
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; 128 + SIGTERM = 143
 
 
