@@ -6,7 +6,10 @@ loads real checkpoints (`ZImagePipeline.from_pretrained`, `Flux2KleinPipeline.fr
 file layout and the real classes, only with tiny widths and random weights:
 
     make_tiny_zimage(root)        Tongyi-MAI/Z-Image-Turbo layout   (ZImagePipeline)
-    make_tiny_klein(root)         black-forest-labs/FLUX.2-klein-4B (Flux2KleinPipeline)
+    make_tiny_klein(root)         black-forest-labs/FLUX.2-klein-4B (Flux2KleinPipeline); size="9b":
+                                  FLUX.2-klein-9B (Qwen3-8B text encoder)
+    make_tiny_flux3(root)         FLUX.3 Image Klein distilled (Flux3DistilledModularPipeline), its
+                                  own Qwen3-VL text encoder
     make_tiny_qwen3vl(root, te)   Qwen/Qwen3-VL-4B-Instruct, its language model shaped like the
                                   text encoder `te` so the D-OPSD graft (paper App. D) applies
     make_tiny_dino(root)          facebook/dinov3-vits16plus-pretrain-lvd1689m (eval's DINO)
@@ -160,6 +163,11 @@ def _padded_vocab(tokenizer) -> int:
 # intermediate 9728, rope theta 1e6, tied embeddings. Keep 36 layers (klein stacks 9, 18, 27).
 TEXT_ENCODER_DIMS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=36,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+# Tiny Qwen3-8B (klein 9B's text encoder): the real one is hidden 4096, 36 layers, 32 heads, 8 kv
+# heads, head_dim 128, intermediate 12288, and, unlike Qwen3-4B, an lm_head of its own (untied).
+# Wider than the tiny 4B's, so a VLM shaped for one cannot be grafted with the other.
+TEXT_ENCODER_9B_DIMS = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=36,
+                            num_attention_heads=3, num_key_value_heads=1, head_dim=16)
 
 
 @contextmanager
@@ -187,17 +195,18 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def _save_text_encoder(folder: Path, tokenizer, seed: int) -> None:
-    """A tiny Qwen3-4B saved as `Qwen3ForCausalLM` (as the real checkpoints: keys `model.*`)."""
+def _save_text_encoder(folder: Path, tokenizer, seed: int, dims: dict = TEXT_ENCODER_DIMS,
+                       tied: bool = True) -> None:
+    """A tiny Qwen3-4B (or, with the 9B's dims and `tied=False`, Qwen3-8B) saved as `Qwen3ForCausalLM`
+    (as the real checkpoints: keys `model.*`, plus `lm_head.weight` when untied)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = Qwen3Config(
         vocab_size=_padded_vocab(tokenizer), max_position_embeddings=40960, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, tie_word_embeddings=True,
-        bos_token_id=bos, eos_token_id=eos, max_window_layers=TEXT_ENCODER_DIMS["num_hidden_layers"],
-        **TEXT_ENCODER_DIMS,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, tie_word_embeddings=tied,
+        bos_token_id=bos, eos_token_id=eos, max_window_layers=dims["num_hidden_layers"], **dims,
     )
     with _seeded(seed):
         model = Qwen3ForCausalLM(config)
@@ -324,33 +333,11 @@ KLEIN_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting
                        time_shift_type="exponential")
 
 
-def make_tiny_klein(root, seed: int = 0) -> Path:
-    """Write a tiny black-forest-labs/FLUX.2-klein-4B folder at `root`; returns `root`.
+def _save_flux2_vae(folder: Path, seed: int) -> None:
+    """A tiny AutoencoderKLFlux2 (FLUX.2's VAE, also FLUX.3's): 32 latent channels, 2x2 patch, BN stats."""
+    from diffusers import AutoencoderKLFlux2
 
-    The pipeline's text condition stacks Qwen3 hidden states 9, 18, 27 (`text_encoder_out_layers`
-    is a call argument, default (9, 18, 27)); the tiny text encoder keeps the real 36 layers, so
-    the default works, and `joint_attention_dim` = 3 x hidden size as in the real 7680 = 3 x 2560.
-    """
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
-
-    root = _folder(root)
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.save_pretrained(root / "tokenizer")
-    _save_text_encoder(root / "text_encoder", tokenizer, seed=seed + 11)
-
-    # Real: 5 double + 20 single blocks, 24 heads x 128, rope axes (32, 32, 32, 32), in_channels
-    # 128 = 32 latent channels x 2x2 patch, no guidance embedding (distilled).
-    with _seeded(seed + 12):
-        transformer = Flux2Transformer2DModel(
-            patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=3 * TEXT_ENCODER_DIMS["hidden_size"],
-            timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4),
-            rope_theta=2000, eps=1e-6, guidance_embeds=False,
-        )
-    _fill_zero_params(transformer, seed + 12)
-    transformer.save_pretrained(root / "transformer")
-
-    with _seeded(seed + 13):
+    with _seeded(seed):
         vae = AutoencoderKLFlux2(latent_channels=32, use_quant_conv=True, use_post_quant_conv=True,
                                  batch_norm_eps=1e-4, batch_norm_momentum=0.1, patch_size=(2, 2),
                                  **_vae_dims())
@@ -358,8 +345,43 @@ def make_tiny_klein(root, seed: int = 0) -> Path:
         # is actually exercised (the real VAE ships fitted statistics).
         vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.1)
         vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
-    vae.save_pretrained(root / "vae")
+    vae.save_pretrained(folder)
 
+
+def make_tiny_klein(root, seed: int = 0, size: str = "4b") -> Path:
+    """Write a tiny black-forest-labs/FLUX.2-klein-4B folder at `root` (`size="9b"`: FLUX.2-klein-9B);
+    returns `root`.
+
+    The pipeline's text condition stacks Qwen3 hidden states 9, 18, 27 (`text_encoder_out_layers`
+    is a call argument, default (9, 18, 27)); the tiny text encoder keeps the real 36 layers, so
+    the default works, and `joint_attention_dim` = 3 x hidden size as in the real 7680 = 3 x 2560
+    (4B) and 12288 = 3 x 4096 (9B). The 9B's folder differs in what the trainer can tell apart: a
+    wider, untied text encoder (Qwen3-8B) and more blocks; the files and classes are the same.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    if size not in ("4b", "9b"):
+        raise ValueError(f"size must be '4b' or '9b', got {size!r}")
+    te_dims = TEXT_ENCODER_DIMS if size == "4b" else TEXT_ENCODER_9B_DIMS
+    root = _folder(root)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(root / "tokenizer")
+    _save_text_encoder(root / "text_encoder", tokenizer, seed=seed + 11, dims=te_dims, tied=size == "4b")
+
+    # Real 4B: 5 double + 20 single blocks, 24 heads x 128; 9B: 8 double + 24 single, 32 heads x 128.
+    # Both: rope axes (32, 32, 32, 32), in_channels 128 = 32 latent channels x 2x2 patch, no guidance
+    # embedding (distilled).
+    blocks = dict(num_layers=1, num_single_layers=2) if size == "4b" else dict(num_layers=2, num_single_layers=2)
+    with _seeded(seed + 12):
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=128, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=3 * te_dims["hidden_size"], timestep_guidance_channels=256, mlp_ratio=3.0,
+            axes_dims_rope=(4, 4, 4, 4), rope_theta=2000, eps=1e-6, guidance_embeds=False, **blocks,
+        )
+    _fill_zero_params(transformer, seed + 12)
+    transformer.save_pretrained(root / "transformer")
+
+    _save_flux2_vae(root / "vae", seed + 13)
     FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER).save_pretrained(root / "scheduler")
 
     _write_json(root / "model_index.json", {
@@ -393,60 +415,142 @@ _VIDEO_PREPROCESSOR = {
 }
 
 
+def _qwen3vl_tokenizer():
+    """The tiny tokenizer with Qwen3-VL-Instruct's chat template (no think switch), and the ids of the
+    vision placeholder tokens the model config names."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = chat_template(think_switch=False)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    return tokenizer, ids
+
+
+def _save_qwen3vl(folder: Path, tokenizer, ids: dict, text: dict, tied: bool, seed: int) -> None:
+    """A tiny Qwen3VLForConditionalGeneration with language model dims `text` (hidden_size,
+    intermediate_size, num_hidden_layers, heads, head_dim, rope_theta, bos/eos ids), its processor
+    files beside it (preprocessor, video preprocessor, chat template), as Qwen/Qwen3-VL-*-Instruct."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    head_dim = text["head_dim"]
+    # Real mrope_section [24, 20, 20] splits the 64 rotary frequencies of head_dim 128 between the
+    # t/h/w axes; same proportions here.
+    half = head_dim // 2
+    section = [half - 2 * (half * 20 // 64), half * 20 // 64, half * 20 // 64]
+    text_config = dict(
+        vocab_size=_padded_vocab(tokenizer), hidden_size=text["hidden_size"],
+        intermediate_size=text["intermediate_size"], num_hidden_layers=text["num_hidden_layers"],
+        num_attention_heads=text["num_attention_heads"], num_key_value_heads=text["num_key_value_heads"],
+        head_dim=head_dim, hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=262144,
+        attention_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": text["rope_theta"],
+                         "mrope_section": section, "mrope_interleaved": True},
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), tie_word_embeddings=tied,
+    )
+    # Real vision: depth 24, hidden 1024, 16 heads, intermediate 4096, deepstack layers (5, 11, 17).
+    vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+                         patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
+                         out_hidden_size=text["hidden_size"], num_position_embeddings=2304,
+                         deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")
+    config = Qwen3VLConfig(
+        text_config=text_config, vision_config=vision_config, tie_word_embeddings=tied,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    config.architectures = ["Qwen3VLForConditionalGeneration"]
+    with _seeded(seed):
+        model = Qwen3VLForConditionalGeneration(config)
+    _fill_zero_params(model, seed)
+    model.save_pretrained(folder)
+
+
+def _save_qwen3vl_processor(folder: Path, tokenizer) -> None:
+    """The files AutoProcessor reads for a Qwen3VLProcessor: tokenizer, image and video preprocessor
+    configs, chat template."""
+    tokenizer.save_pretrained(folder)
+    _write_json(folder / "preprocessor_config.json", _PREPROCESSOR)
+    _write_json(folder / "video_preprocessor_config.json", _VIDEO_PREPROCESSOR)
+    _write_json(folder / "chat_template.json", {"chat_template": tokenizer.chat_template})
+
+
 def make_tiny_qwen3vl(root, text_encoder_dir, seed: int = 0) -> Path:
     """Write a tiny Qwen/Qwen3-VL-4B-Instruct folder at `root` whose language model has the dims of
     the Qwen3 text encoder in `text_encoder_dir` (so its weights can be grafted in); returns `root`.
+    For klein 9B's Qwen3-8B it is the matching Qwen3-VL-8B-Instruct (untied lm_head, as both are).
 
     Its own weights are different random ones. The vision tower keeps the real geometry
     (patch 16, temporal patch 2, merge 2, learned 48x48 position grid) at tiny width and depth;
     `out_hidden_size` = LM hidden size. Token ids in the config are read from the tokenizer.
     """
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers import AutoConfig
 
     root = _folder(root)
     te = AutoConfig.from_pretrained(text_encoder_dir)
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.chat_template = chat_template(think_switch=False)  # Qwen3-VL-Instruct: no think switch
-    tokenizer.save_pretrained(root)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
-           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    tokenizer, ids = _qwen3vl_tokenizer()
+    # Rope theta is the text encoder's: the real Qwen3-VL-4B uses 5e6 where Qwen3-4B uses 1e6, and
+    # the graft does not touch the config; the tiny pair is kept equal so that a text-only prompt
+    # through the grafted VLM reproduces the text encoder.
+    text = {k: getattr(te, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads", "head_dim")}
+    text["rope_theta"] = te.rope_parameters["rope_theta"]
+    _save_qwen3vl(root, tokenizer, ids, text, te.tie_word_embeddings, seed + 21)
+    _save_qwen3vl_processor(root, tokenizer)
+    return root
 
-    head_dim = te.head_dim
-    # Real mrope_section [24, 20, 20] splits the 64 rotary frequencies of head_dim 128 between the
-    # t/h/w axes; same proportions here. Rope theta is the text encoder's: the real Qwen3-VL-4B
-    # uses 5e6 where Qwen3-4B uses 1e6, and the graft does not touch the config; the tiny pair is
-    # kept equal so that a text-only prompt through the grafted VLM reproduces the text encoder.
-    half = head_dim // 2
-    section = [half - 2 * (half * 20 // 64), half * 20 // 64, half * 20 // 64]
-    text_config = dict(
-        vocab_size=te.vocab_size, hidden_size=te.hidden_size, intermediate_size=te.intermediate_size,
-        num_hidden_layers=te.num_hidden_layers, num_attention_heads=te.num_attention_heads,
-        num_key_value_heads=te.num_key_value_heads, head_dim=head_dim, hidden_act=te.hidden_act,
-        rms_norm_eps=te.rms_norm_eps, max_position_embeddings=262144, attention_bias=te.attention_bias,
-        rope_parameters={"rope_type": "default", "rope_theta": te.rope_parameters["rope_theta"],
-                         "mrope_section": section, "mrope_interleaved": True},
-        bos_token_id=te.bos_token_id, eos_token_id=te.eos_token_id, tie_word_embeddings=True,
-    )
-    # Real vision: depth 24, hidden 1024, 16 heads, intermediate 4096, deepstack layers (5, 11, 17).
-    vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
-                         patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
-                         out_hidden_size=te.hidden_size, num_position_embeddings=2304,
-                         deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")
-    config = Qwen3VLConfig(
-        text_config=text_config, vision_config=vision_config, tie_word_embeddings=True,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    config.architectures = ["Qwen3VLForConditionalGeneration"]
-    with _seeded(seed + 21):
-        model = Qwen3VLForConditionalGeneration(config)
-    _fill_zero_params(model, seed + 21)
-    model.save_pretrained(root)
 
-    _write_json(root / "preprocessor_config.json", _PREPROCESSOR)
-    _write_json(root / "video_preprocessor_config.json", _VIDEO_PREPROCESSOR)
-    _write_json(root / "chat_template.json", {"chat_template": tokenizer.chat_template})
+# ----------------------------------------------------------------------------------------------
+# FLUX.3 Image Klein (distilled)
+
+# The modular pipeline's components as its repo lists them (`modular_model_index.json`, the file
+# `ModularPipeline.save_pretrained` writes: [library, class, loading spec]); the scheduler and the
+# image processor are made from the blocks' own configs (`default_creation_method="from_config"`),
+# so the folder has no scheduler/. The layout of the published repo could not be read from here;
+# this is what diffusers 0.42.1 writes and reads for this pipeline class.
+FLUX3_COMPONENTS = {
+    "text_encoder": ("transformers", "Qwen3VLForConditionalGeneration"),
+    "tokenizer": ("transformers", "Qwen3VLProcessor"),
+    "transformer": ("diffusers", "Flux3Transformer2DModel"),
+    "vae": ("diffusers", "AutoencoderKLFlux2"),
+}
+
+# Tiny Qwen3-VL-4B as FLUX.3's own text encoder: the real language model is hidden 2560, 36 layers,
+# 32 heads, 8 kv heads, head_dim 128, rope theta 5e6; the pipeline stacks layers 4, 8, ..., 32.
+FLUX3_TEXT_DIMS = dict(TEXT_ENCODER_DIMS, rope_theta=5_000_000.0)
+
+
+def make_tiny_flux3(root, seed: int = 0) -> Path:
+    """Write a tiny FLUX.3 Image Klein (distilled) folder at `root` for `Flux3DistilledModularPipeline`;
+    returns `root`.
+
+    Kept from the real model (diffusers' Flux3Transformer2DModel defaults and the pipeline's blocks):
+    the flow-map transformer (`flow_map=True`, a target-timestep embedder), 128 = 32 x 2x2 latent
+    channels for image and reference tokens, 4 rope axes, `joint_attention_dim` = 8 stacked text
+    layers x the encoder's hidden size (real 20480 = 8 x 2560), the 36-layer Qwen3-VL encoder with its
+    vision tower, FLUX.2's VAE. Shrunk: every width and the block counts (real 5 per-mode + 28 joint).
+    """
+    from diffusers import Flux3Transformer2DModel
+
+    root = _folder(root)
+    tokenizer, ids = _qwen3vl_tokenizer()
+    _save_qwen3vl_processor(root / "tokenizer", tokenizer)
+    _save_qwen3vl(root / "text_encoder", tokenizer, ids, FLUX3_TEXT_DIMS, tied=True, seed=seed + 31)
+
+    with _seeded(seed + 32):
+        transformer = Flux3Transformer2DModel(
+            in_channels=128, cond_in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=8 * FLUX3_TEXT_DIMS["hidden_size"], timestep_channels=256,
+            mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4), rope_theta=10000, eps=1e-6, flow_map=True,
+        )
+    _fill_zero_params(transformer, seed + 32)
+    transformer.save_pretrained(root / "transformer")
+    _save_flux2_vae(root / "vae", seed + 33)
+
+    index = {"_class_name": "Flux3DistilledModularPipeline", "_diffusers_version": "0.42.1",
+             "_blocks_class_name": "Flux3DistilledAutoBlocks"}
+    for name, (library, cls) in FLUX3_COMPONENTS.items():
+        index[name] = [library, cls, {"pretrained_model_name_or_path": None, "subfolder": name, "variant": None,
+                                      "revision": None, "type_hint": [library, cls]}]
+    _write_json(root / "modular_model_index.json", index)
     return root
 
 

@@ -2,6 +2,8 @@
 
     tiny_zimage_dir   ZImagePipeline folder (Tongyi-MAI/Z-Image-Turbo layout)
     tiny_klein_dir    Flux2KleinPipeline folder (black-forest-labs/FLUX.2-klein-4B layout)
+    tiny_klein9b_dir  the same for FLUX.2-klein-9B (Qwen3-8B-shaped, untied text encoder)
+    tiny_flux3_dir    Flux3DistilledModularPipeline folder (FLUX.3 Image Klein distilled)
     tiny_vlm_dir      Qwen3VLForConditionalGeneration folder (Qwen/Qwen3-VL-4B-Instruct layout)
                       whose language model has the dims of tiny_zimage_dir/text_encoder
     tiny_dino_dir     DINOv3ViTModel folder (facebook/dinov3-vits16plus-pretrain-lvd1689m layout), eval's DINO
@@ -71,6 +73,20 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     from lowvram_dopsd.tiny import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_klein9b_dir(tmp_path_factory) -> Path:
+    from lowvram_dopsd.tiny import make_tiny_klein
+
+    return make_tiny_klein(tmp_path_factory.mktemp("tiny-klein9b") / "tiny-klein-9b", size="9b")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux3_dir(tmp_path_factory) -> Path:
+    from lowvram_dopsd.tiny import make_tiny_flux3
+
+    return make_tiny_flux3(tmp_path_factory.mktemp("tiny-flux3") / "tiny-flux3")
 
 
 @pytest.fixture(scope="session")
