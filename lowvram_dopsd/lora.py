@@ -114,8 +114,14 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def names_target(name: str, target: str) -> bool:
-    """Whether a module's qualified name ends with a `lora_targets` entry ("layers.3.attention.to_q")."""
-    return name == target or name.endswith("." + target)
+    """Whether a module's qualified name ends with a `lora_targets` entry ("layers.3.attention.to_q").
+    A `*` in the entry stands for one whole name part ("mode_blocks.image.*.attn.to_q": every block of
+    that list, and not those of "mode_blocks.image_cond")."""
+    if "*" not in target:
+        return name == target or name.endswith("." + target)
+    parts, want = name.split("."), target.split(".")
+    tail = parts[len(parts) - len(want):] if len(parts) >= len(want) else []
+    return bool(tail) and all(w == "*" or w == p for w, p in zip(want, tail))
 
 
 def is_target(name: str, module: nn.Module, targets: tuple[str, ...] | list[str]) -> bool:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowvram_dopsd.lora import DualLoRA
+from lowvram_dopsd.lora import DualLoRA, names_target
 
 
 class Toy(nn.Module):
@@ -25,6 +25,16 @@ def test_attach_targets_and_zero_init_is_the_base():
     assert all(not p.requires_grad for n, p in model.named_parameters() if "student" not in n)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "block.to_q.student_A", "block.to_q.student_B"}
+
+
+def test_a_star_in_a_target_is_one_whole_name_part():
+    assert names_target("layers.3.attention.to_q", "attention.to_q")                     # plain suffix
+    assert not names_target("layers.3.cross_attention.to_q", "attention.to_q")           # whole parts only
+    assert names_target("mode_blocks.image.0.attn.to_q", "mode_blocks.image.*.attn.to_q")
+    assert names_target("x.mode_blocks.image.12.attn.to_q", "mode_blocks.image.*.attn.to_q")
+    assert not names_target("mode_blocks.image_cond.0.attn.to_q", "mode_blocks.image.*.attn.to_q")
+    assert not names_target("mode_blocks.image.0.attn.to_q.x", "mode_blocks.image.*.attn.to_q")
+    assert not names_target("image.0.attn.to_q", "mode_blocks.image.*.attn.to_q")       # too short
 
 
 def test_switch_selects_the_set_and_scale_is_alpha_over_rank():
