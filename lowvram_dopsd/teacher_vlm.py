@@ -123,7 +123,7 @@ def graft_language_model(model, text_encoder_dir) -> int:
             f"The text encoder in {text_encoder_dir} and the language model of the teacher VLM do not match, "
             f"so the two checkpoints cannot be grafted{_dims_note(text_encoder_dir, model)}: "
             f"{'; '.join(problems)}. Use the Qwen3-VL whose language model has the size of the diffusion "
-            "model's text encoder (Qwen3-VL-4B-Instruct for Qwen3-4B).")
+            "model's text encoder (Qwen3-VL-4B-Instruct for Qwen3-4B, Qwen3-VL-8B-Instruct for Qwen3-8B).")
 
     with torch.no_grad():
         for shard, keys in plan.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from .base import Family
@@ -16,16 +17,25 @@ def register(cls: type[Family]) -> type[Family]:
     return cls
 
 
-def resolve_dir(id_or_path: str, what: str, needs: str = "model_index.json", include: tuple[str, ...] = ()) -> Path:
+# A diffusers pipeline folder names its pipeline class and components in one of these: modular
+# pipelines (FLUX.3) write the second.
+INDEX_FILES = ("model_index.json", "modular_model_index.json")
+
+
+def resolve_dir(id_or_path: str, what: str, needs: str | tuple[str, ...] = INDEX_FILES,
+                include: tuple[str, ...] = ()) -> Path:
     """A local folder, or a Hugging Face repo id found in the local cache or downloaded.
 
-    `needs` is a file that must exist in the folder (so a half-finished download is caught here).
+    `needs` is a file (or files, one of which) that must exist in the folder (so a half-finished
+    download is caught here).
     `include`: download only the files matching these patterns (a repo that also holds pickled or other
     libraries' copies of its weights), and say so in the `hf download` advice.
     """
     path = Path(id_or_path).expanduser()
     if path.exists():
-        if not (path / needs).is_file():
+        names = (needs,) if isinstance(needs, str) else needs
+        if not any((path / name).is_file() for name in names):
+            needs = " or ".join(names)
             raise UserError(
                 f"The {what} folder '{path}' has no {needs}. Point to the folder of a diffusers/transformers "
                 f"checkpoint (the one that contains {needs}), or pass a Hugging Face id."
@@ -64,6 +74,13 @@ def registered() -> list[type[Family]]:
     return FAMILIES
 
 
+def pipeline_index(folder: Path) -> dict[str, Any]:
+    """The folder's model_index.json, or modular_model_index.json (raises OSError / ValueError)."""
+    folder = Path(folder)
+    name = next((n for n in INDEX_FILES if (folder / n).is_file()), INDEX_FILES[0])
+    return json.loads((folder / name).read_text())
+
+
 def family_class_of(model: str) -> type[Family] | None:
     """The family of a public id we support or of a local folder, found without loading or downloading
     anything (`settings` shows its defaults); None when that cannot be told offline."""
@@ -71,7 +88,7 @@ def family_class_of(model: str) -> type[Family] | None:
         if model in cls.hf_repo_ids:
             return cls
     try:
-        index = json.loads((Path(model).expanduser() / "model_index.json").read_text())
+        index = pipeline_index(Path(model).expanduser())
     except (OSError, ValueError):
         return None
     return next((cls for cls in registered() if cls.matches(index)), None)
@@ -84,9 +101,9 @@ def load_family(model: str, check_files: bool = True, transformer_file: str = ""
     here; transformer/ then needs its config.json only)."""
     model_dir = resolve_dir(model, "model")
     try:
-        index = json.loads((model_dir / "model_index.json").read_text())
+        index = pipeline_index(model_dir)
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"Could not read {model_dir / 'model_index.json'}: {exc}.") from exc
+        raise UserError(f"Could not read the model_index.json of {model_dir}: {exc}.") from exc
     for cls in registered():
         if cls.matches(index):
             family = cls(model_dir, model)
@@ -101,6 +118,6 @@ def load_family(model: str, check_files: bool = True, transformer_file: str = ""
                 family.check_files()
             return family
     supported = ", ".join(f"{c.name} ({c.pipeline_class})" for c in FAMILIES)
-    raise UserError(
-        f"'{model}' is a {index.get('_class_name', 'unknown')} checkpoint; supported families are {supported}."
-    )
+    kind = index.get("_class_name", "unknown")
+    why = next((c.near_misses[kind] for c in FAMILIES if kind in c.near_misses), "")
+    raise UserError(f"'{model}' is a {kind} checkpoint; supported families are {supported}.{' ' + why if why else ''}")

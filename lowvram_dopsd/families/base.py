@@ -40,9 +40,12 @@ class Family:
     pipeline_module: ClassVar[str] = "diffusers"  # where `pipeline_class` is imported from
     teachers: ClassVar[tuple[str, ...]]  # teacher kinds this family supports; first = default
     default_rollout_steps: ClassVar[int]
+    default_train_states: ClassVar[int] = 0  # states of a roll-out trained by default (0: all of them)
     default_lr: ClassVar[float]
     lora_targets: ClassVar[tuple[str, ...]]  # module-name suffixes in the transformer that get LoRA
     hf_repo_ids: ClassVar[tuple[str, ...]] = ()  # public ids that resolve to this family
+    # Pipeline classes of close relatives this family does not train -> why not (said when one is given)
+    near_misses: ClassVar[dict[str, str]] = {}
 
     takes_transformer_file: ClassVar[bool] = True  # a diffusers transformer: `transformer_file` can replace it
 
@@ -102,10 +105,22 @@ class Family:
     def encode_teacher(self, items: list[Item], teacher: str, cfg, device: torch.device) -> list[Cond]:
         raise NotImplementedError
 
+    def matching_vlm(self) -> str | None:
+        """The public Qwen3-VL whose language model has this model's text encoder's shape (the vlm
+        teacher's graft needs the pair), or None when there is none we know."""
+        return None
+
+    def teacher_encoder(self, cfg) -> str:
+        """`cfg.teacher_encoder`, except that the shipped default (Qwen3-VL-4B-Instruct, Qwen3-4B's match)
+        becomes the model's own match: a klein 9B (Qwen3-8B) gets Qwen3-VL-8B-Instruct."""
+        from ..config import DEFAULT_TEACHER_VLM
+        return (self.matching_vlm() or cfg.teacher_encoder) if cfg.teacher_encoder == DEFAULT_TEACHER_VLM \
+            else cfg.teacher_encoder
+
     def vlm_dir(self, cfg) -> Path:
         """The Qwen3-VL checkpoint of the `vlm` teacher (folder or Hugging Face id)."""
         from . import resolve_dir
-        path = resolve_dir(cfg.teacher_encoder, "teacher encoder (Qwen3-VL)", needs="config.json")
+        path = resolve_dir(self.teacher_encoder(cfg), "teacher encoder (Qwen3-VL)", needs="config.json")
         if problem := component_problem(path):
             raise UserError(f"The teacher encoder (Qwen3-VL) folder '{path}' {problem}")
         return path
@@ -164,8 +179,11 @@ class Family:
         """The pipeline's few-step schedule: `steps + 1` sigmas from 1 down to 0, float32, CPU."""
         raise NotImplementedError
 
-    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: float, conds: list[Cond]) -> torch.Tensor:
-        """v at state x (batch first) and noise level sigma, in the convention of the module docstring."""
+    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: float, conds: list[Cond],
+                 sigma_next: torch.Tensor | None = None) -> torch.Tensor:
+        """v at state x (batch first) and noise level sigma, in the convention of the module docstring.
+        `sigma_next`: the sigma this roll-out step goes to; only a flow-map model (FLUX.3's distilled
+        transformer) reads it, the others predict v from (x, sigma) alone."""
         raise NotImplementedError
 
     # ----- reporting
@@ -212,6 +230,19 @@ class DiffusersFamily(Family):
         self.vae_scale_factor = 2 ** (blocks - 1)  # as the pipelines' __init__
         self._scheduler = None
         self._reply_prefix: str | None = None  # vlm_reply_prefix, read once (a Qwen tokenizer load)
+
+    # Qwen3 text encoders (hidden size, layers) -> the Qwen3-VL-Instruct with that language model: same
+    # hidden size, layers, heads and FFN width (Qwen3-4B / Qwen3-VL-4B: 2560, 36, 32/8 heads, 9728;
+    # Qwen3-8B / Qwen3-VL-8B: 4096, 36, 32/8 heads, 12288; sources in published/README.md).
+    MATCHING_VLMS: ClassVar[dict[tuple[int, int], str]] = {
+        (2560, 36): "Qwen/Qwen3-VL-4B-Instruct", (4096, 36): "Qwen/Qwen3-VL-8B-Instruct"}
+
+    def matching_vlm(self) -> str | None:
+        try:
+            te = json.loads((self.model_dir / "text_encoder" / "config.json").read_text())
+            return self.MATCHING_VLMS.get((te["hidden_size"], te["num_hidden_layers"]))
+        except (OSError, ValueError, KeyError):
+            return None
 
     @cached_property
     def in_channels(self) -> int:  # read when first used: load_family checks the folder's files first

@@ -22,6 +22,16 @@ Teachers:
     (VAE mode, 2x2 patchify, batch-norm normalisation, T=10 position ids, packing); those tokens
     are appended to the noisy-latent sequence exactly as the pipeline does for `image=`, the
     caption gets `cfg.edit_instruction` appended, and the prediction is read off the noisy part.
+    Where the reference goes, checked on the 9B (tests/test_klein9b.py) after users of the authors'
+    code reported their 9B edit teacher drifting into a zoom after ~10 steps (vvvvvjdy/D-OPSD issue
+    #10; the thread itself could not be read from here): position ids T = 10, H/W on the generated
+    image's own grid, L = 0; ONE timestep for the noisy and the reference tokens (klein's transformer
+    modulates every token with the step's t); the reference at the training size. Nothing in this
+    differs between the 4B and the 9B (one pipeline class, no size-dependent constant), so placement
+    does not explain a 9B-only drift here. The one way we found to make the teacher zoom is scale: a
+    reference given at its own size (the pipeline keeps an `image=` up to 1024² as it is) while the
+    image is generated smaller puts the reference's content at a larger scale on the same position
+    grid; `reference_pixels` prevents that by resizing to the training size, and the test pins it.
   * `vlm` (paper): the grafted Qwen3-VL (`teacher_vlm.py`) read at the layers the pipeline stacks,
     padded to max_sequence_length as the pipeline pads a caption (the transformer sees the pad
     tokens' states too: it always had 512 text tokens in training).
@@ -78,7 +88,16 @@ class Klein(DiffusersFamily):
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
                     "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
                     "attn.to_qkv_mlp_proj", "attn.to_out")
-    hf_repo_ids = ("black-forest-labs/FLUX.2-klein-4B",)
+    # The 9B is the same pipeline class with a larger transformer (8 + 24 blocks, width 4096) and a Qwen3-8B
+    # text encoder; nothing here depends on the size (published/README.md has both configs and sources).
+    hf_repo_ids = ("black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-9B")
+    near_misses = {"Flux2KleinKVPipeline": (
+        "klein-9b-kv is not trained here: its text-to-image path is klein 9B's, but its reference-image path "
+        "is another model's. It puts the reference tokens first, modulates them at timestep 0 and lets them "
+        "attend only to themselves (diffusers' Flux2KleinKVPipeline, kv_cache_mode='extract'), where klein "
+        "appends them after the generated image's tokens at the step's timestep with full attention, so "
+        "klein's edit teacher would ask the KV model for a layout it was not distilled on. Train "
+        "black-forest-labs/FLUX.2-klein-9B instead.")}
     transformer_class = "Flux2Transformer2DModel"
     quant_skip = ("time_guidance_embed", "x_embedder", "context_embedder", "norm_out", "proj_out")
 
@@ -109,6 +128,8 @@ class Klein(DiffusersFamily):
         return out
 
     def run_notes(self, teacher: str, cfg) -> dict[str, str]:
+        if teacher == "vlm":  # the 9B's default teacher encoder is not the shipped default: say which
+            return {"teacher_encoder": self.teacher_encoder(cfg)}
         return {"edit_instruction": cfg.edit_instruction} if teacher == "edit" else {}
 
     # ------------------------------------------------------------------ precompute
@@ -224,7 +245,8 @@ class Klein(DiffusersFamily):
         retrieve_timesteps(sched, steps, "cpu", sigmas=sigmas, mu=mu)
         return sched.sigmas.detach().clone().float()
 
-    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, conds: list[Cond]) -> torch.Tensor:
+    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, conds: list[Cond],
+                 sigma_next: torch.Tensor | None = None) -> torch.Tensor:
         """Pack x, run the transformer as the pipeline's denoising loop does, read off the noisy tokens.
 
         The transformer takes one set of position ids for the whole batch, so items whose conditions
@@ -232,7 +254,8 @@ class Klein(DiffusersFamily):
         """
         shapes = {tuple((k, tuple(v.shape)) for k, v in sorted(c.items())) for c in conds}
         if len(shapes) > 1:
-            return torch.cat([self.velocity(transformer, x[i:i + 1], sigma, [c]) for i, c in enumerate(conds)])
+            return torch.cat([self.velocity(transformer, x[i:i + 1], sigma, [c], sigma_next)
+                              for i, c in enumerate(conds)])
         pipe = _pipeline_class()
         dtype = getattr(transformer, "_dopsd_dtype", None) or transformer.dtype
         b, c, h, w = x.shape

@@ -103,7 +103,8 @@ class Toy(Family):
 
         return [Image.fromarray(a) for a in world.to_uint8(latents.float())]
 
-    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma, conds: list[Cond]) -> torch.Tensor:
+    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma, conds: list[Cond],
+                 sigma_next=None) -> torch.Tensor:
         dtype = getattr(transformer, "_dopsd_dtype", None) or transformer.dtype
         cap = torch.stack([c["cap"] for c in conds]).to(x.device, dtype)
         mask = torch.stack([c["mask"] for c in conds]).to(x.device).bool()

@@ -99,7 +99,8 @@ class ZImage(DiffusersFamily):
         retrieve_timesteps(sched, steps, "cpu", sigmas=get_default_z_image_sigmas(steps), mu=mu)
         return sched.sigmas.detach().clone().float()
 
-    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, conds: list[Cond]) -> torch.Tensor:
+    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, conds: list[Cond],
+                 sigma_next: torch.Tensor | None = None) -> torch.Tensor:
         dtype = getattr(transformer, "_dopsd_dtype", None) or transformer.dtype  # pipeline: transformer.dtype
         t = sigma.to(torch.float32) * 1000.0   # scheduler.timesteps = sigmas * num_train_timesteps
         t = ((1000.0 - t) / 1000.0).to(x.device).expand(x.shape[0])
