@@ -14,7 +14,7 @@ from lowvram_dopsd.families import load_family
 from lowvram_dopsd.families.klein import edit_prompt
 from lowvram_dopsd.output import read_info
 from test_train_klein import (CPU, PROMPT, attach, capture_transformer_calls, make_cfg, pack, pipeline_trajectory,
-                              rel_err, stock_pipeline, student_rollout, unpack)
+                              rel_err, stock_pipeline, student_rollout, unpack, variant_of)
 
 H, W = 64, 96  # training size of the reference (4 x 6 tokens)
 
@@ -129,13 +129,7 @@ def test_cli_trains_the_9b_with_each_teacher(tmp_path, tiny_klein9b_dir, vlm8b_d
 
 
 def test_klein_9b_kv_is_refused_with_the_reason(tmp_path, tiny_klein9b_dir):
-    kv = tmp_path / "klein-9b-kv"
-    kv.mkdir()
-    for sub in tiny_klein9b_dir.iterdir():
-        if sub.is_dir():
-            (kv / sub.name).symlink_to(sub)
-    index = json.loads((tiny_klein9b_dir / "model_index.json").read_text())
-    (kv / "model_index.json").write_text(json.dumps({**index, "_class_name": "Flux2KleinKVPipeline"}))
+    kv = variant_of(tiny_klein9b_dir, tmp_path / "klein-9b-kv", _class_name="Flux2KleinKVPipeline")
     with pytest.raises(UserError, match="timestep 0") as err:
         load_family(str(kv))
     assert "FLUX.2-klein-9B instead" in str(err.value)

@@ -280,15 +280,19 @@ def test_trained_lora_loads_in_stock_pipeline_and_reproduces_the_student(tmp_pat
 # ----------------------------------------------------------------------------------------------
 # Detection
 
-def test_a_non_distilled_klein_is_refused(tmp_path, tiny_klein_dir):
-    base = tmp_path / "klein-base"
-    base.mkdir()
-    for sub in tiny_klein_dir.iterdir():
+def variant_of(model_dir, folder, **index):
+    """`folder`: the model's components (linked) under a model_index.json with `index`'s keys changed."""
+    folder.mkdir()
+    for sub in model_dir.iterdir():
         if sub.is_dir():
-            (base / sub.name).symlink_to(sub)
-    index = json.loads((tiny_klein_dir / "model_index.json").read_text())
-    index["is_distilled"] = False
-    (base / "model_index.json").write_text(json.dumps(index))
+            (folder / sub.name).symlink_to(sub)
+    changed = {**json.loads((model_dir / "model_index.json").read_text()), **index}
+    (folder / "model_index.json").write_text(json.dumps(changed))
+    return folder
+
+
+def test_a_non_distilled_klein_is_refused(tmp_path, tiny_klein_dir):
+    base = variant_of(tiny_klein_dir, tmp_path / "klein-base", is_distilled=False)
     with pytest.raises(UserError, match="not step-distilled"):
         load_family(str(base))
 
