@@ -334,6 +334,9 @@ def _parse_preset(file: Any, where: str) -> dict[str, Any]:
         return tomllib.loads(file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"Could not parse {where}: {exc}. Fix the TOML syntax and run again.") from exc
+    except (OSError, UnicodeDecodeError) as exc:  # a binary file, a folder named .toml, no permission
+        raise UserError(f"Could not read {where} ({exc}): a preset is a UTF-8 TOML text file of settings "
+                        "(`lowvram-dopsd settings` lists them).") from exc
 
 
 def read_preset(name_or_path: str) -> tuple[dict[str, Any], str]:

@@ -45,7 +45,7 @@ from . import __version__
 from .cache import atomic_save_safetensors
 from .checkpoint import TEACHER_FILE, list_checkpoints
 from .errors import UserError
-from .files import LORA_FILE, find_lora_file, read_metadata
+from .files import LORA_FILE, check_lora, find_lora_file
 
 Tensors = dict[str, torch.Tensor]
 
@@ -238,15 +238,25 @@ def lora_config(meta: dict[str, str]) -> tuple[int, float]:
     return int(r), float(alpha)
 
 
+def our_lora(lora_file: Path, reader: str) -> tuple[dict[str, str], dict]:
+    """A LoRA file this tool wrote: its metadata and our facts in it; `reader` (the flag or command that
+    reads it) is named in the error for a model's weights or another trainer's LoRA, whose base model,
+    alpha and layout are unknown here (another trainer's klein LoRA may fuse q/k/v in ways our split
+    would garble)."""
+    meta = check_lora(lora_file)
+    info = json.loads(meta.get("lowvram_dopsd", "{}"))
+    if not info:
+        raise UserError(f"'{lora_file}' was not written by lowvram-dopsd (no lowvram_dopsd metadata): another "
+                        f"trainer's LoRA, whose base model and alpha are unknown here. {reader} reads this tool's LoRAs "
+                        "(an output folder, a checkpoint, a step LoRA) and their ComfyUI exports.")
+    return meta, info
+
+
 def read_lora(path: str, family: str) -> tuple[Tensors, int, float]:
     """A LoRA this tool wrote, in its own layout or as its ComfyUI export (`--init-lora`): tensors named
     as DualLoRA names them (`<module>.lora_A.weight`, relative to the transformer), rank, alpha."""
     lora_file = find_lora_file(path)
-    meta = read_metadata(lora_file)
-    info = json.loads(meta.get("lowvram_dopsd", "{}"))
-    if not info:  # another trainer's klein file may fuse q/k/v in ways our block-diagonal split would garble
-        raise UserError(f"'{lora_file}' was not written by lowvram-dopsd (no lowvram_dopsd metadata). --init-lora "
-                        "reads this tool's LoRAs (the output, a checkpoint, a step LoRA) and their ComfyUI exports.")
+    meta, info = our_lora(lora_file, "--init-lora")
     if info.get("family") != family:
         raise UserError(f"'{lora_file}' is a LoRA of a {info.get('family')} model ({info.get('base_model', '?')}); "
                         f"this run trains a {family} model. Pass a LoRA trained on this family, or the model it "
@@ -285,11 +295,12 @@ def export_comfyui(source: str, dest: str = "", teacher: bool = False) -> Path:
                             "a LoRA file: pass its folder, or the file without --teacher.")
         src = src / TEACHER_FILE if src.is_dir() else src
     lora_file = find_lora_file(str(src))
-    meta = read_metadata(lora_file)
-    info = json.loads(meta.get("lowvram_dopsd", "{}"))
+    meta, info = our_lora(lora_file, "export")
     family = info.get("family", "")
+    if info.get("export") == "comfyui":
+        raise UserError(f"'{lora_file}' is already a ComfyUI export: put it in ComfyUI/models/loras as it is.")
     if family not in LAYOUTS:
-        raise UserError(f"'{lora_file}' is a LoRA of family {family or '(unknown)'!r}; ComfyUI export knows "
+        raise UserError(f"'{lora_file}' is a LoRA of the {family} family; ComfyUI export knows "
                         f"{', '.join(LAYOUTS)}.")
     rank, alpha = lora_config(meta)
     tensors = load_file(str(lora_file))

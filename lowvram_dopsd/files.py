@@ -90,15 +90,50 @@ def find_lora_file(path: str) -> Path:
         files = sorted(p.glob("*.safetensors"))
         if len(files) == 1:
             return files[0]
-        raise UserError(f"'{p}' has no {LORA_FILE}" + (f" but {len(files)} .safetensors files: pass one of them."
-                                                       if files else "."))
+        if files:
+            raise UserError(f"'{p}' has no {LORA_FILE} but {len(files)} .safetensors files "
+                            f"({', '.join(f.name for f in files[:3])}{', ...' if len(files) > 3 else ''}): pass "
+                            "the LoRA file itself.")
+        raise UserError(f"'{p}' holds no LoRA (no .safetensors file). Pass a training output folder, a checkpoint "
+                        f"folder (<output>/checkpoints/step-NNNNNN) or a LoRA .safetensors file.")
     raise UserError(f"The LoRA '{path}' does not exist. Pass the training output folder, a checkpoint folder "
                     "or a .safetensors file.")
 
 
-def read_metadata(path: Path) -> dict:
+def read_header(path: Path) -> tuple[dict, list[str]]:
+    """A safetensors file's metadata and tensor names, read from its header alone (no weights)."""
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return fh.metadata() or {}
-    except Exception as exc:
-        raise UserError(f"'{path}' is not a readable safetensors file ({exc}).") from exc
+            return fh.metadata() or {}, list(fh.keys())
+    except Exception as exc:  # SafetensorError (empty, cut short, not safetensors at all), OSError
+        raise UserError(f"'{path}' is not a readable safetensors file ({exc}). If it was downloaded or copied, "
+                        "it is probably incomplete: fetch it again.") from exc
+
+
+def read_metadata(path: Path) -> dict:
+    return read_header(path)[0]
+
+
+# How the LoRA layouts name their weights: peft/diffusers (lora_A/B), kohya and ComfyUI (lora_down/up),
+# LyCORIS (LoHa, LoKr), and the .alpha beside them
+LORA_TENSORS = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight", ".hada_w1_a",
+                ".lokr_w1", ".alpha")
+
+
+def is_lora(names: list[str]) -> bool:
+    """Whether tensor names are a LoRA's (any layout above); a model's weights never use these names."""
+    return any(name.endswith(LORA_TENSORS) for name in names)
+
+
+def check_lora(path: Path) -> dict:
+    """The metadata of a LoRA file; a UserError saying what the file is instead (a model's weights)."""
+    metadata, names = read_header(path)
+    if not names:
+        raise UserError(f"'{path}' holds no tensors at all, so no LoRA. Pass the LoRA file (a training output "
+                        "folder, a checkpoint folder or a LoRA .safetensors file).")
+    if not is_lora(names):
+        raise UserError(f"'{path}' is not a LoRA: its {len(names)} tensors ({', '.join(sorted(names)[:2])}, ...) "
+                        "are a model's weights, not LoRA pairs (<layer>.lora_A.weight and .lora_B.weight, or "
+                        "kohya's lora_down and lora_up). Pass the LoRA (a training output folder, a checkpoint "
+                        "folder or a LoRA .safetensors file); a fine-tune's transformer goes to --transformer-file.")
+    return metadata

@@ -40,7 +40,7 @@ from torch import nn
 
 from .config import CHOICES
 from .errors import UserError
-from .files import WEIGHT_FILES, shard_index
+from .files import WEIGHT_FILES, is_lora, shard_index
 
 BACKENDS = CHOICES["quant"]  # the config validates `quant` against the same tuple
 QUANTO = ("qint8", "qfloat8")  # the backends whose 8-bit layers the fused Triton kernel runs
@@ -252,11 +252,16 @@ def check_transformer_file(path: str | Path) -> Path:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            if not list(f.keys()):
+            names = list(f.keys())
+            if not names:
                 raise ValueError("it holds no tensors")
     except Exception as exc:  # SafetensorsError, OSError, ...
         raise UserError(f"transformer_file '{path}' is not a readable safetensors file ({exc}). The download is "
                         "probably incomplete: download it again.") from exc
+    if is_lora(names):
+        raise UserError(f"transformer_file '{path}' is a LoRA, not a transformer. A LoRA to train further goes to "
+                        "--init-lora, one to try to `lowvram-dopsd sample --lora`; --transformer-file takes a "
+                        "fine-tune's (or merge's) whole transformer.")
     return path.resolve()
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from .errors import UserError
-from .files import LORA_FILE, find_lora_file, read_metadata
+from .files import LORA_FILE, check_lora, find_lora_file
 from .runtime import DTYPES, resolve_device
 
 if TYPE_CHECKING:
@@ -217,7 +218,7 @@ def checked_base(req: SampleRequest, lora_files: list[Path], labels: list[str], 
     before the (slow) pipeline is loaded; notes where the LoRAs disagree go to `console`."""
     from .families import family_class_of, load_family
 
-    infos = [json.loads(read_metadata(f).get("lowvram_dopsd", "{}")) for f in lora_files]
+    infos = [json.loads(check_lora(f).get("lowvram_dopsd", "{}")) for f in lora_files]
     if console is not None:
         for note in mixed_notes(req, infos, labels):
             console.print(f"note: {note}")
@@ -284,15 +285,38 @@ class StockPipeline:
         if self.loaded is not None:
             self.pipe.delete_adapters(f"dopsd{self.loaded}")
         if k is not None:
-            self.pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, use_safetensors=True,
-                                        adapter_name=f"dopsd{k}")
+            self.load(lora_file, f"dopsd{k}")
             if self.scale != 1.0:
                 self.pipe.set_adapters([f"dopsd{k}"], adapter_weights=[self.scale])
         self.loaded = k
 
+    def load(self, lora_file: Path, name: str) -> None:
+        """diffusers' own loader, whose errors about a file (another model's LoRA, a layout it does not
+        convert, other shapes) become one paragraph; so does a LoRA none of whose layers is in this model,
+        which diffusers would skip with a log line, drawing the base model's images as if it were the LoRA's."""
+        theirs = f"the {self.family.pipeline_class} of '{self.family.model_dir}'"
+        quiet = logging.getLogger("diffusers.loaders.peft")  # logs the error it raises: said once, below
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            self.pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, use_safetensors=True,
+                                        adapter_name=name)
+        except Exception as exc:  # ValueError, RuntimeError (shapes), peft's NoMatchingPeftModuleError, KeyError
+            why = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise UserError(f"diffusers could not load the LoRA '{lora_file}' into {theirs} ({why[:300]}). It was "
+                            "made for another model, or in a layout diffusers does not convert. Pass a LoRA of this "
+                            "model (or the model it was trained on as --model).") from exc
+        finally:
+            quiet.setLevel(level)
+        if name not in self.pipe.get_list_adapters().get("transformer", []):
+            raise UserError(f"None of the layers of the LoRA '{lora_file}' is in {theirs}: diffusers loaded nothing "
+                            "from it. It was made for another model. Pass a LoRA of this model (or the model it "
+                            "was trained on as --model).")
+
     def draw(self, prompt: str, seed: int) -> Image.Image:
         gen = torch.Generator("cpu").manual_seed(seed)  # same noise on any device (= the trainer's previews)
-        return self.pipe(prompt, num_inference_steps=self.steps, width=self.width, height=self.height,
+        # prompt by name: a pipeline's first argument may be another (Flux2KleinPipeline's is `image`)
+        return self.pipe(prompt=prompt, num_inference_steps=self.steps, width=self.width, height=self.height,
                          generator=gen, **self.family.pipeline_call_kwargs).images[0]
 
 

@@ -32,6 +32,11 @@ def resolve_dir(id_or_path: str, what: str, needs: str | tuple[str, ...] = INDEX
     libraries' copies of its weights), and say so in the `hf download` advice.
     """
     path = Path(id_or_path).expanduser()
+    if path.is_file():
+        single = (" A fine-tune's single .safetensors transformer goes to --transformer-file, with --model the "
+                  "official model it was made from." if what == "model" and path.suffix == ".safetensors" else "")
+        raise UserError(f"The {what} '{path}' is a file; it must be the folder of a diffusers/transformers checkpoint "
+                        f"(the one that contains {needs}), or a Hugging Face id.{single}")
     if path.exists():
         names = (needs,) if isinstance(needs, str) else needs
         if not any((path / name).is_file() for name in names):
