@@ -23,7 +23,7 @@ Shapes (published transformer configs):
     to_qkv_mlp_proj 3072 -> 3*3072 + 2*9216 = 27648 and to_out 3072 + 9216 = 12288 -> 3072
     (diffusers transformer_flux2.py).
 
-Usage: python benchmarks/bench_kernels.py [--shapes zimage,klein] [--methods ...] [--variants WxD,WxDT,WxF]
+Usage: python benchmarks/bench_kernels.py [--shapes zimage,klein] [--methods ...] [--breakdown]
        [--out benchmarks/results]
        python benchmarks/bench_kernels.py --tiny --out /tmp/r    # CPU smoke test of this script
 Timings: triton.testing.do_bench medians (CUDA events) after warm-up, random data.
@@ -216,16 +216,7 @@ def ours_breakdown(x, dy, w_q, w_s, A, B, s, act8=False):
         return dict(fwd=fwd, bwd=t_all)
 
 
-def _same_as_another(v, variants_, act8: bool) -> bool:
-    """Whether variant ``v`` only changes ACT8_DX relative to another requested variant, for a method
-    without int8 activations (ACT8_DX does nothing there: the row would repeat the other one)."""
-    if act8 or v is None or "ACT8_DX" not in VARIANTS[v]:
-        return False
-    rest = {k: x for k, x in VARIANTS[v].items() if k != "ACT8_DX"}
-    return any(u != v and u is not None and VARIANTS[u] == rest for u in variants_)
-
-
-def bench_lora(shapes, methods, rank, alpha, variants_, log, breakdown=False):
+def bench_lora(shapes, methods, rank, alpha, log, breakdown=False):
     rows = []
     g = torch.Generator(device=DEV).manual_seed(0)
     for family in shapes:
@@ -238,20 +229,9 @@ def bench_lora(shapes, methods, rank, alpha, variants_, log, breakdown=False):
             x = torch.randn(TOKENS, K, device=DEV, generator=g).to(torch.bfloat16)
             dy = torch.randn(TOKENS, N, device=DEV, generator=g).to(torch.bfloat16)
             flops_fwd = 2 * TOKENS * K * N
-            variants = []
-            for m in methods:
-                if m.startswith("ours"):
-                    for v in variants_:
-                        if _same_as_another(v, variants_, act8=m.endswith("-act8")):
-                            continue
-                        variants.append((m if v is None else f"{m}[{v}]", m, v))
-                else:
-                    variants.append((m, m, None))
-            for label, method, orient in variants:
-                row = dict(family=family, shape=name, K=K, N=N, M=TOKENS, count=count, method=label)
+            for method in methods:
+                row = dict(family=family, shape=name, K=K, N=N, M=TOKENS, count=count, method=method)
                 try:
-                    for k_, v_ in (VARIANTS[orient] if orient is not None else {}).items():
-                        setattr(ll, k_, v_)
                     f, params = build_method(method, w, w_q8, s8, w_f8, sf8, A, B, rank, alpha)
                     xg = x.detach().clone().requires_grad_()
 
@@ -307,9 +287,6 @@ def bench_lora(shapes, methods, rank, alpha, variants_, log, breakdown=False):
                 except Exception as e:  # a baseline that does not run here is reported, not fatal
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                     log(traceback.format_exc(limit=3))
-                finally:
-                    for k_, v_ in DEFAULTS.items():
-                        setattr(ll, k_, v_)
                 if DEV == "cuda":
                     torch.cuda.empty_cache()
                 rows.append(row)
@@ -342,7 +319,7 @@ def _fmt_row(r):
 # of 128) into Triton's on-disk cache, so the timed process only benchmarks them.
 # ---------------------------------------------------------------------------------------------
 def _precompile_worker(task):
-    i, variants_, fmts = task
+    i, fmts = task
     import lowvram_dopsd.kernels.lora_linear as L
 
     pick = lambda cfgs: [cfgs[i % len(cfgs)]]  # noqa: E731
@@ -355,23 +332,20 @@ def _precompile_worker(task):
     B = (torch.randn(N, r, device="cuda") * 0.01).to(torch.bfloat16).requires_grad_()
     for fmt, act in fmts:
         w_q, w_s = L.quantize_weight(torch.randn(N, K, device="cuda"), fmt)
-        for v in variants_:
-            for k_, v_ in {**DEFAULTS, **(VARIANTS[v] if v else {})}.items():
-                setattr(L, k_, v_)
-            y = L.lora_linear(x, w_q, w_s, None, A, B, 2.0, act_quant=act)
-            y.backward(torch.randn(M, N, device="cuda", dtype=torch.bfloat16))
+        y = L.lora_linear(x, w_q, w_s, None, A, B, 2.0, act_quant=act)
+        y.backward(torch.randn(M, N, device="cuda", dtype=torch.bfloat16))
     torch.cuda.synchronize()
     return i
 
 
-def precompile(variants_, fmts, log):
+def precompile(fmts, log):
     import multiprocessing as mp
     import time
 
     n = max(len(ll._main_configs()), len(ll._skinny_q_configs()), len(ll._skinny_p_configs()))
     t0 = time.time()
     with mp.get_context("spawn").Pool(n) as pool:
-        pool.map(_precompile_worker, [(i, variants_, fmts) for i in range(n)])
+        pool.map(_precompile_worker, [(i, fmts) for i in range(n)])
     log(f"pre-compiled {n} candidate configs per kernel in {time.time() - t0:.1f} s")
 
 
@@ -440,8 +414,7 @@ def write_report(meta, rows, loss, out_dir):
           f"- M = {TOKENS} tokens " + ("(4096 image + 512 text, 1024²), " if DEV == "cuda" else
                                        "(--tiny: a CPU smoke test of this script; its times mean nothing), ")
           + f"LoRA rank {meta['rank']}, alpha {meta['alpha']}, bf16 activations; "
-          "times are do_bench medians in ms; fwd under no_grad, fwd+bwd with grads for x and LoRA",
-          f"- ours, default GEMM variant: {meta['defaults']} (bracketed labels: variants, see docs/kernels.md)", ""]
+          "times are do_bench medians in ms; fwd under no_grad, fwd+bwd with grads for x and LoRA", ""]
     L += ["## LoRA linear", "",
           "eager = `do_bench` of the Python call (what an eager training step sees, host overhead "
           "included); graph = the same fwd+bwd captured in a CUDA graph and replayed (GPU time only); "
@@ -470,7 +443,7 @@ def write_report(meta, rows, loss, out_dir):
     bd = [r for r in ok if r.get("bwd_breakdown_graph_ms")]
     if bd:
         L += ["", "Per launch (CUDA-graph GPU ms; u, dx, dA, dB derived from graphs of subsets of the backward, "
-              "so small entries carry ~10 us noise; with BWD_DX = dequant, dx includes dequantising the weight):", "",
+              "so small entries carry ~10 us noise; dx includes dequantising the weight):", "",
               "| shape | method | fwd (t + y) | bwd | u = dy·B | dx | dA | dB |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in bd:
@@ -508,34 +481,12 @@ def write_report(meta, rows, loss, out_dir):
     return slug
 
 
-# GEMM variants of ours (module switches in lowvram_dopsd.kernels.lora_linear). Forward: the 8-bit
-# weight is the right dot operand (xW: converted, written back to shared memory) or the left one
-# (Wx: converted in registers; Hopper's wgmma takes A from registers). Backward dx: cuBLAS on a
-# transient dequantised weight (D), our GEMM scaling in the tile (F), or on dy ⊙ scale (S).
-# T: the skinny LoRA GEMMs t = x·Aᵀ and u = dy·B on our kernel instead of cuBLAS.
-# act_quant's dx (ours-int8-act8 only): on a transient transposed int8 copy of Wq (default), or on Wq
-# as stored (WxDd: "direct", the in-loop transpose that compile-report-act8-direct.md shows).
-VARIANTS = {
-    "WxD": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="dequant", SKINNY="cublas"),
-    "WxDd": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="dequant", SKINNY="cublas", ACT8_DX="direct"),
-    "WxDT": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="dequant", SKINNY="triton"),
-    "WxF": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="fused", SKINNY="triton"),
-    "WxS": dict(SWAP_FWD=True, SWAP_BWD=True, BWD_DX="prescaled", SKINNY="triton"),
-    "xWF": dict(SWAP_FWD=False, SWAP_BWD=False, BWD_DX="fused", SKINNY="triton"),
-    "xWS": dict(SWAP_FWD=False, SWAP_BWD=False, BWD_DX="prescaled", SKINNY="triton"),
-}
-DEFAULTS = dict(SWAP_FWD=ll.SWAP_FWD, SWAP_BWD=ll.SWAP_BWD, BWD_DX=ll.BWD_DX, SKINNY=ll.SKINNY, ACT8_DX=ll.ACT8_DX)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="zimage,klein")
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--alpha", type=float, default=128.0)
-    ap.add_argument("--variants", default="",
-                    help=f"comma list of GEMM variants of ours to time (tuning): {', '.join(VARIANTS)}; "
-                         "default: the module defaults only")
     ap.add_argument("--no-loss", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="also time each launch of ours (CUDA graphs)")
     ap.add_argument("--no-precompile", dest="precompile", action="store_false",
@@ -559,7 +510,6 @@ def main(argv=None):
         cuda=torch.version.cuda, python=platform.python_version(), rank=args.rank, alpha=args.alpha,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         command="python " + " ".join([os.path.relpath(sys.argv[0])] + (argv or sys.argv[1:])),
-        defaults=DEFAULTS,
     )
     for mod in ("peft", "bitsandbytes", "optimum.quanto"):
         try:
@@ -567,15 +517,14 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             meta[mod] = f"unavailable ({type(e).__name__}: {e})"[:200]
     log(json.dumps(meta))
-    variants_ = [v for v in args.variants.split(",") if v] or [None]
     fmts = [(f, a) for f, a, m in (("int8", "off", "ours-int8"), ("int8", "int8", "ours-int8-act8"),
                                    ("fp8", "off", "ours-fp8")) if m in args.methods.split(",")]
     if args.precompile and fmts:
         try:
-            precompile(variants_, fmts, log)
+            precompile(fmts, log)
         except Exception:  # noqa: BLE001 - the timed run compiles whatever is missing
             log("pre-compilation failed:\n" + traceback.format_exc(limit=3))
-    rows = bench_lora(args.shapes.split(","), args.methods.split(","), args.rank, args.alpha, variants_, log,
+    rows = bench_lora(args.shapes.split(","), args.methods.split(","), args.rank, args.alpha, log,
                       breakdown=args.breakdown)
     loss = {}
     if not args.no_loss:

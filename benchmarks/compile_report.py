@@ -48,14 +48,13 @@ except ImportError:  # pragma: no cover
 from lowvram_dopsd.kernels import aot, utils  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import DEFAULTS, SHAPES, TOKENS  # noqa: E402
+from bench_kernels import SHAPES, TOKENS  # noqa: E402
 
 MODES = {"int8": ("int8", False), "fp8": ("fp8", False), "int8-act8": ("int8", True)}
 # what each recorded launch computes, by (phase, kernel handle)
 ROLES = {
     ("forward", "_mm_main"): "y = x·W + LoRA (base GEMM)",
     ("forward", "_quant_rows_kernel"): "quantise x per token",
-    ("forward", "_mm_skinny_q"): "t = x·Aᵀ",
     ("backward", "_mm_main"): "dx = dy·W + LoRA (base GEMM)",
     ("backward", "_quant_rows_kernel"): "quantise dy⊙s_w per token",
     ("backward", "_scale_kernel"): "dequantise W (dx then on cuBLAS)",
@@ -151,7 +150,6 @@ def main(argv=None):
         command=" ".join(["TRITON_INTERPRET=0 python benchmarks/compile_report.py", *(argv or sys.argv[1:])]),
         rank=args.rank, tokens=TOKENS, targets={k: vars(aot.TARGETS[k]) for k in targets}, layers=args.layers,
         shapes=[f"{fam}: {name}" for fam in args.shapes.split(",") for name, *_ in SHAPES[fam][:args.layers or None]],
-        switches=DEFAULTS,  # the lora_linear switches in effect (LOWVRAM_DOPSD_LORA_*)
     )
     merged = merge(rows)
     os.makedirs(args.out, exist_ok=True)
@@ -202,8 +200,6 @@ def render(meta: dict, merged: list) -> str:
     out = [
         "# What the kernels need per GPU architecture (compiled without a GPU)", "",
         f"- {meta['date']}, `{meta['command']}`; triton {meta['triton']}, {meta['ptxas']}, torch {meta['torch']}.",
-        "- lora_linear switches (LOWVRAM_DOPSD_LORA_*): "
-        + ", ".join(f"{k} = {v}" for k, v in meta.get("switches", {}).items()) + ".",
         f"- LoRA linear: bf16 activations, rank {meta['rank']}, M = {meta['tokens']} tokens, the layer shapes "
         f"{'; '.join(meta.get('shapes', ['of bench_kernels.py']))}, forward and backward; compiled in every "
         "autotune candidate the autotuner would time. Figures are the worst over the shapes.",

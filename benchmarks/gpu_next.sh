@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_next.sh 5        # carry .whl (diffusers, peft, quanto: 7 MB) and .smoke
 #
 #   1  kernels: int8 activations (ours-int8-act8) against ours-int8, quanto qint8 and bf16 at the
-#      real shapes (kernels-act8-h100.md)
+#      real shapes (kernels-act8-h100.md; it also timed act8's dx on Wq as stored, a variant since removed)
 #   2  memory: the 12gb preset (EMA teacher in host RAM), 16gb and klein with act8, prior_prompts;
 #      then the EMA update's time on the GPU and the CPU (memory-h100-12gb-act8-prior.md, ema-*.md)
 #   3  the kernel tests compiled on the GPU, beside cuda_smoke.sh (train on CUDA on the tiny models,
@@ -23,8 +23,8 @@
 #   7  the kernel tests compiled (the direct-launch tests among them), then profile_host.py again
 #   8  the kernel tests compiled again; a whole Z-Image step for fused, bf16, act8 and quanto, each
 #      with one state profiled; profile_host.py again
-#   9  Z-Image fused / act8 with the skinny GEMMs on our kernel (LOWVRAM_DOPSD_LORA_SKINNY=triton);
-#      klein's step on the fused kernel, act8 and quanto
+#   9  klein's step on the fused kernel, act8 and quanto (its first half timed Z-Image with the skinny
+#      GEMMs on our kernel, a variant since removed: docs/kernels.md)
 #  10  the host-time change's before/after on ONE machine (owed since 44476b3: its two step tables
 #      came from two machines): Z-Image fused and act8 steps with the code of ea7bf9f (before) and of
 #      this checkout, alternating (bench_memory.py --trees). Prepare here, then carry .whl and .ab:
@@ -55,7 +55,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 case "$stage" in
   1)
-    timeout 520 python3 benchmarks/bench_kernels.py --breakdown --variants WxD,WxDd --no-loss \
+    timeout 520 python3 benchmarks/bench_kernels.py --breakdown --no-loss \
       --methods ours-int8,ours-int8-act8,quanto-qint8,bf16 --out "$OUT" 2>&1 | tee "$OUT/kernels-act8.log"
     ;;
   2)
@@ -101,10 +101,7 @@ case "$stage" in
       --configs zimage-16gb-fused,zimage-16gb-bf16,zimage-16gb-act8,zimage-16gb-quanto 2>&1 | tee "$OUT/train-step.log"
     timeout 120 python3 benchmarks/profile_host.py --out "$OUT" 2>&1 | tee "$OUT/profile-host.log"
     ;;
-  9)  # t = x·Aᵀ and u = dy·B on our skinny kernel (direct launches) instead of cast + cuBLAS; klein's step
-    mkdir -p "$OUT/skinny"
-    LOWVRAM_DOPSD_LORA_SKINNY=triton timeout 260 python3 benchmarks/bench_memory.py --steps 2 --profile \
-      --budget-s 200 --out "$OUT/skinny" --configs zimage-16gb-fused,zimage-16gb-act8 2>&1 | tee "$OUT/skinny/train-step.log"
+  9)  # klein's step per 8-bit path
     timeout 280 python3 benchmarks/bench_memory.py --steps 2 --profile --budget-s 230 --out "$OUT" \
       --configs klein-16gb-edit-fused,klein-16gb-edit-act8,klein-16gb-edit-quanto 2>&1 | tee "$OUT/train-step-klein.log"
     ;;

@@ -8,25 +8,33 @@ loads 8-bit values and converts them to the compute dtype in registers.
 
 Forward::
 
-    t  = x · Aᵀ                                      [M, r]   skinny GEMM (cuBLAS, see SKINNY)
-    y  = scale_n ⊙ (x · Wqᵀ) + bias + s · t · Bᵀ     [M, N]   our main GEMM; scale, bias and the
+    t  = x · Aᵀ                                      [M, r]   cuBLAS (a plain 16/32-bit GEMM)
+    yᵀ = scale_n ⊙ (Wq · xᵀ) + bias + s · B · tᵀ     [N, M]   our main GEMM; scale, bias and the
                                                               LoRA term are the tile's epilogue
 Backward::
 
-    u  = dy · B                                      [M, r]   skinny GEMM (cuBLAS)
-    dx = dy · (scale ⊙ Wq) + s · u · A               [M, K]   see BWD_DX below
+    u  = dy · B                                      [M, r]   cuBLAS
+    dx = dy · dequant(Wq) + s · u · A                [M, K]   cuBLAS on a transient dequantised Wq
     dA = s · uᵀ · x                                  [r, K]   ours: reduction over M (split, fp32)
     dB = s · dyᵀ · t                                 [N, r]   ours: reduction over M (split, fp32)
 
 Only ``x`` and ``t`` are kept for backward (plus references to the frozen inputs). No gradient
 flows to ``Wq``, ``w_scale`` or ``bias``.
 
-The dx GEMM reduces over N, the index the per-channel scale runs along, and reads Wq against its
-stored order; done in the tile it ran at 1.35-1.6x the forward's time on an H100. So by default
-(BWD_DX = "dequant") the backward dequantises the one layer's weight into a transient buffer in
-one Triton pass (Wq -> dtype(Wq · scale), the reference's exact rounding) and gives dx to cuBLAS;
-the buffer (N·K·2 bytes, at most 170 MB for klein's 3072 -> 27648) lives only during this call.
-The forward, run twice as often in D-OPSD (teacher + student), never materialises it.
+Why these choices (each measured against its alternatives on an H100; the variants that lost were
+removed, their numbers are in docs/kernels.md, "How the LoRA linear works"):
+
+* The main GEMM computes yᵀ = Wq · xᵀ, the 8-bit weight as the *left* dot operand: its in-register
+  conversion then feeds the tensor cores directly (Hopper's wgmma takes its left operand from
+  registers; a converted right operand goes back through shared memory).
+* dx reduces over N, the index the per-channel scale runs along, and reads Wq against its stored
+  order: in our tile that was much slower than the forward. So the backward dequantises the one
+  layer's weight into a transient buffer in one Triton pass (Wq -> dtype(Wq · scale), the
+  reference's exact rounding) and gives dx to cuBLAS; the buffer (N·K·2 bytes, at most 170 MB for
+  klein's 3072 -> 27648) lives only during this call. The forward, run twice as often in D-OPSD
+  (teacher + student), never materialises it.
+* t and u are plain GEMMs with nothing to dequantise: cuBLAS runs them as fast as our kernel did,
+  with less host time per launch.
 
 int8 activations (``act_quant="int8"``, int8 ``Wq`` only; off by default). Both base GEMMs then
 multiply int8 by int8 into exact int32 sums, on tensor cores that run 2x (H100) to 4x (GeForce
@@ -35,12 +43,15 @@ Ampere / Ada, whose 16-bit MMA accumulates in fp32 at half rate) the bf16 rate:
     q_x, s_x = per-token int8 of x                        one Triton pass (quantize_rows)
     y  = s_x[m] · scale_n · (q_x · Wqᵀ) + bias + s · t · Bᵀ
     q_g, s_g = per-token int8 of dy ⊙ scale               the channel scale runs along dx's reduction
-    dx = s_g[m] · (q_g · Wq) + s · u · A                  on a transient Wqᵀ copy (see ACT8_DX)
+    dx = s_g[m] · (q_g · Wq) + s · u · A                  on a transient Wqᵀ copy (below)
 
 The LoRA term, dA and dB keep the exact x and dy (int8 forward and input-gradient GEMMs, 16-bit
 weight gradients: SwitchBack, Wortsman et al. 2023, "Stable and low-precision training for
 large-scale vision-language models"). The per-token rounding adds ~0.5 % relative error to the
 base GEMMs' outputs on Gaussian rows; an outlier channel raises it for its token (docs/kernels.md).
+Int8 MMAs take both operands contiguous along the reduction, and dx reduces over Wq's rows: it reads
+a transient transposed copy (N·K bytes, one tiled pass, as SwitchBack's backward does), so dx
+compiles to the forward's K loop (read in stored order, the tile was transposed inside the loop).
 
 Switching LoRA sets (student / teacher) without copying weights: ``lora_linear`` takes ``A`` and
 ``B`` as plain arguments. The caller passes whichever adapter is active for this forward; the
@@ -99,41 +110,6 @@ _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 128
 ACT_QUANT = ("off", "int8")  # activations of the base GEMMs: as given, or per-token int8
 
-# Which operand orientation the main GEMMs use: with SWAP the 8-bit weight is the *left* dot
-# operand (the kernel computes yᵀ = Wq·xᵀ, dxᵀ = Wqᵀ·dyᵀ), so its in-register conversion feeds the
-# tensor cores directly (on Hopper, wgmma's left operand may come from registers; the right one must
-# be in shared memory, so a converted right operand is written back to shared memory and the MMA
-# waits for it). Chosen from the H100 runs in benchmarks/results/kernels-h100.md; env overrides are
-# for experiments.
-SWAP_FWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_FWD", "1") == "1"
-SWAP_BWD = os.environ.get("LOWVRAM_DOPSD_LORA_SWAP_BWD", "1") == "1"
-# How the backward computes dx = dy · dequant(Wq) (+ the LoRA term):
-#   "dequant":   Wq -> transient dequantised weight (one Triton pass), then cuBLAS (torch.mm)
-#   "fused":     our GEMM, Wq converted and scaled per reduction index inside the tile
-#   "prescaled": our GEMM on dy ⊙ scale (one elementwise pass), so the tile only converts Wq
-# (a transient transposed 8-bit copy of Wq was also tried here and measured slower: this tile converts
-# Wq in registers anyway; for act_quant's int8 MMAs it is the fix, see ACT8_DX; docs/kernels.md).
-BWD_DX = os.environ.get("LOWVRAM_DOPSD_LORA_BWD_DX", "dequant")
-_BWD_DX_MODES = ("dequant", "fused", "prescaled")
-# How act_quant's dx reads Wq. Int8 MMAs (mma.sync and wgmma alike) want both operands contiguous
-# along the reduction, and dx reduces over Wq's rows:
-#   "transposed": the GEMM reads a transient transposed copy (N·K bytes, one tiled Triton pass, as
-#                 SwitchBack's backward does), so dx compiles to the forward's K loop: async copies
-#                 and MMAs only
-#   "direct":     Wq in stored order; on sm_90 Triton then loads its tile synchronously inside the
-#                 K loop and writes it to shared memory byte by byte (docs/kernels.md)
-ACT8_DX = os.environ.get("LOWVRAM_DOPSD_LORA_ACT8_DX", "transposed")
-_ACT8_DX_MODES = ("transposed", "direct")
-# The two skinny LoRA GEMMs t = x·Aᵀ and u = dy·B: "cublas" (torch.mm) or "triton" (our kernel).
-SKINNY = os.environ.get("LOWVRAM_DOPSD_LORA_SKINNY", "cublas")
-_SKINNY_MODES = ("cublas", "triton")
-
-
-def _check_switch(name: str, value: str, modes: Tuple[str, ...]) -> None:
-    """Refuse an unknown value of a module switch above (set from LOWVRAM_DOPSD_LORA_<name>)."""
-    if value not in modes:
-        raise ValueError(f"LOWVRAM_DOPSD_LORA_{name}={value!r}: use one of {', '.join(modes)}")
-
 
 # =============================================================================================
 # Triton kernels
@@ -157,17 +133,16 @@ def _fp8e4m3_to_f32(bits):
 
 @triton.jit
 def _scale_kernel(x_ptr, scale_ptr, out_ptr, numel, cols,
-                  PER_ROW: tl.constexpr, SOFT_FP8: tl.constexpr, EMULATE_RNE: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    """out = x · scale (float32 math, one rounding to out's dtype) for a contiguous [rows, cols] x;
-    the scale runs along rows (dequantise Wq) or columns (pre-scale dy by Wq's channel scale)."""
+                  SOFT_FP8: tl.constexpr, EMULATE_RNE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[n, k] = x[n, k] · scale[n] (float32 math, one rounding to out's dtype) for a contiguous
+    [rows, cols] 8-bit x: the dequantised weight the backward's dx reads."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask)  # masked lanes are never stored
     if SOFT_FP8:
         x = _fp8e4m3_to_f32(x)
-    idx = offs // cols if PER_ROW else offs % cols
-    v = x.to(tl.float32) * tl.load(scale_ptr + idx, mask=mask, other=0.0)
+    row = offs // cols
+    v = x.to(tl.float32) * tl.load(scale_ptr + row, mask=mask, other=0.0)
     tl.store(out_ptr + offs, to_storage(v, out_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
 
 
@@ -227,14 +202,12 @@ def _qlora_mm_kernel(
     stride_cs, stride_cp, stride_cq,
     stride_l1p, stride_l1k, stride_l2k, stride_l2q,
     alpha, lora_alpha,
-    SCALE_MODE: tl.constexpr,  # 0 none | 1 per row P (epilogue) | 2 per col Q (epilogue)
-    #                            3 per R on A's columns (in tile) | 4 per R on B's rows (in tile)
-    ACT_SCALE_MODE: tl.constexpr,  # int8 activations' per-token scale: 0 none | 1 per row P | 2 per col Q
-    BIAS_MODE: tl.constexpr,  # 0 none | 1 per row P | 2 per col Q
+    ROW_SCALE: tl.constexpr,  # the weight's per-channel scale, per row P of C (A is the 8-bit weight)
+    COL_ACT_SCALE: tl.constexpr,  # int8 activations' per-token scale, per column Q of C
+    ROW_BIAS: tl.constexpr,  # a bias per row P of C
     HAS_LORA: tl.constexpr,
     BLOCK_RANK: tl.constexpr,
-    A_SOFT_FP8: tl.constexpr,
-    B_SOFT_FP8: tl.constexpr,
+    SOFT_FP8: tl.constexpr,  # A is FP8 e4m3 read as bytes, decoded in integer arithmetic (< sm_89)
     COMPUTE: tl.constexpr,  # dot operand dtype (of the LoRA term only when INT8_DOT)
     INT8_DOT: tl.constexpr,  # both operands int8 (weight, per-token quantised activations): int32 sums
     DOT_PRECISION: tl.constexpr,
@@ -247,10 +220,10 @@ def _qlora_mm_kernel(
 ):
     """C[s] = epilogue(alpha · Σ_{r in split s} A[p, r] · B[r, q]) for one [BLOCK_P, BLOCK_Q] tile.
 
-    All six GEMMs of the LoRA linear (and both operand orientations) are this kernel with
-    different strides: A and B may be 8-bit (converted in registers), the per-channel scale is
-    applied per output row/column in the epilogue or per reduction index inside the tile, and
-    the epilogue adds ``lora_alpha · L1[p, :] · L2[:, q]`` (the rank-r LoRA term) and a bias.
+    The LoRA linear's forward (yᵀ = Wq · xᵀ), act_quant's dx (dxᵀ = Wqᵀ · dyᵀ) and the dA / dB
+    reductions are this kernel with different strides: A may be the 8-bit weight (converted in
+    registers, its per-channel scale applied per output row in the epilogue), and the epilogue adds
+    ``lora_alpha · L1[p, :] · L2[:, q]`` (the rank-r LoRA term) and a bias.
     Grid: (tiles of C, splits of R). Split s writes its partial result to C + s·stride_cs.
     """
     pid = tl.program_id(0)
@@ -289,22 +262,8 @@ def _qlora_mm_kernel(
             r_mask = (r0 + offs_r) < r_end
             a = tl.load(a_ptrs, mask=r_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=r_mask[:, None], other=0.0)
-        if A_SOFT_FP8:
+        if SOFT_FP8:
             a = _fp8e4m3_to_f32(a)
-        if B_SOFT_FP8:
-            b = _fp8e4m3_to_f32(b)
-        if SCALE_MODE == 3:  # dequant A's columns (the reduction index) inside the tile
-            if EVEN_R:
-                s_r = tl.load(scale_ptr + r0 + offs_r)
-            else:
-                s_r = tl.load(scale_ptr + r0 + offs_r, mask=(r0 + offs_r) < r_end, other=0.0)
-            a = a.to(tl.float32) * s_r[None, :]
-        if SCALE_MODE == 4:  # dequant B's rows (the reduction index) inside the tile
-            if EVEN_R:
-                s_r = tl.load(scale_ptr + r0 + offs_r)
-            else:
-                s_r = tl.load(scale_ptr + r0 + offs_r, mask=(r0 + offs_r) < r_end, other=0.0)
-            b = b.to(tl.float32) * s_r[:, None]
         if INT8_DOT:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         else:
@@ -314,13 +273,9 @@ def _qlora_mm_kernel(
 
     # ---- epilogue: per-channel dequant scale, per-token activation scale, alpha, LoRA term, bias ----
     acc = acc.to(tl.float32)
-    if SCALE_MODE == 1:
+    if ROW_SCALE:
         acc = acc * tl.load(scale_ptr + offs_pw)[:, None]
-    if SCALE_MODE == 2:
-        acc = acc * tl.load(scale_ptr + offs_qw)[None, :]
-    if ACT_SCALE_MODE == 1:
-        acc = acc * tl.load(act_scale_ptr + offs_pw)[:, None]
-    if ACT_SCALE_MODE == 2:
+    if COL_ACT_SCALE:
         acc = acc * tl.load(act_scale_ptr + offs_qw)[None, :]
     if HAS_LORA:
         # the rank-r term accumulates into acc's own registers: a separate [BLOCK_P, BLOCK_Q] result
@@ -341,10 +296,8 @@ def _qlora_mm_kernel(
         acc = acc * lora_alpha
     else:
         acc = acc * alpha
-    if BIAS_MODE == 1:
+    if ROW_BIAS:
         acc += tl.load(bias_ptr + offs_pw).to(tl.float32)[:, None]
-    if BIAS_MODE == 2:
-        acc += tl.load(bias_ptr + offs_qw).to(tl.float32)[None, :]
 
     c_ptrs = c_ptr + pid_s * stride_cs + offs_p[:, None] * stride_cp + offs_q[None, :] * stride_cq
     c_mask = (offs_p[:, None] < P) & (offs_q[None, :] < Q)
@@ -355,8 +308,8 @@ def _qlora_mm_kernel(
 # Host wrappers: autotune configs, shapes, strides, grid
 # =============================================================================================
 _KEY = [
-    "P", "Q", "R", "SCALE_MODE", "ACT_SCALE_MODE", "INT8_DOT", "BIAS_MODE", "HAS_LORA", "BLOCK_RANK",
-    "A_SOFT_FP8", "B_SOFT_FP8", "stride_ar", "stride_bq",
+    "P", "Q", "R", "ROW_SCALE", "COL_ACT_SCALE", "INT8_DOT", "ROW_BIAS", "HAS_LORA", "BLOCK_RANK", "SOFT_FP8",
+    "stride_ar", "stride_bq",
 ]
 
 
@@ -527,21 +480,19 @@ def _mm(
     *,
     compute,
     scale: Optional[torch.Tensor] = None,
-    scale_mode: int = 0,
     bias: Optional[torch.Tensor] = None,
-    bias_mode: int = 0,
     lora=None,
     alpha: float = 1.0,
     splits: int = 1,
     r_per_split: Optional[int] = None,
-    a_soft: bool = False,
-    b_soft: bool = False,
+    soft: bool = False,
     act_scale: Optional[torch.Tensor] = None,
-    act_scale_mode: int = 0,
     int8_dot: bool = False,
 ) -> None:
-    """Launch ``_qlora_mm_kernel`` as ``kind`` = main | skinny_q | skinny_p. ``int8_dot``: both
-    operands are int8 (weight and per-token quantised activations), summed exactly in int32."""
+    """Launch ``_qlora_mm_kernel`` as ``kind`` = main | skinny_q | skinny_p. ``scale`` and ``bias``:
+    per row of C (A is the 8-bit weight; ``soft``: FP8 decoded in integer arithmetic);
+    ``act_scale``: per column of C. ``int8_dot``: both operands are int8 (weight and per-token
+    quantised activations), summed exactly in int32."""
     cdt, prec = compute
     rps = R if splits == 1 else r_per_split
     if lora is not None and lora[5] == 0.0:  # a zero LoRA scale adds nothing (the epilogue divides by it)
@@ -571,13 +522,12 @@ def _mm(
         float(alpha), float(lora_alpha),
     )
     meta = dict(
-        SCALE_MODE=scale_mode,
-        ACT_SCALE_MODE=act_scale_mode,
-        BIAS_MODE=bias_mode,
+        ROW_SCALE=scale is not None,
+        COL_ACT_SCALE=act_scale is not None,
+        ROW_BIAS=bias is not None,
         HAS_LORA=lora is not None,
         BLOCK_RANK=max(16, _next_pow2(rank)),
-        A_SOFT_FP8=a_soft,
-        B_SOFT_FP8=b_soft,
+        SOFT_FP8=soft,
         COMPUTE=cdt,
         INT8_DOT=int8_dot,
         DOT_PRECISION=prec,
@@ -589,8 +539,8 @@ def _mm(
     # call for a problem key, launch the JIT kernel with the tuned config, skipping the autotuner and
     # heuristics layers, and from the next call on its compiled form (`launch`). The key holds
     # everything the autotuner keys on (_KEY, dtypes).
-    key = (kind, P, Q, R, scale_mode, act_scale_mode, int8_dot, bias_mode, lora is not None, meta["BLOCK_RANK"],
-           a_soft, b_soft, a_st[1], b_st[1], a.dtype, b.dtype, out.dtype, l1.dtype, l2.dtype, cdt, splits > 1)
+    key = (kind, P, Q, R, scale is not None, act_scale is not None, int8_dot, bias is not None, lora is not None,
+           meta["BLOCK_RANK"], soft, a_st[1], b_st[1], a.dtype, b.dtype, out.dtype, l1.dtype, l2.dtype, cdt, splits > 1)
     best = _BEST_CONFIG.get(key) if _utils.FAST_LAUNCH else None
     if best is None:
         def grid(m):
@@ -622,18 +572,6 @@ def _reduce_over_m(kind, a, a_st, b, b_st, P, Q, R, out_dtype, device, compute, 
     _mm(kind, a, a_st, b, b_st, part, (part.stride(0), part.stride(1), part.stride(2)), P, Q, R,
         compute=compute, alpha=alpha, splits=splits, r_per_split=rps)
     return part.sum(0).to(out_dtype)  # deterministic (no atomics)
-
-
-def _scale(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, per_row: bool) -> torch.Tensor:
-    """Launch ``_scale_kernel`` on a contiguous 2-D ``x`` (8-bit weight or activations)."""
-    x, soft = _wq_operand(x.contiguous())
-    scale = scale.contiguous()  # read as a dense vector
-    out = empty(tuple(x.shape), out_dtype, x.device)
-    block = 1024 if is_interpret() else 4096
-    launch(_scale_kernel, (cdiv(x.numel(), block),), (x, scale, out, x.numel(), x.shape[1]),
-           dict(PER_ROW=per_row, SOFT_FP8=soft, EMULATE_RNE=is_interpret() and out_dtype == torch.bfloat16,
-                BLOCK=block, num_warps=8, **FP_FUSION))
-    return out
 
 
 def quantize_rows(x: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -680,27 +618,20 @@ def transpose_8bit(w: torch.Tensor) -> torch.Tensor:
 
 def dequantize(w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(w_q.float() * w_scale[:, None]).to(dtype)`` in one pass, no float32 temporary."""
-    return _scale(w_q, w_scale, dtype, per_row=True)
-
-
-def _skinny(a: torch.Tensor, lora: torch.Tensor, transpose_b: bool, compute) -> torch.Tensor:
-    """[M, r] = a · loraᵀ (t = x·Aᵀ) or a · lora (u = dy·B), stored in a's dtype as PEFT does.
-
-    Plain 16/32-bit GEMMs with nothing to dequantise: cuBLAS by default. Same GPU time as our
-    skinny kernel (kernels-h100.md run 6), but each Triton launch costs ~100 µs of Python on the
-    host (profiled on the H100 machine's CPU) against ~10-40 µs for a torch op; SKINNY = "triton"
-    keeps them on our kernel."""
-    _check_switch("SKINNY", SKINNY, _SKINNY_MODES)
-    if SKINNY == "cublas":
-        b = lora.to(a.dtype)
-        return torch.mm(a, b.t() if transpose_b else b)
-    M, K = a.shape
-    r = lora.shape[0] if transpose_b else lora.shape[1]
-    b_st = (lora.stride(1), lora.stride(0)) if transpose_b else (lora.stride(0), lora.stride(1))
-    out = empty((M, r), a.dtype, a.device)
-    _mm("skinny_q", a, (a.stride(0), a.stride(1)), lora, b_st, out, (0, out.stride(0), out.stride(1)),
-        M, r, K, compute=compute)
+    x, soft = _wq_operand(w_q.contiguous())
+    out = empty(tuple(x.shape), dtype, x.device)
+    block = 1024 if is_interpret() else 4096
+    launch(_scale_kernel, (cdiv(x.numel(), block),), (x, w_scale.contiguous(), out, x.numel(), x.shape[1]),
+           dict(SOFT_FP8=soft, EMULATE_RNE=is_interpret() and dtype == torch.bfloat16, BLOCK=block, num_warps=8,
+                **FP_FUSION))
     return out
+
+
+def _skinny(a: torch.Tensor, lora: torch.Tensor, transpose_b: bool) -> torch.Tensor:
+    """[M, r] = a · loraᵀ (t = x·Aᵀ) or a · lora (u = dy·B), stored in a's dtype as PEFT does: cuBLAS
+    (nothing to dequantise; a torch op costs less host time than a Triton launch)."""
+    b = lora.to(a.dtype)
+    return torch.mm(a, b.t() if transpose_b else b)
 
 
 def _wq_operand(w_q: torch.Tensor) -> Tuple[torch.Tensor, bool]:
@@ -716,7 +647,6 @@ def lora_linear_forward(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
-    swap: Optional[bool] = None,
     act8: bool = False,
     lead_shape: Optional[Tuple[int, ...]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -727,30 +657,20 @@ def lora_linear_forward(
     N, r = w_q.shape[0], lora_A.shape[0]
     if bias is not None:
         bias = bias.contiguous()  # the epilogue reads it as a dense vector
-    swap = SWAP_FWD if swap is None else swap
-    dev = x2d.device
     comp = _compute(x2d.dtype)
     wq, soft = _wq_operand(w_q)
 
-    t = _skinny(x2d, lora_A, transpose_b=True, compute=comp)  # t = x · Aᵀ  [M, r], from the exact x
+    t = _skinny(x2d, lora_A, transpose_b=True)  # t = x · Aᵀ  [M, r], from the exact x
 
     # act8: y = s_x[m] · s_w[n] · (q_x · Wqᵀ) + bias + s·t·Bᵀ, the GEMM on q_x instead of x
     xg, s_x = quantize_rows(x2d) if act8 else (x2d, None)
-    act = dict(int8_dot=act8, act_scale=s_x)
-    y_out = empty((*lead_shape, N) if lead_shape is not None else (M, N), x2d.dtype, dev)
+    y_out = empty((*lead_shape, N) if lead_shape is not None else (M, N), x2d.dtype, x2d.device)
     y = y_out.view(M, N)
-    if not swap:  # C[m, n]: A = x, B = Wqᵀ, scale per column, LoRA t · Bᵀ
-        _mm("main", xg, (xg.stride(0), xg.stride(1)), wq, (wq.stride(1), wq.stride(0)),
-            y, (0, y.stride(0), y.stride(1)), M, N, K, compute=comp,
-            scale=w_scale, scale_mode=2, bias=bias, bias_mode=0 if bias is None else 2,
-            lora=(t, (t.stride(0), t.stride(1)), lora_B, (lora_B.stride(1), lora_B.stride(0)), r, scale),
-            b_soft=soft, act_scale_mode=1 if act8 else 0, **act)
-    else:  # C[n, m] = yᵀ: A = Wq, B = xᵀ, scale per row, LoRA B · tᵀ
-        _mm("main", wq, (wq.stride(0), wq.stride(1)), xg, (xg.stride(1), xg.stride(0)),
-            y, (0, y.stride(1), y.stride(0)), N, M, K, compute=comp,
-            scale=w_scale, scale_mode=1, bias=bias, bias_mode=0 if bias is None else 1,
-            lora=(lora_B, (lora_B.stride(0), lora_B.stride(1)), t, (t.stride(1), t.stride(0)), r, scale),
-            a_soft=soft, act_scale_mode=2 if act8 else 0, **act)
+    # C[n, m] = yᵀ: A = Wq (scale and bias per row n), B = xᵀ, LoRA term B · tᵀ
+    _mm("main", wq, (wq.stride(0), wq.stride(1)), xg, (xg.stride(1), xg.stride(0)),
+        y, (0, y.stride(1), y.stride(0)), N, M, K, compute=comp, scale=w_scale, bias=bias,
+        lora=(lora_B, (lora_B.stride(0), lora_B.stride(1)), t, (t.stride(1), t.stride(0)), r, scale),
+        soft=soft, act_scale=s_x, int8_dot=act8)
     return y_out, t
 
 
@@ -766,7 +686,6 @@ def lora_linear_backward(
     need_dx: bool = True,
     need_dA: bool = True,
     need_dB: bool = True,
-    swap: Optional[bool] = None,
     act8: bool = False,
     dA_dtype: Optional[torch.dtype] = None,
 ):
@@ -776,48 +695,28 @@ def lora_linear_backward(
     ``lora_A``'s)."""
     M, K = x2d.shape
     N, r = w_q.shape[0], lora_A.shape[0]
-    swap = SWAP_BWD if swap is None else swap
-    _check_switch("BWD_DX", BWD_DX, _BWD_DX_MODES)
-    if act8:
-        _check_switch("ACT8_DX", ACT8_DX, _ACT8_DX_MODES)
     dev = dy.device
     comp = _compute(x2d.dtype)
     dx = dA = dB = None
 
     if need_dx or need_dA:
-        u = _skinny(dy, lora_B, transpose_b=False, compute=comp)  # u = dy · B  [M, r]
-    if need_dx and BWD_DX == "dequant" and not act8:
+        u = _skinny(dy, lora_B, transpose_b=False)  # u = dy · B  [M, r]
+    if need_dx and not act8:
         # dx = dy · dequant(Wq) + s·u·A: cuBLAS, the LoRA term accumulated in the second GEMM's epilogue
         # (beta = 1, alpha = s: one read of dx, no separate pass, no scaled copy of A)
         dx = torch.mm(dy, dequantize(w_q, w_scale, x2d.dtype))
         dx.addmm_(u, lora_A.to(x2d.dtype), alpha=scale)
     elif need_dx:
-        wq, soft = _wq_operand(w_q)
-        mode, s_g = (4 if not swap else 3), None
-        if act8:
-            # dx[m, k] = Σ_n dy[m, n]·s_w[n]·Wq[n, k]: the channel scale runs along the reduction, so
-            # it goes into dy before the per-token quantisation; the int32 sum then needs one scale, s_g[m]
-            (dy_s, s_g), mode = quantize_rows(dy, w_scale), 0
-            if ACT8_DX == "transposed":  # same [N, K] indexing, now contiguous along n
-                wq = transpose_8bit(w_q).t()
-        elif BWD_DX == "prescaled":  # dy ⊙ scale, so the tile converts Wq without scaling it
-            dy_s, mode = _scale(dy, w_scale, dy.dtype, per_row=False), 0
-        else:
-            dy_s = dy
-        act = dict(int8_dot=act8, act_scale=s_g)
+        # dx[m, k] = Σ_n dy[m, n]·s_w[n]·Wq[n, k]: the channel scale runs along the reduction, so it goes
+        # into dy before the per-token quantisation; the int32 sum then needs one scale, s_g[m]
+        dy_q, s_g = quantize_rows(dy, w_scale)
+        wq_t = transpose_8bit(w_q)  # [K, N]: contiguous along the reduction, as int8 MMAs want it
         dx = empty((M, K), x2d.dtype, dev)
-        if not swap:  # C[m, k]: A = dy, B = Wq (rows scaled in tile), LoRA u · A
-            _mm("main", dy_s, (dy_s.stride(0), dy_s.stride(1)), wq, (wq.stride(0), wq.stride(1)),
-                dx, (0, dx.stride(0), dx.stride(1)), M, K, N, compute=comp,
-                scale=w_scale, scale_mode=mode,
-                lora=(u, (u.stride(0), u.stride(1)), lora_A, (lora_A.stride(0), lora_A.stride(1)), r, scale),
-                b_soft=soft, act_scale_mode=1 if act8 else 0, **act)
-        else:  # C[k, m] = dxᵀ: A = Wqᵀ (columns scaled in tile), B = dyᵀ, LoRA Aᵀ · uᵀ
-            _mm("main", wq, (wq.stride(1), wq.stride(0)), dy_s, (dy_s.stride(1), dy_s.stride(0)),
-                dx, (0, dx.stride(1), dx.stride(0)), K, M, N, compute=comp,
-                scale=w_scale, scale_mode=mode,
-                lora=(lora_A, (lora_A.stride(1), lora_A.stride(0)), u, (u.stride(1), u.stride(0)), r, scale),
-                a_soft=soft, act_scale_mode=2 if act8 else 0, **act)
+        # C[k, m] = dxᵀ: A = Wqᵀ, B = q_gᵀ (per-token scale per column m), LoRA term Aᵀ · uᵀ
+        _mm("main", wq_t, (wq_t.stride(0), wq_t.stride(1)), dy_q, (dy_q.stride(1), dy_q.stride(0)),
+            dx, (0, dx.stride(1), dx.stride(0)), K, M, N, compute=comp,
+            lora=(lora_A, (lora_A.stride(1), lora_A.stride(0)), u, (u.stride(1), u.stride(0)), r, scale),
+            act_scale=s_g, int8_dot=True)
     if need_dA:  # dA = s · uᵀ · x   [r, K], reduce over M
         dA = _reduce_over_m("skinny_p", u, (u.stride(1), u.stride(0)), x2d, (x2d.stride(0), x2d.stride(1)),
                             r, K, M, dA_dtype or lora_A.dtype, dev, comp, scale)

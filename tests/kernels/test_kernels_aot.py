@@ -27,7 +27,7 @@ from lowvram_dopsd.kernels import aot, utils  # noqa: E402
 _SCRIPT = r"""
 import dataclasses, json
 import torch
-from lowvram_dopsd.kernels import aot, lora_linear as ll, utils
+from lowvram_dopsd.kernels import aot, utils
 
 # multiples of 16, like the real 4608 x 3840 -> 10240, rank 64: Triton specialises on divisibility,
 # so these compile to the same kernels as the real shapes
@@ -46,6 +46,16 @@ def big(c):  # the H100's largest main-GEMM tile
 
 def mid(c):  # a main-GEMM tile every target runs spill-free
     return (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_R"], c.num_stages) == (128, 128, 64, 4)
+
+
+def as_stored(launch):
+    # act_quant's dx GEMM reading Wq [N, K] in its stored order instead of the transposed copy: the
+    # same launch with A's strides swapped (the kernel variant that was removed, kept as the control)
+    args, names = list(launch.args), launch.fn.arg_names
+    ap, ar = names.index("stride_ap"), names.index("stride_ar")
+    assert (args[ap], args[ar]) == (N, 1), (args[ap], args[ar])  # the copy: [K, N], contiguous along n
+    args[ap], args[ar] = 1, K
+    return dataclasses.replace(launch, args=tuple(args))
 
 
 for tname in ("sm_86", "sm_89", "sm_90", "sm_120"):
@@ -72,11 +82,9 @@ for tname in ("sm_86", "sm_89", "sm_90", "sm_120"):
                 add(tname, "big-" + tag, launch, [c for c in launch.configs() if big(c)])
     for launch in aot.record(aot.loss_step(), tg):
         add(tname, "fallback-loss", launch)
-    ll.ACT8_DX = "direct"  # the control: dx reading Wq against its stored order
     for launch in aot.record(aot.lora_linear_step(M, K, N, R, "int8", True), tg):
-        if launch.name == "_mm_main" and launch.label == "backward":
-            add(tname, "direct-act8", launch, launch.configs()[-1:])
-    ll.ACT8_DX = "transposed"
+        if launch.name == "_mm_main" and launch.label == "backward":  # the control: Wq read as stored
+            add(tname, "direct-act8", as_stored(launch), launch.configs()[-1:])
 # Turing, below kernels.utils.MIN_CAPABILITY: is there still no tensor-core path (and no act8 GEMM)?
 tg = aot.TARGETS["sm_75"]
 for tag, act8 in (("old-int8", False), ("old-act8", True)):
@@ -159,9 +167,9 @@ def test_int8_gemms_k_loop_is_tritons_plain_int8_gemm(rows, target, label):
 @pytest.mark.parametrize("target", ["sm_86", "sm_89", "sm_90", "sm_120"])
 def test_int8_dx_runs_the_forwards_k_loop(rows, target):
     """Int8 MMAs take both operands contiguous along the reduction, and act_quant's dx reduces over
-    Wq's rows. On the transposed copy (ACT8_DX = "transposed") dx compiles to the forward's K loop,
-    instruction for instruction; the control, Wq read in stored order, does not (on sm_90 its tile
-    goes through a synchronous load and byte-wise shared-memory stores every iteration)."""
+    Wq's rows. On the transposed copy dx compiles to the forward's K loop, instruction for
+    instruction; the control, Wq read in stored order, does not (on sm_90 its tile goes through a
+    synchronous load and byte-wise shared-memory stores every iteration)."""
     fwd, dx = (_select(rows, target=target, tag="fallback-act8", kernel="_mm_main", label=lab)
                for lab in ("forward", "backward"))
     direct = _select(rows, target=target, tag="direct-act8")

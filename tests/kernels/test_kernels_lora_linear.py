@@ -57,25 +57,10 @@ def _run_reference64(d, s, w_scale_mult=1.0, s_mult=1.0, act_quant="off"):
     return y, x.grad, A.grad, B.grad
 
 
-# GEMM variants (lora_linear module switches): the 8-bit weight as right (xW) or left (Wx) dot
-# operand of our GEMMs; how the backward gets dx: cuBLAS on a transient dequantised weight (D, the
-# default), our GEMM scaling in the tile (F) or on dy pre-scaled by the channel scale (S); and the
-# skinny GEMMs t = x·Aᵀ, u = dy·B on cuBLAS (default) or on our kernel (T).
-VARIANTS = {"WxD": (True, "dequant", "cublas"), "WxDT": (True, "dequant", "triton"),
-            "xWF": (False, "fused", "cublas"), "WxF": (True, "fused", "triton"),
-            "xWS": (False, "prescaled", "triton"), "WxS": (True, "prescaled", "cublas")}
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"x{c[0]}-K{c[1]}-N{c[2]}-r{c[3]}-{'bias' if c[4] else 'nobias'}")
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_lora_linear_matches_reference(kernels_on, monkeypatch, dtype, fmt, case, variant):
-    swap, dx_mode, skinny = VARIANTS[variant]
-    monkeypatch.setattr(ll, "SWAP_FWD", swap)
-    monkeypatch.setattr(ll, "SWAP_BWD", swap)
-    monkeypatch.setattr(ll, "BWD_DX", dx_mode)
-    monkeypatch.setattr(ll, "SKINNY", skinny)
+def test_lora_linear_matches_reference(kernels_on, dtype, fmt, case):
     d = _make(case, dtype, fmt)
     s = 0.75
     outs = _run_kernel(d, s)
@@ -89,17 +74,12 @@ def test_lora_linear_matches_reference(kernels_on, monkeypatch, dtype, fmt, case
         assert err <= TOL[dtype], f"{name}: rel err {err:.3e} > {TOL[dtype]:.0e}"
 
 
-@pytest.mark.parametrize("swap,act8_dx", [(True, "transposed"), (False, "transposed"), (True, "direct")],
-                         ids=["Wx", "xW", "Wx-direct"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"x{c[0]}-K{c[1]}-N{c[2]}-r{c[3]}-{'bias' if c[4] else 'nobias'}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_int8_activations_match_reference(kernels_on, monkeypatch, dtype, case, swap, act8_dx):
-    """act_quant="int8": int8 x int8 -> int32 base GEMMs (forward and dx, in either orientation,
-    dx on the transposed weight copy or on Wq as stored) against the float64 reference of the same
-    numerics, at the same tolerances as the exact path."""
-    monkeypatch.setattr(ll, "SWAP_FWD", swap)
-    monkeypatch.setattr(ll, "SWAP_BWD", swap)
-    monkeypatch.setattr(ll, "ACT8_DX", act8_dx)
+def test_int8_activations_match_reference(kernels_on, dtype, case):
+    """act_quant="int8": int8 x int8 -> int32 base GEMMs (forward, and dx on the transposed weight
+    copy) against the float64 reference of the same numerics, at the same tolerances as the exact
+    path."""
     d = _make(case, dtype, "int8", seed=7)
     outs = _run_kernel(d, 0.75, act_quant="int8")
     refs = _run_reference64(d, 0.75, act_quant="int8")
@@ -350,14 +330,6 @@ def test_dequantize_is_bitwise_the_reference(kernels_on, monkeypatch, dtype, sof
         out = ll.dequantize(w_q.to(DEVICE), w_scale.to(DEVICE), dtype)
         assert out.dtype == dtype
         assert torch.equal(out.cpu(), (w_q.float() * w_scale[:, None]).to(dtype)), fmt
-
-
-@pytest.mark.parametrize("switch,value", [("BWD_DX", "cublas"), ("SKINNY", "cutlass"), ("ACT8_DX", "copy")])
-def test_unknown_switch_value_is_refused(kernels_on, monkeypatch, switch, value):
-    monkeypatch.setattr(ll, switch, value)
-    d = _make(CASES[0], torch.float32, "int8")
-    with pytest.raises(ValueError, match=f"LOWVRAM_DOPSD_LORA_{switch}='{value}'"):
-        _run_kernel(d, 1.0, act_quant="int8" if switch == "ACT8_DX" else "off")
 
 
 @pytest.mark.parametrize("shape", [(37, 70), (16, 16), (1, 5), (70, 33)], ids=str)
