@@ -2,7 +2,7 @@
 
     lowvram-dopsd train --preset 16gb --images ./my_dog
     lowvram-dopsd train --preset 16gb --images ./my_dog --resume        # continue the run in --output
-    lowvram-dopsd demo          # tiny Z-Image model + bundled images, on the CPU, about a minute
+    lowvram-dopsd demo          # the toy world on the CPU: a trained 4-step model learns a ring (--world tiny)
     lowvram-dopsd settings --preset 16gb --rank 32                      # every setting, its value, what it does
     lowvram-dopsd sample --lora out --prompt "sks dog on the moon"      # stock diffusers pipeline
     lowvram-dopsd eval --lora A --lora B --images ./my_dog --trigger "sks dog"   # which LoRA is better
@@ -21,19 +21,22 @@ from pathlib import Path
 from .config import (FLAG_OF, FLAGS, SETTINGS, TrainConfig, coerce, field_names, load_config, preset_names,
                      read_preset, typed_value)
 from .errors import EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOPPED, Stopped, UserError
+from .progress import program
 
 
 SETTINGS_NOTE = ("Defaults shown are the built-in ones; a preset replaces some of them. "
                  "`lowvram-dopsd settings --preset NAME [flags]` lists every setting with the value it will have.")
 
 
-def _flag_help(key: str) -> tuple[str, str]:
-    """(metavar, help) of a setting's flag, from the setting's own documentation (config.py)."""
+def _flag_help(key: str, default: str | None = None) -> tuple[str, str]:
+    """(metavar, help) of a setting's flag, from the setting's own documentation (config.py); `default`:
+    what to show as its default instead of the built-in one (a command with its own, like `demo`)."""
     f = SETTINGS[key]
     choices = f.metadata["choices"]
     metavar = "{" + ",".join(c or "''" for c in choices) + "}" if choices else key.upper()
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return metavar, f"{f.metadata['help']} (default: {default!r})"
+    if default is None:
+        default = repr(f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+    return metavar, f"{f.metadata['help']} (default: {default})"
 
 
 # The settings that change a step's GPU memory (plan.py reads these): `plan --help` lists their flags.
@@ -43,13 +46,15 @@ MEMORY_SETTINGS = ("model", "teacher", "rank", "micro_batch", "resolution", "dty
 
 
 def _add_train_flags(p: argparse.ArgumentParser, preset_default: str | None, resume: bool = True,
-                     listed: tuple[str, ...] | None = None) -> None:
-    """The settings' flags; `listed`: the ones --help shows (None: all)."""
+                     listed: tuple[str, ...] | None = None, defaults: dict[str, str] | None = None,
+                     preset_help: str = "") -> None:
+    """The settings' flags; `listed`: the ones --help shows (None: all); `defaults`: the defaults --help shows
+    where the command has its own (None: the built-in ones)."""
     p.add_argument("--preset", default=preset_default,
                    help=f"shipped preset ({', '.join(preset_names())}) or a .toml file with the same keys "
-                        "(base = \"16gb\" in it starts from a shipped one)")
+                        "(base = \"16gb\" in it starts from a shipped one)" + preset_help)
     for flag, key in FLAGS.items():
-        metavar, help_ = _flag_help(key)
+        metavar, help_ = _flag_help(key, (defaults or {}).get(key))
         shown = listed is None or key in listed
         p.add_argument(flag, dest=key, default=None, metavar=metavar, help=help_ if shown else argparse.SUPPRESS)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -72,7 +77,7 @@ def _without_resume(argv: list[str]) -> list[str]:
             continue
         if not a.startswith("--resume="):
             out.append(a)
-    return ["lowvram-dopsd", *out]
+    return [*program(), *out]
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -102,11 +107,16 @@ def exit_code(run) -> int:
     return EXIT_STOPPED if run.stopped else EXIT_FINISHED
 
 
+def demo_root() -> Path:
+    """Where the demo keeps what it builds (the tiny models) and its feature cache."""
+    return Path(os.environ.get("LOWVRAM_DOPSD_DEMO_DIR", Path.home() / ".cache" / "lowvram-dopsd" / "demo"))
+
+
 def demo_model_dir() -> Path:
-    """The embedded default: a tiny Z-Image + Qwen3-VL pair, built once (seconds) and reused."""
+    """The tiny world's models: a tiny Z-Image + Qwen3-VL pair, built once (seconds) and reused."""
     from .tiny import make_tiny_qwen3vl, make_tiny_zimage
 
-    root = Path(os.environ.get("LOWVRAM_DOPSD_DEMO_DIR", Path.home() / ".cache" / "lowvram-dopsd" / "demo"))
+    root = demo_root()
     model, vlm = root / "tiny-zimage", root / "tiny-qwen3vl"
     if not (model / "model_index.json").is_file():
         make_tiny_zimage(model)
@@ -115,9 +125,36 @@ def demo_model_dir() -> Path:
     return root
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def demo_world(world: str) -> tuple[str, dict[str, str]]:
+    """The preset and settings of a demo world (flags and --preset replace them).
+
+    toy (the default): the toy world (docs/toy.md), a trained 4-step 32x32 model whose teacher really reads
+    the reference image, and 6 images of a shape it never saw (a ring) bound to the trigger 'sks': the
+    previews show it being learnt. tiny: a random-weight tiny Z-Image and Qwen3-VL through the real
+    diffusers classes, the code path of a real run, its previews noise."""
     from importlib import resources
 
+    assets, root = resources.files("lowvram_dopsd") / "assets", demo_root()
+    common = {"output": "dopsd-demo-out", "cache_dir": str(root / "features")}
+    if world == "toy":
+        return "toy", {**common, "model": str(assets / "toy" / "model"), "images": str(assets / "toy" / "concept"),
+                       "trigger": "sks"}
+    return "cpu-demo", {**common, "model": str(root / "tiny-zimage"), "teacher_encoder": str(root / "tiny-qwen3vl"),
+                        "images": str(assets / "demo"), "trigger": "sks ball",
+                        "preview_every": "10"}  # previews: the demo shows what it learns
+
+
+def demo_defaults() -> dict[str, str]:
+    """`demo --help`: each setting's value in the default (toy) world, and in the tiny one where it differs."""
+    configs = {world: load_config(*demo_world(world)).to_dict() for world in ("toy", "tiny")}
+    shown = {}
+    for key, value in configs["toy"].items():
+        tiny = configs["tiny"][key]
+        shown[key] = f"{value!r}" + (f"; --world tiny: {tiny!r}" if tiny != value else "")
+    return shown
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .train import train
@@ -125,25 +162,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The tiny model is latency-bound: on a 2-core machine one thread ran the demo at 0.44 s/step,
     # two threads (the default) at 14-63 s/step (thread wake-ups on every small op).
     torch.set_num_threads(1)
-    if getattr(args, "world", "tiny") == "toy":
-        # The toy world (docs/toy.md): a trained 4-step 32x32 model whose teacher really reads the
-        # reference image, and 6 images of a shape it never saw (a ring) bound to the trigger 'sks'.
-        toy = resources.files("lowvram_dopsd") / "assets" / "toy"
-        root = Path(os.environ.get("LOWVRAM_DOPSD_DEMO_DIR", Path.home() / ".cache" / "lowvram-dopsd" / "demo"))
-        preset = "toy" if args.preset == "cpu-demo" else args.preset
-        overrides = {"model": str(toy / "model"), "images": str(toy / "concept"), "output": "dopsd-demo-out",
-                     "cache_dir": str(root / "features"), "trigger": "sks"}
-        overrides.update(_overrides(args))
-        return exit_code(train(load_config(preset, overrides), preset=preset, resume=args.resume,
-                               command=_without_resume(args.argv)))
-    root = demo_model_dir()
-    images = resources.files("lowvram_dopsd") / "assets" / "demo"
-    overrides = {"model": str(root / "tiny-zimage"), "teacher_encoder": str(root / "tiny-qwen3vl"),
-                 "images": str(images), "output": "dopsd-demo-out", "cache_dir": str(root / "features"),
-                 "trigger": "sks ball", "preview_every": "10"}  # previews: the demo shows what it learns
-    overrides.update(_overrides(args))
-    cfg = load_config(args.preset, overrides)
-    return exit_code(train(cfg, preset=args.preset, resume=args.resume, command=_without_resume(args.argv)))
+    if args.world == "tiny":
+        demo_model_dir()
+    preset, settings = demo_world(args.world)
+    preset = args.preset or preset
+    cfg = load_config(preset, {**settings, **_overrides(args)})
+    return exit_code(train(cfg, preset=preset, resume=args.resume, command=_without_resume(args.argv)))
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -276,11 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description=SETTINGS_NOTE)
     _add_train_flags(p, preset_default=None)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("demo", help="train on the embedded tiny model and bundled images (CPU, ~1 min)")
-    _add_train_flags(p, preset_default="cpu-demo")
-    p.add_argument("--world", choices=["tiny", "toy"], default="tiny",
-                   help="tiny: random-weight tiny Z-Image (plumbing only); toy: the trained toy world "
-                        "(docs/toy.md), preset 'toy'")
+    p = sub.add_parser("demo", help="train on an embedded model and bundled images, on the CPU (the toy world: "
+                                    "a trained 4-step model learns a new shape in a few minutes at most)",
+                       description=demo_world.__doc__.split("\n\n")[1].replace("\n    ", " "))
+    _add_train_flags(p, preset_default=None, defaults=demo_defaults(),
+                     preset_help=" (default: 'toy'; --world tiny: 'cpu-demo')")
+    p.add_argument("--world", choices=["toy", "tiny"], default="toy",
+                   help="toy: the trained toy world (docs/toy.md), its previews show the ring being learnt; tiny: "
+                        "a random-weight tiny Z-Image through the real diffusers classes (the code path of a real "
+                        "run; its previews are noise) (default: toy)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("plan", help="predict the GPU memory of a training step, from the model's config alone",
                        description="Takes the train command's flags; those listed change the memory.")

@@ -186,7 +186,8 @@ def _open_checked(path: Path) -> tuple[Image.Image, str | None]:
             raise ValueError(f"larger than Pillow's decompression-bomb limit ({limit:.0f} MP): downscale it "
                              "(training uses about resolution² pixels anyway)") from exc
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise ValueError(f"not a readable image ({str(exc) or type(exc).__name__})") from exc
+            raise ValueError(f"not a readable image ({str(exc) or type(exc).__name__}): damaged, or not an image; "
+                             "open it in an image viewer and re-export it as PNG or JPEG") from exc
     note = None
     if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
         note = f"very large ({im.width}x{im.height}); it is used, but decoding it takes a lot of memory"
@@ -245,7 +246,8 @@ def scan(folder: str, caption: str, trigger: str, resolution: int, on_bad_image:
             skipped.append((path, str(exc)))
             continue
         if min(im.size) < MIN_SIDE:
-            skipped.append((path, f"too small ({im.width}x{im.height}); images need at least {MIN_SIDE} px a side"))
+            skipped.append((path, f"too small ({im.width}x{im.height}): images need at least {MIN_SIDE} px a "
+                                  "side; use a larger version of it"))
             continue
         if note:
             notes.append((path, note))
@@ -282,8 +284,8 @@ def scan(folder: str, caption: str, trigger: str, resolution: int, on_bad_image:
                           image_sha256=hashlib.sha256(data).hexdigest(), width=w, height=h))
     total = len(files) + len(not_read)
     if not items:
-        raise UserError(f"None of the {total} images in '{root}' could be read and used "
-                        f"({_listing(skipped, lambda p: p.name)}). Re-export them as PNG or JPEG and run again.")
+        raise UserError(f"None of the {total} images in '{root}' could be read and used: "
+                        f"{_listing(skipped, lambda p: p.name)}. Do what each one's reason says and run again.")
     ds = Dataset(items=items, skipped=skipped, caption_rule=caption_rule(caption, trigger), warnings=notes,
                  triggers=[trigger] if trigger else [], source=str(folder))
     if on_bad_image == "stop":

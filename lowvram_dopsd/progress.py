@@ -9,6 +9,8 @@ file) the same numbers are printed as one plain line at the first and last step 
 from __future__ import annotations
 
 import codecs
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,22 @@ PACE_STEPS = 3
 
 def make_console() -> Console:
     return Console(stderr=False, highlight=False, soft_wrap=False)
+
+
+def program() -> list[str]:
+    """How to run this tool again, as the first words of a command printed to be copied: `lowvram-dopsd`
+    where that name finds this very program on PATH (or when Python code called us); else the path it was
+    started by (scripts/demo.sh runs .venv/bin/lowvram-dopsd, which a fresh shell does not find), or
+    `python -m lowvram_dopsd` with this Python."""
+    started = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if started.name == "__main__.py" and started.parent.name == "lowvram_dopsd":
+        return [sys.executable, "-m", "lowvram_dopsd"]
+    if started.name != "lowvram-dopsd":
+        return ["lowvram-dopsd"]
+    found = shutil.which("lowvram-dopsd")
+    if found and os.path.realpath(found) == os.path.realpath(started):
+        return ["lowvram-dopsd"]
+    return [os.path.abspath(started)]
 
 
 def plain_console(stderr: bool = False) -> Console:

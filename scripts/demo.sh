@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The embedded default: D-OPSD on a tiny Z-Image model and bundled images, on the CPU (~1 minute).
+# The embedded demo: D-OPSD on the toy world (a trained 4-step model learns a new shape; previews show it)
+# on the CPU. `--world tiny`: a random tiny Z-Image through the real diffusers classes. Any demo flag works.
+# It runs where you stand: the output folder (dopsd-demo-out) and the paths it prints are relative to it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+here=$(pwd)
+repo=$(cd "$(dirname "$0")/.." && pwd)
+(cd "$repo" && bash scripts/setup.sh)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/lowvram-dopsd demo "$@"
+cd "$here"
+exec "$repo/.venv/bin/lowvram-dopsd" demo "$@"

@@ -248,3 +248,18 @@ def test_a_trigger_placeholder_without_a_trigger_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"a\.png.*\[trigger\] placeholder.*--trigger"):
         data.scan(str(tmp_path), "", "", 64)
     assert data.scan(str(tmp_path), "", "sks dog", 64).items[0].caption == "a photo of sks dog on grass"
+
+
+def test_the_advice_for_unusable_images_works_when_followed(tmp_path):
+    """A 1x1 image used to get 'Re-export them as PNG or JPEG', which changes nothing; each image's own
+    reason now says what to do, and doing it makes the folder usable."""
+    img(tmp_path / "dot.png", (1, 1))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(UserError) as err:
+        data.scan(str(tmp_path), "", "sks", 64)
+    msg = str(err.value)
+    assert "dot.png: too small (1x1)" in msg and "use a larger version of it" in msg
+    assert "broken.jpg: not a readable image" in msg and "re-export it as PNG or JPEG" in msg
+    img(tmp_path / "dot.png", (64, 64))  # a larger version
+    img(tmp_path / "broken.jpg")         # re-exported
+    assert len(data.scan(str(tmp_path), "", "sks", 64)) == 2

@@ -13,7 +13,7 @@ from lowvram_dopsd.output import read_info
 def test_demo_runs_and_writes_a_lora_the_pipeline_loads(tmp_path, monkeypatch, tiny_demo_root, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LOWVRAM_DOPSD_DEMO_DIR", str(tiny_demo_root))
-    assert main(["demo", "--steps", "2"]) == 0
+    assert main(["demo", "--world", "tiny", "--steps", "2"]) == 0
     out = tmp_path / "dopsd-demo-out"
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     info = read_info(out / "pytorch_lora_weights.safetensors")
@@ -236,3 +236,61 @@ def test_ctrl_c_outside_a_run_gives_no_advice_to_resume(monkeypatch, capsys):
     monkeypatch.setattr("lowvram_dopsd.cli.cmd_presets", interrupted)
     assert main(["presets"]) == 130
     assert capsys.readouterr().err == "interrupted.\n"
+
+
+def test_demo_help_shows_the_demos_defaults(capsys):
+    from lowvram_dopsd.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "optimizer steps to train (default: 300; --world tiny: 20)" in out  # not train's 1000
+    assert "metrics.jsonl (default: 'dopsd-demo-out')" in out and "(default: 'out')" not in out
+    assert "(default: 'toy'; --world tiny: 'cpu-demo')" in out
+    assert build_parser().parse_args(["demo"]).world == "toy"  # the default world is the one that learns
+
+
+@pytest.mark.parametrize("started, on_path, expected", [
+    ("venv/bin/lowvram-dopsd", False, ["{tmp}/venv/bin/lowvram-dopsd"]),  # scripts/demo.sh's: not on PATH
+    ("venv/bin/lowvram-dopsd", True, ["lowvram-dopsd"]),
+    ("lowvram_dopsd/__main__.py", False, ["{python}", "-m", "lowvram_dopsd"]),  # python -m lowvram_dopsd
+    ("pytest", False, ["lowvram-dopsd"]),  # called from Python code: the name the docs use
+])
+def test_commands_to_copy_start_with_a_program_the_shell_finds(monkeypatch, tmp_path, started, on_path, expected):
+    import sys
+
+    from lowvram_dopsd import progress
+
+    script = tmp_path / started
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [started])  # relative, as a shell may pass it
+    monkeypatch.setenv("PATH", str(script.parent) if on_path else str(tmp_path / "empty"))
+    assert progress.program() == [e.format(tmp=tmp_path, python=sys.executable) for e in expected]
+
+
+def test_demo_sh_runs_where_you_stand(tmp_path):
+    """scripts/demo.sh sets the repository up, then runs the demo in the caller's folder: the output folder
+    and the paths it prints are relative to where the user stands, not to the repository."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(Path(__file__).parents[1] / "scripts" / "demo.sh", repo / "scripts")
+    (repo / "scripts" / "setup.sh").write_text("pwd > setup-ran-in\n")
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    fake = repo / ".venv" / "bin" / "lowvram-dopsd"
+    fake.write_text('#!/usr/bin/env bash\necho "$(pwd)|$*"\n')
+    fake.chmod(0o755)
+    user = tmp_path / "somewhere else"
+    user.mkdir()
+    done = subprocess.run(["bash", str(repo / "scripts" / "demo.sh"), "--steps", "3"], cwd=user, capture_output=True,
+                          text=True, env={**os.environ, "PATH": os.environ["PATH"]})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{user}|demo --steps 3\n"
+    assert (repo / "setup-ran-in").read_text().strip() == str(repo)
