@@ -25,7 +25,7 @@ For each configuration it
      shapes: Z-Image caption features [512, 2560] for the student, [1024, 2560] for the VLM
      teacher; klein [512, 7680] for both, plus the edit teacher's reference-image tokens and
      position ids as the pipeline builds them for `image=`), then clips, steps the optimizer and
-     updates the EMA teacher with `train.optimizer_step`, as `train.train` does;
+     updates the EMA teacher with `optim.optimizer_step` and `lora.ema_update`, as `train.train_step` does;
   4. records `torch.cuda.max_memory_allocated` over the second (steady-state) step, its time, the
      phase probes (one teacher pass without grad, one student forward+backward) and the planner's
      prediction for the same settings, side by side.
@@ -213,7 +213,8 @@ def run_child(name: str, args) -> dict:
     from lowvram_dopsd.config import load_config
     from lowvram_dopsd.families import load_family
     from lowvram_dopsd.lora import DualLoRA
-    from lowvram_dopsd.train import make_optimizer, optimizer_step, rollout_and_learn, route_fused_linears
+    from lowvram_dopsd.optim import make_optimizer, optimizer_step
+    from lowvram_dopsd.train import rollout_and_learn, route_fused_linears
 
     spec = dict(CONFIGS[name])
     family_name = spec.pop("family")
@@ -282,7 +283,8 @@ def run_child(name: str, args) -> dict:
         if prior:  # as train.py: the prior prompt's condition for student and target, the bare base as teacher
             losses += rollout_and_learn(family, model, lora, x0.clone(), sigmas, c_s, c_s, trained, cfg.loss,
                                         loss_scale=1.0 / len(trained), teacher=None, kernels=cfg.kernels)[0]
-        optimizer_step(params, optimizer, scheduler, lora, cfg, sum(losses) / len(losses))  # clip, step, EMA
+        if optimizer_step(params, optimizer, scheduler, cfg.max_grad_norm, sum(losses) / len(losses))[0]:  # clip, step
+            lora.ema_update(cfg.ema_decay)  # as train.train_step
         return losses
 
     def sync():

@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -41,11 +41,15 @@ from . import __version__
 from .cache import current_umask, write_safetensors
 from .config import TrainConfig, as_argument
 from .errors import UserError
+from .output import LORA_FILE, TEACHER_FILE, save_lora
 from .tracking import TB_DIR
 
+if TYPE_CHECKING:
+    from .data import Dataset
+    from .families.base import Family
+
 CKPT_DIR = "checkpoints"
-STUDENT_FILE = "pytorch_lora_weights.safetensors"
-TEACHER_FILE = "teacher_ema_lora.safetensors"
+STUDENT_FILE, TEACHER_FILE = LORA_FILE, TEACHER_FILE  # the LoRA files of a run, in a checkpoint too
 STATE_FILE = "state.json"
 FORMAT = 2
 
@@ -91,6 +95,14 @@ def model_identity(model_dir: Path, family_name: str, transformer_file: Path | s
     for p in weights:
         h.update(f"{p.name}:{p.stat().st_size}".encode())
     return h.hexdigest()
+
+
+def run_identity(family: Family, ds: Dataset, teacher: str, cfg: TrainConfig) -> dict[str, str]:
+    """What a checkpoint must find again to be resumed (check_compatible)."""
+    return {"model": model_identity(family.model_dir, family.name, family.transformer_file),
+            "dataset": digest(ds.identity()),
+            "conditions": digest([family.encoder_identity("student", cfg),
+                                             family.encoder_identity(teacher, cfg)])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +225,6 @@ def latest(out_dir: Path) -> Path | None:
 def save(out_dir: Path, step: int, lora, optimizer: torch.optim.Optimizer, scheduler, rng_state: RNGState,
          cfg: TrainConfig, identity: dict[str, Any], info: dict[str, Any], keep: int) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep` (0 = keep all)."""
-    from .output import save_lora
-
     root = Path(out_dir) / CKPT_DIR
     final = root / f"step-{step:06d}"
     previous = latest(out_dir)
@@ -294,6 +304,18 @@ def load(path: Path) -> Checkpoint:
                       optimizer=_optimizer_from_files(opt_tensors, state["optimizer"]),
                       scheduler=state["scheduler"], rng=rng_state, config=state["config"],
                       identity=state["identity"], info=state.get("info", {}))
+
+
+def restore(ckpt: Checkpoint, lora, optimizer: torch.optim.Optimizer, scheduler, sampler, noise_gen: torch.Generator,
+            rng: random.Random, out_dir: Path) -> None:
+    """Every piece of state the training loop reads, exactly as it was after step `ckpt.step`; the
+    metrics it logged after that step are dropped (the resumed run logs them again)."""
+    lora.load("student", ckpt.student)
+    lora.load("teacher", ckpt.teacher)
+    optimizer.load_state_dict(ckpt.optimizer)
+    scheduler.load_state_dict(ckpt.scheduler)
+    sampler.order = ckpt.rng.restore(noise_gen, rng)
+    trim_metrics(Path(out_dir) / "metrics.jsonl", ckpt.step)
 
 
 def resolve(resume: str, out_dir: Path) -> Path:
@@ -380,6 +402,16 @@ def archive_previous_run(out_dir: Path) -> Path | None:
     for name in present:
         os.replace(out_dir / name, dest / name)
     return dest
+
+
+def moved_by_archive(path: Path, out_dir: Path, archived: Path | None) -> Path:
+    """Where a file of the earlier run in --output is after archive_previous_run moved it (an --init-lora
+    from the same folder: the LoRA's metadata must name where it is now)."""
+    try:
+        inside = path.relative_to(out_dir.resolve())
+    except ValueError:
+        return path
+    return archived / inside if archived is not None and (archived / inside).exists() else path
 
 
 def trim_metrics(path: Path, last_step: int) -> None:

@@ -32,6 +32,7 @@ import difflib
 import hashlib
 import math
 import os
+import random
 import re
 import tomllib
 import warnings
@@ -396,3 +397,28 @@ def _read_dataset_file(path: Path) -> list[tuple[dict, Path]]:
                       "table (repeats = N draws its images N times per epoch)")
         folders.append((entry, folder))
     return folders
+
+
+class BucketSampler:
+    """Endless shuffled epochs; a micro-batch holds items of one training size (bucket)."""
+
+    def __init__(self, items: list[Item], micro_batch: int, rng: random.Random):
+        self.items, self.micro_batch, self.rng = items, micro_batch, rng
+        self.order: list[int] = []
+
+    def next(self) -> list[int]:
+        if not self.order:  # an epoch holds each item `repeats` times (1 unless a dataset file says so)
+            self.order = [i for i, it in enumerate(self.items) for _ in range(it.repeats)]
+            self.rng.shuffle(self.order)
+        first = self.order.pop()
+        size = (self.items[first].width, self.items[first].height)
+        # other images before another copy of this one (a repeated item's copies are alike)
+        same = [i for i in dict.fromkeys(self.order)
+                if i != first and (self.items[i].width, self.items[i].height) == size]
+        batch = [first] + same[: self.micro_batch - 1]
+        for i in batch[1:]:
+            self.order.remove(i)
+        while len(batch) < self.micro_batch:  # a small bucket repeats its items
+            batch.append(self.rng.choice([i for i, it in enumerate(self.items)
+                                          if (it.width, it.height) == size]))
+        return batch

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
@@ -23,6 +24,11 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from .data import mentions_trigger
 from .families.base import Cond, Family
 from .lora import DualLoRA
+
+if TYPE_CHECKING:
+    from .conditions import Conditions
+    from .config import TrainConfig
+    from .data import Dataset
 
 UNSEEN_SCENES = ("{trigger}, walking through a busy city street at night, neon signs, rain",
                  "a watercolor painting of {trigger} in a sunny meadow")
@@ -95,6 +101,16 @@ class Previewer:
     width: int
     seed: int
     device: torch.device
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, family: Family, model: torch.nn.Module, lora: DualLoRA, out_dir: Path,
+                prompts: list[str], conds: Conditions, ds: Dataset, device: torch.device) -> Previewer:
+        """The preview grids: the student on each prompt, and the EMA teacher on those that are training captions."""
+        by_caption = {it.caption: i for i, it in enumerate(ds.items)}
+        teacher_conds = [conds.teacher[by_caption[p]] if cfg.preview_teacher and p in by_caption else None
+                         for p in prompts]
+        return cls(family, model, lora, out_dir, prompts, conds.preview, teacher_conds, cfg.resolution,
+                   cfg.resolution, cfg.preview_seed, device)
 
     def noise(self, i: int) -> torch.Tensor:
         gen = torch.Generator("cpu").manual_seed(self.seed + i)  # = the stock pipeline with this generator

@@ -15,7 +15,8 @@ from lowvram_dopsd.cli import main
 from lowvram_dopsd.config import load_config
 from lowvram_dopsd.errors import UserError
 from lowvram_dopsd.families import load_family
-from lowvram_dopsd.train import oom_advice, prepare_output
+from lowvram_dopsd.advice import oom_advice
+from lowvram_dopsd.preflight import prepare_output
 
 
 def img(path, size=(80, 60), mode="RGB"):

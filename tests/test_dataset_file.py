@@ -17,7 +17,8 @@ from lowvram_dopsd.config import TrainConfig
 from lowvram_dopsd.errors import UserError
 from lowvram_dopsd.families.base import Item
 from lowvram_dopsd.preview import UNSEEN_SCENES, default_prompts
-from lowvram_dopsd.train import BucketSampler, check_prior_prompts
+from lowvram_dopsd.data import BucketSampler
+from lowvram_dopsd.preflight import check_prior_prompts
 
 
 def items(sizes, repeats=()):

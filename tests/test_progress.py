@@ -7,7 +7,7 @@ from rich.console import Console
 from lowvram_dopsd import progress
 from lowvram_dopsd.config import load_config
 from lowvram_dopsd.progress import Display
-from lowvram_dopsd.train import shorter_run_advice
+from lowvram_dopsd.advice import shorter_run_advice
 
 
 def test_plain_progress_lines_without_a_terminal():

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import lowvram_dopsd.train as train_mod
 from lowvram_dopsd.cli import main
 from lowvram_dopsd.errors import EXIT_STOPPED
+from lowvram_dopsd.optim import lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -464,7 +465,7 @@ def test_lr_factor_shapes():
 
     def factors(schedule, warmup=2, steps=10):
         cfg = load_config(None, {"steps": steps, "warmup_steps": warmup, "lr_schedule": schedule})
-        return [train_mod.lr_factor(u, cfg) for u in range(steps)]
+        return [lr_factor(u, cfg) for u in range(steps)]
 
     assert factors("constant") == [0.5] + [1.0] * 9
     cos, lin = factors("cosine"), factors("linear")

@@ -90,7 +90,8 @@ def test_int8_activations_on_a_gpu_need_the_kernel():
     import torch
 
     from lowvram_dopsd.errors import UserError
-    from lowvram_dopsd.train import check_act_quant, route_fused_linears
+    from lowvram_dopsd.preflight import check_act_quant
+    from lowvram_dopsd.train import route_fused_linears
 
     cfg = load_config("16gb", {"act_quant": "int8", "kernels": "off"})
     for check in (lambda: check_act_quant(cfg, torch.device("cuda")),
@@ -107,7 +108,7 @@ def test_int8_activations_with_a_too_old_triton_say_so(monkeypatch, fake_gpu):
 
     from lowvram_dopsd.errors import UserError
     from lowvram_dopsd.kernels import utils
-    from lowvram_dopsd.train import check_act_quant
+    from lowvram_dopsd.preflight import check_act_quant
 
     monkeypatch.setattr(utils, "HAS_TRITON", False)
     monkeypatch.setattr(utils, "TRITON_MISSING", "Triton 3.2.0 is older than the 3.3 the kernels need")
@@ -125,7 +126,7 @@ def test_int8_activations_on_a_gpu_older_than_ampere_are_refused_with_no_install
 
     from lowvram_dopsd.errors import UserError
     from lowvram_dopsd.kernels import utils
-    from lowvram_dopsd.train import check_act_quant
+    from lowvram_dopsd.preflight import check_act_quant
 
     monkeypatch.setattr(utils, "HAS_TRITON", True)  # as on a CUDA install
     fake_gpu((7, 5))
@@ -141,7 +142,7 @@ def test_a_gpu_run_without_a_usable_triton_says_why_its_8bit_layers_are_slower(m
     import torch
 
     from lowvram_dopsd.kernels import utils
-    from lowvram_dopsd.train import no_kernel_note
+    from lowvram_dopsd.advice import no_kernel_note
 
     cuda, cfg = torch.device("cuda"), load_config("16gb", {})
     monkeypatch.setattr(utils, "TRITON_MISSING", "Triton 3.2.0 is older than the 3.3 the kernels need")
@@ -177,7 +178,7 @@ def test_the_fit_warning_plans_the_path_the_run_will_take(monkeypatch, capsys, p
     from rich.console import Console
 
     from lowvram_dopsd import plan
-    from lowvram_dopsd.train import warn_if_it_will_not_fit
+    from lowvram_dopsd.advice import warn_if_it_will_not_fit
 
     asked = []
     real = plan.plan_from_config
@@ -204,7 +205,7 @@ def test_bf16_on_a_gpu_older_than_ampere_is_said_to_be_emulated(fake_gpu):
     nothing is said on an Ampere GPU or for an fp16 run."""
     import torch
 
-    from lowvram_dopsd.train import emulated_bf16_note
+    from lowvram_dopsd.advice import emulated_bf16_note
 
     cuda = torch.device("cuda")
     fake_gpu((7, 5))

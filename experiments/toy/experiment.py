@@ -94,7 +94,8 @@ def run_sft(cfg, images: Path) -> tuple[torch.nn.Module, object]:
     from lowvram_dopsd import data
     from lowvram_dopsd.families import load_family
     from lowvram_dopsd.lora import DualLoRA
-    from lowvram_dopsd.train import BucketSampler, make_optimizer
+    from lowvram_dopsd.data import BucketSampler
+    from lowvram_dopsd.optim import make_optimizer
 
     family = load_family(cfg.model)
     ds = data.scan(str(images), cfg.caption, cfg.trigger, cfg.resolution)
