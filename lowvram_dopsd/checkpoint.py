@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from .families.base import Family
 
 CKPT_DIR = "checkpoints"
-STUDENT_FILE, TEACHER_FILE = LORA_FILE, TEACHER_FILE  # the LoRA files of a run, in a checkpoint too
+STUDENT_FILE = LORA_FILE  # a checkpoint holds the LoRA files a run writes, under the same names
 STATE_FILE = "state.json"
 FORMAT = 2
 
