@@ -174,9 +174,12 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
         console.print(f"[yellow]note[/] the checkpoint is already at step {start} = steps: nothing to train "
                       f"(pass --steps {start + 100} to train further); writing its LoRA.")
     tracker = tracking.Tracker(cfg.log_with, out_dir, start, {**cfg.to_dict(), **info}, display.note)
-    return Run(cfg, preset, family, teacher, rollout_steps, lr, device, dtype, ds, conds, model, lora, params,
-               optimizer, scheduler, sampler, rng, noise_gen, out_dir, identity, info, cache, display, tracker,
-               previews, command, step=start, saved_step=start, last_ckpt=ckpt.path if ckpt else None)
+    return Run(cfg=cfg, preset=preset, family=family, teacher=teacher, rollout_steps=rollout_steps, lr=lr,
+               device=device, dtype=dtype, ds=ds, conds=conds, model=model, lora=lora, params=params,
+               optimizer=optimizer, scheduler=scheduler, sampler=sampler, rng=rng, noise_gen=noise_gen,
+               out_dir=out_dir, identity=identity, info=info, cache=cache, display=display, tracker=tracker,
+               previews=previews, command=command, step=start, saved_step=start,
+               last_ckpt=ckpt.path if ckpt else None)
 
 
 def load_model(cfg: TrainConfig, preset: str, family: Family, device: torch.device, dtype: torch.dtype,
