@@ -22,6 +22,7 @@ from .output import TEACHER_FILE, model_for_metadata
 if TYPE_CHECKING:
     from . import checkpoint, data
     from .families.base import Family
+    from .lora import DualLoRA
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +124,15 @@ def shorter_run_advice(cfg: TrainConfig, rollout_steps: int) -> str:
     if cfg.prior_prompts:
         levers.append("no prior_prompts (each step also rolls them out)")
     return ", ".join(levers)
+
+
+def print_lora(console, cfg: TrainConfig, lora: DualLoRA, fused: int, device: torch.device) -> None:
+    """The LoRA sets as built, and why their 8-bit layers are not on the fused kernel where that is so."""
+    console.print(f"LoRA: {len(lora.layers)} layers ({fused} on the fused 8-bit kernel"
+                  f"{', int8 activations' if cfg.act_quant == 'int8' else ''}), "
+                  f"{lora.num_parameters() / 1e6:.2f}M trainable parameters")
+    if note := no_kernel_note(cfg, device, fused):
+        console.print(f"[yellow]note[/] {note}")
 
 
 def emulated_bf16_note(cfg: TrainConfig, device: torch.device) -> str:

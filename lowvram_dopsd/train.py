@@ -150,11 +150,7 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
     params = lora.student_parameters()
     optimizer = make_optimizer(params, cfg, lr)
     scheduler = make_scheduler(optimizer, cfg)
-    console.print(f"LoRA: {len(lora.layers)} layers ({fused} on the fused 8-bit kernel"
-                  f"{', int8 activations' if cfg.act_quant == 'int8' else ''}), "
-                  f"{lora.num_parameters() / 1e6:.2f}M trainable parameters")
-    if note := advice.no_kernel_note(cfg, device, fused):
-        console.print(f"[yellow]note[/] {note}")
+    advice.print_lora(console, cfg, lora, fused, device)
     # A new run in a folder holding an earlier one moves that one aside, only now that everything
     # that can refuse this run has run: a bad setting or a broken download leaves the folder as it was.
     if ckpt is None and (archived := checkpoint.archive_previous_run(out_dir)):
@@ -329,8 +325,7 @@ def train(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
             write_preview(run, 0)  # the baseline: the base model before any training
         for step in range(run.step + 1, cfg.steps + 1):
             t0, at_start = time.perf_counter(), run.rng_state()
-            saved = partial(save_before, run, step, at_start)
-            with explain_oom(cfg, preset, f"training step {step}", on_oom=saved):
+            with explain_oom(cfg, preset, f"training step {step}", on_oom=partial(save_before, run, step, at_start)):
                 result = train_step(run, draw_batch(run))
             run.step = step
             log_step(run, log, result, time.perf_counter() - t0)
