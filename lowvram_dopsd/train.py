@@ -31,7 +31,7 @@ from typing import IO
 
 import torch
 
-from . import advice, checkpoint, data, output, preflight, tracking
+from . import advice, checkpoint, data, optim, output, preflight, tracking
 from .advice import explain_oom
 from .cache import FeatureCache, default_cache_dir
 from .checkpoint import RNGState
@@ -43,7 +43,6 @@ from .families.base import Cond, Family
 from .interrupt import GracefulStop
 from .lora import DualLoRA
 from .losses import dopsd_loss
-from .optim import make_optimizer, make_scheduler, optimizer_step
 from .output import append_metrics, write_loras, write_step_lora
 from .preview import Previewer, default_prompts
 from .progress import Display, make_console
@@ -148,8 +147,8 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
     if cfg.teacher_ema_on == "cpu":
         lora.keep_teacher_ema_on_cpu(dtype)
     params = lora.student_parameters()
-    optimizer = make_optimizer(params, cfg, lr)
-    scheduler = make_scheduler(optimizer, cfg)
+    optimizer = optim.make_optimizer(params, cfg, lr)
+    scheduler = optim.make_scheduler(optimizer, cfg)
     advice.print_lora(console, cfg, lora, fused, device)
     # A new run in a folder holding an earlier one moves that one aside, only now that everything
     # that can refuse this run has run: a bad setting or a broken download leaves the folder as it was.
@@ -265,7 +264,7 @@ def train_step(run: Run, batch: list[RollOut]) -> StepResult:
     lr = run.scheduler.get_last_lr()[0]
     # (4) the optimizer step on the student LoRA (none when the loss or a gradient is not finite)
     with explain_oom(run.cfg, run.preset, f"the optimizer step of step {run.step + 1}"):
-        updated, grad_norm = optimizer_step(run.params, run.optimizer, run.scheduler, run.cfg.max_grad_norm,
+        updated, grad_norm = optim.optimizer_step(run.params, run.optimizer, run.scheduler, run.cfg.max_grad_norm,
                                             loss + (prior_loss or 0.0))
     # (5) the EMA of the student LoRA into the teacher LoRA
     if updated:

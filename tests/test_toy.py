@@ -320,12 +320,12 @@ def test_experiment_lr_sets_every_method_and_labels_its_rows(tmp_path, monkeypat
     rate, and the rows carry it, so the runs of several rates merge into one table."""
     import json
 
-    from lowvram_dopsd import train as train_mod
+    from lowvram_dopsd import optim
     from experiments.toy import experiment
 
     used = []
-    real = train_mod.make_optimizer
-    monkeypatch.setattr(train_mod, "make_optimizer", lambda params, cfg, lr: used.append(lr) or real(params, cfg, lr))
+    real = optim.make_optimizer
+    monkeypatch.setattr(optim, "make_optimizer", lambda params, cfg, lr: used.append(lr) or real(params, cfg, lr))
     assert experiment.main(["--out", str(tmp_path), "--seeds", "0", "--steps", "1", "--images", "2",
                             "--methods", "sft", "dopsd-x0", "--lr", "2.5e-4", "--grid", "", "--tag", "t"]) == 0
     assert used == [2.5e-4, 2.5e-4]

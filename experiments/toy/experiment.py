@@ -95,7 +95,7 @@ def run_sft(cfg, images: Path) -> tuple[torch.nn.Module, object]:
     from lowvram_dopsd.families import load_family
     from lowvram_dopsd.lora import DualLoRA
     from lowvram_dopsd.data import BucketSampler
-    from lowvram_dopsd.optim import make_optimizer
+    from lowvram_dopsd import optim
 
     family = load_family(cfg.model)
     ds = data.scan(str(images), cfg.caption, cfg.trigger, cfg.resolution)
@@ -105,7 +105,7 @@ def run_sft(cfg, images: Path) -> tuple[torch.nn.Module, object]:
     model = family.load_transformer(cfg, torch.device("cpu"), torch.float32)
     lora = DualLoRA.attach(model, family.lora_targets, cfg.rank, cfg.alpha, seed=cfg.seed, init=cfg.lora_init)  # as train()
     params = lora.student_parameters()
-    opt = make_optimizer(params, cfg, cfg.lr)
+    opt = optim.make_optimizer(params, cfg, cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     # the base's own training distribution of sigmas (its shift is recorded in the scheduler config)
     sched = json.loads((Path(cfg.model) / "scheduler" / "scheduler_config.json").read_text())
