@@ -131,19 +131,16 @@ def record(run: Callable[[], object], target: Target) -> List[Launch]:
     launches: List[Launch] = []
     saved = [(mods[m], n, getattr(mods[m], n)) for m, names in _HANDLES.items() for n in names]
     saved += [(mod, "num_sms", mod.num_sms) for mod in mods.values()]
-    old_soft = os.environ.get("LOWVRAM_DOPSD_KERNELS_SOFT_FP8")
+    soft = lora_linear.FORCE_SOFT_FP8
     try:
         for mod, name, fn in saved:
             setattr(mod, name, (lambda device: target.sms) if name == "num_sms" else _Recorder(name, fn, launches))
-        os.environ["LOWVRAM_DOPSD_KERNELS_SOFT_FP8"] = "1" if target.cap < 89 else "0"
+        lora_linear.FORCE_SOFT_FP8 = target.cap < 89  # the meta tensors say nothing about the GPU
         run()
     finally:
         for mod, name, fn in saved:
             setattr(mod, name, fn)
-        if old_soft is None:
-            os.environ.pop("LOWVRAM_DOPSD_KERNELS_SOFT_FP8", None)
-        else:
-            os.environ["LOWVRAM_DOPSD_KERNELS_SOFT_FP8"] = old_soft
+        lora_linear.FORCE_SOFT_FP8 = soft
     return launches
 
 

@@ -321,6 +321,8 @@ def _cfg(bp, bq, br, group, warps, stages, drop=()):
 
 
 def _autotune_enabled() -> bool:
+    """False with LOWVRAM_DOPSD_KERNELS_AUTOTUNE=0, a test and benchmark switch (docs/environment.md):
+    each GEMM then has its fallback candidate only, which compiles in a fraction of the time."""
     return os.environ.get("LOWVRAM_DOPSD_KERNELS_AUTOTUNE", "1") != "0"
 
 
@@ -450,10 +452,15 @@ def _compute(dtype: torch.dtype):
     return torch_to_tl_dtype(dtype), "tf32"
 
 
+#: Decode FP8 weights in integer arithmetic on any device: the tests' hook for the path GPUs without
+#: native FP8 converts take, and what ``kernels.aot`` sets while it records launches for such a GPU.
+FORCE_SOFT_FP8 = False
+
+
 def _soft_fp8(w_q: torch.Tensor) -> bool:
     if _FP8 is None or w_q.dtype != _FP8:
         return False
-    if os.environ.get("LOWVRAM_DOPSD_KERNELS_SOFT_FP8", "0") == "1":
+    if FORCE_SOFT_FP8:
         return True
     if w_q.device.type == "cuda":
         return gpu_capability(w_q.device) < (8, 9)  # no FP8 conversion instructions before Ada

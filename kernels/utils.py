@@ -232,7 +232,8 @@ def use_triton(name: str, device: torch.device, unsupported: str | None = None, 
 # Launching: skip Triton's per-call dispatch once a kernel is compiled
 # ---------------------------------------------------------------------------------------------
 #: Launch a kernel through its cached compiled form after its first launch for the same arguments'
-#: specialisation (`launch`); "0" always goes through Triton's JIT dispatch.
+#: specialisation (`launch`). LOWVRAM_DOPSD_KERNELS_FAST_LAUNCH=0, a profiling switch
+#: (docs/environment.md), sends every launch through Triton's JIT dispatch.
 FAST_LAUNCH = os.environ.get("LOWVRAM_DOPSD_KERNELS_FAST_LAUNCH", "1") == "1"
 _COMPILED: dict = {}
 
@@ -292,7 +293,7 @@ def launch(fn, grid: tuple, args: tuple, kwargs: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Debug allocation: poisoned outputs catch elements a kernel forgot to write.
 # ---------------------------------------------------------------------------------------------
-_POISON = os.environ.get("LOWVRAM_DOPSD_KERNELS_POISON", "0").strip().lower() in _TRUE
+_POISON = False
 
 
 @contextlib.contextmanager
@@ -304,11 +305,6 @@ def poison_outputs(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _POISON = old
-
-
-def set_poison(enabled: bool) -> None:
-    global _POISON
-    _POISON = enabled
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

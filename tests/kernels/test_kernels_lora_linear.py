@@ -292,7 +292,7 @@ def test_a_view_reaching_past_int32_offsets_is_copied():
 
 def test_soft_fp8_conversion_path(kernels_on, monkeypatch):
     """The integer e4m3 decoder used on GPUs without native FP8 converts (< sm_89)."""
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS_SOFT_FP8", "1")
+    monkeypatch.setattr(ll, "FORCE_SOFT_FP8", True)
     d = _make(CASES[0], torch.float32, "fp8", seed=5)
     outs = _run_kernel(d, 0.75)
     refs = _run_reference64(d, 0.75)
@@ -323,7 +323,7 @@ def test_fp8_decoder_all_codes():
 def test_dequantize_is_bitwise_the_reference(kernels_on, monkeypatch, dtype, soft):
     """The backward's transient weight rounds exactly like lora_linear_reference's (fp32 product,
     one rounding), for both formats; 3 × 2053 elements is not a multiple of the block."""
-    monkeypatch.setenv("LOWVRAM_DOPSD_KERNELS_SOFT_FP8", "1" if soft else "0")
+    monkeypatch.setattr(ll, "FORCE_SOFT_FP8", soft)
     w = torch.randn(3, 2053, generator=torch.Generator().manual_seed(6)) * 0.05
     for fmt in FMTS:
         w_q, w_scale = quantize_weight(w, fmt)
