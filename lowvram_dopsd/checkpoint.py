@@ -42,6 +42,7 @@ from .cache import current_umask, write_safetensors
 from .config import TrainConfig, as_argument
 from .errors import UserError
 from .output import LORA_FILE, TEACHER_FILE, save_lora
+from .runlock import pid_runs
 from .tracking import TB_DIR
 
 if TYPE_CHECKING:
@@ -144,6 +145,7 @@ class Checkpoint:
     config: dict[str, Any]
     identity: dict[str, Any]
     info: dict[str, Any]
+    run_id: str | None = None         # the run it belongs to (None: written before runs had one)
 
 
 def _tuple_state(state: Any) -> Any:
@@ -223,15 +225,18 @@ def latest(out_dir: Path) -> Path | None:
 
 
 def save(out_dir: Path, step: int, lora, optimizer: torch.optim.Optimizer, scheduler, rng_state: RNGState,
-         cfg: TrainConfig, identity: dict[str, Any], info: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step` atomically, then drop all but the newest `keep` (0 = keep all)."""
+         cfg: TrainConfig, identity: dict[str, Any], info: dict[str, Any], keep: int, run_id: str | None = None
+         ) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep` (0 = keep all) of the run's
+    (`run_id`: the run these checkpoints continue, see `_rotate`; None: every checkpoint in the folder)."""
     root = Path(out_dir) / CKPT_DIR
     final = root / f"step-{step:06d}"
     previous = latest(out_dir)
     tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+        # the writer's PID in the name: a later save removes leftovers of dead writers only (_rotate)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-{os.getpid()}-", dir=root))
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: readable as any folder the user makes
         meta = {**info, "steps": step}
         save_lora(tmp / STUDENT_FILE, lora, "student", meta, dtype=torch.float32)
@@ -246,7 +251,7 @@ def save(out_dir: Path, step: int, lora, optimizer: torch.optim.Optimizer, sched
             "config": cfg.to_dict(), "identity": identity, "info": info,
             "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
             "python_rng": rng_state.python, "sampler_order": rng_state.order,
-            "cuda_rng_devices": len(rng_state.cuda),
+            "cuda_rng_devices": len(rng_state.cuda), **({"run_id": run_id} if run_id else {}),
         })
         _fsync(tmp)
         if final.exists():  # the same step saved again (e.g. stopped right after a periodic save)
@@ -261,22 +266,49 @@ def save(out_dir: Path, step: int, lora, optimizer: torch.optim.Optimizer, sched
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        kept = f"The previous checkpoint {previous} is intact" if previous else "No earlier checkpoint exists"
-        raise UserError(
-            f"Could not save the checkpoint of step {step} in '{root}': {why}. {kept}. Free some space "
-            f"(or lower keep_checkpoints, now {keep}), then continue with --resume."
-        ) from exc
-    _rotate(root, keep)
+        # Old checkpoints are pruned only after a save succeeds, so no setting frees space now: what
+        # can go is said by name.
+        if previous is None:
+            then = ("No checkpoint of this run was written yet: free some space, then run the same command again "
+                    "(without --resume; this run's files are moved aside).")
+        else:
+            older = [p.name for _, p in list_checkpoints(out_dir) if p != previous]
+            spare = (f" (the older checkpoints beside it, {', '.join(older)}, can be deleted: --resume reads the "
+                     "latest)" if older else "")
+            then = (f"The previous checkpoint, {previous}, is intact: free some space{spare}, then run the same "
+                    "command with --resume to continue from it.")
+        raise UserError(f"Could not save the checkpoint of step {step} in '{root}': {why}. {then}") from exc
+    _rotate(root, keep, run_id, step)
     return final
 
 
-def _rotate(root: Path, keep: int) -> None:
+def _rotate(root: Path, keep: int, run_id: str | None = None, saved: int | None = None) -> None:
+    """After a successful save: delete what earlier saves of the run left behind, never another run's files.
+
+    Leftover `.tmp-step-*` / `.old-step-*` folders go when the process that wrote them no longer runs (its PID
+    is in the name; none: an older version's, gone). With `run_id`, the checkpoints beyond the newest `keep`
+    go only if this run wrote them (or the run it resumes: same run_id) and are older than the one just saved
+    (`saved`): a run resumed from an earlier checkpoint never deletes the later ones of the run it branched
+    from, nor another run's. The output folder's lock (runlock.py) keeps two runs apart; this holds even so."""
     for p in root.iterdir():  # leftovers of a save that was killed
         if p.name.startswith((".tmp-step-", ".old-step-")) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-    if keep > 0:
-        for _, p in list_checkpoints(root.parent)[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
+            writer = p.name.split("-")[3]
+            if not writer.isdigit() or int(writer) == os.getpid() or not pid_runs(int(writer)):
+                shutil.rmtree(p, ignore_errors=True)
+    if keep <= 0:
+        return
+    found = list_checkpoints(root.parent)
+    if run_id is not None:
+        found = [(step, p) for step, p in found if step <= (saved or step) and _run_id(p) == run_id]
+    for _, p in found[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _run_id(path: Path) -> str | None:
+    try:
+        return json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -303,7 +335,7 @@ def load(path: Path) -> Checkpoint:
     return Checkpoint(path=path, step=int(state["step"]), student=student, teacher=teacher,
                       optimizer=_optimizer_from_files(opt_tensors, state["optimizer"]),
                       scheduler=state["scheduler"], rng=rng_state, config=state["config"],
-                      identity=state["identity"], info=state.get("info", {}))
+                      identity=state["identity"], info=state.get("info", {}), run_id=state.get("run_id"))
 
 
 def restore(ckpt: Checkpoint, lora, optimizer: torch.optim.Optimizer, scheduler, sampler, noise_gen: torch.Generator,

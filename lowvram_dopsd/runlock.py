@@ -82,7 +82,7 @@ def _process_start(pid: int) -> str:
     return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22; the name before ')' may hold spaces
 
 
-def _pid_runs(pid: int) -> bool:
+def pid_runs(pid: int) -> bool:
     if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there
         import ctypes
 
@@ -109,7 +109,7 @@ def holder_runs(holder: Holder, mtime: float, locked: bool | None, now: float | 
         return (now or time.time()) - mtime < STALE_AFTER_S
     if holder.pid == os.getpid():  # this process wrote it: a lock not released, or (no flock) held right now
         return locked is None
-    if not _pid_runs(holder.pid):
+    if not pid_runs(holder.pid):
         return False
     return not holder.process_start or holder.process_start == _process_start(holder.pid)
 

@@ -1,6 +1,7 @@
 """Checkpoints without a model: exact round trip, atomic writes, rotation, compatibility, no pickle."""
 import errno
 import json
+import os
 import random
 import subprocess
 import sys
@@ -41,9 +42,9 @@ def one_step(model, lora, opt, sched, gen):
     lora.ema_update(0.9)
 
 
-def save(out, step, lora, opt, sched, gen, rng, order=(1, 0), keep=0, cfg=None):
+def save(out, step, lora, opt, sched, gen, rng, order=(1, 0), keep=0, cfg=None, run_id=None):
     return checkpoint.save(out, step, lora, opt, sched, RNGState.capture(gen, rng, list(order)), cfg or TrainConfig(),
-                           IDENTITY, {"base_model": "x", "family": "zimage"}, keep)
+                           IDENTITY, {"base_model": "x", "family": "zimage"}, keep, run_id=run_id)
 
 
 def test_round_trip_continues_exactly(tmp_path):
@@ -157,6 +158,58 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]  # no half folder
     assert sorted(p.name for p in first.iterdir()) == before
     assert checkpoint.load(checkpoint.latest(tmp_path)).step == 1
+
+
+def test_a_full_disk_names_what_can_go_and_what_to_run(tmp_path, monkeypatch):
+    """Old checkpoints are pruned only after a save succeeds, so 'lower keep_checkpoints' freed nothing:
+    the message names the older checkpoints that can go, and says --resume only where there is one."""
+    model, lora, opt, sched = tiny_run()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "write_safetensors", full)
+        with pytest.raises(UserError) as err:
+            save(tmp_path, 1, lora, opt, sched, torch.Generator(), random.Random(), keep=2)
+    msg = str(err.value)
+    assert "No checkpoint of this run was written yet" in msg and "run the same command again (without --resume" in msg
+    for step in (1, 2, 3):
+        save(tmp_path, step, lora, opt, sched, torch.Generator(), random.Random(), keep=0)
+    monkeypatch.setattr(checkpoint, "write_safetensors", full)
+    with pytest.raises(UserError) as err:
+        save(tmp_path, 4, lora, opt, sched, torch.Generator(), random.Random(), keep=2)
+    msg = str(err.value)
+    assert f"The previous checkpoint, {tmp_path / 'checkpoints' / 'step-000003'}, is intact" in msg
+    assert "step-000001, step-000002, can be deleted" in msg and "with --resume" in msg
+    assert "keep_checkpoints" not in msg
+
+
+def test_rotation_never_deletes_another_runs_checkpoints(tmp_path):
+    model, lora, opt, sched = tiny_run()
+    for step in (5, 10, 15):  # run A
+        save(tmp_path, step, lora, opt, sched, torch.Generator(), random.Random(), run_id="A")
+    for step in (1, 2, 3):  # run B, in the same folder (the lock forbids it; rotation still keeps to its own)
+        save(tmp_path, step, lora, opt, sched, torch.Generator(), random.Random(), keep=1, run_id="B")
+    names = lambda: sorted(p.name for _, p in checkpoint.list_checkpoints(tmp_path))  # noqa: E731
+    assert names() == ["step-000003", "step-000005", "step-000010", "step-000015"]
+    # A resumed from its step 5 (a branch): its later checkpoints 10 and 15 stay, its older ones rotate
+    for step in (6, 7):
+        save(tmp_path, step, lora, opt, sched, torch.Generator(), random.Random(), keep=2, run_id="A")
+    assert names() == ["step-000003", "step-000006", "step-000007", "step-000010", "step-000015"]
+    assert checkpoint.load(tmp_path / "checkpoints" / "step-000007").run_id == "A"
+
+
+def test_rotation_leaves_a_live_writers_temporary_folder(tmp_path):
+    model, lora, opt, sched = tiny_run()
+    root = tmp_path / "checkpoints"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    alive = root / f".tmp-step-000009-{os.getppid()}-x"  # our parent runs: another run's save in progress
+    dead = root / f".tmp-step-000009-{gone.stdout.strip()}-x"
+    for p in (alive, dead):
+        p.mkdir(parents=True)
+    save(tmp_path, 1, lora, opt, sched, torch.Generator(), random.Random(), keep=2)
+    assert alive.is_dir() and not dead.exists()
 
 
 KILL_CHILD = textwrap.dedent("""

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import signal
 
 import pytest
@@ -389,6 +390,34 @@ def test_a_full_disk_while_logging_keeps_the_last_checkpoint_and_resumes_exactly
     assert "step-000002) is intact" in err and "--resume" in err
     monkeypatch.undo()
     assert main(args(out, "--set", "save_every=1", "--resume")) == 0
+    assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize("full_at", [1, 3])
+def test_a_full_disk_during_a_save_then_its_advice_followed(args, reference, tmp_path, monkeypatch, capsys, full_at):
+    """The disk fills while checkpoint `full_at` is written; doing what the message says finishes the run,
+    with the LoRA of the run that was never interrupted."""
+    from lowvram_dopsd import checkpoint
+
+    out, real = tmp_path / "run", checkpoint.write_safetensors
+
+    def write(tensors, path, *a, **k):
+        if f".tmp-step-{full_at:06d}-" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(checkpoint, "write_safetensors", write)
+    assert main(args(out, "--set", "save_every=1")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the disk is full" in err and "Traceback" not in err
+    monkeypatch.undo()  # "free some space"
+    if full_at == 1:
+        assert "run the same command again (without --resume" in err
+        assert main(args(out, "--set", "save_every=1")) == 0
+    else:
+        assert "The previous checkpoint, " in err and "step-000002, is intact" in err
+        assert "the older checkpoints beside it, step-000001, can be deleted" in err
+        shutil.rmtree(out / "checkpoints" / "step-000001")
+        assert main(args(out, "--set", "save_every=1", "--resume")) == 0
     assert_same_run(out, reference)
 
 
