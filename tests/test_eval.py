@@ -1,7 +1,9 @@
 """`lowvram-dopsd eval`: the images are `sample`'s, the sheet and eval.json say what they should, and LoRAs that
 do not belong to the base are refused before anything loads. Tiny Z-Image, tiny DINOv3 and CLIP (conftest)."""
+import gc
 import json
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -59,19 +61,44 @@ def eval_args(loras, demo_images, tiny_dino_dir, tiny_clip_dir, prompt_files, ou
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, loras, demo_images, tiny_dino_dir, tiny_clip_dir, prompt_files):
+    """One eval of two step LoRAs, watched: at each metric model's load, is the pipeline still alive, and is the
+    model before it released?"""
     out = tmp_path_factory.mktemp("eval") / "eval"
-    assert main(eval_args(loras, demo_images, tiny_dino_dir, tiny_clip_dir, prompt_files, out)) == 0
-    return out, json.loads((out / "eval.json").read_text())
+    pipe, loaded, seen = [], [], []
+    opened, load = ev.StockPipeline.open, metrics.load
+
+    def watch_open(*args, **kwargs):
+        stock = opened(*args, **kwargs)
+        pipe.append(weakref.ref(stock.pipe))
+        return stock
+
+    def watch_load(*args, **kwargs):
+        gc.collect()
+        seen.append((pipe[0]() is None, [next(m.parameters()).is_meta for m in loaded]))
+        loaded.append(load(*args, **kwargs))
+        return loaded[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ev.StockPipeline, "open", watch_open)
+        mp.setattr(metrics, "load", watch_load)
+        assert main(eval_args(loras, demo_images, tiny_dino_dir, tiny_clip_dir, prompt_files, out)) == 0
+    return out, json.loads((out / "eval.json").read_text()), seen
 
 
 def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def test_the_metric_models_load_after_sampling_one_at_a_time(evaluated):
+    """DINO, then CLIP: each after the pipeline was freed, CLIP after DINO's weights were released."""
+    _, _, seen = evaluated
+    assert seen == [(True, []), (True, [True])]
+
+
 def test_the_images_are_samples_images(evaluated, loras, tiny_zimage_dir, tmp_path):
     """Each LoRA's image is what `sample --lora L --prompt P --seed S` writes, pixel for pixel; the base's is the
     stock pipeline's with no LoRA at all."""
-    out, result = evaluated
+    out, result, _ = evaluated
     row = result["rows"][2]
     shot = result["prompt_sets"]["unseen"][1]
     assert main(["sample", "--lora", str(loras[1]), "--prompt", shot["prompt"], "--seed", str(shot["seed"]),
@@ -89,7 +116,7 @@ def test_the_images_are_samples_images(evaluated, loras, tiny_zimage_dir, tmp_pa
 
 
 def test_eval_json_schema(evaluated, demo_images):
-    out, result = evaluated
+    out, result, _ = evaluated
     assert result["schema"] == ev.SCHEMA and result["family"] == "zimage"
     assert result["sampling"] == {"steps": 8, "width": 64, "height": 64, "seed": 3, "lora_scale": 1.0,
                                   "device": "cpu", "dtype": "fp32"}
@@ -130,7 +157,7 @@ def test_eval_json_schema(evaluated, demo_images):
 
 def test_the_clip_numbers_are_torchmetrics(evaluated, tiny_clip_dir):
     """eval.json's CLIP-S and CLIP-IQA of the saved images, recomputed by torchmetrics with the same model."""
-    out, result = evaluated
+    out, result, _ = evaluated
     model, processor = TensorFeatures.from_pretrained(tiny_clip_dir), CLIPProcessor.from_pretrained(tiny_clip_dir)
     texts = [p["clip_text"] for p in result["prompt_sets"]["unseen"]]
     for row in result["rows"]:
@@ -149,7 +176,7 @@ def test_the_clip_numbers_are_torchmetrics(evaluated, tiny_clip_dir):
 def test_the_sheet_layout(evaluated, demo_images):
     """Rows: the base and each LoRA (the training images above the caption columns); columns: every prompt of the
     three sets with its seed; each cell holds that row's image of that column."""
-    out, result = evaluated
+    out, result, _ = evaluated
     sheet = Image.open(out / "sheet.png")
     layout = json.loads(sheet.text["layout"])
     assert layout["rows"] == ["base", "step-000100", "step-000200"] and layout["reference_row"] is True
@@ -175,7 +202,7 @@ def test_the_sheet_layout(evaluated, demo_images):
 
 
 def test_the_steps_plot(evaluated):
-    out, result = evaluated
+    out, result, _ = evaluated
     series = json.loads(Image.open(out / "steps.png").text["series"])
     assert set(series) == set(ev.METRICS)
     for name, s in series.items():
@@ -185,7 +212,7 @@ def test_the_steps_plot(evaluated):
 
 
 def test_the_terminal_table(evaluated):
-    out, result = evaluated
+    out, result, _ = evaluated
     from rich.console import Console
 
     from lowvram_dopsd.report import print_table
