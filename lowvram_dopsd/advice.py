@@ -18,6 +18,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .optim import lr_shape
 from .output import TEACHER_FILE, model_for_metadata
+from .progress import styled
 
 if TYPE_CHECKING:
     from . import checkpoint, data
@@ -62,18 +63,18 @@ def print_run_notes(console, display, cfg: TrainConfig, family: Family, ds: data
     if cfg.log_with == "tensorboard":
         display.commands({"watch it": f"tensorboard --logdir {shlex.quote(str(out_dir))}"})
     for path, why in ds.skipped:
-        console.print(f"[yellow]skipped[/] {ds.name(path)}: {why}")
+        console.print(styled("skipped", f"{ds.name(path)}: {why}"))
     for path, why in ds.warnings:
-        console.print(f"[yellow]warning[/] {ds.name(path)}: {why}")
+        console.print(styled("warning", f"{ds.name(path)}: {why}"))
     for remark in remarks:
-        console.print(f"[yellow]note[/] {remark}")
+        console.print(styled("note", remark))
     for warning in family.prompt_warnings([it.caption for it in ds.items],
                                           [ds.name(it.image_path) for it in ds.items], teacher, cfg):
-        console.print(f"[yellow]warning[/] {warning}")
+        console.print(styled("warning", warning))
     if device.type == "cuda":
         warn_if_it_will_not_fit(cfg, device, console)
         if note := emulated_bf16_note(cfg, device):
-            console.print(f"[yellow]note[/] {note}")
+            console.print(styled("note", note))
 
 
 def warn_if_it_will_not_fit(cfg: TrainConfig, device: torch.device, console) -> None:
@@ -91,9 +92,9 @@ def warn_if_it_will_not_fit(cfg: TrainConfig, device: torch.device, console) -> 
     except UserError:
         return  # a checkpoint the planner does not know: nothing to predict
     if not p.fits():
-        console.print(f"[yellow]warning:[/] the planner predicts a peak of {p.peak_gib:.1f} GiB on this "
-                      f"{total:.0f} GiB card; this run will probably run out of memory. "
-                      f"`lowvram-dopsd plan` with the same settings suggests what to lower.")
+        console.print(styled("warning:", f"the planner predicts a peak of {p.peak_gib:.1f} GiB on this {total:.0f} "
+                                         "GiB card; this run will probably run out of memory. `lowvram-dopsd plan` "
+                                         "with the same settings suggests what to lower."))
 
 
 def note_archived(console, out_dir: Path, archived: Path, init_file: Path | None) -> Path | None:
@@ -101,10 +102,10 @@ def note_archived(console, out_dir: Path, archived: Path, init_file: Path | None
     have been part of it)."""
     from .checkpoint import moved_by_archive
 
-    console.print(f"[yellow]note[/] '{out_dir}' held an earlier run: moved to {archived} "
-                  "(use --resume to continue a run)")
+    console.print(styled("note", f"'{out_dir}' held an earlier run: moved to {archived} (use --resume to "
+                                 "continue a run)"))
     if init_file is not None and (moved := moved_by_archive(init_file, out_dir, archived)) != init_file:
-        console.print(f"[yellow]note[/] the init LoRA was part of it: it is now {moved}")
+        console.print(styled("note", f"the init LoRA was part of it: it is now {moved}"))
         return moved
     return init_file
 
@@ -132,7 +133,7 @@ def print_lora(console, cfg: TrainConfig, lora: DualLoRA, fused: int, device: to
                   f"{', int8 activations' if cfg.act_quant == 'int8' else ''}), "
                   f"{lora.num_parameters() / 1e6:.2f}M trainable parameters")
     if note := no_kernel_note(cfg, device, fused):
-        console.print(f"[yellow]note[/] {note}")
+        console.print(styled("note", note))
 
 
 def emulated_bf16_note(cfg: TrainConfig, device: torch.device) -> str:

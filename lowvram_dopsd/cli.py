@@ -260,7 +260,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          dtype=args.dtype, offload=args.offload, preset=args.preset or "",
                          dino_model=args.dino_model or DINO_DEFAULT, clip_model=args.clip_model or CLIP_DEFAULT,
                          trust_remote_code=args.trust_remote_code),
-             console=make_console(), command=["lowvram-dopsd", *args.argv])
+             console=make_console(), command=[*program(), *args.argv])
     return 0
 
 
@@ -431,14 +431,14 @@ def quiet_third_party() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (errors.py lists them)."""
-    from .progress import plain_console, safe_streams, styled
+    from .progress import make_console, safe_streams, styled
 
     argv = list(sys.argv[1:] if argv is None else argv)
     safe_streams()
     quiet_third_party()
     args = build_parser().parse_args(argv)
     args.argv = argv
-    err = plain_console(stderr=True)
+    err = make_console(stderr=True)
     try:
         return args.func(args)
     except UserError as exc:

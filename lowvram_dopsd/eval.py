@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from rich.markup import escape
 
 from . import __version__, data, metrics
 from .errors import UserError
@@ -176,8 +175,8 @@ def check_loras(req: EvalRequest, lora_files: list[Path], infos: list[dict], con
                             "weights differ. LoRAs are compared on the base they were trained on: evaluate LoRAs of "
                             "another base in a run of their own (with --model set to that base).")
         if same is None and console is not None:
-            console.print(f"note: could not check without downloading that '{escape(str(f))}' (trained on "
-                          f"{escape(trained_on)}) was trained on {escape(base)}; it is evaluated on the latter.")
+            console.print(f"note: could not check without downloading that '{f}' (trained on {trained_on}) was "
+                          f"trained on {base}; it is evaluated on the latter.")
     return base
 
 
@@ -273,8 +272,7 @@ def draw_rows(req: EvalRequest, rows: list[Row], sets: list[PromptSet], stock: S
                 row.images[s.name].append(image)
                 row.paths[s.name].append(path)
         if console is not None:
-            console.print(f"sampled {escape(row.label)}: {sum(len(s.prompts) for s in sets)} images in "
-                          f"{escape(str(folder))}")
+            console.print(f"sampled {row.label}: {sum(len(s.prompts) for s in sets)} images in {folder}")
 
 
 def metric_device(planned: float, device: torch.device, budget_gib: float | None) -> torch.device:
@@ -429,5 +427,5 @@ def evaluate(req: EvalRequest, console=None, command: list[str] | None = None) -
     os.replace(tmp, path)
     if console is not None:
         report.print_table(console, result)
-        console.print(f"wrote {escape(str(path))}, {escape(str(sheet))}" + (f", {escape(str(plot))}" if plot else ""))
+        console.print(f"wrote {path}, {sheet}" + (f", {plot}" if plot else ""))
     return path

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Callable
+
+from .progress import Note, styled
 
 
 class GracefulStop:
@@ -16,7 +17,7 @@ class GracefulStop:
     SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
     DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
-    def __init__(self, note: Callable[[str], None]):
+    def __init__(self, note: Note):
         self.note, self.requested, self.previous = note, False, {}
 
     def _handle(self, signum, frame) -> None:
@@ -25,7 +26,7 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.requested = True
         name = self.SIGNALS[signum]
-        self.note(f"[yellow]{name}:[/] finishing this step, then saving a checkpoint ({name} again quits at once).")
+        self.note(styled(f"{name}:", f"finishing this step, then saving a checkpoint ({name} again quits at once)."))
 
     def _restore(self) -> None:
         for signum, handler in self.previous.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -21,6 +21,7 @@ from .errors import UserError
 from .files import LORA_FILE
 from .lora import DualLoRA
 from .optim import lr_shape
+from .progress import Note, styled
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -67,12 +68,12 @@ def write_loras(out_dir: Path, lora: DualLoRA, meta: dict, dtype: torch.dtype, l
 
 
 def write_step_lora(out_dir: Path, lora: DualLoRA, meta: dict, dtype: torch.dtype,
-                    note: Callable[[str], None]) -> None:
+                    note: Note) -> None:
     """loras/step-NNNNNN.safetensors: the LoRA as it was at this step, kept to choose from later."""
     try:
         save_lora(out_dir / "loras" / f"step-{meta['steps']:06d}.safetensors", lora, "student", meta, dtype=dtype)
     except OSError as exc:  # like a preview: the checkpoints still hold the run, go on
-        note(f"[yellow]step LoRA skipped:[/] {exc.strerror or exc}")
+        note(styled("step LoRA skipped:", exc.strerror or str(exc)))
 
 
 def append_metrics(log: IO[str], metrics: dict, last_ckpt: Path | None) -> None:

@@ -527,6 +527,7 @@ def _settings(cfg) -> dict[str, Any]:
 def render(plan: Plan, console=None, suggestions: list[tuple[str, Plan]] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = console or Console()
     s = plan.settings
@@ -535,8 +536,10 @@ def render(plan: Plan, console=None, suggestions: list[tuple[str, Plan]] | None 
     b = s.get("micro_batch", 1)
     batch = (f"micro_batch {b} (activations scaled linearly from the batch-1 GPU calibration)" if b > 1
              else "micro_batch 1")
-    table = Table(title=title, caption=f"config: {plan.source}; {batch}; tokens: student {plan.tokens.student}, "
-                                       f"teacher {plan.tokens.teacher}; peak phase: {plan.phase}")
+    # Text: the model's path and the config's are the user's, printed as typed (no markup)
+    table = Table(title=Text(title), caption=Text(f"config: {plan.source}; {batch}; tokens: student "
+                                                  f"{plan.tokens.student}, teacher {plan.tokens.teacher}; peak phase: "
+                                                  f"{plan.phase}"))
     table.add_column("where", style="bold")
     table.add_column("what")
     table.add_column("GiB", justify="right")

@@ -14,12 +14,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+Note = Callable[[str | Text], None]  # where a module says something during a run: Display.note
 
 
 PLAIN_EVERY_S = 10.0
@@ -31,8 +34,12 @@ LONG_RUN_S = 12 * 3600
 PACE_STEPS = 3
 
 
-def make_console() -> Console:
-    return Console(stderr=False, highlight=False, soft_wrap=False)
+def make_console(stderr: bool = False) -> Console:
+    """Every console of ours prints text exactly as given: no Rich markup (a caption's "[trigger]", a dataset
+    file's "[[folders]]" or a path like "shots [v2]" would lose its brackets, and "[/]" in a path would raise),
+    no ":emoji:" codes, no highlighting. Colour comes only from `styled` labels (Text), never from parsing
+    what is printed, so nothing needs escaping."""
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=False)
 
 
 def program() -> list[str]:
@@ -49,13 +56,6 @@ def program() -> list[str]:
     if found and os.path.realpath(found) == os.path.realpath(started):
         return ["lowvram-dopsd"]
     return [os.path.abspath(started)]
-
-
-def plain_console(stderr: bool = False) -> Console:
-    """A console that prints text exactly as given: no Rich markup (a caption's "[trigger]", a dataset
-    file's "[[folders]]" or a path like "shots [v2]" would lose its brackets), no ":emoji:" codes, no
-    highlighting. Colour comes only from `styled` labels, never from parsing what is printed."""
-    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=False)
 
 
 def styled(label: str, text: str = "", style: str = "yellow") -> Text:
@@ -100,8 +100,9 @@ class Display:
         self.progress = None
         if self.live:
             self.progress = Progress(
-                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(bar_width=30),
-                TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console, transient=False)
+                TextColumn("step", style="bold", markup=False), MofNCompleteColumn(), BarColumn(bar_width=30),
+                TextColumn("{task.fields[stats]}", markup=False), TimeRemainingColumn(), console=console,
+                transient=False)
 
     def header(self, rows: dict[str, str], title: str = "lowvram-dopsd train") -> None:
         table = Table.grid(padding=(0, 2))
@@ -109,7 +110,7 @@ class Display:
         table.add_column()
         for k, v in rows.items():
             table.add_row(k, Text(v))  # plain text: captions like "[trigger]" are not markup
-        self.console.print(Panel(table, title=title, expand=False))
+        self.console.print(Panel(table, title=Text(title), expand=False))
 
     def commands(self, rows: dict[str, str]) -> None:
         """Commands to copy, printed under a box one per line, never wrapped or cut: inside the box a
@@ -132,8 +133,8 @@ class Display:
     def step(self, step: int, metrics: dict[str, float | None]) -> None:
         loss = metrics["loss"]
         if metrics.get("skipped"):
-            self.note(f"[yellow]step {step}:[/] the loss or a gradient is not finite (NaN or inf); "
-                      "this update was skipped")
+            self.note(styled(f"step {step}:", "the loss or a gradient is not finite (NaN or inf); this update "
+                                                "was skipped"))
         if loss is not None:
             self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
         done = step - self.start
@@ -160,10 +161,11 @@ class Display:
         pace, steps = sum(self.first_secs[1:]) / (len(self.first_secs) - 1), self.total - step
         if self.shorten and pace * steps > LONG_RUN_S:
             left = f"{steps} steps left take" if steps != 1 else "step left takes"
-            self.note(f"[yellow]note:[/] at {pace:.3g} s per step, the {left} about {pace * steps / 3600:.0f} h. "
-                      f"What shortens it: {self.shorten} (README: \"How long will it take?\").")
+            self.note(styled("note:", f"at {pace:.3g} s per step, the {left} about {pace * steps / 3600:.0f} h. "
+                                      f"What shortens it: {self.shorten} (README: \"How long will it take?\")."))
 
-    def note(self, text: str) -> None:
+    def note(self, text: str | Text) -> None:
+        """A line above the live one: plain text as given, or a `styled` one."""
         (self.progress.console if self.progress else self.console).print(text)
 
     def preview(self, path: Path) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, PngImagePlugin
-from rich.markup import escape
 
 from .preview import _font
 
@@ -199,6 +198,7 @@ def write_steps_plot(path: Path, rows: list[Row], result: dict) -> Path | None:
 
 def print_table(console, result: dict) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     best = best_rows(result)
     table = Table(title="eval: lower is better for the DINO distances, higher for CLIP-S and quality",
@@ -208,7 +208,7 @@ def print_table(console, result: dict) -> None:
     for name, m in result["metrics"].items():
         table.add_column(f"{m['title']} {'↓' if m['better'] == 'lower' else '↑'}", justify="right")
     for k, row in enumerate(result["rows"]):
-        table.add_row(escape(row["label"]), "" if row["step"] is None else str(row["step"]),
-                      *[f"[bold green]{fmt(row['metrics'][n])}[/]" if best[n] == k else fmt(row["metrics"][n])
+        table.add_row(Text(row["label"]), "" if row["step"] is None else str(row["step"]),  # a label as typed
+                      *[Text(fmt(row["metrics"][n]), style="bold green" if best[n] == k else "")
                         for n in result["metrics"]])
     console.print(table)

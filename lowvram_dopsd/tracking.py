@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+from .progress import Note, styled
 
 TB_DIR = "tensorboard"  # under --output; moved aside with the rest of a run (checkpoint.RUN_FILES)
 
@@ -37,7 +38,7 @@ class Tracker:
     and closed however the loop ends (done, Ctrl-C, a crash). A write that fails (a full disk) stops
     this log with a `note`, not the run: metrics.jsonl, the record, has its own full-disk stop."""
 
-    def __init__(self, log_with: str, out_dir: Path, start_step: int, settings: dict, note: Callable[[str], None]):
+    def __init__(self, log_with: str, out_dir: Path, start_step: int, settings: dict, note: Note):
         self.writer, self.note = None, note
         if log_with != "tensorboard":
             return
@@ -80,7 +81,7 @@ class Tracker:
         except OSError as exc:
             # Not closed: closing waits on its writer thread, which may be the one that failed.
             self.writer = None
-            self.note(f"[yellow]TensorBoard log stopped:[/] {exc.strerror or exc} (metrics.jsonl goes on)")
+            self.note(styled("TensorBoard log stopped:", f"{exc.strerror or exc} (metrics.jsonl goes on)"))
 
     def __enter__(self) -> Tracker:
         return self

@@ -45,7 +45,7 @@ from .lora import DualLoRA
 from .losses import dopsd_loss
 from .output import append_metrics, write_loras, write_step_lora
 from .preview import Previewer, default_prompts
-from .progress import Display, make_console
+from .progress import Display, make_console, styled
 from .quant import use_fused_linear
 from .runtime import DTYPES, resolve_device
 
@@ -166,8 +166,8 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
     previews = Previewer.for_run(cfg, family, model, lora, out_dir, prompts, conds, ds, device) \
         if cfg.preview_every else None
     if start >= cfg.steps:
-        console.print(f"[yellow]note[/] the checkpoint is already at step {start} = steps: nothing to train "
-                      f"(pass --steps {start + 100} to train further); writing its LoRA.")
+        console.print(styled("note", f"the checkpoint is already at step {start} = steps: nothing to train "
+                                     f"(pass --steps {start + 100} to train further); writing its LoRA."))
     tracker = tracking.Tracker(cfg.log_with, out_dir, start, {**cfg.to_dict(), **info}, display.note)
     return Run(cfg=cfg, preset=preset, family=family, teacher=teacher, rollout_steps=rollout_steps, lr=lr,
                device=device, dtype=dtype, ds=ds, conds=conds, model=model, lora=lora, params=params,
@@ -378,7 +378,7 @@ def write_preview(run: Run, step: int) -> None:
         run.display.preview(grid)
         run.tracker.preview(step, grid)
     except (UserError, OSError) as exc:  # a preview is never worth the run (nor a full disk): say so, go on
-        run.display.note(f"[yellow]preview skipped:[/] {exc}")
+        run.display.note(styled("preview skipped:", str(exc)))
 
 
 def finish(run: Run) -> Run:

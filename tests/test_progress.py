@@ -67,7 +67,7 @@ def test_shorter_run_advice_names_only_the_levers_this_config_has_left():
 
 def test_plain_console_prints_user_text_as_typed():
     buf = io.StringIO()
-    console = progress.plain_console()
+    console = progress.make_console()
     console.file = buf
     text = "a photo of [trigger] in 'shots [v2]/[bold]x[/]' :smile: [[folders]] \\[x]"
     console.print(progress.styled("warning", text))
