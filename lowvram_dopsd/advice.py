@@ -29,10 +29,12 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------------------------
 # Before the run
 # ---------------------------------------------------------------------------------------------
-def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, teacher: str, rollout_steps: int,
-               lr: float, device: torch.device, notes: dict[str, str], out_dir: Path,
+def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, teacher: str,
+               states: tuple[int, int], lr: float, device: torch.device, notes: dict[str, str], out_dir: Path,
                ckpt: checkpoint.Checkpoint | None) -> dict[str, str]:
-    """What the run is about to do, as the box printed before anything is loaded."""
+    """What the run is about to do, as the box printed before anything is loaded. `states`: the
+    roll-out steps and how many of them learn."""
+    rollout_steps, train_states = states
     prior_weight = f"weight {cfg.prior_weight:g}" if cfg.prior_weight else "measured only (weight 0)"
     schedule = f" ({shape})" if (shape := lr_shape(cfg)) else ""
     return {
@@ -42,7 +44,7 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
         "dataset": f"{len(ds)} images from {ds.source}" + (f", {len(ds.skipped)} skipped" if ds.skipped else ""),
         "captions": ds.caption_rule,
         "method": f"teacher {teacher}, loss {cfg.loss}, {rollout_steps}-step roll-outs, "
-                  f"{'all' if not cfg.train_states else cfg.train_states} states trained, EMA {cfg.ema_decay}"
+                  f"{'all' if train_states == rollout_steps else train_states} states trained, EMA {cfg.ema_decay}"
                   + (f"; prior: {len(cfg.prior_prompts)} prompts, {prior_weight}" if cfg.prior_prompts else ""),
         **notes,
         "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, "
@@ -110,10 +112,11 @@ def note_archived(console, out_dir: Path, archived: Path, init_file: Path | None
     return init_file
 
 
-def shorter_run_advice(cfg: TrainConfig, rollout_steps: int) -> str:
-    """What shortens a run, for the note a long one gets after its first steps (progress.LONG_RUN_S)."""
+def shorter_run_advice(cfg: TrainConfig, rollout_steps: int, trained: int = 0) -> str:
+    """What shortens a run, for the note a long one gets after its first steps (progress.LONG_RUN_S).
+    `trained`: the states of each roll-out that learn (0: as the config says, every one if it says 0)."""
+    trained = trained or cfg.train_states or rollout_steps
     levers = ["fewer --steps (the previews show when your subject has come through; Ctrl-C saves)"]
-    trained = cfg.train_states or rollout_steps
     if trained > 2:  # an untrained state is one forward pass, about a quarter of a trained one
         levers.append(f"--train-states 2 (learn at 2 random states of each {rollout_steps}-step roll-out, "
                       f"not {trained})")

@@ -39,8 +39,9 @@ def check_device(cfg: TrainConfig, device: torch.device) -> None:
                             "the CPU under TRITON_INTERPRET=1, very slowly). Use --kernels auto or off on the CPU.")
 
 
-def check_method(cfg: TrainConfig, family: Family) -> tuple[str, int]:
-    """The teacher kind and the roll-out length this run uses, checked against what the family offers."""
+def check_method(cfg: TrainConfig, family: Family) -> tuple[str, int, int]:
+    """The teacher kind, the roll-out length and the states of each roll-out that learn, checked
+    against what the family offers (a setting left at 0 takes the family's default)."""
     teacher = cfg.teacher or family.teachers[0]
     if teacher not in family.teachers:
         raise UserError(f"The {family.name} family supports the teacher kinds {', '.join(family.teachers)}; "
@@ -48,7 +49,8 @@ def check_method(cfg: TrainConfig, family: Family) -> tuple[str, int]:
     rollout_steps = cfg.rollout_steps or family.default_rollout_steps
     if cfg.train_states > rollout_steps:
         raise UserError(f"train_states ({cfg.train_states}) cannot exceed the {rollout_steps} roll-out steps.")
-    return teacher, rollout_steps
+    train_states = min(cfg.train_states or family.default_train_states or rollout_steps, rollout_steps)
+    return teacher, rollout_steps, train_states
 
 
 def check_act_quant(cfg: TrainConfig, device: torch.device) -> None:

@@ -63,6 +63,7 @@ class Run:
     family: Family
     teacher: str                      # the teacher kind: "vlm" or "edit"
     rollout_steps: int
+    train_states: int                 # the states of each roll-out that learn
     lr: float
     device: torch.device
     dtype: torch.dtype
@@ -110,7 +111,7 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
     preflight.check_device(cfg, device)
     tracking.check(cfg.log_with)
     family = load_family(cfg.model, transformer_file=cfg.transformer_file)
-    teacher, rollout_steps = preflight.check_method(cfg, family)
+    teacher, rollout_steps, train_states = preflight.check_method(cfg, family)
     lr = cfg.resolved_lr(family.default_lr)
     init, init_file = preflight.read_init_lora(cfg, family) if cfg.init_lora and resume is None else (None, None)
     ds = data.load(cfg.images, cfg.caption, cfg.trigger, cfg.resolution, cfg.on_bad_image)
@@ -123,9 +124,9 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
 
     notes = family.run_notes(teacher, cfg)
     display = Display(console, cfg.steps, start_step=ckpt.step if ckpt else 0,
-                      shorten=advice.shorter_run_advice(cfg, rollout_steps))
-    display.header(advice.run_header(cfg, preset, family, ds, teacher, rollout_steps, lr, device, notes, out_dir,
-                                     ckpt))
+                      shorten=advice.shorter_run_advice(cfg, rollout_steps, train_states))
+    display.header(advice.run_header(cfg, preset, family, ds, teacher, (rollout_steps, train_states), lr, device,
+                                     notes, out_dir, ckpt))
     advice.print_run_notes(console, display, cfg, family, ds, teacher, remarks, device, out_dir)
     preflight.check_act_quant(cfg, device)
 
@@ -169,7 +170,8 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
         console.print(styled("note", f"the checkpoint is already at step {start} = steps: nothing to train "
                                      f"(pass --steps {start + 100} to train further); writing its LoRA."))
     tracker = tracking.Tracker(cfg.log_with, out_dir, start, {**cfg.to_dict(), **info}, display.note)
-    return Run(cfg=cfg, preset=preset, family=family, teacher=teacher, rollout_steps=rollout_steps, lr=lr,
+    return Run(cfg=cfg, preset=preset, family=family, teacher=teacher, rollout_steps=rollout_steps,
+               train_states=train_states, lr=lr,
                device=device, dtype=dtype, ds=ds, conds=conds, model=model, lora=lora, params=params,
                optimizer=optimizer, scheduler=scheduler, sampler=sampler, rng=rng, noise_gen=noise_gen,
                out_dir=out_dir, identity=identity, info=info, cache=cache, display=display, tracker=tracker,
@@ -233,7 +235,7 @@ def _draw(run: Run, height: int, width: int, c_s: list[Cond], c_t: list[Cond], t
           weight: float) -> RollOut:
     noise = torch.randn((len(c_s), *run.family.latent_shape(height, width)), generator=run.noise_gen,
                         dtype=torch.float32)
-    k = run.cfg.train_states or run.rollout_steps
+    k = run.train_states
     steps = range(run.rollout_steps)
     trained = set(steps) if k == run.rollout_steps else set(run.rng.sample(steps, k))
     return RollOut(c_s, c_t, noise, height, width, trained, target, weight)
@@ -291,9 +293,9 @@ def rollout_and_learn(family: Family, model: torch.nn.Module, lora: DualLoRA, x:
         sigma = sigmas[k]
         if k in trained:
             with torch.no_grad(), lora.use(teacher):
-                v_t = family.velocity(model, x, sigma, c_t)
+                v_t = family.velocity(model, x, sigma, c_t, sigma_next=sigmas[k + 1])
             with lora.use("student"), torch.set_grad_enabled(loss_scale != 0):
-                v_s = family.velocity(model, x, sigma, c_s)
+                v_s = family.velocity(model, x, sigma, c_s, sigma_next=sigmas[k + 1])
                 loss = dopsd_loss(loss_kind, v_s, v_t, sigma, kernels)
                 # Backward inside the student context: gradient checkpointing re-runs the forward
                 # during backward, and that re-run must see the same LoRA set.
@@ -303,7 +305,7 @@ def rollout_and_learn(family: Family, model: torch.nn.Module, lora: DualLoRA, x:
             v = v_s.detach()
         else:
             with torch.no_grad(), lora.use("student"):
-                v = family.velocity(model, x, sigma, c_s)
+                v = family.velocity(model, x, sigma, c_s, sigma_next=sigmas[k + 1])
         x = x + (sigmas[k + 1] - sigma) * v  # the pipeline's Euler step (FlowMatchEulerDiscreteScheduler)
     return (torch.stack(losses).tolist() if losses else []), x
 
