@@ -17,7 +17,8 @@ Read it in order:
   train(cfg)              the loop: draw a batch, train_step, log; checkpoints every `save_every` steps,
                           previews every `preview_every`; Ctrl-C or SIGTERM: finish the step, save, stop.
 
-Elsewhere: what a run prints and advises (advice.py), the checks that refuse a run before it loads
+Elsewhere: the Run and what it writes as it goes (run.py: metrics, checkpoints, previews, the LoRA
+files), what a run prints and advises (advice.py), the checks that refuse a run before it loads
 anything (preflight.py), the conditions (conditions.py), checkpoints and exact resume (checkpoint.py).
 """
 from __future__ import annotations
@@ -27,78 +28,24 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO
 
 import torch
 
 from . import advice, checkpoint, data, optim, output, preflight, tracking
 from .advice import explain_oom
 from .cache import FeatureCache, default_cache_dir
-from .checkpoint import RNGState
-from .conditions import Conditions, conds_on, encode_conditions
+from .conditions import conds_on, encode_conditions
 from .config import TrainConfig
-from .errors import UserError
 from .families import load_family
 from .families.base import Cond, Family
 from .interrupt import GracefulStop
 from .lora import DualLoRA
 from .losses import dopsd_loss
-from .output import append_metrics, write_loras, write_step_lora
 from .preview import Previewer, default_prompts
 from .progress import Display, make_console, styled
 from .quant import use_fused_linear
+from .run import Run, StepResult
 from .runtime import DTYPES, resolve_device
-
-# Consecutive non-finite steps before the run stops: one bad roll-out can be bad luck (an fp16
-# overflow at one state); five in a row means the settings diverge, and each costs a full step.
-MAX_SKIPPED_IN_A_ROW = 5
-
-
-@dataclass
-class Run:
-    """One training run: what setup() builds, and the loop's place in it."""
-
-    cfg: TrainConfig
-    preset: str
-    family: Family
-    teacher: str                      # the teacher kind: "vlm" or "edit"
-    rollout_steps: int
-    train_states: int                 # the states of each roll-out that learn
-    lr: float
-    device: torch.device
-    dtype: torch.dtype
-    ds: data.Dataset
-    conds: Conditions
-    model: torch.nn.Module            # the frozen base, shared by student and teacher
-    lora: DualLoRA                    # its two LoRA sets: "student" (trained) and "teacher" (EMA)
-    params: list[torch.nn.Parameter]  # the student LoRA's
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampler: data.BucketSampler
-    rng: random.Random                # the sampler's shuffles, the trained states, the prior prompts
-    noise_gen: torch.Generator        # roll-out noise, on the CPU: the same on every device
-    out_dir: Path
-    identity: dict[str, str]          # what a resume must find again (checkpoint.check_compatible)
-    info: dict                        # the facts every LoRA file of the run records
-    cache: FeatureCache
-    display: Display
-    tracker: tracking.Tracker
-    previews: Previewer | None
-    command: list[str] | None         # the command line without --resume (said when the run stops)
-    step: int = 0                     # the last step done
-    last_ckpt: Path | None = None
-    saved_step: int = 0
-    skipped: int = 0                  # updates skipped for a non-finite loss or gradient
-    skipped_in_a_row: int = 0
-    lora_path: Path | None = None     # the LoRA file, once written
-
-    @property
-    def stopped(self) -> bool:        # by Ctrl-C or SIGTERM before `steps`, with a checkpoint: resumable
-        return self.step < self.cfg.steps
-
-    def rng_state(self) -> RNGState:
-        return RNGState.capture(self.noise_gen, self.rng, self.sampler.order)
-
 
 # ---------------------------------------------------------------------------------------------
 # Setup
@@ -241,15 +188,6 @@ def _draw(run: Run, height: int, width: int, c_s: list[Cond], c_t: list[Cond], t
     return RollOut(c_s, c_t, noise, height, width, trained, target, weight)
 
 
-@dataclass
-class StepResult:
-    loss: float                   # the D-OPSD loss on your images, mean over the trained states
-    prior_loss: float | None      # the same on the prior prompts (None without them)
-    lr: float                     # the learning rate this step used
-    updated: bool                 # False: a non-finite loss or gradient, and nothing changed
-    grad_norm: float
-
-
 def train_step(run: Run, batch: list[RollOut]) -> StepResult:
     """One optimizer step of Algorithm 1 over this step's micro-batches."""
     losses: dict[str | None, list[float]] = {"teacher": [], None: []}
@@ -323,77 +261,19 @@ def train(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
         if run.previews and run.step == 0 and not (run.out_dir / "previews" / "step-000000.png").exists():
-            write_preview(run, 0)  # the baseline: the base model before any training
+            run.write_preview(0)  # the baseline: the base model before any training
         for step in range(run.step + 1, cfg.steps + 1):
             t0, at_start = time.perf_counter(), run.rng_state()
-            with explain_oom(cfg, preset, f"training step {step}", on_oom=partial(save_before, run, step, at_start)):
+            with explain_oom(cfg, preset, f"training step {step}", on_oom=partial(run.save_before, step, at_start)):
                 result = train_step(run, draw_batch(run))
             run.step = step
-            log_step(run, log, result, time.perf_counter() - t0)
-            diverged = run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW
-            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested or diverged:
-                save_checkpoint(run, step, run.rng_state())
+            run.log_step(log, result, time.perf_counter() - t0)
+            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested or run.diverged:
+                run.save_checkpoint(step)
             if cfg.lora_every and step % cfg.lora_every == 0:  # the last step too: a resume goes on past it
-                write_step_lora(run.out_dir, run.lora, {**run.info, "steps": step}, run.dtype, run.display.note)
-            if stop.requested or diverged:
+                run.write_step_lora(step)
+            if stop.requested or run.diverged:
                 break
             if run.previews and (step % cfg.preview_every == 0 or step == cfg.steps):
-                write_preview(run, step)
-    return finish(run)
-
-
-def log_step(run: Run, log: IO[str], result: StepResult, sec: float) -> None:
-    """One step's numbers: metrics.jsonl (the record), TensorBoard, the live line."""
-    run.skipped += not result.updated
-    run.skipped_in_a_row = 0 if result.updated else run.skipped_in_a_row + 1
-    metrics = {"step": run.step, "loss": advice.finite_or_none(result.loss),
-               **({"prior_loss": advice.finite_or_none(result.prior_loss)} if result.prior_loss is not None else {}),
-               "grad_norm": advice.finite_or_none(result.grad_norm), "lr": result.lr, "sec": round(sec, 4),
-               **({} if result.updated else {"skipped": True})}
-    if run.device.type == "cuda":
-        metrics["vram_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
-    append_metrics(log, metrics, run.last_ckpt)
-    run.tracker.step(metrics)
-    run.display.step(run.step, metrics)
-
-
-def save_checkpoint(run: Run, step: int, rng_state: RNGState) -> Path:
-    run.last_ckpt = checkpoint.save(run.out_dir, step, run.lora, run.optimizer, run.scheduler, rng_state, run.cfg,
-                                    run.identity, run.info, run.cfg.keep_checkpoints)
-    run.saved_step = step
-    run.display.note(f"checkpoint: {run.last_ckpt}")
-    run.tracker.flush()  # TensorBoard then shows at least what a resume keeps
-    return run.last_ckpt
-
-
-def save_before(run: Run, step: int, at_start: RNGState) -> str:
-    """After a failed `step`: save the state before it (the LoRA and optimizer are still step - 1's)."""
-    if step - 1 > run.saved_step:
-        return f"Saved the state before this step: {save_checkpoint(run, step - 1, at_start)}. "
-    return f"The last checkpoint ({run.last_ckpt}) is intact. " if run.last_ckpt else ""
-
-
-def write_preview(run: Run, step: int) -> None:
-    try:
-        with explain_oom(run.cfg, run.preset, "sampling a preview"):
-            grid = run.previews.write(step)
-        run.display.preview(grid)
-        run.tracker.preview(step, grid)
-    except (UserError, OSError) as exc:  # a preview is never worth the run (nor a full disk): say so, go on
-        run.display.note(styled("preview skipped:", str(exc)))
-
-
-def finish(run: Run) -> Run:
-    """Write the LoRA files, say how the run ended and what to do next."""
-    meta = {**run.info, "steps": run.step}
-    run.lora_path = path = write_loras(run.out_dir, run.lora, meta, run.dtype, run.last_ckpt)
-    if run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:  # the loop stopped on it
-        raise advice.diverged_error(run.cfg, run.lr, run.step, run.skipped_in_a_row, path, run.last_ckpt)
-    if run.stopped:
-        run.display.header({"stopped at": f"step {run.step} of {run.cfg.steps}", "checkpoint": str(run.last_ckpt),
-                            "LoRA so far": str(path)}, title="stopped")
-        run.display.commands({"resume with": advice.resume_command(run.command)})
-    else:
-        run.display.header(advice.done_summary(run.out_dir, path, run.skipped, run.previews is not None), title="done")
-        run.display.commands(advice.use_commands(run.cfg, run.family, run.out_dir))
-    return run
+                run.write_preview(step)
+    return run.finish()

@@ -21,6 +21,7 @@ import lowvram_dopsd.train as train_mod
 from lowvram_dopsd.cli import main
 from lowvram_dopsd.errors import EXIT_STOPPED
 from lowvram_dopsd.optim import lr_factor
+from lowvram_dopsd.run import MAX_SKIPPED_IN_A_ROW
 
 
 @pytest.fixture(scope="module")
@@ -324,10 +325,10 @@ def test_losses_that_stay_nan_stop_the_run_with_the_lora_as_it_was(args, tmp_pat
     nan_losses_from(monkeypatch, 3)  # every micro-batch from step 2 on
     assert main(args(out, "--steps", "10", "--set", "save_every=1", "--set", "keep_checkpoints=10")) == 2
     err = capsys.readouterr().err
-    assert f"Steps 2-{1 + train_mod.MAX_SKIPPED_IN_A_ROW} all gave a non-finite loss" in err
+    assert f"Steps 2-{1 + MAX_SKIPPED_IN_A_ROW} all gave a non-finite loss" in err
     assert "trained up to step 1" in err and "lower --lr (now 0.005)" in err and "Traceback" not in err
     assert "--dtype bf16" not in err  # fp32 here: not a lever
-    stop = 1 + train_mod.MAX_SKIPPED_IN_A_ROW
+    stop = 1 + MAX_SKIPPED_IN_A_ROW
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == f"step-{stop:06d}"
     (s1, t1), (s_stop, t_stop) = checkpoint_loras(out, 1), checkpoint_loras(out, stop)
     final = load_file(str(out / "pytorch_lora_weights.safetensors"))

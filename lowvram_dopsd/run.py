@@ -1,0 +1,150 @@
+"""One training run: the state train.setup() builds and the loop advances, and what the run writes as
+it goes (each step's metrics, checkpoints, step LoRAs, previews) and when it ends (the LoRA files, the
+closing box and the commands to copy)."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from . import advice, checkpoint, data, tracking
+from .advice import explain_oom
+from .cache import FeatureCache
+from .checkpoint import RNGState
+from .conditions import Conditions
+from .config import TrainConfig
+from .errors import UserError
+from .families.base import Family
+from .lora import DualLoRA
+from .output import append_metrics, write_loras, write_step_lora
+from .preview import Previewer
+from .progress import Display, styled
+
+# Consecutive non-finite steps before the run stops: one bad roll-out can be bad luck (an fp16
+# overflow at one state); five in a row means the settings diverge, and each costs a full step.
+MAX_SKIPPED_IN_A_ROW = 5
+
+
+@dataclass
+class StepResult:
+    """What one train step reports."""
+
+    loss: float                   # the D-OPSD loss on your images, mean over the trained states
+    prior_loss: float | None      # the same on the prior prompts (None without them)
+    lr: float                     # the learning rate this step used
+    updated: bool                 # False: a non-finite loss or gradient, and nothing changed
+    grad_norm: float
+
+
+@dataclass
+class Run:
+    """One training run: what setup() builds, and the loop's place in it."""
+
+    cfg: TrainConfig
+    preset: str
+    family: Family
+    teacher: str                      # the teacher kind: "vlm" or "edit"
+    rollout_steps: int
+    train_states: int                 # the states of each roll-out that learn
+    lr: float
+    device: torch.device
+    dtype: torch.dtype
+    ds: data.Dataset
+    conds: Conditions
+    model: torch.nn.Module            # the frozen base, shared by student and teacher
+    lora: DualLoRA                    # its two LoRA sets: "student" (trained) and "teacher" (EMA)
+    params: list[torch.nn.Parameter]  # the student LoRA's
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: data.BucketSampler
+    rng: random.Random                # the sampler's shuffles, the trained states, the prior prompts
+    noise_gen: torch.Generator        # roll-out noise, on the CPU: the same on every device
+    out_dir: Path
+    identity: dict[str, str]          # what a resume must find again (checkpoint.check_compatible)
+    info: dict                        # the facts every LoRA file of the run records
+    cache: FeatureCache
+    display: Display
+    tracker: tracking.Tracker
+    previews: Previewer | None
+    command: list[str] | None         # the command line without --resume (said when the run stops)
+    step: int = 0                     # the last step done
+    last_ckpt: Path | None = None
+    saved_step: int = 0
+    skipped: int = 0                  # updates skipped for a non-finite loss or gradient
+    skipped_in_a_row: int = 0
+    lora_path: Path | None = None     # the LoRA file, once written
+
+    @property
+    def stopped(self) -> bool:        # by Ctrl-C or SIGTERM before `steps`, with a checkpoint: resumable
+        return self.step < self.cfg.steps
+
+    @property
+    def diverged(self) -> bool:       # too many non-finite steps in a row: the loop stops
+        return self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW
+
+    def rng_state(self) -> RNGState:
+        return RNGState.capture(self.noise_gen, self.rng, self.sampler.order)
+
+    # ----- as it goes
+    def log_step(self, log: IO[str], result: StepResult, sec: float) -> None:
+        """One step's numbers: metrics.jsonl (the record), TensorBoard, the live line."""
+        self.skipped += not result.updated
+        self.skipped_in_a_row = 0 if result.updated else self.skipped_in_a_row + 1
+        finite = advice.finite_or_none
+        metrics = {"step": self.step, "loss": finite(result.loss),
+                   **({"prior_loss": finite(result.prior_loss)} if result.prior_loss is not None else {}),
+                   "grad_norm": finite(result.grad_norm), "lr": result.lr, "sec": round(sec, 4),
+                   **({} if result.updated else {"skipped": True})}
+        if self.device.type == "cuda":
+            metrics["vram_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        append_metrics(log, metrics, self.last_ckpt)
+        self.tracker.step(metrics)
+        self.display.step(self.step, metrics)
+
+    def save_checkpoint(self, step: int, rng_state: RNGState | None = None) -> Path:
+        """Checkpoint `step` (with the randomness as it is now, or as `rng_state` captured it)."""
+        self.last_ckpt = checkpoint.save(self.out_dir, step, self.lora, self.optimizer, self.scheduler,
+                                         rng_state or self.rng_state(), self.cfg, self.identity, self.info,
+                                         self.cfg.keep_checkpoints)
+        self.saved_step = step
+        self.display.note(f"checkpoint: {self.last_ckpt}")
+        self.tracker.flush()  # TensorBoard then shows at least what a resume keeps
+        return self.last_ckpt
+
+    def save_before(self, step: int, at_start: RNGState) -> str:
+        """After a failed `step`: save the state before it (the LoRA and optimizer are still step - 1's)."""
+        if step - 1 > self.saved_step:
+            return f"Saved the state before this step: {self.save_checkpoint(step - 1, at_start)}. "
+        return f"The last checkpoint ({self.last_ckpt}) is intact. " if self.last_ckpt else ""
+
+    def write_step_lora(self, step: int) -> None:
+        write_step_lora(self.out_dir, self.lora, {**self.info, "steps": step}, self.dtype, self.display.note)
+
+    def write_preview(self, step: int) -> None:
+        try:
+            with explain_oom(self.cfg, self.preset, "sampling a preview"):
+                grid = self.previews.write(step)
+            self.display.preview(grid)
+            self.tracker.preview(step, grid)
+        except (UserError, OSError) as exc:  # a preview is never worth the run (nor a full disk): say so, go on
+            self.display.note(styled("preview skipped:", str(exc)))
+
+    # ----- at the end
+    def finish(self) -> Run:
+        """Write the LoRA files, say how the run ended and what to do next."""
+        meta = {**self.info, "steps": self.step}
+        self.lora_path = path = write_loras(self.out_dir, self.lora, meta, self.dtype, self.last_ckpt)
+        if self.diverged:  # the loop stopped on it
+            raise advice.diverged_error(self.cfg, self.lr, self.step, self.skipped_in_a_row, path, self.last_ckpt)
+        if self.stopped:
+            self.display.header({"stopped at": f"step {self.step} of {self.cfg.steps}",
+                                 "checkpoint": str(self.last_ckpt), "LoRA so far": str(path)}, title="stopped")
+            self.display.commands({"resume with": advice.resume_command(self.command)})
+        else:
+            self.display.header(advice.done_summary(self.out_dir, path, self.skipped, self.previews is not None),
+                                title="done")
+            self.display.commands(advice.use_commands(self.cfg, self.family, self.out_dir))
+        return self
