@@ -4,7 +4,8 @@
     lowvram-dopsd sample --lora out/loras/step-000500.safetensors --lora out/loras/step-001000.safetensors --prompt ...
 
 The base model is read from the (first) LoRA's metadata (`base_model`, written by the trainer) unless
-`--model` is given. The pipeline is `DiffusionPipeline.from_pretrained(base)` and the LoRA goes in
+`--model` is given. The pipeline is `DiffusionPipeline.from_pretrained(base)` (FLUX.3: its modular
+pipeline, as its docs load it) and the LoRA goes in
 with `pipe.load_lora_weights(...)`: no code of ours runs between them, so this is the check that
 the file works outside this tool. `--lora` takes an output folder, a checkpoint folder or a
 .safetensors file (including a ComfyUI export: diffusers converts it on load); given several times,
@@ -246,7 +247,7 @@ def checked_base(req: SampleRequest, lora_files: list[Path], labels: list[str], 
 
 @dataclass
 class StockPipeline:
-    """The stock diffusers pipeline (`DiffusionPipeline.from_pretrained` + `load_lora_weights`), at most one
+    """The stock diffusers pipeline (`family.stock_pipeline` + `load_lora_weights`), at most one
     LoRA in it at a time, drawing images as `sample` does: noise from a CPU generator, the model's own steps."""
     pipe: Any
     family: Family
@@ -258,23 +259,17 @@ class StockPipeline:
 
     @classmethod
     def open(cls, req: SampleRequest, family: Family, size: int, device: torch.device) -> "StockPipeline":
-        from diffusers import DiffusionPipeline
-
         dtype = DTYPES[req.dtype] if device.type == "cuda" else torch.float32
         parts = {}
         if family.transformer_file:  # the fine-tune, read by diffusers' own single-file loader (not ours)
             import diffusers
             parts["transformer"] = getattr(diffusers, family.transformer_class).from_single_file(
                 str(family.transformer_file), config=str(family.model_dir), subfolder="transformer", torch_dtype=dtype)
-        pipe = DiffusionPipeline.from_pretrained(family.model_dir, dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=req.trust_remote_code, **parts)
+        pipe = family.stock_pipeline(dtype, trust_remote_code=req.trust_remote_code, **parts)
         offload = req.offload
         if offload is None:
             offload = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 40 * 2**30
-        if offload:
-            pipe.enable_model_cpu_offload(device=device)
-        else:
-            pipe.to(device)
+        family.place(pipe, device, offload)
         steps = req.steps or family.default_rollout_steps  # the model's own few-step count
         return cls(pipe, family, steps, req.width or size, req.height or size, req.scale)
 
@@ -315,9 +310,7 @@ class StockPipeline:
 
     def draw(self, prompt: str, seed: int) -> Image.Image:
         gen = torch.Generator("cpu").manual_seed(seed)  # same noise on any device (= the trainer's previews)
-        # prompt by name: a pipeline's first argument may be another (Flux2KleinPipeline's is `image`)
-        return self.pipe(prompt=prompt, num_inference_steps=self.steps, width=self.width, height=self.height,
-                         generator=gen, **self.family.pipeline_call_kwargs).images[0]
+        return self.family.draw(self.pipe, prompt, self.steps, self.width, self.height, gen)
 
 
 def sample(req: SampleRequest, console=None) -> list[Path]:

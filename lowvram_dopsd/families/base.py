@@ -200,6 +200,25 @@ class Family:
     # Extra arguments the stock pipeline needs for the model's own few-step sampling (`sample`).
     pipeline_call_kwargs: ClassVar[dict[str, Any]] = {}
 
+    def stock_pipeline(self, dtype: torch.dtype, **kwargs):
+        """The stock diffusers pipeline of this folder (`sample`, `eval`): DiffusionPipeline.from_pretrained,
+        `kwargs` passed on (a transformer read from a single file, trust_remote_code)."""
+        from diffusers import DiffusionPipeline
+        return DiffusionPipeline.from_pretrained(self.model_dir, dtype=dtype, use_safetensors=True, **kwargs)
+
+    def place(self, pipe, device: torch.device, offload: bool) -> None:
+        """The stock pipeline on `device`, or (`offload`) each model moved there only while it runs."""
+        if offload:
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+
+    def draw(self, pipe, prompt: str, steps: int, width: int, height: int, generator) -> "PIL.Image.Image":
+        """One image from the stock pipeline, in the model's own few-step sampling. The prompt by name: a
+        pipeline's first argument may be another (Flux2KleinPipeline's is `image`)."""
+        return pipe(prompt=prompt, num_inference_steps=steps, width=width, height=height, generator=generator,
+                    **self.pipeline_call_kwargs).images[0]
+
     @property
     def in_diffusers(self) -> bool:
         """Whether `pipeline_class` is a stock diffusers pipeline (`sample` needs one; the toy's is ours)."""
