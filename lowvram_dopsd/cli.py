@@ -191,7 +191,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
     # what a setting left at "the model's default" becomes for this model
     resolved = {} if family is None else {
         "lr": f"{family.default_lr:g}", "teacher": family.teachers[0],
-        "rollout_steps": str(family.default_rollout_steps)}
+        "rollout_steps": str(family.default_rollout_steps),
+        **({"train_states": str(family.default_train_states)} if family.default_train_states else {})}
     console, table = Console(highlight=False), None
     wide = console.width >= 110  # else the value goes above its description: 3 columns leave it ~20 characters
     for name, f in SETTINGS.items():

@@ -54,7 +54,7 @@ def few_step_sample(family: Family, model: torch.nn.Module, lora: DualLoRA, role
     x, sigmas = noise, sigmas.to(noise.device, non_blocking=True)  # as rollout_and_learn: no copy per pass
     with lora.use(role):
         for k in range(len(sigmas) - 1):
-            x = x + (sigmas[k + 1] - sigmas[k]) * family.velocity(model, x, sigmas[k], conds)
+            x = x + (sigmas[k + 1] - sigmas[k]) * family.velocity(model, x, sigmas[k], conds, sigmas[k + 1])
     return x
 
 
