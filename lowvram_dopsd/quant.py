@@ -330,11 +330,14 @@ def single_file_map(model_cls, path: str | Path, model_keys: list[str]) -> dict[
 
 
 def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The loading units: each block of every top-level ModuleList, and every other top-level child."""
+    """The loading units: each block of every top-level ModuleList (or of the ModuleLists of a top-level
+    ModuleDict: FLUX.3's per-mode `mode_blocks`), and every other top-level child."""
     out = []
     for name, child in model.named_children():
         if isinstance(child, nn.ModuleList):
             out += [(f"{name}.{i}", block) for i, block in enumerate(child)]
+        elif isinstance(child, nn.ModuleDict) and child and all(isinstance(c, nn.ModuleList) for c in child.values()):
+            out += [(f"{name}.{key}.{i}", block) for key, blocks in child.items() for i, block in enumerate(blocks)]
         else:
             out.append((name, child))
     return out
@@ -365,8 +368,14 @@ def _read(keys: list[str], files: dict[str, Path], device: torch.device) -> dict
     return out
 
 
+def _kept_fp32(name: str, keep: tuple[str, ...]) -> bool:
+    """Whether diffusers' from_pretrained keeps this tensor in fp32 whatever the dtype: a part of its name is
+    one of the class's `_keep_in_fp32_modules` (FLUX.3: its QK norms; model_loading_utils.load_model_dict_into_meta)."""
+    return any(m in name.split(".") for m in keep)
+
+
 def _fill(module: nn.Module, prefix: str, files: dict[str, Path], device: torch.device,
-          dtype: torch.dtype) -> None:
+          dtype: torch.dtype, keep: tuple[str, ...] = ()) -> None:
     names = list(module.state_dict(keep_vars=True).keys())
     full = [f"{prefix}.{n}" if prefix else n for n in names]
     missing = [k for k in full if k not in files]
@@ -382,7 +391,8 @@ def _fill(module: nn.Module, prefix: str, files: dict[str, Path], device: torch.
         raise UserError(f"The checkpoint's {k} has shape {list(got)}, the model's config says {list(want)} (and "
                         f"{len(wrong) - 1} more differ): the weights do not fit this model's config (another "
                         "model size or family?).")
-    state = {n: _own(t, dtype, device) for n, t in zip(names, (tensors[k] for k in full))}
+    state = {n: _own(t, torch.float32 if _kept_fp32(k, keep) else dtype, device)
+             for n, k, t in zip(names, full, (tensors[k] for k in full))}
     module.load_state_dict(state, assign=True, strict=True)
 
 
@@ -428,8 +438,9 @@ def load_frugal(model_cls, folder: str | Path, device: torch.device, dtype: torc
         files = single_file_map(model_cls, weights_file, list(model.state_dict().keys()))
     for p_name, p in list(model.named_parameters(recurse=False)) + list(model.named_buffers(recurse=False)):
         _fill_direct(model, p_name, files, device, dtype)
+    keep = tuple(getattr(model_cls, "_keep_in_fp32_modules", None) or ())
     for prefix, module in units(model):
-        _fill(module, prefix, files, device, dtype)
+        _fill(module, prefix, files, device, dtype, keep)
         if kind != "none" and not _skipped(prefix, skip):
             quantize_frozen(module, kind, skip, prefix=prefix)
         module.requires_grad_(False)
