@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import inspect
 from functools import cached_property
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -50,7 +49,8 @@ from ..errors import UserError
 from ..files import folder_identity
 from ..runtime import DTYPES, release
 from . import register
-from .base import Cond, DiffusersFamily
+from .base import Cond
+from .reference import ReferenceImageFamily, edit_prompt
 
 
 def _pipeline_class():
@@ -64,16 +64,10 @@ def text_layers() -> tuple[int, ...]:
     return tuple(sig.parameters["text_encoder_out_layers"].default)
 
 
-def edit_prompt(caption: str, instruction: str) -> str:
-    """The teacher's prompt for the edit branch: caption, then the edit instruction (authors' recipe)."""
-    return f"{caption} {instruction}".strip()
-
-
 @register
-class Klein(DiffusersFamily):
+class Klein(ReferenceImageFamily):
     name = "klein"
     pipeline_class = "Flux2KleinPipeline"
-    teachers = ("edit", "vlm")
     default_rollout_steps = 4     # the distilled model's 4 steps
     default_lr = 1e-5             # paper App. D
     # Every linear of every transformer block: attention q/k/v/out of both streams of the
@@ -107,10 +101,6 @@ class Klein(DiffusersFamily):
     vlm_padded = True  # _get_qwen3_prompt_embeds: padding="max_length", every state to the transformer
     required_components = ("transformer", "text_encoder", "tokenizer", "scheduler", "vae")
 
-    def __init__(self, model_dir: Path, model_id: str):
-        super().__init__(model_dir, model_id)
-        self._dtype = torch.float32  # compute dtype, set by load_transformer (used by decode_latents)
-
     def check_components(self, model_index) -> None:
         super().check_components(model_index)
         if not model_index.get("is_distilled", False):
@@ -121,16 +111,10 @@ class Klein(DiffusersFamily):
 
     chat_enable_thinking = False  # Flux2KleinPipeline._get_qwen3_prompt_embeds
 
-    def encoded_prompts(self, captions: list[str], teacher: str, cfg) -> dict[str, list[str]]:
-        out = {"caption": list(captions)}
-        if teacher == "edit":  # the edit teacher's prompt goes through the same encoder and limit
-            out["edit-teacher"] = [edit_prompt(c, cfg.edit_instruction) for c in captions]
-        return out
-
     def run_notes(self, teacher: str, cfg) -> dict[str, str]:
         if teacher == "vlm":  # the 9B's default teacher encoder is not the shipped default: say which
             return {"teacher_encoder": self.teacher_encoder(cfg)}
-        return {"edit_instruction": cfg.edit_instruction} if teacher == "edit" else {}
+        return super().run_notes(teacher, cfg)
 
     # ------------------------------------------------------------------ precompute
     def encoder_identity(self, teacher: str, cfg) -> dict:
@@ -175,17 +159,8 @@ class Klein(DiffusersFamily):
         release(text_encoder)
         return out
 
-    @torch.no_grad()
-    def encode_student(self, captions: list[str], cfg, device: torch.device) -> list[Cond]:
-        return [{"cap": e} for e in self._encode_prompts(list(captions), cfg, device)]
-
-    @torch.no_grad()
-    def encode_teacher(self, items: list[Item], teacher: str, cfg, device: torch.device) -> list[Cond]:
-        if teacher == "edit":
-            return self._encode_edit(items, cfg, device)
-        if teacher == "vlm":
-            return self.encode_vlm_teacher(items, cfg, device)
-        raise UserError(f"FLUX.2-klein supports the teacher kinds {', '.join(self.teachers)}, not '{teacher}'.")
+    def _encode_vlm(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
+        return self.encode_vlm_teacher(items, cfg, device)  # the grafted Qwen3-VL (teacher_vlm.py)
 
     def _encode_edit(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
         from diffusers import AutoencoderKLFlux2
@@ -224,10 +199,6 @@ class Klein(DiffusersFamily):
         return pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
 
     # ------------------------------------------------------------------ training
-    def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        self._dtype = dtype  # decode_latents decodes in the training dtype
-        return super().load_transformer(cfg, device, dtype)
-
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         s = self.vae_scale_factor * 2  # Flux2KleinPipeline.prepare_latents: (C·4, H/16, W/16)
         return (self.in_channels, height // s, width // s)
