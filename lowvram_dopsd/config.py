@@ -39,7 +39,7 @@ def setting(default: Any, help: str, choices: tuple[str, ...] = (), section: str
 @dataclass
 class TrainConfig:
     model: str = setting(DEFAULT_MODEL, "Hugging Face id or local diffusers folder of the base model "
-                         "(Z-Image-Turbo, FLUX.2-klein)", section="What to train on")
+                         "(Z-Image-Turbo, FLUX.2-klein 4B / 9B, FLUX.3 Image Klein)", section="What to train on")
     transformer_file: str = setting("", "a .safetensors transformer (a fine-tune or merge, original or diffusers "
                                     "key layout) used instead of the model's transformer/; the rest of --model "
                                     "(VAE, text encoder, scheduler) as is; '' = the model's own")
@@ -51,17 +51,21 @@ class TrainConfig:
     output: str = setting("out", "folder for the LoRA, checkpoints, previews and metrics.jsonl")
 
     teacher: str = setting("", "teacher condition: 'vlm' (caption + your photo, read by Qwen3-VL) or 'edit' "
-                           "(klein's reference-image branch); '' = the model's default",
+                           "(klein's and FLUX.3's reference-image path); '' = the model's default",
                            choices=("", "vlm", "edit"), section="The method (paper §2.2, Appendix D)")
-    teacher_encoder: str = setting(DEFAULT_TEACHER_VLM, "Qwen3-VL-4B-Instruct folder or id, for the vlm teacher")
-    edit_instruction: str = setting(DEFAULT_EDIT_INSTRUCTION, "appended to the caption for klein's edit teacher "
+    teacher_encoder: str = setting(DEFAULT_TEACHER_VLM, "Qwen3-VL folder or id for the vlm teacher's graft; the "
+                                   "default becomes the model's match (Qwen3-VL-8B-Instruct for klein 9B's "
+                                   "Qwen3-8B); FLUX.3 reads your photo with its own encoder")
+    edit_instruction: str = setting(DEFAULT_EDIT_INSTRUCTION, "appended to the caption for the edit teacher "
                                     "(default: the authors' instruction)")
     loss: str = setting("x0", "'x0' (the authors' code: the velocity error weighted by sigma², early steps "
                         "weigh more) or 'velocity' (paper eq. 6)", choices=("velocity", "x0"))
-    rollout_steps: int = setting(0, "steps of each student roll-out; 0 = the model's own (Z-Image 8, klein 4)")
+    rollout_steps: int = setting(0, "steps of each student roll-out; 0 = the model's own (Z-Image 8, klein 4, "
+                                    "FLUX.3 16)")
     train_states: int = setting(0, "visited states trained per roll-out, chosen at random; 0 = all of them "
-                                   "(paper). The others cost one forward pass each, about a quarter of a trained "
-                                   "one: 2 of Z-Image's 8 should take ~0.45 of the step time")
+                                   "(paper), except FLUX.3: 4 of its 16. The others cost one forward "
+                                   "pass each, about a quarter of a trained one: 2 of Z-Image's 8 should take "
+                                   "~0.45 of the step time")
     ema_decay: float = setting(0.9999, "EMA decay of the teacher's LoRA (paper: 0.9999)")
     prior_prompts: list[str] = setting(
         [], "prompts WITHOUT your subject, e.g. 'a photo of a dog' for 'sks dog' ('|'-separated on the command "
@@ -83,7 +87,8 @@ class TrainConfig:
                              "as it; its rank and alpha must be the run's; '' = fresh")
     lora_targets: list[str] = setting([], "module names that get a LoRA (comma-separated on the command line); "
                                       "[] = the model's attention and feed-forward linears")
-    lr: float = setting(0.0, "learning rate; 0 = the paper's for the model (Z-Image 4e-5, klein 1e-5)")
+    lr: float = setting(0.0, "learning rate; 0 = the paper's for the model (Z-Image 4e-5, klein 1e-5; FLUX.3 "
+                        "klein's, no paper value)")
     batch_size: int = setting(4, "roll-outs per optimizer step")
     micro_batch: int = setting(1, "roll-outs per forward pass; batch_size / micro_batch are accumulated")
     steps: int = setting(1000, "optimizer steps to train")

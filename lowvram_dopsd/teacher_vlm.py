@@ -177,7 +177,9 @@ class VlmInputBuilder:
     enable_thinking=False, which closes an empty think block there; Qwen3-VL-Instruct's has no switch).
     """
 
-    def __init__(self, vlm_dir, use_processor: bool = True, reply_prefix: str = ""):
+    def __init__(self, vlm_dir, use_processor: bool = True, reply_prefix: str = "", config_dir=None):
+        """`config_dir`: where the model's config.json is, when not beside the processor files (FLUX.3
+        keeps its encoder in text_encoder/ and the processor in tokenizer/)."""
         from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 
         self.vlm_dir = Path(vlm_dir)
@@ -197,7 +199,7 @@ class VlmInputBuilder:
         self.image_processor = AutoImageProcessor.from_pretrained(self.vlm_dir)
         self.chat_template = _processor_chat_template(self.vlm_dir) or self.tokenizer.chat_template
         # Qwen3VLProcessor's placeholder tokens; the model matches them by the ids in its config.
-        config = AutoConfig.from_pretrained(self.vlm_dir)
+        config = AutoConfig.from_pretrained(config_dir or self.vlm_dir)
         self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)

@@ -74,7 +74,7 @@ def resolve_dir(id_or_path: str, what: str, needs: str | tuple[str, ...] = INDEX
 
 def registered() -> list[type[Family]]:
     """Every family adapter: importing a family module registers it."""
-    from . import klein, toy, zimage  # noqa: F401
+    from . import flux3, klein, toy, zimage  # noqa: F401
 
     return FAMILIES
 

@@ -1,0 +1,372 @@
+"""FLUX.3 Image Klein, step-distilled (`Flux3DistilledModularPipeline`, a diffusers modular pipeline).
+
+Everything that must match the stock pipeline runs THROUGH the pipeline's own blocks, each as a small
+pipeline of its own (`Block().init_pipeline()` with our components): the prompt encoding
+(`Flux3DistilledTextEncoderStep`), the reference image (`Flux3VaeEncoderSequentialStep`: the image
+processor's padding to the token grid, VAE mode, 2x2 patchify, batch-norm normalisation, then
+`Flux3PrepareImageCondLatentsStep`: tokens and position ids), the decoding (`Flux3DecodeStep`), the
+scheduler as `Flux3SetTimestepsStep` makes it, and the position ids of image and text tokens
+(`_prepare_image_ids`, `_prepare_text_ids`).
+
+Conventions of the distilled pipeline (diffusers 0.42.1, modular_pipelines/flux3):
+  * the state is the packed latent [B, 128, H/16, W/16] that `Flux3PrepareLatentsStep` draws (and
+    accepts as `latents=`); the transformer sees it flattened to tokens [B, H/16·W/16, 128];
+  * sigmas = linspace(1, 1/N, N) with the scheduler's constant shift 6.93 (no dynamic shifting, so the
+    schedule does not depend on the size); N = 16 by default;
+  * the transformer is a FLOW MAP: besides the timestep t = sigma it takes the timestep the step
+    jumps to (`target_timestep` = the next sigma, 0 after the last), so `velocity` needs `sigma_next`;
+    its output is the velocity of `scheduler.step` (x_next = x + (sigma_next - sigma)·v);
+  * the prompt goes through Qwen3-VL-4B's chat template, is right-padded to a multiple of 80 tokens
+    (the transformer attends to the padding, whose position ids are 1), and hidden states 4, 8, ..., 32
+    are stacked per token: [L, 8·2560];
+  * image H/W position ids are scaled by 0.5; a reference image's tokens sit at l = -1 and at
+    timestep 0 (the transformer modulates them with t = 0 whatever the step).
+
+Teachers:
+  * `edit` (default): the pipeline's own reference-image path. Your photo at the training size goes
+    through exactly what the pipeline does with `image=` (one reference), the caption gets
+    `cfg.edit_instruction` appended, and the prediction is read off the generated image's tokens. It
+    is the default because it is a path the model was trained on, with nothing outside the pipeline.
+  * `vlm` (the paper's premise, no graft needed): FLUX.3's text encoder IS Qwen3-VL, so it reads the
+    caption and your photo in one user message, [image, caption], with the text path's template,
+    80-token windows, pad positions and layers. The pipeline itself never gives its encoder an image
+    (a reference goes through the VAE; only the optional prompt upsampler, a separate Qwen3.5 model,
+    looks at pictures), so this condition is one the transformer was not trained on: offered, not
+    the default.
+"""
+from __future__ import annotations
+
+import json
+import math
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from ..data import Item, load_rgb
+from ..errors import UserError
+from ..files import folder_identity
+from ..runtime import DTYPES, release
+from . import register
+from .base import Cond
+from .reference import ReferenceImageFamily, edit_prompt
+
+PIPELINE = "Flux3DistilledModularPipeline"
+
+
+def _blocks():
+    """The pipeline's block modules (imported when first needed: they import transformers' Qwen3-VL)."""
+    from diffusers.modular_pipelines.flux3 import before_denoise, decoders, encoders
+    return before_denoise, encoders, decoders
+
+
+def text_layers() -> tuple[int, ...]:
+    """The hidden layers the distilled text encoder step stacks by default: (4, 8, ..., 32)."""
+    _, encoders, _ = _blocks()
+    step = encoders.Flux3DistilledTextEncoderStep()
+    return tuple(next(p.default for p in step.inputs if p.name == "text_encoder_out_layers"))
+
+
+class PromptProcessor:
+    """What the pipeline's prompt encoder uses of its `tokenizer` component (an AutoProcessor) for a
+    text prompt: `apply_chat_template` with the processor's chat template, and `.tokenizer`.
+
+    Qwen3VLProcessor cannot be loaded without torchvision (its video processor needs it); the prompt
+    encoder never touches images or video, so then this stand-in, built from the same folder, gives
+    it the same template and tokenizer."""
+
+    def __init__(self, tokenizer, chat_template: str):
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
+
+def window(real_length: int, pad_multiple: int, max_length: int) -> int:
+    """Tokens the prompt encoder hands the transformer: the prompt rounded up to the pad multiple,
+    at most `max_length` (Flux3TextEncoderStep._get_qwen3_vl_prompt_embeds)."""
+    return min(math.ceil(real_length / pad_multiple) * pad_multiple, max_length)
+
+
+@torch.inference_mode()
+def encoder_states(model, inputs: dict[str, torch.Tensor], layers: tuple[int, ...], length: int,
+                   pad_token_id: int) -> torch.Tensor:
+    """The stacked hidden states [length, len(layers)·D] of one message (batch 1, no padding yet), as
+    the pipeline's prompt encoder computes them: right-padded to `length` tokens (or cut to it, the
+    model being causal), the padding masked as keys but computed, at position 1 (the position its
+    training environment, transformers 4.57, gave padding). With an image in the message the real
+    tokens' positions are Qwen3-VL's M-RoPE ones; a text-only message gets 0, 1, 2, ... on every axis,
+    exactly the pipeline's explicit position ids."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    types = inputs.get("mm_token_type_ids", torch.zeros_like(ids))
+    n = length - ids.shape[1]
+    if n > 0:
+        def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.cat([t, t.new_full((t.shape[0], n), value)], dim=1)
+        ids, mask, types = pad(ids, pad_token_id), pad(mask, 0), pad(types, 0)
+    positions, _ = model.model.get_rope_index(input_ids=ids, mm_token_type_ids=types,
+                                              image_grid_thw=inputs.get("image_grid_thw"), attention_mask=mask)
+    positions = positions.masked_fill(mask[None] == 0, 1)
+    extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+    hidden = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, position_ids=positions,
+                   output_hidden_states=True, use_cache=False, **extra).hidden_states
+    stacked = torch.stack([hidden[k][0] for k in layers], dim=1)  # [S, K, D], as the pipeline's permute
+    return stacked.reshape(stacked.shape[0], -1)[:length].cpu()
+
+
+@register
+class Flux3(ReferenceImageFamily):
+    name = "flux3"
+    pipeline_class = PIPELINE
+    # The distilled blocks' Flux3SetTimestepsStep(num_inference_steps=16); a roll-out visits 16 states.
+    default_rollout_steps = 16
+    # Learn at 4 random states of each 16-step roll-out: the other 12 cost one forward each (no teacher,
+    # no backward), so a step costs about 4·5 + 12 = 32 forward passes instead of 16·5 = 80 (0.4x);
+    # peak memory is that of one trained state either way. Every state is still on-policy.
+    default_train_states = 4
+    # No published D-OPSD learning rate for FLUX.3; klein's (paper App. D), the same makers' distilled
+    # flow transformer at LoRA rank 64.
+    default_lr = 1e-5
+    # Attention q/k/v/out and FFN of the text blocks, the generated image's blocks and the joint blocks.
+    # Not the reference image's own blocks (mode_blocks.image_cond): only the edit teacher runs them and
+    # the student never does, so a LoRA there would get no gradient (and cost ~12% more LoRA memory).
+    lora_targets = tuple(f"{blocks}.*.{linear}"
+                         for blocks in ("txt_mode_blocks", "mode_blocks.image", "single_transformer_blocks")
+                         for linear in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                                        "ff.linear_in", "ff.linear_out"))
+    # The id diffusers' own single-file loader gives the distilled checkpoint (loaders/single_file_utils.py,
+    # DIFFUSERS_DEFAULT_PIPELINE_PATHS["flux-3-image-distilled"]); its files could not be read from here.
+    hf_repo_ids = ("black-forest-labs/flux-3-image-klein",)
+    transformer_class = "Flux3Transformer2DModel"
+    # Embedders and the output layer stay in the compute dtype (as klein's); the per-token modulations
+    # are block-sized linears and go 8-bit with the blocks.
+    quant_skip = ("timestep_embedder", "target_timestep_embedder", "x_embedders", "context_embedder", "norm_out",
+                  "proj_out")
+    required_components = ("transformer", "text_encoder", "tokenizer", "vae")  # scheduler: from the blocks
+
+    def check_components(self, model_index) -> None:
+        super().check_components(model_index)
+        config = json.loads((self.model_dir / "transformer" / "config.json").read_text())
+        if not config.get("flow_map", False):
+            raise UserError(f"'{self.model_id}' is a FLUX.3 checkpoint without the flow-map (step-distilled) "
+                            "transformer: it samples in ~50 steps with guidance, and D-OPSD keeps a few-step "
+                            "model's few-step ability. Use the distilled FLUX.3 Image Klein.")
+
+    # ------------------------------------------------------------------ prompts
+    @cached_property
+    def _vlm_inputs(self):
+        """The processor of tokenizer/ (or its fallback): the chat template, tokenizer, image processor."""
+        from ..teacher_vlm import VlmInputBuilder
+        return VlmInputBuilder(self.model_dir / "tokenizer", config_dir=self.model_dir / "text_encoder")
+
+    def prompt_processor(self):
+        """The `tokenizer` component the pipeline loads (AutoProcessor), or its text-only stand-in."""
+        b = self._vlm_inputs
+        return b.processor if b.processor is not None else PromptProcessor(b.tokenizer, b.chat_template)
+
+    @cached_property
+    def pad_multiple(self) -> int:
+        _, encoders, _ = _blocks()
+        return encoders.Flux3DistilledTextEncoderStep().pad_multiple
+
+    def prompt_token_counts(self, prompts: list[str]) -> list[int]:
+        processor = self.prompt_processor()
+        return [len(processor.tokenizer(processor.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)).input_ids) for p in prompts]
+
+    # ------------------------------------------------------------------ precompute
+    def encoder_identity(self, teacher: str, cfg) -> dict:
+        ident = {"family": self.name, "dtype": cfg.dtype,
+                 "text_encoder": folder_identity(self.model_dir / "text_encoder"),
+                 "tokenizer": folder_identity(self.model_dir / "tokenizer"), "hidden_layers": list(text_layers()),
+                 "pad_multiple": self.pad_multiple, "pad_position": 1}
+        if teacher == "student":
+            ident["max_sequence_length"] = cfg.max_sequence_length
+        elif teacher == "edit":
+            ident.update(teacher=teacher, vae=folder_identity(self.model_dir / "vae"),
+                         edit_instruction=cfg.edit_instruction, max_sequence_length=cfg.max_sequence_length,
+                         resolution=cfg.resolution, reference="training size, then the pipeline's fill preprocess")
+        else:
+            import importlib.util
+            ident.update(teacher=teacher, max_sequence_length=cfg.teacher_max_sequence_length,
+                         pixels=[cfg.vlm_min_pixels, cfg.vlm_max_pixels], inputs=self._vlm_inputs.path,
+                         image_resize="torchvision" if importlib.util.find_spec("torchvision") else "pil")
+        return ident
+
+    def _text_encoder(self, cfg, device: torch.device):
+        from transformers import Qwen3VLForConditionalGeneration
+
+        model = Qwen3VLForConditionalGeneration.from_pretrained(self.model_dir / "text_encoder",
+                                                                dtype=DTYPES[cfg.dtype], use_safetensors=True)
+        return model.to(device).eval().requires_grad_(False)
+
+    def _encode_prompts(self, prompts: list[str], cfg, device: torch.device) -> list[torch.Tensor]:
+        """The pipeline's own prompt encoding, one prompt per call as its step requires ([L, 8·D] each,
+        L a multiple of 80: the padding included, as the transformer sees it)."""
+        _, encoders, _ = _blocks()
+        text_encoder = self._text_encoder(cfg, device)
+        step = encoders.Flux3DistilledTextEncoderStep().init_pipeline()
+        step.update_components(text_encoder=text_encoder, tokenizer=self.prompt_processor())
+        out = [step(prompt=p, max_sequence_length=cfg.max_sequence_length, text_encoder_out_layers=text_layers(),
+                    output="prompt_embeds")[0].to(DTYPES[cfg.dtype]).cpu() for p in prompts]
+        del step
+        release(text_encoder)
+        return out
+
+    def _encode_edit(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
+        from diffusers import AutoencoderKLFlux2
+
+        before, encoders, _ = _blocks()
+        dtype = DTYPES[cfg.dtype]
+        caps = self._encode_prompts([edit_prompt(it.caption, cfg.edit_instruction) for it in items], cfg, device)
+        vae = AutoencoderKLFlux2.from_pretrained(self.model_dir / "vae", dtype=dtype, use_safetensors=True)
+        vae = vae.to(device).eval()
+        from diffusers.modular_pipelines.flux3.modular_blocks_flux3 import Flux3VaeEncoderSequentialStep
+        encode = Flux3VaeEncoderSequentialStep().init_pipeline()  # preprocess (image processor) + VAE encode
+        encode.update_components(vae=vae)
+        pack = before.Flux3PrepareImageCondLatentsStep().init_pipeline()
+        out = []
+        for item, cap in zip(items, caps):
+            image = self.reference_image(load_rgb(item.image_path), item.width, item.height)
+            latents = encode(image=image, output="image_cond_latents")
+            packed = pack(image_cond_latents=latents, dtype=dtype, output=["image_cond_hidden_states", "image_cond_ids"])
+            out.append({"cap": cap, "ref": packed["image_cond_hidden_states"][0].cpu(),
+                        "ref_ids": packed["image_cond_ids"].cpu()})
+        del encode
+        release(vae)
+        return out
+
+    @staticmethod
+    def reference_image(image, width: int, height: int):
+        """Your photo at the item's training size (resized to cover it, centre-cropped, as klein's
+        reference and the bucketing do). The pipeline then keeps it whole: at a multiple of 16 under
+        4 megapixels its canvas is the image itself, so the reference tokens lie on the student's grid."""
+        from diffusers.image_processor import VaeImageProcessor
+        return VaeImageProcessor(vae_scale_factor=16).resize(image, height=height, width=width, resize_mode="crop")
+
+    def _encode_vlm(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
+        builder, text_encoder = self._vlm_inputs, self._text_encoder(cfg, device)
+        pad_id = self.prompt_processor().tokenizer.pad_token_id
+        out = []
+        for item in items:
+            inputs = builder(item.caption, load_rgb(item.image_path), cfg.vlm_min_pixels, cfg.vlm_max_pixels)
+            length = window(inputs["input_ids"].shape[1], self.pad_multiple, cfg.teacher_max_sequence_length)
+            out.append({"cap": encoder_states(text_encoder, inputs, text_layers(), length, pad_id).to(DTYPES[cfg.dtype])})
+        release(text_encoder)
+        return out
+
+    # ------------------------------------------------------------------ training
+    def scheduler(self):
+        """The scheduler the pipeline makes (from its blocks' config: constant shift 6.93), not a file."""
+        if self._scheduler is None:
+            before, _, _ = _blocks()
+            (spec,) = [s for s in before.Flux3SetTimestepsStep().expected_components if s.name == "scheduler"]
+            self._scheduler = spec.create()
+        return self._scheduler
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        s = self.vae_scale_factor * 2  # Flux3PrepareLatentsStep: (C·4, H/16, W/16)
+        return (self.in_channels, height // s, width // s)
+
+    def sigmas(self, height: int, width: int, steps: int) -> torch.Tensor:
+        import numpy as np
+
+        before, _, _ = _blocks()
+        sched = self.scheduler()
+        before.retrieve_timesteps(sched, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps))  # as the step
+        return sched.sigmas.detach().clone().float()
+
+    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, conds: list[Cond],
+                 sigma_next: torch.Tensor | None = None) -> torch.Tensor:
+        """Flatten x to tokens, run the flow-map transformer as the distilled denoiser does for the step
+        sigma -> sigma_next, return its prediction as [B, C, h, w]. Items whose conditions differ in shape
+        (prompts of different 80-token windows) run one at a time: the transformer takes one set of
+        position ids per call."""
+        if sigma_next is None:
+            raise ValueError("FLUX.3's distilled transformer is a flow map: velocity needs sigma_next, the "
+                             "sigma the step goes to")
+        shapes = {tuple((k, tuple(v.shape)) for k, v in sorted(c.items())) for c in conds}
+        if len(shapes) > 1:
+            return torch.cat([self.velocity(transformer, x[i:i + 1], sigma, [c], sigma_next)
+                              for i, c in enumerate(conds)])
+        before, _, _ = _blocks()
+        dtype = getattr(transformer, "_dopsd_dtype", None) or transformer.dtype
+        b, c, h, w = x.shape
+        hidden = x.to(dtype).flatten(2).transpose(1, 2)                        # [B, h·w, C]
+        cap = torch.stack([cond["cap"] for cond in conds]).to(x.device, dtype)
+        # the denoiser: timestep = (t / 1000) with t = sigma·1000 the scheduler's timestep, in the model dtype
+        t = (torch.as_tensor(sigma, dtype=torch.float32) * 1000.0).to(x.device)
+        t_next = (torch.as_tensor(sigma_next, dtype=torch.float32) * 1000.0).to(x.device)
+        kwargs = {}
+        if "ref" in conds[0]:  # edit teacher: the reference tokens and their ids, as image_cond_*
+            kwargs = {"image_cond_hidden_states": torch.stack([cond["ref"] for cond in conds]).to(x.device, dtype),
+                      "image_cond_ids": conds[0]["ref_ids"].to(x.device)}
+        out = transformer(hidden_states=hidden, encoder_hidden_states=cap,
+                          timestep=(t / 1000).expand(b).to(dtype), target_timestep=(t_next / 1000).expand(b).to(dtype),
+                          img_ids=self._ids("img", (h, w), x.device), txt_ids=self._ids("txt", cap.shape[1], x.device),
+                          return_dict=False, **kwargs)[0]
+        return out.float().transpose(1, 2).reshape(b, c, h, w)
+
+    def _ids(self, kind: str, shape, device: torch.device) -> torch.Tensor:
+        """The pipeline's position ids for an image grid (scaled by its image_rope_scale) or a text
+        length, made once per shape on the device (a copy per pass would make the host wait)."""
+        key = (kind, shape, device)
+        if key not in self._id_cache:
+            before, _, _ = _blocks()
+            if kind == "img":
+                ids = before._prepare_image_ids(*shape, before.Flux3PrepareLatentsStep().image_rope_scale)
+            else:
+                ids = before.Flux3TextRoPEInputsStep._prepare_text_ids(torch.empty(1, shape, 0))
+            self._id_cache[key] = ids.to(device)
+        return self._id_cache[key]
+
+    @cached_property
+    def _id_cache(self) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------ the stock pipeline (sample, eval)
+    def stock_pipeline(self, dtype: torch.dtype, transformer=None, **_):
+        """Flux3DistilledModularPipeline as its docs use it without the prompt upsampler (a separate
+        Qwen3.5 that rewrites prompts; its own download, and not what the LoRA was trained on): the
+        distilled auto blocks, upsampler popped, components from this folder."""
+        from diffusers import ComponentsManager, Flux3DistilledAutoBlocks
+
+        blocks = Flux3DistilledAutoBlocks()
+        blocks.sub_blocks.pop("prompt_upsampler")
+        # the components manager is how a modular pipeline offloads (place), as diffusers' docs do it
+        pipe = blocks.init_pipeline(str(self.model_dir), components_manager=ComponentsManager())
+        pipe.load_components(names=["text_encoder", "transformer", "vae"], dtype=dtype)
+        pipe.update_components(tokenizer=self.prompt_processor(),
+                               **({"transformer": transformer} if transformer is not None else {}))
+        return pipe
+
+    def place(self, pipe, device: torch.device, offload: bool) -> None:
+        if offload:
+            pipe._components_manager.enable_auto_cpu_offload(device=device)  # the manager stock_pipeline made
+        else:
+            pipe.to(device)
+
+    def draw(self, pipe, prompt: str, steps: int, width: int, height: int, generator):
+        return pipe(prompt=prompt, num_inference_steps=steps, width=width, height=height, generator=generator,
+                    output="images")[0]
+
+    # ------------------------------------------------------------------ output
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list:
+        """States (as `latent_shape`, batch first) -> PIL images through the pipeline's decode step. The
+        VAE is loaded for this call and released after it (previews are rare)."""
+        from diffusers import AutoencoderKLFlux2
+
+        _, _, decoders = _blocks()
+        device = latents.device
+        dtype = self._dtype if device.type != "cpu" else torch.float32
+        vae = AutoencoderKLFlux2.from_pretrained(self.model_dir / "vae", dtype=dtype, use_safetensors=True)
+        decode = decoders.Flux3DecodeStep().init_pipeline()
+        decode.update_components(vae=vae.to(device).eval())
+        images = decode(latents=latents.to(device, dtype), output_type="pil", output="images")
+        del decode
+        release(vae)
+        return images
+
