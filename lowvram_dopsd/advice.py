@@ -70,8 +70,8 @@ def print_run_notes(console, display, cfg: TrainConfig, family: Family, ds: data
         console.print(styled("warning", f"{ds.name(path)}: {why}"))
     for remark in remarks:
         console.print(styled("note", remark))
-    for warning in family.prompt_warnings([it.caption for it in ds.items],
-                                          [ds.name(it.image_path) for it in ds.items], teacher, cfg):
+    captions = [(c, ds.name(it.image_path)) for it in ds.items for c in it.captions]  # every variant is trained
+    for warning in family.prompt_warnings([c for c, _ in captions], [name for _, name in captions], teacher, cfg):
         console.print(styled("warning", warning))
     if device.type == "cuda":
         warn_if_it_will_not_fit(cfg, device, console)

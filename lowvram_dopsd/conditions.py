@@ -8,7 +8,8 @@ c_t = the teacher's condition of each item (caption + image: the grafted VLM, or
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -21,27 +22,45 @@ from .families.base import Cond, Family
 
 @dataclass
 class Conditions:
-    student: list[Cond]    # c_s of each training item
-    teacher: list[Cond]    # c_t of each training item
+    student: list[Cond]    # c_s of each training item (of its first caption)
+    teacher: list[Cond]    # c_t of each training item (of its first caption)
     preview: list[Cond]    # c_s of each preview prompt
     prior: list[Cond]      # c_s of each prior prompt (prompts whose images must not change)
+    others: list[list[tuple[Cond, Cond]]] = field(default_factory=list)  # (c_s, c_t) of each item's other captions
+
+    def pair(self, i: int, rng: random.Random) -> tuple[Cond, Cond]:
+        """(c_s, c_t) of item i under one of its captions, drawn with `rng` (the run's: seeded, and
+        restored on resume) where it has several; an item with one caption draws nothing, so a run
+        without caption variants draws exactly what it always did."""
+        others = self.others[i] if self.others else []
+        j = rng.randrange(1 + len(others)) if others else 0
+        return (self.student[i], self.teacher[i]) if j == 0 else others[j - 1]
 
 
 def encode_conditions(family: Family, ds: data.Dataset, teacher: str, cfg: TrainConfig, device: torch.device,
                       cache: FeatureCache, preview_prompts: list[str]) -> Conditions:
     """Every condition the run needs, from the cache where it holds them, encoded (and cached) where not."""
-    texts = [it.caption for it in ds.items] + list(preview_prompts) + list(cfg.prior_prompts)
+    # the items' first captions, then every other caption of an item (the teacher reads each one
+    # with the item's image): item i's variants follow the first captions, in item order
+    pairs = list(ds.items) + [replace(it, caption=c, other_captions=()) for it in ds.items for c in it.other_captions]
+    texts = [it.caption for it in pairs] + list(preview_prompts) + list(cfg.prior_prompts)
     ident_s = family.encoder_identity("student", cfg)
     keys_s = [key_for("student", ident_s, text, None) for text in texts]
     student = cache.get_or_compute(keys_s, lambda idx: family.encode_student([texts[i] for i in idx], cfg, device),
                                    check=lambda i, c: check_finite(c, f"the caption {texts[i]!r}", "text", cfg))
     ident_t = family.encoder_identity(teacher, cfg)
-    keys_t = [key_for(teacher, ident_t, it.caption, it.image_sha256) for it in ds.items]
+    keys_t = [key_for(teacher, ident_t, it.caption, it.image_sha256) for it in pairs]
     teacher_conds = cache.get_or_compute(
-        keys_t, lambda idx: family.encode_teacher([ds.items[i] for i in idx], teacher, cfg, device),
-        check=lambda i, c: check_finite(c, ds.name(ds.items[i].image_path), f"{teacher} teacher's", cfg))
-    n, p = len(ds), len(preview_prompts)
-    return Conditions(student[:n], teacher_conds, student[n:n + p], student[n + p:])
+        keys_t, lambda idx: family.encode_teacher([pairs[i] for i in idx], teacher, cfg, device),
+        check=lambda i, c: check_finite(c, ds.name(pairs[i].image_path), f"{teacher} teacher's", cfg))
+    n, m, p = len(ds), len(pairs), len(preview_prompts)
+    others, at = [], n
+    for it in ds.items:
+        k = len(it.other_captions)
+        others.append(list(zip(student[at:at + k], teacher_conds[at:at + k])))
+        at += k
+    return Conditions(student[:n], teacher_conds[:n], student[m:m + p], student[m + p:],
+                      others if m > n else [])
 
 
 def check_finite(cond: Cond, what: str, encoder: str, cfg: TrainConfig) -> None:

@@ -6,6 +6,9 @@ Caption rule (shown in every run's summary and written into the LoRA's metadata)
   3. otherwise the trigger word alone.
   Then, if a trigger is set: a `[trigger]` placeholder in the caption is replaced by it; otherwise
   the trigger is put in front ("sks, a photo of a dog") unless the caption already contains it.
+  A `.txt` of several lines holds several captions of its image (caption variants: short, detailed,
+  another language; blank lines are skipped): each roll-out draws one of them with the run's seed,
+  as the authors' training draws one of several captions per image for each batch.
 
 Each image gets a training size of about `resolution`² pixels with its own aspect ratio, rounded
 to a multiple of 64 (16 for tiny resolutions) so that items share a few sizes (buckets).
@@ -54,6 +57,11 @@ class Item:
     width: int            # training size of this item (bucketed), multiple of 16
     height: int
     repeats: int = 1      # times the sampler draws it per epoch (a dataset file's `repeats`)
+    other_captions: tuple[str, ...] = ()  # the caption variants after the first (one per line of the .txt)
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        return (self.caption, *self.other_captions)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -91,11 +99,13 @@ class Dataset:
         and its repeats where not 1 (they change the sampling order). A single folder's identity is
         what it always was, so that existing checkpoints still resume."""
         return [[self.name(it.image_path), it.image_sha256, it.caption, it.width, it.height]
-                + ([it.repeats] if it.repeats != 1 else []) for it in self.items]
+                + ([it.repeats] if it.repeats != 1 else [])
+                + ([{"other_captions": list(it.other_captions)}] if it.other_captions else []) for it in self.items]
 
 
-def caption_rule(caption: str, trigger: str) -> str:
-    parts = ["<stem>.txt if present"]
+def caption_rule(caption: str, trigger: str, variants: bool = False) -> str:
+    """The rule as the run states it; `variants`: some .txt holds several captions (said only then)."""
+    parts = ["<stem>.txt if present" + (" (one caption per line; one line drawn per roll-out)" if variants else "")]
     parts.append(f"else {caption!r}" if caption else ("else the trigger" if trigger
                                                       else "else none (an error: pass --caption or --trigger)"))
     if trigger:
@@ -153,6 +163,19 @@ def read_caption_checked(path: Path) -> tuple[str, str | None]:
 
 def read_caption(path: Path) -> str:
     return read_caption_checked(path)[0]
+
+
+def training_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The image as the run trains on it: scaled to cover width x height (the item's bucket) and
+    centre-cropped, as the pipelines' `resize_mode="crop"` does. What the student learns to draw is
+    this crop, so the teacher that reads the image reads it too (as the authors' teacher reads the
+    bucketed, centre-cropped training image), not the uncropped photo."""
+    if width * image.height > height * image.width:  # wider than the image: fit the width
+        w, h = width, image.height * width // image.width
+    else:
+        w, h = image.width * height // image.height, height
+    left, top = w // 2 - width // 2, h // 2 - height // 2
+    return image.resize((w, h), Image.Resampling.LANCZOS).crop((left, top, left + width, top + height))
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -268,10 +291,11 @@ def scan(folder: str, caption: str, trigger: str, resolution: int, on_bad_image:
                 notes.append((txt, cap_note))
             if not text:
                 notes.append((txt, "empty caption; " + ("using --caption" if caption else "using the trigger")))
-        text = text or caption or trigger
-        if "[trigger]" in text and not trigger:
+        lines = [line.strip() for line in text.splitlines() if line.strip()] or [caption or trigger]
+        text = lines[0]
+        if (placed := next((line for line in lines if "[trigger]" in line), None)) and not trigger:
             raise UserError(
-                f"The caption of '{path.name}' ({text!r}) has a [trigger] placeholder, but no --trigger was given, "
+                f"The caption of '{path.name}' ({placed!r}) has a [trigger] placeholder, but no --trigger was given, "
                 "so it would be trained literally. Pass --trigger WORD (e.g. --trigger 'sks dog'), or write "
                 "the word into the caption.")
         if not text:
@@ -282,12 +306,14 @@ def scan(folder: str, caption: str, trigger: str, resolution: int, on_bad_image:
             )
         w, h = bucket_size(*im.size, resolution)
         items.append(Item(image_path=path, caption=apply_trigger(text, trigger),
-                          image_sha256=hashlib.sha256(data).hexdigest(), width=w, height=h))
+                          image_sha256=hashlib.sha256(data).hexdigest(), width=w, height=h,
+                          other_captions=tuple(apply_trigger(line, trigger) for line in lines[1:])))
     total = len(files) + len(not_read)
     if not items:
         raise UserError(f"None of the {total} images in '{root}' could be read and used: "
                         f"{_listing(skipped, lambda p: p.name)}. Do what each one's reason says and run again.")
-    ds = Dataset(items=items, skipped=skipped, caption_rule=caption_rule(caption, trigger), warnings=notes,
+    ds = Dataset(items=items, skipped=skipped, warnings=notes,
+                 caption_rule=caption_rule(caption, trigger, any(it.other_captions for it in items)),
                  triggers=[trigger] if trigger else [], source=str(folder))
     if on_bad_image == "stop":
         _stop_on_bad(ds, f"'{root}'")

@@ -170,8 +170,8 @@ def draw_batch(run: Run) -> list[RollOut]:
     for _ in range(cfg.grad_accum):  # your images: the teacher reads each one
         idx = run.sampler.next()
         item = run.ds.items[idx[0]]
-        batch.append(_draw(run, item.height, item.width, [run.conds.student[i] for i in idx],
-                           [run.conds.teacher[i] for i in idx], "teacher", 1.0 / cfg.grad_accum))
+        c_s, c_t = zip(*(run.conds.pair(i, run.rng) for i in idx))  # one caption of each: its variants
+        batch.append(_draw(run, item.height, item.width, list(c_s), list(c_t), "teacher", 1.0 / cfg.grad_accum))
     if run.conds.prior:  # prompts without your subject: the target is the bare base model's
         c = [run.conds.prior[run.rng.randrange(len(run.conds.prior))] for _ in range(cfg.micro_batch)]
         batch.append(_draw(run, cfg.resolution, cfg.resolution, c, c, None, cfg.prior_weight))

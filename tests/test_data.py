@@ -1,5 +1,6 @@
 import hashlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -236,3 +237,42 @@ def test_bad_images_are_listed_across_folders(tmp_path):
     with pytest.raises(UserError, match=r"2 of the 5 images in the folders of '.*set.toml' cannot be used "
                                         r"\(dog/broken.jpg: .*; cat/broken.jpg: .*on_bad_image = 'stop'"):
         load(toml, "", "", 64, on_bad_image="stop")
+
+
+@pytest.mark.parametrize("size", [(40, 20), (20, 40), (33, 33), (50, 31)])
+def test_training_crop_is_the_pipelines_crop(size):
+    """The vlm teacher reads the image as training crops it: the same pixels as the diffusers image
+    processor's resize_mode="crop" (what klein's edit teacher and the pipelines use), at the bucket."""
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    from lowvram_dopsd.data import training_crop
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    for width, height in [(32, 16), (16, 32), (16, 16)]:
+        theirs = VaeImageProcessor(resample="lanczos").resize(image, height, width, resize_mode="crop")
+        mine = training_crop(image, width, height)
+        assert mine.size == (width, height) and np.array_equal(np.asarray(mine), np.asarray(theirs))
+
+
+def test_a_caption_file_of_several_lines_holds_caption_variants(tmp_path):
+    """One caption per line (blank lines skipped), the trigger rule applied to each; the first is the
+    item's caption, the others are drawn per roll-out, and they are part of the resume identity."""
+    _img(tmp_path / "a.png")
+    _img(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_text("a [trigger] dog\n\n  sks dog on grass  \r\nun chien\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("a dog\n", encoding="utf-8")
+    ds = scan(str(tmp_path), "", "sks", 64)
+    a, b = ds.items
+    assert a.caption == "a sks dog" and a.other_captions == ("sks dog on grass", "sks, un chien")
+    assert a.captions == ("a sks dog", "sks dog on grass", "sks, un chien")
+    assert b.caption == "sks, a dog" and b.other_captions == ()
+    assert "one caption per line" in ds.caption_rule
+    ident = ds.identity()
+    assert ident[0][-1] == {"other_captions": ["sks dog on grass", "sks, un chien"]} and len(ident[1]) == 5
+    (tmp_path / "a.txt").write_text("a [trigger] dog\nsks dog on sand\n", encoding="utf-8")
+    assert scan(str(tmp_path), "", "sks", 64).identity() != ident
+    (tmp_path / "a.txt").write_text("a dog\n[trigger] on grass\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"'\[trigger\] on grass'"):  # the line that holds it
+        scan(str(tmp_path), "", "", 64)

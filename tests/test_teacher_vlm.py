@@ -296,3 +296,40 @@ def test_padding_keeps_the_real_tokens_and_the_length_limits(grafted, ball):
     (capped,) = encode_vlm(model, builder, ["a photo of sks ball"], [ball], hidden_layers=KLEIN_LAYERS,
                            max_sequence_length=n + 5, pad_to=n + 12, pad_token_id=pad_id)
     torch.testing.assert_close(capped, padded[:n + 5], rtol=1e-5, atol=1e-5)
+
+
+def test_the_vlm_teacher_reads_the_training_crop_and_its_key_changes_with_it(tmp_path, tiny_vlm_dir,
+                                                                              tiny_zimage_dir, monkeypatch):
+    """The teacher sees what the student learns to draw: the item's bucketed, centre-cropped image (as
+    the authors' teacher does), not the uncropped photo; the crop depends on `resolution`, so the
+    teacher's cache key does too (features cached from the uncropped photo are not reused)."""
+    import numpy as np
+
+    from lowvram_dopsd import teacher_vlm
+    from lowvram_dopsd.config import load_config
+    from lowvram_dopsd.data import load_rgb, scan, training_crop
+    from lowvram_dopsd.families import load_family
+
+    wide = np.random.default_rng(0).integers(0, 255, (48, 160, 3), dtype=np.uint8)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    seen = []
+
+    def recording(model, builder, captions, images, **kw):
+        seen.extend(images)
+        return [torch.zeros(4, 8) for _ in captions]
+
+    monkeypatch.setattr(teacher_vlm, "encode_vlm", recording)
+    family = load_family(str(tiny_zimage_dir))
+    cfg = {"model": str(tiny_zimage_dir), "images": str(tmp_path), "teacher_encoder": str(tiny_vlm_dir)}
+    cfg64 = load_config("cpu-demo", {**cfg, "resolution": "64"})
+    cfg128 = load_config("cpu-demo", {**cfg, "resolution": "128"})
+    (item,) = scan(str(tmp_path), "", "sks", 64).items
+    family.encode_teacher([item], "vlm", cfg64, torch.device("cpu"))
+    (image,) = seen
+    assert image.size == (item.width, item.height) != (160, 48)
+    assert np.array_equal(np.asarray(image),
+                          np.asarray(training_crop(load_rgb(item.image_path), item.width, item.height)))
+    squashed = load_rgb(item.image_path).resize((item.width, item.height), Image.Resampling.LANCZOS)
+    assert not np.array_equal(np.asarray(image), np.asarray(squashed))  # cropped to the bucket, not squashed
+    assert family.encoder_identity("vlm", cfg64) != family.encoder_identity("vlm", cfg128)
+    assert family.encoder_identity("student", cfg64) == family.encoder_identity("student", cfg128)

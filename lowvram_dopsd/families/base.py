@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from ..data import Item, load_rgb
+from ..data import Item, load_rgb, training_crop
 from ..errors import UserError
 from ..files import component_problem
 from ..runtime import DTYPES, release
@@ -130,9 +130,14 @@ class Family:
         pipeline's template puts there); none by default."""
         return ""
 
+    def vlm_image_identity(self, cfg) -> dict[str, Any]:
+        """What the vlm teacher's image is, for the cache key: the training crop, set by `resolution`."""
+        return {"image": "training crop (data.training_crop)", "resolution": cfg.resolution}
+
     def encode_vlm_teacher(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
         """The paper's teacher condition: image + caption through Qwen3-VL whose language model is
-        the text encoder (teacher_vlm.py), read at the same layers the pipeline reads."""
+        the text encoder (teacher_vlm.py), read at the same layers the pipeline reads. The image is
+        the item's training crop (data.training_crop), what the student is trained to produce."""
         from ..teacher_vlm import encode_vlm, load_grafted_vlm
 
         dtype = DTYPES[cfg.dtype]
@@ -144,7 +149,8 @@ class Family:
                                           reply_prefix=self.vlm_reply_prefix())
         out = []
         for item in items:
-            (emb,) = encode_vlm(model, builder, [item.caption], [load_rgb(item.image_path)],
+            image = training_crop(load_rgb(item.image_path), item.width, item.height)
+            (emb,) = encode_vlm(model, builder, [item.caption], [image],
                                 hidden_layers=self.vlm_hidden_layers,
                                 max_sequence_length=cfg.teacher_max_sequence_length,
                                 min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels,

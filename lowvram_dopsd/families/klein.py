@@ -134,7 +134,8 @@ class Klein(ReferenceImageFamily):
                          image_resize="torchvision" if importlib.util.find_spec("torchvision") else "pil",
                          max_sequence_length=cfg.teacher_max_sequence_length,
                          pixels=[cfg.vlm_min_pixels, cfg.vlm_max_pixels],
-                         padded_to=self.vlm_pad_to(cfg), reply_prefix=self.vlm_reply_prefix())
+                         padded_to=self.vlm_pad_to(cfg), reply_prefix=self.vlm_reply_prefix(),
+                         **self.vlm_image_identity(cfg))
         return ident
 
     def _encode_prompts(self, prompts: list[str], cfg, device: torch.device) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import Item, load_rgb
+from ..data import Item, load_rgb, training_crop
 from ..errors import UserError
 from ..files import folder_identity
 from . import register
@@ -45,8 +45,9 @@ class Toy(Family):
         return load_module(self.model_dir / "text_encoder").to(device), Tokenizer(vocab["vocab"], vocab["max_tokens"])
 
     def encoder_identity(self, teacher: str, cfg) -> dict:
-        return {"family": self.name, "text_encoder": folder_identity(self.model_dir / "text_encoder"),
-                "tokenizer": folder_identity(self.model_dir / "tokenizer"), "teacher": teacher}
+        ident = {"family": self.name, "text_encoder": folder_identity(self.model_dir / "text_encoder"),
+                 "tokenizer": folder_identity(self.model_dir / "tokenizer"), "teacher": teacher}
+        return ident if teacher == "student" else {**ident, **self.vlm_image_identity(cfg)}
 
     @torch.no_grad()
     def encode_student(self, captions: list[str], cfg, device: torch.device) -> list[Cond]:
@@ -62,8 +63,7 @@ class Toy(Family):
         from ..toy import world
 
         enc, tok = self._encoder(device)
-        size = world.IMAGE_SIZE
-        imgs = [np.asarray(load_rgb(it.image_path).resize((size, size))) for it in items]
+        imgs = [np.asarray(training_crop(load_rgb(it.image_path), it.width, it.height)) for it in items]
         ids, mask = tok([it.caption for it in items])
         h, m = enc(ids.to(device), mask.to(device), world.to_tensor(imgs).to(device))
         return [{"cap": h[i].float().cpu(), "mask": m[i].cpu()} for i in range(len(items))]

@@ -52,7 +52,8 @@ class ZImage(DiffusersFamily):
             ident.update(teacher=teacher, vlm=folder_identity(self.vlm_dir(cfg)),
                          image_resize="torchvision" if importlib.util.find_spec("torchvision") else "pil",
                          max_sequence_length=cfg.teacher_max_sequence_length,
-                         pixels=[cfg.vlm_min_pixels, cfg.vlm_max_pixels], hidden_layers=[-2])
+                         pixels=[cfg.vlm_min_pixels, cfg.vlm_max_pixels], hidden_layers=[-2],
+                         **self.vlm_image_identity(cfg))
         return ident
 
     @torch.no_grad()
