@@ -43,7 +43,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from ..data import Item, load_rgb
+from ..data import Item, load_rgb, training_crop
 from ..errors import UserError
 from ..files import folder_identity
 from ..runtime import DTYPES, release
@@ -187,12 +187,13 @@ class Flux3(ReferenceImageFamily):
         elif teacher == "edit":
             ident.update(teacher=teacher, vae=folder_identity(self.model_dir / "vae"),
                          edit_instruction=cfg.edit_instruction, max_sequence_length=cfg.max_sequence_length,
-                         resolution=cfg.resolution, reference="training size, then the pipeline's fill preprocess")
+                         resolution=cfg.resolution, reference="training crop, then the pipeline's fill preprocess")
         else:
             import importlib.util
             ident.update(teacher=teacher, max_sequence_length=cfg.teacher_max_sequence_length,
                          pixels=[cfg.vlm_min_pixels, cfg.vlm_max_pixels], inputs=self._vlm_inputs.path,
-                         image_resize="torchvision" if importlib.util.find_spec("torchvision") else "pil")
+                         image_resize="torchvision" if importlib.util.find_spec("torchvision") else "pil",
+                         **self.vlm_image_identity(cfg))
         return ident
 
     def _text_encoder(self, cfg, device: torch.device):
@@ -240,18 +241,18 @@ class Flux3(ReferenceImageFamily):
 
     @staticmethod
     def reference_image(image, width: int, height: int):
-        """Your photo at the item's training size (resized to cover it, centre-cropped, as klein's
-        reference and the bucketing do). The pipeline then keeps it whole: at a multiple of 16 under
-        4 megapixels its canvas is the image itself, so the reference tokens lie on the student's grid."""
-        from diffusers.image_processor import VaeImageProcessor
-        return VaeImageProcessor(vae_scale_factor=16).resize(image, height=height, width=width, resize_mode="crop")
+        """Your photo as the run trains on it (data.training_crop: the item's bucket, centre-cropped). The
+        pipeline then keeps it whole: at a multiple of 16 under 4 megapixels its canvas is the image
+        itself, so the reference tokens lie on the student's grid."""
+        return training_crop(image, width, height)
 
     def _encode_vlm(self, items: list[Item], cfg, device: torch.device) -> list[Cond]:
         builder, text_encoder = self._vlm_inputs, self._text_encoder(cfg, device)
         pad_id = self.prompt_processor().tokenizer.pad_token_id
         out = []
         for item in items:
-            inputs = builder(item.caption, load_rgb(item.image_path), cfg.vlm_min_pixels, cfg.vlm_max_pixels)
+            image = training_crop(load_rgb(item.image_path), item.width, item.height)  # what the student draws
+            inputs = builder(item.caption, image, cfg.vlm_min_pixels, cfg.vlm_max_pixels)
             length = window(inputs["input_ids"].shape[1], self.pad_multiple, cfg.teacher_max_sequence_length)
             out.append({"cap": encoder_states(text_encoder, inputs, text_layers(), length, pad_id).to(DTYPES[cfg.dtype])})
         release(text_encoder)
