@@ -30,15 +30,15 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from . import __version__, data, metrics
 from .errors import UserError
 from .preview import UNSEEN_SCENES
+from .report import PromptSet, Row
 from .files import find_lora_file, read_metadata
 from .runtime import DTYPES, release, resolve_device
 from .sample import (SampleRequest, StockPipeline, check_family, check_offload, check_request, checked_base,
@@ -108,14 +108,6 @@ class EvalRequest:
                              width=self.width, height=self.height, device=self.device, dtype=self.dtype,
                              scale=self.scale, trust_remote_code=self.trust_remote_code, offload=self.offload,
                              transformer_file=self.transformer_file)
-
-
-@dataclass
-class PromptSet:
-    name: str  # captions | unseen | prior
-    prompts: list[str]
-    seeds: list[int]
-    references: list[Path] = field(default_factory=list)  # captions: the training image of each prompt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,17 +229,6 @@ def check_output_folder(folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Row:
-    label: str
-    lora: Path | None
-    step: int | None
-    images: dict[str, list[Image.Image]] = field(default_factory=dict)
-    paths: dict[str, list[Path]] = field(default_factory=dict)
-    per_image: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # set -> metric -> values
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
 def lora_step(path: Path, info: dict) -> int | None:
     """The training step of a LoRA: its metadata's `steps`, else a step-NNNNNN in its name (checkpoints)."""
     if isinstance(info.get("steps"), int):

@@ -12,15 +12,31 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, PngImagePlugin
 
 from .preview import _font
 
-if TYPE_CHECKING:
-    from .eval import PromptSet, Row
+@dataclass
+class PromptSet:
+    name: str  # captions | unseen | prior
+    prompts: list[str]
+    seeds: list[int]
+    references: list[Path] = field(default_factory=list)  # captions: the training image of each prompt
+
+
+@dataclass
+class Row:
+    label: str
+    lora: Path | None
+    step: int | None
+    images: dict[str, list[Image.Image]] = field(default_factory=dict)
+    paths: dict[str, list[Path]] = field(default_factory=dict)
+    per_image: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # set -> metric -> values
+    metrics: dict[str, float] = field(default_factory=dict)
+
 
 INK, GREY, LIGHT, BEST = (20, 20, 20), (90, 90, 90), (235, 235, 235), (0, 120, 40)
 SERIES = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75))
