@@ -56,9 +56,9 @@ def lora_shapes(model: str) -> list[tuple[str, int, int]]:
     from lowvram_dopsd.plan import build_meta, resolve_model
 
     mc = resolve_model(MODELS.get(model, model))
-    meta = build_meta(mc.arch, mc.transformer)
+    meta = build_meta(mc.family, mc.transformer)
     return [(n, m.in_features, m.out_features) for n, m in meta.named_modules()
-            if is_target(n, m, mc.arch.lora_targets)]
+            if is_target(n, m, mc.family.lora_targets)]
 
 
 def build(shapes, rank: int, device: torch.device) -> DualLoRA:

@@ -83,18 +83,35 @@ CONFIGS = {
     # written once by `write_single_file`; load time and host RSS of the row-slicing single-file loader
     "zimage-16gb-file": dict(family="zimage", preset="16gb", single_file=True, target_gib=14.0),
 }
-TINY_ZIMAGE = {"_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],
+# Per family (a config's `family`): the transformer config of --tiny, and the report's name for the model
+TINY = {
+    "zimage": {"_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],
                "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512], "cap_feat_dim": 64, "dim": 256,
                "in_channels": 16, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "n_refiner_layers": 1,
-               "norm_eps": 1e-05, "qk_norm": True, "rope_theta": 256.0, "t_scale": 1000.0}
-TINY_KLEIN = {"_class_name": "Flux2Transformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [32, 32, 32, 32],
-              "eps": 1e-06, "guidance_embeds": False, "in_channels": 128, "joint_attention_dim": 64, "mlp_ratio": 3.0,
-              "num_attention_heads": 2, "num_layers": 1, "num_single_layers": 1, "out_channels": None,
-              "patch_size": 1, "rope_theta": 2000, "timestep_guidance_channels": 256}
+               "norm_eps": 1e-05, "qk_norm": True, "rope_theta": 256.0, "t_scale": 1000.0},
+    "klein": {"_class_name": "Flux2Transformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [32, 32, 32, 32],
+              "eps": 1e-06, "guidance_embeds": False, "in_channels": 128, "joint_attention_dim": 64,
+              "mlp_ratio": 3.0, "num_attention_heads": 2, "num_layers": 1, "num_single_layers": 1,
+              "out_channels": None, "patch_size": 1, "rope_theta": 2000, "timestep_guidance_channels": 256},
+}
+MODEL_LABELS = {"zimage": "Z-Image-Turbo 6B", "klein": "FLUX.2-klein 4B (edit teacher)"}
 
 
-def published(name: str) -> Path:
-    return ROOT / "lowvram_dopsd" / "published" / name
+def family_of(name: str):
+    """The family adapter class a config names."""
+    from lowvram_dopsd.families import family_named
+
+    family = family_named(name)
+    if family is None:
+        raise SystemExit(f"bench_memory: no model family is named {name!r}")
+    return family
+
+
+def published(family_name: str) -> Path:
+    """The published configs of the family's first public id (lowvram_dopsd/published/)."""
+    from lowvram_dopsd.families import published_dir
+
+    return published_dir(family_of(family_name).hf_repo_ids[0])
 
 
 def host_rss() -> dict[str, float]:
@@ -114,24 +131,22 @@ def host_rss() -> dict[str, float]:
 # Model folders
 # ---------------------------------------------------------------------------------------------
 def write_model_folder(family: str, folder: Path, tiny: bool) -> None:
-    """A pipeline folder the family loads: published configs, empty encoder folders."""
-    if family == "zimage":
-        src, files, tiny_cfg = published("Tongyi-MAI--Z-Image-Turbo"), ("model_index.json", "transformer/config.json",
-                                                                        "scheduler/scheduler_config.json",
-                                                                        "vae/config.json"), TINY_ZIMAGE
-    else:  # klein: no VAE config (the family's default, 8x, is klein's), the tiny klein's scheduler
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    """A pipeline folder the family loads: its published configs, empty encoder folders. klein's configs
+    have no VAE config (the family's default, 8x, is klein's) and no scheduler: the tiny klein's, with
+    the dynamic shifting its pipeline needs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-        from lowvram_dopsd.tiny import KLEIN_SCHEDULER
+    from lowvram_dopsd.tiny import KLEIN_SCHEDULER
 
-        src, files, tiny_cfg = published("black-forest-labs--FLUX.2-klein-4B"), ("model_index.json",
-                                                                                "transformer/config.json"), TINY_KLEIN
-        FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER).save_pretrained(folder / "scheduler")
-    for rel in files:
+    if (scheduler := {"klein": KLEIN_SCHEDULER}.get(family)) is not None:
+        FlowMatchEulerDiscreteScheduler(**scheduler).save_pretrained(folder / "scheduler")
+    src = published(family)
+    for path in sorted(src.rglob("*.json")):
+        rel = path.relative_to(src)
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_text((src / rel).read_text())
+        (folder / rel).write_text(path.read_text())
     if tiny:
-        (folder / "transformer/config.json").write_text(json.dumps(tiny_cfg))
+        (folder / "transformer/config.json").write_text(json.dumps(TINY[family]))
     for empty in ("text_encoder", "tokenizer", "vae"):  # the family checks the folders exist; never loaded here
         (folder / empty).mkdir(exist_ok=True)
         (folder / empty / "README").write_text("benchmark folder: features are random, encoders are not loaded\n")
@@ -174,10 +189,11 @@ def write_single_file(work: Path, family: str) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from test_single_file import _state, to_original_zimage
 
-    if family != "zimage":
-        raise ValueError("single-file configs are Z-Image only")
+    to_original = {"zimage": to_original_zimage}.get(family)  # the test's converters: Z-Image only
+    if to_original is None:
+        raise ValueError(f"no single-file converter for the {family} family")
     t0 = time.perf_counter()
-    out = to_original_zimage(_state(work / family))
+    out = to_original(_state(work / family))
     path = single_file_path(work, family)
     save_file({k: v.contiguous() for k, v in out.items()}, str(path))
     del out
@@ -187,25 +203,6 @@ def write_single_file(work: Path, family: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # One configuration, in its own process
 # ---------------------------------------------------------------------------------------------
-def random_conditions(family, cfg, device, dtype) -> tuple[list[dict], list[dict]]:
-    """One item's student and teacher conditions: random values, the shapes the encoders give."""
-    import torch
-
-    tcfg = json.loads((family.model_dir / "transformer" / "config.json").read_text())
-    if family.name == "zimage":  # caption features [L, 2560]; the VLM teacher's are longer (image tokens)
-        feat = tcfg["cap_feat_dim"]
-        return ([{"cap": torch.randn(cfg.max_sequence_length, feat, dtype=dtype, device=device)}],
-                [{"cap": torch.randn(cfg.teacher_max_sequence_length, feat, dtype=dtype, device=device)}])
-    # klein, edit teacher: both captions padded to max_sequence_length ([L, 3 x 2560]); the reference
-    # image's latent packed to tokens with its T=10 position ids, as prepare_image_latents does.
-    from diffusers import Flux2KleinPipeline
-
-    caps = torch.randn(2, cfg.max_sequence_length, tcfg["joint_attention_dim"], dtype=dtype, device=device)
-    ref = torch.randn((1, *family.latent_shape(cfg.resolution, cfg.resolution)), dtype=dtype, device=device)
-    ref_ids = Flux2KleinPipeline._prepare_image_ids([ref])[0].to(device)
-    return [{"cap": caps[0]}], [{"cap": caps[1], "ref": Flux2KleinPipeline._pack_latents(ref)[0], "ref_ids": ref_ids}]
-
-
 def run_child(name: str, args) -> dict:
     import torch
 
@@ -250,7 +247,9 @@ def run_child(name: str, args) -> dict:
     model = family.load_transformer(cfg, device, dtype)  # the trainer's own loading path
     targets = tuple(cfg.lora_targets) or family.lora_targets
     steps = cfg.rollout_steps or family.default_rollout_steps
-    c_s, c_t = random_conditions(family, cfg, device, dtype)
+    teacher = family.teachers[0]  # the family's default: Z-Image's vlm, klein's edit
+    student_cond, teacher_cond = family.random_conditions(teacher, cfg, device, dtype)
+    c_s, c_t = [student_cond], [teacher_cond]
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -340,11 +339,11 @@ def run_child(name: str, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     # the planner's prediction for the same settings (config alone, on the CPU)
-    settings = {**res["settings"], "teacher": "edit" if family_name == "klein" else "vlm",
+    settings = {**res["settings"], "teacher": teacher,
                 "lora_targets": list(targets), "fused_linear": bool(res["fused_layers"]),
                 "teacher_ema_on": cfg.teacher_ema_on}  # the 12gb preset's EMA in host RAM: 0.3 GiB less
-    if family_name == "klein":
-        settings["teacher_max_sequence_length"] = cfg.max_sequence_length
+    # the teacher's text as its condition holds it (klein's edit teacher: the caption, max_sequence_length)
+    settings["teacher_max_sequence_length"] = c_t[0]["cap"].shape[0]
     mc = planner.resolve_model(str(folder))
     p = planner.make_plan(str(folder), settings, mc)
     res["plan"] = p.to_dict()
@@ -429,7 +428,7 @@ def report(results: list[dict], meta: dict) -> str:
             continue
         s, st = r["settings"], r["step"]
         label = r["config"] + (" (superseded)" if r.get("superseded") else "")
-        model = "Z-Image-Turbo 6B" if r["family"] == "zimage" else "FLUX.2-klein 4B (edit teacher)"
+        model = MODEL_LABELS.get(r["family"], r["family"])
         peak = st["peak_gib"]
         err = "" if r.get("error_pct") is None else f"{r['error_pct']:+.1f}%"
         ok = "" if peak is None else (" ✅" if peak <= r["target_gib"] else " ❌")
@@ -510,14 +509,13 @@ def repredict(results: list[dict]) -> None:
     """Recompute the planner's predictions for recorded results (after a calibration change)."""
     from lowvram_dopsd import plan as planner
 
-    ids = {"zimage": "Tongyi-MAI/Z-Image-Turbo", "klein": "black-forest-labs/FLUX.2-klein-4B"}
     for r in results:
         if "plan" not in r:
             continue
         settings = {**r["settings"], "teacher": r["plan"]["settings"]["teacher"],
                     "teacher_max_sequence_length": r["plan"]["settings"]["teacher_max_sequence_length"],
                     "fused_linear": bool(r.get("fused_layers")), "teacher_ema_on": r.get("teacher_ema_on", "device")}
-        p = planner.make_plan(ids[r["family"]], settings)
+        p = planner.make_plan(family_of(r["family"]).hf_repo_ids[0], settings)
         r.setdefault("predicted_gib_at_run", r["predicted_gib"])
         r["plan"], r["predicted_gib"] = p.to_dict(), p.peak_gib
         if r["step"].get("peak_gib"):
@@ -551,7 +549,7 @@ def host_rss_compare(work: Path, layers: int, quant: str) -> list[dict]:
 
     folder = work / f"zimage-{layers}l" / "transformer"
     if not list(folder.glob("*.safetensors")):
-        cfg = json.loads((published("Tongyi-MAI--Z-Image-Turbo") / "transformer" / "config.json").read_text())
+        cfg = json.loads((published("zimage") / "transformer" / "config.json").read_text())
         cfg["n_layers"] = layers
         torch.set_default_dtype(torch.bfloat16)
         model = ZImageTransformer2DModel.from_config(cfg)

@@ -262,8 +262,6 @@ def resume_command(command: list[str] | None) -> str:
 
 def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, str]:
     """How to use the LoRA, printed under the closing box to be copied."""
-    from .export import LAYOUTS
-
     q, model = shlex.quote, model_for_metadata(cfg.model)
     if family.transformer_file:  # trained on a fine-tune's single file: the pipeline gets that transformer
         load = (f"from diffusers import {family.pipeline_class}, {family.transformer_class}; "
@@ -276,7 +274,7 @@ def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, s
         "load it": load + f"pipe.load_lora_weights({str(out_dir)!r})",
         **({"try it": f"lowvram-dopsd sample --lora {q(str(out_dir))} --prompt \"...\""}
            if family.in_diffusers else {}),
-        **({"ComfyUI": f"lowvram-dopsd export --format comfyui {q(str(out_dir))}"} if family.name in LAYOUTS else {}),
+        **({"ComfyUI": f"lowvram-dopsd export --format comfyui {q(str(out_dir))}"} if family.comfy_layout else {}),
     }
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 
@@ -137,3 +139,65 @@ def check_lora(path: Path) -> dict:
                         "kohya's lora_down and lora_up). Pass the LoRA (a training output folder, a checkpoint "
                         "folder or a LoRA .safetensors file); a fine-tune's transformer goes to --transformer-file.")
     return metadata
+
+
+# A diffusers pipeline folder names its pipeline class and components in one of these: modular
+# pipelines (FLUX.3) write the second.
+INDEX_FILES = ("model_index.json", "modular_model_index.json")
+
+
+def resolve_dir(id_or_path: str, what: str, needs: str | tuple[str, ...] = INDEX_FILES,
+                include: tuple[str, ...] = ()) -> Path:
+    """A local folder, or a Hugging Face repo id found in the local cache or downloaded.
+
+    `needs` is a file (or files, one of which) that must exist in the folder (so a half-finished
+    download is caught here).
+    `include`: download only the files matching these patterns (a repo that also holds pickled or other
+    libraries' copies of its weights), and say so in the `hf download` advice.
+    """
+    path = Path(id_or_path).expanduser()
+    if path.is_file():
+        single = (" A fine-tune's single .safetensors transformer goes to --transformer-file, with --model the "
+                  "official model it was made from." if what == "model" and path.suffix == ".safetensors" else "")
+        raise UserError(f"The {what} '{path}' is a file; it must be the folder of a diffusers/transformers checkpoint "
+                        f"(the one that contains {needs}), or a Hugging Face id.{single}")
+    if path.exists():
+        names = (needs,) if isinstance(needs, str) else needs
+        if not any((path / name).is_file() for name in names):
+            needs = " or ".join(names)
+            raise UserError(
+                f"The {what} folder '{path}' has no {needs}. Point to the folder of a diffusers/transformers "
+                f"checkpoint (the one that contains {needs}), or pass a Hugging Face id."
+            )
+        return path
+    if id_or_path.count("/") != 1 or id_or_path.startswith((".", "/", "~")):
+        raise UserError(f"The {what} '{id_or_path}' is neither an existing folder nor a Hugging Face repo id "
+                        "(owner/name). Check the path.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(id_or_path, local_files_only=True, allow_patterns=list(include) or None))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+    error = "offline mode (HF_HUB_OFFLINE is set)"
+    if not offline:
+        try:
+            return Path(snapshot_download(id_or_path, allow_patterns=list(include) or None))
+        except Exception as exc:  # no network, gated repo, typo: all end in the same advice
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    command = f"hf download {id_or_path}" + "".join(f' --include "{p}"' for p in include)
+    raise UserError(
+        f"The {what} '{id_or_path}' is not in the Hugging Face cache ({cache}) and could not be downloaded "
+        f"({error}). On a machine with internet run `{command}` (it goes to that cache), or "
+        f"download it anywhere and pass the folder's path instead of the id."
+    )
+
+
+def pipeline_index(folder: Path) -> dict[str, Any]:
+    """The folder's model_index.json, or modular_model_index.json (raises OSError / ValueError)."""
+    folder = Path(folder)
+    name = next((n for n in INDEX_FILES if (folder / n).is_file()), INDEX_FILES[0])
+    return json.loads((folder / name).read_text())

@@ -44,7 +44,7 @@ GATED = {DINO_DEFAULT: "Meta's DINOv3 weights are gated: accept their license on
 
 def locate(model: str, what: str) -> Path:
     """The folder of a metric model: local, cached, or downloaded now (only `MODEL_FILES`)."""
-    from .families import resolve_dir
+    from .files import resolve_dir
 
     try:
         folder = resolve_dir(model, what, needs="config.json", include=MODEL_FILES)

@@ -6,7 +6,9 @@
 No weights and no GPU: the transformer is built on PyTorch's `meta` device from its config, so
 every parameter is counted exactly, per kind (8-bit linears, linears kept in bf16, norms, LoRA).
 The public ids we support are planned before anything is downloaded, from the configs kept in
-`lowvram_dopsd/published/` (their sources are listed in the README there).
+`lowvram_dopsd/published/` (their sources are listed in the README there). Everything about the
+architecture (its block lists, the tokens through each, the constants below) comes from the family
+adapter (families/base.py, "the memory planner"); this module holds the arithmetic.
 
 The prediction, for `micro_batch` = B roll-outs per forward (the trainer forwards B samples at
 once, each with its own condition):
@@ -18,35 +20,34 @@ once, each with its own condition):
 Only the activations depend on B; weights, LoRA, grads, optimizer state and workspace do not.
 Activations (tokens T = image tokens (H/16)(W/16) + text tokens, both padded as the pipeline pads):
   * with gradient checkpointing every block keeps only its input (T x dim, bf16); in backward one
-    block is recomputed with all its activations (`k_block * T * dim` bytes; k_block is measured
-    on the real diffusers block with LoRA, see `measure_block_activations`), plus the backward's
-    own temporaries (`c_bwd * T * dim * 2`, calibrated on a GPU);
+    block is recomputed with all its activations (the family's `k_block * T * dim` bytes, measured
+    on the real diffusers block with LoRA by `measure_block_activations`), plus the backward's own
+    temporaries (`c_bwd * T * dim * 2`, calibrated on a GPU);
   * without it every block keeps all its activations;
   * the teacher and the untrained roll-out steps run without autograd state: only transients
-    (`c_fwd * T_teacher * dim * 2`, smaller on the fused 8-bit kernel). For Z-Image that is smaller
-    than the student's backward; for klein's edit teacher (image tokens x 2) on quanto it is the
-    peak phase.
+    (the family's `c_fwd * T_teacher * dim * 2`, `c_fwd_fused` on the fused 8-bit kernel). For
+    Z-Image that is smaller than the student's backward; for klein's edit teacher (image tokens x 2)
+    on quanto it is the peak phase.
 Each of these is per sample and is multiplied by B; only the bf16 casts of a block's LoRA factors
 (saved once per recomputed block) are not. The GPU calibration (`c_bwd`, `c_fwd`, the recorded runs)
 is at B = 1: the linear scaling in B is the model, not a GPU measurement. On the CPU,
 `measure_block_activations(batch=2)` checks it on the real blocks: per sample they keep what they
-keep at B = 1, except klein's double-stream block, 2 B/token/dim more (its attention output is split
-into text and image tokens; at B > 1 the slices are not contiguous and the LoRA's `x @ A^T` saves a
-copy). That makes it as large as the single-stream block planned here, ~0.1 % of a klein peak: left
-out. The model is an upper bound where the trainer splits a micro-batch (klein runs samples whose
+keep at B = 1, except klein's double-stream block, which keeps a little more (its attention output is
+split into text and image tokens; at B > 1 the slices are not contiguous and the LoRA's `x @ A^T`
+saves a copy) and so becomes as large as the single-stream block planned here: left out
+(tests/test_plan.py measures both). The model is an upper bound where the trainer splits a micro-batch (klein runs samples whose
 conditions differ in shape one at a time).
 The prior_prompts roll-out (train.py) also forwards B samples, at `resolution`, with the student's
 conditions on both sides: its student backward is the phase planned here, and its target pass (the
 bare base, no grad, student tokens) is smaller than that backward, so it adds no phase.
-The calibration constants and the measurements they come from are in `CALIBRATION` below and in
-`benchmarks/results/memory-*.md`.
+How the constants were measured, and how close the plans come to the GPU runs: docs/memory.md,
+"The planner" (runs in `benchmarks/results/memory-*.md`).
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +55,12 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .families import family_of_index, published_dir, registered
+from .families.base import Family, Tokens
+from .files import pipeline_index
 from .quant import QUANTO, fused_linear_planned
 
 GiB = 2**30
-
-# Supported public ids -> folder under lowvram_dopsd/published/
-PUBLISHED = {
-    "Tongyi-MAI/Z-Image-Turbo": "Tongyi-MAI--Z-Image-Turbo",
-    "black-forest-labs/FLUX.2-klein-4B": "black-forest-labs--FLUX.2-klein-4B",
-}
 
 # What fits where: the issue's targets for peak allocated memory (the CUDA context, the caching
 # allocator's slack and the desktop take the rest of the card).
@@ -74,57 +72,11 @@ def budget_for(vram_gib: float) -> float:
     return round(vram_gib * 0.875, 2)
 
 
-# ---------------------------------------------------------------------------------------------
-# Architectures the planner knows: how tokens flow through the blocks
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Arch:
-    family: str
-    model_class: str                  # diffusers class
-    pipeline_class: str
-    skip: tuple[str, ...]             # module prefixes kept in the compute dtype (quant.py)
-    lora_targets: tuple[str, ...]
-    # saved activation bytes per token per unit of `dim` for ONE block of each block list (bf16
-    # compute, LoRA on, excluding the LoRA's own per-token intermediates, added separately), measured
-    # with saved-tensor hooks on the real diffusers blocks (measure_block_activations; diffusers 0.42)
-    k_block: dict[str, float]
-    default_teacher: str
-    # transients of a forward without autograd state (teacher pass), in units of tokens * dim * 2
-    # bytes; calibrated on an H100 (benchmarks/results): the widest intermediate tensors of a block
-    c_fwd: float
-    # the same with the 8-bit LoRA linears on the fused Triton kernel (no dequantised weight, no
-    # [tokens, out] LoRA temporaries); memory-nvidia-h100-80gb-hbm3.md run 3
-    c_fwd_fused: float
-
-
-def with_family(arch: "Arch") -> "Arch":
-    """The LoRA targets and quantization skip list come from the family adapter itself, so the
-    planner always counts what the trainer builds (one source of truth)."""
-    from .families import registered
-
-    cls = next(c for c in registered() if c.pipeline_class == arch.pipeline_class)
-    return Arch(**{**arch.__dict__, "lora_targets": cls.lora_targets, "skip": cls.quant_skip})
-
-
-ARCHS = {
-    "ZImagePipeline": Arch(
-        family="zimage", model_class="ZImageTransformer2DModel", pipeline_class="ZImagePipeline",
-        skip=(), lora_targets=(),  # filled from families.zimage.ZImage by with_family()
-        k_block={"noise_refiner": 67.5, "context_refiner": 67.5, "layers": 67.5}, default_teacher="vlm",
-        c_fwd=18.6, c_fwd_fused=15.8),  # teacher probe 0.68 GiB on quanto, 0.58 fused (5120 tokens)
-    "Flux2KleinPipeline": Arch(
-        family="klein", model_class="Flux2Transformer2DModel", pipeline_class="Flux2KleinPipeline",
-        skip=(), lora_targets=(),  # filled from families.klein.Klein by with_family()
-        k_block={"transformer_blocks": 46.2, "single_transformer_blocks": 48.1}, default_teacher="edit",
-        c_fwd=38.5, c_fwd_fused=21.6),  # teacher probe 1.92 GiB on quanto, 1.08 fused (8704 tokens)
-}
-
-# Calibrated on an H100 (benchmarks/bench_memory.py -> benchmarks/results/memory-*.md; docs/memory.md):
+# Every family's, calibrated on a GPU (docs/memory.md, "The planner"):
 #   c_bwd  backward temporaries of the recomputed block + everything outside the blocks, in units of
-#          tokens * dim * 2 bytes. The student probes at 1024² and 768² (Z-Image) give a slope of
-#          149.8 B/token/dim; block inputs (2 x 30 of 34 blocks) + k_block 67.5 + 2 x c_bwd = 151.5.
-#   work   fixed workspace, bytes. The probes' intercept is ~0.01 GiB, and the bf16 and qint8 bases
-#          give the same student peak: quanto's per-layer dequantized weight is freed before the peak.
+#          tokens * dim * 2 bytes (the slope of the student probes at two resolutions, less the blocks');
+#   work   fixed workspace, bytes (the probes' intercept: quanto's per-layer dequantized weight is
+#          freed before the peak).
 CALIBRATION = {"c_bwd": 12.0, "work": 32 * 2**20}
 
 # Bytes per quantized weight element and per output-channel scale, by backend
@@ -141,16 +93,14 @@ QUANT_BYTES = {
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    arch: Arch
+    family: type[Family]
     transformer: dict[str, Any]
     source: str          # where the config was read from (shown in the table)
 
 
-def published_dir(model_id: str) -> Path | None:
-    name = PUBLISHED.get(model_id)
-    if name is None:
-        return None
-    return Path(str(resources.files("lowvram_dopsd") / "published" / name))
+def planned_families() -> list[type[Family]]:
+    """The families whose adapters carry the planner's numbers."""
+    return [cls for cls in registered() if cls.k_block]
 
 
 def resolve_model(model: str) -> ModelConfig:
@@ -163,17 +113,18 @@ def resolve_model(model: str) -> ModelConfig:
     else:
         folder, source = _fetch_configs(model), f"{model} (config files only)"
     try:
-        index = json.loads((folder / "model_index.json").read_text())
+        index = pipeline_index(folder)
         transformer = json.loads((folder / "transformer" / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
+        ids = [i for cls in planned_families() for i in cls.hf_repo_ids]
         raise UserError(f"Could not read model_index.json and transformer/config.json of '{model}' ({exc}). "
                         "Point --model to a diffusers checkpoint folder or a supported id "
-                        f"({', '.join(PUBLISHED)}).") from exc
-    arch = ARCHS.get(index.get("_class_name", ""))
-    if arch is None:
+                        f"({', '.join(ids)}).") from exc
+    family = family_of_index(index)
+    if family is None or not family.k_block:
         raise UserError(f"'{model}' is a {index.get('_class_name', 'unknown')} checkpoint; the planner knows "
-                        f"{', '.join(ARCHS)}.")
-    return ModelConfig(with_family(arch), transformer, source)
+                        f"{', '.join(cls.pipeline_class for cls in planned_families())}.")
+    return ModelConfig(family, transformer, source)
 
 
 def _fetch_configs(model_id: str) -> Path:
@@ -218,10 +169,10 @@ class Counts:
         return self.quant_weight + self.quant_bias + self.kept_linear + self.other
 
 
-def build_meta(arch: Arch, transformer: dict[str, Any]) -> nn.Module:
+def build_meta(family: type[Family], transformer: dict[str, Any]) -> nn.Module:
     import diffusers
 
-    cls = getattr(diffusers, arch.model_class)
+    cls = getattr(diffusers, family.transformer_class)
     with torch.device("meta"):
         return cls.from_config({k: v for k, v in transformer.items() if not k.startswith("_")})
 
@@ -256,52 +207,6 @@ def count(model: nn.Module, skip: tuple[str, ...], targets: tuple[str, ...], ran
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokens
-# ---------------------------------------------------------------------------------------------
-def _ceil(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def image_tokens(height: int, width: int) -> int:
-    """Both families: VAE /8, then 2x2 patches (Z-Image patchify, klein's packed latents)."""
-    return (height // 16) * (width // 16)
-
-
-@dataclass
-class Tokens:
-    img: int
-    text_student: int
-    text_teacher: int
-    img_teacher: int       # klein's edit teacher sees the reference latents too: 2 x img
-
-    @property
-    def student(self) -> int:
-        return self.img + self.text_student
-
-    @property
-    def teacher(self) -> int:
-        return self.img_teacher + self.text_teacher
-
-
-def tokens_for(arch: Arch, height: int, width: int, text_student: int, text_teacher: int,
-               teacher: str) -> Tokens:
-    img = image_tokens(height, width)
-    if arch.family == "zimage":  # the transformer pads captions and images to multiples of 32 tokens
-        return Tokens(_ceil(img, 32), _ceil(text_student, 32), _ceil(text_teacher, 32), _ceil(img, 32))
-    return Tokens(img, text_student, text_teacher, 2 * img if teacher == "edit" else img)
-
-
-def block_streams(arch: Arch, counts: Counts, tok: Tokens) -> list[tuple[str, int, int]]:
-    """(block list, number of blocks, tokens through each) for the student's forward."""
-    if arch.family == "zimage":
-        return [("noise_refiner", counts.blocks.get("noise_refiner", 0), tok.img),
-                ("context_refiner", counts.blocks.get("context_refiner", 0), tok.text_student),
-                ("layers", counts.blocks.get("layers", 0), tok.student)]
-    return [("transformer_blocks", counts.blocks.get("transformer_blocks", 0), tok.student),
-            ("single_transformer_blocks", counts.blocks.get("single_transformer_blocks", 0), tok.student)]
-
-
-# ---------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -316,7 +221,7 @@ class Row:
 class Plan:
     model: str
     source: str
-    arch: Arch
+    family: type[Family]
     settings: dict[str, Any]
     counts: Counts
     tokens: Tokens
@@ -334,7 +239,7 @@ class Plan:
         return self.budget_gib is None or self.peak_gib <= self.budget_gib
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "family": self.arch.family, "settings": self.settings,
+        return {"model": self.model, "family": self.family.name, "settings": self.settings,
                 "params_total": self.counts.total, "params_quantized": self.counts.quant_weight,
                 "lora_params": self.counts.lora, "tokens_student": self.tokens.student,
                 "tokens_teacher": self.tokens.teacher, "peak_gib": round(self.peak_gib, 3),
@@ -367,16 +272,16 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     quanto)."""
     cal = {**CALIBRATION, **(calibration or {})}
     mc = mc or resolve_model(model)
-    arch = mc.arch
+    family = mc.family
     s = dict(settings)
     height = int(s.get("height") or s["resolution"])
     width = int(s.get("width") or s["resolution"])
-    teacher = s.get("teacher") or arch.default_teacher
-    meta = build_meta(arch, mc.transformer)
-    c = count(meta, arch.skip, tuple(s.get("lora_targets") or arch.lora_targets), int(s["rank"]))
+    teacher = s.get("teacher") or family.teachers[0]
+    meta = build_meta(family, mc.transformer)
+    c = count(meta, family.quant_skip, tuple(s.get("lora_targets") or family.lora_targets), int(s["rank"]))
     dim = _dim(meta, mc.transformer)
-    tok = tokens_for(arch, height, width, int(s["max_sequence_length"]),
-                     int(s["teacher_max_sequence_length"]), teacher)
+    tok = family.plan_tokens(height, width, int(s["max_sequence_length"]), int(s["teacher_max_sequence_length"]),
+                             teacher)
     quant = s["quant"]
     dtype = s.get("dtype") or "bf16"
     # bytes per element of the compute dtype: the base kept unquantized, the activations and the LoRA's
@@ -402,14 +307,14 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     rows.append(Row("optimizer state", s["optimizer"], optimizer_bytes(c.lora, s["optimizer"])))
     static = sum(r.bytes for r in rows)
 
-    streams = block_streams(arch, c, tok)
+    streams = family.block_streams(c.blocks, tok)
     n_blocks = sum(n for _, n, _ in streams)
     rank = int(s["rank"])
     lora_per_block = c.lora_layers / max(n_blocks, 1)
     lora_copies = e * c.lora / max(n_blocks, 1)   # compute-dtype casts of one block's LoRA factors, saved for backward
 
     def full(name: str, t: int) -> float:  # all saved activations of one block with t tokens per sample
-        return b * (arch.k_block[name] * e / 2 * t * dim + lora_per_block * rank * e * t) + lora_copies
+        return b * (family.k_block[name] * e / 2 * t * dim + lora_per_block * rank * e * t) + lora_copies
 
     block_full = {name: full(name, t) for name, n, t in streams if n}
     worst = max(block_full, key=block_full.get)
@@ -420,7 +325,7 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     if s.get("grad_checkpointing", True):
         act_rows = [Row("activations: block inputs", f"{n_blocks} checkpointed blocks ({dtype} inputs, <= {tok.student} "
                         f"tokens x {dim}{per})", inputs),
-                    Row("activations: one block recomputed", f"{worst}: {arch.k_block[worst]:g} B/token/dim x "
+                    Row("activations: one block recomputed", f"{worst}: {family.k_block[worst]:g} B/token/dim x "
                         f"{t_worst} tokens{per} + LoRA", block_full[worst])]
         student = inputs + block_full[worst] + bwd
     else:
@@ -429,7 +334,7 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
         student = no_ckpt + bwd
     act_rows.append(Row("activations: backward temporaries", f"{cal['c_bwd']:g} x tokens x dim x {e} B{per}", bwd))
     fused = bool(s.get("fused_linear")) and quant in QUANTO
-    teacher_fwd = b * cal.get("c_fwd", arch.c_fwd_fused if fused else arch.c_fwd) * tok.teacher * dim * e
+    teacher_fwd = b * cal.get("c_fwd", family.c_fwd_fused if fused else family.c_fwd) * tok.teacher * dim * e
     work = cal["work"]
     if student >= teacher_fwd:
         phase, rows_act = "student backward", act_rows
@@ -454,7 +359,7 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     settings_out = {**{k: s[k] for k in ("rank", "quant", "optimizer", "grad_checkpointing", "max_sequence_length",
                                          "teacher_max_sequence_length", "teacher_ema_on") if k in s}, "dtype": dtype,
                     "height": height, "width": width, "teacher": teacher, "micro_batch": b}
-    return Plan(model, mc.source, arch, settings_out, c, tok, rows, peak, no_ckpt + bwd, phase, budget_gib)
+    return Plan(model, mc.source, family, settings_out, c, tok, rows, peak, no_ckpt + bwd, phase, budget_gib)
 
 
 def _dim(meta: nn.Module, transformer: dict[str, Any]) -> int:
@@ -531,7 +436,7 @@ def render(plan: Plan, console=None, suggestions: list[tuple[str, Plan]] | None 
 
     console = console or Console()
     s = plan.settings
-    title = (f"{plan.model} ({plan.arch.family}) - {s['height']}x{s['width']}, {s.get('dtype', 'bf16')}, rank {s['rank']}, "
+    title = (f"{plan.model} ({plan.family.name}) - {s['height']}x{s['width']}, {s.get('dtype', 'bf16')}, rank {s['rank']}, "
              f"quant {s['quant']}, {s['optimizer']}, checkpointing {'on' if s.get('grad_checkpointing', True) else 'off'}")
     b = s.get("micro_batch", 1)
     batch = (f"micro_batch {b} (activations scaled linearly from the batch-1 GPU calibration)" if b > 1
@@ -568,10 +473,10 @@ def render(plan: Plan, console=None, suggestions: list[tuple[str, Plan]] | None 
 # ---------------------------------------------------------------------------------------------
 # Measuring one block (tests, and to re-derive `k_block` when diffusers changes a block)
 # ---------------------------------------------------------------------------------------------
-def measure_block_activations(family: str, dim_heads: int = 4, tokens: int = 256, text: int = 64,
+def measure_block_activations(family: type[Family], dim_heads: int = 4, tokens: int = 256, text: int = 64,
                               rank: int = 8, quant: str = "none", batch: int = 1) -> dict[str, float]:
-    """Bytes saved for backward by one real diffusers block with LoRA (bf16, CPU), per token per dim
-    per sample, for a forward of `batch` samples.
+    """Bytes saved for backward by one real block of each kind of the family's tiny model with LoRA
+    (bf16, CPU), per token per dim per sample, for a forward of `batch` samples: `k_block`.
 
     Counts every tensor the autograd graph keeps, minus the block's inputs (checkpointing keeps
     those anyway), the module's own parameters (they exist regardless) and the bf16 casts of the
@@ -581,23 +486,10 @@ def measure_block_activations(family: str, dim_heads: int = 4, tokens: int = 256
     from .lora import DualLoRA
     from .quant import _leaves, quantize_frozen
 
-    import diffusers
-
-    H = dim_heads
-    D = H * 128
     torch.manual_seed(0)
-    if family == "zimage":
-        m = diffusers.ZImageTransformer2DModel(in_channels=16, dim=D, n_layers=1, n_refiner_layers=1, n_heads=H,
-                                               n_kv_heads=H, cap_feat_dim=64, axes_dims=[32, 48, 48],
-                                               axes_lens=[1536, 512, 512]).to(torch.bfloat16)
-        arch = with_family(ARCHS["ZImagePipeline"])
-    else:
-        m = diffusers.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                              attention_head_dim=128, num_attention_heads=H, joint_attention_dim=64,
-                                              mlp_ratio=3.0, guidance_embeds=False).to(torch.bfloat16)
-        arch = with_family(ARCHS["Flux2KleinPipeline"])
-    quantize_frozen(m, quant, arch.skip)
-    DualLoRA.attach(m, arch.lora_targets, rank, 2 * rank)
+    m = family.tiny_transformer(dim_heads)
+    quantize_frozen(m, quant, family.quant_skip)
+    DualLoRA.attach(m, family.lora_targets, rank, 2 * rank)
     own: set[int] = set()
     for t in list(m.parameters()) + list(m.buffers()):
         own.update(x.untyped_storage().data_ptr() for x in _leaves(t))
@@ -605,8 +497,8 @@ def measure_block_activations(family: str, dim_heads: int = 4, tokens: int = 256
     def lora_copies(block: nn.Module) -> float:  # bf16 casts of the block's LoRA factors (not per token)
         return 2.0 * sum(p.numel() for n, p in block.named_parameters() if n.endswith(("student_A", "student_B")))
 
-    def run(fn, inputs, block: nn.Module) -> float:
-        mine = set(own) | {x.untyped_storage().data_ptr() for x in inputs}
+    def saved_bytes(probe) -> float:
+        mine = set(own) | {x.untyped_storage().data_ptr() for x in probe.inputs}
         seen: dict[int, int] = {}
 
         def pack(t):
@@ -620,34 +512,12 @@ def measure_block_activations(family: str, dim_heads: int = 4, tokens: int = 256
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return float(sum(seen.values())) - lora_copies(block)
+            probe.forward()
+        return float(sum(seen.values())) - lora_copies(probe.block)
 
-    out = {}
-    B = batch
-    if family == "zimage":
-        T = tokens
-        x = torch.randn(B, T, D, dtype=torch.bfloat16, requires_grad=True)
-        freqs = torch.randn(B, T, 64, dtype=torch.complex64)
-        ad = torch.randn(B, 256, dtype=torch.bfloat16)
-        out["layers"] = run(lambda: m.layers[0](x, None, freqs, ad), [x, freqs], m.layers[0]) / (B * T * D)
-    else:
-        N, L = tokens, text
-        hs = torch.randn(B, N, D, dtype=torch.bfloat16, requires_grad=True)
-        enc = torch.randn(B, L, D, dtype=torch.bfloat16, requires_grad=True)
-        temb = torch.randn(B, D, dtype=torch.bfloat16)
-        with torch.no_grad():
-            mi, mt, ms = (m.double_stream_modulation_img(temb), m.double_stream_modulation_txt(temb),
-                          m.single_stream_modulation(temb))
-            rot = m.pos_embed(torch.zeros(N + L, 4))
-        out["transformer_blocks"] = run(
-            lambda: m.transformer_blocks[0](hidden_states=hs, encoder_hidden_states=enc, temb_mod_img=mi,
-                                            temb_mod_txt=mt, image_rotary_emb=rot, joint_attention_kwargs=None),
-            [hs, enc, *rot], m.transformer_blocks[0]) / (B * (N + L) * D)
-        xs = torch.randn(B, N + L, D, dtype=torch.bfloat16, requires_grad=True)
-        out["single_transformer_blocks"] = run(lambda: m.single_transformer_blocks[0](xs, None, ms, rot, None),
-                                               [xs, *rot], m.single_transformer_blocks[0]) / (B * (N + L) * D)
-    return out
+    dim = dim_heads * 128
+    return {name: saved_bytes(probe) / (batch * probe.tokens * dim)
+            for name, probe in family.block_probes(m, tokens, text, batch).items()}
 
 
 def vram_of_preset(preset: str | None) -> float | None:

@@ -11,13 +11,13 @@ import bench_ema  # noqa: E402
 
 
 def test_lora_shapes_are_the_planners():
-    """The same layers `plan` counts for the LoRA (and the trainer builds: plan.with_family)."""
+    """The same layers `plan` counts for the LoRA (and the trainer builds: both read the family adapter)."""
     from lowvram_dopsd.plan import build_meta, count, resolve_model
 
     for model, layers in (("zimage", 238), ("klein", 100)):
         shapes = bench_ema.lora_shapes(model)
         mc = resolve_model(bench_ema.MODELS[model])
-        c = count(build_meta(mc.arch, mc.transformer), mc.arch.skip, mc.arch.lora_targets, 64)
+        c = count(build_meta(mc.family, mc.transformer), mc.family.quant_skip, mc.family.lora_targets, 64)
         assert len(shapes) == c.lora_layers == layers
         assert sum(64 * (i + o) for _, i, o in shapes) == c.lora
 

@@ -1,7 +1,7 @@
 """ComfyUI export: the key names ComfyUI's loader maps, .alpha tensors, exact round trips, and diffusers'
 own converters reading the export back to the same LoRA (and, for Z-Image, the same images).
 
-The expected names are written out here from ComfyUI's loader, independently of lowvram_dopsd/export.py:
+The expected names are written out here from ComfyUI's loader, independently of lowvram_dopsd/families/comfy.py:
 - Z-Image (comfy/lora.py, Lumina2 branch, via comfy/utils.py z_image_to_diffusers): `diffusion_model.` +
   the diffusers module name, for to_q/to_k/to_v (slices of the fused attention.qkv), to_out.0
   (attention.out) and feed_forward.w1/w2/w3 of layers.N, context_refiner.N and noise_refiner.N.
@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from trust_helpers import random_lora
 
 from lowvram_dopsd import export
+from lowvram_dopsd.families import comfy as layouts
 from lowvram_dopsd.cli import main
 from lowvram_dopsd.lora import DualLoRA
 
@@ -62,7 +63,7 @@ def test_zimage_export_matches_comfyui_layout_and_loads_back_in_diffusers(tmp_pa
 
     # 2. round trip to our layout: identical tensors
     ours = export.split_modules(load_file(str(path)))
-    back, alpha = export.zimage_to_diffusers(comfy)
+    back, alpha = layouts.zimage_to_diffusers(comfy)
     assert alpha == 8.0 and set(back) == set(ours)
     for m in ours:
         assert torch.equal(back[m][0], ours[m][0]) and torch.equal(back[m][1], ours[m][1])
@@ -102,13 +103,13 @@ def test_klein_export_fuses_qkv_exactly_and_diffusers_splits_it_back(tiny_klein_
     ours = export.split_modules(lora.tensors("student"), prefix="")
     assert any(".attn.to_q" in m for m in ours) and any("single_transformer_blocks" in m for m in ours)
 
-    comfy = export.klein_to_comfy(ours, alpha=8.0)
+    comfy = layouts.klein_to_comfy(ours, alpha=8.0)
     assert all(COMFY_FLUX2.match(k) for k in comfy), [k for k in comfy if not COMFY_FLUX2.match(k)][:3]
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in comfy
     assert float(comfy["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 24.0  # rank 12: scale 2 kept
     assert float(comfy["lora_unet_single_blocks_1_linear1.alpha"]) == 8.0
 
-    back, alpha = export.klein_to_diffusers(comfy)  # exact inverse
+    back, alpha = layouts.klein_to_diffusers(comfy)  # exact inverse
     assert alpha == 8.0 and set(back) == set(ours)
     for m in ours:
         assert torch.equal(back[m][0], ours[m][0]) and torch.equal(back[m][1], ours[m][1]), m
@@ -159,7 +160,7 @@ def test_a_step_lora_exports_under_its_own_name(tmp_path, tiny_zimage_dir, capsy
 
 def test_alpha_read_back_from_fp32_alpha_tensors_is_the_alpha():
     """.alpha tensors are fp32: 0.1 reads back 0.10000000149, and --init-lora compared it with 0.1."""
-    from lowvram_dopsd.export import zimage_to_comfy, zimage_to_diffusers
+    from lowvram_dopsd.families.comfy import zimage_to_comfy, zimage_to_diffusers
 
     a, b = torch.randn(2, 8), torch.randn(8, 2)
     _, alpha = zimage_to_diffusers(zimage_to_comfy({"layers.0.attention.to_q": (a, b)}, 0.1))
@@ -176,7 +177,7 @@ def test_export_refuses_what_it_cannot_map(tmp_path, capsys):
     modules = {"layers.0.attention.to_q": (torch.zeros(1, 2), torch.zeros(2, 1)),
                "layers.0.adaLN_modulation.5": (torch.zeros(1, 2), torch.zeros(2, 1))}
     try:
-        export.zimage_to_comfy(modules, 1.0)
+        layouts.zimage_to_comfy(modules, 1.0)
         raise AssertionError("expected a UserError")
-    except export.UserError as exc:
+    except layouts.UserError as exc:
         assert "adaLN_modulation.5" in str(exc)

@@ -21,6 +21,8 @@ pytest.importorskip("diffusers")
 from diffusers import Flux2Transformer2DModel, ZImageTransformer2DModel  # noqa: E402
 
 from lowvram_dopsd import plan  # noqa: E402
+from lowvram_dopsd.families.klein import Klein  # noqa: E402
+from lowvram_dopsd.families.zimage import ZImage  # noqa: E402
 from lowvram_dopsd.lora import DualLoRA  # noqa: E402
 from lowvram_dopsd.quant import quantize_frozen, storage_bytes  # noqa: E402
 
@@ -38,27 +40,27 @@ SETTINGS = {"resolution": 1024, "rank": 64, "quant": "qint8", "optimizer": "adam
 
 
 def tiny(pipeline: str) -> tuple[plan.ModelConfig, nn.Module]:
-    arch = plan.resolve_model("Tongyi-MAI/Z-Image-Turbo" if pipeline == "ZImagePipeline"
-                              else "black-forest-labs/FLUX.2-klein-4B").arch
+    family = plan.resolve_model("Tongyi-MAI/Z-Image-Turbo" if pipeline == "ZImagePipeline"
+                                else "black-forest-labs/FLUX.2-klein-4B").family
     cfg = TINY_Z if pipeline == "ZImagePipeline" else TINY_K
     cls = ZImageTransformer2DModel if pipeline == "ZImagePipeline" else Flux2Transformer2DModel
     torch.manual_seed(0)
-    return plan.ModelConfig(arch, dict(cfg), "tiny"), cls(**cfg).to(torch.bfloat16).requires_grad_(False)
+    return plan.ModelConfig(family, dict(cfg), "tiny"), cls(**cfg).to(torch.bfloat16).requires_grad_(False)
 
 
 @pytest.mark.parametrize("pipeline", ["ZImagePipeline", "Flux2KleinPipeline"])
 def test_meta_counts_are_exact(pipeline):
     mc, real = tiny(pipeline)
-    meta = plan.build_meta(mc.arch, mc.transformer)
+    meta = plan.build_meta(mc.family, mc.transformer)
     assert all(p.is_meta for p in meta.parameters())
-    c = plan.count(meta, mc.arch.skip, mc.arch.lora_targets, rank=8)
+    c = plan.count(meta, mc.family.quant_skip, mc.family.lora_targets, rank=8)
     assert c.total == sum(p.numel() for p in real.parameters())
     # the split matches what the backend really quantizes, and the LoRA what DualLoRA really adds
-    q = quantize_frozen(copy.deepcopy(real), "qint8", mc.arch.skip)
+    q = quantize_frozen(copy.deepcopy(real), "qint8", mc.family.quant_skip)
     quantized = sum(m.in_features * m.out_features for m in q.modules()
                     if isinstance(m, nn.Linear) and type(m) is not nn.Linear)
     assert c.quant_weight == quantized
-    lora = DualLoRA.attach(q, mc.arch.lora_targets, rank=8, alpha=16)
+    lora = DualLoRA.attach(q, mc.family.lora_targets, rank=8, alpha=16)
     assert c.lora == lora.num_parameters() and c.lora_layers == len(lora.layers)
 
 
@@ -66,9 +68,9 @@ def test_meta_counts_are_exact(pipeline):
 @pytest.mark.parametrize("pipeline", ["ZImagePipeline", "Flux2KleinPipeline"])
 def test_weight_bytes_equal_the_real_quantized_model(pipeline, kind):
     mc, real = tiny(pipeline)
-    c = plan.count(plan.build_meta(mc.arch, mc.transformer), mc.arch.skip, mc.arch.lora_targets, rank=8)
+    c = plan.count(plan.build_meta(mc.family, mc.transformer), mc.family.quant_skip, mc.family.lora_targets, rank=8)
     q_bytes, kept_bytes = plan.weights_bytes(c, kind)
-    q = quantize_frozen(copy.deepcopy(real), kind, mc.arch.skip)
+    q = quantize_frozen(copy.deepcopy(real), kind, mc.family.quant_skip)
     held = storage_bytes(q)
     n_q = sum(1 for m in q.modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear)
     extra = 4 * n_q if kind in ("qint8", "qfloat8") else 0  # quanto's two scalar activation-scale buffers
@@ -77,15 +79,14 @@ def test_weight_bytes_equal_the_real_quantized_model(pipeline, kind):
     assert held["other"] == kept_bytes + bias + extra
 
 
-@pytest.mark.parametrize("family,pipeline", [("zimage", "ZImagePipeline"), ("klein", "Flux2KleinPipeline")])
-def test_block_activation_constant_matches_autograd(family, pipeline):
+@pytest.mark.parametrize("family", [ZImage, Klein], ids=["zimage", "klein"])
+def test_block_activation_constant_matches_autograd(family):
     """k_block (+ the planner's per-token LoRA term) is what autograd really keeps for one block, within 2 %."""
-    arch = plan.ARCHS[pipeline]
     rank, dim = 8, 256
-    lora_layers_per_block = 7 if family == "zimage" else 4  # klein: 100 LoRA layers over 25 blocks (average)
+    lora_layers_per_block = 7 if family is ZImage else 4  # klein: 100 LoRA layers over 25 blocks (average)
     measured = plan.measure_block_activations(family, dim_heads=dim // 128, tokens=192, text=64, rank=rank)
     for name, k in measured.items():
-        predicted = arch.k_block[name] + lora_layers_per_block * rank * 2 / dim
+        predicted = family.k_block[name] + lora_layers_per_block * rank * 2 / dim
         assert k == pytest.approx(predicted, rel=0.02), (name, k, predicted)
 
 
@@ -99,10 +100,9 @@ def test_optimizer_formula_matches_torch_adamw():
 
 
 def test_tokens_follow_the_pipelines():
-    z, k = plan.ARCHS["ZImagePipeline"], plan.ARCHS["Flux2KleinPipeline"]
-    t = plan.tokens_for(z, 1024, 1024, 500, 1000, "vlm")
+    t = ZImage.plan_tokens(1024, 1024, 500, 1000, "vlm")
     assert (t.img, t.student, t.teacher) == (4096, 4096 + 512, 4096 + 1024)  # captions padded to 32
-    t = plan.tokens_for(k, 1024, 1024, 512, 512, "edit")
+    t = Klein.plan_tokens(1024, 1024, 512, 512, "edit")
     assert (t.student, t.teacher) == (4096 + 512, 2 * 4096 + 512)  # edit teacher: reference latents too
 
 
@@ -294,12 +294,12 @@ def test_block_activations_per_sample_do_not_depend_on_the_batch():
     at batch > 1 (the split attention output's slices are copied by the LoRA's matmul): that makes
     it as large as the single-stream block, which the planner already recomputes (plan.py docstring)."""
     extra = {"transformer_blocks": 2.0}
-    for family in ("zimage", "klein"):
+    for family in (ZImage, Klein):
         one = plan.measure_block_activations(family, dim_heads=2, tokens=192, text=64, rank=8, batch=1)
         two = plan.measure_block_activations(family, dim_heads=2, tokens=192, text=64, rank=8, batch=2)
         for name, k in one.items():
             assert two[name] == pytest.approx(k + extra.get(name, 0.0), rel=0.01), (name, k, two[name])
-        if family == "klein":
+        if family is Klein:
             assert two["transformer_blocks"] == pytest.approx(two["single_transformer_blocks"], rel=0.02)
 
 
@@ -350,7 +350,7 @@ def test_fp32_doubles_the_compute_dtype_bytes_and_is_planned_from_the_config(pip
     term is twice bf16's (the calibration is bf16: a model), the fp32 LoRA, grads and optimizer state do
     not change; `plan --dtype fp32` plans it and suggests --dtype bf16."""
     mc, real = tiny(pipeline)
-    c = plan.count(plan.build_meta(mc.arch, mc.transformer), mc.arch.skip, mc.arch.lora_targets, rank=8)
+    c = plan.count(plan.build_meta(mc.family, mc.transformer), mc.family.quant_skip, mc.family.lora_targets, rank=8)
     assert plan.weights_bytes(c, "none", 4)[1] == sum(p.numel() * 4 for p in real.float().parameters())
     bf16 = plan.make_plan("tiny", {**SETTINGS, "quant": "none"}, mc)
     fp32 = plan.make_plan("tiny", {**SETTINGS, "quant": "none", "dtype": "fp32"}, mc)

@@ -7,22 +7,27 @@ released), and gives the few-step schedule and a velocity in ONE convention:
     x_next = x + (sigma_next - sigma) * v        (diffusers' FlowMatchEulerDiscreteScheduler.step)
     x0     = x - sigma * v                       (sigma = 1 is pure noise, 0 is the image)
 
-Adding a family = one module here implementing `Family`, registered in `families/__init__.py`.
+The memory planner (plan.py) asks the family class, without a checkpoint, for its architecture
+numbers: `k_block`, `c_fwd`, `c_fwd_fused`, `plan_tokens`, `block_streams`, and a tiny model of
+its blocks to re-measure `k_block` on (`tiny_transformer`, `block_probes`). Adding a family: see
+`families/__init__.py`.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..data import Item, load_rgb, training_crop
 from ..errors import UserError
-from ..files import component_problem
+from ..files import component_problem, resolve_dir
 from ..runtime import DTYPES, release
+from .comfy import Layout
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -30,11 +35,55 @@ if TYPE_CHECKING:
 Cond = dict[str, torch.Tensor]  # one item's precomputed condition; stored as safetensors in the cache
 
 
+@dataclass
+class Tokens:
+    """Tokens of one sample through the transformer, padded as the transformer pads them (planner)."""
+
+    img: int
+    text_student: int
+    text_teacher: int
+    img_teacher: int       # klein's edit teacher sees the reference latents too: 2 x img
+
+    @property
+    def student(self) -> int:
+        return self.img + self.text_student
+
+    @property
+    def teacher(self) -> int:
+        return self.img_teacher + self.text_teacher
+
+
+def image_tokens(height: int, width: int) -> int:
+    """Z-Image and klein: VAE /8, then 2x2 patches (Z-Image's patchify, klein's packed latents)."""
+    return (height // 16) * (width // 16)
+
+
+@dataclass
+class BlockProbe:
+    """One block of a tiny transformer and a forward through it, for plan.measure_block_activations."""
+
+    block: nn.Module
+    inputs: list[torch.Tensor]   # what the block receives: checkpointing keeps these anyway
+    forward: Callable[[], Any]
+    tokens: int                  # tokens per sample through the block
+
+
 # Components that are models (config.json + weights), as opposed to tokenizer/ and scheduler/
 MODEL_COMPONENTS = ("transformer", "text_encoder", "vae")
 
 
+FAMILIES: list[type["Family"]] = []
+
+
+def register(cls: type["Family"]) -> type["Family"]:
+    """Class decorator: the family becomes one that checkpoints are matched against."""
+    FAMILIES.append(cls)
+    return cls
+
+
 class Family:
+    """A model family's adapter; `register` it to make it known (families/__init__.py says how)."""
+
     name: ClassVar[str]
     pipeline_class: ClassVar[str]        # diffusers pipeline that loads our LoRA (parity tests, `sample`)
     pipeline_module: ClassVar[str] = "diffusers"  # where `pipeline_class` is imported from
@@ -66,6 +115,40 @@ class Family:
     def vlm_pad_to(self, cfg) -> int:
         """Length the VLM teacher's condition is padded to (0: not padded); never over its own limit."""
         return min(cfg.max_sequence_length, cfg.teacher_max_sequence_length) if self.vlm_padded else 0
+
+    # ----- the memory planner (plan.py). A family without `k_block` trains but is not planned.
+    # Saved activation bytes per token per unit of `dim` of ONE block of each block list (bf16, LoRA
+    # on, the LoRA's own per-token intermediates excluded): what autograd keeps for the real block,
+    # measured by plan.measure_block_activations on `tiny_transformer` through `block_probes`.
+    k_block: ClassVar[dict[str, float]] = {}
+    # Transients of a forward without autograd state (the teacher pass), in tokens x dim x 2 bytes:
+    # on quanto's 8-bit linears, and on the fused Triton kernel (no dequantised weight, no
+    # [tokens, out] LoRA temporaries). Calibrated on a GPU: docs/memory.md, "The planner".
+    c_fwd: ClassVar[float] = 0.0
+    c_fwd_fused: ClassVar[float] = 0.0
+
+    @classmethod
+    def plan_tokens(cls, height: int, width: int, text_student: int, text_teacher: int, teacher: str) -> Tokens:
+        """Tokens per sample of the student's and the teacher's passes at this size, text lengths and
+        teacher kind, padded as the transformer pads them."""
+        raise NotImplementedError
+
+    @classmethod
+    def block_streams(cls, blocks: dict[str, int], tok: Tokens) -> list[tuple[str, int, int]]:
+        """(block list, number of blocks, tokens through each) of the student's forward, from the number
+        of blocks in each of the transformer's block lists."""
+        raise NotImplementedError
+
+    @classmethod
+    def tiny_transformer(cls, dim_heads: int) -> nn.Module:
+        """A small bf16 model of the real class, one block per block list, `dim_heads` x 128 wide."""
+        raise NotImplementedError
+
+    @classmethod
+    def block_probes(cls, model: nn.Module, tokens: int, text: int, batch: int) -> dict[str, BlockProbe]:
+        """A forward through one block of each kind in `tiny_transformer`'s model, keyed by the block list
+        whose `k_block` it measures, with `tokens` image and `text` text tokens per sample, `batch` samples."""
+        raise NotImplementedError
 
     # ----- detection
     @classmethod
@@ -119,7 +202,6 @@ class Family:
 
     def vlm_dir(self, cfg) -> Path:
         """The Qwen3-VL checkpoint of the `vlm` teacher (folder or Hugging Face id)."""
-        from . import resolve_dir
         path = resolve_dir(self.teacher_encoder(cfg), "teacher encoder (Qwen3-VL)", needs="config.json")
         if problem := component_problem(path):
             raise UserError(f"The teacher encoder (Qwen3-VL) folder '{path}' {problem}")
@@ -192,6 +274,11 @@ class Family:
         transformer) reads it, the others predict v from (x, sigma) alone."""
         raise NotImplementedError
 
+    def random_conditions(self, teacher: str, cfg, device: torch.device, dtype: torch.dtype) -> tuple[Cond, Cond]:
+        """One item's student and teacher conditions: random values in the shapes the encoders give at
+        these settings (the memory benchmark trains without loading any encoder)."""
+        raise NotImplementedError
+
     # ----- reporting
     def prompt_warnings(self, captions: list[str], names: list[str], teacher: str, cfg) -> list[str]:
         """Warnings about the prompts this run will encode (e.g. cut at max_sequence_length)."""
@@ -242,6 +329,9 @@ class Family:
     # ----- output
     def lora_key_prefix(self) -> str:
         return "transformer"
+
+    # The key layout ComfyUI's LoRA loader maps for this model (families/comfy.py); None: no export.
+    comfy_layout: ClassVar[Layout | None] = None
 
 
 class DiffusersFamily(Family):

@@ -47,8 +47,7 @@ from ..data import Item, load_rgb, training_crop
 from ..errors import UserError
 from ..files import folder_identity
 from ..runtime import DTYPES, release
-from . import register
-from .base import Cond
+from .base import Cond, register
 from .reference import ReferenceImageFamily, edit_prompt
 
 PIPELINE = "Flux3DistilledModularPipeline"

@@ -39,6 +39,7 @@ Teachers:
 from __future__ import annotations
 
 import inspect
+import json
 from functools import cached_property
 
 import torch
@@ -48,8 +49,8 @@ from ..data import Item, load_rgb
 from ..errors import UserError
 from ..files import folder_identity
 from ..runtime import DTYPES, release
-from . import register
-from .base import Cond
+from . import comfy
+from .base import BlockProbe, Cond, Tokens, image_tokens, register
 from .reference import ReferenceImageFamily, edit_prompt
 
 
@@ -100,6 +101,53 @@ class Klein(ReferenceImageFamily):
         return text_layers()
     vlm_padded = True  # _get_qwen3_prompt_embeds: padding="max_length", every state to the transformer
     required_components = ("transformer", "text_encoder", "tokenizer", "scheduler", "vae")
+
+    comfy_layout = comfy.KLEIN
+
+    # ------------------------------------------------------------------ the memory planner
+    k_block = {"transformer_blocks": 46.2, "single_transformer_blocks": 48.1}
+    c_fwd, c_fwd_fused = 38.5, 21.6
+
+    @classmethod
+    def plan_tokens(cls, height: int, width: int, text_student: int, text_teacher: int, teacher: str) -> Tokens:
+        img = image_tokens(height, width)  # no padding; the edit teacher's reference latents double the image
+        return Tokens(img, text_student, text_teacher, 2 * img if teacher == "edit" else img)
+
+    @classmethod
+    def block_streams(cls, blocks: dict[str, int], tok: Tokens) -> list[tuple[str, int, int]]:
+        # both kinds of block see the image and the caption joined
+        return [("transformer_blocks", blocks.get("transformer_blocks", 0), tok.student),
+                ("single_transformer_blocks", blocks.get("single_transformer_blocks", 0), tok.student)]
+
+    @classmethod
+    def tiny_transformer(cls, dim_heads: int) -> nn.Module:
+        from diffusers import Flux2Transformer2DModel
+
+        return Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=128, num_attention_heads=dim_heads, joint_attention_dim=64,
+                                       mlp_ratio=3.0, guidance_embeds=False).to(torch.bfloat16)
+
+    @classmethod
+    def block_probes(cls, model: nn.Module, tokens: int, text: int, batch: int) -> dict[str, BlockProbe]:
+        dim = model.inner_dim
+        hs = torch.randn(batch, tokens, dim, dtype=torch.bfloat16, requires_grad=True)
+        enc = torch.randn(batch, text, dim, dtype=torch.bfloat16, requires_grad=True)
+        joined = torch.randn(batch, tokens + text, dim, dtype=torch.bfloat16, requires_grad=True)
+        temb = torch.randn(batch, dim, dtype=torch.bfloat16)
+        with torch.no_grad():
+            mod_img, mod_txt = model.double_stream_modulation_img(temb), model.double_stream_modulation_txt(temb)
+            mod_single = model.single_stream_modulation(temb)
+            rot = model.pos_embed(torch.zeros(tokens + text, 4))
+        double, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
+        return {
+            "transformer_blocks": BlockProbe(
+                double, [hs, enc, *rot],
+                lambda: double(hidden_states=hs, encoder_hidden_states=enc, temb_mod_img=mod_img,
+                               temb_mod_txt=mod_txt, image_rotary_emb=rot, joint_attention_kwargs=None),
+                tokens + text),
+            "single_transformer_blocks": BlockProbe(single, [joined, *rot],
+                                                    lambda: single(joined, None, mod_single, rot, None), tokens + text),
+        }
 
     def check_components(self, model_index) -> None:
         super().check_components(model_index)
@@ -247,6 +295,20 @@ class Klein(ReferenceImageFamily):
                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         out = out[:, : h * w].float()                          # the noisy-latent part of the sequence
         return out.permute(0, 2, 1).reshape(b, c, h, w)
+
+    def random_conditions(self, teacher: str, cfg, device: torch.device, dtype: torch.dtype) -> tuple[Cond, Cond]:
+        # captions padded to max_sequence_length ([L, 3 x 2560]), the VLM teacher's to the shorter limit;
+        # the edit teacher's reference latent packed to tokens with its T=10 position ids, as
+        # prepare_image_latents does
+        width = json.loads((self.model_dir / "transformer" / "config.json").read_text())["joint_attention_dim"]
+        if teacher == "vlm":
+            return ({"cap": torch.randn(cfg.max_sequence_length, width, dtype=dtype, device=device)},
+                    {"cap": torch.randn(self.vlm_pad_to(cfg), width, dtype=dtype, device=device)})
+        caps = torch.randn(2, cfg.max_sequence_length, width, dtype=dtype, device=device)
+        ref = torch.randn((1, *self.latent_shape(cfg.resolution, cfg.resolution)), dtype=dtype, device=device)
+        pipe = _pipeline_class()
+        return {"cap": caps[0]}, {"cap": caps[1], "ref": pipe._pack_latents(ref)[0],
+                                  "ref_ids": pipe._prepare_image_ids([ref])[0].to(device)}
 
     def _ids(self, make, like: torch.Tensor) -> torch.Tensor:
         """`make(like)` on `like`'s device, made once per shape: the pipeline builds position ids from

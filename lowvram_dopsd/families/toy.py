@@ -19,8 +19,7 @@ from torch import nn
 from ..data import Item, load_rgb, training_crop
 from ..errors import UserError
 from ..files import folder_identity
-from . import register
-from .base import Cond, Family
+from .base import Cond, Family, register
 
 
 @register

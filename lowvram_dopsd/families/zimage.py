@@ -12,6 +12,8 @@ Conventions in `ZImagePipeline.__call__` (diffusers 0.42):
 from __future__ import annotations
 
 import importlib.util
+import json
+
 import torch
 from torch import nn
 
@@ -19,8 +21,8 @@ from ..data import Item
 from ..errors import UserError
 from ..files import folder_identity
 from ..runtime import DTYPES, release
-from . import register
-from .base import Cond, DiffusersFamily
+from . import comfy
+from .base import BlockProbe, Cond, DiffusersFamily, Tokens, image_tokens, register
 
 
 @register
@@ -39,6 +41,45 @@ class ZImage(DiffusersFamily):
     vlm_hidden_layers = (-2,)  # ZImagePipeline._encode_prompt: hidden_states[-2]
     required_components = ("transformer", "text_encoder", "tokenizer", "scheduler", "vae")
     pipeline_call_kwargs = {"guidance_scale": 0.0}  # Turbo: no CFG, as the model card samples
+
+    comfy_layout = comfy.ZIMAGE
+
+    # ------------------------------------------------------------------ the memory planner
+    # Refiners and main layers are the same block class (diffusers 0.42): one measured value.
+    k_block = {"noise_refiner": 67.5, "context_refiner": 67.5, "layers": 67.5}
+    c_fwd, c_fwd_fused = 18.6, 15.8
+
+    @classmethod
+    def plan_tokens(cls, height: int, width: int, text_student: int, text_teacher: int, teacher: str) -> Tokens:
+        def padded(n: int) -> int:  # the transformer pads captions and images to multiples of 32 tokens
+            return -(-n // 32) * 32
+
+        img = padded(image_tokens(height, width))
+        return Tokens(img, padded(text_student), padded(text_teacher), img)
+
+    @classmethod
+    def block_streams(cls, blocks: dict[str, int], tok: Tokens) -> list[tuple[str, int, int]]:
+        # the refiners see the image and the caption apart, the main layers both joined
+        return [("noise_refiner", blocks.get("noise_refiner", 0), tok.img),
+                ("context_refiner", blocks.get("context_refiner", 0), tok.text_student),
+                ("layers", blocks.get("layers", 0), tok.student)]
+
+    @classmethod
+    def tiny_transformer(cls, dim_heads: int) -> nn.Module:
+        from diffusers import ZImageTransformer2DModel
+
+        return ZImageTransformer2DModel(in_channels=16, dim=dim_heads * 128, n_layers=1, n_refiner_layers=1,
+                                        n_heads=dim_heads, n_kv_heads=dim_heads, cap_feat_dim=64,
+                                        axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512]).to(torch.bfloat16)
+
+    @classmethod
+    def block_probes(cls, model: nn.Module, tokens: int, text: int, batch: int) -> dict[str, BlockProbe]:
+        dim = model.config.dim
+        x = torch.randn(batch, tokens, dim, dtype=torch.bfloat16, requires_grad=True)
+        freqs = torch.randn(batch, tokens, 64, dtype=torch.complex64)
+        adaln = torch.randn(batch, min(dim, 256), dtype=torch.bfloat16)  # the time embedding: min(dim, 256) wide
+        block = model.layers[0]
+        return {"layers": BlockProbe(block, [x, freqs], lambda: block(x, None, freqs, adaln), tokens)}
 
     # ------------------------------------------------------------------ precompute
     def encoder_identity(self, teacher: str, cfg) -> dict:
@@ -108,6 +149,12 @@ class ZImage(DiffusersFamily):
         caps = [c["cap"].to(x.device, dtype) for c in conds]
         out = transformer(list(x.to(dtype).unsqueeze(2).unbind(0)), t, caps, return_dict=False)[0]
         return -torch.stack([o.float() for o in out], dim=0).squeeze(2)
+
+    def random_conditions(self, teacher: str, cfg, device: torch.device, dtype: torch.dtype) -> tuple[Cond, Cond]:
+        # caption features [L, cap_feat_dim]; the VLM teacher's are longer (image tokens)
+        feat = json.loads((self.model_dir / "transformer" / "config.json").read_text())["cap_feat_dim"]
+        return ({"cap": torch.randn(cfg.max_sequence_length, feat, dtype=dtype, device=device)},
+                {"cap": torch.randn(cfg.teacher_max_sequence_length, feat, dtype=dtype, device=device)})
 
     # ------------------------------------------------------------------ previews
     @torch.no_grad()
