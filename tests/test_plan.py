@@ -104,6 +104,10 @@ def test_tokens_follow_the_pipelines():
     assert (t.img, t.student, t.teacher) == (4096, 4096 + 512, 4096 + 1024)  # captions padded to 32
     t = Klein.plan_tokens(1024, 1024, 512, 512, "edit")
     assert (t.student, t.teacher) == (4096 + 512, 2 * 4096 + 512)  # edit teacher: reference latents too
+    # the edit teacher's caption is encoded as the student's, to max_sequence_length: the vlm teacher's
+    # teacher_max_sequence_length (1024 by default) does not apply to it (the recorded klein runs: 8704)
+    assert Klein.plan_tokens(1024, 1024, 512, 1024, "edit").teacher == 2 * 4096 + 512
+    assert plan.make_plan("black-forest-labs/FLUX.2-klein-4B", SETTINGS).tokens.teacher == 2 * 4096 + 512
 
 
 def test_published_configs_plan_offline(monkeypatch):

@@ -111,7 +111,9 @@ class Klein(ReferenceImageFamily):
     @classmethod
     def plan_tokens(cls, height: int, width: int, text_student: int, text_teacher: int, teacher: str) -> Tokens:
         img = image_tokens(height, width)  # no padding; the edit teacher's reference latents double the image
-        return Tokens(img, text_student, text_teacher, 2 * img if teacher == "edit" else img)
+        if teacher == "edit":  # its caption (+ edit instruction) is encoded as the student's: max_sequence_length
+            return Tokens(img, text_student, text_student, 2 * img)
+        return Tokens(img, text_student, text_teacher, img)
 
     @classmethod
     def block_streams(cls, blocks: dict[str, int], tok: Tokens) -> list[tuple[str, int, int]]:
