@@ -16,6 +16,7 @@ import torch
 from . import tracking
 from .config import TrainConfig
 from .errors import UserError
+from .guard import resume_command  # noqa: F401  (advice a run prints: the command that continues it)
 from .optim import lr_shape
 from .output import TEACHER_FILE, model_for_metadata
 from .progress import styled
@@ -253,11 +254,6 @@ def done_summary(out_dir: Path, path: Path, skipped: int, previews: bool) -> dic
         **({"TensorBoard": str(out_dir / tracking.TB_DIR)} if (out_dir / tracking.TB_DIR).is_dir() else {}),
         **({"previews": str(out_dir / "previews")} if previews else {}),
     }
-
-
-def resume_command(command: list[str] | None) -> str:
-    """How to continue a stopped run: the command that started it, with --resume."""
-    return shlex.join([*command, "--resume"]) if command else "the same command with --resume"
 
 
 def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, str]:

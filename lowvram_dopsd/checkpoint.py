@@ -30,6 +30,7 @@ import random
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,6 +147,11 @@ class Checkpoint:
     identity: dict[str, Any]
     info: dict[str, Any]
     run_id: str | None = None         # the run it belongs to (None: written before runs had one)
+
+
+def run_id_for(ckpt: Checkpoint | None) -> str:
+    """The id a run's checkpoints carry (rotation keeps to it): the resumed checkpoint's, else a new one."""
+    return ckpt.run_id if ckpt is not None and ckpt.run_id else uuid.uuid4().hex[:12]
 
 
 def _tuple_state(state: Any) -> Any:

@@ -21,8 +21,11 @@ class GracefulStop:
         self.note, self.requested, self.previous = note, False, {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested:  # the second: stop at once, as the handler outside the loop does (guard.RunGuard's)
             self._restore()
+            outside = signal.getsignal(signum)
+            if callable(outside):
+                outside(signum, frame)
             raise KeyboardInterrupt
         self.requested = True
         name = self.SIGNALS[signum]

@@ -82,6 +82,10 @@ def check_prior_prompts(cfg: TrainConfig, triggers: list[str]) -> None:
 def prepare_output(path: str) -> Path:
     """The output folder, made and checked writable before anything is encoded."""
     out = Path(path).expanduser()
+    if blocking := next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None):
+        what = "it is a file" if blocking == out else f"'{blocking}' on its way is a file"
+        raise UserError(f"Cannot write to the output folder '{out}': {what}. Pass --output a folder (a new one, or a "
+                        "run's to continue with --resume).")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"

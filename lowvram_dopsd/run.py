@@ -76,6 +76,7 @@ class Run:
     skipped: int = 0                  # updates skipped for a non-finite loss or gradient
     skipped_in_a_row: int = 0
     lora_path: Path | None = None     # the LoRA file, once written
+    run_id: str = ""                  # what its checkpoints carry: rotation deletes only the run's own
 
     @property
     def stopped(self) -> bool:        # by Ctrl-C or SIGTERM before `steps`, with a checkpoint: resumable
@@ -108,7 +109,7 @@ class Run:
         """Checkpoint `step` (with the randomness as it is now, or as `rng_state` captured it)."""
         self.last_ckpt = checkpoint.save(self.out_dir, step, self.lora, self.optimizer, self.scheduler,
                                          rng_state or self.rng_state(), self.cfg, self.identity, self.info,
-                                         self.cfg.keep_checkpoints)
+                                         self.cfg.keep_checkpoints, self.run_id)
         self.saved_step = step
         self.display.note(f"checkpoint: {self.last_ckpt}")
         self.tracker.flush()  # TensorBoard then shows at least what a resume keeps

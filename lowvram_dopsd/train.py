@@ -38,6 +38,7 @@ from .conditions import conds_on, encode_conditions
 from .config import TrainConfig
 from .families import load_family
 from .families.base import Cond, Family
+from .guard import RunGuard
 from .interrupt import GracefulStop
 from .lora import DualLoRA
 from .losses import dopsd_loss
@@ -50,7 +51,7 @@ from .runtime import DTYPES, resolve_device
 # ---------------------------------------------------------------------------------------------
 # Setup
 # ---------------------------------------------------------------------------------------------
-def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None = None,
+def setup(cfg: TrainConfig, guard: RunGuard, preset: str = "", console=None, resume: str | None = None,
           command: list[str] | None = None) -> Run:
     """Check, announce, encode the conditions, load the model and its LoRA sets, restore a checkpoint."""
     console = console or make_console()
@@ -62,7 +63,7 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
     lr = cfg.resolved_lr(family.default_lr)
     init, init_file = preflight.read_init_lora(cfg, family) if cfg.init_lora and resume is None else (None, None)
     ds = data.load(cfg.images, cfg.caption, cfg.trigger, cfg.resolution, cfg.on_bad_image)
-    out_dir = preflight.prepare_output(cfg.output)
+    out_dir = guard.claim(preflight.prepare_output(cfg.output), console.print)  # the folder is this run's now
     identity = checkpoint.run_identity(family, ds, teacher, cfg)
     # A run continues from a checkpoint only if nothing that changes its math has changed.
     ckpt = checkpoint.load(checkpoint.resolve(resume, out_dir)) if resume is not None else None
@@ -123,7 +124,7 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
                optimizer=optimizer, scheduler=scheduler, sampler=sampler, rng=rng, noise_gen=noise_gen,
                out_dir=out_dir, identity=identity, info=info, cache=cache, display=display, tracker=tracker,
                previews=previews, command=command, step=start, saved_step=start,
-               last_ckpt=ckpt.path if ckpt else None)
+               last_ckpt=ckpt.path if ckpt else None, run_id=checkpoint.run_id_for(ckpt))
 
 
 def load_model(cfg: TrainConfig, preset: str, family: Family, device: torch.device, dtype: torch.dtype,
@@ -255,25 +256,26 @@ def train(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
           command: list[str] | None = None) -> Run:
     """Train (or, with `resume` = "latest" or a path, continue) a run; returns it, done or stopped.
     `command`: the command line that started it, without --resume (printed as the way to resume)."""
-    run = setup(cfg, preset, console, resume, command)
-    with run.tracker, (run.out_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, run.display, \
-            GracefulStop(run.display.note) as stop:
-        if run.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(run.device)
-        if run.previews and run.step == 0 and not (run.out_dir / "previews" / "step-000000.png").exists():
-            run.write_preview(0)  # the baseline: the base model before any training
-        for step in range(run.step + 1, cfg.steps + 1):
-            t0, at_start = time.perf_counter(), run.rng_state()
-            with explain_oom(cfg, preset, f"training step {step}", on_oom=partial(run.save_before, step, at_start)):
-                result = train_step(run, draw_batch(run))
-            run.step = step
-            run.log_step(log, result, time.perf_counter() - t0)
-            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested or run.diverged:
-                run.save_checkpoint(step)
-            if cfg.lora_every and step % cfg.lora_every == 0:  # the last step too: a resume goes on past it
-                run.write_step_lora(step)
-            if stop.requested or run.diverged:
-                break
-            if run.previews and (step % cfg.preview_every == 0 or step == cfg.steps):
-                run.write_preview(step)
-    return run.finish()
+    with RunGuard(command, resume) as guard:  # the output folder's lock; a stop at once says what is left
+        run = guard.run = setup(cfg, guard, preset, console, resume, command)
+        with run.tracker, (run.out_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, run.display, \
+                GracefulStop(run.display.note) as stop:
+            if run.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(run.device)
+            if run.previews and run.step == 0 and not (run.out_dir / "previews" / "step-000000.png").exists():
+                run.write_preview(0)  # the baseline: the base model before any training
+            for step in range(run.step + 1, cfg.steps + 1):
+                t0, at_start = time.perf_counter(), run.rng_state()
+                with explain_oom(cfg, preset, f"training step {step}", on_oom=partial(run.save_before, step, at_start)):
+                    result = train_step(run, draw_batch(run))
+                run.step = step
+                run.log_step(log, result, time.perf_counter() - t0)
+                if step % cfg.save_every == 0 or step == cfg.steps or stop.requested or run.diverged:
+                    run.save_checkpoint(step)
+                if cfg.lora_every and step % cfg.lora_every == 0:  # the last step too: a resume goes on past it
+                    run.write_step_lora(step)
+                if stop.requested or run.diverged:
+                    break
+                if run.previews and (step % cfg.preview_every == 0 or step == cfg.steps):
+                    run.write_preview(step)
+        return run.finish()
