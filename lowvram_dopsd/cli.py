@@ -432,14 +432,14 @@ def quiet_third_party() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (errors.py lists them)."""
-    from .progress import make_console, safe_streams, styled
+    from .progress import error_console, safe_streams, styled
 
     argv = list(sys.argv[1:] if argv is None else argv)
     safe_streams()
     quiet_third_party()
     args = build_parser().parse_args(argv)
     args.argv = argv
-    err = make_console(stderr=True)
+    err = error_console()
     try:
         return args.func(args)
     except UserError as exc:

@@ -34,11 +34,20 @@ LONG_RUN_S = 12 * 3600
 PACE_STEPS = 3
 
 
-def make_console(stderr: bool = False) -> Console:
+def make_console() -> Console:
     """Every console of ours prints text exactly as given: no Rich markup (a caption's "[trigger]", a dataset
     file's "[[folders]]" or a path like "shots [v2]" would lose its brackets, and "[/]" in a path would raise),
     no ":emoji:" codes, no highlighting. Colour comes only from `styled` labels (Text), never from parsing
     what is printed, so nothing needs escaping."""
+    return _plain(stderr=False)
+
+
+def error_console() -> Console:
+    """Where the CLI prints an error: stderr, printed like `make_console`'s."""
+    return _plain(stderr=True)
+
+
+def _plain(stderr: bool) -> Console:
     return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=False)
 
 
