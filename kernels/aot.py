@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 import subprocess
@@ -322,15 +323,33 @@ def compile_launch(launch: Launch, target: Target, configs: Optional[list] = Non
                 fn = launch.fn
             # what `warmup` does from Triton 3.4 on; 3.3's heuristics wrapper has no `warmup`
             ck = fn.run(*launch.args, grid=launch.grid, warmup=True, **kw)
-            regs, spills = _ptxas_report(ck.asm["ptx"], target.cap)
-            shown = shown_config(kw)
-            sass = _sass(ck.asm["cubin"])
-            out.append(Compiled(launch.label, launch.name, shown, ck.metadata.shared, regs, spills,
-                                _mma_opcodes(sass), ck.metadata.shared <= target.smem,
-                                len(re.findall(r"\bfma\.rn", ck.asm["ptx"])), k_loop(sass)))
+            regs, spills, mma, loop = _binary(ck.asm["ptx"], ck.asm["cubin"], target.cap)
+            out.append(Compiled(launch.label, launch.name, shown_config(kw), ck.metadata.shared, regs, spills,
+                                mma, ck.metadata.shared <= target.smem,
+                                len(re.findall(r"\bfma\.rn", ck.asm["ptx"])), loop))
     finally:
         driver.set_active(old)
     return out
+
+
+# an mma.sync or wgmma instruction in PTX; without one there is no tensor-core instruction in the SASS
+_PTX_MMA = re.compile(r"\b(?:mma\.sync|wgmma\.mma_async)\b")
+_BINARIES: dict = {}
+
+
+def _binary(ptx: str, cubin: bytes, cap: int) -> tuple:
+    """(registers, spill-store bytes, tensor-core opcodes, K-loop counts) of one compiled kernel.
+
+    Read once per binary: the host code launches some kernels identically in several modes (the dA /
+    dB reductions), and each external tool costs ~0.3 s of CPU however small the kernel. The SASS is
+    disassembled only when the PTX multiplies on tensor cores: ptxas makes no MMA of anything else,
+    so a kernel without one has no MMA and no K loop (``k_loop``) either."""
+    key = (cap, hashlib.sha256(cubin).digest())
+    if key not in _BINARIES:
+        regs, spills = _ptxas_report(ptx, cap)
+        sass = _sass(cubin) if _PTX_MMA.search(ptx) else ""
+        _BINARIES[key] = (regs, spills, _mma_opcodes(sass), k_loop(sass))
+    return _BINARIES[key]
 
 
 def _require() -> None:

@@ -8,9 +8,9 @@ shared memory without spilling and with no synchronous global load in a GEMM's K
 act_quant="int8" really runs on int8 tensor cores, that its K loops issue what Triton's own int8 GEMM
 issues and that its dx runs the forward's K loop, that the
 quantiser is compiled without FMA contraction (its rounding trick depends on it), and that the
-H100's largest tile does not spill. One subprocess compiles everything (~1.5 min on 2 cores):
-``triton.jit`` fixes interpretation at import time, and this session imported the kernels
-interpreted.
+H100's largest tile does not spill. A subprocess compiles everything, since ``triton.jit`` fixes
+interpretation at import time and this session imported the kernels interpreted; it forks one
+worker per target, two at a time (~50 s of CPU with a cold Triton cache).
 """
 
 import json
@@ -25,17 +25,17 @@ pytest.importorskip("triton")
 from lowvram_dopsd.kernels import aot, utils  # noqa: E402
 
 _SCRIPT = r"""
-import dataclasses, json
+import dataclasses, json, multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import torch
 from lowvram_dopsd.kernels import aot, utils
 
 # multiples of 16, like the real 4608 x 3840 -> 10240, rank 64: Triton specialises on divisibility,
 # so these compile to the same kernels as the real shapes
 M, K, N, R = 272, 384, 640, 16
-rows = []
 
 
-def add(tname, tag, launch, configs=None):
+def add(rows, tname, tag, launch, configs=None):
     for c in aot.compile_launch(launch, aot.TARGETS[tname], configs):
         rows.append(dict(dataclasses.asdict(c), target=tname, tag=tag))
 
@@ -58,8 +58,19 @@ def as_stored(launch):
     return dataclasses.replace(launch, args=tuple(args))
 
 
-for tname in ("sm_86", "sm_89", "sm_90", "sm_120"):
-    tg = aot.TARGETS[tname]
+def target_rows(tname):
+    rows, tg = [], aot.TARGETS[tname]
+    if tname == "sm_75":
+        # Turing, below kernels.utils.MIN_CAPABILITY: is there still no tensor-core path (and no act8 GEMM)?
+        for tag, act8 in (("old-int8", False), ("old-act8", True)):
+            launch = next(l for l in aot.record(aot.lora_linear_step(M, K, N, R, "int8", act8), tg)
+                          if l.name == "_mm_main")
+            try:
+                (c,) = aot.compile_launch(launch, tg, launch.configs()[-1:])
+                rows.append(dict(target=tname, tag=tag, compiled=True, mma=list(c.mma)))
+            except Exception:
+                rows.append(dict(target=tname, tag=tag, compiled=False, mma=[]))
+        return rows
     if utils.no_mma(tg.cap // 10):
         # the kernels are gated off there (this Triton cannot compile its matrix multiplies): is it so?
         launch = next(l for l in aot.record(aot.lora_linear_step(M, K, N, R), tg) if l.name == "_mm_main")
@@ -68,33 +79,31 @@ for tname in ("sm_86", "sm_89", "sm_90", "sm_120"):
             rows.append(dict(target=tname, tag="gated", compiled=True))
         except Exception:
             rows.append(dict(target=tname, tag="gated", compiled=False))
-        continue
+        return rows
     for tag, weight, act8, dtype in (("int8", "int8", False, torch.bfloat16), ("fp8", "fp8", False, torch.bfloat16),
                                      ("act8", "int8", True, torch.bfloat16), ("int8-fp32", "int8", False, torch.float32)):
         for launch in aot.record(aot.lora_linear_step(M, K, N, R, weight, act8, dtype), tg):
-            add(tname, "fallback-" + tag, launch, launch.configs()[-1:])
+            add(rows, tname, "fallback-" + tag, launch, launch.configs()[-1:])
             if tag == "act8" and launch.name == "_mm_main":  # vs Triton's own int8 GEMM in the same tile
-                add(tname, "tile-" + launch.label, launch, [c for c in launch.configs() if mid(c)])
-                add(tname, "plain-" + launch.label, aot.plain_int8_gemm(M, N, K, rows[-1]["config"]))
+                add(rows, tname, "tile-" + launch.label, launch, [c for c in launch.configs() if mid(c)])
+                add(rows, tname, "plain-" + launch.label, aot.plain_int8_gemm(M, N, K, rows[-1]["config"]))
             if launch.name == "_quant_rows_kernel":
-                add(tname, "quant-fused", dataclasses.replace(launch, kwargs={**launch.kwargs, "enable_fp_fusion": True}))
+                add(rows, tname, "quant-fused",
+                    dataclasses.replace(launch, kwargs={**launch.kwargs, "enable_fp_fusion": True}))
             if tname == "sm_90" and launch.name == "_mm_main" and tag in ("int8", "act8"):
-                add(tname, "big-" + tag, launch, [c for c in launch.configs() if big(c)])
+                add(rows, tname, "big-" + tag, launch, [c for c in launch.configs() if big(c)])
     for launch in aot.record(aot.loss_step(), tg):
-        add(tname, "fallback-loss", launch)
+        add(rows, tname, "fallback-loss", launch)
     for launch in aot.record(aot.lora_linear_step(M, K, N, R, "int8", True), tg):
         if launch.name == "_mm_main" and launch.label == "backward":  # the control: Wq read as stored
-            add(tname, "direct-act8", as_stored(launch), launch.configs()[-1:])
-# Turing, below kernels.utils.MIN_CAPABILITY: is there still no tensor-core path (and no act8 GEMM)?
-tg = aot.TARGETS["sm_75"]
-for tag, act8 in (("old-int8", False), ("old-act8", True)):
-    launch = next(l for l in aot.record(aot.lora_linear_step(M, K, N, R, "int8", act8), tg) if l.name == "_mm_main")
-    try:
-        (c,) = aot.compile_launch(launch, tg, launch.configs()[-1:])
-        rows.append(dict(target="sm_75", tag=tag, compiled=True, mma=list(c.mma)))
-    except Exception:
-        rows.append(dict(target="sm_75", tag=tag, compiled=False, mma=[]))
-print("ROWS " + json.dumps(rows))
+            add(rows, tname, "direct-act8", as_stored(launch), launch.configs()[-1:])
+    return rows
+
+
+# two processes (ptxas and cuobjdump are single-threaded; the test waits for this one), one target each
+with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+    parts = pool.map(target_rows, ("sm_90", "sm_86", "sm_89", "sm_120", "sm_75"))
+    print("ROWS " + json.dumps([r for part in parts for r in part]))
 """
 
 
