@@ -147,40 +147,43 @@ def _scale_kernel(x_ptr, scale_ptr, out_ptr, numel, cols,
 
 
 @triton.jit
-def _quant_rows_kernel(x_ptr, col_scale_ptr, q_ptr, s_ptr, K, stride_xm,
-                       HAS_COL_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One row per program: v = x[m, :] (· col_scale), amax = max|v|, q = rne(v · 127/amax) int8,
-    s[m] = amax/127. Two sweeps over the row (the second one hits L2). Launched with
+def _quant_rows_kernel(x_ptr, col_scale_ptr, q_ptr, s_ptr, M, K, stride_xm,
+                       HAS_COL_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """ROWS rows per program (1 on a GPU): v = x[m, :] (· col_scale), amax = max|v|, q = rne(v · 127/amax)
+    int8, s[m] = amax/127. Two sweeps over each row (the second one hits L2). Launched with
     enable_fp_fusion=False so ``v·inv + 1.5·2^23`` is not contracted into an FMA: the rounding is
     then exactly torch.round of the float32 product, as in ``quantize_rows_reference``."""
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_m = rows < M
     offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    nans = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    amax = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
+    nans = tl.zeros((ROWS, BLOCK_K), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        m = (k0 + offs) < K
-        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=m, other=0.0).to(tl.float32)
+        in_k = (k0 + offs) < K
+        m = in_m[:, None] & in_k[None, :]
+        v = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs)[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_COL_SCALE:
-            v = v * tl.load(col_scale_ptr + k0 + offs, mask=m, other=0.0)
+            v = v * tl.load(col_scale_ptr + k0 + offs, mask=in_k, other=0.0)[None, :]
         amax = tl.maximum(amax, tl.abs(v))  # max ignores NaN (maxnum), hence the count
         nans += (v != v).to(tl.int32)
     # an all-zero row quantises to zeros, not NaN; the cast keeps the interpreter in float32 (numpy
     # promotes the Python constant to float64, and the rounding trick below needs float32)
-    a = tl.maximum(tl.max(amax, 0), 1e-30).to(tl.float32)
+    a = tl.maximum(tl.max(amax, 1), 1e-30).to(tl.float32)
     # a NaN in the row makes its scale NaN, as in the reference, so the GEMM's output row is NaN
     # and the trainer's finiteness check sees it (else NaN would quantise to -127 and vanish)
-    a = tl.where(tl.sum(nans, 0) > 0, float("nan"), a)
+    a = tl.where(tl.sum(nans, 1) > 0, float("nan"), a)
     inv = tl.math.div_rn(127.0, a)
     for k0 in range(0, K, BLOCK_K):
-        m = (k0 + offs) < K
-        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=m, other=0.0).to(tl.float32)
+        in_k = (k0 + offs) < K
+        m = in_m[:, None] & in_k[None, :]
+        v = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs)[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_COL_SCALE:
-            v = v * tl.load(col_scale_ptr + k0 + offs, mask=m, other=0.0)
-        r = v * inv
+            v = v * tl.load(col_scale_ptr + k0 + offs, mask=in_k, other=0.0)[None, :]
+        r = v * inv[:, None]
         r = (r + 12582912.0) - 12582912.0  # round half to even (|r| <= 127 << 2^22)
         r = tl.minimum(tl.maximum(tl.where(r != r, 0.0, r), -127.0), 127.0)  # NaN rows: q = 0, s = NaN
-        tl.store(q_ptr + row * K + k0 + offs, r.to(tl.int8), mask=m)
-    tl.store(s_ptr + row, tl.math.div_rn(a, 127.0))
+        tl.store(q_ptr + rows[:, None] * K + (k0 + offs)[None, :], r.to(tl.int8), mask=m)
+    tl.store(s_ptr + rows, tl.math.div_rn(a, 127.0), mask=in_m)
 
 
 @triton.jit
@@ -581,6 +584,10 @@ def _reduce_over_m(kind, a, a_st, b, b_st, P, Q, R, out_dtype, device, compute, 
     return part.sum(0).to(out_dtype)  # deterministic (no atomics)
 
 
+#: rows per program of ``_quant_rows_kernel`` under the interpreter (a test sets 1, the GPU's launch)
+_INTERPRETED_ROWS = 16
+
+
 def quantize_rows(x: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-row (per-token) symmetric int8 quantisation of a 2-D ``x`` [M, K], optionally of
     ``x ⊙ col_scale`` first: returns (q int8 [M, K], s float32 [M]) with ``x ≈ q · s[:, None]``.
@@ -592,12 +599,15 @@ def quantize_rows(x: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> 
         col_scale = col_scale.contiguous()  # read as a dense vector
     q = empty((M, K), torch.int8, x.device)
     s = empty((M,), torch.float32, x.device)
-    # The interpreter runs each program's loop step by step in Python: about four blocks per row at any K
-    # keep the loop and its masked tail under test (K = 71: three blocks of 32) without the 65 of a
-    # fixed 32 at K = 2053 (the bitwise test: 9.2 s -> 0.7 s).
+    # One row per program on a GPU. The interpreter runs each program in Python, op by op, whatever its
+    # tile's size: a tile of rows divides that cost (the act8 training test spent 80 % of its time in
+    # one-row programs), and about four blocks per row at any K keep the loop and its masked tail under
+    # test (K = 71: three blocks of 32) without the 65 of a fixed 32 at K = 2053.
+    rows = _INTERPRETED_ROWS if is_interpret() else 1
     block = max(32, _next_pow2(K) // 4) if is_interpret() else min(4096, max(128, _next_pow2(K)))
-    launch(_quant_rows_kernel, (M,), (x, col_scale if col_scale is not None else s, q, s, K, x.stride(0)),
-           dict(HAS_COL_SCALE=col_scale is not None, BLOCK_K=block, num_warps=4 if block <= 1024 else 8,
+    launch(_quant_rows_kernel, (cdiv(M, rows),),
+           (x, col_scale if col_scale is not None else s, q, s, M, K, x.stride(0)),
+           dict(HAS_COL_SCALE=col_scale is not None, ROWS=rows, BLOCK_K=block, num_warps=4 if block <= 1024 else 8,
                 enable_fp_fusion=False))
     return q, s
 

@@ -112,11 +112,15 @@ def test_int8_activations_refuse_fp8_weights(kernels_on):
         _run_kernel(_make(CASES[0], torch.float32, "int8"), 1.0, act_quant="fp4")
 
 
+@pytest.mark.parametrize("rows", [16, 1], ids=["interpreted-rows", "gpu-rows"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_quantize_rows_is_bitwise_the_reference(kernels_on, dtype):
+def test_quantize_rows_is_bitwise_the_reference(kernels_on, monkeypatch, dtype, rows):
     """Per-token int8 codes and scales equal the plain-torch definition exactly, with and without
     the column pre-scale (the backward's dy ⊙ w_scale); rows of zeros, one large outlier, exact
-    ties (x.5 after scaling round half to even) and K = 2053 (not a multiple of the block)."""
+    ties (x.5 after scaling round half to even) and K = 2053 (not a multiple of the block). Under the
+    interpreter both launches run: a tile of 16 rows (7 of them here: masked rows) and the GPU's one
+    row per program."""
+    monkeypatch.setattr(ll, "_INTERPRETED_ROWS", rows)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(7, 2053, generator=g) * 3
     x[1] = 0.0
