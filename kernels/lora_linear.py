@@ -334,8 +334,8 @@ def _autotune_enabled() -> bool:
 # config that launches (the autotuner gives out-of-resource candidates an infinite time). What each
 # needs per architecture (shared memory, registers, spills) is in benchmarks/results/compile-report.md.
 def _main_configs():
-    if is_interpret():
-        return [_cfg(32, 32, 32, 2, 4, 1)]
+    if is_interpret():  # one program runs in Python op by op, about as long at 64 as at 32 wide
+        return [_cfg(64, 64, 64, 2, 4, 1)]
     cfgs = [
         _cfg(128, 256, 64, 8, 8, 3),
         _cfg(256, 128, 64, 8, 8, 3),
