@@ -16,7 +16,7 @@ import torch
 from . import data
 from .cache import FeatureCache, key_for
 from .config import TrainConfig
-from .errors import UserError
+from .errors import UserError, quote
 from .families.base import Cond, Family
 
 
@@ -47,7 +47,7 @@ def encode_conditions(family: Family, ds: data.Dataset, teacher: str, cfg: Train
     ident_s = family.encoder_identity("student", cfg)
     keys_s = [key_for("student", ident_s, text, None) for text in texts]
     student = cache.get_or_compute(keys_s, lambda idx: family.encode_student([texts[i] for i in idx], cfg, device),
-                                   check=lambda i, c: check_finite(c, f"the caption {texts[i]!r}", "text", cfg))
+                                   check=lambda i, c: check_finite(c, f"the caption {quote(texts[i])}", "text", cfg))
     ident_t = family.encoder_identity(teacher, cfg)
     keys_t = [key_for(teacher, ident_t, it.caption, it.image_sha256) for it in pairs]
     teacher_conds = cache.get_or_compute(

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import UserError
+from .errors import UserError, quote
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 DEFAULT_TEACHER_VLM = "Qwen/Qwen3-VL-4B-Instruct"
@@ -257,7 +257,8 @@ def coerce(name: str, value: Any, where: str = "the command line") -> Any:
         pass
     wanted = {float: "a finite number such as 0.5", int: "a whole number such as 4", bool: "true or false",
               str: "text", list[str]: "a list of text"}[hint]
-    raise UserError(f"Setting '{name}' in {where} must be {wanted}, got {value!r} "
+    shown = quote(value) if isinstance(value, str) else repr(value)
+    raise UserError(f"Setting '{name}' in {where} must be {wanted}, got {shown} "
                     f"({SETTINGS[name].metadata['help']}).")
 
 

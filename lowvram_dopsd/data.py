@@ -44,7 +44,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserError
+from .errors import UserError, quote
 
 
 @dataclass
@@ -106,10 +106,10 @@ class Dataset:
 def caption_rule(caption: str, trigger: str, variants: bool = False) -> str:
     """The rule as the run states it; `variants`: some .txt holds several captions (said only then)."""
     parts = ["<stem>.txt if present" + (" (one caption per line; one line drawn per roll-out)" if variants else "")]
-    parts.append(f"else {caption!r}" if caption else ("else the trigger" if trigger
+    parts.append(f"else {quote(caption)}" if caption else ("else the trigger" if trigger
                                                       else "else none (an error: pass --caption or --trigger)"))
     if trigger:
-        parts.append(f"trigger {trigger!r} replaces [trigger] or is prepended if absent")
+        parts.append(f"trigger {quote(trigger)} replaces [trigger] or is prepended if absent")
     return "; ".join(parts)
 
 
@@ -295,7 +295,7 @@ def scan(folder: str, caption: str, trigger: str, resolution: int, on_bad_image:
         text = lines[0]
         if (placed := next((line for line in lines if "[trigger]" in line), None)) and not trigger:
             raise UserError(
-                f"The caption of '{path.name}' ({placed!r}) has a [trigger] placeholder, but no --trigger was given, "
+                f"The caption of '{path.name}' ({quote(placed)}) has a [trigger] placeholder, but no --trigger was given, "
                 "so it would be trained literally. Pass --trigger WORD (e.g. --trigger 'sks dog'), or write "
                 "the word into the caption.")
         if not text:
@@ -406,7 +406,7 @@ def _read_dataset_file(path: Path) -> list[tuple[dict, Path]]:
                 raise unknown(key, list(FOLDER_KEYS), where)
             want = FOLDER_KEYS[key]
             if not isinstance(value, want) or isinstance(value, bool):  # TOML true is no repeat count
-                raise bad(f"has {key} = {value!r} {where}: it must be "
+                raise bad(f"has {key} = {quote(value) if isinstance(value, str) else repr(value)} {where}: it must be "
                           + ("a whole number like 2" if want is int else 'a string in quotes, like "sks dog"'))
         if not entry.get("path"):
             raise bad(f"has no path {where}: add path = \"FOLDER\" (relative to the file's folder)")

@@ -36,3 +36,10 @@ class Stopped(KeyboardInterrupt):
     def __init__(self, message: str, exit_code: int = EXIT_INTERRUPTED):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def quote(text: str) -> str:
+    """The user's text in a message: in single quotes, exactly as typed. Unlike repr(), a backslash or a quote
+    stays one character (a Windows path, "it's"); only what would break the line (a newline, a tab, other
+    unprintable characters) is shown as its escape, so the message stays one paragraph."""
+    return "'" + "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text) + "'"

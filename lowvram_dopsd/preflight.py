@@ -11,7 +11,7 @@ import torch
 
 from . import data
 from .config import TrainConfig
-from .errors import UserError
+from .errors import UserError, quote
 from .lora import names_target
 from .quant import use_fused_linear
 
@@ -74,7 +74,7 @@ def check_prior_prompts(cfg: TrainConfig, triggers: list[str]) -> None:
     """A prior prompt that names a subject would pull that subject itself back to the base."""
     named = [(p, t) for p in cfg.prior_prompts for t in triggers if data.mentions_trigger(p, t)]
     if named:
-        raise UserError(f"The prior prompt {named[0][0]!r} contains the trigger {named[0][1]!r}. Prior prompts are "
+        raise UserError(f"The prior prompt {quote(named[0][0])} contains the trigger {quote(named[0][1])}. Prior prompts are "
                         "the ones whose images must NOT change (e.g. 'a photo of a dog' when you train "
                         "'sks dog'): remove the trigger from them.")
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image, PngImagePlugin
 
-from .errors import UserError
+from .errors import UserError, quote
 from .files import LORA_FILE, check_lora, find_lora_file
 from .runtime import DTYPES, resolve_device
 
@@ -346,6 +346,6 @@ def sample(req: SampleRequest, console=None) -> list[Path]:
             raise save_failed(path, exc, written) from exc
         written.append(path)
         if console is not None:
-            console.print(f"wrote {path}  ({prompt!r}, seed {shot.seed}, {stock.steps} steps"
+            console.print(f"wrote {path}  ({quote(prompt)}, seed {shot.seed}, {stock.steps} steps"
                           + (f", {labels[shot.lora]}" if len(labels) > 1 else "") + f"{note})")
     return written
