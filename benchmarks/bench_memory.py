@@ -5,11 +5,12 @@
     python benchmarks/bench_memory.py --trees before=/tmp/ab/ea7bf9f,after=. --rounds 2 --steps 2 \
         --configs zimage-16gb-fused                                        # two versions of the code, one machine
 
-With --trees, each configuration runs once per tree and round, alternating (A B, then B A, ...), each in
-a fresh process that imports that tree's code (its own benchmarks/bench_memory.py, which puts its root
-first on sys.path; `benchmarks/tree_at.sh REV DIR` unpacks a commit there): a before/after on one
-machine, where step times otherwise move with the host CPU from machine to machine. The report ends with
-the step times side by side.
+Each configuration runs in a fresh process (--tiny: in this one, a CPU smoke test with no GPU memory to
+keep apart). With --trees, each configuration runs once per tree and round, alternating (A B, then B A,
+...), each in a fresh process that imports that tree's code (its own benchmarks/bench_memory.py, which
+puts its root first on sys.path; `benchmarks/tree_at.sh REV DIR` unpacks a commit there): a before/after
+on one machine, where step times otherwise move with the host CPU from machine to machine. The report
+ends with the step times side by side.
 
 For each configuration it
   1. writes a model folder with the PUBLISHED configs (lowvram_dopsd/published/: model_index.json,
@@ -79,6 +80,14 @@ CONFIGS = {
     "klein-16gb-edit-ts1": dict(family="klein", preset="16gb", train_states=1, target_gib=12.0),
     # the issue's baseline (d) as a whole step: the 16gb settings on an unquantized bf16 base (12 GB)
     "zimage-16gb-bf16": dict(family="zimage", preset="16gb", quant="none", target_gib=22.0),
+    # the speed levers of issue #34, each against the fused default on one machine (gpu_next.sh 13, 14; not
+    # measured yet): regional compilation, SDPA forced to cuDNN (on the CPU, --tiny, its stand-in is the math
+    # kernel) or to flash attention
+    **{f"{name}-{lever}": dict(family=family, preset="16gb", kernels="on", target_gib=target, **setting)
+       for name, family, target in (("zimage-16gb", "zimage", 14.0), ("klein-16gb-edit", "klein", 12.0))
+       for lever, setting in (("compile", {"torch_compile": "blocks"}),
+                              ("cudnn", {"attention_backend": "_native_cudnn"}),
+                              ("flash", {"attention_backend": "_native_flash"}))},
     # --transformer-file: the same random weights as one ORIGINAL-layout file (fused qkv, ComfyUI keys),
     # written once by `write_single_file`; load time and host RSS of the row-slicing single-file loader
     "zimage-16gb-file": dict(family="zimage", preset="16gb", single_file=True, target_gib=14.0),
@@ -206,6 +215,7 @@ def write_single_file(work: Path, family: str) -> dict:
 def run_child(name: str, args) -> dict:
     import torch
 
+    from lowvram_dopsd import accel
     from lowvram_dopsd import plan as planner
     from lowvram_dopsd.config import load_config
     from lowvram_dopsd.families import load_family
@@ -226,6 +236,12 @@ def run_child(name: str, args) -> dict:
         overrides.update(resolution=64, max_sequence_length=32, teacher_max_sequence_length=64, rank=4, alpha=8.0)
         if not cuda:
             overrides.update(optimizer="adamw", dtype="bf16")
+            # CUDA only: the Triton kernels (interpreted they take minutes; their reference is checked in
+            # tests/kernels) and cuDNN's attention (its stand-in: the math kernel)
+            if overrides.get("kernels") == "on":
+                overrides["kernels"] = "off"
+            if overrides.get("attention_backend") == "_native_cudnn":
+                overrides["attention_backend"] = "_native_math"
     folder = Path(args.work) / family_name
     overrides["model"] = str(folder)
     cfg = load_config(str(ROOT / "presets" / f"{preset}.toml"), overrides)
@@ -248,6 +264,7 @@ def run_child(name: str, args) -> dict:
     targets = tuple(cfg.lora_targets) or family.lora_targets
     steps = cfg.rollout_steps or family.default_rollout_steps
     teacher = family.teachers[0]  # the family's default: Z-Image's vlm, klein's edit
+    torch.manual_seed(0)  # the same random conditions in every config's process: their losses compare
     student_cond, teacher_cond = family.random_conditions(teacher, cfg, device, dtype)
     c_s, c_t = [student_cond], [teacher_cond]
     if cuda:
@@ -272,6 +289,11 @@ def run_child(name: str, args) -> dict:
     sigmas = family.sigmas(cfg.resolution, cfg.resolution, steps)
     gen = torch.Generator("cpu").manual_seed(0)
     x0 = torch.randn((1, *family.latent_shape(cfg.resolution, cfg.resolution)), generator=gen).to(device)
+    # the speed settings as train.py applies them (accel.speed_up), on this config's own inputs; on the CPU the
+    # compiled graphs run eagerly (inductor's CPU code generation takes minutes)
+    backend = accel.COMPILE_BACKEND if cuda else "eager"
+    graphs = accel.compiled_graphs()
+    res["levers"] = accel.apply(cfg, family, model, lora, (x0, sigmas[0].to(device), c_s, c_t), {}, backend)
     # which k states does not change the cost (each trained state is one teacher pass + student forward and
     # backward); train.py draws them at random, here they are the first k, so every step costs the same
     trained = set(range(cfg.train_states or steps))
@@ -291,7 +313,7 @@ def run_child(name: str, args) -> dict:
             torch.cuda.synchronize(device)
 
     t1 = time.perf_counter()
-    step()  # warm-up: kernels, allocator, optimizer state
+    res["first_losses"] = step()  # warm-up: kernels, allocator, optimizer state; the LoRA is still the initial one
     sync()
     res["first_step_seconds"] = time.perf_counter() - t1
     if cuda:
@@ -309,6 +331,7 @@ def run_child(name: str, args) -> dict:
                    "static_gib": static,
                    "peak_gib": torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
                    "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB if cuda else None}
+    res["compiled_graphs"] = accel.compiled_graphs() - graphs
 
     if args.profile:  # where one trained roll-out state's time goes (benchmarks/hostprof.py)
         from hostprof import gpu_timeline, python_hot_spots
@@ -473,17 +496,53 @@ def report(results: list[dict], meta: dict) -> str:
             waits = ", ".join(f"{k} {v['n']} / {v['ms']:.0f}" for k, v in t["calls"].items() if "Launch" not in k)
             lines.append(f"| {r['config']} | {t['wall_s']:.2f} | {t['gpu_busy_s']:.2f} | {t['gpu_busy_pct']:.0f} | "
                          f"{launches} | {waits} |")
+        for r in profiled:  # where the GPU time of the state goes, by kind of kernel and by kernel
+            k = r["profile"]["timeline"].get("kernels")
+            if not k or not k["top"]:
+                continue
+            kinds = ", ".join(f"{kind} {v['ms']:.0f} ms ({v['pct']:.0f} %)" for kind, v in k["kinds"].items())
+            lines += ["", f"GPU time by kernel, {r['config']}, one state ({k['total_ms']:.0f} ms): {kinds}.", "",
+                      "| kernel | kind | launches | ms | % |", "| --- | --- | ---: | ---: | ---: |"]
+            lines += [f"| `{t['name']}` | {t['kind']} | {t['n']} | {t['ms']:.1f} | {t['pct']:.1f} |" for t in k["top"]]
         for r in profiled:
             p = r["profile"]["python"]
             lines += ["", f"cProfile, {r['config']}, one state: {p['wall_s']:.2f} s wall (profiled), own time by function:",
                       "", "| function | calls | own ms | cum ms |", "| --- | ---: | ---: | ---: |"]
             lines += [f"| `{t['fn']}` | {t['calls']} | {t['own_ms']:.1f} | {t['cum_ms']:.1f} |" for t in p["top"][:25]]
+    lines += levers_table(results)
     if meta.get("trees"):
         lines += ab_table(results, list(meta["trees"]))
     notes = meta.get("notes")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def levers_table(results: list[dict]) -> list[str]:
+    """What each config's speed settings did (accel.apply) and its warm-up step's losses against the first
+    config of its family in this report (the same inputs and initial LoRA: a compiled or another attention
+    kernel's numerics show as the largest relative difference)."""
+    runs = [r for r in results if "levers" in r and "step" in r]
+    if not runs:
+        return []
+    lines = ["", "Speed settings (accel.apply): the attention kernel of each pass (SDPA's choice, calls per pass), "
+             "kept and compiled blocks (graphs compiled by the end), and the warm-up step's losses against the "
+             "first config of the same family here.", "",
+             "| config | attention | kept blocks | compiled blocks (graphs) | losses vs | max rel. diff | s/step |",
+             "| --- | --- | --- | --- | --- | ---: | ---: |"]
+    first: dict[str, dict] = {}
+    for r in runs:
+        lev, base = r["levers"], first.setdefault(r["family"], r)
+        att = lev.get("attention", {})
+        passes = "; ".join(f"{name}: " + ", ".join(f"{k} x{n}" for k, n in kernels.items())
+                           for name, kernels in att.items() if name != "backend")
+        kept = ", ".join(f"{n} {name}" for name, n in lev.get("kept_blocks", {}).items()) or "none"
+        comp = f"{lev['compiled_blocks']} ({r.get('compiled_graphs')})" if lev.get("compiled_blocks") else "no"
+        diff = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["first_losses"], base["first_losses"])),
+                   default=0.0)
+        lines.append(f"| {r['config']} | {'/'.join(att.get('backend', []))}: {passes} | {kept} | {comp} "
+                     f"| {base['config']} | {diff:.2e} | {r['step']['seconds']:.2f} |")
+    return lines
 
 
 def ab_table(results: list[dict], labels: list[str]) -> list[str]:
@@ -569,6 +628,16 @@ def host_rss_compare(work: Path, layers: int, quant: str) -> list[dict]:
     return out
 
 
+def child_result(name: str, args) -> dict:
+    """One configuration's result, or its error: reported in the table, the other configs still run."""
+    try:
+        return run_child(name, args)
+    except Exception as exc:
+        import traceback
+        traceback.print_exc()
+        return {"config": name, "error": f"{type(exc).__name__}: {exc}"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -616,13 +685,7 @@ def main() -> int:
         return 0
 
     if args.child:
-        try:
-            res = run_child(args.child, args)
-        except Exception as exc:  # reported in the table, the other configs still run
-            import traceback
-            traceback.print_exc()
-            res = {"config": args.child, "error": f"{type(exc).__name__}: {exc}"}
-        print("RESULT " + json.dumps(res), flush=True)
+        print("RESULT " + json.dumps(child_result(args.child, args)), flush=True)
         return 0
 
     t_start = time.perf_counter()
@@ -658,15 +721,19 @@ def main() -> int:
         if time.perf_counter() - t_start > args.budget_s:
             results.append({"config": shown, "error": "skipped: time budget"})
             continue
-        script = trees[label] / "benchmarks" / "bench_memory.py"  # that tree's code: its root goes first on sys.path
-        cmd = [sys.executable, str(script), "--child", name, "--work", str(work), "--device", args.device,
-               "--steps", str(args.steps)] + (["--tiny"] if args.tiny else []) + (["--profile"] if args.profile else [])
-        env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        res = json.loads(line[7:]) if line else {"config": name, "error": (proc.stderr or proc.stdout)[-400:]}
-        if "error" in res:
-            sys.stderr.write(proc.stderr[-3000:])
+        if args.tiny and len(trees) == 1:  # a CPU smoke test: no GPU memory to keep apart, import everything once
+            res = child_result(name, args)
+        else:
+            script = trees[label] / "benchmarks" / "bench_memory.py"  # that tree's code: its root first on sys.path
+            cmd = [sys.executable, str(script), "--child", name, "--work", str(work), "--device", args.device,
+                   "--steps", str(args.steps), *(["--tiny"] if args.tiny else []), *(["--profile"] if args.profile else [])]
+            env = {**os.environ,
+                   "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            res = json.loads(line[7:]) if line else {"config": name, "error": (proc.stderr or proc.stdout)[-400:]}
+            if "error" in res:
+                sys.stderr.write(proc.stderr[-3000:])
         if len(trees) > 1:
             res.update(config=shown, base_config=name, tree=label, round=rnd)
         results.append(res)

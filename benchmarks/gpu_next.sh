@@ -33,16 +33,29 @@
 #      ours exact and act8, quanto, bitsandbytes and bf16 in one run (kernels-<device>.md)
 #  12  what --train-states saves (README "How long will it take?" expects ~0.45 of the step for 2 of
 #      Z-Image's 8 states): each model's step with every state trained and with train_states = 2 / 1
+#  13  the speed levers of issue #34 on Z-Image, each against the default on one machine: regional
+#      compilation (torch_compile = blocks), SDPA forced to cuDNN; every config records which attention kernel each pass ran (the default's too: forcing flash
+#      is only worth a run if SDPA did not pick it), the compiled graphs, the kept blocks, its warm-up
+#      losses against the default's (the compiled numerics), and one state's GPU time per kernel
+#      (--profile): the per-kernel profile that says what to do next
+#  14  the same for klein
+#
+# `bash benchmarks/gpu_next.sh N --tiny` runs stage N on the CPU with tiny models, one measured step and
+# no profile (no GPU, no .whl): the same configs, to check the script before a GPU session
+# (tests/test_gpu_next.py runs stage 13 so).
 #
 # Each stage leaves its logs and result files in $OUT (copy them into benchmarks/results/ and
 # write up what they say, with the device and versions the files record).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_next.sh 1..12}
+stage=${1:?usage: gpu_next.sh 1..14 [--tiny]}
+BENCH=(--steps 2 --profile)  # --tiny: bench_memory on tiny models on the CPU, one step, no profile
+TINY=()
+[ "${2:-}" = "--tiny" ] && TINY=(--tiny --device cpu) && BENCH=(--steps 1)
 OUT=${OUT:-/tmp/gpu-next}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ ${#TINY[@]} -eq 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
@@ -51,7 +64,9 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 # kernels/ and presets/ ship inside the package (pyproject's package-dir); from the bare checkout
 # with PYTHONPATH, links put them where `lowvram_dopsd.kernels` / `.presets` are looked for
 for d in kernels presets; do [ -e "lowvram_dopsd/$d" ] || ln -s "../$d" "lowvram_dopsd/$d"; done
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if [ ${#TINY[@]} -eq 0 ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+fi
 
 case "$stage" in
   1)
@@ -118,6 +133,16 @@ case "$stage" in
     timeout 500 python3 benchmarks/bench_memory.py --steps 2 --budget-s 420 --out "$OUT" \
       --configs zimage-16gb,zimage-16gb-ts2,klein-16gb-edit,klein-16gb-edit-ts1 2>&1 | tee "$OUT/train-states.log"
     ;;
+  13)  # each lever of issue #34 against the default (the first config), Z-Image
+    timeout 560 python3 benchmarks/bench_memory.py "${TINY[@]}" "${BENCH[@]}" --budget-s 470 --out "$OUT" \
+      --configs zimage-16gb-fused,zimage-16gb-compile,zimage-16gb-cudnn \
+      2>&1 | tee "$OUT/levers-zimage.log"
+    ;;
+  14)  # the same for klein
+    timeout 400 python3 benchmarks/bench_memory.py "${TINY[@]}" "${BENCH[@]}" --budget-s 330 --out "$OUT" \
+      --configs klein-16gb-edit-fused,klein-16gb-edit-compile,klein-16gb-edit-cudnn \
+      2>&1 | tee "$OUT/levers-klein.log"
+    ;;
   *)
-    echo "unknown stage '$stage' (1 to 12)" >&2; exit 2 ;;
+    echo "unknown stage '$stage' (1 to 14)" >&2; exit 2 ;;
 esac

@@ -100,6 +100,21 @@ def warn_if_it_will_not_fit(cfg: TrainConfig, device: torch.device, console) -> 
                                          "with the same settings suggests what to lower."))
 
 
+def print_speed(console, cfg: TrainConfig, device: torch.device, facts: dict) -> None:
+    """Before the first step: what the speed settings did (accel.apply: which attention each pass runs, the
+    kept and compiled blocks)."""
+    from .accel import describe_attention
+
+    if "attention" in facts:
+        console.print(f"attention: {describe_attention(facts['attention'])}")
+    if kept := facts.get("kept_blocks"):
+        console.print(f"keep_blocks: {', '.join(f'{n} of {name}' for name, n in kept.items())} keep their "
+                      "activations (not recomputed in the backward)")
+    if facts.get("compiled_blocks"):
+        console.print(f"torch_compile: {facts['compiled_blocks']} blocks compile in the first steps (the first "
+                      "step of each bucket is slower)")
+
+
 def note_archived(console, out_dir: Path, archived: Path, init_file: Path | None) -> Path | None:
     """Say that an earlier run in `out_dir` was moved aside; returns where the init LoRA is now (it may
     have been part of it)."""

@@ -65,8 +65,10 @@ HARMLESS = {
     "kernels", "grad_checkpointing", "on_bad_image", "preview_every", "preview_prompts", "preview_seed",
     "preview_teacher", "teacher_ema_on", "log_with", *BY_IDENTITY,
     "lora_init", "init_lora",  # read at step 0 only: a resumed run loads its LoRAs from the checkpoint
+    "torch_compile", "attention_backend",  # the same math, other kernels (accel.py)
 }
-NUMERIC_ONLY = {"device", "kernels", "teacher_ema_on"}  # harmless for the method, but results are no longer bit-identical
+# harmless for the method, but results are no longer bit-identical
+NUMERIC_ONLY = {"device", "kernels", "teacher_ema_on", "torch_compile", "attention_backend"}
 
 
 # ---------------------------------------------------------------------------------------------

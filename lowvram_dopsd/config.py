@@ -19,6 +19,10 @@ from typing import Any, get_type_hints
 
 from .errors import UserError, quote
 
+# diffusers' exact attention backends (lowvram_dopsd/accel.py says why these)
+ATTENTION_BACKENDS = ("native", "_native_flash", "_native_cudnn", "_native_efficient", "_native_math", "flash",
+                      "_flash_3")
+
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 DEFAULT_TEACHER_VLM = "Qwen/Qwen3-VL-4B-Instruct"
 # The authors' klein edit-teacher instruction (their FLUX.2-klein-4B training script's --edit-sys-prompt).
@@ -120,6 +124,16 @@ class TrainConfig:
     kernels: str = setting("auto", "Triton kernels (D-OPSD loss, fused 8-bit LoRA linear): 'auto' = on CUDA, "
                            "'on' = force (CPU: TRITON_INTERPRET=1), 'off' = plain torch",
                            choices=("auto", "on", "off"))
+    torch_compile: str = setting("off", "'blocks': torch.compile each repeated transformer block (regional "
+                                 "compilation; the 8-bit linears and the LoRA stay outside the graphs, so switching "
+                                 "student and teacher compiles nothing); the first steps take longer. Speed-up not "
+                                 "measured yet (docs/speed.md)", choices=("off", "blocks"),
+                                 section="Speed (docs/speed.md; the defaults are what was measured)")
+    attention_backend: str = setting("", "diffusers' attention backend: '' = its default (PyTorch's SDPA, which picks "
+                                     "flash, cuDNN or memory-efficient attention itself; the run prints which), or "
+                                     "native, _native_flash, _native_cudnn, _native_efficient, _native_math, flash "
+                                     "(flash-attn 2), _flash_3 (FlashAttention 3, Hopper). 8-bit attention is not "
+                                     "offered: its numerics are not measured", choices=("", *ATTENTION_BACKENDS))
     device: str = setting("auto", "where training runs ('auto': CUDA if available)", choices=("auto", "cuda", "cpu"))
     encoders_on: str = setting("auto", "where the text encoder and VLM compute the conditions ('auto' = device)",
                                choices=("auto", "cpu", "cuda"))
@@ -263,6 +277,11 @@ def coerce(name: str, value: Any, where: str = "the command line") -> Any:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
+    if cfg.attention_backend.startswith(("sage", "_sage")):  # before the generic list of choices: say why
+        raise UserError(f"attention_backend = '{cfg.attention_backend}' is an 8-bit attention (SageAttention: int8 "
+                        "Q·Kᵀ, fp8 P·V). It changes the teacher's and the student's velocities, and what that does "
+                        "to D-OPSD's gradients has not been measured, so it is not offered. Leave attention_backend "
+                        "= '' (exact attention).")
     for name, allowed in CHOICES.items():
         value = getattr(cfg, name)
         if value not in allowed:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import advice, checkpoint, data, optim, output, preflight, tracking
+from . import accel, advice, checkpoint, data, optim, output, preflight, tracking
 from .advice import explain_oom
 from .cache import FeatureCache, default_cache_dir
 from .conditions import conds_on, encode_conditions
@@ -99,6 +99,7 @@ def setup(cfg: TrainConfig, guard: RunGuard, preset: str = "", console=None, res
     optimizer = optim.make_optimizer(params, cfg, lr)
     scheduler = optim.make_scheduler(optimizer, cfg)
     advice.print_lora(console, cfg, lora, fused, device)
+    advice.print_speed(console, cfg, device, accel.speed_up(cfg, preset, family, model, lora, conds, ds, device))
     # A new run in a folder holding an earlier one moves that one aside, only now that everything
     # that can refuse this run has run: a bad setting or a broken download leaves the folder as it was.
     if ckpt is None and (archived := checkpoint.archive_previous_run(out_dir)):
