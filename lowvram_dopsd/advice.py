@@ -19,7 +19,7 @@ from .errors import UserError
 from .guard import resume_command  # noqa: F401  (advice a run prints: the command that continues it)
 from .optim import lr_shape
 from .output import TEACHER_FILE, model_for_metadata
-from .progress import styled
+from .progress import program, styled
 
 if TYPE_CHECKING:
     from . import checkpoint, data
@@ -283,9 +283,10 @@ def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, s
                 f"pipe = {family.pipeline_class}.from_pretrained({model!r}); ")
     return {
         "load it": load + f"pipe.load_lora_weights({str(out_dir)!r})",
-        **({"try it": f"lowvram-dopsd sample --lora {q(str(out_dir))} --prompt \"...\""}
+        **({"try it": f"{shlex.join(program())} sample --lora {q(str(out_dir))} --prompt \"...\""}
            if family.in_diffusers else {}),
-        **({"ComfyUI": f"lowvram-dopsd export --format comfyui {q(str(out_dir))}"} if family.comfy_layout else {}),
+        **({"ComfyUI": f"{shlex.join(program())} export --format comfyui {q(str(out_dir))}"}
+           if family.comfy_layout else {}),
     }
 
 

@@ -271,6 +271,24 @@ def test_commands_to_copy_start_with_a_program_the_shell_finds(monkeypatch, tmp_
     assert progress.program() == [e.format(tmp=tmp_path, python=sys.executable) for e in expected]
 
 
+def test_the_commands_a_run_prints_start_with_that_program(monkeypatch, tmp_path, tiny_zimage_dir):
+    import sys
+
+    from lowvram_dopsd.advice import use_commands
+    from lowvram_dopsd.families import load_family
+
+    script = tmp_path / "venv" / "bin" / "lowvram-dopsd"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script)])
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # as after scripts/demo.sh: .venv/bin is not on PATH
+    lines = use_commands(load_config("cpu-demo", {"model": str(tiny_zimage_dir)}), load_family(str(tiny_zimage_dir)),
+                         tmp_path / "out")
+    assert shlex.split(lines["try it"])[:2] == [str(script), "sample"]
+    assert shlex.split(lines["ComfyUI"])[:2] == [str(script), "export"]
+
+
 def test_demo_sh_runs_where_you_stand(tmp_path):
     """scripts/demo.sh sets the repository up, then runs the demo in the caller's folder: the output folder
     and the paths it prints are relative to where the user stands, not to the repository."""

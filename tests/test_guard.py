@@ -152,3 +152,24 @@ def test_a_file_where_the_output_folder_should_be(toy, tmp_path, capsys):
     assert f"Cannot write to the output folder '{tmp_path / 'out'}': it is a file. Pass --output a folder" in err
     assert "File exists" not in err
     assert main(toy(tmp_path / "out-2")) == 0  # what it says
+
+
+def test_a_lora_that_cannot_be_written_is_written_by_the_resume_the_message_names(toy, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from lowvram_dopsd import output
+    from lowvram_dopsd.output import read_info
+
+    out, real = tmp_path / "run", output.save_lora
+
+    def save_lora(path, *a, **k):
+        if path.parent == out:  # the run's LoRA files, not the checkpoint's
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *a, **k)
+    monkeypatch.setattr(output, "save_lora", save_lora)
+    assert main(toy(out)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Could not write the LoRA" in err and "step-000002 holds it" in err and "run again with --resume" in err
+    monkeypatch.undo()  # space freed
+    assert main(toy(out, "--resume")) == 0
+    assert read_info(out / "pytorch_lora_weights.safetensors")["steps"] == 2
