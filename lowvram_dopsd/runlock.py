@@ -230,15 +230,15 @@ class RunLock:
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                os.utime(self.fd)
-            except (OSError, TypeError):  # a closed fd, or utime without fd support: the next beat, or none
+                os.utime(self.path)
+            except OSError:  # the folder gone or read-only for a moment: the next beat
                 pass
 
     def release(self) -> None:
         if self.fd is None:
             return
         self._stop.set()
-        self._beat.join()  # before the fd is closed: its number could name another file by the next beat
+        self._beat.join()  # no beat after the release
         try:
             ours = os.fstat(self.fd).st_ino == os.stat(self.path).st_ino
         except OSError:
