@@ -165,8 +165,9 @@ class TrainConfig:
 
     log_with: str = setting("none", "also log each step's numbers (loss, lr, grad norm, s/step, peak VRAM) and the "
                             "previews to 'tensorboard': <output>/tensorboard, watch with `tensorboard --logdir "
-                            "<output>` (needs `pip install tensorboard`); metrics.jsonl is always written",
-                            choices=("none", "tensorboard"), section="Logging")
+                            "<output>` (needs `pip install tensorboard`); or to 'wandb': a Weights & Biases run "
+                            "(needs `pip install wandb`; a resumed run continues it); metrics.jsonl is always written",
+                            choices=("none", "tensorboard", "wandb"), section="Logging")
 
     def resolved_lr(self, family_default: float) -> float:
         return self.lr if self.lr > 0 else family_default

@@ -9,4 +9,4 @@ PY=.venv/bin/python
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q --disable-pip-version-check "${LOWVRAM_DOPSD_TORCH:-torch==2.13.0}"
 fi
-"$PY" -m pip install -q --disable-pip-version-check -e ".[quant,kernels,tensorboard,test]"
+"$PY" -m pip install -q --disable-pip-version-check -e ".[quant,kernels,tensorboard,wandb,test]"

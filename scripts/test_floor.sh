@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite on the OLDEST versions pyproject.toml allows: every ">=" floor of the
-# dependencies and of the quant/kernels/tensorboard extras is installed as "==" into .venv-floor, so the floors
+# dependencies and of the quant/kernels/tensorboard/wandb extras is installed as "==" into .venv-floor, so the floors
 # are checked, not guessed (they were raised to what passes: docs/compat.md). Not part of CI, which
 # tests the newest versions; run it after changing a floor or using a newer library feature.
 #   bash scripts/test_floor.sh [pytest args]
@@ -17,7 +17,7 @@ mapfile -t pins < <("$PY" - <<'EOF'
 import re
 text = open("pyproject.toml", encoding="utf-8").read()
 deps = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
-extras = "".join(re.findall(r"^(?:quant|kernels|tensorboard) = \[(.*?)\]", text, re.M))
+extras = "".join(re.findall(r"^(?:quant|kernels|tensorboard|wandb) = \[(.*?)\]", text, re.M))
 for req in re.findall(r'"([A-Za-z0-9_.-]+)>=([^"]+)"', deps + extras):
     if req[0] != "torch":
         print("==".join(req))
@@ -26,7 +26,7 @@ EOF
 pip_install "${pins[@]}" "numpy<2.3" pytest torchmetrics
 pip_install --no-deps -e .
 "$PY" -m pip list --disable-pip-version-check 2>/dev/null \
-  | grep -iE "^(torch|diffusers|transformers|peft|accelerate|safetensors|huggingface.hub|rich|pillow|bitsandbytes|optimum-quanto|triton|tensorboard|numpy) "
+  | grep -iE "^(torch|diffusers|transformers|peft|accelerate|safetensors|huggingface.hub|rich|pillow|bitsandbytes|optimum-quanto|triton|tensorboard|wandb|numpy) "
 # This includes the kernels' real compiles (tests/kernels/test_kernels_aot.py) on the oldest Triton:
 # 3.3.0 cannot compile matrix multiplies for sm_120, so those tests are skipped there and
 # test_the_no_mma_gate_matches_the_compiler checks that the kernels are gated off (kernels.utils.NO_MMA).
