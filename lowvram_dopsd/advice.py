@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from . import tracking
+from . import distributed, tracking
 from .config import TrainConfig
 from .errors import UserError
 from .guard import resume_command  # noqa: F401  (advice a run prints: the command that continues it)
@@ -55,7 +55,9 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
         "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}"
                    + (" with int8 activations" if cfg.act_quant == "int8" else "")
                    + f", gradient checkpointing {'on' if cfg.grad_checkpointing else 'off'}"
-                   + (", EMA teacher in host RAM" if cfg.teacher_ema_on == "cpu" else ""),
+                   + (", EMA teacher in host RAM" if cfg.teacher_ema_on == "cpu" else "")
+                   + (f"; {n} processes, each rolling out its share of every batch"
+                      if (n := distributed.current().size) > 1 else ""),
         "output": str(out_dir) + (f" (resuming {ckpt.path.name})" if ckpt else ""),
     }
 
@@ -71,6 +73,8 @@ def print_run_notes(console, display, cfg: TrainConfig, family: Family, ds: data
         console.print(styled("warning", f"{ds.name(path)}: {why}"))
     for remark in remarks:
         console.print(styled("note", remark))
+    if note := distributed.current().division_note(cfg.grad_accum):
+        console.print(styled("note", note))
     captions = [(c, ds.name(it.image_path)) for it in ds.items for c in it.captions]  # every variant is trained
     for warning in family.prompt_warnings([c for c, _ in captions], [name for _, name in captions], teacher, cfg):
         console.print(styled("warning", warning))

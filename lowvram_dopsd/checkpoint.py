@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
-from . import __version__
+from . import __version__, distributed
 from .cache import current_umask, write_safetensors
 from .config import TrainConfig, as_argument
 from .errors import UserError
 from .output import LORA_FILE, TEACHER_FILE, save_lora
 from .runlock import pid_runs
-from .tracking import TB_DIR
+from .tracking import TB_DIR, WANDB_DIR
 
 if TYPE_CHECKING:
     from .data import Dataset
@@ -109,6 +109,14 @@ def run_identity(family: Family, ds: Dataset, teacher: str, cfg: TrainConfig) ->
                                              family.encoder_identity(teacher, cfg)])}
 
 
+def shared_facts(cfg: TrainConfig, identity: dict[str, str], resume: str | None) -> dict[str, Any]:
+    """What every rank of a torchrun job must agree on (distributed.World.agree): the settings, and the model,
+    data and encoders by identity (each node may keep them under another path); rank 0 alone writes the
+    output folder and the cache, so theirs may differ."""
+    own = BY_IDENTITY | {"output", "cache_dir"}
+    return {"settings": {k: v for k, v in cfg.to_dict().items() if k not in own}, **identity, "resume": resume}
+
+
 # ---------------------------------------------------------------------------------------------
 # what is saved
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +162,14 @@ class Checkpoint:
 def run_id_for(ckpt: Checkpoint | None) -> str:
     """The id a run's checkpoints carry (rotation keeps to it): the resumed checkpoint's, else a new one."""
     return ckpt.run_id if ckpt is not None and ckpt.run_id else uuid.uuid4().hex[:12]
+
+
+def shared_state(lora, rng_state: RNGState) -> dict[str, Any]:
+    """What rank 0 saves for every rank of a job, so what every rank must hold bit for bit: both LoRA sets
+    and the randomness (all ranks draw the whole global batch from the same streams)."""
+    return {"student LoRA": lora.tensors("student"), "EMA teacher LoRA": lora.tensors("teacher"),
+            "noise generator": rng_state.noise, "python RNG": rng_state.python, "sampler order": rng_state.order,
+            "torch CPU RNG": rng_state.torch_cpu}
 
 
 def _tuple_state(state: Any) -> Any:
@@ -349,13 +365,20 @@ def load(path: Path) -> Checkpoint:
 def restore(ckpt: Checkpoint, lora, optimizer: torch.optim.Optimizer, scheduler, sampler, noise_gen: torch.Generator,
             rng: random.Random, out_dir: Path) -> None:
     """Every piece of state the training loop reads, exactly as it was after step `ckpt.step`; the
-    metrics it logged after that step are dropped (the resumed run logs them again)."""
+    metrics it logged after that step are dropped (the resumed run logs them again; rank 0 of a job,
+    the one that writes them)."""
     lora.load("student", ckpt.student)
     lora.load("teacher", ckpt.teacher)
     optimizer.load_state_dict(ckpt.optimizer)
     scheduler.load_state_dict(ckpt.scheduler)
     sampler.order = ckpt.rng.restore(noise_gen, rng)
-    trim_metrics(Path(out_dir) / "metrics.jsonl", ckpt.step)
+    if distributed.current().main:
+        trim_metrics(Path(out_dir) / "metrics.jsonl", ckpt.step)
+
+
+def load_resume(resume: str, out_dir: Path) -> Checkpoint:
+    """The checkpoint `--resume [PATH]` names (resolve), loaded."""
+    return load(resolve(resume, out_dir))
 
 
 def resolve(resume: str, out_dir: Path) -> Path:
@@ -416,6 +439,16 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
             f"{' (change these in your command: ' + fixes + ')' if fixes else ''}, "
             "or start a new run in another --output folder."
         )
+    # Every rank draws the whole global batch from the same streams, so the data and noise of a step do not
+    # depend on the number of processes; only the order in which the ranks' gradients add up does.
+    trained_on, now_on = ckpt.info.get("processes", 1), distributed.current().size
+    if trained_on != now_on:
+        notes.append(f"the run was trained by {trained_on} process{'es' * (trained_on > 1)} and continues on "
+                     f"{now_on}: the same batches, data and noise, but the gradients add up in another order, so it "
+                     "continues the same run, not bit for bit")
+    if ckpt.step >= cfg.steps:
+        notes.append(f"the checkpoint is already at step {ckpt.step} = steps: nothing to train (pass --steps "
+                     f"{ckpt.step + 100} to train further); writing its LoRA.")
     return notes
 
 
@@ -423,7 +456,7 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
 # the output folder between runs
 # ---------------------------------------------------------------------------------------------
 ARCHIVE_DIR = "previous-runs"  # where a new run moves the one it finds in --output
-RUN_FILES = (CKPT_DIR, "previews", "loras", "metrics.jsonl", TB_DIR, STUDENT_FILE, TEACHER_FILE, "comfyui")
+RUN_FILES = (CKPT_DIR, "previews", "loras", "metrics.jsonl", TB_DIR, WANDB_DIR, STUDENT_FILE, TEACHER_FILE, "comfyui")
 
 
 def archive_previous_run(out_dir: Path) -> Path | None:

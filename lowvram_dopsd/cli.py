@@ -99,7 +99,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = load_config(args.preset, _overrides(args))
-    return exit_code(train(cfg, preset=args.preset or "", resume=args.resume, command=_without_resume(args.argv)))
+    if args.gpus != 1:
+        _gpus(args.gpus, args.argv)
+    return exit_code(train(cfg, preset=args.preset or "", resume=args.resume, command=_resume_command(args.argv)))
+
+
+def _gpus(n: int, argv: list[str]) -> None:
+    """--gpus N: this command becomes a torchrun job of N processes on this node, each of which runs it
+    again (with --gpus N: their own command, and the one to resume with)."""
+    from . import distributed
+
+    if n < 1:
+        raise UserError(f"--gpus is how many GPUs of this machine to train on (1 or more); got {n}.")
+    if not distributed.under_torchrun():
+        distributed.hand_over_to_torchrun(n, argv)
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", n)) != n:
+        raise UserError(f"--gpus {n}, but torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes on this node: "
+                        "under torchrun or srun leave out --gpus (torchrun's --nproc-per-node says it).")
+
+
+def _resume_command(argv: list[str]) -> list[str]:
+    """The command to run again with --resume; for a job torchrun started itself, torchrun's (whose own
+    flags this process does not know)."""
+    command = _without_resume(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or "--gpus" in argv or any(a.startswith("--gpus=") for a in argv):
+        return command
+    return ["torchrun", "<the same torchrun flags>", "-m", "lowvram_dopsd", *command[1:]]
 
 
 def exit_code(run) -> int:
@@ -222,17 +247,23 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """Where the GPU memory of a training step goes, from the model's config alone (plan.py)."""
-    from . import plan
+    """Where the GPU memory of a training step goes, from the model's config alone (plan.py); with --gpus N,
+    what N GPUs change (scaling.py)."""
+    from . import plan, scaling
+    from .progress import make_console
 
     cfg = load_config(args.preset, _overrides(args))
     budget = plan.budget_for(_gib(args.vram)) if args.vram else plan.vram_of_preset(args.preset)
     p = plan.plan_from_config(cfg, budget_gib=budget)
     fixes = plan.suggest(cfg.model, plan._settings(cfg), budget) if budget and not p.fits() else None
+    dp = scaling.data_parallel(args.gpus, cfg, p.family, p.counts.lora) if args.gpus > 1 else None
     if args.json:
-        print(json.dumps({**p.to_dict(), "suggestions": [(f, s.peak_gib) for f, s in fixes or []]}, indent=1))
+        print(json.dumps({**p.to_dict(), "suggestions": [(f, s.peak_gib) for f, s in fixes or []],
+                          **({"data_parallel": dp.to_dict()} if dp else {})}, indent=1))
     else:
         plan.render(p, suggestions=fixes)
+        if dp:
+            scaling.render(dp, make_console())
     return 0 if p.fits() else 3
 
 
@@ -300,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a D-OPSD LoRA on a folder of images (or a .toml dataset file)",
                        description=SETTINGS_NOTE)
     _add_train_flags(p, preset_default=None)
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="train on N GPUs of this machine: hands the same command over to torchrun, N processes "
+                        "each rolling out batch_size / N of every step (several machines: torchrun itself, "
+                        "docs/multi-gpu.md)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="train on an embedded model and bundled images, on the CPU (the toy world: "
                                     "a trained 4-step model learns a new shape in a few minutes at most)",
@@ -317,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram", default=None, metavar="GIB",
                    help="your card's memory in GiB (default: the preset's card, e.g. 16gb -> 14.0 GiB allocatable)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="data parallel over N GPUs: the memory per GPU (unchanged), the gradient sum per step and "
+                        "the expected step time (docs/multi-gpu.md)")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)
@@ -441,7 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     err = error_console()
     try:
-        return args.func(args)
+        if args.command not in ("train", "demo"):
+            return args.func(args)
+        from .distributed import launched
+
+        with launched():  # under torchrun, this process's rank of the job (a no-op otherwise)
+            return args.func(args)
     except UserError as exc:
         err.print(styled("error:", str(exc), "bold red"), soft_wrap=True)
         return exc.exit_code

@@ -24,13 +24,16 @@ all-reduce at every backward unless each but the last ran under `no_sync()`, and
 the teacher passes also go through. The gradient is wanted once per optimizer step, after the last
 micro-batch: summing it then, in a few flat buckets, is exactly that, with no wrapper. DDP's overlap of
 communication with the backward has little to hide here: one sum per step of several roll-outs.
-Measured: benchmarks/results/allreduce-cpu.md (bench_allreduce.py).
+Buckets rather than one all-reduce per tensor: NCCL pays a launch and a latency per call (Z-Image: 476
+tensors). Measured on the CPU only, where the three ways were within noise:
+benchmarks/results/allreduce-cpu-x86_64-2proc.md (bench_allreduce.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -99,14 +102,7 @@ class World:
         for p in params:
             if p.grad is None:  # a rank that back-propagated nothing still adds its zeros
                 p.grad = torch.zeros_like(p)
-        bucket: list[torch.Tensor] = []
-        for g in [p.grad for p in params] + [None]:
-            if bucket and (g is None or g.dtype != bucket[0].dtype or g.device != bucket[0].device
-                           or sum(b.nbytes for b in bucket) + g.nbytes > BUCKET_BYTES):
-                _all_reduce(bucket)
-                bucket = []
-            if g is not None:
-                bucket.append(g)
+        sum_in_buckets([p.grad for p in params])
 
     def sum(self, values: list[float]) -> list[float]:
         """Each value summed over the ranks (float64, on the CPU: gloo)."""
@@ -152,13 +148,42 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    # ----- what a job can run
+    def check_job(self, device: str, micro_batches: int) -> None:
+        """Refuse a device or a batch this job cannot run, before anything is loaded."""
+        if self.size == 1:
+            return
+        if device not in ("auto", "cuda", "cpu"):
+            raise UserError(f"device = {device!r}: in a job of {self.size} processes each one uses the GPU of its "
+                            "local rank (rank 0 the first GPU of its node, ...). Leave device at 'auto' (or 'cuda') "
+                            "and choose the GPUs with CUDA_VISIBLE_DEVICES.")
+        if micro_batches < self.size:
+            raise UserError(
+                f"This job has {self.size} processes but a step has only {micro_batches} micro-batches "
+                f"(batch_size / micro_batch) to divide among them: {self.size - micro_batches} would idle. Raise "
+                f"--batch-size to {self.size} or a multiple of it (the global batch: each process rolls out "
+                f"batch_size / {self.size}), lower --micro-batch, or start fewer processes.")
+
+    def division_note(self, micro_batches: int) -> str:
+        """'' when the step's micro-batches divide evenly among the ranks; else what the uneven split costs.
+        An uneven split is run as it is: the global batch, and so the result, stay those of one process."""
+        if self.size == 1 or micro_batches % self.size == 0:
+            return ""
+        few, many = micro_batches // self.size, micro_batches // self.size + 1
+        busy = micro_batches / (many * self.size)
+        return (f"{micro_batches} micro-batches per step do not divide evenly among {self.size} processes: "
+                f"some roll out {many}, the others {few} and then wait, so the GPUs are busy {busy:.0%} of the time. "
+                f"A batch_size that is a multiple of {self.size} x micro_batch uses them all.")
+
     # ----- agreement
     def agree(self, facts: dict[str, Any]) -> None:
         """Stop every rank, before anything is computed, unless all run the same code and packages and
-        report the same `facts` (settings, the model's and the data's identities)."""
+        report the same `facts` (settings, the model's and the data's identities; a dict's items one by one)."""
         if self.size == 1:
             return
-        mine = {**environment(), **{k: json.dumps(v, sort_keys=True, default=str) for k, v in facts.items()}}
+        flat = {f"{k} {sub}": v for k, d in facts.items() if isinstance(d, dict) for sub, v in d.items()}
+        flat.update({k: v for k, v in facts.items() if not isinstance(v, dict)})
+        mine = {**environment(), **{k: json.dumps(v, sort_keys=True, default=str) for k, v in flat.items()}}
         everyone = self.gather(mine)
         lines = []
         for r, theirs in enumerate(everyone[1:], start=1):
@@ -185,6 +210,20 @@ class World:
             ranks = [r for r, theirs in enumerate(everyone) if theirs != everyone[0]]
             raise RuntimeError(f"{what}: the ranks no longer hold the same {', '.join(differ)} (ranks {ranks} "
                                "differ from rank 0). This is a bug in lowvram-dopsd; please report it.")
+
+
+def sum_in_buckets(tensors: list[torch.Tensor], bucket_bytes: int | None = None) -> None:
+    """Each tensor summed over the group in place, consecutive tensors flattened together into buckets of
+    at most `bucket_bytes` (BUCKET_BYTES): one all-reduce per bucket (benchmarks/bench_allreduce.py)."""
+    limit = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+    bucket: list[torch.Tensor] = []
+    for g in tensors + [None]:
+        if bucket and (g is None or g.dtype != bucket[0].dtype or g.device != bucket[0].device
+                       or sum(b.nbytes for b in bucket) + g.nbytes > limit):
+            _all_reduce(bucket)
+            bucket = []
+        if g is not None:
+            bucket.append(g)
 
 
 def _all_reduce(bucket: list[torch.Tensor]) -> None:
@@ -267,22 +306,31 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def check_device(device: str) -> None:
-    """Each rank of a job uses the GPU of its local rank: a fixed device would put every rank on one."""
-    if _WORLD.size > 1 and device not in ("auto", "cuda", "cpu"):
-        raise UserError(f"device = {device!r}: in a job of {_WORLD.size} processes each one uses the GPU of its "
-                        "local rank (rank 0 the first GPU of its node, ...). Leave device at 'auto' (or 'cuda'); "
-                        "choose the GPUs with CUDA_VISIBLE_DEVICES.")
+# A rank asked to stop (Ctrl-C, SIGTERM) finishes its step and rank 0 saves: torchrun's agent must wait
+# that long before it kills them (its default, 30 s, is less than one step of the real models).
+SHUTDOWN_TIMEOUT_S = 900
+
+
+def hand_over_to_torchrun(processes: int, argv: list[str]) -> None:
+    """`lowvram-dopsd train --gpus N ...`: this process becomes `torchrun --standalone --nproc-per-node N
+    -m lowvram_dopsd train --gpus N ...`, one process per GPU of this node."""
+    from torch.distributed.run import get_args_parser
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    if "--shutdown-timeout" in get_args_parser()._option_string_actions:  # newer torchruns (older: 30 s)
+        launcher.append(f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}")
+    sys.stdout.flush()
+    os.execv(sys.executable, launcher + ["-m", "lowvram_dopsd", *argv])
 
 
 @contextmanager
 def launched() -> Iterator[World]:
     """Inside the block this process is its rank of the torchrun job (nothing to do when it is not
-    under torchrun). The block's end waits for every rank, so that none reports success while rank 0
+    under torchrun; a job of one process joins its group too, so that its cost can be measured). The block's end waits for every rank, so that none reports success while rank 0
     still writes the run's files. A rank that fails tells the others (its exit code and message) before
     it raises: they stop with the same code."""
     global _WORLD
-    if not under_torchrun() or dist.is_initialized():
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():  # torchrun sets it, at one process too
         yield _WORLD
         return
     rank, size, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -295,8 +343,10 @@ def launched() -> Iterator[World]:
     watchdog.start()
     try:
         yield _WORLD
+        ignore_stop_signals()
         _WORLD.barrier()
     except BaseException as exc:
+        ignore_stop_signals()
         if isinstance(exc, RuntimeError) and not isinstance(exc, UserError):
             watchdog.await_verdict()  # a collective that failed because another rank is gone: say which
         watchdog.report(exit_code_of(exc), str(exc))
@@ -305,6 +355,16 @@ def launched() -> Iterator[World]:
         watchdog.retire()
         _WORLD = World()
         dist.destroy_process_group()
+
+
+def ignore_stop_signals() -> None:
+    """Once this rank's run is over (done, stopped or failed) a Ctrl-C or SIGTERM has nothing left to stop.
+    torchrun's agent sends SIGTERM to the ranks still running as soon as one exits with any code but 0 (a
+    stopped run's 75, a failure): with Python's default that would kill this rank before it finishes
+    writing the run's files, or before it says which rank failed, and its exit code would be -15."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def exit_code_of(exc: BaseException) -> int:

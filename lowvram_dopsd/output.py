@@ -9,13 +9,14 @@ teacher, tool version) go in a second metadata entry, `lowvram_dopsd`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 
-from . import __version__
+from . import __version__, distributed
 from .cache import atomic_save_safetensors
 from .errors import UserError
 from .files import LORA_FILE
@@ -76,6 +77,19 @@ def write_step_lora(out_dir: Path, lora: DualLoRA, meta: dict, dtype: torch.dtyp
         note(styled("step LoRA skipped:", exc.strerror or str(exc)))
 
 
+def metrics_log(out_dir: Path, main: bool = True) -> IO[str]:
+    """metrics.jsonl, open for appending; on the ranks of a job other than rank 0, a log that keeps nothing."""
+    return (Path(out_dir) / "metrics.jsonl" if main else Path(os.devnull)).open("a", encoding="utf-8")
+
+
+def vram_metrics(peaks_gb: list[float]) -> dict[str, Any]:
+    """The peak GPU memory of a step for metrics.jsonl: the most any rank used (`vram_gb`), and with several
+    ranks each one's (`vram_gb_ranks`, rank 0 first); nothing on the CPU."""
+    if not peaks_gb:
+        return {}
+    return {"vram_gb": max(peaks_gb), **({"vram_gb_ranks": peaks_gb} if len(peaks_gb) > 1 else {})}
+
+
 def append_metrics(log: IO[str], metrics: dict, last_ckpt: Path | None) -> None:
     """One line of metrics.jsonl, flushed: a reader (or a crash) sees every finished step."""
     try:
@@ -106,4 +120,5 @@ def run_info(cfg: TrainConfig, preset: str, family: Family, teacher: str, rollou
             "resolution": cfg.resolution, **({"lr_schedule": schedule} if (schedule := lr_shape(cfg)) else {}),
             **({"prior_prompts": " | ".join(cfg.prior_prompts), "prior_weight": cfg.prior_weight}
                if cfg.prior_prompts else {}),
+            **({"processes": n} if (n := distributed.current().size) > 1 else {}),  # a torchrun job's
             **family.run_notes(teacher, cfg)}

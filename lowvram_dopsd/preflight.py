@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import data
+from . import data, distributed
 from .config import TrainConfig
 from .errors import UserError, quote
 from .lora import names_target
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 def check_device(cfg: TrainConfig, device: torch.device) -> None:
     """What this device cannot run, said before anything is read, encoded or moved aside."""
+    distributed.current().check_job(cfg.device, cfg.grad_accum)
     if device.type == "cuda":
         return
     if cfg.device == "auto":  # a GPU preset (or none) on a machine whose torch sees no GPU

@@ -34,12 +34,13 @@ LONG_RUN_S = 12 * 3600
 PACE_STEPS = 3
 
 
-def make_console() -> Console:
+def make_console(quiet: bool = False) -> Console:
     """Every console of ours prints text exactly as given: no Rich markup (a caption's "[trigger]", a dataset
     file's "[[folders]]" or a path like "shots [v2]" would lose its brackets, and "[/]" in a path would raise),
     no ":emoji:" codes, no highlighting. Colour comes only from `styled` labels (Text), never from parsing
-    what is printed, so nothing needs escaping."""
-    return _plain(stderr=False)
+    what is printed, so nothing needs escaping. `quiet`: prints nothing (the ranks of a torchrun job other
+    than rank 0, which speaks for the job)."""
+    return _plain(stderr=False, quiet=quiet)
 
 
 def error_console() -> Console:
@@ -47,8 +48,8 @@ def error_console() -> Console:
     return _plain(stderr=True)
 
 
-def _plain(stderr: bool) -> Console:
-    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=False)
+def _plain(stderr: bool, quiet: bool = False) -> Console:
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=False, quiet=quiet)
 
 
 def program() -> list[str]:
@@ -95,9 +96,10 @@ def safe_streams() -> None:
 
 
 class Display:
-    def __init__(self, console: Console, total_steps: int, start_step: int = 0, shorten: str = ""):
-        """`shorten`: what would shorten this run, said if it will take over LONG_RUN_S ("" = never)."""
-        self.console, self.shorten = console, shorten
+    def __init__(self, console: Console, total_steps: int, start_step: int = 0, shorten: str = "", batch: int = 0):
+        """`shorten`: what would shorten this run, said if it will take over LONG_RUN_S ("" = never);
+        `batch`: roll-outs per step, all processes' together (shown as the run's throughput; 0: not shown)."""
+        self.console, self.shorten, self.batch = console, shorten, batch
         self.first_secs: list[float] = []
         self.live = console.is_terminal and sys.stdout.isatty()
         self.total, self.start = total_steps, start_step
@@ -156,7 +158,11 @@ class Display:
         eta = spi * (self.total - step)
         avg = "-" if self.smoothed is None else f"{self.smoothed:.4g}"
         stats = f"loss {'nan' if loss is None else f'{loss:.4g}'} (avg {avg})  lr {metrics['lr']:.2e}  {spi:.2f} s/it"
-        if metrics.get("vram_gb"):
+        if self.batch:
+            stats += f"  {self.batch / spi:.3g} roll-outs/s"
+        if metrics.get("vram_gb_ranks"):  # a torchrun job: each rank's peak
+            stats += f"  peak {' | '.join(f'{v:.1f}' for v in metrics['vram_gb_ranks'])} GB"
+        elif metrics.get("vram_gb"):
             stats += f"  peak {metrics['vram_gb']:.1f} GB"
         if self.last_preview is not None:
             stats += f"  preview {self.last_preview.name}"

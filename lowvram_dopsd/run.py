@@ -10,7 +10,7 @@ from typing import IO
 
 import torch
 
-from . import advice, checkpoint, data, tracking
+from . import advice, checkpoint, data, distributed, output, tracking
 from .advice import explain_oom
 from .cache import FeatureCache
 from .checkpoint import RNGState
@@ -70,6 +70,7 @@ class Run:
     tracker: tracking.Tracker
     previews: Previewer | None
     command: list[str] | None         # the command line without --resume (said when the run stops)
+    world: distributed.World          # this process's place in a torchrun job (rank 0 writes); alone: 0 of 1
     step: int = 0                     # the last step done
     last_ckpt: Path | None = None
     saved_step: int = 0
@@ -90,8 +91,9 @@ class Run:
         return RNGState.capture(self.noise_gen, self.rng, self.sampler.order)
 
     # ----- as it goes
-    def log_step(self, log: IO[str], result: StepResult, sec: float) -> None:
-        """One step's numbers: metrics.jsonl (the record), TensorBoard, the live line."""
+    def log_step(self, log: IO[str], result: StepResult, sec: float, vram: list[float]) -> None:
+        """One step's numbers: metrics.jsonl (the record), TensorBoard, the live line (`vram`: each rank's
+        peak GPU memory)."""
         self.skipped += not result.updated
         self.skipped_in_a_row = 0 if result.updated else self.skipped_in_a_row + 1
         finite = advice.finite_or_none
@@ -99,17 +101,19 @@ class Run:
                    **({"prior_loss": finite(result.prior_loss)} if result.prior_loss is not None else {}),
                    "grad_norm": finite(result.grad_norm), "lr": result.lr, "sec": round(sec, 4),
                    **({} if result.updated else {"skipped": True})}
-        if self.device.type == "cuda":
-            metrics["vram_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        metrics.update(output.vram_metrics(vram))
         append_metrics(log, metrics, self.last_ckpt)
         self.tracker.step(metrics)
         self.display.step(self.step, metrics)
 
     def save_checkpoint(self, step: int, rng_state: RNGState | None = None) -> Path:
-        """Checkpoint `step` (with the randomness as it is now, or as `rng_state` captured it)."""
-        self.last_ckpt = checkpoint.save(self.out_dir, step, self.lora, self.optimizer, self.scheduler,
-                                         rng_state or self.rng_state(), self.cfg, self.identity, self.info,
-                                         self.cfg.keep_checkpoints, self.run_id)
+        """Checkpoint `step` (with the randomness as it is now, or as `rng_state` captured it). In a torchrun
+        job rank 0 writes it, once every rank has shown it holds the same LoRA sets and randomness."""
+        rng_state = rng_state or self.rng_state()
+        self.world.check_same(f"step {step}", checkpoint.shared_state(self.lora, rng_state))
+        if self.world.main:
+            self.last_ckpt = checkpoint.save(self.out_dir, step, self.lora, self.optimizer, self.scheduler, rng_state,
+                                             self.cfg, self.identity, self.info, self.cfg.keep_checkpoints, self.run_id)
         self.saved_step = step
         self.display.note(f"checkpoint: {self.last_ckpt}")
         self.tracker.flush()  # TensorBoard then shows at least what a resume keeps
@@ -117,12 +121,13 @@ class Run:
 
     def save_before(self, step: int, at_start: RNGState) -> str:
         """After a failed `step`: save the state before it (the LoRA and optimizer are still step - 1's)."""
-        if step - 1 > self.saved_step:
+        if step - 1 > self.saved_step and self.world.size == 1:  # a job's ranks cannot all save now
             return f"Saved the state before this step: {self.save_checkpoint(step - 1, at_start)}. "
         return f"The last checkpoint ({self.last_ckpt}) is intact. " if self.last_ckpt else ""
 
     def write_step_lora(self, step: int) -> None:
-        write_step_lora(self.out_dir, self.lora, {**self.info, "steps": step}, self.dtype, self.display.note)
+        if self.world.main:
+            write_step_lora(self.out_dir, self.lora, {**self.info, "steps": step}, self.dtype, self.display.note)
 
     def write_preview(self, step: int) -> None:
         try:
@@ -137,7 +142,8 @@ class Run:
     def finish(self) -> Run:
         """Write the LoRA files, say how the run ended and what to do next."""
         meta = {**self.info, "steps": self.step}
-        self.lora_path = path = write_loras(self.out_dir, self.lora, meta, self.dtype, self.last_ckpt)
+        path = write_loras(self.out_dir, self.lora, meta, self.dtype, self.last_ckpt) if self.world.main else None
+        self.lora_path = path  # rank 0 writes the files
         if self.diverged:  # the loop stopped on it
             raise advice.diverged_error(self.cfg, self.lr, self.step, self.skipped_in_a_row, path, self.last_ckpt)
         if self.stopped:

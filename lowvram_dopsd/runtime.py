@@ -21,6 +21,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def peak_vram_gb(device: torch.device) -> float | None:
+    """The most GPU memory this process's tensors held since the last reset, in GiB (None on the CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak_vram(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def release(*modules: nn.Module) -> None:
     """Free an encoder's weights now, even if a reference lingers: its tensors become storage-less
     'meta' tensors, and the CUDA cache is emptied so the transformer can use that memory."""

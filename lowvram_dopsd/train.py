@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import accel, advice, checkpoint, data, optim, output, preflight, tracking
+from . import accel, advice, checkpoint, data, distributed, optim, output, preflight, tracking
 from .advice import explain_oom
 from .cache import FeatureCache, default_cache_dir
 from .conditions import conds_on, encode_conditions
@@ -46,7 +46,7 @@ from .preview import Previewer, default_prompts
 from .progress import Display, make_console, styled
 from .quant import use_fused_linear
 from .run import Run, StepResult
-from .runtime import DTYPES, resolve_device
+from .runtime import DTYPES, peak_vram_gb, reset_peak_vram, resolve_device
 
 # ---------------------------------------------------------------------------------------------
 # Setup
@@ -54,7 +54,8 @@ from .runtime import DTYPES, resolve_device
 def setup(cfg: TrainConfig, guard: RunGuard, preset: str = "", console=None, resume: str | None = None,
           command: list[str] | None = None) -> Run:
     """Check, announce, encode the conditions, load the model and its LoRA sets, restore a checkpoint."""
-    console = console or make_console()
+    world = distributed.current()
+    console = console or make_console(quiet=not world.main)
     device = resolve_device(cfg.device)
     preflight.check_device(cfg, device)
     tracking.check(cfg.log_with)
@@ -63,16 +64,17 @@ def setup(cfg: TrainConfig, guard: RunGuard, preset: str = "", console=None, res
     lr = cfg.resolved_lr(family.default_lr)
     init, init_file = preflight.read_init_lora(cfg, family) if cfg.init_lora and resume is None else (None, None)
     ds = data.load(cfg.images, cfg.caption, cfg.trigger, cfg.resolution, cfg.on_bad_image)
-    out_dir = guard.claim(preflight.prepare_output(cfg.output), console.print)  # the folder is this run's now
+    out_dir = guard.claim(world.from_main(preflight.prepare_output, cfg.output), console.print)  # rank 0's lock
     identity = checkpoint.run_identity(family, ds, teacher, cfg)
+    world.agree(checkpoint.shared_facts(cfg, identity, resume))  # every rank the same run, before any compute
     # A run continues from a checkpoint only if nothing that changes its math has changed.
-    ckpt = checkpoint.load(checkpoint.resolve(resume, out_dir)) if resume is not None else None
+    ckpt = world.from_main(checkpoint.load_resume, resume, out_dir) if resume is not None else None
     remarks = checkpoint.check_compatible(ckpt, cfg, identity) if ckpt else []
     torch.manual_seed(cfg.seed)
 
     notes = family.run_notes(teacher, cfg)
     display = Display(console, cfg.steps, start_step=ckpt.step if ckpt else 0,
-                      shorten=advice.shorter_run_advice(cfg, rollout_steps, train_states))
+                      shorten=advice.shorter_run_advice(cfg, rollout_steps, train_states), batch=cfg.batch_size)
     display.header(advice.run_header(cfg, preset, family, ds, teacher, (rollout_steps, train_states), lr, device,
                                      notes, out_dir, ckpt))
     advice.print_run_notes(console, display, cfg, family, ds, teacher, remarks, device, out_dir)
@@ -86,7 +88,7 @@ def setup(cfg: TrainConfig, guard: RunGuard, preset: str = "", console=None, res
     t0 = time.perf_counter()
     enc_device = device if cfg.encoders_on == "auto" else resolve_device(cfg.encoders_on)
     with explain_oom(cfg, preset, "encoding the captions and images"):
-        conds = encode_conditions(family, ds, teacher, cfg, enc_device, cache, prompts)
+        conds = world.from_main(encode_conditions, family, ds, teacher, cfg, enc_device, cache, prompts)
     console.print(f"conditions: {cache.hits} cached, {cache.misses} encoded ({time.perf_counter() - t0:.1f}s)")
 
     # one frozen base, two LoRA sets, the optimizer of the student's
@@ -102,7 +104,7 @@ def setup(cfg: TrainConfig, guard: RunGuard, preset: str = "", console=None, res
     advice.print_speed(console, cfg, device, accel.speed_up(cfg, preset, family, model, lora, conds, ds, device))
     # A new run in a folder holding an earlier one moves that one aside, only now that everything
     # that can refuse this run has run: a bad setting or a broken download leaves the folder as it was.
-    if ckpt is None and (archived := checkpoint.archive_previous_run(out_dir)):
+    if ckpt is None and world.main and (archived := checkpoint.archive_previous_run(out_dir)):
         init_file = advice.note_archived(console, out_dir, archived, init_file)
 
     rng, noise_gen = random.Random(cfg.seed), torch.Generator("cpu").manual_seed(cfg.seed)
@@ -114,10 +116,7 @@ def setup(cfg: TrainConfig, guard: RunGuard, preset: str = "", console=None, res
     init_lora = str(init_file) if init_file else ckpt.info.get("init_lora") if ckpt else None
     info = output.run_info(cfg, preset, family, teacher, rollout_steps, lr, ds, init_lora)
     previews = Previewer.for_run(cfg, family, model, lora, out_dir, prompts, conds, ds, device) \
-        if cfg.preview_every else None
-    if start >= cfg.steps:
-        console.print(styled("note", f"the checkpoint is already at step {start} = steps: nothing to train "
-                                     f"(pass --steps {start + 100} to train further); writing its LoRA."))
+        if cfg.preview_every and world.main else None
     tracker = tracking.Tracker(cfg.log_with, out_dir, start, {**cfg.to_dict(), **info}, display.note)
     return Run(cfg=cfg, preset=preset, family=family, teacher=teacher, rollout_steps=rollout_steps,
                train_states=train_states, lr=lr,
@@ -125,7 +124,7 @@ def setup(cfg: TrainConfig, guard: RunGuard, preset: str = "", console=None, res
                optimizer=optimizer, scheduler=scheduler, sampler=sampler, rng=rng, noise_gen=noise_gen,
                out_dir=out_dir, identity=identity, info=info, cache=cache, display=display, tracker=tracker,
                previews=previews, command=command, step=start, saved_step=start,
-               last_ckpt=ckpt.path if ckpt else None, run_id=checkpoint.run_id_for(ckpt))
+               last_ckpt=ckpt.path if ckpt else None, run_id=checkpoint.run_id_for(ckpt), world=world)
 
 
 def load_model(cfg: TrainConfig, preset: str, family: Family, device: torch.device, dtype: torch.dtype,
@@ -193,7 +192,7 @@ def _draw(run: Run, height: int, width: int, c_s: list[Cond], c_t: list[Cond], t
 def train_step(run: Run, batch: list[RollOut]) -> StepResult:
     """One optimizer step of Algorithm 1 over this step's micro-batches."""
     losses: dict[str | None, list[float]] = {"teacher": [], None: []}
-    for r in batch:
+    for r in run.world.mine(batch):  # this rank's share of the micro-batches
         # (2) + (3): the student's roll-out; at each trained state the target's and the student's
         # velocities, the loss and its backward (the gradients add up in the student LoRA)
         losses[r.target] += rollout_and_learn(
@@ -201,11 +200,11 @@ def train_step(run: Run, batch: list[RollOut]) -> StepResult:
             run.family.sigmas(r.height, r.width, run.rollout_steps), conds_on(r.c_s, run.device),
             conds_on(r.c_t, run.device), r.trained, run.cfg.loss, loss_scale=r.weight / len(r.trained),
             teacher=r.target, kernels=run.cfg.kernels)[0]
-    loss = sum(losses["teacher"]) / len(losses["teacher"])
-    prior_loss = sum(losses[None]) / len(losses[None]) if losses[None] else None
+    loss, prior_loss = run.world.means(losses["teacher"], losses[None])  # over every rank's roll-outs
     lr = run.scheduler.get_last_lr()[0]
-    # (4) the optimizer step on the student LoRA (none when the loss or a gradient is not finite)
+    # (4) the optimizer step on the student LoRA's gradient summed over the ranks (none if it is not finite)
     with explain_oom(run.cfg, run.preset, f"the optimizer step of step {run.step + 1}"):
+        run.world.sum_grads(run.params)
         updated, grad_norm = optim.optimizer_step(run.params, run.optimizer, run.scheduler, run.cfg.max_grad_norm,
                                             loss + (prior_loss or 0.0))
     # (5) the EMA of the student LoRA into the teacher LoRA
@@ -259,10 +258,9 @@ def train(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
     `command`: the command line that started it, without --resume (printed as the way to resume)."""
     with RunGuard(command, resume) as guard:  # the output folder's lock; a stop at once says what is left
         run = guard.run = setup(cfg, guard, preset, console, resume, command)
-        with run.tracker, (run.out_dir / "metrics.jsonl").open("a", encoding="utf-8") as log, run.display, \
+        with run.tracker, output.metrics_log(run.out_dir, run.world.main) as log, run.display, \
                 GracefulStop(run.display.note) as stop:
-            if run.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(run.device)
+            reset_peak_vram(run.device)
             if run.previews and run.step == 0 and not (run.out_dir / "previews" / "step-000000.png").exists():
                 run.write_preview(0)  # the baseline: the base model before any training
             for step in range(run.step + 1, cfg.steps + 1):
@@ -270,12 +268,13 @@ def train(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
                 with explain_oom(cfg, preset, f"training step {step}", on_oom=partial(run.save_before, step, at_start)):
                     result = train_step(run, draw_batch(run))
                 run.step = step
-                run.log_step(log, result, time.perf_counter() - t0)
-                if step % cfg.save_every == 0 or step == cfg.steps or stop.requested or run.diverged:
+                stopping, vram = run.world.step_end(stop.requested, peak_vram_gb(run.device))  # the same on all ranks
+                run.log_step(log, result, time.perf_counter() - t0, vram)
+                if step % cfg.save_every == 0 or step == cfg.steps or stopping or run.diverged:
                     run.save_checkpoint(step)
                 if cfg.lora_every and step % cfg.lora_every == 0:  # the last step too: a resume goes on past it
                     run.write_step_lora(step)
-                if stop.requested or run.diverged:
+                if stopping or run.diverged:
                     break
                 if run.previews and (step % cfg.preview_every == 0 or step == cfg.steps):
                     run.write_preview(step)

@@ -1,17 +1,14 @@
-"""Jobs of several processes on the CPU (gloo) for the tests, started two ways:
+"""Jobs of several processes on the CPU (gloo) for the tests, without torchrun's start-up (~10 s here):
 
-    fork_job(2, fn, *args)   forks this process: each child gets torchrun's environment (RANK, WORLD_SIZE,
-                             LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and runs fn(*args) inside
-                             distributed.launched(); cheap (the children share the parent's imports)
-    torchrun(2, argv)        the real launcher, `python -m torch.distributed.run --standalone`, on
-                             tests/dist_entry.py (what a user runs, signals and all; ~10 s to start here)
+    fork_job(2, fn, *args)   forks this process: each child gets the environment torchrun gives a rank
+                             (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and runs fn(*args)
+                             inside distributed.launched(); the children share the parent's imports
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
 import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -64,13 +61,3 @@ def fork_job(size: int, fn, *args, timeout: float = 120) -> list[int]:
             p.kill()
             p.join()
     return codes
-
-
-def torchrun(nproc: int, argv: list[str], timeout: float = 120, env: dict | None = None, **kw
-             ) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node nproc tests/dist_entry.py argv` with its output captured."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(REPO / "tests" / "dist_entry.py"), *argv]
-    full = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=timeout, **kw)

@@ -82,7 +82,7 @@ def test_ranks_that_disagree_stop_before_anything_runs(tmp_path):
     assert fork_job(2, _agree, out) == [EXIT_USER_ERROR, EXIT_USER_ERROR]
     msg = open(f"{out}.0").read()
     assert msg == open(f"{out}.1").read()
-    assert "rank 1 differs from rank 0 in settings" in msg and "0.0002" in msg and "dataset" not in msg
+    assert "rank 1 differs from rank 0 in settings lr (0.0002 vs 0.0001)" in msg and "dataset" not in msg
     assert "same command" in msg
 
 

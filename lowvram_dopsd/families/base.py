@@ -126,6 +126,10 @@ class Family:
     # [tokens, out] LoRA temporaries). Calibrated on a GPU: docs/memory.md, "The planner".
     c_fwd: ClassVar[float] = 0.0
     c_fwd_fused: ClassVar[float] = 0.0
+    # Seconds per roll-out measured on one H100 80GB (16gb preset, 1024², micro_batch 1, rank 64, every
+    # state trained, fused kernel; the README's Results): what `plan --gpus N` prices a step with
+    # (scaling.py). 0: never measured.
+    rollout_s_h100: ClassVar[float] = 0.0
 
     @classmethod
     def plan_tokens(cls, height: int, width: int, text_student: int, text_teacher: int, teacher: str) -> Tokens:

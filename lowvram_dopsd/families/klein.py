@@ -107,6 +107,7 @@ class Klein(ReferenceImageFamily):
     # ------------------------------------------------------------------ the memory planner
     k_block = {"transformer_blocks": 46.2, "single_transformer_blocks": 48.1}
     c_fwd, c_fwd_fused = 38.5, 21.6
+    rollout_s_h100 = 2.27  # benchmarks/results/train-step-klein-h100.md (edit teacher)
 
     @classmethod
     def plan_tokens(cls, height: int, width: int, text_student: int, text_teacher: int, teacher: str) -> Tokens:

@@ -48,6 +48,7 @@ class ZImage(DiffusersFamily):
     # Refiners and main layers are the same block class (diffusers 0.42): one measured value.
     k_block = {"noise_refiner": 67.5, "context_refiner": 67.5, "layers": 67.5}
     c_fwd, c_fwd_fused = 18.6, 15.8
+    rollout_s_h100 = 7.73  # benchmarks/results/train-profile-h100.md
 
     @classmethod
     def plan_tokens(cls, height: int, width: int, text_student: int, text_teacher: int, teacher: str) -> Tokens:

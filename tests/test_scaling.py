@@ -1,0 +1,35 @@
+"""`plan --gpus N` (scaling.py): the memory table unchanged, the gradient sum and the expected step."""
+import json
+
+import pytest
+
+from lowvram_dopsd.cli import main
+from lowvram_dopsd.families.zimage import ZImage
+from lowvram_dopsd.scaling import BUSES
+
+
+def plan_json(capsys, *flags):
+    assert main(["plan", "--preset", "16gb", "--json", *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_on_gpus_keeps_the_memory_and_prices_the_step(capsys):
+    one = plan_json(capsys)
+    four = plan_json(capsys, "--gpus", "4")
+    assert four["peak_gib"] == one["peak_gib"] and four["rows"] == one["rows"]  # every GPU holds it all
+    dp = four["data_parallel"]
+    assert dp["allreduce_bytes"] == 4 * one["lora_params"]  # the fp32 student LoRA's gradient
+    assert dp["sent_per_gpu_bytes"] == round(1.5 * dp["allreduce_bytes"])  # a ring: 2 (N - 1) / N
+    assert dp["busiest_gpu_micro_batches"] == 1 and dp["one_gpu_step_s"] == pytest.approx(4 * ZImage.rollout_s_h100)
+    for bus, bandwidth in BUSES.items():
+        assert dp["expected_step_s"][bus] == pytest.approx(ZImage.rollout_s_h100 + 1.5 * dp["allreduce_bytes"] / bandwidth)
+    assert "data_parallel" not in one
+
+
+def test_plan_on_gpus_prices_no_step_away_from_the_measured_settings(capsys):
+    dp = plan_json(capsys, "--gpus", "3", "--resolution", "768")["data_parallel"]
+    assert dp["busiest_gpu_micro_batches"] == 2 and dp["rollout_s_h100"] is None
+    assert set(dp["expected_step_s"].values()) == {None}
+    assert main(["plan", "--preset", "16gb", "--gpus", "3", "--resolution", "768"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "do not divide evenly" in text and "no roll-out time was measured at these settings" in text
