@@ -39,6 +39,10 @@
 #      losses against the default's (the compiled numerics), and one state's GPU time per kernel
 #      (--profile): the per-kernel profile that says what to do next
 #  14  the same for klein
+#  15  the distributed path on one GPU (issue #32, docs/multi-gpu.md): the LoRA gradient sum at the real
+#      sizes as a torchrun job of one process (bench_allreduce.py), and the same tiny training plain and
+#      under `torchrun --nproc-per-node 1` (bench_dist_overhead.py; criterion: at most 2 %); with --tiny
+#      on the CPU, the sum over 2 gloo processes
 #
 # `bash benchmarks/gpu_next.sh N --tiny` runs stage N on the CPU with tiny models, one measured step and
 # no profile (no GPU, no .whl): the same configs, to check the script before a GPU session
@@ -48,7 +52,7 @@
 # write up what they say, with the device and versions the files record).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_next.sh 1..14 [--tiny]}
+stage=${1:?usage: gpu_next.sh 1..15 [--tiny]}
 BENCH=(--steps 2 --profile)  # --tiny: bench_memory on tiny models on the CPU, one step, no profile
 TINY=()
 [ "${2:-}" = "--tiny" ] && TINY=(--tiny --device cpu) && BENCH=(--steps 1)
@@ -143,6 +147,13 @@ case "$stage" in
       --configs klein-16gb-edit-fused,klein-16gb-edit-compile,klein-16gb-edit-cudnn \
       2>&1 | tee "$OUT/levers-klein.log"
     ;;
+  15)  # the distributed path at world size 1 (--tiny: the sum over 2 CPU processes, the tiny step on the CPU)
+    procs=1 && [ ${#TINY[@]} -gt 0 ] && procs=2
+    timeout 200 python3 -m torch.distributed.run --standalone --nproc-per-node $procs benchmarks/bench_allreduce.py \
+      "${TINY[@]}" --out "$OUT" 2>&1 | tee "$OUT/allreduce.log"
+    timeout 360 python3 benchmarks/bench_dist_overhead.py ${TINY[@]:0:1} --steps 40 --repeat 3 --out "$OUT" 2>&1 \
+      | tee "$OUT/dist-overhead.log"
+    ;;
   *)
-    echo "unknown stage '$stage' (1 to 14)" >&2; exit 2 ;;
+    echo "unknown stage '$stage' (1 to 15)" >&2; exit 2 ;;
 esac
