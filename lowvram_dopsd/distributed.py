@@ -157,6 +157,11 @@ class World:
             raise UserError(f"device = {device!r}: in a job of {self.size} processes each one uses the GPU of its "
                             "local rank (rank 0 the first GPU of its node, ...). Leave device at 'auto' (or 'cuda') "
                             "and choose the GPUs with CUDA_VISIBLE_DEVICES.")
+        here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", self.size)), torch.cuda.device_count()
+        if device != "cpu" and torch.cuda.is_available() and here > gpus:
+            raise UserError(f"{here} processes were started on this machine, but it has {gpus} GPU{'s' * (gpus > 1)} "
+                            f"(CUDA_VISIBLE_DEVICES included): two processes would share one. Start {gpus} per "
+                            f"machine (--gpus {gpus}, or torchrun --nproc-per-node {gpus}).")
         if micro_batches < self.size:
             raise UserError(
                 f"This job has {self.size} processes but a step has only {micro_batches} micro-batches "
@@ -335,8 +340,8 @@ def launched() -> Iterator[World]:
         return
     rank, size, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local % torch.cuda.device_count())
+    if cuda and local < torch.cuda.device_count():  # more processes than GPUs: World.check_job refuses
+        torch.cuda.set_device(local)
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     watchdog = Watchdog(rank, size)
     _WORLD = World(rank, size, local, watchdog)

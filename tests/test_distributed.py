@@ -109,3 +109,20 @@ def test_a_rank_that_dies_stops_the_others_at_once_naming_it(tmp_path, capfd, ho
     assert f"error: rank 1 " in err and f"Rank 0 stops too (exit {code})" in err and "--resume" in err
     if how == "error":
         assert "ran out of memory (made up)" in err
+
+
+def test_a_job_refuses_what_it_cannot_run_before_anything_loads(monkeypatch):
+    world = World(rank=0, size=2)
+    world.check_job("auto", 2)  # fine
+    with pytest.raises(UserError, match="device = 'cuda:1': in a job of 2 processes"):
+        world.check_job("cuda:1", 2)
+    with pytest.raises(UserError, match="a step has only 1 micro-batches"):
+        world.check_job("auto", 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="2 processes were started on this machine, but it has 1 GPU"):
+        world.check_job("auto", 4)
+    world.check_job("cpu", 4)  # CPU processes share no GPU
+    assert world.division_note(4) == ""
+    assert "busy 75%" in World(rank=0, size=4).division_note(6)  # 2, 2, 1, 1 micro-batches
