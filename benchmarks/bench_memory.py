@@ -81,11 +81,11 @@ CONFIGS = {
     # the issue's baseline (d) as a whole step: the 16gb settings on an unquantized bf16 base (12 GB)
     "zimage-16gb-bf16": dict(family="zimage", preset="16gb", quant="none", target_gib=22.0),
     # the speed levers of issue #34, each against the fused default on one machine (gpu_next.sh 13, 14; not
-    # measured yet): regional compilation, SDPA forced to cuDNN (on the CPU, --tiny, its stand-in is the math
-    # kernel) or to flash attention
+    # measured yet): regional compilation, selective checkpointing within the preset's budget, SDPA forced to
+    # cuDNN (on the CPU, --tiny, its stand-in is the math kernel) or to flash attention
     **{f"{name}-{lever}": dict(family=family, preset="16gb", kernels="on", target_gib=target, **setting)
        for name, family, target in (("zimage-16gb", "zimage", 14.0), ("klein-16gb-edit", "klein", 12.0))
-       for lever, setting in (("compile", {"torch_compile": "blocks"}),
+       for lever, setting in (("compile", {"torch_compile": "blocks"}), ("keep", {"keep_blocks": "auto"}),
                               ("cudnn", {"attention_backend": "_native_cudnn"}),
                               ("flash", {"attention_backend": "_native_flash"}))},
     # --transformer-file: the same random weights as one ORIGINAL-layout file (fused qkv, ComfyUI keys),
@@ -253,7 +253,7 @@ def run_child(name: str, args) -> dict:
            "transformer_file": str(single) if single else None,
            "settings": {k: getattr(cfg, k) for k in ("resolution", "rank", "alpha", "quant", "optimizer",
                                                       "grad_checkpointing", "train_states", "max_sequence_length",
-                                                      "teacher_max_sequence_length")}}
+                                                      "teacher_max_sequence_length", "keep_blocks")}}
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     rss0 = host_rss()
@@ -293,7 +293,8 @@ def run_child(name: str, args) -> dict:
     # compiled graphs run eagerly (inductor's CPU code generation takes minutes)
     backend = accel.COMPILE_BACKEND if cuda else "eager"
     graphs = accel.compiled_graphs()
-    res["levers"] = accel.apply(cfg, family, model, lora, (x0, sigmas[0].to(device), c_s, c_t), {}, backend)
+    res["levers"] = accel.apply(cfg, family, model, lora, (x0, sigmas[0].to(device), c_s, c_t),
+                                accel.kept_blocks(cfg, preset, device), backend)
     # which k states does not change the cost (each trained state is one teacher pass + student forward and
     # backward); train.py draws them at random, here they are the first k, so every step costs the same
     trained = set(range(cfg.train_states or steps))
@@ -364,11 +365,12 @@ def run_child(name: str, args) -> dict:
     # the planner's prediction for the same settings (config alone, on the CPU)
     settings = {**res["settings"], "teacher": teacher,
                 "lora_targets": list(targets), "fused_linear": bool(res["fused_layers"]),
-                "teacher_ema_on": cfg.teacher_ema_on}  # the 12gb preset's EMA in host RAM: 0.3 GiB less
+                "teacher_ema_on": cfg.teacher_ema_on,  # the 12gb preset's EMA in host RAM: 0.3 GiB less
+                "keep_blocks": cfg.keep_blocks}
     # the teacher's text as its condition holds it (klein's edit teacher: the caption, max_sequence_length)
     settings["teacher_max_sequence_length"] = c_t[0]["cap"].shape[0]
     mc = planner.resolve_model(str(folder))
-    p = planner.make_plan(str(folder), settings, mc)
+    p = planner.make_plan(str(folder), settings, mc, budget_gib=planner.vram_of_preset(preset))  # keep_blocks
     res["plan"] = p.to_dict()
     res["predicted_gib"] = p.peak_gib
     if cuda and res["step"]["peak_gib"]:

@@ -34,10 +34,11 @@
 #  12  what --train-states saves (README "How long will it take?" expects ~0.45 of the step for 2 of
 #      Z-Image's 8 states): each model's step with every state trained and with train_states = 2 / 1
 #  13  the speed levers of issue #34 on Z-Image, each against the default on one machine: regional
-#      compilation (torch_compile = blocks), SDPA forced to cuDNN; every config records which attention kernel each pass ran (the default's too: forcing flash
-#      is only worth a run if SDPA did not pick it), the compiled graphs, the kept blocks, its warm-up
-#      losses against the default's (the compiled numerics), and one state's GPU time per kernel
-#      (--profile): the per-kernel profile that says what to do next
+#      compilation (torch_compile = blocks), selective checkpointing (keep_blocks = auto: the kept blocks
+#      and the planner's peak for them), SDPA forced to cuDNN. Every config records which attention
+#      kernel each pass ran (the default's too: forcing flash is only worth a run if SDPA did not pick
+#      it), the compiled graphs, the kept blocks, its warm-up losses against the default's (the compiled
+#      numerics), and one state's GPU time per kernel (--profile): what to do next
 #  14  the same for klein
 #  15  the distributed path on one GPU (issue #32, docs/multi-gpu.md): the LoRA gradient sum at the real
 #      sizes as a torchrun job of one process (bench_allreduce.py), and the same tiny training plain and
@@ -139,12 +140,12 @@ case "$stage" in
     ;;
   13)  # each lever of issue #34 against the default (the first config), Z-Image
     timeout 560 python3 benchmarks/bench_memory.py "${TINY[@]}" "${BENCH[@]}" --budget-s 470 --out "$OUT" \
-      --configs zimage-16gb-fused,zimage-16gb-compile,zimage-16gb-cudnn \
+      --configs zimage-16gb-fused,zimage-16gb-compile,zimage-16gb-keep,zimage-16gb-cudnn \
       2>&1 | tee "$OUT/levers-zimage.log"
     ;;
   14)  # the same for klein
     timeout 400 python3 benchmarks/bench_memory.py "${TINY[@]}" "${BENCH[@]}" --budget-s 330 --out "$OUT" \
-      --configs klein-16gb-edit-fused,klein-16gb-edit-compile,klein-16gb-edit-cudnn \
+      --configs klein-16gb-edit-fused,klein-16gb-edit-compile,klein-16gb-edit-keep,klein-16gb-edit-cudnn \
       2>&1 | tee "$OUT/levers-klein.log"
     ;;
   15)  # the distributed path at world size 1 (--tiny: the sum over 2 CPU processes, the tiny step on the CPU)

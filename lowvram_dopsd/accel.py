@@ -4,7 +4,7 @@ the model as diffusers runs it; none changes what is computed beyond the roundin
 
     torch_compile = "blocks"      torch.compile of each repeated transformer block (regional compilation)
     attention_backend = "..."     one of diffusers' attention backends instead of its default
-    keep_activations(model, ...)  some blocks keep their activations instead of recomputing them in backward
+    keep_blocks = N or "auto"     N blocks keep their activations instead of recomputing them in backward
 
 They work on any family whose transformer is a diffusers model: the repeated blocks are the model's own
 `_repeated_blocks`, the backends diffusers' `set_attention_backend`, the checkpointing diffusers'
@@ -222,11 +222,29 @@ def apply(cfg, family, model: nn.Module, lora, probe: tuple | None, keep: dict[s
 
 
 def speed_up(cfg, preset: str, family, model: nn.Module, lora, conds, ds, device: torch.device) -> dict:
-    """`apply` for a training run: the attention probe on the first item's conditions at its size."""
+    """`apply` for a training run: the attention probe on the first item's conditions at its size, the kept
+    blocks the planner chooses for `keep_blocks` within the preset's budget (or this GPU's)."""
     from .conditions import conds_on
 
     item = ds.items[0]
     x = torch.randn((1, *family.latent_shape(item.height, item.width)), generator=torch.Generator().manual_seed(0))
     sigma = family.sigmas(item.height, item.width, cfg.rollout_steps or family.default_rollout_steps)[0]
     probe = (x.to(device), sigma.to(device), conds_on([conds.student[0]], device), conds_on([conds.teacher[0]], device))
-    return apply(cfg, family, model, lora, probe, {})
+    return apply(cfg, family, model, lora, probe, kept_blocks(cfg, preset, device))
+
+
+def kept_blocks(cfg, preset: str, device: torch.device) -> dict[str, int]:
+    """Blocks per block list that keep their activations (`keep_blocks`: a number, or "auto": as many as the
+    planner fits under the preset's budget, else this GPU's); {} for 0."""
+    if cfg.keep_blocks == "0":
+        return {}
+    from . import plan
+
+    budget = plan.vram_of_preset(preset)
+    if budget is None and device.type == "cuda":
+        budget = plan.budget_for(torch.cuda.get_device_properties(device).total_memory / 2**30)
+    try:
+        return plan.plan_from_config(cfg, budget_gib=budget).kept
+    except UserError as exc:
+        raise UserError(f"keep_blocks = '{cfg.keep_blocks}' needs the memory planner, which cannot plan this "
+                        f"model ({exc}). Set keep_blocks = 0.") from exc

@@ -104,9 +104,28 @@ def warn_if_it_will_not_fit(cfg: TrainConfig, device: torch.device, console) -> 
                                          "with the same settings suggests what to lower."))
 
 
+def time_note(cfg: TrainConfig, device: torch.device, kept: dict[str, int]) -> str:
+    """How long the run will take on this GPU (timeplan.py): measured where this GPU, model and path were,
+    else predicted and said so; '' for a GPU or model the planners do not know."""
+    from . import plan, timeplan
+    from .quant import use_fused_linear
+
+    gpu, world = timeplan.this_gpu(device), distributed.current()
+    if gpu is None or not world.main:
+        return ""
+    cfg = dataclasses.replace(cfg, kernels="on" if use_fused_linear(device, cfg.kernels) else "off")  # as it runs
+    try:
+        tp = timeplan.predict(plan.resolve_model(cfg.model), plan.run_settings(cfg), gpu, kept)
+    except (UserError, ValueError, NotImplementedError):  # a model the planners do not know: nothing to say
+        return ""
+    shared = (f" On {world.size} GPUs the roll-outs are divided among them: about {tp.hours / world.size:.1f} h, "
+              "plus the gradient sum of every step." if world.size > 1 else "")
+    return timeplan.describe(tp) + shared
+
+
 def print_speed(console, cfg: TrainConfig, device: torch.device, facts: dict) -> None:
     """Before the first step: what the speed settings did (accel.apply: which attention each pass runs, the
-    kept and compiled blocks)."""
+    kept and compiled blocks) and how long the run will take."""
     from .accel import describe_attention
 
     if "attention" in facts:
@@ -117,6 +136,8 @@ def print_speed(console, cfg: TrainConfig, device: torch.device, facts: dict) ->
     if facts.get("compiled_blocks"):
         console.print(f"torch_compile: {facts['compiled_blocks']} blocks compile in the first steps (the first "
                       "step of each bucket is slower)")
+    if note := time_note(cfg, device, kept or {}):
+        console.print(note)
 
 
 def note_archived(console, out_dir: Path, archived: Path, init_file: Path | None) -> Path | None:

@@ -66,6 +66,7 @@ HARMLESS = {
     "preview_teacher", "teacher_ema_on", "log_with", *BY_IDENTITY,
     "lora_init", "init_lora",  # read at step 0 only: a resumed run loads its LoRAs from the checkpoint
     "torch_compile", "attention_backend",  # the same math, other kernels (accel.py)
+    "keep_blocks",  # the same kernels, fewer of them recomputed
 }
 # harmless for the method, but results are no longer bit-identical
 NUMERIC_ONLY = {"device", "kernels", "teacher_ema_on", "torch_compile", "attention_backend"}

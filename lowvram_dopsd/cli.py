@@ -257,13 +257,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p = plan.plan_from_config(cfg, budget_gib=budget)
     fixes = plan.suggest(cfg.model, plan._settings(cfg), budget) if budget and not p.fits() else None
     dp = scaling.data_parallel(args.gpus, cfg, p.family, p.counts.lora) if args.gpus > 1 else None
+    time = None
+    if args.gpu:  # how long, on that GPU (timeplan.py)
+        from . import timeplan
+        from .gpus import gpu_named
+
+        time = timeplan.predict(plan.resolve_model(cfg.model), plan.run_settings(cfg), gpu_named(args.gpu), p.kept)
     if args.json:
         print(json.dumps({**p.to_dict(), "suggestions": [(f, s.peak_gib) for f, s in fixes or []],
-                          **({"data_parallel": dp.to_dict()} if dp else {})}, indent=1))
+                          **({"data_parallel": dp.to_dict()} if dp else {}),
+                          **({"time": time.to_dict()} if time else {})}, indent=1))
     else:
         plan.render(p, suggestions=fixes)
         if dp:
             scaling.render(dp, make_console())
+        if time:
+            timeplan.render(time, make_console())
     return 0 if p.fits() else 3
 
 
@@ -351,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p, preset_default="16gb", resume=False, listed=MEMORY_SETTINGS)
     p.add_argument("--vram", default=None, metavar="GIB",
                    help="your card's memory in GiB (default: the preset's card, e.g. 16gb -> 14.0 GiB allocatable)")
+    p.add_argument("--gpu", default=None, metavar="NAME",
+                   help="also predict how long a roll-out and the whole run take on this GPU (H100, A100, 3090, 4090, "
+                        "4060 Ti, 5090, ...): from the counted FLOPs and the efficiency measured on an H100; marked "
+                        "as a prediction where that GPU was not measured")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="data parallel over N GPUs: the memory per GPU (unchanged), the gradient sum per step and "

@@ -134,6 +134,10 @@ class TrainConfig:
                                      "native, _native_flash, _native_cudnn, _native_efficient, _native_math, flash "
                                      "(flash-attn 2), _flash_3 (FlashAttention 3, Hopper). 8-bit attention is not "
                                      "offered: its numerics are not measured", choices=("", *ATTENTION_BACKENDS))
+    keep_blocks: str = setting("0", "selective checkpointing: blocks that keep their activations instead of "
+                               "recomputing them in the backward (less compute, more memory); 'auto' = as many as "
+                               "fit the preset's memory budget, chosen by the planner (`plan` shows how many); "
+                               "0 = recompute every block")
     device: str = setting("auto", "where training runs ('auto': CUDA if available)", choices=("auto", "cuda", "cpu"))
     encoders_on: str = setting("auto", "where the text encoder and VLM compute the conditions ('auto' = device)",
                                choices=("auto", "cpu", "cuda"))
@@ -300,6 +304,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, name) < 0:
             raise UserError(f"Setting '{name}' must be 0 or more, got {getattr(cfg, name)} "
                             f"({SETTINGS[name].metadata['help']}).")
+    if cfg.keep_blocks != "auto" and not cfg.keep_blocks.isdigit():
+        raise UserError(f"Setting 'keep_blocks' is {cfg.keep_blocks!r}; it must be 'auto' or a whole number of blocks "
+                        f"({SETTINGS['keep_blocks'].metadata['help']}).")
     if cfg.vlm_min_pixels > cfg.vlm_max_pixels:
         raise UserError(f"vlm_min_pixels ({cfg.vlm_min_pixels}) is above vlm_max_pixels ({cfg.vlm_max_pixels}): "
                         "the VLM resizes your photo into that range. Lower the first or raise the second.")

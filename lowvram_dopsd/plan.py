@@ -96,6 +96,7 @@ class ModelConfig:
     family: type[Family]
     transformer: dict[str, Any]
     source: str          # where the config was read from (shown in the table)
+    folder: Path | None = None  # the folder that holds it (the time planner builds the family's adapter on it)
 
 
 def planned_families() -> list[type[Family]]:
@@ -124,7 +125,7 @@ def resolve_model(model: str) -> ModelConfig:
     if family is None or not family.k_block:
         raise UserError(f"'{model}' is a {index.get('_class_name', 'unknown')} checkpoint; the planner knows "
                         f"{', '.join(cls.pipeline_class for cls in planned_families())}.")
-    return ModelConfig(family, transformer, source)
+    return ModelConfig(family, transformer, source, folder)
 
 
 def _fetch_configs(model_id: str) -> Path:
@@ -230,6 +231,7 @@ class Plan:
     no_ckpt_activations: float
     phase: str
     budget_gib: float | None = None
+    kept: dict[str, int] = field(default_factory=dict)  # blocks per block list kept out of checkpointing
 
     @property
     def peak_gib(self) -> float:
@@ -243,7 +245,7 @@ class Plan:
                 "params_total": self.counts.total, "params_quantized": self.counts.quant_weight,
                 "lora_params": self.counts.lora, "tokens_student": self.tokens.student,
                 "tokens_teacher": self.tokens.teacher, "peak_gib": round(self.peak_gib, 3),
-                "phase": self.phase, "budget_gib": self.budget_gib,
+                "phase": self.phase, "budget_gib": self.budget_gib, "kept_blocks": self.kept,
                 "rows": [{"what": r.what, "detail": r.detail, "gib": round(r.bytes / GiB, 4), "in_peak": r.in_peak}
                          for r in self.rows]}
 
@@ -322,20 +324,56 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     inputs = b * sum(n * t * dim * e for _, n, t in streams)
     bwd = b * cal["c_bwd"] * tok.student * dim * e
     no_ckpt = sum(n * full(name, t) for name, n, t in streams if n)
+    fused = bool(s.get("fused_linear")) and quant in QUANTO
+    teacher_fwd = b * cal.get("c_fwd", family.c_fwd_fused if fused else family.c_fwd) * tok.teacher * dim * e
+    work = cal["work"]
+
+    # selective checkpointing (keep_blocks): kept blocks hold all their activations and are not recomputed;
+    # the blocks that see the most tokens go first (their recompute costs the most per byte kept: attention
+    # grows with tokens²), the last ones of a list first
+    order = [name for name, n, _ in sorted((x for x in streams if x[1]), key=lambda x: -x[2])]
+    counts = {name: n for name, n, _ in streams if n}
+
+    def kept_for(total: int) -> dict[str, int]:
+        out = {}
+        for name in order:
+            out[name] = min(counts[name], total - sum(out.values()))
+        return {name: k for name, k in out.items() if k}
+
+    def student_with(kept: dict[str, int]) -> float:  # inputs, kept blocks, the largest recomputed block
+        again = [name for name in order if kept.get(name, 0) < counts[name]]
+        return (inputs + sum(k * block_full[name] for name, k in kept.items())
+                + max((block_full[name] for name in again), default=0.0) + bwd)
+
+    want = str(s.get("keep_blocks") or "0")
+    kept: dict[str, int] = {}
+    if s.get("grad_checkpointing", True) and want != "0":
+        if want != "auto":
+            kept = kept_for(min(int(want), n_blocks))
+        elif budget_gib is not None:  # as many as fit under the budget
+            fits = [k for k in range(n_blocks + 1)
+                    if static + max(student_with(kept_for(k)), teacher_fwd) + work <= budget_gib * GiB]
+            kept = kept_for(max(fits, default=0))
     if s.get("grad_checkpointing", True):
-        act_rows = [Row("activations: block inputs", f"{n_blocks} checkpointed blocks ({dtype} inputs, <= {tok.student} "
-                        f"tokens x {dim}{per})", inputs),
-                    Row("activations: one block recomputed", f"{worst}: {family.k_block[worst]:g} B/token/dim x "
-                        f"{t_worst} tokens{per} + LoRA", block_full[worst])]
-        student = inputs + block_full[worst] + bwd
+        again = [name for name in order if kept.get(name, 0) < counts[name]]
+        worst = max(again, key=block_full.get) if again else worst
+        t_worst = next(t for name, _, t in streams if name == worst)
+        act_rows = [Row("activations: block inputs", f"{n_blocks} checkpointed blocks ({dtype} inputs, <= "
+                        f"{tok.student} tokens x {dim}{per})", inputs)]
+        if kept:
+            act_rows.append(Row("activations: kept blocks", f"{sum(kept.values())} of {n_blocks} blocks keep all "
+                                f"their activations (keep_blocks = {want}): "
+                                + ", ".join(f"{k} {name}" for name, k in kept.items()),
+                                sum(k * block_full[name] for name, k in kept.items())))
+        if again:
+            act_rows.append(Row("activations: one block recomputed", f"{worst}: {family.k_block[worst]:g} B/token/dim "
+                                f"x {t_worst} tokens{per} + LoRA", block_full[worst]))
+        student = student_with(kept)
     else:
         act_rows = [Row("activations: all blocks (no checkpointing)",
                         f"{n_blocks} blocks x <= {tok.student} tokens{per}", no_ckpt)]
         student = no_ckpt + bwd
     act_rows.append(Row("activations: backward temporaries", f"{cal['c_bwd']:g} x tokens x dim x {e} B{per}", bwd))
-    fused = bool(s.get("fused_linear")) and quant in QUANTO
-    teacher_fwd = b * cal.get("c_fwd", family.c_fwd_fused if fused else family.c_fwd) * tok.teacher * dim * e
-    work = cal["work"]
     if student >= teacher_fwd:
         phase, rows_act = "student backward", act_rows
         activation = student
@@ -357,9 +395,9 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
         rows.append(Row("(activations without checkpointing)", "for comparison", no_ckpt + bwd, in_peak=False))
     peak = static + activation + work
     settings_out = {**{k: s[k] for k in ("rank", "quant", "optimizer", "grad_checkpointing", "max_sequence_length",
-                                         "teacher_max_sequence_length", "teacher_ema_on") if k in s}, "dtype": dtype,
-                    "height": height, "width": width, "teacher": teacher, "micro_batch": b}
-    return Plan(model, mc.source, family, settings_out, c, tok, rows, peak, no_ckpt + bwd, phase, budget_gib)
+                                         "teacher_max_sequence_length", "teacher_ema_on", "keep_blocks") if k in s},
+                    "dtype": dtype, "height": height, "width": width, "teacher": teacher, "micro_batch": b}
+    return Plan(model, mc.source, family, settings_out, c, tok, rows, peak, no_ckpt + bwd, phase, budget_gib, kept)
 
 
 def _dim(meta: nn.Module, transformer: dict[str, Any]) -> int:
@@ -378,6 +416,8 @@ def suggest(model: str, settings: dict[str, Any], budget_gib: float, mc: ModelCo
     s = dict(settings)
     out = []
     steps: list[tuple[str, dict[str, Any]]] = []
+    if str(s.get("keep_blocks") or "0") != "0":  # kept blocks trade memory for time: the first to give back
+        steps.append(("--set keep_blocks=0", {"keep_blocks": "0"}))
     if s.get("dtype") == "fp32":  # twice the bytes of bf16 in the base and every activation
         steps.append(("--dtype bf16", {"dtype": "bf16"}))
     if s["quant"] == "none":
@@ -418,8 +458,16 @@ def plan_from_config(cfg, budget_gib: float | None = None) -> Plan:
     return make_plan(cfg.model, _settings(cfg), budget_gib=budget_gib)
 
 
+def run_settings(cfg) -> dict[str, Any]:
+    """`_settings` and what the time planner also reads: how long the run is and how its linears compute."""
+    return {**_settings(cfg), "rollout_steps": cfg.rollout_steps, "train_states": cfg.train_states,
+            "steps": cfg.steps, "batch_size": cfg.batch_size, "prior": bool(cfg.prior_prompts),
+            "act_quant": cfg.act_quant}
+
+
 def _settings(cfg) -> dict[str, Any]:
-    return {"resolution": cfg.resolution, "rank": cfg.rank, "quant": cfg.quant, "optimizer": cfg.optimizer,
+    return {"keep_blocks": cfg.keep_blocks,
+            "resolution": cfg.resolution, "rank": cfg.rank, "quant": cfg.quant, "optimizer": cfg.optimizer,
             "grad_checkpointing": cfg.grad_checkpointing, "max_sequence_length": cfg.max_sequence_length,
             "teacher_max_sequence_length": cfg.teacher_max_sequence_length, "teacher": cfg.teacher,
             "teacher_ema_on": cfg.teacher_ema_on, "micro_batch": cfg.micro_batch, "dtype": cfg.dtype,

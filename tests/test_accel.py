@@ -141,20 +141,23 @@ def test_attention_backend_that_cannot_run_says_what_to_do(tiny_zimage_dir, monk
 
     family, model, lora = _model(tiny_zimage_dir, quant="none")
     monkeypatch.setattr(attention_dispatch, "_CAN_USE_FLASH_ATTN", False)  # as without the flash-attn package
-    with pytest.raises(UserError, match=r"attention_backend = 'flash' cannot run here: .*flash-attn.* attention_backend = ''"):
+    with pytest.raises(UserError, match=r"'flash' cannot run here: .*flash-attn.* attention_backend = ''"):
         accel.set_attention_backend(model, "flash")
 
 
-def test_eight_bit_attention_is_refused():
+def test_eight_bit_attention_is_refused_and_keep_blocks_checked():
     with pytest.raises(UserError, match="8-bit attention.*not been measured"):
         load_config("cpu-demo", {"attention_backend": "sage"})
     with pytest.raises(UserError, match="must be one of"):
         load_config("cpu-demo", {"attention_backend": "xformerz"})
+    with pytest.raises(UserError, match="keep_blocks.*'auto' or a whole number"):
+        load_config("cpu-demo", {"keep_blocks": "some"})
+    assert load_config("cpu-demo", {"keep_blocks": 3}).keep_blocks == "3"
     assert load_config("cpu-demo").attention_backend == "" and load_config("cpu-demo").torch_compile == "off"
 
 
 def test_kept_blocks_run_once_and_give_the_checkpointed_gradients(tiny_zimage_dir):
-    """keep_activations: the kept blocks are not recomputed in the backward (one forward each instead of two) and
+    """keep_blocks: the kept blocks are not recomputed in the backward (one forward each instead of two) and
     the gradients are those of full checkpointing, exactly."""
     family, model, lora = _model(tiny_zimage_dir, quant="none")
     x = torch.randn((1, *family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(0))

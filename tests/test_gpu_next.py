@@ -35,7 +35,7 @@ def test_the_levers_stage_runs_tiny_on_the_cpu(tmp_path):
     (result,) = (tmp_path / "out").glob("memory-*-tiny.json")
     assert all(r["code"] == str(tree) for r in json.loads(result.read_text())["results"])  # the copy's code ran
     runs = {r["config"]: r for r in json.loads(result.read_text())["results"]}
-    assert list(runs) == ["zimage-16gb-fused", "zimage-16gb-compile", "zimage-16gb-cudnn"]
+    assert list(runs) == ["zimage-16gb-fused", "zimage-16gb-compile", "zimage-16gb-keep", "zimage-16gb-cudnn"]
     for name, r in runs.items():
         assert "error" not in r and r["step"]["losses_finite"], (name, r.get("error"))
         att = r["levers"]["attention"]
@@ -43,7 +43,12 @@ def test_the_levers_stage_runs_tiny_on_the_cpu(tmp_path):
     assert runs["zimage-16gb-fused"]["levers"]["attention"]["backend"] == ["native"]
     assert runs["zimage-16gb-cudnn"]["levers"]["attention"]["backend"] == ["_native_math"]  # cuDNN's CPU stand-in
     assert runs["zimage-16gb-compile"]["levers"]["compiled_blocks"] == 4
-    # the same inputs and initial LoRA in every process; dynamo's eager backend on the CPU runs the same kernels
-    assert runs["zimage-16gb-compile"]["first_losses"] == runs["zimage-16gb-fused"]["first_losses"]
+    # the tiny model fits the 16gb budget many times over: the planner keeps every block, and says so
+    keep = runs["zimage-16gb-keep"]
+    kept = keep["levers"]["kept_blocks"]
+    assert sum(kept.values()) == 4 and keep["plan"]["kept_blocks"] == kept
+    # the same inputs and initial LoRA in every config; dynamo's eager backend on the CPU runs the same kernels
+    base = runs["zimage-16gb-fused"]["first_losses"]
+    assert runs["zimage-16gb-compile"]["first_losses"] == base and keep["first_losses"] == base
     md = result.with_suffix(".md").read_text()
     assert "| zimage-16gb-compile | native: teacher: " in md

@@ -183,6 +183,32 @@ def test_no_checkpointing_keeps_every_block():
     assert off.no_ckpt_activations == pytest.approx(on.no_ckpt_activations)
 
 
+def test_keep_blocks_auto_keeps_as_many_as_fit_the_budget(capsys):
+    """Selective checkpointing: `auto` keeps the most blocks whose peak stays under the budget (one more would
+    not fit), those that see the most tokens first (Z-Image's main layers); each kept block adds its saved
+    activations to the peak; a number keeps that many; `plan` shows the count and `suggest` gives them back
+    first."""
+    model = "Tongyi-MAI/Z-Image-Turbo"
+    every = plan.make_plan(model, SETTINGS, budget_gib=14.0)
+    auto = plan.make_plan(model, {**SETTINGS, "keep_blocks": "auto"}, budget_gib=14.0)
+    n = sum(auto.kept.values())
+    assert auto.kept == {"layers": n} and 0 < n < 30 and auto.fits()
+    more = plan.make_plan(model, {**SETTINGS, "keep_blocks": str(n + 1)}, budget_gib=14.0)
+    assert not more.fits() and more.kept == {"layers": n + 1}
+    one = plan.make_plan(model, {**SETTINGS, "keep_blocks": "1"})
+    block = one.peak - every.peak
+    assert block > 0 and auto.peak - every.peak == pytest.approx(n * block)
+    assert plan.make_plan(model, {**SETTINGS, "keep_blocks": "auto"}).kept == {}  # no budget: nothing kept
+    assert plan.make_plan(model, {**SETTINGS, "keep_blocks": "99"}).kept == {"layers": 30, "noise_refiner": 2,
+                                                                             "context_refiner": 2}
+    fixes = plan.suggest(model, {**SETTINGS, "keep_blocks": "30"}, 14.0)
+    assert fixes and fixes[0][0] == "--set keep_blocks=0"
+    from lowvram_dopsd.cli import main
+
+    main(["plan", "--preset", "16gb", "--set", "keep_blocks=auto"])
+    assert f"{n} of 34 blocks keep all" in capsys.readouterr().out
+
+
 def test_suggestions_bring_it_under_the_budget():
     s = {**SETTINGS, "quant": "none", "optimizer": "adamw"}
     p = plan.make_plan("Tongyi-MAI/Z-Image-Turbo", s, budget_gib=14.0)

@@ -126,9 +126,14 @@ class Family:
     # [tokens, out] LoRA temporaries). Calibrated on a GPU: docs/memory.md, "The planner".
     c_fwd: ClassVar[float] = 0.0
     c_fwd_fused: ClassVar[float] = 0.0
-    # Seconds per roll-out measured on one H100 80GB (16gb preset, 1024², micro_batch 1, rank 64, every
-    # state trained, fused kernel; the README's Results): what `plan --gpus N` prices a step with
-    # (scaling.py). 0: never measured.
+    # Measured roll-out seconds, {GPU name (gpus.py): {path: s}}, at the 16gb preset's settings, 1024²,
+    # micro_batch 1, rank 64, every state trained, the default teacher; the path is how the linears ran:
+    # "fused" (our 8-bit kernel), "act8", "quanto" or "bf16". `measured_in`: the result file. The time
+    # planner's efficiencies (timeplan.py).
+    measured_rollout_s: ClassVar[dict[str, dict[str, float]]] = {}
+    measured_in: ClassVar[str] = ""
+    # Of those, the fused kernel's on one H100: what `plan --gpus N` prices a step with (scaling.py). 0: never
+    # measured.
     rollout_s_h100: ClassVar[float] = 0.0
 
     @classmethod

@@ -48,7 +48,9 @@ class ZImage(DiffusersFamily):
     # Refiners and main layers are the same block class (diffusers 0.42): one measured value.
     k_block = {"noise_refiner": 67.5, "context_refiner": 67.5, "layers": 67.5}
     c_fwd, c_fwd_fused = 18.6, 15.8
-    rollout_s_h100 = 7.73  # benchmarks/results/train-profile-h100.md
+    measured_rollout_s = {"H100 SXM": {"fused": 7.73, "act8": 7.25, "quanto": 8.61, "bf16": 7.72}}
+    measured_in = "benchmarks/results/train-profile-h100.md, code of 44476b3"
+    rollout_s_h100 = measured_rollout_s["H100 SXM"]["fused"]  # (scaling.py)
 
     @classmethod
     def plan_tokens(cls, height: int, width: int, text_student: int, text_teacher: int, teacher: str) -> Tokens:
