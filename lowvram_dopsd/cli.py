@@ -256,13 +256,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     budget = plan.budget_for(_gib(args.vram)) if args.vram else plan.vram_of_preset(args.preset)
     p = plan.plan_from_config(cfg, budget_gib=budget)
     fixes = plan.suggest(cfg.model, plan._settings(cfg), budget) if budget and not p.fits() else None
-    dp = scaling.data_parallel(args.gpus, cfg, p.family, p.counts.lora) if args.gpus > 1 else None
     time = None
     if args.gpu:  # how long, on that GPU (timeplan.py)
         from . import timeplan
         from .gpus import gpu_named
 
         time = timeplan.predict(plan.resolve_model(cfg.model), plan.run_settings(cfg), gpu_named(args.gpu), p.kept)
+    dp = scaling.data_parallel(args.gpus, cfg, p.family, p.counts.lora, time) if args.gpus > 1 else None
     if args.json:
         print(json.dumps({**p.to_dict(), "suggestions": [(f, s.peak_gib) for f, s in fixes or []],
                           **({"data_parallel": dp.to_dict()} if dp else {}),

@@ -24,7 +24,8 @@ class DataParallel:
     micro_batches: int       # per step, all GPUs together
     busiest: int             # micro-batches of the busiest GPU
     lora_params: int
-    rollout_s: float | None  # one roll-out's measured time, when the settings are those measured
+    rollout_s: float | None  # one micro-batch's roll-out time on one GPU, when known
+    rollout_from: str = "the H100's measured"  # where rollout_s comes from, as the output says it
 
     @property
     def grad_bytes(self) -> int:
@@ -43,17 +44,21 @@ class DataParallel:
     def to_dict(self) -> dict[str, Any]:
         return {"gpus": self.gpus, "micro_batches": self.micro_batches, "busiest_gpu_micro_batches": self.busiest,
                 "allreduce_bytes": self.grad_bytes, "sent_per_gpu_bytes": round(self.sent_bytes),
-                "rollout_s_h100": self.rollout_s,
+                "rollout_s": self.rollout_s, "rollout_from": self.rollout_from,
                 "expected_step_s": {bus: self.step_s(bw) for bus, bw in BUSES.items()},
                 "one_gpu_step_s": None if self.rollout_s is None else self.micro_batches * self.rollout_s}
 
 
-def data_parallel(gpus: int, cfg, family, lora_params: int) -> DataParallel:
-    """`cfg`: the run's TrainConfig; `family`: its Family class, whose measured roll-out time applies at the
-    settings it was measured at."""
+def data_parallel(gpus: int, cfg, family, lora_params: int, predicted=None) -> DataParallel:
+    """`cfg`: the run's TrainConfig; `family`: its Family class, whose measured H100 roll-out time applies at
+    the settings it was measured at; `predicted`: `plan --gpu NAME`'s timeplan.TimePlan, whose roll-out time
+    (for that GPU and these settings) is used instead."""
+    split = (gpus, cfg.grad_accum, math.ceil(cfg.grad_accum / gpus), lora_params)
+    if predicted is not None:
+        how = "measured" if predicted.measured else "predicted (timeplan.py)"
+        return DataParallel(*split, predicted.seconds * cfg.micro_batch, f"the {predicted.gpu.name}'s {how}")
     measured = all(getattr(cfg, k) == v for k, v in MEASURED_AT.items())
-    rollout = (family.rollout_s_h100 or None) if measured else None
-    return DataParallel(gpus, cfg.grad_accum, math.ceil(cfg.grad_accum / gpus), lora_params, rollout)
+    return DataParallel(*split, (family.rollout_s_h100 or None) if measured else None)
 
 
 def render(dp: DataParallel, console) -> None:
@@ -69,5 +74,5 @@ def render(dp: DataParallel, console) -> None:
                       f"{dp.busiest}, plus the gradient sum (no roll-out time was measured at these settings).")
         return
     buses = ", ".join(f"{dp.step_s(bw):.2f} s over {bus} (assumed {bw / 1e9:.0f} GB/s)" for bus, bw in BUSES.items())
-    console.print(f"Expected step, if each GPU rolls out at the H100's measured {dp.rollout_s} s: {buses}; one "
-                  f"GPU: {dp.micro_batches * dp.rollout_s:.2f} s. Not measured with several GPUs.")
+    console.print(f"Expected step, if each GPU rolls out a micro-batch in {dp.rollout_from} {dp.rollout_s:.3g} s: "
+                  f"{buses}; one GPU: {dp.micro_batches * dp.rollout_s:.2f} s. Not measured with several GPUs.")

@@ -28,8 +28,17 @@ def test_plan_on_gpus_keeps_the_memory_and_prices_the_step(capsys):
 
 def test_plan_on_gpus_prices_no_step_away_from_the_measured_settings(capsys):
     dp = plan_json(capsys, "--gpus", "3", "--resolution", "768")["data_parallel"]
-    assert dp["busiest_gpu_micro_batches"] == 2 and dp["rollout_s_h100"] is None
+    assert dp["busiest_gpu_micro_batches"] == 2 and dp["rollout_s"] is None
     assert set(dp["expected_step_s"].values()) == {None}
     assert main(["plan", "--preset", "16gb", "--gpus", "3", "--resolution", "768"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "do not divide evenly" in text and "no roll-out time was measured at these settings" in text
+
+
+def test_plan_on_gpus_of_a_named_kind_prices_the_step_with_the_time_planner(capsys):
+    """--gpu NAME --gpus N: each GPU's roll-out is the time planner's for that GPU (here a 4090, predicted)."""
+    out = plan_json(capsys, "--gpus", "2", "--gpu", "4090", "--micro-batch", "2", "--batch-size", "8")
+    dp, time = out["data_parallel"], out["time"]
+    assert dp["rollout_s"] == pytest.approx(2 * time["seconds_per_rollout"], rel=1e-3)  # a micro-batch of 2
+    assert "4090" in dp["rollout_from"] and "predicted" in dp["rollout_from"]
+    assert dp["one_gpu_step_s"] == pytest.approx(4 * dp["rollout_s"])  # 8 roll-outs as 4 micro-batches of 2
