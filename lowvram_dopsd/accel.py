@@ -151,7 +151,8 @@ def record_attention(which: Callable[[], str]) -> Iterator[dict[str, Counter]]:
         yield record
 
 
-def probe_attention(family, model: nn.Module, lora, x: torch.Tensor, sigma: torch.Tensor, c_s, c_t) -> dict:
+def probe_attention(family, model: nn.Module, lora, x: torch.Tensor, sigma: torch.Tensor, c_s, c_t,
+                    sigma_next: torch.Tensor | None = None) -> dict:
     """Which attention runs in each pass of a trained state: one teacher pass (no grad) and one student
     forward with grad, in eager mode (run it before compile_blocks). Returns {"backend": [...], "teacher":
     {kernel: calls}, "student": {...}}: the backward of a call runs the backward of the kernel its forward
@@ -162,7 +163,7 @@ def probe_attention(family, model: nn.Module, lora, x: torch.Tensor, sigma: torc
         for name, (role, grad, conds) in passes.items():
             now["pass"] = name
             with lora.use(role), torch.set_grad_enabled(grad):
-                family.velocity(model, x, sigma, conds)
+                family.velocity(model, x, sigma, conds, sigma_next)
     return {"backend": attention_backends(model), **{k: dict(v) for k, v in record.items()}}
 
 
@@ -206,7 +207,8 @@ def keep_activations(model: nn.Module, keep: dict[str, int]) -> int:
 def apply(cfg, family, model: nn.Module, lora, probe: tuple | None, keep: dict[str, int],
           compile_backend: str = COMPILE_BACKEND) -> dict:
     """The run's speed settings on its model, after the LoRA is attached and routed: the attention backend,
-    a probe of the attention kernel each pass runs (`probe` = (x, sigma, c_s, c_t) of one state; None: no
+    a probe of the attention kernel each pass runs (`probe` = (x, sigma, c_s, c_t, sigma_next) of one state,
+    sigma_next the sigma the step goes to (a flow map's target); None: no
     probe), the kept blocks (`keep`, resolved by the planner from `keep_blocks`) and the compilation, last.
     Returns what was done, for the run's record."""
     set_attention_backend(model, cfg.attention_backend)
@@ -228,8 +230,9 @@ def speed_up(cfg, preset: str, family, model: nn.Module, lora, conds, ds, device
 
     item = ds.items[0]
     x = torch.randn((1, *family.latent_shape(item.height, item.width)), generator=torch.Generator().manual_seed(0))
-    sigma = family.sigmas(item.height, item.width, cfg.rollout_steps or family.default_rollout_steps)[0]
-    probe = (x.to(device), sigma.to(device), conds_on([conds.student[0]], device), conds_on([conds.teacher[0]], device))
+    sigmas = family.sigmas(item.height, item.width, cfg.rollout_steps or family.default_rollout_steps)[:2].to(device)
+    probe = (x.to(device), sigmas[0], conds_on([conds.student[0]], device), conds_on([conds.teacher[0]], device),
+             sigmas[1])
     return apply(cfg, family, model, lora, probe, kept_blocks(cfg, preset, device))
 
 
