@@ -26,6 +26,7 @@ from .utils import (
     cdiv,
     empty,
     is_interpret,
+    next_pow2,
     num_sms,
     tl,
     to_storage,
@@ -94,8 +95,8 @@ def _scale_grad_kernel(grad_ptr, go_ptr, out_ptr, n, EMULATE_RNE: tl.constexpr, 
 # =============================================================================================
 def _launch_params(B: int, n: int, device: torch.device) -> Tuple[int, int, int]:
     """(BLOCK, chunk, num_chunks): enough programs to fill the GPU, several BLOCKs per program."""
-    if is_interpret():
-        block, min_iters, target = 64, 1, 8
+    if is_interpret():  # 64 up to 2048 elements (the masked tails of small tests), then 1/32 of a sample
+        block, min_iters, target = max(64, next_pow2(n) // 32), 1, 8
     else:
         block, min_iters, target = 2048, 4, 8 * num_sms(device)
     per_sample = max(1, cdiv(target, B))
@@ -137,7 +138,8 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, dtype: Optional[to
     """grad · grad_output (a 0-dim tensor) into a new tensor of ``dtype`` (default: grad's)."""
     out = empty(grad.shape, dtype or grad.dtype, grad.device)
     n = grad.numel()
-    block = 64 if is_interpret() else 4096
+    # the interpreter runs each program op by op in Python: 64 up to 2048 elements, then 1/32 of them
+    block = max(64, next_pow2(n) // 32) if is_interpret() else 4096
     go = grad_output.to(device=grad.device, dtype=torch.float32).reshape(1)
     _scale_grad_kernel[(cdiv(n, block),)](
         grad, go, out, n,

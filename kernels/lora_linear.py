@@ -81,6 +81,7 @@ from .utils import (
     is_interpret,
     kernels_available,
     launch,
+    next_pow2,
     num_sms,
     tl,
     to_storage,
@@ -439,10 +440,6 @@ if HAS_TRITON:
 _BEST_CONFIG: dict = {}
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _compute(dtype: torch.dtype):
     """(dot operand dtype, dot precision) for activations of ``dtype``.
 
@@ -515,9 +512,9 @@ def _mm(
     if kind == "main":
         fn = _mm_main
     elif kind == "skinny_q":
-        fn, extra["BLOCK_Q"] = _mm_skinny_q, max(16, _next_pow2(Q))
+        fn, extra["BLOCK_Q"] = _mm_skinny_q, max(16, next_pow2(Q))
     else:
-        fn, extra["BLOCK_P"] = _mm_skinny_p, max(16, _next_pow2(P))
+        fn, extra["BLOCK_P"] = _mm_skinny_p, max(16, next_pow2(P))
 
     args = (
         a, b, out,
@@ -536,7 +533,7 @@ def _mm(
         COL_ACT_SCALE=act_scale is not None,
         ROW_BIAS=bias is not None,
         HAS_LORA=lora is not None,
-        BLOCK_RANK=max(16, _next_pow2(rank)),
+        BLOCK_RANK=max(16, next_pow2(rank)),
         SOFT_FP8=soft,
         COMPUTE=cdt,
         INT8_DOT=int8_dot,
@@ -604,7 +601,7 @@ def quantize_rows(x: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> 
     # one-row programs), and about four blocks per row at any K keep the loop and its masked tail under
     # test (K = 71: three blocks of 32) without the 65 of a fixed 32 at K = 2053.
     rows = _INTERPRETED_ROWS if is_interpret() else 1
-    block = max(32, _next_pow2(K) // 4) if is_interpret() else min(4096, max(128, _next_pow2(K)))
+    block = max(32, next_pow2(K) // 4) if is_interpret() else min(4096, max(128, next_pow2(K)))
     launch(_quant_rows_kernel, (cdiv(M, rows),),
            (x, col_scale if col_scale is not None else s, q, s, M, K, x.stride(0)),
            dict(HAS_COL_SCALE=col_scale is not None, ROWS=rows, BLOCK_K=block, num_warps=4 if block <= 1024 else 8,

@@ -124,6 +124,7 @@ __all__ = [
     "to_storage",
     "launch",
     "cdiv",
+    "next_pow2",
     "specialization",
     "FAST_LAUNCH",
 ]
@@ -241,6 +242,11 @@ _COMPILED: dict = {}
 def cdiv(a: int, b: int) -> int:
     """Host-side ceil(a / b): ``triton.cdiv`` is a constexpr_function, ~5 µs a call from Python."""
     return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def specialization(args) -> tuple:
