@@ -8,10 +8,16 @@ from lowvram_dopsd.kernels import utils as kutils
 from lowvram_dopsd.train import train
 
 
-def run(tmp_path, name, model_dir, vlm_dir, images, kernels, quant, act_quant="off"):
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    """One feature cache for every run of this module: the conditions are the same, keyed by content."""
+    return tmp_path_factory.mktemp("features")
+
+
+def run(tmp_path, name, model_dir, vlm_dir, images, kernels, quant, act_quant="off", cache=None, steps=2):
     cfg = load_config("cpu-demo", dict(
         model=str(model_dir), teacher_encoder=str(vlm_dir), images=str(images), output=str(tmp_path / name),
-        cache_dir=str(tmp_path / "cache"), steps="2", rollout_steps="1", batch_size="1", quant=quant,
+        cache_dir=str(cache or tmp_path / "cache"), steps=str(steps), rollout_steps="1", batch_size="1", quant=quant,
         act_quant=act_quant, kernels=kernels, lr="5e-3"))  # small: every LoRA layer runs through the Triton interpreter
     kutils.reset_dispatch_counts()
     result = train(cfg)
@@ -20,9 +26,10 @@ def run(tmp_path, name, model_dir, vlm_dir, images, kernels, quant, act_quant="o
 
 
 @pytest.mark.parametrize("quant", ["qint8", "qfloat8"])
-def test_kernels_on_and_off_train_the_same(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, quant):
-    on, counts_on, res_on = run(tmp_path, "on", tiny_zimage_dir, tiny_vlm_dir, demo_images, "on", quant)
-    off, counts_off, res_off = run(tmp_path, "off", tiny_zimage_dir, tiny_vlm_dir, demo_images, "off", quant)
+def test_kernels_on_and_off_train_the_same(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, features, quant):
+    on, counts_on, res_on = run(tmp_path, "on", tiny_zimage_dir, tiny_vlm_dir, demo_images, "on", quant, cache=features)
+    off, counts_off, res_off = run(tmp_path, "off", tiny_zimage_dir, tiny_vlm_dir, demo_images, "off", quant,
+                                   cache=features)
     # the "on" run really went through Triton (interpreted here), the "off" run never did
     assert counts_on.get("lora_linear.triton", 0) > 0 and counts_on.get("dopsd_loss.triton", 0) > 0
     assert counts_on.get("lora_linear.reference", 0) == 0
@@ -39,26 +46,29 @@ def test_kernels_on_and_off_train_the_same(tmp_path, tiny_zimage_dir, tiny_vlm_d
     assert num / den < 1e-3, float(num / den)
 
 
-def test_auto_follows_the_dispatch_rule(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, monkeypatch):
+def test_auto_follows_the_dispatch_rule(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, features, monkeypatch):
     """kernels = "auto": the trainer asks quant.use_fused_linear (True on CUDA with Triton, tested in
-    test_quant.py) with its device and puts the 8-bit layers on the kernel when it says so."""
+    test_quant.py) with its device and puts the 8-bit layers on the kernel when it says so (one step
+    shows it: the question is asked once, before the loop)."""
     import lowvram_dopsd.train as train_mod
 
     asked = []
     monkeypatch.setattr(train_mod, "use_fused_linear", lambda device, kernels: asked.append((device, kernels)) or True)
-    _, counts, res = run(tmp_path, "auto", tiny_zimage_dir, tiny_vlm_dir, demo_images, "auto", "qint8")
+    _, counts, res = run(tmp_path, "auto", tiny_zimage_dir, tiny_vlm_dir, demo_images, "auto", "qint8", cache=features,
+                         steps=1)
     assert [(d.type, k) for d, k in asked] == [("cpu", "auto")]
     assert all(layer.fused for layer in res.lora.layers.values())
     assert counts.get("lora_linear.triton", 0) > 0 and counts.get("lora_linear.reference", 0) == 0
 
 
 def test_int8_activations_on_the_kernel_and_its_reference_train_the_same(
-        tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images):
+        tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, features):
     """act_quant = "int8": every 8-bit LoRA layer takes the int8-activation path, through Triton
     (interpreted) with kernels on and through the kernel's torch reference with kernels off; both
     train the same, and differently from the exact-activation run (the quantisation is really on)."""
     def run_act(name, kernels, act_quant):
-        return run(tmp_path, name, tiny_zimage_dir, tiny_vlm_dir, demo_images, kernels, "qint8", act_quant)
+        return run(tmp_path, name, tiny_zimage_dir, tiny_vlm_dir, demo_images, kernels, "qint8", act_quant,
+                   cache=features)
 
     on, counts_on, res_on = run_act("on", "on", "int8")
     off, counts_off, res_off = run_act("off", "off", "int8")
