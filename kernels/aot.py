@@ -341,9 +341,9 @@ def _binary(ptx: str, cubin: bytes, cap: int) -> tuple:
     """(registers, spill-store bytes, tensor-core opcodes, K-loop counts) of one compiled kernel.
 
     Read once per binary: the host code launches some kernels identically in several modes (the dA /
-    dB reductions), and each external tool costs ~0.3 s of CPU however small the kernel. The SASS is
-    disassembled only when the PTX multiplies on tensor cores: ptxas makes no MMA of anything else,
-    so a kernel without one has no MMA and no K loop (``k_loop``) either."""
+    dB reductions), and each call of ptxas or cuobjdump has a start-up cost however small the kernel.
+    The SASS is disassembled only when the PTX multiplies on tensor cores: ptxas makes no MMA of
+    anything else, so a kernel without one has no MMA and no K loop (``k_loop``) either."""
     key = (cap, hashlib.sha256(cubin).digest())
     if key not in _BINARIES:
         regs, spills = _ptxas_report(ptx, cap)

@@ -47,8 +47,8 @@ Ampere / Ada, whose 16-bit MMA accumulates in fp32 at half rate) the bf16 rate:
 
 The LoRA term, dA and dB keep the exact x and dy (int8 forward and input-gradient GEMMs, 16-bit
 weight gradients: SwitchBack, Wortsman et al. 2023, "Stable and low-precision training for
-large-scale vision-language models"). The per-token rounding adds ~0.5 % relative error to the
-base GEMMs' outputs on Gaussian rows; an outlier channel raises it for its token (docs/kernels.md).
+large-scale vision-language models"). The per-token rounding adds a small relative error to the base
+GEMMs' outputs, larger for a token with an outlier channel (benchmarks/results/act8-numerics-cpu.md).
 Int8 MMAs take both operands contiguous along the reduction, and dx reduces over Wq's rows: it reads
 a transient transposed copy (N·K bytes, one tiled pass, as SwitchBack's backward does), so dx
 compiles to the forward's K loop (read in stored order, the tile was transposed inside the loop).
@@ -283,8 +283,8 @@ def _qlora_mm_kernel(
         acc = acc * tl.load(act_scale_ptr + offs_qw)[None, :]
     if HAS_LORA:
         # the rank-r term accumulates into acc's own registers: a separate [BLOCK_P, BLOCK_Q] result
-        # doubled the live accumulator (255 registers and 0.1-1 KB of spills per thread on the H100's
-        # large tiles; benchmarks/results/compile-report.md). lora_alpha != 0: the host drops a zero term.
+        # doubled the live accumulator, and the H100's large tiles spilled (compile-report-9335e2f.md).
+        # lora_alpha != 0: the host drops a zero term.
         offs_k = tl.arange(0, BLOCK_RANK)
         k_mask = offs_k < RANK
         l1 = tl.load(
@@ -343,23 +343,16 @@ def _main_configs():
         _cfg(128, 128, 64, 8, 8, 4),
         _cfg(128, 256, 64, 8, 8, 4),
         # int8 x int8 (act_quant) only, see _prune_main: 128-deep K tiles move as many bytes as bf16's
-        # 64. 128x128x128 with 8 warps (64 KB, no spills on sm_80-sm_90) rather than 4 (which spilled
-        # ~1 KB per thread on sm_80-sm_89, where int8 runs on mma.sync): compile-report.md
+        # 64; 8 warps, as 4 spilled where int8 runs on mma.sync (compile-fallback-candidates.md)
         _cfg(128, 256, 128, 8, 8, 3),
         _cfg(128, 128, 128, 8, 8, 3),
         _cfg(128, 128, 32, 8, 4, 3),
-        # The fallback (the only candidate with LOWVRAM_DOPSD_KERNELS_AUTOTUNE=0), 8 warps and 3
-        # stages: the 64x64 tile is 16 fp32 accumulators per thread, not 32 as with 4 warps. With 4
-        # warps and 2 stages, act_quant's dx spilled 8 B per thread on sm_120 with Triton 3.5-3.6
-        # (rank 16: ptxas 12.9 stopped at 72 registers and parked one accumulator value in local
-        # memory in the epilogue; 3.9's ptxas compiles the same PTX to 75 registers, no spill).
-        # With 8 warps, 16-bit, FP8 and int8 runs take 44-101 registers with no spill at ranks 16
-        # and 64 on sm_86-sm_120, Triton 3.3-3.9. The exception is rank 128 with Triton 3.5-3.7:
-        # act_quant's forward spills 16 B on sm_86 / sm_89 (64 registers). The 3rd stage keeps
-        # dx's K loop instruction for instruction the forward's on Triton 3.9 (test_kernels_aot).
-        # With 2 stages sm_86 / sm_89 issue 167 vs 180 instructions, with 4 warps and 3 stages 219
-        # vs 220. fp32 activations at rank >= 64 spill in every 64x64x32 variant on sm_86 / sm_89 /
-        # sm_120 (the LoRA term's fp32 tiles, tf32x3: 200-530 B at rank 64, up to 2.9 KB at 128).
+        # The fallback (the only candidate with LOWVRAM_DOPSD_KERNELS_AUTOTUNE=0) must launch without
+        # spilling on every GPU and in every mode: 8 warps halve the accumulators per thread (with 4,
+        # act_quant's dx spilled on sm_120), and the 3rd stage keeps act_quant's dx the forward's K
+        # loop (test_kernels_aot). What each choice cost, per Triton release, and the known exceptions
+        # (rank 128 act8 on Triton 3.5-3.7, fp32 activations at rank >= 64):
+        # benchmarks/results/compile-fallback-candidates.md
         _cfg(64, 64, 32, 8, 8, 3),
     ]
     return cfgs if _autotune_enabled() else cfgs[-1:]
@@ -395,11 +388,8 @@ def _skinny_p_configs():  # P (= LoRA rank) is fixed by the host
         _cfg(0, 64, 128, 1, 4, 3, drop=("BLOCK_P",)),
         _cfg(0, 256, 64, 1, 8, 3, drop=("BLOCK_P",)),
         _cfg(0, 128, 128, 1, 8, 3, drop=("BLOCK_P",)),
-        # fallback: 8 warps. With 4, ptxas spilled 4-12 B per thread: fp32 (tf32x3) on sm_90 at rank
-        # 16 (96 registers, one value kept in local memory across the K loop, Triton 3.5-3.6);
-        # 16-bit on sm_120 at rank 64 (80 registers, 3.3.1-3.6); fp32 on sm_86 / sm_89 at rank 64 (168
-        # registers, 3.6). With 8 warps: no spill on sm_86-sm_120, every mode, ranks 16, 64 and 128
-        # on Triton 3.3-3.9 (and 32 on 3.6 / 3.9): <= 112 registers, <= 241 with fp32.
+        # fallback: 8 warps, as with 4 ptxas spilled in some modes and ranks on sm_86-sm_120
+        # (benchmarks/results/compile-fallback-candidates.md)
         _cfg(0, 64, 32, 1, 8, 2, drop=("BLOCK_P",)),
     ]
     return cfgs if _autotune_enabled() else cfgs[-1:]
@@ -410,16 +400,17 @@ def _even_r(args) -> bool:
 
 
 def _tune_bench(fn, quantiles=None):
-    """Autotuning timer: shorter than Triton's default (25 ms warm-up, 100 ms) -- each candidate
-    runs 0.1-2 ms, so 20 ms of repeats separate them and first-call tuning stays short."""
+    """Autotuning timer: shorter than Triton's default (25 ms warm-up, 100 ms): a candidate at these
+    shapes runs for about a millisecond, so 20 ms of repeats separate them, and first-call tuning
+    stays short."""
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
 def _autotune_options() -> dict:
     """Keep the autotuner's timings on disk where Triton can (`cache_results`; Triton 3.3 cannot):
     a later run on the same GPU architecture, Triton version and kernel source skips the
-    benchmarking part of the first step (which took 7-23 s together with compilation on the H100;
-    compiled kernels are cached anyway)."""
+    benchmarking part of the first step (compiled kernels are cached anyway; the first step's cost:
+    benchmarks/results/train-step-h100.md)."""
     return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
@@ -542,10 +533,10 @@ def _mm(
         **extra,
         **FP_FUSION,
     )
-    # Host overhead matters (~100 µs of Python per launch on the H100 machine): after the first
-    # call for a problem key, launch the JIT kernel with the tuned config, skipping the autotuner and
-    # heuristics layers, and from the next call on its compiled form (`launch`). The key holds
-    # everything the autotuner keys on (_KEY, dtypes).
+    # Host overhead matters (a launch through Triton's dispatch costs about as much host time as the
+    # smaller GEMMs take on the GPU: utils.launch): after the first call for a problem key, launch the
+    # JIT kernel with the tuned config, skipping the autotuner and heuristics layers, and from the next
+    # call on its compiled form (`launch`). The key holds everything the autotuner keys on (_KEY, dtypes).
     key = (kind, P, Q, R, scale is not None, act_scale is not None, int8_dot, bias is not None, lora is not None,
            meta["BLOCK_RANK"], soft, a_st[1], b_st[1], a.dtype, b.dtype, out.dtype, l1.dtype, l2.dtype, cdt, splits > 1)
     best = _BEST_CONFIG.get(key) if _utils.FAST_LAUNCH else None
@@ -597,9 +588,9 @@ def quantize_rows(x: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> 
     q = empty((M, K), torch.int8, x.device)
     s = empty((M,), torch.float32, x.device)
     # One row per program on a GPU. The interpreter runs each program in Python, op by op, whatever its
-    # tile's size: a tile of rows divides that cost (the act8 training test spent 80 % of its time in
-    # one-row programs), and about four blocks per row at any K keep the loop and its masked tail under
-    # test (K = 71: three blocks of 32) without the 65 of a fixed 32 at K = 2053.
+    # tile's size: a tile of rows divides that cost, and about four blocks per row at any K keep the
+    # loop and its masked tail under test (K = 71: three blocks of 32) without the 65 of a fixed 32 at
+    # K = 2053.
     rows = _INTERPRETED_ROWS if is_interpret() else 1
     block = max(32, next_pow2(K) // 4) if is_interpret() else min(4096, max(128, next_pow2(K)))
     launch(_quant_rows_kernel, (cdiv(M, rows),),

@@ -42,8 +42,8 @@ NO_MMA = {(3, 3, 0): (12,)}
 
 #: The oldest GPUs the kernels run on: Ampere, compute capability 8.0. Below it Triton emits no tensor-core
 #: instruction for a tl.dot in any dtype. Compiled for sm_75 (Turing: T4, RTX 20xx) with Triton 3.9
-#: (results/compile-report-sm75.md), every main-GEMM candidate is plain FMAs and spills (176 B to 48 KB per
-#: thread in bf16), and the int8-activation GEMM does not compile, which would crash the first step.
+#: (results/compile-report-sm75.md), every main-GEMM candidate is plain FMAs and spills, and the
+#: int8-activation GEMM does not compile, which would crash the first step.
 #: Those GPUs take the torch reference: quanto's dequantise + cuBLAS for the 8-bit layers.
 MIN_CAPABILITY = (8, 0)
 
@@ -240,7 +240,7 @@ _COMPILED: dict = {}
 
 
 def cdiv(a: int, b: int) -> int:
-    """Host-side ceil(a / b): ``triton.cdiv`` is a constexpr_function, ~5 µs a call from Python."""
+    """Host-side ceil(a / b): ``triton.cdiv`` is a constexpr_function, slow to call from Python."""
     return -(-a // b)
 
 
@@ -254,7 +254,7 @@ def specialization(args) -> tuple:
     cache on (so one key never stands for two of Triton's kernels): a tensor's dtype and 16-byte
     alignment; an int's being 1, a multiple of 16, beyond int32 (i64) or beyond int64 (u64) (ints
     below 2 and negative ones are kept as they are); a float's nothing. Triton 3.3-3.9 specialise on
-    exactly these, plus a type per value. (~7 µs for the GEMM's 26 arguments.)"""
+    exactly these, plus a type per value."""
     return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
                  else (a if a <= 1 else 10 + (a % 16 == 0) + 2 * (a >= 2**31) + 4 * (a >= 2**63))
                  if type(a) is int else type(a) for a in args)
@@ -264,9 +264,9 @@ def launch(fn, grid: tuple, args: tuple, kwargs: dict) -> None:
     """``fn[grid](*args, **kwargs)`` for a ``triton.jit`` function ``fn``, its runtime arguments
     ``args`` (positional) and its constexpr parameters and launch options ``kwargs`` (hashable).
 
-    Triton's JIT dispatch costs ~100 µs of Python per launch on the H100 machine's host (binding 26
-    arguments, specialising each, hashing the cache key, reading its knobs from the environment), about
-    as much as the GEMM it launches on the smaller shapes (benchmarks/results/profile-host-*.md). The
+    Triton's JIT dispatch binds and specialises every argument (26 for the GEMM), hashes the cache key
+    and reads its knobs from the environment on every launch: about as much host time as the smaller
+    GEMMs take on the GPU (benchmarks/results/profile-host-h100-before.md). The
     first launch for a given ``kwargs`` and ``specialization(args)`` goes through it and keeps the
     compiled kernel it returns; later ones call that kernel's launcher as Triton 3.3-3.9 do (grid,
     stream, function, metadata, then every parameter in signature order: the launcher skips the
