@@ -369,7 +369,7 @@ def _prune_main(configs, named_args, **meta):
 
 def _skinny_q_configs():  # Q (= LoRA rank) is fixed by the host
     if is_interpret():
-        return [_cfg(32, 0, 32, 1, 4, 1, drop=("BLOCK_Q",))]
+        return [_cfg(64, 0, 32, 1, 4, 1, drop=("BLOCK_Q",))]
     cfgs = [
         _cfg(64, 0, 128, 1, 4, 3, drop=("BLOCK_Q",)),
         _cfg(128, 0, 64, 1, 4, 4, drop=("BLOCK_Q",)),
@@ -382,7 +382,7 @@ def _skinny_q_configs():  # Q (= LoRA rank) is fixed by the host
 
 def _skinny_p_configs():  # P (= LoRA rank) is fixed by the host
     if is_interpret():
-        return [_cfg(0, 32, 32, 1, 4, 1, drop=("BLOCK_P",))]
+        return [_cfg(0, 64, 32, 1, 4, 1, drop=("BLOCK_P",))]
     cfgs = [
         _cfg(0, 128, 64, 1, 4, 4, drop=("BLOCK_P",)),
         _cfg(0, 64, 128, 1, 4, 3, drop=("BLOCK_P",)),
@@ -558,7 +558,7 @@ def _mm(
 
 def _reduce_over_m(kind, a, a_st, b, b_st, P, Q, R, out_dtype, device, compute, alpha):
     """[P, Q] = alpha · A[P, R] · B[R, Q] with R = M long: split R, fp32 partials, summed in order."""
-    tile = 32 if is_interpret() else 128
+    tile = 64 if is_interpret() else 128
     tiles = cdiv(Q if kind == "skinny_p" else P, tile)
     splits, rps = _split_plan(tiles, R, device)
     if splits == 1:
