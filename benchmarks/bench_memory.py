@@ -143,11 +143,11 @@ def write_model_folder(family: str, folder: Path, tiny: bool) -> None:
     """A pipeline folder the family loads: its published configs, empty encoder folders. klein's configs
     have no VAE config (the family's default, 8x, is klein's) and no scheduler: the tiny klein's, with
     the dynamic shifting its pipeline needs."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     from lowvram_dopsd.tiny import KLEIN_SCHEDULER
 
     if (scheduler := {"klein": KLEIN_SCHEDULER}.get(family)) is not None:
+        from diffusers import FlowMatchEulerDiscreteScheduler  # a slow import: only where it is needed
+
         FlowMatchEulerDiscreteScheduler(**scheduler).save_pretrained(folder / "scheduler")
     src = published(family)
     for path in sorted(src.rglob("*.json")):
