@@ -51,8 +51,8 @@ from .runtime import DTYPES, peak_vram_gb, reset_peak_vram, resolve_device
 # ---------------------------------------------------------------------------------------------
 # Setup
 # ---------------------------------------------------------------------------------------------
-def setup(cfg: TrainConfig, guard: RunGuard, preset: str = "", console=None, resume: str | None = None,
-          command: list[str] | None = None) -> Run:
+def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None = None,
+          command: list[str] | None = None, guard: RunGuard | None = None) -> Run:
     """Check, announce, encode the conditions, load the model and its LoRA sets, restore a checkpoint."""
     world = distributed.current()
     console = console or make_console(quiet=not world.main)
@@ -64,7 +64,9 @@ def setup(cfg: TrainConfig, guard: RunGuard, preset: str = "", console=None, res
     lr = cfg.resolved_lr(family.default_lr)
     init, init_file = preflight.read_init_lora(cfg, family) if cfg.init_lora and resume is None else (None, None)
     ds = data.load(cfg.images, cfg.caption, cfg.trigger, cfg.resolution, cfg.on_bad_image)
-    out_dir = guard.claim(world.from_main(preflight.prepare_output, cfg.output), console.print)  # rank 0's lock
+    out_dir = world.from_main(preflight.prepare_output, cfg.output)
+    if guard is not None:  # train()'s: the output folder is this run's from here on (rank 0 holds the lock)
+        guard.claim(out_dir, console.print)
     identity = checkpoint.run_identity(family, ds, teacher, cfg)
     world.agree(checkpoint.shared_facts(cfg, identity, resume))  # every rank the same run, before any compute
     # A run continues from a checkpoint only if nothing that changes its math has changed.
@@ -257,7 +259,7 @@ def train(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
     """Train (or, with `resume` = "latest" or a path, continue) a run; returns it, done or stopped.
     `command`: the command line that started it, without --resume (printed as the way to resume)."""
     with RunGuard(command, resume) as guard:  # the output folder's lock; a stop at once says what is left
-        run = guard.run = setup(cfg, guard, preset, console, resume, command)
+        run = guard.run = setup(cfg, preset, console, resume, command, guard)
         with run.tracker, output.metrics_log(run.out_dir, run.world.main) as log, run.display, \
                 GracefulStop(run.display.note) as stop:
             reset_peak_vram(run.device)
