@@ -38,7 +38,7 @@ def test_each_caption_of_an_item_is_encoded_and_one_is_drawn_per_roll_out(tmp_pa
     images = _concept(tmp_path, {"00": "a small red sks at the top on black background",
                                  "01": "a large blue sks at the left on white background"})
     with RunGuard(None, None) as guard:  # setup takes the output folder's lock, as train() does
-        run = setup(_cfg(tmp_path, images, steps=40), guard, console=_quiet())
+        run = setup(_cfg(tmp_path, images, steps=40), console=_quiet(), guard=guard)
     first = run.ds.items[0]
     assert first.other_captions == ("a small red sks at the top on black background",)
     (s1, t1), = run.conds.others[0]
@@ -59,7 +59,7 @@ def test_each_caption_of_an_item_is_encoded_and_one_is_drawn_per_roll_out(tmp_pa
     seen = drawn(run)
     assert seen.count(0) > 5 and seen.count(1) > 5  # both captions of these items are drawn
     with RunGuard(None, None) as guard:
-        again = setup(_cfg(tmp_path, images, out="out2", steps=40), guard, console=_quiet())
+        again = setup(_cfg(tmp_path, images, out="out2", steps=40), console=_quiet(), guard=guard)
     assert again.cache.misses == 0 and drawn(again) == seen  # the run's seed decides the draws
 
 
