@@ -125,6 +125,8 @@ def resolve_model(model: str) -> ModelConfig:
     if family is None or not family.k_block:
         raise UserError(f"'{model}' is a {index.get('_class_name', 'unknown')} checkpoint; the planner knows "
                         f"{', '.join(cls.pipeline_class for cls in planned_families())}.")
+    if folder == published_dir(model) and model in family.unpublished_configs:  # said where it is shown
+        source = f"{model}: {family.unpublished_configs[model]} (lowvram_dopsd/published)"
     return ModelConfig(family, transformer, source, folder)
 
 
@@ -184,10 +186,12 @@ def count(model: nn.Module, skip: tuple[str, ...], targets: tuple[str, ...], ran
 
     c = Counts()
     seen: set[int] = set()
+    # block lists: the top-level ModuleLists, and those of a top-level ModuleDict (FLUX.3's mode_blocks)
+    dicts = {name for name, m in model.named_children() if isinstance(m, nn.ModuleDict)}
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for p in own)
-        if isinstance(module, nn.ModuleList) and "." not in name:
+        if isinstance(module, nn.ModuleList) and ("." not in name or name.rsplit(".", 1)[0] in dicts):
             c.blocks[name] = len(module)
         if type(module) is nn.Linear:
             n_w = module.weight.numel()
@@ -323,6 +327,7 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     t_worst = next(t for name, _, t in streams if name == worst)
     inputs = b * sum(n * t * dim * e for _, n, t in streams)
     bwd = b * cal["c_bwd"] * tok.student * dim * e
+    outside = b * family.c_outside * tok.student * dim * e  # per-token tensors made outside the blocks (FLUX.3)
     no_ckpt = sum(n * full(name, t) for name, n, t in streams if n)
     fused = bool(s.get("fused_linear")) and quant in QUANTO
     teacher_fwd = b * cal.get("c_fwd", family.c_fwd_fused if fused else family.c_fwd) * tok.teacher * dim * e
@@ -343,7 +348,7 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     def student_with(kept: dict[str, int]) -> float:  # inputs, kept blocks, the largest recomputed block
         again = [name for name in order if kept.get(name, 0) < counts[name]]
         return (inputs + sum(k * block_full[name] for name, k in kept.items())
-                + max((block_full[name] for name in again), default=0.0) + bwd)
+                + max((block_full[name] for name in again), default=0.0) + bwd + outside)
 
     want = str(s.get("keep_blocks") or "0")
     kept: dict[str, int] = {}
@@ -372,8 +377,11 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     else:
         act_rows = [Row("activations: all blocks (no checkpointing)",
                         f"{n_blocks} blocks x <= {tok.student} tokens{per}", no_ckpt)]
-        student = no_ckpt + bwd
+        student = no_ckpt + bwd + outside
     act_rows.append(Row("activations: backward temporaries", f"{cal['c_bwd']:g} x tokens x dim x {e} B{per}", bwd))
+    if outside:
+        act_rows.append(Row("activations: outside the blocks", f"per-token modulation, {family.c_outside:g} x tokens "
+                            f"x dim x {e} B{per}", outside))
     if student >= teacher_fwd:
         phase, rows_act = "student backward", act_rows
         activation = student

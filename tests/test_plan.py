@@ -21,6 +21,7 @@ pytest.importorskip("diffusers")
 from diffusers import Flux2Transformer2DModel, ZImageTransformer2DModel  # noqa: E402
 
 from lowvram_dopsd import plan  # noqa: E402
+from lowvram_dopsd.families.flux3 import Flux3  # noqa: E402
 from lowvram_dopsd.families.klein import Klein  # noqa: E402
 from lowvram_dopsd.families.zimage import ZImage  # noqa: E402
 from lowvram_dopsd.lora import DualLoRA  # noqa: E402
@@ -79,11 +80,12 @@ def test_weight_bytes_equal_the_real_quantized_model(pipeline, kind):
     assert held["other"] == kept_bytes + bias + extra
 
 
-@pytest.mark.parametrize("family", [ZImage, Klein], ids=["zimage", "klein"])
+@pytest.mark.parametrize("family", [ZImage, Klein, Flux3], ids=["zimage", "klein", "flux3"])
 def test_block_activation_constant_matches_autograd(family):
     """k_block (+ the planner's per-token LoRA term) is what autograd really keeps for one block, within 2 %."""
     rank, dim = 8, 256
-    lora_layers_per_block = 7 if family is ZImage else 4  # klein: 100 LoRA layers over 25 blocks (average)
+    # klein: 100 LoRA layers over 25 blocks (average); FLUX.3: q/k/v/out + 2 FFN linears in every block
+    lora_layers_per_block = {ZImage: 7, Klein: 4, Flux3: 6}[family]
     measured = plan.measure_block_activations(family, dim_heads=dim // 128, tokens=192, text=64, rank=rank)
     for name, k in measured.items():
         predicted = family.k_block[name] + lora_layers_per_block * rank * 2 / dim
@@ -414,3 +416,24 @@ def test_a_preset_file_built_on_a_card_preset_is_planned_against_that_card(tmp_p
     assert main(["plan", "--preset", str(tmp_path / "derived.toml"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["budget_gib"] == 14.0 and out["settings"]["rank"] == 32
+
+
+@pytest.mark.parametrize("model,fits", [
+    ("black-forest-labs/FLUX.2-klein-9B", {"12gb": False, "16gb": True, "24gb": False}),
+    ("black-forest-labs/flux-3-image-klein", {"12gb": True, "16gb": True, "24gb": True})])
+def test_the_new_families_plan_on_each_preset_at_1024(model, fits, capsys):
+    """klein 9B and FLUX.3 plan offline at 1024² on every card preset; where one does not fit its budget
+    (klein 9B: 12gb, and 24gb's bf16 base) the planner names settings that do."""
+    from lowvram_dopsd.cli import main
+
+    for preset, ok in fits.items():
+        code = main(["plan", "--preset", preset, "--model", model, "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert out["settings"]["height"] == out["settings"]["width"] == 1024
+        assert (code == 0) == ok and (out["peak_gib"] <= out["budget_gib"]) == ok, (preset, out["peak_gib"])
+        assert ok or (out["suggestions"] and all(gib <= out["budget_gib"] for _, gib in out["suggestions"]))
+    if "flux-3" in model:  # its per-token modulations are planned, and its config's origin is said
+        rows = {r["what"] for r in out["rows"]}
+        assert "activations: outside the blocks" in rows
+        assert main(["plan", "--preset", "16gb", "--model", model]) == 0
+        assert "NOT its published config" in " ".join(capsys.readouterr().out.split())

@@ -93,6 +93,8 @@ class Family:
     default_lr: ClassVar[float]
     lora_targets: ClassVar[tuple[str, ...]]  # module-name suffixes in the transformer that get LoRA
     hf_repo_ids: ClassVar[tuple[str, ...]] = ()  # public ids that resolve to this family
+    # Public ids whose config in published/ is not a copy of the published file -> what it is instead
+    unpublished_configs: ClassVar[dict[str, str]] = {}
     # Pipeline classes of close relatives this family does not train -> why not (said when one is given)
     near_misses: ClassVar[dict[str, str]] = {}
 
@@ -126,6 +128,13 @@ class Family:
     # [tokens, out] LoRA temporaries). Calibrated on a GPU: docs/memory.md, "The planner".
     c_fwd: ClassVar[float] = 0.0
     c_fwd_fused: ClassVar[float] = 0.0
+    # Activations outside the blocks that live through the whole student pass, in tokens x dim x 2
+    # bytes per student token (FLUX.3's per-token modulation tensors); 0 for models that modulate per
+    # sample (their little is in the calibrated backward temporaries).
+    c_outside: ClassVar[float] = 0.0
+    # Block lists only the teacher's pass runs (FLUX.3's reference-image blocks): in the model, not in
+    # the student's `block_streams`.
+    teacher_only_blocks: ClassVar[tuple[str, ...]] = ()
     # Measured roll-out seconds, {GPU name (gpus.py): {path: s}}, at the 16gb preset's settings, 1024²,
     # micro_batch 1, rank 64, every state trained, the default teacher; the path is how the linears ran:
     # "fused" (our 8-bit kernel), "act8", "quanto" or "bf16". `measured_in`: the result file. The time

@@ -47,7 +47,7 @@ from ..data import Item, load_rgb, training_crop
 from ..errors import UserError
 from ..files import folder_identity
 from ..runtime import DTYPES, release
-from .base import Cond, register
+from .base import BlockProbe, Cond, Tokens, image_tokens, register
 from .reference import ReferenceImageFamily, edit_prompt
 
 PIPELINE = "Flux3DistilledModularPipeline"
@@ -138,6 +138,8 @@ class Flux3(ReferenceImageFamily):
     # The id diffusers' own single-file loader gives the distilled checkpoint (loaders/single_file_utils.py,
     # DIFFUSERS_DEFAULT_PIPELINE_PATHS["flux-3-image-distilled"]); its files could not be read from here.
     hf_repo_ids = ("black-forest-labs/flux-3-image-klein",)
+    unpublished_configs = {hf_repo_ids[0]: "NOT its published config (unread here): diffusers' "
+                                           "Flux3Transformer2DModel defaults + flow_map"}
     transformer_class = "Flux3Transformer2DModel"
     # Embedders and the output layer stay in the compute dtype (as klein's); the per-token modulations
     # are block-sized linears and go 8-bit with the blocks.
@@ -152,6 +154,84 @@ class Flux3(ReferenceImageFamily):
             raise UserError(f"'{self.model_id}' is a FLUX.3 checkpoint without the flow-map (step-distilled) "
                             "transformer: it samples in ~50 steps with guidance, and D-OPSD keeps a few-step "
                             "model's few-step ability. Use the distilled FLUX.3 Image Klein.")
+
+    # ------------------------------------------------------------------ the memory planner
+    # k_block: measured with plan.measure_block_activations on the real blocks (diffusers 0.42.1, bf16,
+    # LoRA on; the same at batch 1 and 2, and on qint8). The c_fwds are NOT calibrated on a GPU for
+    # FLUX.3 (no GPU here): klein's, whose blocks are of the same kind (parallel attention + SwiGLU FFN,
+    # mlp ratio 3), plus the per-token modulations that live through the pass (c_outside).
+    k_block = {"txt_mode_blocks": 44.4, "mode_blocks.image": 44.3, "single_transformer_blocks": 44.3}
+    c_outside = 7.0  # silu(timestep embedding) [N, D] + two modulations [T, 3D] per image token (text: 6)
+    c_fwd, c_fwd_fused = 38.5 + c_outside, 21.6 + c_outside
+    teacher_only_blocks = ("mode_blocks.image_cond",)
+
+    @classmethod
+    def plan_tokens(cls, height: int, width: int, text_student: int, text_teacher: int, teacher: str) -> Tokens:
+        # captions are 80-token windows up to max_sequence_length: planned at that limit (the worst case);
+        # the edit teacher's reference tokens double the image's, as for klein
+        img = image_tokens(height, width)
+        return Tokens(img, text_student, text_teacher if teacher == "vlm" else text_student,
+                      2 * img if teacher == "edit" else img)
+
+    @classmethod
+    def block_streams(cls, blocks: dict[str, int], tok: Tokens) -> list[tuple[str, int, int]]:
+        # each mode's own blocks see its tokens alone, the joint blocks both (mode_blocks.image has as
+        # many blocks as txt_mode_blocks: one num_layers)
+        return [("txt_mode_blocks", blocks.get("txt_mode_blocks", 0), tok.text_student),
+                ("mode_blocks.image", blocks.get("mode_blocks.image", 0), tok.img),
+                ("single_transformer_blocks", blocks.get("single_transformer_blocks", 0), tok.student)]
+
+    @classmethod
+    def tiny_transformer(cls, dim_heads: int) -> nn.Module:
+        from diffusers import Flux3Transformer2DModel
+
+        return Flux3Transformer2DModel(in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=1,
+                                       attention_head_dim=128, num_attention_heads=dim_heads, joint_attention_dim=64,
+                                       mlp_ratio=3.0, flow_map=True).to(torch.bfloat16)
+
+    @classmethod
+    def block_probes(cls, model: nn.Module, tokens: int, text: int, batch: int) -> dict[str, BlockProbe]:
+        # each block gets its states, a per-token modulation (made outside the blocks: c_outside) and the
+        # rotary embedding of its tokens
+        dim = model.inner_dim
+
+        def states(n: int) -> torch.Tensor:
+            return torch.randn(batch, n, dim, dtype=torch.bfloat16, requires_grad=True)
+
+        with torch.no_grad():
+            mod = torch.randn(batch, 1, 3 * dim, dtype=torch.bfloat16)
+            rot_txt, rot_img = model.pos_embed(torch.zeros(text, 4)), model.pos_embed(torch.zeros(tokens, 4))
+            rot_all = model.pos_embed(torch.zeros(text + tokens, 4))
+        txt, img, joint_img, joint_txt = states(text), states(tokens), states(tokens), states(text)
+        mod_txt, mod_img = mod.expand(batch, text, -1), mod.expand(batch, tokens, -1)
+        txt_block, img_block = model.txt_mode_blocks[0], model.mode_blocks["image"][0]
+        single = model.single_transformer_blocks[0]
+        return {
+            "txt_mode_blocks": BlockProbe(txt_block, [txt, *rot_txt], lambda: txt_block(txt, mod_txt, rot_txt), text),
+            "mode_blocks.image": BlockProbe(img_block, [img, *rot_img], lambda: img_block(img, mod_img, rot_img),
+                                            tokens),
+            "single_transformer_blocks": BlockProbe(
+                single, [joint_img, joint_txt, *rot_all],
+                lambda: single(joint_img, joint_txt, mod_img, mod_txt, rot_all), tokens + text),
+        }
+
+    def random_conditions(self, teacher: str, cfg, device: torch.device, dtype: torch.dtype) -> tuple[Cond, Cond]:
+        # prompts at their longest window (max_sequence_length), 8 stacked layers wide; the vlm teacher's
+        # message (photo + caption) at its limit; the edit teacher's reference latent as tokens with the
+        # l = -1 position ids Flux3PrepareImageCondLatentsStep gives them
+        width = json.loads((self.model_dir / "transformer" / "config.json").read_text())["joint_attention_dim"]
+
+        def cap(n: int) -> torch.Tensor:
+            return torch.randn(n, width, dtype=dtype, device=device)
+
+        if teacher == "vlm":
+            return {"cap": cap(cfg.max_sequence_length)}, {"cap": cap(cfg.teacher_max_sequence_length)}
+        before, _, _ = _blocks()
+        c, h, w = self.latent_shape(cfg.resolution, cfg.resolution)
+        ids = before._prepare_image_ids(h, w, before.Flux3PrepareImageCondLatentsStep().image_rope_scale, l_coord=-1)
+        return {"cap": cap(cfg.max_sequence_length)}, {"cap": cap(cfg.max_sequence_length),
+                                                       "ref": torch.randn(h * w, c, dtype=dtype, device=device),
+                                                       "ref_ids": ids.to(device)}
 
     # ------------------------------------------------------------------ prompts
     @cached_property
