@@ -91,6 +91,18 @@ CONFIGS = {
     # --transformer-file: the same random weights as one ORIGINAL-layout file (fused qkv, ComfyUI keys),
     # written once by `write_single_file`; load time and host RSS of the row-slicing single-file loader
     "zimage-16gb-file": dict(family="zimage", preset="16gb", single_file=True, target_gib=14.0),
+    # FLUX.2-klein 9B (`model`: a public id other than the family's first) and FLUX.3 Image Klein, each
+    # at its planned presets (not measured yet): the 9B fits 16gb by the plan, not 12gb; FLUX.3 fits all
+    # three. flux3-16gb-edit-all trains every one of its 16 states (its default trains 4): the time ratio
+    "klein9b-16gb-edit": dict(family="klein", model="black-forest-labs/FLUX.2-klein-9B", preset="16gb",
+                              target_gib=14.0),
+    "klein9b-16gb-edit-fused": dict(family="klein", model="black-forest-labs/FLUX.2-klein-9B", preset="16gb",
+                                    kernels="on", target_gib=14.0),
+    "flux3-12gb-edit": dict(family="flux3", preset="12gb", target_gib=10.5),
+    "flux3-16gb-edit": dict(family="flux3", preset="16gb", target_gib=14.0),
+    "flux3-16gb-vlm": dict(family="flux3", preset="16gb", teacher="vlm", target_gib=14.0),
+    "flux3-24gb-edit": dict(family="flux3", preset="24gb", target_gib=22.0),
+    "flux3-16gb-edit-all": dict(family="flux3", preset="16gb", train_states=16, target_gib=14.0),
 }
 # Per family (a config's `family`): the transformer config of --tiny, and the report's name for the model
 TINY = {
@@ -102,8 +114,16 @@ TINY = {
               "eps": 1e-06, "guidance_embeds": False, "in_channels": 128, "joint_attention_dim": 64,
               "mlp_ratio": 3.0, "num_attention_heads": 2, "num_layers": 1, "num_single_layers": 1,
               "out_channels": None, "patch_size": 1, "rope_theta": 2000, "timestep_guidance_channels": 256},
+    "flux3": {"_class_name": "Flux3Transformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [32, 32, 32, 32],
+              "cond_in_channels": 128, "eps": 1e-06, "flow_map": True, "in_channels": 128, "joint_attention_dim": 64,
+              "mlp_ratio": 3.0, "num_attention_heads": 2, "num_layers": 1, "num_single_layers": 1,
+              "rope_theta": 10000, "timestep_channels": 256},
 }
-MODEL_LABELS = {"zimage": "Z-Image-Turbo 6B", "klein": "FLUX.2-klein 4B (edit teacher)"}
+# The report's name for each model (its public id)
+MODEL_LABELS = {"Tongyi-MAI/Z-Image-Turbo": "Z-Image-Turbo 6B",
+                "black-forest-labs/FLUX.2-klein-4B": "FLUX.2-klein 4B (edit teacher)",
+                "black-forest-labs/FLUX.2-klein-9B": "FLUX.2-klein 9B (edit teacher)",
+                "black-forest-labs/flux-3-image-klein": "FLUX.3 Image Klein 5.5B"}
 
 
 def family_of(name: str):
@@ -116,11 +136,23 @@ def family_of(name: str):
     return family
 
 
-def published(family_name: str) -> Path:
-    """The published configs of the family's first public id (lowvram_dopsd/published/)."""
+def model_of(spec: dict) -> str:
+    """The public id a config trains: its `model`, else its family's first."""
+    return spec.get("model") or family_of(spec["family"]).hf_repo_ids[0]
+
+
+def published(model_id: str) -> Path:
+    """The published configs of a public id (lowvram_dopsd/published/)."""
     from lowvram_dopsd.families import published_dir
 
-    return published_dir(family_of(family_name).hf_repo_ids[0])
+    return published_dir(model_id)
+
+
+def model_folder(work: Path, spec: dict) -> Path:
+    """Where a config's model folder is written: named after the family for its first id (as always),
+    after the id for another one."""
+    model = model_of(spec)
+    return work / (spec["family"] if model == family_of(spec["family"]).hf_repo_ids[0] else slug(model))
 
 
 def host_rss() -> dict[str, float]:
@@ -139,7 +171,7 @@ def host_rss() -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # Model folders
 # ---------------------------------------------------------------------------------------------
-def write_model_folder(family: str, folder: Path, tiny: bool) -> None:
+def write_model_folder(family: str, model_id: str, folder: Path, tiny: bool) -> None:
     """A pipeline folder the family loads: its published configs, empty encoder folders. klein's configs
     have no VAE config (the family's default, 8x, is klein's) and no scheduler: the tiny klein's, with
     the dynamic shifting its pipeline needs."""
@@ -149,7 +181,7 @@ def write_model_folder(family: str, folder: Path, tiny: bool) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler  # a slow import: only where it is needed
 
         FlowMatchEulerDiscreteScheduler(**scheduler).save_pretrained(folder / "scheduler")
-    src = published(family)
+    src = published(model_id)
     for path in sorted(src.rglob("*.json")):
         rel = path.relative_to(src)
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +234,7 @@ def write_single_file(work: Path, family: str) -> dict:
     if to_original is None:
         raise ValueError(f"no single-file converter for the {family} family")
     t0 = time.perf_counter()
-    out = to_original(_state(work / family))
+    out = to_original(_state(model_folder(work, {"family": family})))
     path = single_file_path(work, family)
     save_file({k: v.contiguous() for k, v in out.items()}, str(path))
     del out
@@ -221,9 +253,13 @@ def run_child(name: str, args) -> dict:
     from lowvram_dopsd.families import load_family
     from lowvram_dopsd.lora import DualLoRA
     from lowvram_dopsd.optim import make_optimizer, optimizer_step
+    from lowvram_dopsd import preflight
     from lowvram_dopsd.train import rollout_and_learn, route_fused_linears
 
     spec = dict(CONFIGS[name])
+    folder = model_folder(Path(args.work), spec)
+    model_id = model_of(spec)
+    spec.pop("model", None)
     family_name = spec.pop("family")
     target = spec.pop("target_gib")
     preset = spec.pop("preset")
@@ -242,13 +278,12 @@ def run_child(name: str, args) -> dict:
                 overrides["kernels"] = "off"
             if overrides.get("attention_backend") == "_native_cudnn":
                 overrides["attention_backend"] = "_native_math"
-    folder = Path(args.work) / family_name
     overrides["model"] = str(folder)
     cfg = load_config(str(ROOT / "presets" / f"{preset}.toml"), overrides)
     dtype = torch.bfloat16
     import lowvram_dopsd.kernels.lora_linear as ll
 
-    res = {"config": name, "family": family_name, "preset": preset, "target_gib": target,
+    res = {"config": name, "family": family_name, "model": model_id, "preset": preset, "target_gib": target,
            "code": str(Path(ll.__file__).resolve().parents[1]),  # the tree whose code ran (see --trees)
            "transformer_file": str(single) if single else None,
            "settings": {k: getattr(cfg, k) for k in ("resolution", "rank", "alpha", "quant", "optimizer",
@@ -263,7 +298,7 @@ def run_child(name: str, args) -> dict:
     model = family.load_transformer(cfg, device, dtype)  # the trainer's own loading path
     targets = tuple(cfg.lora_targets) or family.lora_targets
     steps = cfg.rollout_steps or family.default_rollout_steps
-    teacher = family.teachers[0]  # the family's default: Z-Image's vlm, klein's edit
+    teacher = cfg.teacher or family.teachers[0]  # the config's, else the family's default (Z-Image vlm, klein edit)
     torch.manual_seed(0)  # the same random conditions in every config's process: their losses compare
     student_cond, teacher_cond = family.random_conditions(teacher, cfg, device, dtype)
     c_s, c_t = [student_cond], [teacher_cond]
@@ -293,11 +328,11 @@ def run_child(name: str, args) -> dict:
     # compiled graphs run eagerly (inductor's CPU code generation takes minutes)
     backend = accel.COMPILE_BACKEND if cuda else "eager"
     graphs = accel.compiled_graphs()
-    res["levers"] = accel.apply(cfg, family, model, lora, (x0, sigmas[0].to(device), c_s, c_t),
-                                accel.kept_blocks(cfg, preset, device), backend)
+    probe = (x0, sigmas[0].to(device), c_s, c_t, sigmas[1].to(device))
+    res["levers"] = accel.apply(cfg, family, model, lora, probe, accel.kept_blocks(cfg, preset, device), backend)
     # which k states does not change the cost (each trained state is one teacher pass + student forward and
     # backward); train.py draws them at random, here they are the first k, so every step costs the same
-    trained = set(range(cfg.train_states or steps))
+    trained = set(range(preflight.check_method(cfg, family)[2]))  # train_states, else the family's default
 
     def step() -> list[float]:
         losses, _ = rollout_and_learn(family, model, lora, x0.clone(), sigmas, c_s, c_t, trained, cfg.loss,
@@ -346,17 +381,17 @@ def run_child(name: str, args) -> dict:
 
     # phase probes: one teacher pass without autograd state, one student forward + backward
     if cuda:
-        sigma = sigmas[steps // 2]
+        sigma, sigma_next = sigmas[steps // 2], sigmas[steps // 2 + 1]
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         with torch.no_grad(), lora.use("teacher"):
-            family.velocity(model, x0, sigma, c_t)
+            family.velocity(model, x0, sigma, c_t, sigma_next)
         res["probe_teacher_gib"] = (torch.cuda.max_memory_allocated(device) - base) / GiB
         for i in range(2):  # the first allocates the LoRA grads; the second is measured
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             with lora.use("student"):
-                v = family.velocity(model, x0, sigma, c_s)
+                v = family.velocity(model, x0, sigma, c_s, sigma_next)
                 (v.float().pow(2).mean()).backward()
             del v
         res["probe_student_gib"] = (torch.cuda.max_memory_allocated(device) - base) / GiB
@@ -453,7 +488,7 @@ def report(results: list[dict], meta: dict) -> str:
             continue
         s, st = r["settings"], r["step"]
         label = r["config"] + (" (superseded)" if r.get("superseded") else "")
-        model = MODEL_LABELS.get(r["family"], r["family"])
+        model = MODEL_LABELS.get(r.get("model") or family_of(r["family"]).hf_repo_ids[0], r["family"])
         peak = st["peak_gib"]
         err = "" if r.get("error_pct") is None else f"{r['error_pct']:+.1f}%"
         ok = "" if peak is None else (" ✅" if peak <= r["target_gib"] else " ❌")
@@ -576,7 +611,7 @@ def repredict(results: list[dict]) -> None:
         settings = {**r["settings"], "teacher": r["plan"]["settings"]["teacher"],
                     "teacher_max_sequence_length": r["plan"]["settings"]["teacher_max_sequence_length"],
                     "fused_linear": bool(r.get("fused_layers")), "teacher_ema_on": r.get("teacher_ema_on", "device")}
-        p = planner.make_plan(family_of(r["family"]).hf_repo_ids[0], settings)
+        p = planner.make_plan(r.get("model") or family_of(r["family"]).hf_repo_ids[0], settings)
         r.setdefault("predicted_gib_at_run", r["predicted_gib"])
         r["plan"], r["predicted_gib"] = p.to_dict(), p.peak_gib
         if r["step"].get("peak_gib"):
@@ -610,7 +645,7 @@ def host_rss_compare(work: Path, layers: int, quant: str) -> list[dict]:
 
     folder = work / f"zimage-{layers}l" / "transformer"
     if not list(folder.glob("*.safetensors")):
-        cfg = json.loads((published("zimage") / "transformer" / "config.json").read_text())
+        cfg = json.loads((published(family_of("zimage").hf_repo_ids[0]) / "transformer" / "config.json").read_text())
         cfg["n_layers"] = layers
         torch.set_default_dtype(torch.bfloat16)
         model = ZImageTransformer2DModel.from_config(cfg)
@@ -695,12 +730,13 @@ def main() -> int:
     names = [n for n in args.configs.split(",") if n]
     meta = {"device": device_name(args.device), "versions": versions(),
             "command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:])}
-    for family in dict.fromkeys(CONFIGS[n]["family"] for n in names):
-        folder = work / family
-        write_model_folder(family, folder, args.tiny)
+    for model in dict.fromkeys(model_of(CONFIGS[n]) for n in names):
+        spec = next(CONFIGS[n] for n in names if model_of(CONFIGS[n]) == model)
+        folder = model_folder(work, spec)
+        write_model_folder(spec["family"], model, folder, args.tiny)
         if not list((folder / "transformer").glob("*.safetensors")):
-            meta.setdefault("checkpoint", {})[family] = write_random_checkpoint(folder, args.device)
-            print("checkpoint", family, meta["checkpoint"][family], flush=True)
+            meta.setdefault("checkpoint", {})[model] = write_random_checkpoint(folder, args.device)
+            print("checkpoint", model, meta["checkpoint"][model], flush=True)
     for family in dict.fromkeys(CONFIGS[n]["family"] for n in names if CONFIGS[n].get("single_file")):
         if not single_file_path(work, family).exists():
             meta.setdefault("single_file", {})[family] = write_single_file(work, family)

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
-    configs = "zimage-12gb,klein-16gb-edit-act8,zimage-16gb-prior,zimage-16gb-file,zimage-16gb-ts2"
+    configs = ("zimage-12gb,klein-16gb-edit-act8,zimage-16gb-prior,zimage-16gb-file,zimage-16gb-ts2,klein9b-16gb-edit,"
+               "flux3-16gb-vlm")
     # The fused linear's CPU path is its torch reference unless the Triton interpreter is on (as the
     # suite sets it for tests/kernels, where the kernels are checked): interpreted, one klein
     # roll-out takes minutes.
@@ -30,6 +31,11 @@ def test_bench_memory_tiny_runs_the_trainers_families(tmp_path):
     # each model's own roll-out length (the family's default, not a benchmark constant)
     assert runs["zimage-12gb"]["step"]["rollout_steps"] == 8
     assert runs["klein-16gb-edit-act8"]["step"]["rollout_steps"] == 4
+    # another public id of a family (its own published configs), and FLUX.3 with its vlm teacher: 16 steps,
+    # 4 of them trained by default
+    assert runs["klein9b-16gb-edit"]["model"] == "black-forest-labs/FLUX.2-klein-9B"
+    assert runs["flux3-16gb-vlm"]["plan"]["settings"]["teacher"] == "vlm"
+    assert (runs["flux3-16gb-vlm"]["step"]["rollout_steps"], runs["flux3-16gb-vlm"]["step"]["trained_passes"]) == (16, 4)
     assert runs["zimage-12gb"]["teacher_ema_on"] == "cpu"                 # the 12gb preset, applied as train.py
     assert runs["zimage-12gb"]["plan"]["settings"]["teacher_ema_on"] == "cpu"  # ... and told to the planner
     # --transformer-file: the random checkpoint rewritten as one original-layout file, trained from it
