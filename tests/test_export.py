@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 
+import pytest
 import torch
 from diffusers import ZImagePipeline
 from diffusers.loaders.lora_conversion_utils import (_convert_kohya_flux2_lora_to_diffusers,
@@ -89,12 +90,15 @@ def test_zimage_export_matches_comfyui_layout_and_loads_back_in_diffusers(tmp_pa
     assert ((latents[0] - base).norm() / base.norm()) > 1e-3  # the LoRA does something
 
 
-def test_klein_export_fuses_qkv_exactly_and_diffusers_splits_it_back(tiny_klein_dir):
+@pytest.mark.parametrize("model_dir", ["tiny_klein_dir", "tiny_klein9b_dir"])
+def test_klein_export_fuses_qkv_exactly_and_diffusers_splits_it_back(model_dir, request):
+    """The 4B and the 9B alike: ComfyUI's Flux.2 detection reads the width from img_in and counts the
+    blocks (comfy/model_detection.py), so the 9B's LoRA keys map through the same generic loop."""
     from diffusers import Flux2Transformer2DModel
 
     from lowvram_dopsd.families.klein import Klein
 
-    model = Flux2Transformer2DModel.from_pretrained(tiny_klein_dir / "transformer")
+    model = Flux2Transformer2DModel.from_pretrained(request.getfixturevalue(model_dir) / "transformer")
     torch.manual_seed(0)
     lora = DualLoRA.attach(model, Klein.lora_targets, rank=4, alpha=8.0)  # every layer klein trains
     with torch.no_grad():
