@@ -304,8 +304,7 @@ def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, s
                 f"t = {family.transformer_class}.from_single_file({str(family.transformer_file)!r}, config={model!r}, "
                 f"subfolder='transformer'); pipe = {family.pipeline_class}.from_pretrained({model!r}, transformer=t); ")
     else:
-        load = (f"from {family.pipeline_module} import {family.pipeline_class}; "
-                f"pipe = {family.pipeline_class}.from_pretrained({model!r}); ")
+        load = family.load_code(model)
     return {
         "load it": load + f"pipe.load_lora_weights({str(out_dir)!r})",
         **({"try it": f"{shlex.join(program())} sample --lora {q(str(out_dir))} --prompt \"...\""}

@@ -297,8 +297,14 @@ def test_cli_trains_flux3_with_each_teacher(tmp_path, tiny_flux3_dir, demo_image
     assert main(args) == 0, capsys.readouterr().err
     printed = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the header box's lines joined
     assert "16-step roll-outs, 4 states trained" in printed  # the family's defaults
+    # the closing "load it" line loads the modular pipeline's components before the LoRA, and works
+    assert "blocks.init_pipeline(" in printed and "pipe.load_components(); pipe.load_lora_weights(" in printed
+    from lowvram_dopsd.advice import use_commands
+
+    family = load_family(str(tiny_flux3_dir))
+    scope: dict = {}
+    exec(use_commands(load_config("cpu-demo", {"model": str(tiny_flux3_dir)}), family, tmp_path / "run")["load it"],
+         scope)
+    assert "transformer" in scope["pipe"].get_list_adapters()
     info = read_info(tmp_path / "run" / "pytorch_lora_weights.safetensors")
     assert info["family"] == "flux3" and info["teacher"] == teacher and info["rollout_steps"] == 16
-    family = load_family(str(tiny_flux3_dir))
-    pipe = stock_pipeline(tiny_flux3_dir, family, lora_dir=tmp_path / "run")  # the stock pipeline loads it
-    assert "transformer" in pipe.get_list_adapters()

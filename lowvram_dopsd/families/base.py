@@ -311,6 +311,11 @@ class Family:
     # Extra arguments the stock pipeline needs for the model's own few-step sampling (`sample`).
     pipeline_call_kwargs: ClassVar[dict[str, Any]] = {}
 
+    def load_code(self, model: str) -> str:
+        """Python that loads the stock pipeline as `pipe` (the run's closing "load it" line)."""
+        return (f"from {self.pipeline_module} import {self.pipeline_class}; "
+                f"pipe = {self.pipeline_class}.from_pretrained({model!r}); ")
+
     def stock_pipeline(self, dtype: torch.dtype, **kwargs):
         """The stock diffusers pipeline of this folder (`sample`, `eval`): DiffusionPipeline.from_pretrained,
         `kwargs` passed on (a transformer read from a single file, trust_remote_code)."""

@@ -422,6 +422,12 @@ class Flux3(ReferenceImageFamily):
                                **({"transformer": transformer} if transformer is not None else {}))
         return pipe
 
+    def load_code(self, model: str) -> str:
+        # from_pretrained alone loads no component of a modular pipeline: load_components does
+        return ("from diffusers import Flux3DistilledAutoBlocks; blocks = Flux3DistilledAutoBlocks(); "
+                "blocks.sub_blocks.pop('prompt_upsampler'); "
+                f"pipe = blocks.init_pipeline({model!r}); pipe.load_components(); ")
+
     def place(self, pipe, device: torch.device, offload: bool) -> None:
         if offload:
             pipe._components_manager.enable_auto_cpu_offload(device=device)  # the manager stock_pipeline made
