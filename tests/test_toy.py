@@ -368,3 +368,87 @@ def test_prior_weight_arms_are_named_by_their_weight(tmp_path):
     with pytest.raises(SystemExit):
         experiment.main(["--out", str(tmp_path), "--seeds", "0", "--methods", "dopsd-x0-prior-wx", "--grid", ""])
     assert not list(tmp_path.iterdir())
+
+
+def _tiny_dmd_setup():
+    torch.manual_seed(0)
+    real = ToyDiT(dim=16, layers=1, heads=2, cond_dim=8)
+    for m in (real.final_ada, real.head_out):  # zero-initialised heads would make every velocity 0
+        torch.nn.init.normal_(m.weight, std=0.3)
+    g = ToyDiT(dim=16, layers=1, heads=2, cond_dim=8)
+    g.load_state_dict(real.state_dict())
+    cond = torch.randn(4, world.MAX_TOKENS, 8)
+
+    def encode(caps, refs):
+        return cond[: len(caps)], torch.ones(len(caps), world.MAX_TOKENS, dtype=torch.bool)
+
+    def batches(rng):  # two parts per batch, as text-only + in-context items
+        for n in (3, 1):
+            yield [f"c{rng.random()}"] * n, torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(rng.randrange(99))) * 2 - 1, None
+    return real, g, encode, batches
+
+
+def test_dmd_gradient_moves_the_sample_from_the_fake_score_toward_the_real_one():
+    """DMD's loss on x0 has the gradient (x0_fake - x0_real) / mean|x0 - x0_real| per sample (DMD2's
+    normalisation), so a step against it moves x0 toward what the real score denoises to."""
+    from experiments.toy.dmd import dmd_loss
+
+    a, b = torch.full((2, 3, 32, 32), 0.5), torch.full((2, 3, 32, 32), -0.5)
+
+    class Denoiser(torch.nn.Module):  # predicts v such that x0 = target at any x_t, sigma
+        def __init__(self, target):
+            super().__init__()
+            self.target = target
+
+        def forward(self, x, sigma, h, m):
+            return (x - self.target) / sigma[:, None, None, None]
+
+    x0 = torch.zeros(2, 3, 32, 32, requires_grad=True)
+    dmd_loss(x0, Denoiser(a), Denoiser(b), None, None, torch.Generator().manual_seed(0)).backward()
+    # grad = (b - a) / mean|x0 - a| = -1 / 0.5, over the mean's 2·3·32·32 elements
+    torch.testing.assert_close(x0.grad * x0.numel(), torch.full_like(x0, -2.0))
+
+
+def test_dmd_training_resumes_exactly_and_refuses_other_settings(tmp_path):
+    """The DMD2 loop (generator, fake score, discriminator, their optimisers, the EMA, the RNGs) picks
+    up from its saved state and ends where one uninterrupted run ends, bit for bit."""
+    from experiments.toy.dmd import train_dmd
+
+    sig = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0])
+    kw = dict(ratio=2, lr_g=1e-3, lr_c=1e-3, lr_d=1e-3, gan_g=0.1, ema=0.5, save_every=2)
+    real, g, encode, batches = _tiny_dmd_setup()
+    straight, _, _ = train_dmd(g, real, encode, sig, batches, 4, lambda s: None, **kw)
+
+    real, g, encode, batches = _tiny_dmd_setup()
+    state = tmp_path / "state.pt"
+    train_dmd(g, real, encode, sig, batches, 3, lambda s: None, state_path=state, **kw)  # stopped after 3
+    assert torch.load(state, weights_only=False)["it"] == 2  # the last save
+    real, g2, encode, batches = _tiny_dmd_setup()  # a new process: fresh models, the state from disk
+    with pytest.raises(SystemExit, match="other settings"):
+        train_dmd(g2, real, encode, sig, batches, 4, lambda s: None, state_path=state, **{**kw, "gan_g": 0.2})
+    resumed, _, _ = train_dmd(g2, real, encode, sig, batches, 4, lambda s: None, state_path=state, **kw)
+    assert any(not torch.equal(p, q) for p, q in zip(resumed.parameters(), real.parameters()))  # it trained
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_build_dmd_stage_replaces_the_model_keeps_the_ode_map_one_and_records_its_sharpness(tmp_path):
+    """`experiments.toy.build --stage dmd` on a copy of the shipped folder: the generator's EMA becomes
+    transformer/, the ODE-map model stays in kd_transformer/, build_info.json records the distilled
+    model's sharpness, FD, attributes and gate, and the resumable state is gone once it is done."""
+    import shutil
+
+    from experiments.toy import build
+
+    model = tmp_path / "model"
+    shutil.copytree(ASSETS / "model", model)
+    shutil.rmtree(model / "kd_transformer", ignore_errors=True)  # a folder from before this stage: the
+    ode_map = (model / "transformer" / "model.safetensors").read_bytes()  # ODE-map model is transformer/
+    assert build.main(["--out", str(model), "--stage", "dmd", "--dmd-iters", "3", "--dmd-batch", "4",
+                       "--dmd-ratio", "2", "--report-prompts", "8"]) == 0
+    assert (model / "kd_transformer" / "model.safetensors").read_bytes() == ode_map
+    assert (model / "transformer" / "model.safetensors").read_bytes() != ode_map
+    info = json.loads((tmp_path / "build_info.json").read_text())["dmd"]
+    assert info["sharpness"] > 0 and info["fd"] > 0 and 0 <= info["prior_all"] <= 1 and "ring_context" in info["gate"]
+    assert info["iters"] == 3 and info["method"].startswith("DMD2") and not (tmp_path / "dmd-state.pt").exists()
+    assert "DMD2" in json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())["distillation"]

@@ -1,7 +1,7 @@
 """Build the toy world's checkpoints from scratch (nothing downloaded), in minutes on a CPU:
 
     python -m experiments.toy.build --out lowvram_dopsd/assets/toy/model          # all stages, from the repo root
-    python -m experiments.toy.build --out ... --stage classifier|base|distill
+    python -m experiments.toy.build --out ... --stage classifier|base|distill|dmd
 
 1. classifier (first: the later stages log the teacher gate with it): CNN with attribute heads on
    rendered scenes INCLUDING the concept (for evaluation only), with noise/blur augmentation.
@@ -22,6 +22,12 @@
    sigma_k -> sigma_{k+1} of SIGMAS4 with 8 Euler sub-steps (32 NFE); the student regresses
    v_k = (x_{k+1} - x_k) / (sigma_{k+1} - sigma_k) at the teacher states x_k, for text-only and
    in-context conditions alike (the D-OPSD teacher runs the distilled weights in context).
+   Kept in kd_transformer/ (the world of the earlier results); its samples are grainy.
+4. dmd: distribution-matching distillation (DMD2, experiments/toy/dmd.py) from the ODE-map student:
+   the shipped transformer/. Resumable (its state is saved beside the folder every 100 iterations;
+   the same command picks it up), with progress and time left in the log.
+The distilled stages record the 4-step model's quality in build_info.json (`sharpness`, `fd`,
+`prior_all`: evaluate.quality on the experiment's 256 prompts, mean over its 3 seeds) and its gate.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import copy
 import json
 import math
 import random
+import subprocess
 import time
 from pathlib import Path
 
@@ -37,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lowvram_dopsd.toy import world
-from lowvram_dopsd.toy.evaluate import teacher_gate
+from lowvram_dopsd.toy.evaluate import eval_scenes, quality, teacher_gate
 from lowvram_dopsd.toy.models import HEADS, ToyClassifier, ToyDiT, ToyEncoder, load_module, save_module
 from lowvram_dopsd.toy.pipeline import sample as euler
 
@@ -179,7 +186,7 @@ def train_base(out: Path, steps: int, batch: int, seed: int, log, resume: bool =
 
 
 def distill(out: Path, n_traj: int, steps: int, batch: int, seed: int, log, shift: float = 1.0,
-            p_drop: float = 0.0, blob_holes: float = 0.0) -> dict:
+            p_drop: float = 0.0, blob_holes: float = 0.0, report_prompts: int = 256) -> dict:
     rng, gen = random.Random(seed + 1), torch.Generator().manual_seed(seed + 1)
     torch.manual_seed(seed + 1)
     enc, teacher = load_module(out / "text_encoder"), load_module(out / "base_transformer")
@@ -225,11 +232,9 @@ def distill(out: Path, n_traj: int, steps: int, batch: int, seed: int, log, shif
         opt.step()
         if step % 100 == 0 or step == steps - 1:
             log(f"distill {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    save_module(student.eval(), out / "transformer", "ToyDiT")
-    gate = {}
-    if (out / "classifier" / "config.json").is_file():  # the gate again, on the 4-step model itself
-        gate = teacher_gate(lambda c, r: encode(enc, tok, c, r), student, load_module(out / "classifier"), SIGMAS4)
-        log("distilled gate (4 steps): " + " ".join(f"{k} {v:.2f}" for k, v in gate.items()))
+    save_module(student.eval(), out / "kd_transformer", "ToyDiT")
+    save_module(student, out / "transformer", "ToyDiT")  # the shipped model until the dmd stage replaces it
+    report = distilled_report(out, student, enc, tok, log, report_prompts, gate_n=min(96, report_prompts))
     sched = out / "scheduler"
     sched.mkdir(parents=True, exist_ok=True)
     (sched / "scheduler_config.json").write_text(json.dumps(
@@ -243,7 +248,96 @@ def distill(out: Path, n_traj: int, steps: int, batch: int, seed: int, log, shif
          "text_encoder": ["lowvram_dopsd.toy.models", "ToyEncoder"],
          "tokenizer": ["lowvram_dopsd.toy.world", "Tokenizer"],
          "scheduler": ["lowvram_dopsd.toy.pipeline", "ToyEulerSchedule"]}, indent=2))
-    return gate
+    return report
+
+
+def distilled_report(out: Path, dit: ToyDiT, enc: ToyEncoder, tok: world.Tokenizer, log, n: int = 256,
+                     seeds=(0, 100, 200), gate_n: int = 96) -> dict:
+    """The 4-step model's quality on prompts without the trigger (evaluate.quality: the experiment's
+    256 prompts and the noise of its base rows, seeds 0-2, averaged) and its teacher gate."""
+    if not (out / "classifier" / "config.json").is_file():
+        return {}
+    clf, sig = load_module(out / "classifier"), torch.tensor(SIGMAS4)
+
+    def generate(caps, seed):
+        h, m = encode(enc, tok, caps)
+        return euler(dit, h, m, torch.randn((len(caps), 3, 32, 32), generator=torch.Generator().manual_seed(seed)), sig)
+
+    with torch.no_grad():
+        runs = [quality(generate, clf, eval_scenes()[0][:n], seed) for seed in seeds]
+        gate = teacher_gate(lambda c, r: encode(enc, tok, c, r), dit, clf, SIGMAS4, n=gate_n)
+    report = {k: sum(r[k] for r in runs) / len(runs) for k in ("sharpness", "fd", "prior_all", "prior_shape")}
+    report["gate"] = gate
+    log("distilled model (4 steps): " + " ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "gate")
+        + " | gate " + " ".join(f"{k} {v:.2f}" for k, v in gate.items()))
+    return report
+
+
+def dmd_stage(out: Path, a, log) -> dict:
+    """DMD2 from the ODE-map student (kd_transformer/) with the base as the real score; writes the
+    generator's EMA to transformer/. Resumes from `out.parent / "dmd-state.pt"` when it is there."""
+    from .dmd import train_dmd
+
+    if not (out / "kd_transformer" / "config.json").is_file():  # a folder built before this stage existed
+        save_module(load_module(out / "transformer"), out / "kd_transformer", "ToyDiT")
+    enc, real, g = (load_module(out / d) for d in ("text_encoder", "base_transformer", "kd_transformer"))
+    enc.requires_grad_(False)
+    tok = world.Tokenizer()
+
+    def batches(rng):
+        text, ctx = make_batch(rng, a.dmd_batch, p_context=a.dmd_p_context, p_drop=a.p_drop,
+                               blob_holes=a.blob_holes)
+        if text[0]:
+            yield text[0], text[1], None
+        if ctx:
+            yield ctx
+
+    clf, sig = load_module(out / "classifier"), torch.tensor(SIGMAS4)
+    rng = random.Random(2024)  # validation scenes: not the experiment's (eval_scenes' seed 12345)
+    scenes = [world.random_scene(rng) for _ in range(128)]
+
+    def check(dit) -> dict:
+        def generate(caps, seed):
+            noise = torch.randn((len(caps), 3, 32, 32), generator=torch.Generator().manual_seed(seed))
+            return euler(dit, *encode(enc, tok, caps), noise, sig)
+        r = quality(generate, clf, scenes, 7)
+        return {k: r[k] for k in ("sharpness", "fd", "prior_all")}
+
+    def stop(result) -> bool:  # fixed before the run (docs/toy.md): sharp as the renders, on validation scenes
+        return a.dmd_stop > 0 and abs(result["sharpness"] - 1.0) <= a.dmd_stop
+
+    state = out.parent / "dmd-state.pt"
+    g_ema, history, cpu_s = train_dmd(
+        g, real, lambda c, r: encode(enc, tok, c, r), torch.tensor(SIGMAS4), batches, a.dmd_iters, log,
+        seed=a.seed + 3, ratio=a.dmd_ratio, lr_g=a.dmd_lr_g, lr_c=a.dmd_lr_c, lr_d=a.dmd_lr_d, gan_g=a.dmd_gan_g,
+        gan_t_max=a.dmd_gan_t_max, r1=a.dmd_r1, dmd_t_min=a.dmd_t_min, k_min=a.dmd_k_min, ema=a.dmd_ema,
+        state_path=state, check=check, check_every=a.dmd_check_every, stop=stop,
+        settings={"batch": a.dmd_batch, "p_context": a.dmd_p_context, "p_drop": a.p_drop, "blob_holes": a.blob_holes})
+    save_module(g_ema, out / "transformer", "ToyDiT")
+    sched = out / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "distillation": (
+        "DMD2 (distribution matching + GAN, experiments/toy/dmd.py) from the per-segment ODE-map "
+        "distilled model (kd_transformer/), the base as the real score")}, indent=2))
+    state.unlink(missing_ok=True)
+    return {**distilled_report(out, g_ema, enc, tok, log, a.report_prompts, gate_n=min(96, a.report_prompts)),
+            "cpu_s": round(cpu_s), "iters_done": history[-1]["it"] if history else a.dmd_iters,
+            "validation": history}
+
+
+def source_commit(where: Path = Path(__file__).parent) -> str:
+    """The git commit the code ran from, "+dirty" with uncommitted changes, "unknown" outside a git
+    checkout: a result file then says which code made it (a number re-run after a fix is not mixed
+    with one from before it)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):  # no git
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -279,7 +373,7 @@ def train_classifier(out: Path, steps: int, batch: int, seed: int, log) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "lowvram_dopsd" / "assets" / "toy" / "model"))
-    ap.add_argument("--stage", default="all", choices=["all", "base", "distill", "classifier"])
+    ap.add_argument("--stage", default="all", choices=["all", "base", "distill", "dmd", "classifier"])
     # Defaults = the shipped recipe (docs/toy.md; the gate runs in benchmarks/results/toy-teacher-attempts.md).
     # The first shipped base (2000 steps, whose teacher could not read the ring) is
     # --base-steps 2000 --p-context 0.4 --lr 1e-3 --enc-patch 8 --no-ref-add --p-drop 0 --blob-holes 0 --shift 1
@@ -309,8 +403,29 @@ def main(argv=None) -> int:
                     help="base, distill: share of in-context blobs with a hole (the ring itself is never drawn)")
     ap.add_argument("--shift", type=float, default=3.0,
                     help="base: time shift of the training sigmas (recorded for the SFT baseline)")
+    dmd = ap.add_argument_group("dmd (DMD2, experiments/toy/dmd.py; defaults = the shipped recipe)")
+    dmd.add_argument("--dmd-iters", type=int, default=3000,
+                     help="fake-score updates (at most); the generator gets 1 in --dmd-ratio")
+    dmd.add_argument("--dmd-batch", type=int, default=16)
+    dmd.add_argument("--dmd-ratio", type=int, default=2, help="fake-score updates per generator update (DMD2: 5)")
+    dmd.add_argument("--dmd-lr-g", type=float, default=5e-5)
+    dmd.add_argument("--dmd-lr-c", type=float, default=2e-4, help="the fake score's learning rate")
+    dmd.add_argument("--dmd-lr-d", type=float, default=4e-4, help="the discriminator's learning rate")
+    dmd.add_argument("--dmd-gan-g", type=float, default=0.1, help="weight of the generator's GAN loss")
+    dmd.add_argument("--dmd-gan-t-max", type=float, default=0.05, help="GAN inputs are noised at t ~ U[0, this]")
+    dmd.add_argument("--dmd-r1", type=float, default=0.1, help="R1 penalty weight of the discriminator")
+    dmd.add_argument("--dmd-t-min", type=float, default=0.3, help="the DMD term's lowest t (DMD2: 0.02)")
+    dmd.add_argument("--dmd-k-min", type=int, default=3, help="the first roll-out step G learns at (3: the last)")
+    dmd.add_argument("--dmd-ema", type=float, default=0.99, help="EMA of the generator per generator update")
+    dmd.add_argument("--dmd-p-context", type=float, default=0.3, help="share of in-context items (as distill)")
+    dmd.add_argument("--dmd-check-every", type=int, default=200, help="validation check of the EMA generator")
+    dmd.add_argument("--dmd-stop", type=float, default=0.1,
+                     help="stop at the first check whose validation sharpness is within 1 +- this (0: never)")
+    ap.add_argument("--report-prompts", type=int, default=256,
+                    help="distill, dmd: prompts of the quality report (the gate: 96 scenes, or as many)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
+    commit = source_commit()  # at the start: the code that runs, whatever the checkout holds by the end
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -346,10 +461,21 @@ def main(argv=None) -> int:
             info["base"] = entry
     t1 = time.time()
     if a.stage in ("all", "distill"):
-        gate = distill(out, a.trajectories, a.distill_steps, a.batch, a.seed, log, a.shift, a.p_drop, a.blob_holes)
+        report = distill(out, a.trajectories, a.distill_steps, a.batch, a.seed, log, a.shift, a.p_drop, a.blob_holes,
+                         a.report_prompts)
         info["distill"] = {"steps": a.distill_steps, "trajectories": a.trajectories, "seed": a.seed,
-                           "sigmas": list(SIGMAS4), "gate": gate, "threads": a.threads,
+                           "sigmas": list(SIGMAS4), **report, "threads": a.threads,
                            "wall_s": round(time.time() - t1)}
+    t3 = time.time()
+    if a.stage in ("all", "dmd"):
+        report = dmd_stage(out, a, log)
+        info["dmd"] = {"method": "DMD2 (Yin et al. 2024, arXiv 2405.14867): multi-step, backward simulation, "
+                                 "TTUR, GAN term on the fake score's features; no regression loss",
+                       "init": "kd_transformer (the distill stage)", "real_score": "base_transformer",
+                       **{k[4:]: v for k, v in vars(a).items() if k.startswith("dmd_")}, "seed": a.seed + 3,
+                       **report, "threads": a.threads, "wall_s": round(time.time() - t3)}
+    for entry in info.values():
+        entry["commit"] = commit
     old = json.loads(info_path.read_text()) if info_path.is_file() else {}  # stages may run in parallel
     info_path.write_text(json.dumps({**old, **info}, indent=2))
     return 0

@@ -29,7 +29,6 @@ import json
 import random
 import re
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from lowvram_dopsd.toy.evaluate import classify, eval_scenes, evaluate, grid
 from lowvram_dopsd.toy.models import load_module
 from lowvram_dopsd.toy.pipeline import ToyDiTPipeline, sample
 
-from .build import ROOT, train_sigmas
+from .build import ROOT, source_commit, train_sigmas
 
 DEFAULT_MODEL = ROOT / "lowvram_dopsd" / "assets" / "toy" / "model"
 
@@ -320,22 +319,6 @@ def summarize(runs):
         summ["teacher-in-context"] = {"concept_train_prompts": (statistics.mean(v), statistics.pstdev(v)),
                                       "base_text_only_train_prompts": (statistics.mean(w), statistics.pstdev(w))}
     return summ
-
-
-def source_commit(where: Path = Path(__file__).parent) -> str:
-    """The git commit the code ran from, "+dirty" with uncommitted changes, "unknown" outside a git
-    checkout: a result file then says which code made it (a number re-run after a fix is not mixed
-    with one from before it)."""
-    def git(*args):
-        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30)
-    try:
-        head = git("rev-parse", "--short=12", "HEAD")
-        if head.returncode:
-            return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):  # no git
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def table(summary, meta) -> str:

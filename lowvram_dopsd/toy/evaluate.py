@@ -74,19 +74,25 @@ def accuracy(pred: dict, scenes: list[world.Scene], heads=tuple(HEADS)) -> dict[
 
 
 @torch.no_grad()
-def evaluate(generate, clf, prior: list[world.Scene], concept: list[world.Scene], seed: int) -> dict[str, float]:
-    """`generate(captions, seed) -> images [-1, 1]` at the model's 4 steps."""
-    res = {}
+def quality(generate, clf, prior: list[world.Scene], seed: int) -> dict[str, float]:
+    """The prompts-without-the-trigger half of `evaluate`: prior_* accuracies, prior_ring, fd, sharpness."""
     real_p = world.to_tensor([world.render(s) for s in prior])
     gen_p = generate([s.caption() for s in prior], seed)
     fr, _ = classify(clf, real_p)
     fg, pred = classify(clf, gen_p)
-    acc = accuracy(pred, prior)
-    res.update({f"prior_{k}": v for k, v in acc.items()})
+    res = {f"prior_{k}": v for k, v in accuracy(pred, prior).items()}
     ring = HEADS["shape"].index(world.CONCEPT_SHAPE)
     res["prior_ring"] = float((pred["shape"] == ring).float().mean())  # the concept bleeding into other prompts
     res["fd"] = frechet(fg, fr)
     res["sharpness"] = laplacian_var(gen_p) / laplacian_var(real_p)
+    return res
+
+
+@torch.no_grad()
+def evaluate(generate, clf, prior: list[world.Scene], concept: list[world.Scene], seed: int) -> dict[str, float]:
+    """`generate(captions, seed) -> images [-1, 1]` at the model's 4 steps."""
+    res = quality(generate, clf, prior, seed)
+    ring = HEADS["shape"].index(world.CONCEPT_SHAPE)
     real_c = world.to_tensor([world.render(s) for s in concept])
     gen_c = generate([s.caption(world.TRIGGER) for s in concept], seed + 1)
     fcr, _ = classify(clf, real_c)
