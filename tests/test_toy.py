@@ -432,6 +432,27 @@ def test_dmd_training_resumes_exactly_and_refuses_other_settings(tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_bf16_ema_rounds_as_the_authors_teacher_and_is_undone_after(tmp_path):
+    """experiments.toy.experiment's bf16 arm: each EMA update rounds the teacher to bf16 after the
+    multiply and after the add (their DeepSpeed-bf16 adapter), so a small increment is lost where fp32
+    keeps it; outside the arm the trainer's fp32 update is back."""
+    from experiments.toy.experiment import bf16_ema
+    from lowvram_dopsd.lora import DualLoRA
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    lora = DualLoRA.attach(model, ("0",), rank=2, alpha=2, seed=0)
+    layer = lora.layers["0"]
+    with torch.no_grad():
+        layer.teacher_B.fill_(1.0)
+        layer.student_B.fill_(2.0)
+    with bf16_ema():
+        lora.ema_update(0.9999)  # 1 + 1e-4: under half of bf16's step at 1 (2^-8): rounds back to 1
+    assert torch.equal(layer.teacher_B, torch.ones_like(layer.teacher_B))
+    assert torch.equal(layer.teacher_A, layer.student_A.to(torch.bfloat16).float())
+    lora.ema_update(0.9999)  # the trainer's own, fp32
+    torch.testing.assert_close(layer.teacher_B, torch.full_like(layer.teacher_B, 1.0001))
+
+
 def test_build_dmd_stage_replaces_the_model_keeps_the_ode_map_one_and_records_its_sharpness(tmp_path):
     """`experiments.toy.build --stage dmd` on a copy of the shipped folder: the generator's EMA becomes
     transformer/, the ODE-map model stays in kd_transformer/, build_info.json records the distilled

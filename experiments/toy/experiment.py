@@ -18,12 +18,15 @@ Prior arms (--methods dopsd-x0-prior dopsd-x0-prior-w<weight>): prior_prompts at
 (the prior-weight sweep in docs/toy.md).
 8-bit arms (--methods dopsd-x0-qint8 dopsd-x0-act8): the base quantised to int8 (quanto qint8), and
 the same with the base GEMMs on per-token int8 activations (act_quant = "int8").
+EMA-precision arms (--methods dopsd-x0-ema-bf16 dopsd-x0-ema0.9999-bf16): the teacher's EMA in bf16, as
+the authors' run keeps it (bf16_ema), at EMA 0.999 and 0.9999.
 Also reported: the TEACHER's own concept rate (in-context: training image + caption) — an upper
 bound on what the self-teacher can transmit.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import random
@@ -74,6 +77,40 @@ def prior_variant(method: str) -> dict | None:
     """`dopsd-x0-prior-w<weight>` (e.g. w0.25): the prior arm at that prior_weight; None for other names."""
     m = re.fullmatch(r"dopsd-x0-prior-w(\d+(?:\.\d+)?)", method)
     return {"loss": "x0", "prior_prompts": prior_prompts(), "prior_weight": float(m[1])} if m else None
+
+
+@contextlib.contextmanager
+def bf16_ema():
+    """The authors' EMA teacher, as their run appears to keep it: DeepSpeed with bf16 enabled casts the
+    whole transformer, the frozen teacher adapter included, to bf16, and their EMA
+    `teacher.mul_(decay).add_(student, alpha=1 - decay)` then rounds to bf16 after each op (8 bits of
+    mantissa: an increment under about 1/512 of the teacher's value rounds away). Our teacher stays
+    fp32; here each update runs in bf16 and the fp32 buffers hold its exact bf16 values."""
+    from lowvram_dopsd.lora import DualLoRA
+
+    fp32_update = DualLoRA.ema_update
+
+    @torch.no_grad()
+    def ema_update(self, decay: float) -> None:
+        for teacher, student in zip(self._teacher_buffers(), self.student_parameters()):
+            t = teacher.to(torch.bfloat16)
+            t.mul_(decay).add_(student.detach().to(torch.bfloat16), alpha=1.0 - decay)
+            teacher.copy_(t)
+
+    DualLoRA.ema_update = ema_update
+    try:
+        yield
+    finally:
+        DualLoRA.ema_update = fp32_update
+
+
+def teacher_b_share(lora) -> float:
+    """|B_teacher| / |B_student| over all layers (Frobenius): how far the EMA teacher has followed the
+    student (B starts at 0 in both; a frozen teacher stays at 0, a copy of the student is at 1)."""
+    t, s = lora.tensors("teacher"), lora.tensors("student")
+    keys = [k for k in s if k.endswith("lora_B.weight")]
+    num = sum(float(t[k].float().pow(2).sum()) for k in keys) ** 0.5
+    return num / max(sum(float(s[k].float().pow(2).sum()) for k in keys) ** 0.5, 1e-12)
 
 
 def quiet_console():
@@ -191,7 +228,11 @@ def main(argv=None) -> int:
                 "dopsd-x0-prior": {"loss": "x0", "prior_prompts": prior_prompts()},
                 # the 8-bit paths (docs/kernels.md): int8 base, then int8 base + int8 activations
                 "dopsd-x0-qint8": {"loss": "x0", "quant": "qint8"},
-                "dopsd-x0-act8": {"loss": "x0", "quant": "qint8", "act_quant": "int8"}}
+                "dopsd-x0-act8": {"loss": "x0", "quant": "qint8", "act_quant": "int8"},
+                # the EMA-precision study (docs/toy.md): the teacher LoRA kept in bf16 as the authors' run
+                # does (see bf16_ema), at the toy preset's decay and the paper's
+                "dopsd-x0-ema-bf16": {"loss": "x0"},
+                "dopsd-x0-ema0.9999-bf16": {"loss": "x0", "ema_decay": 0.9999}}
     variants.update({m: arm for m in methods if (arm := prior_variant(m))})
     unknown = [m for m in methods if m != "sft" and m not in variants]
     if unknown:  # before any seed has run, not after an hour of them
@@ -261,11 +302,13 @@ def main(argv=None) -> int:
                 model, lora = run_sft(cfg, images)
             else:
                 cfg = make_cfg(model_dir, images, out, work / "cache", seed, a.steps, **every_arm, **variants[method])
-                result = train(cfg, preset="toy", console=quiet_console())
+                with bf16_ema() if method.endswith("-bf16") else contextlib.nullcontext():
+                    result = train(cfg, preset="toy", console=quiet_console())
                 model, lora = result.model, result.lora
             wall = time.time() - t0
             lora.switch.active = "student"
-            record(label(method, a.lr), gen_with(model), wall)
+            record(label(method, a.lr), gen_with(model), wall,
+                   None if method == "sft" else {"teacher_b_share": teacher_b_share(lora)})
 
     summary = summarize(runs)
     meta = {"command": "python -m experiments.toy.experiment " + " ".join(argv or []) if argv is not None else
@@ -291,7 +334,7 @@ def main(argv=None) -> int:
 METRICS = [("concept", "concept ↑"), ("concept_colour", "concept colour ↑"), ("concept_fd", "concept FD ↓"),
            ("fd", "FD (no trigger) ↓"), ("sharpness", "sharpness (1=real)"), ("prior_shape", "shape ↑"),
            ("prior_colour", "colour ↑"), ("prior_position", "position ↑"), ("prior_all", "all 5 attrs ↑"),
-           ("prior_ring", "ring w/o trigger ↓"),
+           ("prior_ring", "ring w/o trigger ↓"), ("teacher_b_share", "teacher |B| / student |B|"),
            ("wall_s", "train s")]
 
 
@@ -309,7 +352,8 @@ def summarize(runs):
         out.setdefault(r["method"], {}).setdefault("_n", 0)
         out[r["method"]]["_n"] += 1
         for k, _ in METRICS:
-            out[r["method"]].setdefault(k, []).append(r[k])
+            if k in r:  # a metric some rows lack (teacher_b_share: D-OPSD's; older result files)
+                out[r["method"]].setdefault(k, []).append(r[k])
     tch = [r for r in runs if r["method"] == "teacher-in-context"]
     summ = {m: {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in d.items()
                 if k != "_n"} | {"n_seeds": d["_n"]} for m, d in out.items()}
@@ -330,8 +374,8 @@ def table(summary, meta) -> str:
             continue
         cells = []
         for k, _ in METRICS:
-            mu, sd = d[k]
-            cells.append(f"{mu:.0f}" if k == "wall_s" else f"{mu:.3f} ± {sd:.3f}")
+            mu, sd = d.get(k, (None, None))
+            cells.append("-" if mu is None else f"{mu:.0f}" if k == "wall_s" else f"{mu:.3f} ± {sd:.3f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     t = summary.get("teacher-in-context")
     tail = ""
