@@ -190,9 +190,10 @@ def test_shipped_distilled_checkpoint_passes_quality_bar():
     _, pred = classify(clf, x)
     acc = accuracy(pred, scenes)
     assert acc["colour"] > 0.85 and acc["background"] > 0.95 and acc["position"] > 0.9 and acc["shape"] > 0.3, acc
-    # The shipped model's samples carry fine grain: 2.3x the Laplacian variance of clean renders
-    # (benchmarks/results/toy.md); a broken checkpoint is noise at >20x, a blurred one < 0.5.
-    assert 0.5 < laplacian_var(x) / laplacian_var(real) < 3.0
+    # The shipped (DMD2) model is about as sharp as the renders (build_info.json: 1.02 on the experiment's
+    # prompts); the ODE-map model it replaced was grainy at 2.3x, a broken checkpoint is noise at >20x,
+    # a blurred one < 0.5.
+    assert 0.7 < laplacian_var(x) / laplacian_var(real) < 1.5
 
 
 def test_shipped_teacher_passes_the_gate():
@@ -473,3 +474,21 @@ def test_build_dmd_stage_replaces_the_model_keeps_the_ode_map_one_and_records_it
     assert info["sharpness"] > 0 and info["fd"] > 0 and 0 <= info["prior_all"] <= 1 and "ring_context" in info["gate"]
     assert info["iters"] == 3 and info["method"].startswith("DMD2") and not (tmp_path / "dmd-state.pt").exists()
     assert "DMD2" in json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())["distillation"]
+
+
+def test_grain_reads_noise_on_flat_ground_and_not_edges():
+    """evaluate.grain: 0 for the renders themselves, up with noise in any colour channel (a chroma noise
+    whose gray mean is 0 too), and not raised by moving a shape (its edges are where the render has edges
+    within 2 px, or outside the flat mask)."""
+    from lowvram_dopsd.toy.evaluate import grain
+
+    rng = random.Random(0)
+    scenes = [world.random_scene(rng) for _ in range(16)]
+    real = world.to_tensor([world.render(s) for s in scenes])
+    assert grain(real, real) == 0.0
+    chroma = torch.randn(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.05
+    chroma = torch.cat([chroma, -chroma, torch.zeros_like(chroma)], 1)  # gray mean unchanged
+    assert grain(real + chroma, real) > 0.1 and grain(real + chroma / 2, real) < grain(real + chroma, real)
+    moved = world.to_tensor([world.render(world.Scene(s.shape, s.colour, s.size, s.position, s.background,
+                                                       (s.jitter[0] + 1.0, s.jitter[1]))) for s in scenes])
+    assert grain(moved, real) < 0.02

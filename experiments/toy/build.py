@@ -266,7 +266,7 @@ def distilled_report(out: Path, dit: ToyDiT, enc: ToyEncoder, tok: world.Tokeniz
     with torch.no_grad():
         runs = [quality(generate, clf, eval_scenes()[0][:n], seed) for seed in seeds]
         gate = teacher_gate(lambda c, r: encode(enc, tok, c, r), dit, clf, SIGMAS4, n=gate_n)
-    report = {k: sum(r[k] for r in runs) / len(runs) for k in ("sharpness", "fd", "prior_all", "prior_shape")}
+    report = {k: sum(r[k] for r in runs) / len(runs) for k in ("sharpness", "grain", "fd", "prior_all", "prior_shape")}
     report["gate"] = gate
     log("distilled model (4 steps): " + " ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "gate")
         + " | gate " + " ".join(f"{k} {v:.2f}" for k, v in gate.items()))
@@ -469,8 +469,9 @@ def main(argv=None) -> int:
     t3 = time.time()
     if a.stage in ("all", "dmd"):
         report = dmd_stage(out, a, log)
-        info["dmd"] = {"method": "DMD2 (Yin et al. 2024, arXiv 2405.14867): multi-step, backward simulation, "
-                                 "TTUR, GAN term on the fake score's features; no regression loss",
+        info["dmd"] = {"method": "DMD2 (Yin et al. 2024, arXiv 2405.14867): distribution matching from t = t_min "
+                                 "against a fake score (TTUR), PatchGAN term on the pixels with R1, no regression "
+                                 "loss; the generator learns at roll-out steps >= k_min (experiments/toy/dmd.py)",
                        "init": "kd_transformer (the distill stage)", "real_score": "base_transformer",
                        **{k[4:]: v for k, v in vars(a).items() if k.startswith("dmd_")}, "seed": a.seed + 3,
                        **report, "threads": a.threads, "wall_s": round(time.time() - t3)}

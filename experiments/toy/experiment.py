@@ -332,7 +332,8 @@ def main(argv=None) -> int:
 
 
 METRICS = [("concept", "concept ↑"), ("concept_colour", "concept colour ↑"), ("concept_fd", "concept FD ↓"),
-           ("fd", "FD (no trigger) ↓"), ("sharpness", "sharpness (1=real)"), ("prior_shape", "shape ↑"),
+           ("fd", "FD (no trigger) ↓"), ("sharpness", "sharpness (1=real)"), ("grain", "grain (0=real) ↓"),
+           ("prior_shape", "shape ↑"),
            ("prior_colour", "colour ↑"), ("prior_position", "position ↑"), ("prior_all", "all 5 attrs ↑"),
            ("prior_ring", "ring w/o trigger ↓"), ("teacher_b_share", "teacher |B| / student |B|"),
            ("wall_s", "train s")]

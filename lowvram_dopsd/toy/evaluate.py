@@ -6,7 +6,8 @@ concept   trigger prompts ("a small blue sks at the top on white background") in
 quality   prompts without the trigger: Frechet distance (FD) between the classifier's penultimate
           features (128-d) of the samples and of real renders of the same scenes (lower = better;
           not comparable to Inception FID), and sharpness = mean Laplacian variance of the samples /
-          that of the real renders (1 = as sharp as real; blur < 1; grain/noise > 1).
+          that of the real renders (1 = as sharp as real; blur < 1; grain/noise > 1), and grain = the
+          noise of every colour channel where the render is flat (0 = none; see `grain`).
 prior     prompts without the trigger: attribute accuracy (shape, colour, size, position, background)
           with the classifier's heads, GenEval-like; `prior_all` = all five right; `prior_ring` =
           share of them drawn as the concept (the concept bleeding into prompts that did not ask).
@@ -49,6 +50,18 @@ def frechet(f1: torch.Tensor, f2: torch.Tensor) -> float:
     return float((mu1 - mu2).pow(2).sum() + c1.trace() + c2.trace() - 2 * cross.trace())
 
 
+def grain(x: torch.Tensor, real: torch.Tensor) -> float:
+    """Noise where the picture should be flat: the RMS of the samples' Laplacian, every colour channel,
+    over the pixels where the real render of the same prompt has no edge within 2 px (0 for the renders
+    themselves). Sharpness (gray, whole image) mixes blur (lower) and grain (higher) and reads colour
+    noise only through the gray mean; this reads the noise alone."""
+    k = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=x.dtype).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    lx, lr = F.conv2d(x, k, groups=3), F.conv2d(real.to(x.dtype), k, groups=3)
+    edge = F.max_pool2d((lr.abs() > 1e-6).any(1, keepdim=True).to(x.dtype), 5, stride=1, padding=2) > 0
+    flat = (~edge).expand_as(lx)
+    return float(lx[flat].pow(2).mean().sqrt()) if flat.any() else 0.0
+
+
 def laplacian_var(x: torch.Tensor) -> float:
     g = x.mean(1, keepdim=True)
     k = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=g.dtype).view(1, 1, 3, 3)
@@ -85,6 +98,7 @@ def quality(generate, clf, prior: list[world.Scene], seed: int) -> dict[str, flo
     res["prior_ring"] = float((pred["shape"] == ring).float().mean())  # the concept bleeding into other prompts
     res["fd"] = frechet(fg, fr)
     res["sharpness"] = laplacian_var(gen_p) / laplacian_var(real_p)
+    res["grain"] = grain(gen_p, real_p)
     return res
 
 
