@@ -25,3 +25,23 @@ def test_profile_host_tiny_runs_every_path(tmp_path):
         assert any("lora_linear" in n for n in names), names
     md = (tmp_path / "profile-host-cpu-tiny.md").read_text()
     assert "| tiny 96->160 | fused-act8 |" in md and "## cProfile, fused on tiny 96->160" in md
+
+
+def test_kernel_table_sums_gpu_time_by_kind():
+    """The per-kernel profile of bench_memory --profile: kernels sorted by GPU time, and the time per kind
+    (names as CUDA, cuBLAS, flash attention, inductor and our kernels give them)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from hostprof import kernel_kind, kernel_table
+
+    names = {"_qlora_mm_kernel": "gemm (ours)", "sm90_xmma_gemm_bf16bf16_bf16f32": "gemm (cuBLAS/CUTLASS)",
+             "pytorch_flash::flash_fwd_kernel<...>": "attention", "fmha_cutlassB_bf16_aligned": "attention",
+             "triton_red_fused_mean_pow_0": "compiled (inductor)", "void at::native::vectorized_elementwise_kernel":
+             "elementwise", "Memcpy HtoD (Pageable -> Device)": "copy / cast", "_dopsd_loss_kernel": "loss (ours)",
+             "some_new_kernel": "other"}
+    assert {n: kernel_kind(n) for n in names} == names
+    table = kernel_table({"_qlora_mm_kernel": (10, 6_000_000), "fmha_cutlassB_bf16_aligned": (4, 3_000_000),
+                          "triton_red_fused_mean_pow_0": (20, 1_000_000)}, top=2)
+    assert table["total_ms"] == 10.0 and [t["name"] for t in table["top"]] == ["_qlora_mm_kernel",
+                                                                              "fmha_cutlassB_bf16_aligned"]
+    assert table["kinds"]["gemm (ours)"] == {"n": 10, "ms": 6.0, "pct": 60.0}
+    assert kernel_table({}) == {"total_ms": 0.0, "kinds": {}, "top": []}
