@@ -168,7 +168,7 @@ def probe_attention(family, model: nn.Module, lora, x: torch.Tensor, sigma: torc
 
 
 def describe_attention(facts: dict) -> str:
-    """One line for the run's output: 'native; teacher: flash_attention x 30, student: flash_attention x 30'."""
+    """One line for the run's output, e.g. 'native backend; teacher: flash_attention x 30, student: ...'."""
     passes = ", ".join(f"{name}: " + (" + ".join(f"{k} x {n}" for k, n in kernels.items()) or "no SDPA call")
                        for name, kernels in facts.items() if name != "backend")
     return f"{'/'.join(facts.get('backend', [])) or 'native'} backend; {passes}"
