@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .runtime import block_lists
 
 # ---------------------------------------------------------------------------------------------
 # Regional compilation
@@ -179,7 +180,7 @@ def describe_attention(facts: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 def keep_activations(model: nn.Module, keep: dict[str, int]) -> int:
     """Checkpoint every block of `model` except the last `keep[name]` blocks of each block list `name`
-    (a ModuleList of the model), which keep their activations and are not recomputed in the backward.
+    (runtime.block_lists), which keep their activations and are not recomputed in the backward.
     Returns how many blocks are kept. The model must have gradient checkpointing on (diffusers')."""
     if not any(keep.values()):
         return 0
@@ -188,8 +189,9 @@ def keep_activations(model: nn.Module, keep: dict[str, int]) -> int:
                         "(grad_checkpointing = false: every block keeps its activations already). Set keep_blocks "
                         "= 0.")
     kept: set[int] = set()
+    lists = block_lists(model)
     for name, n in keep.items():
-        blocks = list(getattr(model, name))
+        blocks = list(lists[name])
         kept.update(id(b) for b in blocks[len(blocks) - min(n, len(blocks)):] if n)
 
     def checkpoint_unless_kept(block: nn.Module, *args):  # diffusers' own function, but for the kept blocks

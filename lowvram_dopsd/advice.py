@@ -116,7 +116,7 @@ def time_note(cfg: TrainConfig, device: torch.device, kept: dict[str, int]) -> s
     cfg = dataclasses.replace(cfg, kernels="on" if use_fused_linear(device, cfg.kernels) else "off")  # as it runs
     try:
         tp = timeplan.predict(plan.resolve_model(cfg.model), plan.run_settings(cfg), gpu, kept)
-    except (UserError, ValueError, NotImplementedError):  # a model the planners do not know: nothing to say
+    except UserError:  # a model the planners do not know: nothing to say (any other error is a bug: raised)
         return ""
     shared = (f" On {world.size} GPUs the roll-outs are divided among them: about {tp.hours / world.size:.1f} h, "
               "plus the gradient sum of every step." if world.size > 1 else "")

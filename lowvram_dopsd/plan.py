@@ -59,6 +59,7 @@ from .families import family_of_index, published_dir, registered
 from .families.base import Family, Tokens
 from .files import pipeline_index
 from .quant import QUANTO, fused_linear_planned
+from .runtime import block_lists
 
 GiB = 2**30
 
@@ -185,14 +186,11 @@ def count(model: nn.Module, skip: tuple[str, ...], targets: tuple[str, ...], ran
     from .quant import _skipped
 
     c = Counts()
+    c.blocks = {name: len(blocks) for name, blocks in block_lists(model).items()}
     seen: set[int] = set()
-    # block lists: the top-level ModuleLists, and those of a top-level ModuleDict (FLUX.3's mode_blocks)
-    dicts = {name for name, m in model.named_children() if isinstance(m, nn.ModuleDict)}
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for p in own)
-        if isinstance(module, nn.ModuleList) and ("." not in name or name.rsplit(".", 1)[0] in dicts):
-            c.blocks[name] = len(module)
         if type(module) is nn.Linear:
             n_w = module.weight.numel()
             n_b = module.bias.numel() if module.bias is not None else 0

@@ -1,5 +1,5 @@
-"""Torch runtime helpers every stage shares: compute dtypes by name, the device to run on, and
-freeing a model's memory at once. Low level: imports nothing of ours but `errors`."""
+"""Torch runtime helpers every stage shares: compute dtypes by name, the device to run on, a model's block
+lists, and freeing a model's memory at once. Low level: imports nothing of ours but `errors`."""
 from __future__ import annotations
 
 import torch
@@ -29,6 +29,18 @@ def peak_vram_gb(device: torch.device) -> float | None:
 def reset_peak_vram(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def block_lists(model: nn.Module) -> dict[str, nn.ModuleList]:
+    """A transformer's lists of blocks by qualified name: its top-level ModuleLists and those of a top-level
+    ModuleDict (FLUX.3's per-mode `mode_blocks`: "mode_blocks.image"), in the model's order."""
+    out = {}
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList):
+            out[name] = child
+        elif isinstance(child, nn.ModuleDict):
+            out.update((f"{name}.{key}", m) for key, m in child.items() if isinstance(m, nn.ModuleList))
+    return out
 
 
 def release(*modules: nn.Module) -> None:

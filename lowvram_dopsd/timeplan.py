@@ -28,6 +28,7 @@ memory bandwidth or by the host, not by its tensor cores, will be slower than th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -38,6 +39,7 @@ from torch import nn
 
 from .gpus import GPU, find_gpu
 from .quant import QUANTO
+from .runtime import block_lists
 
 TERA = 1e12
 
@@ -160,13 +162,14 @@ def _count_state(mc, s: dict[str, Any], keep: dict[str, int]) -> StateFlops:
     block of that list adds (tests/test_timeplan.py checks this against the whole model)."""
     state = meta_state(mc, s)
     meta = state.model
-    blocks = {name: list(m) for name, m in meta.named_children() if isinstance(m, nn.ModuleList) and len(m)}
+    blocks = {name: list(m) for name, m in block_lists(meta).items() if len(m)}
     root = type(meta).__name__
 
     def run(role: str, backward: bool, longer: str = "") -> tuple[float, dict[str, float]]:
         """One pass of the short model (two blocks per list, three in `longer`): total, per module."""
         for name, full in blocks.items():
-            setattr(meta, name, nn.ModuleList(full[:3 if name == longer else 2]))
+            owner, _, attr = name.rpartition(".")  # "mode_blocks.image": the ModuleDict's entry
+            setattr(meta.get_submodule(owner), attr, nn.ModuleList(full[:3 if name == longer else 2]))
         with torch.set_grad_enabled(backward):
             if backward:
                 return _count(lambda: state.velocity(role).float().pow(2).mean().backward())
@@ -196,8 +199,8 @@ def _count_state(mc, s: dict[str, Any], keep: dict[str, int]) -> StateFlops:
         return run("student", True, longer)[0] - run("student", False, longer)[0]
 
     short = backward_of()
-    backward = short + sum((len(full) - 2) * (backward_of(name) - short)
-                           for name, full in blocks.items() if len(full) > 2)
+    backward = short + sum((len(full) - 2) * (backward_of(name) - short)  # (a list the student skips: none)
+                           for name, full in blocks.items() if len(full) > 2 and per_block[name])
     recompute = recompute8 = 0.0
     if s.get("grad_checkpointing", True):  # every block runs twice but the kept ones
         for name, full in blocks.items():
@@ -258,7 +261,7 @@ class Reference:
         return gpu_seconds(self.flops.total, self.flops.int8, self.gpu, self.path == "act8", 1.0) / self.seconds
 
 
-def measured(family_cls, path: str, borrowed: str = "") -> Reference:
+def measured(family_cls, path: str) -> Reference:
     """The family's measured roll-out on `path`, its FLOPs counted at the settings it ran with."""
     from .config import load_config
     from .plan import resolve_model, run_settings
@@ -267,26 +270,30 @@ def measured(family_cls, path: str, borrowed: str = "") -> Reference:
     gpu_name, seconds = next((g, paths[path]) for g, paths in family_cls.measured_rollout_s.items() if path in paths)
     cfg = load_config(MEASURED_PRESET, {"model": model, "micro_batch": 1, **PATHS[path]})
     flops = rollout_flops(resolve_model(model), {**run_settings(cfg), "teacher": family_cls.teachers[0]})
-    return Reference(model, find_gpu(gpu_name), path, seconds, flops, family_cls.measured_in, borrowed)
+    return Reference(model, find_gpu(gpu_name), path, seconds, flops, family_cls.measured_in)
 
 
 def reference(family_cls, path: str) -> Reference:
-    """The measurement whose efficiency predicts `path` for this family: its own, else its fused kernel's,
-    else another family's (the lowest efficiency of those that measured the path: the cautious guess)."""
+    """The measurement whose efficiency predicts `path` for this family, the first of: its own on the path,
+    its own fused kernel's, other families' on the path, other families' fused kernel's (of several, the
+    lowest efficiency: the cautious guess)."""
     from .plan import planned_families
 
-    paths = {p for by_gpu in family_cls.measured_rollout_s.values() for p in by_gpu}
-    if path in paths:
-        return measured(family_cls, path)
-    if "fused" in paths:
-        return measured(family_cls, "fused", f"the {path} path was not measured: the fused kernel's efficiency")
-    others = [cls for cls in planned_families() if cls is not family_cls and any(
-        path in by_gpu for by_gpu in cls.measured_rollout_s.values())]
-    if not others:
-        raise ValueError(f"no model was measured on the {path} path")
-    best = min((measured(cls, path) for cls in others), key=lambda r: r.efficiency)
-    return measured(next(c for c in others if c.hf_repo_ids[0] == best.model), path,
-                    f"{family_cls.name} was not measured: the lowest efficiency measured, {best.model}'s")
+    def paths(cls) -> set[str]:
+        return {p for by_gpu in cls.measured_rollout_s.values() for p in by_gpu}
+
+    others = [cls for cls in planned_families() if cls is not family_cls]
+    for candidates, on in (([family_cls], path), ([family_cls], "fused"), (others, path), (others, "fused")):
+        refs = [measured(cls, on) for cls in candidates if on in paths(cls)]
+        if not refs:
+            continue
+        best = min(refs, key=lambda r: r.efficiency)
+        why = "" if on == path else f"the {path} path was not measured: the fused kernel's efficiency"
+        if best.model not in family_cls.hf_repo_ids:
+            why = f"{family_cls.name} was not measured: the lowest efficiency measured, {best.model}'s" + (
+                f"; {why}" if why else "")
+        return dataclasses.replace(best, borrowed=why)
+    raise ValueError(f"no model was measured on the {path} path, nor on the fused kernel")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -186,3 +186,36 @@ def test_kept_blocks_run_once_and_give_the_checkpointed_gradients(tiny_zimage_di
     model.disable_gradient_checkpointing()
     with pytest.raises(UserError, match="grad_checkpointing = false"):
         accel.keep_activations(model, {"layers": 1})
+
+
+def test_kept_blocks_of_a_block_list_inside_a_module_dict(tiny_flux3_dir):
+    """FLUX.3's per-mode blocks live in a ModuleDict ("mode_blocks.image", as the planner names them): kept
+    ones run once, the others twice, and the gradients are full checkpointing's."""
+    family = load_family(str(tiny_flux3_dir))
+    cfg = load_config("cpu-demo", {"model": str(tiny_flux3_dir), "quant": "none", "grad_checkpointing": True})
+    model = family.load_transformer(cfg, CPU, torch.float32)
+    lora = DualLoRA.attach(model, family.lora_targets, cfg.rank, cfg.alpha, seed=0)
+    c_s, _ = family.random_conditions(family.teachers[0], cfg, CPU, torch.float32)
+    x = torch.randn((1, *family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor(0.5)
+    calls: Counter = Counter()
+    for name in ("txt_mode_blocks", "mode_blocks.image", "single_transformer_blocks"):
+        for i, block in enumerate(model.get_submodule(name)):
+            block.register_forward_pre_hook(lambda m, a, key=f"{name}.{i}": calls.update([key]))
+
+    def grads() -> list[torch.Tensor]:
+        calls.clear()
+        with lora.use("student"):
+            family.velocity(model, x, sigma, [c_s], sigma_next=sigma / 2).pow(2).mean().backward()
+        out = [p.grad.clone() for p in lora.student_parameters()]
+        for p in lora.student_parameters():
+            p.grad = None
+        return out
+
+    every = grads()
+    assert any(g.abs().sum() > 0 for g in every)
+    assert accel.keep_activations(model, {"mode_blocks.image": 1}) == 1
+    kept = grads()
+    assert calls["mode_blocks.image.0"] == 1 and calls["txt_mode_blocks.0"] == 2, calls
+    for a, b in zip(kept, every):
+        assert torch.equal(a, b)
