@@ -10,6 +10,7 @@
     tiny_clip_dir     CLIPModel + CLIPProcessor folder (laion/CLIP-ViT-H-14-laion2B-s32B-b79K layout), eval's CLIP
     demo_images       the bundled demo images with their captions
     fake_gpu          fake_gpu((7, 5)): torch sees one CUDA GPU of that compute capability (no GPU needed)
+    timed_on_4090     `train` on the CPU times itself as if on an RTX 4090 (the time planner's note)
 
 Treat them as read-only: they are shared by every test of the session.
 
@@ -107,3 +108,16 @@ def fake_gpu(monkeypatch):
         utils.capability.cache_clear()
     yield make
     utils.capability.cache_clear()
+
+
+@pytest.fixture
+def timed_on_4090(monkeypatch, tmp_path):
+    """The time planner takes the run's device for an RTX 4090, so `train` on the CPU prints its time note;
+    asking after a step was written (metrics.jsonl under tmp_path) fails the run: the note comes first."""
+    from lowvram_dopsd import timeplan
+    from lowvram_dopsd.gpus import gpu_named
+
+    def this_gpu(device):
+        assert not list(tmp_path.rglob("metrics.jsonl")), "the time note came after the first step"
+        return gpu_named("RTX 4090")
+    monkeypatch.setattr(timeplan, "this_gpu", this_gpu)

@@ -32,7 +32,8 @@ def test_demo_runs_and_writes_a_lora_the_pipeline_loads(tmp_path, monkeypatch, t
     assert shlex.split(lines["try it"])[:4] == ["lowvram-dopsd", "sample", "--lora", "dopsd-demo-out"]
 
 
-def test_train_on_a_tiny_folder(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, monkeypatch, capsys):
+def test_train_on_a_tiny_folder(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_images, monkeypatch, capsys,
+                                timed_on_4090):
     out = tmp_path / "run"
     monkeypatch.chdir(tiny_zimage_dir.parent)  # --model typed as a relative path
     monkeypatch.setattr("lowvram_dopsd.progress.LONG_RUN_S", 0)  # any run is "long": the note's wiring
@@ -45,6 +46,9 @@ def test_train_on_a_tiny_folder(tmp_path, tiny_zimage_dir, tiny_vlm_dir, demo_im
     # after step 3, once, with the levers this config has left (it already trains 2 states per roll-out)
     printed = " ".join(capsys.readouterr().out.split())  # the note may wrap at the console's width
     assert printed.count("What shortens it") == 1 and "the step left takes about 0 h" in printed
+    # before the first step: the attention kernel of each pass, the time planner's prediction
+    assert "attention: native backend; teacher: " in printed and ", student: " in printed
+    assert printed.count("time on the RTX 4090 (predicted, not measured): ") == 1
     note = printed[printed.index("What shortens it"):printed.index("How long will it take?")]
     assert note.startswith("What shortens it: fewer --steps") and "--train-states" not in note
     info = read_info(out / "pytorch_lora_weights.safetensors")

@@ -23,7 +23,8 @@ def train_args(tmp_path, model_dir, images, *extra):
             "--output", str(tmp_path / "run"), "--steps", "2", "--cache-dir", str(tmp_path / "cache"), *extra]
 
 
-def test_edit_teacher_is_klein_default_and_its_lora_loads(tmp_path, tiny_klein_dir, demo_images, capsys):
+def test_edit_teacher_is_klein_default_and_its_lora_loads(tmp_path, tiny_klein_dir, demo_images, capsys,
+                                                          timed_on_4090):
     assert main(train_args(tmp_path, tiny_klein_dir, demo_images, "--set", "train_states=2")) == 0
     out = tmp_path / "run"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
@@ -32,6 +33,8 @@ def test_edit_teacher_is_klein_default_and_its_lora_loads(tmp_path, tiny_klein_d
     assert info["edit_instruction"] == DEFAULT_EDIT_INSTRUCTION
     printed = capsys.readouterr().out
     assert "edit_instruction" in printed and "teacher edit" in printed and "Flux2KleinPipeline" in printed
+    joined = " ".join(printed.split())  # before the first step: attention kernels, the time prediction
+    assert "attention: native backend; teacher: " in joined and "time on the RTX 4090 (predicted" in joined
     pipe = Flux2KleinPipeline.from_pretrained(tiny_klein_dir, dtype=torch.float32)
     pipe.load_lora_weights(out)
 

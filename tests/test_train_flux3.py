@@ -290,13 +290,15 @@ def test_student_lora_loads_in_the_stock_pipeline_and_reproduces_the_student(fam
 # The command line
 
 @pytest.mark.parametrize("teacher", ["edit", "vlm"])
-def test_cli_trains_flux3_with_each_teacher(tmp_path, tiny_flux3_dir, demo_images, teacher, capsys):
+def test_cli_trains_flux3_with_each_teacher(tmp_path, tiny_flux3_dir, demo_images, teacher, capsys, timed_on_4090):
     args = ["train", "--preset", "cpu-demo", "--model", str(tiny_flux3_dir), "--images", str(demo_images),
             "--output", str(tmp_path / "run"), "--steps", "1", "--cache-dir", str(tmp_path / "cache"),
             "--batch-size", "1", "--teacher", teacher]
     assert main(args) == 0, capsys.readouterr().err
     printed = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the header box's lines joined
     assert "16-step roll-outs, 4 states trained" in printed  # the family's defaults
+    # before the first step: attention kernels, the time prediction (a flow map's count once raised there)
+    assert "attention: native backend; teacher: " in printed and "time on the RTX 4090 (predicted" in printed
     # the closing "load it" line loads the modular pipeline's components before the LoRA, and works
     assert "blocks.init_pipeline(" in printed and "pipe.load_components(); pipe.load_lora_weights(" in printed
     from lowvram_dopsd.advice import use_commands
