@@ -206,8 +206,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_settings(args: argparse.Namespace) -> int:
     """Every setting, grouped, with the value this preset and command line give it and what it does."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from .families import family_class_of
 
@@ -218,28 +218,32 @@ def cmd_settings(args: argparse.Namespace) -> int:
         "lr": f"{family.default_lr:g}", "teacher": family.teachers[0],
         "rollout_steps": str(family.default_rollout_steps),
         **({"train_states": str(family.default_train_states)} if family.default_train_states else {})}
-    console, table = Console(highlight=False), None
+    # Text pieces, not markup: a value or help text in square brackets is printed as it is
+    console, table = Console(highlight=False, markup=False), None
     wide = console.width >= 110  # else the value goes above its description: 3 columns leave it ~20 characters
     for name, f in SETTINGS.items():
         if f.metadata["section"]:  # one table per group of settings
             if table is not None:
                 console.print(table)
-            table = Table(title=f"[bold]{escape(f.metadata['section'])}[/]", title_justify="left", box=None,
+            table = Table(title=Text(f.metadata["section"], style="bold"), title_justify="left", box=None,
                           show_header=False, pad_edge=False)
             table.add_column(style="cyan", no_wrap=True, min_width=2 + max(map(len, SETTINGS)))
             if wide:
                 table.add_column(overflow="fold", width=25)  # the same columns in every group
             table.add_column()
         value = getattr(cfg, name)
-        shown = escape(typed_value(name, value) or "''")
-        if value != getattr(builtin, name):
-            shown = f"[bold yellow]{shown}[/]"
+        shown = Text(typed_value(name, value) or "''", style="bold yellow" if value != getattr(builtin, name) else "")
         if name in resolved and not value:
-            shown += f" [dim]= {escape(resolved[name])} ({family.name})[/]"
+            shown.append(f" = {resolved[name]} ({family.name})", style="dim")
         choices, flag = f.metadata["choices"], FLAG_OF.get(name)
-        what = (escape(f.metadata["help"]) + (f" [dim]({escape(', '.join(map(repr, choices)))})[/]" if choices else "")
-                + (f" [dim]{flag}[/]" if flag else ""))
-        table.add_row(f"  {name}", shown, what) if wide else table.add_row(f"  {name}", f"{shown}\n[dim]{what}[/]")
+        what = Text(f.metadata["help"])
+        what.append(f" ({', '.join(map(repr, choices))})" if choices else "", style="dim")
+        what.append(f" {flag}" if flag else "", style="dim")
+        if wide:
+            table.add_row(f"  {name}", shown, what)
+        else:  # the description dim, under its value
+            what.stylize("dim")
+            table.add_row(f"  {name}", Text.assemble(shown, "\n", what))
     console.print(table)
     console.print(f"Values in yellow come from the preset ({args.preset or 'none'}) or the command line. Flags "
                   "set the common settings; --set key=value sets any of them.", style="dim")

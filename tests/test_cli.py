@@ -142,7 +142,8 @@ def test_settings_lists_every_setting_with_its_resolved_value(capsys, monkeypatc
     from lowvram_dopsd.config import TrainConfig
 
     monkeypatch.setenv("COLUMNS", str(columns))
-    assert main(["settings", "--preset", "16gb", "--rank", "32", "--set", "preview_prompts=a dog|a cat, running"]) == 0
+    assert main(["settings", "--preset", "16gb", "--rank", "32", "--set",
+                 "preview_prompts=[trigger] dog|[b]cat[/b]"]) == 0
     out = capsys.readouterr().out
     # a setting's row starts with two spaces and its name; wrapped text is indented further
     rows, name = {}, None
@@ -156,7 +157,7 @@ def test_settings_lists_every_setting_with_its_resolved_value(capsys, monkeypatc
             name = None  # a group's title
     assert set(rows) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert rows["quant"].split()[1] == "qint8" and rows["rank"].split()[1] == "32"  # preset, then flag
-    assert "a dog|a cat, running" in rows["preview_prompts"] and "--rank" in rows["rank"]
+    assert "[trigger] dog|[b]cat[/b]" in rows["preview_prompts"] and "--rank" in rows["rank"]  # as typed
     assert max(map(len, out.splitlines())) <= columns
     assert main(["settings", "--preset", "16gb", "--set", "rnak=3"]) == 2  # same checks as train
 
