@@ -81,11 +81,14 @@ class FeatureCache:
         return self.root / key[:2] / f"{key}.safetensors"
 
     def get_or_compute(self, keys: list[str], compute: Callable[[list[int]], list[Cond]],
-                       check: Callable[[int, Cond], None] = lambda i, cond: None) -> list[Cond]:
-        """Load every key present; call `compute(indices)` once for the missing ones and store them.
+                       check: Callable[[int, Cond], None] = lambda i, cond: None, chunk: int = 0,
+                       progress: Callable[[int, int], None] | None = None) -> list[Cond]:
+        """Load every key present; call `compute(indices)` for the missing ones and store them.
 
-        `check(i, cond)` sees every fresh condition before anything is stored; raising there stores none
-        of them (a bad condition must not be found again by the next run)."""
+        `chunk`: at most that many per call (0: all in one), each chunk stored before the next is computed, so
+        a stopped precompute of a large dataset continues where it stopped; `progress(done, missing)` after
+        each. `check(i, cond)` sees every fresh condition of a chunk before any of it is stored; raising there
+        stores none of that chunk (a bad condition must not be found again by the next run)."""
         out: list[Cond | None] = [None] * len(keys)
         missing = []
         for i, key in enumerate(keys):
@@ -99,11 +102,15 @@ class FeatureCache:
             missing.append(i)
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        if missing:
-            fresh = compute(missing)
-            for i, cond in zip(missing, fresh):
+        step = chunk or max(len(missing), 1)
+        for start in range(0, len(missing), step):
+            part = missing[start:start + step]
+            fresh = compute(part)
+            for i, cond in zip(part, fresh):
                 check(i, cond)
-            for i, cond in zip(missing, fresh):
+            for i, cond in zip(part, fresh):
                 atomic_save_safetensors(cond, self.path(keys[i]))
                 out[i] = {k: v.cpu() for k, v in cond.items()}
+            if progress is not None:
+                progress(start + len(part), len(missing))
         return out  # type: ignore[return-value]

@@ -9,7 +9,9 @@ c_t = the teacher's condition of each item (caption + image: the grafted VLM, or
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
@@ -37,9 +39,17 @@ class Conditions:
         return (self.student[i], self.teacher[i]) if j == 0 else others[j - 1]
 
 
+# A large dataset is encoded this many conditions at a time, each chunk cached before the next: a stopped
+# precompute continues where it stopped, for an encoder load per chunk (a multiple of the families' batch of 8,
+# so a fresh run's batches, and features, are the ones one call would give)
+ENCODE_CHUNK = 512
+
+
 def encode_conditions(family: Family, ds: data.Dataset, teacher: str, cfg: TrainConfig, device: torch.device,
-                      cache: FeatureCache, preview_prompts: list[str]) -> Conditions:
-    """Every condition the run needs, from the cache where it holds them, encoded (and cached) where not."""
+                      cache: FeatureCache, preview_prompts: list[str], note: Callable[[str], None] | None = None
+                      ) -> Conditions:
+    """Every condition the run needs, from the cache where it holds them, encoded (and cached) where not;
+    `note` hears the progress of an encoding of more than one chunk."""
     # the items' first captions, then every other caption of an item (the teacher reads each one
     # with the item's image): item i's variants follow the first captions, in item order
     pairs = list(ds.items) + [replace(it, caption=c, other_captions=()) for it in ds.items for c in it.other_captions]
@@ -47,12 +57,14 @@ def encode_conditions(family: Family, ds: data.Dataset, teacher: str, cfg: Train
     ident_s = family.encoder_identity("student", cfg)
     keys_s = [key_for("student", ident_s, text, None) for text in texts]
     student = cache.get_or_compute(keys_s, lambda idx: family.encode_student([texts[i] for i in idx], cfg, device),
-                                   check=lambda i, c: check_finite(c, f"the caption {quote(texts[i])}", "text", cfg))
+                                   check=lambda i, c: check_finite(c, f"the caption {quote(texts[i])}", "text", cfg),
+                                   chunk=ENCODE_CHUNK, progress=Progress("student (text) conditions", note))
     ident_t = family.encoder_identity(teacher, cfg)
     keys_t = [key_for(teacher, ident_t, it.caption, it.image_sha256) for it in pairs]
     teacher_conds = cache.get_or_compute(
         keys_t, lambda idx: family.encode_teacher([pairs[i] for i in idx], teacher, cfg, device),
-        check=lambda i, c: check_finite(c, ds.name(pairs[i].image_path), f"{teacher} teacher's", cfg))
+        check=lambda i, c: check_finite(c, ds.name(pairs[i].image_path), f"{teacher} teacher's", cfg),
+        chunk=ENCODE_CHUNK, progress=Progress(f"{teacher} teacher conditions", note))
     n, m, p = len(ds), len(pairs), len(preview_prompts)
     others, at = [], n
     for it in ds.items:
@@ -61,6 +73,21 @@ def encode_conditions(family: Family, ds: data.Dataset, teacher: str, cfg: Train
         at += k
     return Conditions(student[:n], teacher_conds[:n], student[m:m + p], student[m + p:],
                       others if m > n else [])
+
+
+class Progress:
+    """`progress` of FeatureCache.get_or_compute: a line per chunk, with the rate and what is left, when there is
+    more than one chunk to encode (a small dataset's single call says nothing more than the summary line)."""
+
+    def __init__(self, what: str, note: Callable[[str], None] | None):
+        self.what, self.note, self.t0 = what, note, time.perf_counter()
+
+    def __call__(self, done: int, missing: int) -> None:
+        if self.note is None or missing <= ENCODE_CHUNK:
+            return
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        self.note(f"encoded {done}/{missing} {self.what} ({rate:.1f}/s, {(missing - done) / rate / 60:.0f} min "
+                  "left; cached as they go: a stopped run continues from here)")
 
 
 def check_finite(cond: Cond, what: str, encoder: str, cfg: TrainConfig) -> None:

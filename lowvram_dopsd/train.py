@@ -90,7 +90,7 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
     t0 = time.perf_counter()
     enc_device = device if cfg.encoders_on == "auto" else resolve_device(cfg.encoders_on)
     with explain_oom(cfg, preset, "encoding the captions and images"):
-        conds = world.from_main(encode_conditions, family, ds, teacher, cfg, enc_device, cache, prompts)
+        conds = world.from_main(encode_conditions, family, ds, teacher, cfg, enc_device, cache, prompts, console.print)
     console.print(f"conditions: {cache.hits} cached, {cache.misses} encoded ({time.perf_counter() - t0:.1f}s)")
 
     # one frozen base, two LoRA sets, the optimizer of the student's

@@ -80,3 +80,33 @@ def test_a_real_failed_write_is_an_oserror(tmp_path):
     assert exc.value.errno == errno.EFBIG
     assert torch.equal(load_file(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_a_large_precompute_is_cached_chunk_by_chunk_and_continues_where_it_stopped(tmp_path):
+    """A stopped precompute (here: the encoder fails in the third chunk) keeps what it encoded; the next run
+    encodes only the rest, and says how far it is."""
+    import pytest
+
+    from lowvram_dopsd import conditions
+
+    cache, calls, done = FeatureCache(tmp_path), [], []
+    keys = [key_for("student", {}, f"caption {i}", None) for i in range(5)]
+
+    def encode(idx, fail_at=None):
+        calls.append(list(idx))
+        if fail_at in idx:
+            raise RuntimeError("the encoder died")
+        return [{"cap": torch.full((2,), float(i))} for i in idx]
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_compute(keys, lambda idx: encode(idx, fail_at=4), chunk=2,
+                             progress=lambda d, n: done.append((d, n)))
+    assert calls == [[0, 1], [2, 3], [4]] and done == [(2, 5), (4, 5)]
+    calls.clear()
+    again = FeatureCache(tmp_path)
+    out = again.get_or_compute(keys, encode, chunk=2)
+    assert calls == [[4]] and (again.hits, again.misses) == (4, 1)
+    assert [float(c["cap"][0]) for c in out] == [0, 1, 2, 3, 4]
+    notes = []
+    conditions.Progress("teacher conditions", notes.append)(conditions.ENCODE_CHUNK, 3 * conditions.ENCODE_CHUNK)
+    assert notes and notes[0].startswith(f"encoded {conditions.ENCODE_CHUNK}/{3 * conditions.ENCODE_CHUNK} teacher")
