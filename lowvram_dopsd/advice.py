@@ -38,6 +38,9 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
     rollout_steps, train_states = states
     prior_weight = f"weight {cfg.prior_weight:g}" if cfg.prior_weight else "measured only (weight 0)"
     schedule = f" ({shape})" if (shape := lr_shape(cfg)) else ""
+    trains, what = (("LoRA", f"rank {cfg.rank}, alpha {cfg.alpha:g}, "
+                     + (f"from {cfg.init_lora}" if cfg.init_lora else f"{cfg.lora_init} init"))
+                    if cfg.train_mode == "lora" else ("full", f"every weight, EMA teacher {cfg.ema_dtype}"))
     return {
         "model": f"{cfg.model} ({family.name})"
                  + (f", transformer {family.transformer_file.name}" if family.transformer_file else ""),
@@ -48,9 +51,7 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
                   f"{'all' if train_states == rollout_steps else train_states} states trained, EMA {cfg.ema_decay}"
                   + (f"; prior: {len(cfg.prior_prompts)} prompts, {prior_weight}" if cfg.prior_prompts else ""),
         **notes,
-        "LoRA": f"rank {cfg.rank}, alpha {cfg.alpha:g}, "
-                + (f"from {cfg.init_lora}" if cfg.init_lora else f"{cfg.lora_init} init")
-                + f", lr {lr:g}{schedule}, batch {cfg.batch_size} "
+        trains: what + f", lr {lr:g}{schedule}, batch {cfg.batch_size} "
                 f"({cfg.micro_batch} x {cfg.grad_accum} accumulation), {cfg.steps} steps",
         "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}"
                    + (" with int8 activations" if cfg.act_quant == "int8" else "")
@@ -294,6 +295,25 @@ def done_summary(out_dir: Path, path: Path, skipped: int, previews: bool) -> dic
         **({"TensorBoard": str(out_dir / tracking.TB_DIR)} if (out_dir / tracking.TB_DIR).is_dir() else {}),
         **({"previews": str(out_dir / "previews")} if previews else {}),
     }
+
+
+def full_done_summary(out_dir: Path, folder: Path, single: Path | None, last_ckpt: Path | None, skipped: int,
+                      previews: bool) -> dict[str, str]:
+    """The closing box of a finished full fine-tune: the transformer, its single file, the EMA teacher's place."""
+    box = done_summary(out_dir, folder, skipped, previews)
+    del box["LoRA"], box["EMA teacher"]
+    return {"transformer": str(folder), **({"single file": str(single)} if single else {}),
+            "EMA teacher": f"{last_ckpt} (weights/, torch.distributed.checkpoint)", **box}
+
+
+def full_use_commands(cfg: TrainConfig, family: Family, folder: Path, single: Path | None) -> dict[str, str]:
+    """How to use a full fine-tune's transformer, printed under the closing box to be copied."""
+    model = model_for_metadata(cfg.model)
+    load = (f"from {family.pipeline_module} import {family.pipeline_class}; from diffusers import "
+            f"{family.transformer_class}; t = {family.transformer_class}.from_pretrained({str(folder)!r}); "
+            f"pipe = {family.pipeline_class}.from_pretrained({model!r}, transformer=t)")
+    return {"load it": load, **({"ComfyUI": f"copy {shlex.quote(str(single))} into ComfyUI/models/diffusion_models"}
+                                if single else {})}
 
 
 def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, str]:

@@ -259,52 +259,81 @@ def save(out_dir: Path, step: int, lora, optimizer: torch.optim.Optimizer, sched
     previous = latest(out_dir)
     tmp = None
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        # the writer's PID in the name: a later save removes leftovers of dead writers only (_rotate)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-{os.getpid()}-", dir=root))
-        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: readable as any folder the user makes
+        tmp = new_tmp(root, step)
         meta = {**info, "steps": step}
         save_lora(tmp / STUDENT_FILE, lora, "student", meta, dtype=torch.float32)
         save_lora(tmp / TEACHER_FILE, lora, "teacher", meta, dtype=torch.float32)
         opt_tensors, opt_meta = _optimizer_to_files(optimizer.state_dict())
         write_safetensors(opt_tensors, tmp / "optimizer.safetensors")
-        rng_tensors = {"noise": rng_state.noise, "torch_cpu": rng_state.torch_cpu}
-        rng_tensors.update({f"cuda.{i}": t for i, t in enumerate(rng_state.cuda)})
-        write_safetensors(rng_tensors, tmp / "rng.safetensors")
-        _write_json(tmp / STATE_FILE, {  # written last: its presence marks a complete checkpoint
-            "format": FORMAT, "tool_version": __version__, "step": step, "saved_at": time.time(),
-            "config": cfg.to_dict(), "identity": identity, "info": info,
-            "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-            "python_rng": rng_state.python, "sampler_order": rng_state.order,
-            "cuda_rng_devices": len(rng_state.cuda), **({"run_id": run_id} if run_id else {}),
-        })
-        _fsync(tmp)
-        if final.exists():  # the same step saved again (e.g. stopped right after a periodic save)
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync(root)
+        write_state(tmp, step, rng_state, cfg, identity, info, run_id,
+                    {"optimizer": opt_meta, "scheduler": scheduler.state_dict()})
+        publish(tmp, final)
     except OSError as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        # Old checkpoints are pruned only after a save succeeds, so no setting frees space now: what
-        # can go is said by name.
-        if previous is None:
-            then = ("No checkpoint of this run was written yet: free some space, then run the same command again "
-                    "(without --resume; this run's files are moved aside).")
-        else:
-            older = [p.name for _, p in list_checkpoints(out_dir) if p != previous]
-            spare = (f" (the older checkpoints beside it, {', '.join(older)}, can be deleted: --resume reads the "
-                     "latest)" if older else "")
-            then = (f"The previous checkpoint, {previous}, is intact: free some space{spare}, then run the same "
-                    "command with --resume to continue from it.")
-        raise UserError(f"Could not save the checkpoint of step {step} in '{root}': {why}. {then}") from exc
+        raise save_failed(exc, out_dir, step, previous) from exc
     _rotate(root, keep, run_id, step)
     return final
+
+
+def new_tmp(root: Path, step: int) -> Path:
+    """The hidden folder a checkpoint is written into before `publish` renames it into place."""
+    root.mkdir(parents=True, exist_ok=True)
+    # the writer's PID in the name: a later save removes leftovers of dead writers only (_rotate)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-{os.getpid()}-", dir=root))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: readable as any folder the user makes
+    return tmp
+
+
+def write_state(tmp: Path, step: int, rng_state: RNGState, cfg: TrainConfig, identity: dict[str, Any],
+                info: dict[str, Any], run_id: str | None, extra: dict[str, Any]) -> None:
+    """The randomness (rng.safetensors), then state.json: written last, its presence marks a complete checkpoint."""
+    rng_tensors = {"noise": rng_state.noise, "torch_cpu": rng_state.torch_cpu}
+    rng_tensors.update({f"cuda.{i}": t for i, t in enumerate(rng_state.cuda)})
+    write_safetensors(rng_tensors, tmp / "rng.safetensors")
+    _write_json(tmp / STATE_FILE, {
+        "format": FORMAT, "tool_version": __version__, "step": step, "saved_at": time.time(),
+        "config": cfg.to_dict(), "identity": identity, "info": info, **extra,
+        "python_rng": rng_state.python, "sampler_order": rng_state.order,
+        "cuda_rng_devices": len(rng_state.cuda), **({"run_id": run_id} if run_id else {}),
+    })
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """The complete checkpoint in `tmp` becomes `final` in one rename (fsync'ed first)."""
+    root = final.parent
+    _fsync(tmp)
+    if final.exists():  # the same step saved again (e.g. stopped right after a periodic save)
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(root)
+
+
+def save_failed(exc: OSError, out_dir: Path, step: int, previous: Path | None) -> UserError:
+    """What a save that could not write says: why, and which checkpoint is intact to continue from."""
+    root = Path(out_dir) / CKPT_DIR
+    why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    # Old checkpoints are pruned only after a save succeeds, so no setting frees space now: what
+    # can go is said by name.
+    if previous is None:
+        then = ("No checkpoint of this run was written yet: free some space, then run the same command again "
+                "(without --resume; this run's files are moved aside).")
+    else:
+        older = [p.name for _, p in list_checkpoints(out_dir) if p != previous]
+        spare = (f" (the older checkpoints beside it, {', '.join(older)}, can be deleted: --resume reads the "
+                 "latest)" if older else "")
+        then = (f"The previous checkpoint, {previous}, is intact: free some space{spare}, then run the same "
+                "command with --resume to continue from it.")
+    return UserError(f"Could not save the checkpoint of step {step} in '{root}': {why}. {then}")
+
+
+def prune(out_dir: Path, keep: int, run_id: str | None, saved: int) -> None:
+    """After checkpoint `saved` was published by another writer (full_io.py): as save() does after its own."""
+    _rotate(Path(out_dir) / CKPT_DIR, keep, run_id, saved)
 
 
 def _rotate(root: Path, keep: int, run_id: str | None = None, saved: int | None = None) -> None:
@@ -343,24 +372,39 @@ def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load(path: Path) -> Checkpoint:
     path = Path(path)
     try:
-        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        state, rng_state = read_state(path)
+        if state.get("train_mode") == "full":
+            raise UserError(f"'{path}' is a full fine-tune's checkpoint (train_mode = 'full'); this run trains a "
+                            "LoRA. Resume it with its own settings (--set train_mode=full and its preset), or start "
+                            "the LoRA run without --resume.")
         student = _strip_prefix(load_file(str(path / STUDENT_FILE)))
         teacher = _strip_prefix(load_file(str(path / TEACHER_FILE)))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
-        rng = load_file(str(path / "rng.safetensors"))
+    except UserError:
+        raise
     except Exception as exc:  # missing file, cut-off safetensors header, bad JSON: all the same to the user
-        raise UserError(f"The checkpoint '{path}' is damaged or incomplete ({exc}). Resume from an older one: "
-                        f"--resume {path.parent}/step-XXXXXX (see the folder's contents).") from exc
-    if state.get("format") != FORMAT:
-        raise UserError(f"The checkpoint '{path}' was written by lowvram-dopsd {state.get('tool_version')} in a "
-                        f"format this version ({__version__}) cannot read.")
-    rng_state = RNGState(noise=rng["noise"], python=_tuple_state(state["python_rng"]), order=state["sampler_order"],
-                         torch_cpu=rng["torch_cpu"],
-                         cuda=[rng[f"cuda.{i}"] for i in range(state.get("cuda_rng_devices", 0))])
+        raise damaged(path, exc) from exc
     return Checkpoint(path=path, step=int(state["step"]), student=student, teacher=teacher,
                       optimizer=_optimizer_from_files(opt_tensors, state["optimizer"]),
                       scheduler=state["scheduler"], rng=rng_state, config=state["config"],
                       identity=state["identity"], info=state.get("info", {}), run_id=state.get("run_id"))
+
+
+def read_state(path: Path) -> tuple[dict[str, Any], RNGState]:
+    """A checkpoint's state.json and its randomness (what every checkpoint holds, LoRA or full)."""
+    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    rng = load_file(str(path / "rng.safetensors"))
+    if state.get("format") != FORMAT:
+        raise UserError(f"The checkpoint '{path}' was written by lowvram-dopsd {state.get('tool_version')} in a "
+                        f"format this version ({__version__}) cannot read.")
+    return state, RNGState(noise=rng["noise"], python=_tuple_state(state["python_rng"]),
+                           order=state["sampler_order"], torch_cpu=rng["torch_cpu"],
+                           cuda=[rng[f"cuda.{i}"] for i in range(state.get("cuda_rng_devices", 0))])
+
+
+def damaged(path: Path, exc: Exception) -> UserError:
+    return UserError(f"The checkpoint '{path}' is damaged or incomplete ({exc}). Resume from an older one: "
+                     f"--resume {path.parent}/step-XXXXXX (see the folder's contents).")
 
 
 def restore(ckpt: Checkpoint, lora, optimizer: torch.optim.Optimizer, scheduler, sampler, noise_gen: torch.Generator,
@@ -457,7 +501,8 @@ def check_compatible(ckpt: Checkpoint, cfg: TrainConfig, identity: dict[str, Any
 # the output folder between runs
 # ---------------------------------------------------------------------------------------------
 ARCHIVE_DIR = "previous-runs"  # where a new run moves the one it finds in --output
-RUN_FILES = (CKPT_DIR, "previews", "loras", "metrics.jsonl", TB_DIR, WANDB_DIR, STUDENT_FILE, TEACHER_FILE, "comfyui")
+RUN_FILES = (CKPT_DIR, "previews", "loras", "metrics.jsonl", TB_DIR, WANDB_DIR, STUDENT_FILE, TEACHER_FILE, "comfyui",
+             "transformer")  # the last: a full fine-tune's output (full_io.py)
 
 
 def archive_previous_run(out_dir: Path) -> Path | None:

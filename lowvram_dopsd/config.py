@@ -79,6 +79,14 @@ class TrainConfig:
     prior_weight: float = setting(1.0, "weight of the prior_prompts roll-out's loss against your images' loss; 0 = "
                                        "only measure it (prior_loss in metrics.jsonl: how far the LoRA moved them)")
 
+    train_mode: str = setting("lora", "'lora': train a LoRA on the frozen base (the student and its EMA teacher are two "
+                              "LoRA sets on one base); 'full': train every transformer weight, sharded over the GPUs "
+                              "with FSDP2, the teacher a second sharded copy (docs/full.md)", choices=("lora", "full"),
+                              section="What trains")
+    ema_dtype: str = setting("fp32", "train_mode = 'full': the EMA teacher's weights in 'fp32', or 'bf16' (half the "
+                             "memory; each update rounded stochastically, since 1 - ema_decay of a step is below "
+                             "bf16's resolution); the LoRA's EMA is always fp32", choices=("fp32", "bf16"))
+
     rank: int = setting(64, "LoRA rank (paper: 64)", section="LoRA and optimisation (paper: rank 64, alpha "
                         "128, batch 4, lr 4e-5 Z-Image / 1e-5 klein)")
     alpha: float = setting(128.0, "LoRA alpha: the update is scaled by alpha / rank")
@@ -213,7 +221,7 @@ FLAGS = {
     "--optimizer": "optimizer", "--device": "device", "--encoders-on": "encoders_on", "--dtype": "dtype",
     "--seed": "seed", "--cache-dir": "cache_dir", "--save-every": "save_every", "--lora-every": "lora_every",
     "--preview-every": "preview_every", "--kernels": "kernels",
-    "--act-quant": "act_quant", "--log-with": "log_with",
+    "--act-quant": "act_quant", "--log-with": "log_with", "--train-mode": "train_mode",
 }
 FLAG_OF = {key: flag for flag, key in FLAGS.items()}  # config key -> its flag
 
@@ -326,11 +334,41 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"act_quant = 'int8' multiplies int8 activations with an int8 base weight, so it needs "
             f"quant = 'qint8' (this run has quant = '{cfg.quant}'). Set --quant qint8, or --act-quant off."
         )
+    check_train_mode(cfg)
     if cfg.rollout_steps and cfg.train_states > cfg.rollout_steps:
         raise UserError(
             f"train_states ({cfg.train_states}) cannot exceed rollout_steps ({cfg.rollout_steps})."
         )
     return cfg
+
+
+def check_train_mode(cfg: TrainConfig) -> None:
+    """The settings that mean nothing, or something else, when every weight trains (train_mode = 'full')."""
+    if cfg.train_mode == "lora":
+        if cfg.ema_dtype != "fp32":
+            raise UserError(f"ema_dtype = {cfg.ema_dtype!r} is the full fine-tune's setting (train_mode = 'full'); the "
+                            "LoRA's EMA teacher is always fp32. Remove ema_dtype, or set --set train_mode=full.")
+        return
+    fix = "Use a full-* preset (`lowvram-dopsd presets`), or set train_mode = 'lora'."
+    if cfg.quant != "none":
+        raise UserError(f"quant = {cfg.quant!r} makes the frozen base 8-bit, but with train_mode = 'full' nothing is "
+                        "frozen: every transformer weight trains (in fp32, computed in bf16). Set quant = 'none' "
+                        f"(--quant none), or train a LoRA on the 8-bit base with train_mode = 'lora'. {fix}")
+    if cfg.dtype == "fp16":
+        raise UserError("train_mode = 'full' computes in bf16 (or fp32): fp16 gradients of every weight underflow "
+                        f"without loss scaling. Set --dtype bf16. {fix}")
+    lora_only = [(name, why) for name, why in (
+        ("prior_prompts", "their target is the bare base model, which a full fine-tune no longer holds"),
+        ("lora_every", "a step's whole transformer is the size of the model"),
+        ("init_lora", "a LoRA starts a LoRA run"),
+        ("torch_compile", "the speed levers are not wired to the sharded transformers yet"),
+        ("attention_backend", "the speed levers are not wired to the sharded transformers yet"),
+        ("keep_blocks", "the speed levers are not wired to the sharded transformers yet"))
+        if getattr(cfg, name) not in ("", "off", "0", [], 0)]
+    if lora_only:
+        name, why = lora_only[0]
+        raise UserError(f"{name} is not available with train_mode = 'full' ({why}). Remove {name}, or train a "
+                        "LoRA (train_mode = 'lora').")
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], where: str) -> TrainConfig:

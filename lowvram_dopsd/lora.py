@@ -130,7 +130,10 @@ def is_target(name: str, module: nn.Module, targets: tuple[str, ...] | list[str]
 
 
 class DualLoRA:
-    """The set of wrapped layers of one transformer, with the operations the trainer needs."""
+    """The set of wrapped layers of one transformer, with the operations the trainer needs: the trainer's
+    weight sets in LoRA mode (full.FullWeights is the other kind: `use`, `student_parameters`, `ema_update`)."""
+
+    holds_base = True  # use(None) computes with the bare base model (the prior roll-outs' target, previews)
 
     def __init__(self, model: nn.Module, layers: dict[str, DualLoRALinear], switch: _Switch):
         self.model, self.layers, self.switch = model, layers, switch
@@ -206,11 +209,12 @@ class DualLoRA:
 
     # ----- which set is active
     @contextmanager
-    def use(self, role: str | None) -> Iterator[None]:
+    def use(self, role: str | None) -> Iterator[nn.Module]:
+        """Compute with the LoRA set `role` (None: the bare base); yields the module to call, the base."""
         assert role is None or role in ROLES
         previous, self.switch.active = self.switch.active, role
         try:
-            yield
+            yield self.model
         finally:
             self.switch.active = previous
 

@@ -21,7 +21,14 @@ if TYPE_CHECKING:
 
 def check_device(cfg: TrainConfig, device: torch.device) -> None:
     """What this device cannot run, said before anything is read, encoded or moved aside."""
-    distributed.current().check_job(cfg.device, cfg.grad_accum)
+    world = distributed.current()
+    world.check_job(cfg.device, cfg.grad_accum)
+    if cfg.train_mode == "full" and cfg.grad_accum % world.size:  # an uneven split would deadlock, not idle
+        raise UserError(
+            f"train_mode = 'full' needs every process to roll out as many micro-batches as the others (each pass "
+            f"gathers the sharded weights from all of them), but batch_size / micro_batch = {cfg.grad_accum} does "
+            f"not divide among {world.size} processes. Set --batch-size to a multiple of "
+            f"{world.size * cfg.micro_batch} ({world.size} processes x micro_batch {cfg.micro_batch}).")
     if device.type == "cuda":
         return
     if cfg.device == "auto":  # a GPU preset (or none) on a machine whose torch sees no GPU
@@ -31,13 +38,22 @@ def check_device(cfg: TrainConfig, device: torch.device) -> None:
             "driver is missing: install a CUDA build (https://pytorch.org/get-started/locally/) and check "
             "`python -c \"import torch; print(torch.cuda.is_available())\"`. To train on the CPU anyway (the tiny "
             "demo models), pass --device cpu.")
-    if cfg.optimizer == "adamw8bit":
+    if cfg.optimizer == "adamw8bit" and cfg.train_mode == "lora":  # full mode's runs on bitsandbytes' CPU backend too
         raise UserError("optimizer = 'adamw8bit' (bitsandbytes) needs a CUDA GPU; use --optimizer adamw on the CPU.")
     if cfg.kernels == "on":
         from .kernels.utils import kernels_available
         if not kernels_available(device):
             raise UserError("kernels = 'on' forces the Triton kernels, which run on a CUDA GPU (or, for tests, on "
                             "the CPU under TRITON_INTERPRET=1, very slowly). Use --kernels auto or off on the CPU.")
+
+
+def learning_rate(cfg: TrainConfig, family: Family) -> float:
+    """`lr`, or the paper's for the model and the mode (LoRA, or full fine-tuning)."""
+    default = family.default_full_lr if cfg.train_mode == "full" else family.default_lr
+    if not cfg.lr and default is None:
+        raise UserError(f"The paper gives no full fine-tuning learning rate for the {family.name} family: set one "
+                        "with --lr (the paper's: 3e-5 for Z-Image-Turbo, 8e-6 for FLUX.2-klein).")
+    return cfg.resolved_lr(default or 0.0)
 
 
 def check_method(cfg: TrainConfig, family: Family) -> tuple[str, int, int]:

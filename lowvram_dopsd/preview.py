@@ -177,10 +177,12 @@ class Previewer:
     references: list[Image.Image] = field(default_factory=list)  # training images: what the trigger should draw
     triggers: list[str] = field(default_factory=list)
     last_step: int = 0                     # its grid also shows the base model, beside the last step's
+    writes: bool = True                    # False: sample (a full fine-tune's other ranks) but write nothing
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, family: Family, model: torch.nn.Module, lora: DualLoRA, out_dir: Path,
-                prompts: list[str], conds: Conditions, ds: Dataset, device: torch.device) -> Previewer:
+                prompts: list[str], conds: Conditions, ds: Dataset, device: torch.device, writes: bool = True
+                ) -> Previewer:
         """The preview grids: the student on each prompt, and the EMA teacher on those that are training captions;
         above them, as many training images (the legend: what the trigger should draw)."""
         by_caption = {it.caption: i for i, it in enumerate(ds.items)}
@@ -188,28 +190,36 @@ class Previewer:
                          for p in prompts]
         references = [load_rgb(it.image_path) for it in ds.items[:len(prompts)]]
         return cls(family, model, lora, out_dir, prompts, conds.preview, teacher_conds, cfg.resolution,
-                   cfg.resolution, cfg.preview_seed, device, references, ds.triggers, cfg.steps)
+                   cfg.resolution, cfg.preview_seed, device, references, ds.triggers, cfg.steps, writes)
 
     def noise(self, i: int) -> torch.Tensor:
         gen = torch.Generator("cpu").manual_seed(self.seed + i)  # = the stock pipeline with this generator
         return torch.randn((1, *self.family.latent_shape(self.height, self.width)), generator=gen,
                            dtype=torch.float32).to(self.device)
 
-    def samples(self, role: str | None, conds: list[Cond | None]) -> list[Image.Image | None]:
-        """One sample per prompt with a condition (None: an empty cell), with the LoRA set `role`."""
+    def latents(self, role: str | None, conds: list[Cond | None]) -> list[torch.Tensor | None]:
+        """One sample's final latents per prompt with a condition (None: an empty cell), with the weights `role`."""
         sigmas = self.family.sigmas(self.height, self.width, self.family.default_rollout_steps)
-        latents = [None if c is None else few_step_sample(self.family, self.model, self.lora, role, self.noise(i),
-                                                          sigmas, [c]) for i, c in enumerate(conds)]
-        decoded = iter(self.family.decode_latents(torch.cat([x for x in latents if x is not None])))
-        return [None if x is None else next(decoded) for x in latents]
+        return [None if c is None else few_step_sample(self.family, self.model, self.lora, role, self.noise(i),
+                                                       sigmas, [c]) for i, c in enumerate(conds)]
 
-    def write(self, step: int) -> Path:
+    def decoded(self, latents: list[torch.Tensor | None]) -> list[Image.Image | None]:
+        images = iter(self.family.decode_latents(torch.cat([x for x in latents if x is not None])))
+        return [None if x is None else next(images) for x in latents]
+
+    def write(self, step: int) -> Path | None:
+        """The grid of `step`. A full fine-tune's ranks all sample (each pass gathers the sharded weights), and
+        the others return None: `writes` is rank 0's alone."""
         rows = []
-        if step and step == self.last_step:  # the end: beside the base model, from the same noise
-            rows.append(("base model (no LoRA)", self.samples(None, self.conds)))
-        rows.append((f"LoRA at step {step}", self.samples("student", self.conds)))
+        if step and step == self.last_step and self.lora.holds_base:  # the end: beside the base model, same noise
+            rows.append(("base model (no LoRA)", self.latents(None, self.conds)))
+        trained = "LoRA" if self.lora.holds_base else "model"  # a full fine-tune: the whole model
+        rows.append((f"{trained} at step {step}", self.latents("student", self.conds)))
         if any(c is not None for c in self.teacher_conds):
-            rows.append(("EMA teacher, reading your image", self.samples("teacher", self.teacher_conds)))
+            rows.append(("EMA teacher, reading your image", self.latents("teacher", self.teacher_conds)))
+        if not self.writes:
+            return None
+        rows = [(name, self.decoded(latents)) for name, latents in rows]
         named = " / ".join(f"'{t}'" for t in self.triggers)
         legend = f"what {named} should draw: your images, the top row" if self.references and named else ""
         references = ("your images", self.references) if self.references else None

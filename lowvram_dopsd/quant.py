@@ -415,12 +415,14 @@ def _trim_host_heap() -> None:
 
 
 def load_frugal(model_cls, folder: str | Path, device: torch.device, dtype: torch.dtype, kind: str,
-                skip: tuple[str, ...] = (), weights_file: str | Path | None = None) -> nn.Module:
+                skip: tuple[str, ...] = (), weights_file: str | Path | None = None,
+                on_unit: Callable[[str, nn.Module], None] | None = None) -> nn.Module:
     """Build `model_cls` from `folder/config.json` on meta, then load + quantize it unit by unit on `device`.
 
     `weights_file`: a single .safetensors file (a fine-tune; diffusers or original key layout, see
     `single_file_map`) read instead of the folder's weights. Falls back to `from_pretrained` (then
     quantization of the whole model) when the folder holds no safetensors weights.
+    `on_unit(name, module)`: called on each unit once it is loaded (full fine-tuning shards it there).
     """
     folder = Path(folder)
     files = None if weights_file else _weight_files(folder)
@@ -444,6 +446,8 @@ def load_frugal(model_cls, folder: str | Path, device: torch.device, dtype: torc
         if kind != "none" and not _skipped(prefix, skip):
             quantize_frozen(module, kind, skip, prefix=prefix)
         module.requires_grad_(False)
+        if on_unit is not None:
+            on_unit(prefix, module)
         if device.type == "cpu":
             _trim_host_heap()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import IO
 
 import torch
@@ -54,9 +55,10 @@ class Run:
     dtype: torch.dtype
     ds: data.Dataset
     conds: Conditions
-    model: torch.nn.Module            # the frozen base, shared by student and teacher
-    lora: DualLoRA                    # its two LoRA sets: "student" (trained) and "teacher" (EMA)
-    params: list[torch.nn.Parameter]  # the student LoRA's
+    model: torch.nn.Module            # what computes: the frozen base, shared by student and teacher
+    lora: DualLoRA                    # the weight sets: its two LoRA sets, "student" (trained) and "teacher" (EMA);
+                                      # train_mode = "full": full.FullWeights, two sharded transformers
+    params: list[torch.nn.Parameter]  # the student's (LoRA, or every weight)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: data.BucketSampler
@@ -78,6 +80,7 @@ class Run:
     skipped_in_a_row: int = 0
     lora_path: Path | None = None     # the LoRA file, once written
     run_id: str = ""                  # what its checkpoints carry: rotation deletes only the run's own
+    store: ModuleType = checkpoint    # saves and restores its checkpoints: checkpoint, or full_io (full mode)
 
     @property
     def stopped(self) -> bool:        # by Ctrl-C or SIGTERM before `steps`, with a checkpoint: resumable
@@ -108,11 +111,13 @@ class Run:
 
     def save_checkpoint(self, step: int, rng_state: RNGState | None = None) -> Path:
         """Checkpoint `step` (with the randomness as it is now, or as `rng_state` captured it). In a torchrun
-        job rank 0 writes it, once every rank has shown it holds the same LoRA sets and randomness."""
+        job rank 0 writes it, once every rank has shown it holds the same LoRA sets and randomness; a full
+        fine-tune's ranks each write their shards of it."""
         rng_state = rng_state or self.rng_state()
-        self.world.check_same(f"step {step}", checkpoint.shared_state(self.lora, rng_state))
-        if self.world.main:
-            self.last_ckpt = checkpoint.save(self.out_dir, step, self.lora, self.optimizer, self.scheduler, rng_state,
+        if self.cfg.train_mode == "lora":
+            self.world.check_same(f"step {step}", checkpoint.shared_state(self.lora, rng_state))
+        if self.world.main or self.cfg.train_mode == "full":
+            self.last_ckpt = self.store.save(self.out_dir, step, self.lora, self.optimizer, self.scheduler, rng_state,
                                              self.cfg, self.identity, self.info, self.cfg.keep_checkpoints, self.run_id)
         self.saved_step = step
         self.display.note(f"checkpoint: {self.last_ckpt}")
@@ -133,6 +138,8 @@ class Run:
         try:
             with explain_oom(self.cfg, self.preset, "sampling a preview"):
                 grid = self.previews.write(step)
+            if grid is None:  # another rank of a full fine-tune: it sampled with rank 0, which writes
+                return
             self.display.preview(grid)
             self.tracker.preview(step, grid)
         except (UserError, OSError) as exc:  # a preview is never worth the run (nor a full disk): say so, go on
@@ -142,14 +149,26 @@ class Run:
     def finish(self) -> Run:
         """Write the LoRA files, say how the run ended and what to do next."""
         meta = {**self.info, "steps": self.step}
-        path = write_loras(self.out_dir, self.lora, meta, self.dtype, self.last_ckpt) if self.world.main else None
-        self.lora_path = path  # rank 0 writes the files
+        if self.cfg.train_mode == "full":  # the transformer folder and its single file (every rank gathers);
+            # stopped early, the checkpoint holds the weights (a model-sized write is not worth a stop)
+            self.lora_path = path = self.last_ckpt if self.stopped or self.diverged else \
+                self.store.write_transformer(self.out_dir, self.lora, self.family, self.dtype, meta)
+        else:  # rank 0 writes the files
+            self.lora_path = path = write_loras(self.out_dir, self.lora, meta, self.dtype, self.last_ckpt) \
+                if self.world.main else None
         if self.diverged:  # the loop stopped on it
             raise advice.diverged_error(self.cfg, self.lr, self.step, self.skipped_in_a_row, path, self.last_ckpt)
         if self.stopped:
             self.display.header({"stopped at": f"step {self.step} of {self.cfg.steps}",
-                                 "checkpoint": str(self.last_ckpt), "LoRA so far": str(path)}, title="stopped")
+                                 "checkpoint": str(self.last_ckpt),
+                                 **({"LoRA so far": str(path)} if self.cfg.train_mode == "lora" else {})},
+                                title="stopped")
             self.display.commands({"resume with": advice.resume_command(self.command)})
+        elif self.cfg.train_mode == "full":
+            single = self.store.single_file(self.out_dir)
+            self.display.header(advice.full_done_summary(self.out_dir, path, single, self.last_ckpt, self.skipped,
+                                                         self.previews is not None), title="done")
+            self.display.commands(advice.full_use_commands(self.cfg, self.family, path, single))
         else:
             self.display.header(advice.done_summary(self.out_dir, path, self.skipped, self.previews is not None),
                                 title="done")

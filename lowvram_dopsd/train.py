@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import accel, advice, checkpoint, data, distributed, optim, output, preflight, tracking
+from . import accel, advice, checkpoint, data, distributed, full, optim, output, preflight, tracking
 from .advice import explain_oom
 from .cache import FeatureCache, default_cache_dir
 from .conditions import conds_on, encode_conditions
@@ -61,7 +61,7 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
     tracking.check(cfg.log_with)
     family = load_family(cfg.model, transformer_file=cfg.transformer_file)
     teacher, rollout_steps, train_states = preflight.check_method(cfg, family)
-    lr = cfg.resolved_lr(family.default_lr)
+    lr = preflight.learning_rate(cfg, family)
     init, init_file = preflight.read_init_lora(cfg, family) if cfg.init_lora and resume is None else (None, None)
     ds = data.load(cfg.images, cfg.caption, cfg.trigger, cfg.resolution, cfg.on_bad_image)
     out_dir = world.from_main(preflight.prepare_output, cfg.output)
@@ -70,7 +70,8 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
     identity = checkpoint.run_identity(family, ds, teacher, cfg)
     world.agree(checkpoint.shared_facts(cfg, identity, resume))  # every rank the same run, before any compute
     # A run continues from a checkpoint only if nothing that changes its math has changed.
-    ckpt = world.from_main(checkpoint.load_resume, resume, out_dir) if resume is not None else None
+    store = checkpoints_of(cfg)
+    ckpt = world.from_main(store.load_resume, resume, out_dir) if resume is not None else None
     remarks = checkpoint.check_compatible(ckpt, cfg, identity) if ckpt else []
     torch.manual_seed(cfg.seed)
 
@@ -93,17 +94,11 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
         conds = world.from_main(encode_conditions, family, ds, teacher, cfg, enc_device, cache, prompts, console.print)
     console.print(f"conditions: {cache.hits} cached, {cache.misses} encoded ({time.perf_counter() - t0:.1f}s)")
 
-    # one frozen base, two LoRA sets, the optimizer of the student's
+    # one frozen base and two LoRA sets (full mode: two sharded transformers), the optimizer of the student's
     dtype = DTYPES[cfg.dtype]
-    model, lora = load_model(cfg, preset, family, device, dtype, init)
-    fused = route_fused_linears(lora, cfg, device)
-    if cfg.teacher_ema_on == "cpu":
-        lora.keep_teacher_ema_on_cpu(dtype)
+    model, lora, optimizer = build_weights(cfg, preset, family, device, init, lr, console, conds, ds)
     params = lora.student_parameters()
-    optimizer = optim.make_optimizer(params, cfg, lr)
     scheduler = optim.make_scheduler(optimizer, cfg)
-    advice.print_lora(console, cfg, lora, fused, device)
-    advice.print_speed(console, cfg, device, accel.speed_up(cfg, preset, family, model, lora, conds, ds, device))
     # A new run in a folder holding an earlier one moves that one aside, only now that everything
     # that can refuse this run has run: a bad setting or a broken download leaves the folder as it was.
     if ckpt is None and world.main and (archived := checkpoint.archive_previous_run(out_dir)):
@@ -112,13 +107,13 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
     rng, noise_gen = random.Random(cfg.seed), torch.Generator("cpu").manual_seed(cfg.seed)
     sampler = data.BucketSampler(ds.items, cfg.micro_batch, rng)
     if ckpt is not None:
-        checkpoint.restore(ckpt, lora, optimizer, scheduler, sampler, noise_gen, rng, out_dir)
+        store.restore(ckpt, lora, optimizer, scheduler, sampler, noise_gen, rng, out_dir)
         console.print(f"resumed from {ckpt.path} at step {ckpt.step}")
     start = ckpt.step if ckpt else 0
     init_lora = str(init_file) if init_file else ckpt.info.get("init_lora") if ckpt else None
     info = output.run_info(cfg, preset, family, teacher, rollout_steps, lr, ds, init_lora)
-    previews = Previewer.for_run(cfg, family, model, lora, out_dir, prompts, conds, ds, device) \
-        if cfg.preview_every and world.main else None
+    previews = Previewer.for_run(cfg, family, model, lora, out_dir, prompts, conds, ds, device, writes=world.main) \
+        if cfg.preview_every and (world.main or cfg.train_mode == "full") else None  # full: every rank samples
     tracker = tracking.Tracker(cfg.log_with, out_dir, start, {**cfg.to_dict(), **info}, display.note)
     return Run(cfg=cfg, preset=preset, family=family, teacher=teacher, rollout_steps=rollout_steps,
                train_states=train_states, lr=lr,
@@ -126,7 +121,37 @@ def setup(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
                optimizer=optimizer, scheduler=scheduler, sampler=sampler, rng=rng, noise_gen=noise_gen,
                out_dir=out_dir, identity=identity, info=info, cache=cache, display=display, tracker=tracker,
                previews=previews, command=command, step=start, saved_step=start,
-               last_ckpt=ckpt.path if ckpt else None, run_id=checkpoint.run_id_for(ckpt), world=world)
+               last_ckpt=ckpt.path if ckpt else None, run_id=checkpoint.run_id_for(ckpt), world=world,
+               store=store)
+
+
+def checkpoints_of(cfg: TrainConfig):
+    """The module that saves, loads and restores this run's checkpoints: checkpoint (a LoRA run's files) or
+    full_io (a full fine-tune's shards, torch.distributed.checkpoint); both have save, load and restore."""
+    if cfg.train_mode == "full":
+        from . import full_io  # torch.distributed.checkpoint: imported by full fine-tunes only
+        return full_io
+    return checkpoint
+
+
+def build_weights(cfg: TrainConfig, preset: str, family: Family, device: torch.device,
+                  init: dict[str, torch.Tensor] | None, lr: float, console, conds, ds):
+    """(model, weight sets, optimizer): the frozen base carrying the student and teacher LoRA sets, routed and
+    sped up as the settings ask; or, train_mode = "full", the student and teacher transformers, sharded (full.py)."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.train_mode == "full":
+        with explain_oom(cfg, preset, "loading the transformer"):
+            weights = full.FullWeights.load(family, cfg, device)
+        console.print(full.summary(weights))
+        return weights.model, weights, full.make_optimizer(weights, cfg, lr)
+    model, lora = load_model(cfg, preset, family, device, dtype, init)
+    fused = route_fused_linears(lora, cfg, device)
+    if cfg.teacher_ema_on == "cpu":
+        lora.keep_teacher_ema_on_cpu(dtype)
+    optimizer = optim.make_optimizer(lora.student_parameters(), cfg, lr)
+    advice.print_lora(console, cfg, lora, fused, device)
+    advice.print_speed(console, cfg, device, accel.speed_up(cfg, preset, family, model, lora, conds, ds, device))
+    return model, lora, optimizer
 
 
 def load_model(cfg: TrainConfig, preset: str, family: Family, device: torch.device, dtype: torch.dtype,
@@ -170,11 +195,15 @@ class RollOut:
 def draw_batch(run: Run) -> list[RollOut]:
     """This step's micro-batches and all their randomness, drawn in one fixed order."""
     cfg, batch = run.cfg, []
+    # A full fine-tune's ranks must run the same passes in the same order (each one gathers the sharded weights):
+    # its micro-batches train the same states, drawn once per step; a LoRA's draw theirs each.
+    shared = _trained(run) if cfg.train_mode == "full" else None
     for _ in range(cfg.grad_accum):  # your images: the teacher reads each one
         idx = run.sampler.next()
         item = run.ds.items[idx[0]]
         c_s, c_t = zip(*(run.conds.pair(i, run.rng) for i in idx))  # one caption of each: its variants
-        batch.append(_draw(run, item.height, item.width, list(c_s), list(c_t), "teacher", 1.0 / cfg.grad_accum))
+        batch.append(_draw(run, item.height, item.width, list(c_s), list(c_t), "teacher", 1.0 / cfg.grad_accum,
+                           shared))
     if run.conds.prior:  # prompts without your subject: the target is the bare base model's
         c = [run.conds.prior[run.rng.randrange(len(run.conds.prior))] for _ in range(cfg.micro_batch)]
         batch.append(_draw(run, cfg.resolution, cfg.resolution, c, c, None, cfg.prior_weight))
@@ -182,13 +211,16 @@ def draw_batch(run: Run) -> list[RollOut]:
 
 
 def _draw(run: Run, height: int, width: int, c_s: list[Cond], c_t: list[Cond], target: str | None,
-          weight: float) -> RollOut:
+          weight: float, trained: set[int] | None = None) -> RollOut:
     noise = torch.randn((len(c_s), *run.family.latent_shape(height, width)), generator=run.noise_gen,
                         dtype=torch.float32)
-    k = run.train_states
-    steps = range(run.rollout_steps)
-    trained = set(steps) if k == run.rollout_steps else set(run.rng.sample(steps, k))
-    return RollOut(c_s, c_t, noise, height, width, trained, target, weight)
+    return RollOut(c_s, c_t, noise, height, width, _trained(run) if trained is None else trained, target, weight)
+
+
+def _trained(run: Run) -> set[int]:
+    """The states of a roll-out that learn: all of them, or `train_states` of them at random."""
+    k, steps = run.train_states, range(run.rollout_steps)
+    return set(steps) if k == run.rollout_steps else set(run.rng.sample(steps, k))
 
 
 def train_step(run: Run, batch: list[RollOut]) -> StepResult:
@@ -206,7 +238,8 @@ def train_step(run: Run, batch: list[RollOut]) -> StepResult:
     lr = run.scheduler.get_last_lr()[0]
     # (4) the optimizer step on the student LoRA's gradient summed over the ranks (none if it is not finite)
     with explain_oom(run.cfg, run.preset, f"the optimizer step of step {run.step + 1}"):
-        run.world.sum_grads(run.params)
+        if run.cfg.train_mode == "lora":  # a full fine-tune's FSDP summed each backward's (reduce-scatter)
+            run.world.sum_grads(run.params)
         updated, grad_norm = optim.optimizer_step(run.params, run.optimizer, run.scheduler, run.cfg.max_grad_norm,
                                             loss + (prior_loss or 0.0))
     # (5) the EMA of the student LoRA into the teacher LoRA

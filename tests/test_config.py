@@ -161,3 +161,32 @@ def test_a_setting_is_written_as_its_flag_where_it_has_one():
     assert as_argument("prior_prompts", ["a dog", "a cat"]) == "--set 'prior_prompts=a dog|a cat'"  # no flag
     assert as_argument("teacher", "") == "--teacher ''"
     assert as_argument("preview_teacher", True) == "--set preview_teacher=true"
+
+
+def test_full_fine_tuning_refuses_what_has_no_meaning_without_a_frozen_base():
+    """train_mode = 'full' trains every weight: an 8-bit frozen base (the 16gb preset's), LoRA-only settings and
+    fp16 are refused in one paragraph that says what to change."""
+    with pytest.raises(UserError, match=r"quant = 'qint8' makes the frozen base 8-bit, but with train_mode = 'full' "
+                                        r"nothing is frozen.*Set quant = 'none' \(--quant none\).*full-\* preset"):
+        load_config("16gb", {"train_mode": "full"})
+    with pytest.raises(UserError, match=r"prior_prompts is not available with train_mode = 'full' \(their target is "
+                                        r"the bare base"):
+        load_config("24gb", {"train_mode": "full", "prior_prompts": "a photo of a dog"})
+    with pytest.raises(UserError, match=r"fp16 gradients .* Set --dtype bf16"):
+        load_config("24gb", {"train_mode": "full", "dtype": "fp16"})
+    with pytest.raises(UserError, match=r"ema_dtype = 'bf16' is the full fine-tune's setting"):
+        load_config("24gb", {"ema_dtype": "bf16"})
+    assert load_config("24gb", {"train_mode": "full"}).train_mode == "full"  # a bf16 base: nothing to refuse
+
+
+def test_full_fine_tuning_refuses_a_batch_its_processes_cannot_share(monkeypatch):
+    import torch
+
+    from lowvram_dopsd import distributed, preflight
+
+    monkeypatch.setattr(distributed, "_WORLD", distributed.World(rank=0, size=2))
+    cfg = load_config("cpu-demo", {"train_mode": "full", "batch_size": "3"})
+    with pytest.raises(UserError, match=r"batch_size / micro_batch = 3 does not divide among 2 processes\. Set "
+                                        r"--batch-size to a multiple of 2"):
+        preflight.check_device(cfg, torch.device("cpu"))
+    preflight.check_device(load_config("cpu-demo", {"batch_size": "3"}), torch.device("cpu"))  # LoRA: runs unevenly

@@ -91,6 +91,7 @@ class Family:
     default_rollout_steps: ClassVar[int]
     default_train_states: ClassVar[int] = 0  # states of a roll-out trained by default (0: all of them)
     default_lr: ClassVar[float]
+    default_full_lr: ClassVar[float | None] = None  # train_mode = "full" (the paper's, where it gives one)
     lora_targets: ClassVar[tuple[str, ...]]  # module-name suffixes in the transformer that get LoRA
     hf_repo_ids: ClassVar[tuple[str, ...]] = ()  # public ids that resolve to this family
     # Public ids whose config in published/ is not a copy of the published file -> what it is instead
@@ -260,17 +261,20 @@ class Family:
         return out
 
     # ----- training
-    def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype,
+                         on_unit: Callable[[str, nn.Module], None] | None = None) -> nn.Module:
         """The frozen base: built on `meta`, filled and quantized block by block on `device`, so no
         full bf16 copy is ever held in host RAM or on the GPU (quant.load_frugal). With `transformer_file`,
-        the weights come from that single file, the architecture from transformer/config.json."""
+        the weights come from that single file, the architecture from transformer/config.json.
+        `on_unit(name, block)`: called on each block as it is loaded (full.py shards it there)."""
         import diffusers
 
         from ..quant import load_frugal
 
         model = load_frugal(getattr(diffusers, self.transformer_class), self.model_dir / "transformer", device,
                             dtype, cfg.quant, skip=self.quant_skip,
-                            weights_file=self.transformer_file or getattr(cfg, "transformer_file", "") or None)
+                            weights_file=self.transformer_file or getattr(cfg, "transformer_file", "") or None,
+                            on_unit=on_unit)
         model.requires_grad_(False).eval()
         model._dopsd_dtype = dtype  # compute dtype; parameters mix int8, bf16 and fp32 LoRA
         if cfg.grad_checkpointing:

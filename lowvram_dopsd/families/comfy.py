@@ -42,6 +42,9 @@ class Layout:
     to_comfy: Callable[[Modules, float], Tensors]          # (modules, alpha) -> ComfyUI tensors
     to_diffusers: Callable[[Tensors], tuple[Modules, float]]
     architecture: str  # ComfyUI model class, for the metadata
+    # A whole model's diffusers tensors (whole blocks at a time) -> ComfyUI's native keys: a full fine-tune's
+    # single file (full_io.py), which diffusers' from_single_file reads back through its own converter.
+    model_to_comfy: Callable[[Tensors], Tensors] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,5 +196,69 @@ def _one_alpha(alphas: set[float]) -> float:
     return rounded.pop()
 
 
-ZIMAGE = Layout(zimage_to_comfy, zimage_to_diffusers, "Lumina2 (Z-Image)")
-KLEIN = Layout(klein_to_comfy, klein_to_diffusers, "Flux2 (FLUX.2-klein)")
+# ---------------------------------------------------------------------------------------------
+# Whole models: a full fine-tune's transformer as one file in the original (ComfyUI's native) layout
+# ---------------------------------------------------------------------------------------------
+# diffusers' names -> the original ones: the renames of diffusers' convert_z_image_transformer_checkpoint_to_
+# diffusers undone (ComfyUI's NextDiT has the original names: comfy/ldm/lumina/model.py)
+ZIMAGE_MODEL_NAMES = (("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."),
+                      (".attention.to_out.0.", ".attention.out."), (".attention.norm_k.", ".attention.k_norm."),
+                      (".attention.norm_q.", ".attention.q_norm."))
+
+
+def zimage_model_to_comfy(tensors: Tensors) -> Tensors:
+    """Z-Image's tensors by diffusers name (whole blocks) -> the original layout: each block's to_q, to_k and
+    to_v weights stacked into one `attention.qkv`, the other names as the original model has them."""
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith((".attention.to_k.weight", ".attention.to_v.weight")):
+            continue  # stacked with to_q's
+        if key.endswith(".attention.to_q.weight"):
+            base = key[: -len("to_q.weight")]
+            out[base + "qkv.weight"] = torch.cat([t, tensors[base + "to_k.weight"], tensors[base + "to_v.weight"]])
+            continue
+        for ours, theirs in ZIMAGE_MODEL_NAMES:
+            key = key.replace(ours, theirs)
+        out[key] = t
+    return out
+
+
+# klein's tensors that are not LoRA targets (klein_native_name has those): norms (".scale" in the original),
+# the guidance embedder and the modulations (diffusers' convert_flux2_transformer_checkpoint_to_diffusers)
+KLEIN_DOUBLE_NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                      "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+KLEIN_SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+KLEIN_MODEL_TOP = {"time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+                   "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+                   "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+                   "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+                   "single_stream_modulation.linear": "single_stream_modulation.lin"}
+
+
+def klein_model_to_comfy(tensors: Tensors) -> Tensors:
+    """FLUX.2-klein's tensors by diffusers name (whole blocks) -> BFL's original layout: fused q/k/v per stream,
+    norms as `.scale`, the final modulation as (shift, scale) where diffusers has (scale, shift)."""
+    out = {}
+    for key, t in tensors.items():
+        module, _, kind = key.rpartition(".")
+        m = re.match(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", module)
+        norms = (KLEIN_DOUBLE_NORMS if m[1] == "transformer_blocks" else KLEIN_SINGLE_NORMS) if m else {}
+        if m and m[3] in norms:
+            out[f"{'double' if m[1] == 'transformer_blocks' else 'single'}_blocks.{m[2]}.{norms[m[3]]}.scale"] = t
+        elif module == "norm_out.linear":
+            scale, shift = t.chunk(2)
+            out[f"final_layer.adaLN_modulation.1.{kind}"] = torch.cat([shift, scale])
+        elif m and m[1] == "transformer_blocks" and (group := next((g for g in KLEIN_FUSED if m[3] in g), None)):
+            if m[3] == group[0]:  # the q of the group: stack q, k, v
+                block = f"transformer_blocks.{m[2]}"
+                out[f"{klein_native_name(module)}.{kind}"] = torch.cat([tensors[f"{block}.{n}.{kind}"] for n in group])
+        else:
+            native = KLEIN_MODEL_TOP.get(module) or klein_native_name(module)
+            if native is None:
+                raise UserError(f"The original FLUX.2 layout has no name for {key}: cannot write the single file.")
+            out[f"{native}.{kind}"] = t
+    return out
+
+
+ZIMAGE = Layout(zimage_to_comfy, zimage_to_diffusers, "Lumina2 (Z-Image)", zimage_model_to_comfy)
+KLEIN = Layout(klein_to_comfy, klein_to_diffusers, "Flux2 (FLUX.2-klein)", klein_model_to_comfy)

@@ -71,6 +71,7 @@ class Klein(ReferenceImageFamily):
     pipeline_class = "Flux2KleinPipeline"
     default_rollout_steps = 4     # the distilled model's 4 steps
     default_lr = 1e-5             # paper App. D
+    default_full_lr = 8e-6        # paper App. D, full fine-tuning (batch 256)
     # Every linear of every transformer block: attention q/k/v/out of both streams of the
     # double-stream blocks, their FFNs (image and text), and the single-stream blocks' fused
     # projections (`to_qkv_mlp_proj` = q/k/v + FFN-in, `to_out` = attention-out + FFN-out).

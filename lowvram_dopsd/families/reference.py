@@ -60,6 +60,6 @@ class ReferenceImageFamily(DiffusersFamily):
         raise UserError(f"The {self.name} family supports the teacher kinds {', '.join(self.teachers)}, "
                         f"not '{teacher}'.")
 
-    def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype, on_unit=None) -> nn.Module:
         self._dtype = dtype  # decode_latents decodes in the training dtype
-        return super().load_transformer(cfg, device, dtype)
+        return super().load_transformer(cfg, device, dtype, on_unit)

@@ -67,7 +67,8 @@ class Toy(Family):
         h, m = enc(ids.to(device), mask.to(device), world.to_tensor(imgs).to(device))
         return [{"cap": h[i].float().cpu(), "mask": m[i].cpu()} for i in range(len(items))]
 
-    def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype, on_unit=None) -> nn.Module:
+        """The toy's transformer (1 MB): loaded whole; `on_unit` is not called (full mode shards it at the root)."""
         from ..quant import quantize_frozen
         from ..toy.models import load_module
 

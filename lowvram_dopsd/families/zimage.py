@@ -32,6 +32,7 @@ class ZImage(DiffusersFamily):
     teachers = ("vlm",)
     default_rollout_steps = 8     # the model card's 8 NFEs
     default_lr = 4e-5             # paper App. D
+    default_full_lr = 3e-5        # paper App. D, full fine-tuning (batch 256)
     # The authors' targets: attention q/k/v/out and the SwiGLU FFN of every block (refiners too).
     lora_targets = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
                     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")

@@ -1,0 +1,253 @@
+"""Full fine-tuning (train_mode = "full", issue #35) on the CPU: FSDP2 over 2 gloo ranks against one process.
+
+The reference is unsharded: one process, plain modules, the fp32 master weights updated by AdamW, the
+forward and backward run on a copy in the compute dtype, each backward's gradient added to the master's in
+fp32 (what FSDP2's mixed precision does, without sharding or collectives). Two ranks compute each micro-batch
+exactly as the reference does; only the order in which the gradients add up differs (each backward's two
+ranks' gradients are summed, then added to the step's), ~1e-7 of a gradient in fp32. AdamW's step divides by
+the root of its second moment, which lets elements of tiny gradient move by up to ~1e-3 of a step more or less:
+TOL = 2e-5 absolute at lr 1e-3 (a weight moves ~1e-3 a step), 50x below one step's change. Bit for bit where
+nothing is summed in another order: a resume on the same number of ranks.
+
+Runs: Z-Image in bf16 (mixed precision: shards fp32, blocks gathered in bf16) and klein in fp32, each 2 ranks
+against the reference; Z-Image's run then resumes on 2 ranks (exact) and on 1 (DCP reshards), and its exported
+transformer loads in the stock pipeline and as a single file.
+"""
+import copy
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowvram_dopsd import checkpoint, full_io, optim
+from lowvram_dopsd.config import load_config
+from lowvram_dopsd.errors import UserError
+from lowvram_dopsd.families import load_family
+
+from dist_helpers import fork_job
+
+TOL = 2e-5
+PROMPT = "a photo of sks ball on the beach"
+
+
+def settings(model, images, cache, out, **over):
+    base = dict(model=str(model), images=str(images), cache_dir=str(cache), output=str(out), train_mode="full",
+                steps=3, batch_size=2, rollout_steps=2, train_states=1, lr=1e-3, grad_checkpointing="true",
+                save_every=1, keep_checkpoints=0)
+    return {**base, **{k: str(v) for k, v in over.items()}}
+
+
+def _train(over: dict, resume: str | None = None, latents_to: str | None = None) -> int:
+    """One rank of a job: train (or resume) with `over`; `latents_to`: then sample the student, rank 0 saves."""
+    from lowvram_dopsd.preview import few_step_sample
+    from lowvram_dopsd.train import train
+
+    cfg = load_config("cpu-demo", over)
+    run = train(cfg, "cpu-demo", resume=resume, command=["train"])
+    if latents_to:
+        family = run.family
+        (cond,) = family.encode_student([PROMPT], cfg, torch.device("cpu"))
+        noise = torch.randn((1, *family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(7))
+        x = few_step_sample(family, run.model, run.lora, "student", noise, family.sigmas(64, 64, 2), [cond])
+        if int(os.environ.get("RANK", "0")) == 0:
+            torch.save({"noise": noise, "latents": x}, latents_to)
+    return 0
+
+
+class Unsharded:
+    """The reference weight sets: the student's fp32 master and its compute-dtype copy, the EMA teacher (fp32)."""
+
+    holds_base = False
+
+    def __init__(self, family, cfg):
+        self.master = family.load_transformer(cfg, torch.device("cpu"), torch.float32).requires_grad_(True)
+        self.teacher = family.load_transformer(cfg, torch.device("cpu"), torch.float32)
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
+        self.compute = {"student": copy.deepcopy(self.master).to(dtype),
+                        "teacher": copy.deepcopy(self.teacher).to(dtype)}
+        for p, master in zip(self.compute["student"].parameters(), self.master.parameters()):
+            p.register_post_accumulate_grad_hook(lambda p, m=master: self._to_master(p, m))
+        self.model = self
+        self._dopsd_dtype, self.active = dtype, "student"
+
+    @staticmethod
+    def _to_master(p, master):  # each backward's gradient, in fp32, added to the master's
+        g = p.grad.float()
+        master.grad = g if master.grad is None else master.grad + g
+        p.grad = None
+
+    def __call__(self, *args, **kwargs):
+        return self.compute[self.active](*args, **kwargs)
+
+    def use(self, role):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def active():
+            with torch.no_grad():  # what FSDP gathers for each pass: the master cast to the compute dtype
+                for src, dst in ((self.master, self.compute["student"]), (self.teacher, self.compute["teacher"])):
+                    for a, b in zip(src.parameters(), dst.parameters()):
+                        b.copy_(a)
+            previous, self.active = self.active, role
+            try:
+                yield self.compute[role]
+            finally:
+                self.active = previous
+        return active()
+
+    def student_parameters(self):
+        return list(self.master.parameters())
+
+    @torch.no_grad()
+    def ema_update(self, decay):
+        torch._foreach_lerp_(list(self.teacher.parameters()), self.student_parameters(), 1.0 - decay)
+
+
+def _reference_step(over: dict, out: str) -> int:
+    """One step of the run `over` describes, unsharded, in one process: train_step on the Unsharded weights."""
+    from lowvram_dopsd.guard import RunGuard
+    from lowvram_dopsd.train import draw_batch, setup, train_step
+
+    cfg = load_config("cpu-demo", {**over, "steps": "1"})
+    with RunGuard(None, None) as guard:
+        run = setup(cfg, "cpu-demo", guard=guard)
+        ref = Unsharded(run.family, cfg)
+        run.model, run.lora, run.params = ref, ref, ref.student_parameters()
+        run.optimizer = torch.optim.AdamW(run.params, lr=run.lr, weight_decay=cfg.weight_decay)
+        run.scheduler = optim.make_scheduler(run.optimizer, cfg)
+        result = train_step(run, draw_batch(run))
+        torch.save({"student": ref.master.state_dict(), "teacher": ref.teacher.state_dict(),
+                    "loss": result.loss, "grad_norm": result.grad_norm}, out)
+    return 0
+
+
+def saved(step_dir, family, cfg):
+    """A full checkpoint's student and teacher, read whole in this process (DCP without a process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    model = family.load_transformer(cfg, torch.device("cpu"), torch.float32)
+    state = {role: {k: torch.empty_like(v) for k, v in model.state_dict().items()} for role in ("student", "teacher")}
+    dcp.load(state, storage_reader=full_io.SafeReader(step_dir / "weights"), no_dist=True)
+    return state
+
+
+def assert_same_step(out, ref):
+    """Adam does not see a gradient's scale (ranks averaging where they should sum would pass the parameters'
+    check): the loss and the gradient norm the run logged are the reference's too."""
+    (first, *_) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert first["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert first["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+
+
+def assert_close(a, b, atol):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, worst
+    return worst
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*"))}
+
+
+@pytest.fixture(scope="module")
+def zimage(tiny_zimage_dir, tiny_vlm_dir, demo_images, tmp_path_factory):
+    """2 ranks, 3 steps (a checkpoint after each), bf16; the unsharded reference's step 1."""
+    root = tmp_path_factory.mktemp("full-zimage")
+    over = settings(tiny_zimage_dir, demo_images, root / "cache", root / "two", dtype="bf16", batch_size=4,
+                    teacher_encoder=tiny_vlm_dir, preview_every=3, preview_prompts=PROMPT)
+    base = digest(tiny_zimage_dir / "transformer")
+    assert fork_job(2, _train, over, None, str(root / "latents.pt")) == [0, 0]
+    assert fork_job(1, _reference_step, {**over, "output": str(root / "ref")}, str(root / "ref.pt")) == [0]
+    return root, over, base
+
+
+def test_two_ranks_take_the_step_of_one_unsharded_process_zimage_bf16(zimage):
+    root, over, _ = zimage
+    cfg = load_config("cpu-demo", over)
+    family = load_family(cfg.model)
+    two = saved(root / "two" / "checkpoints" / "step-000001", family, cfg)
+    ref = torch.load(root / "ref.pt")
+    assert_close(two["student"], ref["student"], TOL)
+    assert_close(two["teacher"], ref["teacher"], TOL)
+    assert_same_step(root / "two", ref)
+    start = {k: v.float() for k, v in family.load_transformer(cfg, torch.device("cpu"), torch.float32)
+             .state_dict().items()}
+    moved = max((ref["student"][k] - start[k]).abs().max().item() for k in start)
+    assert moved > 20 * TOL  # the step itself is far above the tolerance
+    # both ranks sampled the previews (each pass gathers the weights), rank 0 wrote them
+    assert sorted(p.name for p in (root / "two" / "previews").iterdir()) == ["step-000000.png", "step-000003.png"]
+
+
+def test_the_ema_teacher_is_the_formula_on_the_gathered_weights(zimage, tiny_zimage_dir):
+    root, over, base = zimage
+    cfg = load_config("cpu-demo", over)
+    family = load_family(cfg.model)
+    start = family.load_transformer(cfg, torch.device("cpu"), torch.float32).state_dict()
+    one = saved(root / "two" / "checkpoints" / "step-000001", family, cfg)
+    two = saved(root / "two" / "checkpoints" / "step-000002", family, cfg)
+    for k in start:  # teacher_1 = lerp(base, student_1), teacher_2 = lerp(teacher_1, student_2), decay 0.9
+        assert torch.equal(one["teacher"][k], torch.lerp(start[k], one["student"][k], 1 - cfg.ema_decay)), k
+        assert torch.equal(two["teacher"][k], torch.lerp(one["teacher"][k], two["student"][k], 1 - cfg.ema_decay)), k
+    assert digest(tiny_zimage_dir / "transformer") == base  # the base checkpoint on disk is never written
+
+
+def test_resume_on_two_ranks_is_exact_and_one_rank_reads_a_two_rank_checkpoint(zimage):
+    root, over, _ = zimage
+    cfg = load_config("cpu-demo", over)
+    family = load_family(cfg.model)
+    from_two = str(root / "two" / "checkpoints" / "step-000002")
+    assert fork_job(2, _train, {**over, "output": str(root / "again")}, from_two) == [0, 0]
+    assert fork_job(1, _train, {**over, "output": str(root / "one")}, from_two) == [0]
+    ref = saved(root / "two" / "checkpoints" / "step-000003", family, cfg)
+    again = saved(root / "again" / "checkpoints" / "step-000003", family, cfg)
+    for role in ("student", "teacher"):
+        assert all(torch.equal(again[role][k], ref[role][k]) for k in ref[role]), role
+    one = saved(root / "one" / "checkpoints" / "step-000003", family, cfg)
+    assert_close(one["student"], ref["student"], TOL)
+    # the optimizer state came along: the same step from a fresh AdamW moves every weight by ~lr
+    before = saved(root / "two" / "checkpoints" / "step-000002", family, cfg)["student"]
+    assert max((ref["student"][k] - before[k]).abs().max().item() for k in ref["student"]) > 20 * TOL
+    metrics = [json.loads(line) for line in (root / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [3]
+
+
+def test_the_transformer_folder_loads_in_the_stock_pipeline_as_the_student_samples(zimage, tiny_zimage_dir):
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+    root, over, _ = zimage
+    out = root / "two"
+    ours = torch.load(root / "latents.pt")
+    transformer = ZImageTransformer2DModel.from_pretrained(out / "transformer", torch_dtype=torch.bfloat16)
+    pipe = ZImagePipeline.from_pretrained(tiny_zimage_dir, transformer=transformer, torch_dtype=torch.bfloat16)
+    ref = pipe(PROMPT, height=64, width=64, num_inference_steps=2, guidance_scale=0.0, max_sequence_length=64,
+               latents=ours["noise"].clone(), output_type="latent").images
+    err = ((ref.float() - ours["latents"]).norm() / ref.float().norm()).item()
+    assert err < 1e-3, err
+    # the single file (ComfyUI's layout) reads back through diffusers' own converter as the same weights
+    single = out / "comfyui" / f"{out.name}.safetensors"
+    keys = set(load_file(str(single)))
+    assert any(".attention.qkv." in k for k in keys) and not any(".to_q." in k for k in keys)  # the other layout
+    again = ZImageTransformer2DModel.from_single_file(str(single), config=str(tiny_zimage_dir),
+                                                      subfolder="transformer", torch_dtype=torch.bfloat16)
+    mine = transformer.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in again.state_dict().items())
+    # and they are the student's last checkpoint, in the compute dtype
+    cfg = load_config("cpu-demo", over)
+    last = saved(out / "checkpoints" / "step-000003", load_family(cfg.model), cfg)["student"]
+    assert all(torch.equal(mine[k], last[k].to(torch.bfloat16)) for k in last)
+
+
+def test_klein_two_ranks_take_the_step_of_one_unsharded_process_fp32(tiny_klein_dir, demo_images, tmp_path):
+    over = settings(tiny_klein_dir, demo_images, tmp_path / "cache", tmp_path / "two", steps=1, teacher="edit")
+    assert fork_job(2, _train, over) == [0, 0]
+    assert fork_job(1, _reference_step, {**over, "output": str(tmp_path / "ref")}, str(tmp_path / "ref.pt")) == [0]
+    cfg = load_config("cpu-demo", over)
+    two = saved(tmp_path / "two" / "checkpoints" / "step-000001", load_family(cfg.model), cfg)
+    ref = torch.load(tmp_path / "ref.pt")
+    assert_close(two["student"], ref["student"], TOL)
+    assert_close(two["teacher"], ref["teacher"], TOL)
+    assert_same_step(tmp_path / "two", ref)

@@ -1,0 +1,120 @@
+"""A full fine-tune's checkpoints (full_io.py): a kill during a save, an unsafe metadata file, 8-bit AdamW's
+per-rank state; and the EMA's stochastic rounding (full.py). One process each (a group of one, forked)."""
+import io
+import json
+import os
+import pickle
+import random
+
+import pytest
+import torch
+
+from lowvram_dopsd import checkpoint, full_io
+from lowvram_dopsd.config import load_config
+from lowvram_dopsd.errors import UserError
+from lowvram_dopsd.full import stochastic_round
+
+from dist_helpers import fork_job
+
+
+def _run(over: dict, resume: str | None = None, die_at_publish: int = 0) -> int:
+    """One rank: train `over`; `die_at_publish`: the process is killed (os._exit, no cleanup) when the save of
+    that step is about to be renamed into place, after every shard and state.json are written."""
+    from lowvram_dopsd.train import train
+
+    if die_at_publish:
+        real = checkpoint.publish
+
+        def killed(tmp, final):
+            if final.name == f"step-{die_at_publish:06d}":
+                os._exit(9)
+            real(tmp, final)
+        checkpoint.publish = killed
+    train(load_config("cpu-demo", over), "cpu-demo", resume=resume, command=["train"])
+    return 0
+
+
+@pytest.fixture(scope="module")
+def over(tiny_zimage_dir, tiny_vlm_dir, demo_images, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("full-io-cache")
+    return lambda out, **kw: {"model": str(tiny_zimage_dir), "teacher_encoder": str(tiny_vlm_dir),
+                              "images": str(demo_images), "cache_dir": str(cache), "output": str(out),
+                              "train_mode": "full", "steps": "2", "rollout_steps": "2", "train_states": "1",
+                              "lr": "1e-3", "save_every": "1", **{k: str(v) for k, v in kw.items()}}
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(over, tmp_path):
+    out = tmp_path / "out"
+    assert fork_job(1, _run, over(out), None, 2) == [9]
+    assert [p.name for _, p in checkpoint.list_checkpoints(out)] == ["step-000001"]
+    assert any(p.name.startswith(".tmp-step-000002-") for p in (out / "checkpoints").iterdir())  # what it left
+    assert full_io.load(out / "checkpoints" / "step-000001").step == 1
+    assert fork_job(1, _run, over(out), "latest") == [0]  # --resume continues from step 1; the leftover goes
+    assert [p.name for _, p in checkpoint.list_checkpoints(out)] == ["step-000001", "step-000002"]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_no_checkpoint_file_is_a_pickle_nor_read_as_one(over, tmp_path, monkeypatch):
+    """DCP writes its metadata as a pickle: ours is JSON, rebuilt from DCP's classes by name. A folder holding
+    DCP's pickle instead (or JSON naming any other class) is refused as damaged, and nothing runs."""
+    monkeypatch.chdir(tmp_path)
+    step = tmp_path / "checkpoints" / "step-000001"
+    weights = step / full_io.WEIGHTS_DIR
+    weights.mkdir(parents=True)
+    checkpoint.write_state(step, 1, checkpoint.RNGState.capture(torch.Generator(), random.Random(0), []),
+                           load_config("cpu-demo", over(tmp_path)), {}, {}, None,
+                           {"train_mode": "full", "world_size": 1, "ema_updates": 1, "scheduler": {}, "optimizer": {}})
+    (weights / ".metadata").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(UserError, match=r"is damaged or incomplete .*\.metadata\.json"):
+        full_io.load(step)
+    (weights / full_io.META_FILE).write_text(json.dumps({"class": "Popen", "args": ["touch", "pwned"]}))
+    with pytest.raises(UserError, match="Popen is not part of a checkpoint's metadata"):
+        full_io.load(step)
+    assert not (tmp_path / "pwned").exists()
+    # the values DCP stores pickled beside the tensors (AdamW's hyper-parameters) are read weights-only
+    data = io.BytesIO()
+    torch.save(Boom(), data)
+    data.seek(0)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        full_io.SafeLoadPlanner().load_bytes(None, data)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_8bit_adamw_on_shards_resumes_exactly_and_only_on_as_many_gpus(over, tmp_path):
+    ref, part = tmp_path / "ref", tmp_path / "part"
+    assert fork_job(1, _run, over(ref, optimizer="adamw8bit")) == [0]
+    assert fork_job(1, _run, over(part, optimizer="adamw8bit", steps=1)) == [0]
+    assert fork_job(1, _run, over(part, optimizer="adamw8bit"), "latest") == [0]
+    ckpt = part / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer-rank0.safetensors", "rng.safetensors", "state.json",
+                                                      "weights"]
+    assert sorted(p.name for p in (ckpt / "weights").iterdir()) == [".metadata.json", "__0_0.distcp"]  # no pickle
+    a = (ref / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert a == (part / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    # its state is quantized per GPU: another number of them is refused, with what to do
+    codes = fork_job(2, _run, over(tmp_path / "two", optimizer="adamw8bit", steps=3, batch_size=2),
+                     str(part / "checkpoints" / "step-000002"))
+    assert codes == [2, 2]
+
+
+def test_stochastic_rounding_is_unbiased_and_exact_where_bf16_is():
+    gen = torch.Generator().manual_seed(0)
+    exact = torch.randn(1000).bfloat16().float()
+    assert torch.equal(stochastic_round(exact, torch.bfloat16, gen).float(), exact)
+    # an EMA step: 1e-4 of a change of 0.1, a tenth of bf16's spacing at 0.02 (1.2e-4): rounded to nearest, the
+    # weight never moves; rounded stochastically, its mean moves by the right amount (the noise of the mean over
+    # 200k weights: spacing / 2 / sqrt(200k) = 1.4e-7; the tolerance is 5 of those, the shift 1e-5)
+    w = torch.full((200_000,), 0.02)
+    target = w + 1e-4 * 0.1
+    assert torch.equal(target.bfloat16(), w.bfloat16())
+    for sign in (1, -1):
+        got = stochastic_round(sign * target, torch.bfloat16, gen).float()
+        assert got.mean().item() == pytest.approx(sign * target.mean().item(), abs=7e-7)
+        cut = (sign * target[:1]).view(torch.int32) & -65536  # the bf16 below (in magnitude) and the one above
+        neighbours = {cut.view(torch.float32).item(), (cut + 65536).view(torch.float32).item()}
+        assert set(got.unique().tolist()) == neighbours
