@@ -45,6 +45,11 @@
 #      under `torchrun --nproc-per-node 1` (bench_dist_overhead.py; criterion: at most 2 %); with --tiny
 #      on the CPU, the sum over 2 gloo processes
 #
+#  16  full fine-tuning (issue #35, docs/full.md "Checking the planner on one GPU"): each per-GPU term of
+#      `plan --train-mode full` measured at world size 1 (bench_full.py): Z-Image and klein on the full-1x80gb
+#      preset (8-bit AdamW, EMA in host RAM), and Z-Image with 8 of its 30 blocks under AdamW with an fp32 and
+#      a bf16 EMA teacher on the GPU (whole, fp32 AdamW's state would not fit one card)
+#
 # `bash benchmarks/gpu_next.sh N --tiny` runs stage N on the CPU with tiny models, one measured step and
 # no profile (no GPU, no .whl): the same configs, to check the script before a GPU session
 # (tests/test_gpu_next.py runs stage 13 so).
@@ -53,7 +58,7 @@
 # write up what they say, with the device and versions the files record).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_next.sh 1..15 [--tiny]}
+stage=${1:?usage: gpu_next.sh 1..16 [--tiny]}
 BENCH=(--steps 2 --profile)  # --tiny: bench_memory on tiny models on the CPU, one step, no profile
 TINY=()
 [ "${2:-}" = "--tiny" ] && TINY=(--tiny --device cpu) && BENCH=(--steps 1)
@@ -155,6 +160,10 @@ case "$stage" in
     timeout 360 python3 benchmarks/bench_dist_overhead.py ${TINY[@]:0:1} --steps 40 --repeat 3 --out "$OUT" 2>&1 \
       | tee "$OUT/dist-overhead.log"
     ;;
+  16)  # full fine-tuning's memory terms at world size 1, beside the planner's
+    timeout 560 python3 benchmarks/bench_full.py "${TINY[@]}" --out "$OUT" \
+      --runs zimage-1x80gb,klein-1x80gb,zimage-8l-adamw,zimage-8l-bf16ema 2>&1 | tee "$OUT/full.log"
+    ;;
   *)
-    echo "unknown stage '$stage' (1 to 15)" >&2; exit 2 ;;
+    echo "unknown stage '$stage' (1 to 16)" >&2; exit 2 ;;
 esac

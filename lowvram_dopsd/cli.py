@@ -42,7 +42,7 @@ def _flag_help(key: str, default: str | None = None) -> tuple[str, str]:
 # The settings that change a step's GPU memory (plan.py reads these): `plan --help` lists their flags.
 # plan accepts the others too, so a train command (with its --preset) runs as a plan.
 MEMORY_SETTINGS = ("model", "teacher", "rank", "micro_batch", "resolution", "dtype", "quant", "act_quant",
-                   "optimizer", "kernels")
+                   "optimizer", "kernels", "train_mode")
 
 
 def _add_train_flags(p: argparse.ArgumentParser, preset_default: str | None, resume: bool = True,
@@ -256,7 +256,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import plan, scaling
     from .progress import make_console
 
+    args.preset = args.preset or ("full-8x24gb" if args.train_mode == "full" else "16gb")
     cfg = load_config(args.preset, _overrides(args))
+    if cfg.train_mode == "full":
+        return _plan_full(args, cfg)
     budget = plan.budget_for(_gib(args.vram)) if args.vram else plan.vram_of_preset(args.preset)
     p = plan.plan_from_config(cfg, budget_gib=budget)
     fixes = plan.suggest(cfg.model, plan._settings(cfg), budget) if budget and not p.fits() else None
@@ -266,7 +269,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from .gpus import gpu_named
 
         time = timeplan.predict(plan.resolve_model(cfg.model), plan.run_settings(cfg), gpu_named(args.gpu), p.kept)
-    dp = scaling.data_parallel(args.gpus, cfg, p.family, p.counts.lora, time) if args.gpus > 1 else None
+    dp = scaling.data_parallel(args.gpus, cfg, p.family, p.counts.lora, time) if (args.gpus or 1) > 1 else None
     if args.json:
         print(json.dumps({**p.to_dict(), "suggestions": [(f, s.peak_gib) for f, s in fixes or []],
                           **({"data_parallel": dp.to_dict()} if dp else {}),
@@ -278,6 +281,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if time:
             timeplan.render(time, make_console())
     return 0 if p.fits() else 3
+
+
+def _plan_full(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    """`plan` of a full fine-tune (plan_full.py): each GPU's memory on --gpus N (the preset's by default) and the
+    fewest GPUs of the card that hold the run."""
+    from . import plan, plan_full
+    from .config import shipped_root
+    from .progress import make_console
+
+    gpus, card = plan_full.PRESET_CARDS.get(shipped_root(args.preset), (1, None))
+    vram = _gib(args.vram) if args.vram else card
+    fp = plan_full.make(cfg, args.gpus or gpus, plan.budget_for(vram) if vram else None)
+    if args.json:
+        print(json.dumps(fp.to_dict(), indent=1))
+    else:
+        plan_full.render(fp, make_console())
+    return 0 if fp.fits() else 3
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -361,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("plan", help="predict the GPU memory of a training step, from the model's config alone",
                        description="Takes the train command's flags; those listed change the memory.")
-    _add_train_flags(p, preset_default="16gb", resume=False, listed=MEMORY_SETTINGS)
+    _add_train_flags(p, preset_default=None, resume=False, listed=MEMORY_SETTINGS,
+                     preset_help="; default 16gb, or full-8x24gb with --train-mode full")
     p.add_argument("--vram", default=None, metavar="GIB",
                    help="your card's memory in GiB (default: the preset's card, e.g. 16gb -> 14.0 GiB allocatable)")
     p.add_argument("--gpu", default=None, metavar="NAME",
@@ -369,9 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "4060 Ti, 5090, ...): from the counted FLOPs and the efficiency measured on an H100; marked "
                         "as a prediction where that GPU was not measured")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--gpus", type=int, default=1, metavar="N",
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="data parallel over N GPUs: the memory per GPU (unchanged), the gradient sum per step and "
-                        "the expected step time (docs/multi-gpu.md)")
+                        "the expected step time (docs/multi-gpu.md); with --train-mode full, each GPU's share of the "
+                        "sharded model (docs/full.md; default: the full-* preset's count)")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=cmd_presets)
