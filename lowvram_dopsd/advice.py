@@ -87,8 +87,8 @@ def print_run_notes(console, display, cfg: TrainConfig, family: Family, ds: data
 
 def warn_if_it_will_not_fit(cfg: TrainConfig, device: torch.device, console) -> None:
     """Before anything loads: the planner's prediction (plan.py: within 1% of the H100 measurements at
-    micro_batch 1, scaled linearly above it) against this card's memory."""
-    from . import plan
+    micro_batch 1, scaled linearly above it; a full fine-tune's per GPU, plan_full.py) against this card's memory."""
+    from . import plan, plan_full
     from .quant import use_fused_linear
 
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
@@ -96,7 +96,8 @@ def warn_if_it_will_not_fit(cfg: TrainConfig, device: torch.device, console) -> 
     # config alone suggests (Triton may not compile for it: kernels.utils.NO_MMA)
     cfg = dataclasses.replace(cfg, kernels="on" if use_fused_linear(device, cfg.kernels) else "off")
     try:
-        p = plan.plan_from_config(cfg, budget_gib=plan.budget_for(total))
+        p = plan_full.make(cfg, distributed.current().size, plan.budget_for(total)) if cfg.train_mode == "full" \
+            else plan.plan_from_config(cfg, budget_gib=plan.budget_for(total))
     except UserError:
         return  # a checkpoint the planner does not know: nothing to predict
     if not p.fits():
