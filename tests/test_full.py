@@ -215,6 +215,41 @@ def test_resume_on_two_ranks_is_exact_and_one_rank_reads_a_two_rank_checkpoint(z
     assert [m["step"] for m in metrics] == [3]
 
 
+def _stopped(over: dict, rank: int, call: int) -> int:
+    """One rank of a job run through the command line; rank `rank` gets Ctrl-C (SIGINT, to itself alone) at
+    its `call`-th roll-out."""
+    import signal
+
+    import lowvram_dopsd.train as train_mod
+    from lowvram_dopsd.cli import main
+
+    real, calls = train_mod.rollout_and_learn, [0]
+
+    def counted(*a, **k):
+        calls[0] += 1
+        if (int(os.environ["RANK"]), calls[0]) == (rank, call):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+    train_mod.rollout_and_learn = counted
+    return main(["train", "--preset", "cpu-demo", *(a for k, v in over.items() for a in ("--set", f"{k}={v}"))])
+
+
+def test_ctrl_c_on_one_rank_stops_both_after_the_same_step_with_every_shard_saved(zimage):
+    """Rank 1 gets Ctrl-C in step 2 (its 3rd roll-out: 2 per step each): both finish step 2, every rank writes
+    its shards of the checkpoint, both exit 75; the checkpoint is the uninterrupted run's step 2, bit for bit,
+    and no transformer is written (the checkpoint holds it; --resume writes it at the end)."""
+    root, over, _ = zimage
+    out = root / "stopped"
+    assert fork_job(2, _stopped, {**over, "output": str(out), "preview_every": 0}, 1, 3) == [75, 75]
+    assert [p.name for _, p in checkpoint.list_checkpoints(out)] == ["step-000001", "step-000002"]
+    cfg = load_config("cpu-demo", over)
+    family = load_family(cfg.model)
+    got = saved(out / "checkpoints" / "step-000002", family, cfg)
+    ref = saved(root / "two" / "checkpoints" / "step-000002", family, cfg)
+    assert all(torch.equal(got[r][k], ref[r][k]) for r in ref for k in ref[r])
+    assert not (out / "transformer").exists()
+
+
 def test_the_transformer_folder_loads_in_the_stock_pipeline_as_the_student_samples(zimage, tiny_zimage_dir):
     from diffusers import ZImagePipeline, ZImageTransformer2DModel
 
