@@ -73,3 +73,33 @@ def test_a_run_with_caption_variants_resumes_exactly_and_refuses_changed_ones(tm
     (images / "00.txt").write_text((images / "00.txt").read_text().replace("red", "green"))
     with pytest.raises(UserError):
         train(_cfg(tmp_path, images, out="b", steps=6, save_every=2), console=_quiet(), resume="latest")
+
+
+def test_a_large_precompute_is_cached_chunk_by_chunk_says_how_far_and_continues(tmp_path, monkeypatch):
+    """conditions.ENCODE_CHUNK at a time (2 here), each chunk cached before the next is encoded: a precompute
+    stopped in its second chunk keeps the first, the next run encodes only the rest, and the run says how far
+    the encoding is after each chunk."""
+    from lowvram_dopsd import conditions
+    from lowvram_dopsd.families.toy import Toy
+
+    monkeypatch.setattr(conditions, "ENCODE_CHUNK", 2)
+    real, calls = Toy.encode_teacher, []
+
+    def encode(self, items, *args, dies=False):
+        calls.append(len(items))
+        if dies and len(calls) == 2:
+            raise RuntimeError("the encoder died")
+        return real(self, items, *args)
+
+    monkeypatch.setattr(Toy, "encode_teacher", lambda self, items, *a: encode(self, items, *a, dies=True))
+    shown = io.StringIO()
+    with pytest.raises(RuntimeError, match="the encoder died"), RunGuard(None, None) as guard:
+        setup(_cfg(tmp_path, TOY / "concept", steps=1), console=Console(file=shown, width=200), guard=guard)
+    assert calls == [2, 2]
+    assert "encoded 2/6 vlm teacher conditions" in shown.getvalue()
+    calls.clear()
+    monkeypatch.setattr(Toy, "encode_teacher", encode)
+    with RunGuard(None, None) as guard:
+        run = setup(_cfg(tmp_path, TOY / "concept", steps=1), console=_quiet(), guard=guard)
+    assert calls == [2, 2]  # the 4 the stopped precompute had not stored
+    assert len(run.conds.teacher) == 6

@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from safetensors.torch import load_file
 
 from lowvram_dopsd import checkpoint, full_io, optim
 from lowvram_dopsd.config import load_config
-from lowvram_dopsd.errors import UserError
+from lowvram_dopsd.errors import EXIT_RANK_LOST
 from lowvram_dopsd.families import load_family
 
 from dist_helpers import fork_job
@@ -215,11 +216,9 @@ def test_resume_on_two_ranks_is_exact_and_one_rank_reads_a_two_rank_checkpoint(z
     assert [m["step"] for m in metrics] == [3]
 
 
-def _stopped(over: dict, rank: int, call: int) -> int:
-    """One rank of a job run through the command line; rank `rank` gets Ctrl-C (SIGINT, to itself alone) at
-    its `call`-th roll-out."""
-    import signal
-
+def _signalled(over: dict, rank: int, call: int, sig: int = signal.SIGINT) -> int:
+    """One rank of a job run through the command line; rank `rank` gets `sig` (Ctrl-C's SIGINT, or kill -9),
+    to itself alone, at its `call`-th roll-out."""
     import lowvram_dopsd.train as train_mod
     from lowvram_dopsd.cli import main
 
@@ -228,7 +227,7 @@ def _stopped(over: dict, rank: int, call: int) -> int:
     def counted(*a, **k):
         calls[0] += 1
         if (int(os.environ["RANK"]), calls[0]) == (rank, call):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return real(*a, **k)
     train_mod.rollout_and_learn = counted
     return main(["train", "--preset", "cpu-demo", *(a for k, v in over.items() for a in ("--set", f"{k}={v}"))])
@@ -240,7 +239,7 @@ def test_ctrl_c_on_one_rank_stops_both_after_the_same_step_with_every_shard_save
     and no transformer is written (the checkpoint holds it; --resume writes it at the end)."""
     root, over, _ = zimage
     out = root / "stopped"
-    assert fork_job(2, _stopped, {**over, "output": str(out), "preview_every": 0}, 1, 3) == [75, 75]
+    assert fork_job(2, _signalled, {**over, "output": str(out), "preview_every": 0}, 1, 3) == [75, 75]
     assert [p.name for _, p in checkpoint.list_checkpoints(out)] == ["step-000001", "step-000002"]
     cfg = load_config("cpu-demo", over)
     family = load_family(cfg.model)
@@ -248,6 +247,21 @@ def test_ctrl_c_on_one_rank_stops_both_after_the_same_step_with_every_shard_save
     ref = saved(root / "two" / "checkpoints" / "step-000002", family, cfg)
     assert all(torch.equal(got[r][k], ref[r][k]) for r in ref for k in ref[r])
     assert not (out / "transformer").exists()
+
+
+def test_a_rank_killed_mid_step_ends_the_job_and_the_last_checkpoint_is_whole(zimage, capfd):
+    """Rank 1 is killed (kill -9) in step 2, while rank 0 waits in a sharded pass's gather: rank 0 exits 69
+    naming it, and the checkpoint of step 1 (every rank's shards) is whole."""
+    root, over, _ = zimage
+    out = root / "killed"
+    assert fork_job(2, _signalled, {**over, "output": str(out), "preview_every": 0}, 1, 3, signal.SIGKILL,
+                    timeout=60) == [EXIT_RANK_LOST, -signal.SIGKILL]
+    assert "error: rank 1 " in capfd.readouterr().err
+    assert [p.name for _, p in checkpoint.list_checkpoints(out)] == ["step-000001"]
+    cfg = load_config("cpu-demo", over)
+    got = saved(out / "checkpoints" / "step-000001", load_family(cfg.model), cfg)
+    ref = saved(root / "two" / "checkpoints" / "step-000001", load_family(cfg.model), cfg)
+    assert all(torch.equal(got[r][k], ref[r][k]) for r in ref for k in ref[r])
 
 
 def test_the_transformer_folder_loads_in_the_stock_pipeline_as_the_student_samples(zimage, tiny_zimage_dir):
@@ -286,3 +300,13 @@ def test_klein_two_ranks_take_the_step_of_one_unsharded_process_fp32(tiny_klein_
     assert_close(two["student"], ref["student"], TOL)
     assert_close(two["teacher"], ref["teacher"], TOL)
     assert_same_step(tmp_path / "two", ref)
+    # its transformer folder and single file (BFL's layout) hold the student, read by diffusers' loaders
+    from diffusers import Flux2Transformer2DModel
+
+    out = tmp_path / "two"
+    folder = Flux2Transformer2DModel.from_pretrained(out / "transformer").state_dict()
+    assert folder.keys() == two["student"].keys()
+    assert all(torch.equal(folder[k], two["student"][k]) for k in folder)
+    single = Flux2Transformer2DModel.from_single_file(str(out / "comfyui" / f"{out.name}.safetensors"),
+                                                      config=str(tiny_klein_dir), subfolder="transformer")
+    assert all(torch.equal(v, folder[k]) for k, v in single.state_dict().items())

@@ -85,19 +85,43 @@ def test_no_checkpoint_file_is_a_pickle_nor_read_as_one(over, tmp_path, monkeypa
     assert not (tmp_path / "pwned").exists()
 
 
-def test_8bit_adamw_on_shards_resumes_exactly_and_only_on_as_many_gpus(over, tmp_path):
+def _weights(step_dir, cfg) -> dict[str, dict[str, torch.Tensor]]:
+    """A checkpoint's student (fp32) and bf16 EMA teacher, read whole in this process."""
+    import torch.distributed.checkpoint as dcp
+
+    from lowvram_dopsd.families import load_family
+
+    model = load_family(cfg.model).load_transformer(cfg, torch.device("cpu"), torch.float32).state_dict()
+    state = {"student": {k: torch.empty_like(v) for k, v in model.items()},
+             "teacher": {k: torch.empty_like(v, dtype=torch.bfloat16) for k, v in model.items()}}
+    dcp.load(state, storage_reader=full_io.SafeReader(step_dir / full_io.WEIGHTS_DIR), no_dist=True)
+    return state
+
+
+def test_8bit_adamw_and_a_bf16_ema_resume_exactly_and_only_on_as_many_gpus(over, tmp_path):
+    """8-bit AdamW's state and the bf16 EMA's stochastic rounding (its stream: the update count) resume bit for
+    bit; each EMA update is the formula rounded to one of its two bf16 neighbours, not always the nearest."""
     ref, part = tmp_path / "ref", tmp_path / "part"
-    assert fork_job(1, _run, over(ref, optimizer="adamw8bit")) == [0]
-    assert fork_job(1, _run, over(part, optimizer="adamw8bit", steps=1)) == [0]
-    assert fork_job(1, _run, over(part, optimizer="adamw8bit"), "latest") == [0]
+    eight = {"optimizer": "adamw8bit", "ema_dtype": "bf16"}
+    assert fork_job(1, _run, over(ref, **eight)) == [0]
+    assert fork_job(1, _run, over(part, steps=1, **eight)) == [0]
+    assert fork_job(1, _run, over(part, **eight), "latest") == [0]
     ckpt = part / "checkpoints" / "step-000002"
     assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer-rank0.safetensors", "rng.safetensors", "state.json",
                                                       "weights"]
     assert sorted(p.name for p in (ckpt / "weights").iterdir()) == [".metadata.json", "__0_0.distcp"]  # no pickle
     a = (ref / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert a == (part / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    cfg = load_config("cpu-demo", over(ref, **eight))
+    first, last = (_weights(ref / "checkpoints" / f"step-{n:06d}", cfg) for n in (1, 2))
+    assert all(torch.equal(t, _weights(ckpt, cfg)["teacher"][k]) for k, t in last["teacher"].items())
+    for k, t in last["teacher"].items():
+        x = torch.lerp(first["teacher"][k].float(), last["student"][k], 1 - cfg.ema_decay)
+        assert ((t.float() - x).abs() <= x.abs() * 2**-7).all(), k  # within bf16's spacing of the formula
+    assert any(not torch.equal(t, torch.lerp(first["teacher"][k].float(), last["student"][k], 1 - cfg.ema_decay)
+                               .bfloat16()) for k, t in last["teacher"].items())  # rounded stochastically
     # its state is quantized per GPU: another number of them is refused, with what to do
-    codes = fork_job(2, _run, over(tmp_path / "two", optimizer="adamw8bit", steps=3, batch_size=2),
+    codes = fork_job(2, _run, over(tmp_path / "two", steps=3, batch_size=2, **eight),
                      str(part / "checkpoints" / "step-000002"))
     assert codes == [2, 2]
 

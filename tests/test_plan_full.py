@@ -112,3 +112,28 @@ def test_each_gpu_holds_the_planned_share_of_the_sharded_terms(tmp_path):
     for held, row in (("student", "student weights (fp32 master)"), ("teacher", "EMA teacher (fp32)"),
                       ("optimizer", "optimizer state")):
         assert res["bytes"][held] == pytest.approx(planned[row], rel=0.01), held
+
+
+def test_a_full_fine_tune_is_warned_by_its_per_gpu_plan_on_this_many_gpus(monkeypatch):
+    """Before loading, a run checks the planner's peak against its card: a full fine-tune's is plan_full's for
+    the job's number of GPUs (the LoRA planner would count a frozen base, and no sharded gradients, optimizer
+    or EMA). full-8x24gb on one 24 GB card is warned; on 8 of them it is not."""
+    import io
+
+    import torch
+    from rich.console import Console
+
+    from lowvram_dopsd import advice, distributed, quant
+
+    class Props:
+        total_memory = 24 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(quant, "use_fused_linear", lambda device, kernels: False)
+    cfg = load_config("full-8x24gb")
+    for gpus in (1, 8):
+        monkeypatch.setattr(distributed, "_WORLD", distributed.World(rank=0, size=gpus))
+        shown = io.StringIO()
+        advice.warn_if_it_will_not_fit(cfg, torch.device("cuda"), Console(file=shown, width=300))
+        peak = plan_full.make(cfg, gpus, plan.budget_for(24), *sizes(cfg.model)).peak_gib
+        assert (f"a peak of {peak:.1f} GiB" in shown.getvalue()) == (gpus == 1), shown.getvalue()
