@@ -54,7 +54,11 @@ def _train(over: dict, resume: str | None = None, latents_to: str | None = None)
         noise = torch.randn((1, *family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(7))
         x = few_step_sample(family, run.model, run.lora, "student", noise, family.sigmas(64, 64, 2), [cond])
         if int(os.environ.get("RANK", "0")) == 0:
-            torch.save({"noise": noise, "latents": x}, latents_to)
+            from torch.distributed.fsdp import FSDPModule
+
+            units = {role: [n for n, m in model.named_modules() if isinstance(m, FSDPModule)]
+                     for role, model in (("student", run.lora.student), ("teacher", run.lora.teacher))}
+            torch.save({"noise": noise, "latents": x, "units": units}, latents_to)
     return 0
 
 
@@ -175,10 +179,16 @@ def test_two_ranks_take_the_step_of_one_unsharded_process_zimage_bf16(zimage):
     assert_close(two["student"], ref["student"], TOL)
     assert_close(two["teacher"], ref["teacher"], TOL)
     assert_same_step(root / "two", ref)
-    start = {k: v.float() for k, v in family.load_transformer(cfg, torch.device("cpu"), torch.float32)
-             .state_dict().items()}
+    model = family.load_transformer(cfg, torch.device("cpu"), torch.float32)
+    start = {k: v.float() for k, v in model.state_dict().items()}
     moved = max((ref["student"][k] - start[k]).abs().max().item() for k in start)
     assert moved > 20 * TOL  # the step itself is far above the tolerance
+    # sharded per block (each gathered only while it runs) and at the root, student and teacher alike
+    from lowvram_dopsd.quant import units
+
+    blocks = [name for name, _ in units(model) if name.rsplit(".", 1)[-1].isdigit()]
+    assert "layers.1" in blocks and "noise_refiner.0" in blocks
+    assert torch.load(root / "latents.pt")["units"] == {role: [""] + blocks for role in ("student", "teacher")}
     # both ranks sampled the previews (each pass gathers the weights), rank 0 wrote them
     assert sorted(p.name for p in (root / "two" / "previews").iterdir()) == ["step-000000.png", "step-000003.png"]
 
