@@ -29,6 +29,7 @@ does not divide), each of the same schedule, and previews are sampled on every r
 from __future__ import annotations
 
 import functools
+import hashlib
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -170,7 +171,9 @@ class FullWeights:
             torch._foreach_lerp_(teacher, student, 1.0 - decay)  # as DualLoRA.ema_update
             return
         gen = torch.Generator(teacher[0].device if teacher else "cpu")
-        gen.manual_seed(hash((self.seed, self.updates, dist.get_rank())) & (2**63 - 1))
+        # a seed of its own for each update and rank, the same in every Python (tuple hash() may change)
+        key = hashlib.blake2b(f"{self.seed}/{self.updates}/{dist.get_rank()}".encode(), digest_size=8).digest()
+        gen.manual_seed(int.from_bytes(key, "little") >> 1)
         for t, s in zip(teacher, student):
             t.copy_(stochastic_round(torch.lerp(t.float(), s.float(), 1.0 - decay), t.dtype, gen))
 
