@@ -492,3 +492,23 @@ def test_grain_reads_noise_on_flat_ground_and_not_edges():
     moved = world.to_tensor([world.render(world.Scene(s.shape, s.colour, s.size, s.position, s.background,
                                                        (s.jitter[0] + 1.0, s.jitter[1]))) for s in scenes])
     assert grain(moved, real) < 0.02
+
+
+def test_sharpness_split_puts_grain_on_flat_ground_and_blur_on_edges():
+    """experiments.toy.sharpness_split: the renders themselves are all edge energy (edges 1, flat 0),
+    noise shows on flat ground, a blur lowers the edges' part, and the two parts add up to about the
+    experiment's sharpness."""
+    import torch.nn.functional as F
+
+    from experiments.toy.sharpness_split import split
+    from lowvram_dopsd.toy.evaluate import laplacian_var
+
+    rng = random.Random(0)
+    real = world.to_tensor([world.render(world.random_scene(rng)) for _ in range(16)])
+    assert split(real, real) == pytest.approx({"edges": 1.0, "flat": 0.0})
+    noisy = real + 0.05 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
+    parts = split(noisy, real)
+    assert parts["flat"] > 0.2 and 1.0 < parts["edges"] < 1.0 + parts["flat"]  # the noise lands mostly on flat ground
+    assert sum(parts.values()) == pytest.approx(laplacian_var(noisy) / laplacian_var(real), rel=0.1)
+    blurred = F.avg_pool2d(F.pad(real, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    assert split(blurred, real) == pytest.approx({"edges": 0.11, "flat": 0.0}, abs=0.02)
