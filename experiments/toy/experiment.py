@@ -107,7 +107,7 @@ def bf16_ema():
 def teacher_b_share(lora) -> float:
     """|B_teacher| / |B_student| over all layers (Frobenius): how far the EMA teacher has followed the
     student (B starts at 0 in both; a frozen teacher stays at 0, a copy of the student is at 1)."""
-    t, s = lora.tensors("teacher"), lora.tensors("student")
+    t, s = ({k: v.detach() for k, v in lora.tensors(role).items()} for role in ("teacher", "student"))
     keys = [k for k in s if k.endswith("lora_B.weight")]
     num = sum(float(t[k].float().pow(2).sum()) for k in keys) ** 0.5
     return num / max(sum(float(s[k].float().pow(2).sum()) for k in keys) ** 0.5, 1e-12)
