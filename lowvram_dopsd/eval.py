@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, data, metrics
-from .errors import UserError
+from .errors import UserError, quote
 from .preview import UNSEEN_SCENES
 from .report import PromptSet, Row
 from .files import find_lora_file, read_metadata
@@ -201,8 +201,9 @@ def prompt_sets(req: EvalRequest, ds: data.Dataset, triggers: list[str]) -> list
         list(PRIOR_PROMPTS)
     for p in prior:
         if named := [t for t in triggers if data.mentions_trigger(p, t)]:
-            raise UserError(f"The prior prompt {p!r} names the trigger {named[0]!r}. Prior prompts measure what the "
-                            "LoRA does to prompts without it: leave the trigger out of --prior-prompts.")
+            raise UserError(f"The prior prompt {quote(p)} names the trigger {quote(named[0])}. Prior prompts "
+                            "measure what the LoRA does to prompts without it: leave the trigger out of "
+                            "--prior-prompts.")
 
     def seeds(n: int) -> list[int]:
         return [req.seed + j for j in range(n)]

@@ -261,10 +261,12 @@ def test_a_lora_of_another_base_is_refused(loras, tiny_zimage_dir, demo_images, 
 
 
 def test_prior_prompts_must_not_name_the_trigger(loras, demo_images, tmp_path, capsys, nothing_loads):
-    (tmp_path / "prior.txt").write_text("a red apple\nsks ball in a box\n")
+    (tmp_path / "prior.txt").write_text("a red apple\nsks ball in Bob's box at C:\\toys\n")
     assert main(["eval", "--lora", str(loras[0]), "--images", str(demo_images), "--trigger", TRIGGER,
                  "--prior-prompts", str(tmp_path / "prior.txt"), "--output", str(tmp_path / "e")]) == 2
-    assert "names the trigger 'sks ball'" in capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
+    assert "names the trigger 'sks ball'" in err
+    assert "The prior prompt 'sks ball in Bob's box at C:\\toys'" in err  # as typed: one backslash, no escape
 
 
 def test_spread_and_clip_text():
