@@ -210,9 +210,9 @@ def apply(cfg, family, model: nn.Module, lora, probe: tuple | None, keep: dict[s
           compile_backend: str = COMPILE_BACKEND) -> dict:
     """The run's speed settings on its model, after the LoRA is attached and routed: the attention backend,
     a probe of the attention kernel each pass runs (`probe` = (x, sigma, c_s, c_t, sigma_next) of one state,
-    sigma_next the sigma the step goes to (a flow map's target); None: no
-    probe), the kept blocks (`keep`, resolved by the planner from `keep_blocks`) and the compilation, last.
-    Returns what was done, for the run's record."""
+    sigma_next the sigma the step goes to, a flow map's target; None: no probe), the kept blocks (`keep`,
+    resolved by the planner from `keep_blocks`) and the compilation, last. Returns what was done, for the
+    run's record."""
     set_attention_backend(model, cfg.attention_backend)
     facts: dict = {}
     if probe is not None:

@@ -331,8 +331,8 @@ def hand_over_to_torchrun(processes: int, argv: list[str]) -> None:
 @contextmanager
 def launched() -> Iterator[World]:
     """Inside the block this process is its rank of the torchrun job (nothing to do when it is not
-    under torchrun; a job of one process joins its group too, so that its cost can be measured). The block's end waits for every rank, so that none reports success while rank 0
-    still writes the run's files. A rank that fails tells the others (its exit code and message) before
+    under torchrun; a job of one process joins its group too, so that its cost can be measured). The
+    block's end waits for every rank, so that none reports success while rank 0 still writes the run's files. A rank that fails tells the others (its exit code and message) before
     it raises: they stop with the same code."""
     global _WORLD
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():  # torchrun sets it, at one process too

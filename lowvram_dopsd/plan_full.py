@@ -132,7 +132,7 @@ def smallest_gpus(cfg, budget_gib: float, mc=None, sz: Sizes | None = None, most
     while lo <= most:
         if make(cfg, lo, None, mc, sz).peak_gib <= budget_gib:
             return lo
-        lo += 1 if lo < 8 else max(1, lo // 8)  # every count up to 8, then ~12 % steps (16, 18, ...)
+        lo += max(1, lo // 8)  # every count up to 16, then ~12 % steps (18, 20, ..., 32, 36, ...)
     return None
 
 

@@ -304,9 +304,9 @@ class Klein(ReferenceImageFamily):
         return out.permute(0, 2, 1).reshape(b, c, h, w)
 
     def random_conditions(self, teacher: str, cfg, device: torch.device, dtype: torch.dtype) -> tuple[Cond, Cond]:
-        # captions padded to max_sequence_length ([L, 3 x 2560]), the VLM teacher's to the shorter limit;
-        # the edit teacher's reference latent packed to tokens with its T=10 position ids, as
-        # prepare_image_latents does
+        # captions padded to max_sequence_length ([L, joint_attention_dim]: 3 stacked text-encoder layers), the
+        # VLM teacher's to the shorter limit; the edit teacher's reference latent packed to tokens with its T=10
+        # position ids, as prepare_image_latents does
         width = json.loads((self.model_dir / "transformer" / "config.json").read_text())["joint_attention_dim"]
         if teacher == "vlm":
             return ({"cap": torch.randn(cfg.max_sequence_length, width, dtype=dtype, device=device)},
