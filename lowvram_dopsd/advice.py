@@ -224,10 +224,10 @@ def no_kernel_note(cfg: TrainConfig, device: torch.device, fused: int) -> str:
 # ---------------------------------------------------------------------------------------------
 def oom_advice(cfg: TrainConfig, preset: str) -> str:
     """The memory levers this config has not pulled yet, most effective first."""
-    levers = []
-    if preset != "16gb" and cfg.quant == "none":
+    levers = _full_levers(cfg) if cfg.train_mode == "full" else []
+    if preset != "16gb" and cfg.quant == "none" and cfg.train_mode == "lora":
         levers.append("--preset 16gb (8-bit base, 8-bit AdamW)")
-    if cfg.quant == "none":
+    if cfg.quant == "none" and cfg.train_mode == "lora":
         levers.append("--quant qint8 (halves the frozen base)")
     if not cfg.grad_checkpointing:
         levers.append("--set grad_checkpointing=true")
@@ -237,11 +237,23 @@ def oom_advice(cfg: TrainConfig, preset: str) -> str:
         levers.append("--micro-batch 1 (batch_size is kept through accumulation)")
     if cfg.resolution > 512:
         levers.append(f"--resolution {max(512, cfg.resolution - 256)}")
-    if cfg.rank > 16:
+    if cfg.rank > 16 and cfg.train_mode == "lora":
         levers.append(f"--rank {cfg.rank // 2} (and --alpha {cfg.alpha / 2:g} to keep the scale)")
     if cfg.preview_every:
         levers.append("--preview-every 0")
     return ", ".join(levers) if levers else "a smaller resolution or rank; close other programs using the GPU"
+
+
+def _full_levers(cfg: TrainConfig) -> list[str]:
+    """A full fine-tune's own levers (it has no frozen base to make 8-bit, no LoRA rank): more GPUs shard the
+    model thinner, and the EMA teacher and the optimizer state can shrink."""
+    levers = ["more GPUs (each holds 1/N of the weights, gradients, optimizer state and EMA teacher; "
+              "`lowvram-dopsd plan --train-mode full --gpus N` shows each GPU's share)"]
+    if cfg.teacher_ema_on != "cpu":
+        levers.append("--set teacher_ema_on=cpu (the EMA teacher's shards in host RAM)")
+    if cfg.ema_dtype == "fp32":
+        levers.append("--set ema_dtype=bf16 (half the EMA teacher)")
+    return levers
 
 
 @contextmanager

@@ -189,6 +189,12 @@ def test_out_of_memory_advice_names_the_levers_left():
     advice = oom_advice(load_config("16gb"), "16gb")
     assert "--quant" not in advice and "adamw8bit" not in advice and "--resolution 768" in advice
     assert "--rank 32" in advice and "--preview-every 0" in advice
+    # a full fine-tune has no base to make 8-bit and no rank: only levers its settings accept
+    full = load_config("full-8x24gb")
+    advice = oom_advice(full, "full-8x24gb")
+    assert "--preset 16gb" not in advice and "--quant" not in advice and "--rank" not in advice
+    assert "teacher_ema_on=cpu" in advice and "ema_dtype=bf16" in advice and "adamw8bit" in advice
+    load_config("full-8x24gb", {"teacher_ema_on": "cpu", "ema_dtype": "bf16", "optimizer": "adamw8bit"})  # accepted
 
 
 def _earlier_run(out):
