@@ -149,8 +149,9 @@ class World:
             dist.barrier()
 
     # ----- what a job can run
-    def check_job(self, device: str, micro_batches: int) -> None:
-        """Refuse a device or a batch this job cannot run, before anything is loaded."""
+    def check_job(self, device: str, micro_batches: int, micro_batch: int = 1) -> None:
+        """Refuse a device or a batch this job cannot run, before anything is loaded (`micro_batches` of
+        `micro_batch` samples each a step)."""
         if self.size == 1:
             return
         if device not in ("auto", "cuda", "cpu"):
@@ -166,8 +167,9 @@ class World:
             raise UserError(
                 f"This job has {self.size} processes but a step has only {micro_batches} micro-batches "
                 f"(batch_size / micro_batch) to divide among them: {self.size - micro_batches} would idle. Raise "
-                f"--batch-size to {self.size} or a multiple of it (the global batch: each process rolls out "
-                f"batch_size / {self.size}), lower --micro-batch, or start fewer processes.")
+                f"--batch-size to {self.size * micro_batch} or a multiple of it ({self.size} processes x micro_batch "
+                f"{micro_batch}: the global batch, each process rolls out batch_size / {self.size}), lower "
+                "--micro-batch, or start fewer processes.")
 
     def division_note(self, micro_batches: int) -> str:
         """'' when the step's micro-batches divide evenly among the ranks; else what the uneven split costs.

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def check_device(cfg: TrainConfig, device: torch.device) -> None:
     """What this device cannot run, said before anything is read, encoded or moved aside."""
     world = distributed.current()
-    world.check_job(cfg.device, cfg.grad_accum)
+    world.check_job(cfg.device, cfg.grad_accum, cfg.micro_batch)
     if cfg.train_mode == "full" and cfg.grad_accum % world.size:  # an uneven split would deadlock, not idle
         raise UserError(
             f"train_mode = 'full' needs every process to roll out as many micro-batches as the others (each pass "

@@ -118,6 +118,8 @@ def test_a_job_refuses_what_it_cannot_run_before_anything_loads(monkeypatch):
         world.check_job("cuda:1", 2)
     with pytest.raises(UserError, match="a step has only 1 micro-batches"):
         world.check_job("auto", 1)
+    with pytest.raises(UserError, match="Raise --batch-size to 4 or a multiple"):  # 2 processes x micro_batch 2
+        world.check_job("auto", 1, micro_batch=2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
