@@ -161,10 +161,6 @@ def read_caption_checked(path: Path) -> tuple[str, str | None]:
     return text.strip(), note
 
 
-def read_caption(path: Path) -> str:
-    return read_caption_checked(path)[0]
-
-
 def training_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     """The image as the run trains on it: scaled to cover width x height (the item's bucket) and
     centre-cropped, as the pipelines' `resize_mode="crop"` does. What the student learns to draw is

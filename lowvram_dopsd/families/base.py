@@ -354,9 +354,6 @@ class Family:
         raise NotImplementedError
 
     # ----- output
-    def lora_key_prefix(self) -> str:
-        return "transformer"
-
     # The key layout ComfyUI's LoRA loader maps for this model (families/comfy.py); None: no export.
     comfy_layout: ClassVar[Layout | None] = None
 
