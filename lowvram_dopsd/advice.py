@@ -322,9 +322,8 @@ def full_done_summary(out_dir: Path, folder: Path, single: Path | None, last_ckp
 def full_use_commands(cfg: TrainConfig, family: Family, folder: Path, single: Path | None) -> dict[str, str]:
     """How to use a full fine-tune's transformer, printed under the closing box to be copied."""
     model = model_for_metadata(cfg.model)
-    load = (f"from {family.pipeline_module} import {family.pipeline_class}; from diffusers import "
-            f"{family.transformer_class}; t = {family.transformer_class}.from_pretrained({str(folder)!r}); "
-            f"pipe = {family.pipeline_class}.from_pretrained({model!r}, transformer=t)")
+    load = (f"from diffusers import {family.transformer_class}; t = {family.transformer_class}.from_pretrained("
+            f"{str(folder)!r}); {family.load_code(model, transformer='t')}").rstrip("; ")
     return {"load it": load, **({"ComfyUI": f"copy {shlex.quote(str(single))} into ComfyUI/models/diffusion_models"}
                                 if single else {})}
 

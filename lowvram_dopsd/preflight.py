@@ -50,9 +50,19 @@ def check_device(cfg: TrainConfig, device: torch.device) -> None:
 def learning_rate(cfg: TrainConfig, family: Family) -> float:
     """`lr`, or the paper's for the model and the mode (LoRA, or full fine-tuning)."""
     default = family.default_full_lr if cfg.train_mode == "full" else family.default_lr
-    if not cfg.lr and default is None:
-        raise UserError(f"The paper gives no full fine-tuning learning rate for the {family.name} family: set one "
-                        "with --lr (the paper's: 3e-5 for Z-Image-Turbo, 8e-6 for FLUX.2-klein).")
+    if not cfg.lr and default is None:  # a family newer than the paper
+        from .families import registered
+
+        def short(lr: float) -> str:
+            return f"{lr:g}".replace("e-0", "e-")
+
+        given = {cls.name: cls.default_full_lr for cls in registered() if cls.default_full_lr}
+        paper = ", ".join(f"{short(lr)} for {name}" for name, lr in given.items())
+        low = short(min(given.values()))
+        raise UserError(f"train_mode = 'full' needs a learning rate, and the paper gives none for full fine-tuning of "
+                        f"the {family.name} family (it gives {paper}, at batch 256). Set one: add --lr {low} to the "
+                        f"command (or lr = {low} in a --preset .toml file; the paper's lowest), or a value you have "
+                        "reason for.")
     return cfg.resolved_lr(default or 0.0)
 
 

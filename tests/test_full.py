@@ -11,7 +11,8 @@ nothing is summed in another order: a resume on the same number of ranks.
 
 Runs: Z-Image in bf16 (mixed precision: shards fp32, blocks gathered in bf16) and klein in fp32, each 2 ranks
 against the reference; Z-Image's run then resumes on 2 ranks (exact) and on 1 (DCP reshards), and its exported
-transformer loads in the stock pipeline and as a single file.
+transformer loads in the stock pipeline and as a single file. FLUX.3 (fp32) on 2 ranks against the reference
+too, its folder in the stock modular pipeline.
 """
 import copy
 import hashlib
@@ -320,3 +321,75 @@ def test_klein_two_ranks_take_the_step_of_one_unsharded_process_fp32(tiny_klein_
     single = Flux2Transformer2DModel.from_single_file(str(out / "comfyui" / f"{out.name}.safetensors"),
                                                       config=str(tiny_klein_dir), subfolder="transformer")
     assert all(torch.equal(v, folder[k]) for k, v in single.state_dict().items())
+
+
+def _cli(args: list[str]) -> int:
+    from lowvram_dopsd.cli import main
+
+    return main(args)
+
+
+def test_flux3_asks_for_a_learning_rate_and_trains_once_given_one(tiny_flux3_dir, demo_images, tmp_path, capsys):
+    """The paper gives FLUX.3 no full fine-tuning learning rate: refused before loading, in one paragraph naming
+    the flag, and the command with that flag added trains (one process: the sharded code, a group of one)."""
+    import re
+
+    from lowvram_dopsd.cli import main
+
+    args = ["train", "--preset", "full-8x24gb", "--device", "cpu", "--model", str(tiny_flux3_dir),
+            "--images", str(demo_images), "--output", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the paper gives none for full fine-tuning of the flux3 family" in " ".join(err.split())
+    assert "\n\n" not in err.strip() and not (tmp_path / "out").exists()  # one paragraph, before any work
+    flag = re.search(r"add (--lr \S+) to the command", " ".join(err.split()))[1].split()
+    small = {"steps": 1, "batch_size": 1, "resolution": 64, "dtype": "fp32", "rollout_steps": 2, "train_states": 1,
+             "max_sequence_length": 64, "preview_every": 0, "cache_dir": tmp_path / "cache"}  # a CPU-sized run
+    assert fork_job(1, _cli, args + flag + [a for k, v in small.items() for a in ("--set", f"{k}={v}")]) == [0]
+    assert (tmp_path / "out" / "transformer" / "config.json").is_file()
+    first = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["lr"] == float(flag[1])
+
+
+def test_flux3_two_ranks_take_the_unsharded_step_and_its_folder_loads_in_the_stock_pipeline(
+        tiny_flux3_dir, demo_images, tmp_path):
+    """FLUX.3 (a flow map; blocks inside a ModuleDict, and reference-image blocks only the edit teacher runs):
+    2 ranks take the unsharded step, each of its blocks is an FSDP unit, and the transformer folder, loaded as
+    the printed "load it" line does into the stock modular pipeline, reproduces the student's latents from the
+    same noise. No single file: ours is ComfyUI's layout, unknown for FLUX.3 (docs/full.md)."""
+    from diffusers import Flux3Transformer2DModel
+
+    from lowvram_dopsd import advice
+
+    out = tmp_path / "two"
+    over = settings(tiny_flux3_dir, demo_images, tmp_path / "cache", out, steps=1)
+    assert fork_job(2, _train, over, None, str(tmp_path / "latents.pt")) == [0, 0]
+    assert fork_job(1, _reference_step, {**over, "output": str(tmp_path / "ref")}, str(tmp_path / "ref.pt")) == [0]
+    cfg = load_config("cpu-demo", over)
+    family = load_family(cfg.model)
+    two = saved(out / "checkpoints" / "step-000001", family, cfg)
+    ref = torch.load(tmp_path / "ref.pt")
+    assert_close(two["student"], ref["student"], TOL)
+    assert_close(two["teacher"], ref["teacher"], TOL)
+    assert_same_step(out, ref)
+    start = family.load_transformer(cfg, torch.device("cpu"), torch.float32).state_dict()
+    assert max((ref["student"][k] - start[k]).abs().max().item() for k in start) > 20 * TOL  # the step is seen
+    ours = torch.load(tmp_path / "latents.pt")
+    assert {"mode_blocks.image.0", "mode_blocks.image_cond.0", "txt_mode_blocks.0",
+            "single_transformer_blocks.0"} <= set(ours["units"]["student"])
+    assert not (out / "comfyui").exists()
+    scope: dict = {}
+    exec(advice.full_use_commands(cfg, family, out / "transformer", None)["load it"], scope)
+    pipe = scope["pipe"]
+    assert isinstance(pipe.transformer, Flux3Transformer2DModel) and pipe.transformer is scope["t"]
+    pipe.update_components(tokenizer=family.prompt_processor())  # AutoProcessor needs torchvision (not in CI)
+    pipe.set_progress_bar_config(disable=True)
+
+    def roll_out():
+        return pipe(prompt=PROMPT, height=64, width=64, num_inference_steps=2, latents=ours["noise"].clone(),
+                    max_sequence_length=cfg.max_sequence_length, output="latents")
+    latents = roll_out()
+    err = ((latents - ours["latents"]).norm() / latents.norm()).item()
+    assert err < 1e-5, err
+    pipe.update_components(transformer=Flux3Transformer2DModel.from_pretrained(tiny_flux3_dir / "transformer"))
+    assert ((roll_out() - latents).norm() / latents.norm()).item() > 1e-3  # the base's: the step changed it

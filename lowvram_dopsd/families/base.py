@@ -315,10 +315,11 @@ class Family:
     # Extra arguments the stock pipeline needs for the model's own few-step sampling (`sample`).
     pipeline_call_kwargs: ClassVar[dict[str, Any]] = {}
 
-    def load_code(self, model: str) -> str:
-        """Python that loads the stock pipeline as `pipe` (the run's closing "load it" line)."""
-        return (f"from {self.pipeline_module} import {self.pipeline_class}; "
-                f"pipe = {self.pipeline_class}.from_pretrained({model!r}); ")
+    def load_code(self, model: str, transformer: str = "") -> str:
+        """Python that loads the stock pipeline as `pipe` (the run's closing "load it" line); `transformer`: the
+        name of a variable holding the transformer it gets instead of the model's (a full fine-tune's)."""
+        return (f"from {self.pipeline_module} import {self.pipeline_class}; pipe = {self.pipeline_class}"
+                f".from_pretrained({model!r}{f', transformer={transformer}' if transformer else ''}); ")
 
     def stock_pipeline(self, dtype: torch.dtype, **kwargs):
         """The stock diffusers pipeline of this folder (`sample`, `eval`): DiffusionPipeline.from_pretrained,

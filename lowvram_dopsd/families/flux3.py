@@ -422,11 +422,13 @@ class Flux3(ReferenceImageFamily):
                                **({"transformer": transformer} if transformer is not None else {}))
         return pipe
 
-    def load_code(self, model: str) -> str:
-        # from_pretrained alone loads no component of a modular pipeline: load_components does
+    def load_code(self, model: str, transformer: str = "") -> str:
+        # from_pretrained alone loads no component of a modular pipeline: load_components does (all but the
+        # transformer when one is given: update_components hands it over)
+        load = (f"pipe.load_components(names=['text_encoder', 'tokenizer', 'vae']); "
+                f"pipe.update_components(transformer={transformer}); " if transformer else "pipe.load_components(); ")
         return ("from diffusers import Flux3DistilledAutoBlocks; blocks = Flux3DistilledAutoBlocks(); "
-                "blocks.sub_blocks.pop('prompt_upsampler'); "
-                f"pipe = blocks.init_pipeline({model!r}); pipe.load_components(); ")
+                f"blocks.sub_blocks.pop('prompt_upsampler'); pipe = blocks.init_pipeline({model!r}); {load}")
 
     def place(self, pipe, device: torch.device, offload: bool) -> None:
         if offload:
