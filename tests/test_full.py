@@ -11,7 +11,7 @@ nothing is summed in another order: a resume on the same number of ranks.
 
 Runs: Z-Image in bf16 (mixed precision: shards fp32, blocks gathered in bf16) and klein in fp32, each 2 ranks
 against the reference; Z-Image's run then resumes on 2 ranks (exact) and on 1 (DCP reshards), and its exported
-transformer loads in the stock pipeline and as a single file. FLUX.3 (fp32) on 2 ranks against the reference
+transformer loads in the stock pipeline and as a single file (klein's too). FLUX.3 (fp32) on 2 ranks against the reference
 too, its folder in the stock modular pipeline.
 """
 import copy
@@ -303,7 +303,7 @@ def test_the_transformer_folder_loads_in_the_stock_pipeline_as_the_student_sampl
 
 def test_klein_two_ranks_take_the_step_of_one_unsharded_process_fp32(tiny_klein_dir, demo_images, tmp_path):
     over = settings(tiny_klein_dir, demo_images, tmp_path / "cache", tmp_path / "two", steps=1, teacher="edit")
-    assert fork_job(2, _train, over) == [0, 0]
+    assert fork_job(2, _train, over, None, str(tmp_path / "latents.pt")) == [0, 0]
     assert fork_job(1, _reference_step, {**over, "output": str(tmp_path / "ref")}, str(tmp_path / "ref.pt")) == [0]
     cfg = load_config("cpu-demo", over)
     two = saved(tmp_path / "two" / "checkpoints" / "step-000001", load_family(cfg.model), cfg)
@@ -321,6 +321,26 @@ def test_klein_two_ranks_take_the_step_of_one_unsharded_process_fp32(tiny_klein_
     single = Flux2Transformer2DModel.from_single_file(str(out / "comfyui" / f"{out.name}.safetensors"),
                                                       config=str(tiny_klein_dir), subfolder="transformer")
     assert all(torch.equal(v, folder[k]) for k, v in single.state_dict().items())
+    # the folder in the stock Flux2KleinPipeline: the student's latents from the same noise (packed, as its
+    # denoising loop holds them after the last step)
+    from diffusers import Flux2KleinPipeline
+
+    ours = torch.load(tmp_path / "latents.pt")
+    last = []
+
+    def roll_out(transformer):
+        pipe = Flux2KleinPipeline.from_pretrained(tiny_klein_dir, transformer=transformer, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        pipe(prompt=PROMPT, height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
+             latents=ours["noise"].clone(), max_sequence_length=cfg.max_sequence_length, output_type="latent",
+             callback_on_step_end=lambda _p, _i, _t, kw: last.append(kw["latents"].clone()) or {})
+        return last[-1]
+    mine = Flux2KleinPipeline._pack_latents(ours["latents"])
+    stock = roll_out(Flux2Transformer2DModel.from_pretrained(out / "transformer"))
+    err = ((stock - mine).norm() / mine.norm()).item()
+    assert err < 1e-5, err
+    base = roll_out(Flux2Transformer2DModel.from_pretrained(tiny_klein_dir / "transformer"))
+    assert ((base - stock).norm() / stock.norm()).item() > 1e-3  # the step changed the roll-out
 
 
 def _cli(args: list[str]) -> int:
