@@ -134,6 +134,18 @@ class Run:
         if self.world.main:
             write_step_lora(self.out_dir, self.lora, {**self.info, "steps": step}, self.dtype, self.display.note)
 
+    def write_baseline_preview(self) -> None:
+        """Step 0's grid, the base model before any training, unless the folder has it (a run resumed at step 0).
+        A full fine-tune's ranks all sample it, so rank 0 decides for all: it may have just moved an earlier
+        run's previews aside (checkpoint.archive_previous_run), and a rank that still saw them would skip the
+        samples whose collectives rank 0 waits in."""
+        if not self.previews or self.step:
+            return
+        path = self.out_dir / "previews" / "step-000000.png"
+        there = self.world.from_main(path.exists) if self.cfg.train_mode == "full" else path.exists()
+        if not there:
+            self.write_preview(0)
+
     def write_preview(self, step: int) -> None:
         try:
             with explain_oom(self.cfg, self.preset, "sampling a preview"):

@@ -296,8 +296,7 @@ def train(cfg: TrainConfig, preset: str = "", console=None, resume: str | None =
         with run.tracker, output.metrics_log(run.out_dir, run.world.main) as log, run.display, \
                 GracefulStop(run.display.note) as stop:
             reset_peak_vram(run.device)
-            if run.previews and run.step == 0 and not (run.out_dir / "previews" / "step-000000.png").exists():
-                run.write_preview(0)  # the baseline: the base model before any training
+            run.write_baseline_preview()
             for step in range(run.step + 1, cfg.steps + 1):
                 t0, at_start = time.perf_counter(), run.rng_state()
                 with explain_oom(cfg, preset, f"training step {step}", on_oom=partial(run.save_before, step, at_start)):

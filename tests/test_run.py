@@ -1,0 +1,42 @@
+"""run.Run: what the loop's writers decide, rank by rank."""
+from types import SimpleNamespace
+
+from lowvram_dopsd.distributed import World
+from lowvram_dopsd.run import Run
+
+
+class RankOfTwo(World):
+    """Rank 1 of a job whose rank 0 answers `from_main` with `answer` (no process group needed)."""
+
+    def __init__(self, answer):
+        super().__init__(rank=1, size=2)
+        self.answer = answer
+
+    def from_main(self, fn, *args, **kwargs):
+        return self.answer
+
+
+def fake_run(out_dir, world, train_mode, step=0):
+    written = []
+    run = SimpleNamespace(previews=object(), step=step, out_dir=out_dir, world=world,
+                          cfg=SimpleNamespace(train_mode=train_mode), write_preview=written.append)
+    return run, written
+
+
+def test_the_baseline_preview_is_rank_0s_decision_in_a_full_fine_tune(tmp_path):
+    (tmp_path / "previews").mkdir()
+    (tmp_path / "previews" / "step-000000.png").write_bytes(b"an earlier run's, not moved aside yet")
+    # rank 1 still sees the earlier run's grid; rank 0 (which moves it aside) found none: rank 1 samples too
+    run, written = fake_run(tmp_path, RankOfTwo(answer=False), "full")
+    Run.write_baseline_preview(run)
+    assert written == [0]
+    # one process: the grid there (a run resumed at step 0) is kept; none there: it is drawn
+    run, written = fake_run(tmp_path, World(), "lora")
+    Run.write_baseline_preview(run)
+    assert written == []
+    run, written = fake_run(tmp_path / "new", World(), "lora")
+    Run.write_baseline_preview(run)
+    assert written == [0]
+    run, written = fake_run(tmp_path / "new", World(), "lora", step=3)  # resumed past step 0: no baseline
+    Run.write_baseline_preview(run)
+    assert written == []
