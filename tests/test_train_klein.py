@@ -152,6 +152,14 @@ def test_decode_latents_equals_the_pipeline_images(tmp_path, tiny_klein_dir, dem
     assert np.abs(np.asarray(ours[0], np.int16) - np.asarray(ours[1], np.int16)).max() > 10  # two images
 
 
+def test_previews_decode_in_the_compute_dtype_not_the_stored_one(tmp_path, tiny_klein_dir, demo_images):
+    # a full fine-tune loads its student in fp32 and its EMA teacher in ema_dtype, and computes in cfg.dtype
+    cfg = make_cfg(tmp_path, tiny_klein_dir, demo_images, dtype="bf16")
+    family = load_family(str(tiny_klein_dir))
+    family.load_transformer(cfg, CPU, torch.float32)
+    assert family._dtype == torch.bfloat16  # decode_latents' dtype on a GPU
+
+
 # ----------------------------------------------------------------------------------------------
 # The edit teacher
 

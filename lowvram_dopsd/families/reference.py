@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data import Item
 from ..errors import UserError
+from ..runtime import DTYPES
 from .base import Cond, DiffusersFamily
 
 
@@ -61,5 +62,7 @@ class ReferenceImageFamily(DiffusersFamily):
                         f"not '{teacher}'.")
 
     def load_transformer(self, cfg, device: torch.device, dtype: torch.dtype, on_unit=None) -> nn.Module:
-        self._dtype = dtype  # decode_latents decodes in the training dtype
+        # decode_latents decodes in the run's compute dtype, not in `dtype`: a full fine-tune stores its
+        # weights in fp32 (and its EMA teacher in ema_dtype) and computes in cfg.dtype
+        self._dtype = DTYPES[cfg.dtype]
         return super().load_transformer(cfg, device, dtype, on_unit)
