@@ -249,13 +249,18 @@ def latest(out_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def step_dir(out_dir: Path, step: int) -> Path:
+    """Where checkpoint `step` of the run in `out_dir` is published."""
+    return Path(out_dir) / CKPT_DIR / f"step-{step:06d}"
+
+
 def save(out_dir: Path, step: int, lora, optimizer: torch.optim.Optimizer, scheduler, rng_state: RNGState,
          cfg: TrainConfig, identity: dict[str, Any], info: dict[str, Any], keep: int, run_id: str | None = None
          ) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep` (0 = keep all) of the run's
     (`run_id`: the run these checkpoints continue, see `_rotate`; None: every checkpoint in the folder)."""
-    root = Path(out_dir) / CKPT_DIR
-    final = root / f"step-{step:06d}"
+    final = step_dir(out_dir, step)
+    root = final.parent
     previous = latest(out_dir)
     tmp = None
     try:

@@ -119,6 +119,8 @@ class Run:
         if self.world.main or self.cfg.train_mode == "full":
             self.last_ckpt = self.store.save(self.out_dir, step, self.lora, self.optimizer, self.scheduler, rng_state,
                                              self.cfg, self.identity, self.info, self.cfg.keep_checkpoints, self.run_id)
+        else:  # rank 0 writes it; every rank names it when it stops (guard.RunGuard's message, an error)
+            self.last_ckpt = checkpoint.step_dir(self.out_dir, step)
         self.saved_step = step
         self.display.note(f"checkpoint: {self.last_ckpt}")
         self.tracker.flush()  # TensorBoard then shows at least what a resume keeps

@@ -1,6 +1,7 @@
 """run.Run: what the loop's writers decide, rank by rank."""
 from types import SimpleNamespace
 
+from lowvram_dopsd import checkpoint
 from lowvram_dopsd.distributed import World
 from lowvram_dopsd.run import Run
 
@@ -40,3 +41,16 @@ def test_the_baseline_preview_is_rank_0s_decision_in_a_full_fine_tune(tmp_path):
     run, written = fake_run(tmp_path / "new", World(), "lora", step=3)  # resumed past step 0: no baseline
     Run.write_baseline_preview(run)
     assert written == []
+
+
+def test_every_rank_names_the_checkpoint_rank_0_wrote(tmp_path, monkeypatch):
+    """A LoRA job's rank 0 writes the checkpoint; another rank that stops at once (a second Ctrl-C reaches
+    every rank) must name it too, not say that nothing was saved."""
+    world = RankOfTwo(answer=None)
+    world.check_same = lambda what, values: None  # no process group here; test_train_distributed runs it
+    monkeypatch.setattr(checkpoint, "shared_state", lambda lora, rng_state: {})
+    run = SimpleNamespace(cfg=SimpleNamespace(train_mode="lora"), world=world, out_dir=tmp_path, lora=None,
+                          last_ckpt=None, saved_step=0, rng_state=lambda: None,
+                          display=SimpleNamespace(note=lambda text: None), tracker=SimpleNamespace(flush=lambda: None))
+    assert Run.save_checkpoint(run, 5) == tmp_path / "checkpoints" / "step-000005" == run.last_ckpt
+    assert run.saved_step == 5
