@@ -149,16 +149,17 @@ def generator_loss(g: ToyDiT, real: ToyDiT, fake: ToyDiT, d: Discriminator, xk, 
 def train_dmd(g: ToyDiT, real: ToyDiT, encode, sigmas, batches, iters: int, log, *, seed: int = 0,
               ratio: int = 5, lr_g: float = 1e-4, lr_c: float = 1e-4, lr_d: float = 1e-3, gan_g: float = 0.0,
               gan_t_max: float = 0.1, r1: float = 0.0, dmd_t_min: float = T_MIN, dmd_weight: float = 1.0,
-              k_min: int = 0, patch_gan: bool = True, ema: float = 0.99, state_path: Path | None = None, save_every: int = 100,
-              check=None, check_every: int = 0, stop=None,
+              k_min: int = 0, patch_gan: bool = True, ema: float = 0.99, state_path: Path | None = None,
+              save_every: int = 100, check=None, check_every: int = 0, stop=None,
               settings: dict | None = None) -> tuple[ToyDiT, list[dict], float]:
     """The DMD2 loop. `batches(rng)` yields the parts of one batch: (captions, real images, refs or None);
     `encode(captions, refs)` -> (hidden, mask), frozen. G is updated every `ratio`-th iteration, the
     fake score and the discriminator every iteration. `state_path`: the whole loop state is saved
     there every `save_every` iterations and picked up again (resumable; a longer `iters` continues);
     it must have been made with the same `settings`. `check(g_ema)` runs every `check_every`
-    iterations; `stop(result)` (a rule fixed before the run) ends the loop early after a check. Returns G's EMA, the log of `check(g_ema)`
-    results and the loop's CPU seconds (over resumes too). `g` is trained in place."""
+    iterations; `stop(result)` (a rule fixed before the run) ends the loop early after a check. Returns
+    G's EMA, the log of `check(g_ema)` results and the loop's CPU seconds (over resumes too). `g` is
+    trained in place."""
     g.train()
     fake = copy.deepcopy(real).train().requires_grad_(True)
     real = real.eval().requires_grad_(False)
@@ -172,8 +173,8 @@ def train_dmd(g: ToyDiT, real: ToyDiT, encode, sigmas, batches, iters: int, log,
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     start, history, cpu_before = 0, [], 0.0
     settings = dict(settings or {}, seed=seed, ratio=ratio, lr_g=lr_g, lr_c=lr_c, lr_d=lr_d, gan_g=gan_g,
-                    gan_t_max=gan_t_max, r1=r1, dmd_t_min=dmd_t_min, dmd_weight=dmd_weight, k_min=k_min, patch_gan=patch_gan,
-                    ema=ema)
+                    gan_t_max=gan_t_max, r1=r1, dmd_t_min=dmd_t_min, dmd_weight=dmd_weight, k_min=k_min,
+                    patch_gan=patch_gan, ema=ema)
     parts_of = {"g": g, "g_ema": g_ema, "fake": fake, "d": d, "opt_g": opt_g, "opt_c": opt_c, "opt_d": opt_d}
     if state_path is not None and Path(state_path).is_file():
         st = torch.load(state_path, weights_only=False)
