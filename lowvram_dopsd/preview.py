@@ -207,9 +207,9 @@ class Previewer:
         images = iter(self.family.decode_latents(torch.cat([x for x in latents if x is not None])))
         return [None if x is None else next(images) for x in latents]
 
-    def write(self, step: int) -> Path | None:
-        """The grid of `step`. A full fine-tune's ranks all sample (each pass gathers the sharded weights), and
-        the others return None: `writes` is rank 0's alone."""
+    def sample(self, step: int) -> list[tuple[str, list[torch.Tensor | None]]]:
+        """The grid's rows of `step`: (label, final latents per prompt). A full fine-tune's ranks all sample (each
+        pass gathers the sharded weights)."""
         rows = []
         if step and step == self.last_step and self.lora.holds_base:  # the end: beside the base model, same noise
             rows.append(("base model (no LoRA)", self.latents(None, self.conds)))
@@ -217,6 +217,12 @@ class Previewer:
         rows.append((f"{trained} at step {step}", self.latents("student", self.conds)))
         if any(c is not None for c in self.teacher_conds):
             rows.append(("EMA teacher, reading your image", self.latents("teacher", self.teacher_conds)))
+        return rows
+
+    def write(self, step: int, rows: list[tuple[str, list[torch.Tensor | None]]] | None = None) -> Path | None:
+        """The grid of `step`, from `rows` if `sample` made them already. On the other ranks of a full fine-tune
+        it samples and returns None: `writes` is rank 0's alone."""
+        rows = self.sample(step) if rows is None else rows
         if not self.writes:
             return None
         rows = [(name, self.decoded(latents)) for name, latents in rows]

@@ -149,14 +149,19 @@ class Run:
             self.write_preview(0)
 
     def write_preview(self, step: int) -> None:
+        sampled = False
         try:
             with explain_oom(self.cfg, self.preset, "sampling a preview"):
-                grid = self.previews.write(step)
+                rows = self.previews.sample(step)
+                sampled = True
+                grid = self.previews.write(step, rows)
             if grid is None:  # another rank of a full fine-tune: it sampled with rank 0, which writes
                 return
             self.display.preview(grid)
             self.tracker.preview(step, grid)
         except (UserError, OSError) as exc:  # a preview is never worth the run (nor a full disk): say so, go on
+            if not sampled and self.cfg.train_mode == "full" and self.world.size > 1:
+                raise  # but a rank of a full fine-tune cannot skip alone: the others wait in the samples' gathers
             self.display.note(styled("preview skipped:", str(exc)))
 
     # ----- at the end

@@ -1,8 +1,11 @@
 """run.Run: what the loop's writers decide, rank by rank."""
 from types import SimpleNamespace
 
+import pytest
+
 from lowvram_dopsd import checkpoint
 from lowvram_dopsd.distributed import World
+from lowvram_dopsd.errors import UserError
 from lowvram_dopsd.run import Run
 
 
@@ -54,3 +57,34 @@ def test_every_rank_names_the_checkpoint_rank_0_wrote(tmp_path, monkeypatch):
                           display=SimpleNamespace(note=lambda text: None), tracker=SimpleNamespace(flush=lambda: None))
     assert Run.save_checkpoint(run, 5) == tmp_path / "checkpoints" / "step-000005" == run.last_ckpt
     assert run.saved_step == 5
+
+
+class Previews:
+    """A Previewer stand-in whose sampling (or drawing) fails as a GPU out of memory does."""
+
+    def __init__(self, fails_in: str):
+        self.fails_in = fails_in
+
+    def sample(self, step):
+        if self.fails_in == "sample":
+            raise UserError("The GPU ran out of memory while sampling a preview.")
+        return []
+
+    def write(self, step, rows):
+        raise UserError("The GPU ran out of memory while decoding a preview.")
+
+
+def test_a_failed_preview_is_skipped_unless_other_ranks_sample_with_it(tmp_path):
+    notes = []
+
+    def run_of(world, train_mode, fails_in):
+        return SimpleNamespace(cfg=SimpleNamespace(train_mode=train_mode), world=world, preset="",
+                               previews=Previews(fails_in), display=SimpleNamespace(note=notes.append))
+
+    Run.write_preview(run_of(World(), "full", "sample"), 3)  # one process: the run goes on
+    Run.write_preview(run_of(RankOfTwo(answer=None), "lora", "sample"), 3)  # a LoRA job: rank 0 alone samples
+    Run.write_preview(run_of(RankOfTwo(answer=None), "full", "write"), 3)  # failing after the samples (the drawing): no rank waits
+    assert len(notes) == 3 and all("preview skipped:" in str(n) for n in notes)
+    # a full fine-tune's rank that gave up alone would leave the others in the sampling's collectives
+    with pytest.raises(UserError, match="while sampling a preview"):
+        Run.write_preview(run_of(RankOfTwo(answer=None), "full", "sample"), 3)
