@@ -62,6 +62,7 @@ def tensor_bytes(tensors) -> int:
 
 def measure(name: str, args) -> dict:
     import torch
+    import torch.distributed as dist
 
     from bench_memory import family_of, write_model_folder, write_random_checkpoint
     from lowvram_dopsd import full, optim, plan, plan_full
@@ -74,7 +75,9 @@ def measure(name: str, args) -> dict:
     nan = float("nan")
     device = torch.device(args.device)
     folder = Path(args.work) / (f"{family_name}-{layers}l" if layers else family_name)
-    if not list((folder / "transformer").glob("*.safetensors")):
+    mesh = full.device_mesh(device)
+    # one rank writes the model folder while the others wait: two writing it at once read half-written files
+    if mesh.get_rank() == 0 and not list((folder / "transformer").glob("*.safetensors")):
         write_model_folder(family_name, family_of(family_name).hf_repo_ids[0], folder, args.tiny)
         if layers and not args.tiny:
             cfg_path = folder / "transformer" / "config.json"
@@ -82,6 +85,8 @@ def measure(name: str, args) -> dict:
             config["n_layers" if "n_layers" in config else "num_single_layers"] = layers
             cfg_path.write_text(json.dumps(config))
         write_random_checkpoint(folder, str(device))
+    if mesh.size() > 1:
+        dist.barrier()
     settings = {"model": str(folder), "device": args.device, "train_mode": "full", **over}
     if args.tiny:
         settings.update(resolution=64, max_sequence_length=32, teacher_max_sequence_length=64)
@@ -91,7 +96,6 @@ def measure(name: str, args) -> dict:
     family = load_family(str(folder), check_files=False)
     res: dict = {"config": name, "preset": preset, "device": str(device), "settings": settings}
     mem: dict[str, float] = {"start": allocated(device)}
-    mesh = full.device_mesh(device)
     student = full.load_sharded(family, cfg, device, mesh, torch.float32, trains=True)
     mem["student"] = allocated(device)
     teacher = full.load_sharded(family, cfg, device, mesh, DTYPES[cfg.ema_dtype], trains=False)
