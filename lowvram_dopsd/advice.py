@@ -120,9 +120,7 @@ def time_note(cfg: TrainConfig, device: torch.device, kept: dict[str, int]) -> s
         tp = timeplan.predict(plan.resolve_model(cfg.model), plan.run_settings(cfg), gpu, kept)
     except UserError:  # a model the planners do not know: nothing to say (any other error is a bug: raised)
         return ""
-    shared = (f" On {world.size} GPUs the roll-outs are divided among them: about {tp.hours / world.size:.1f} h, "
-              "plus the gradient sum of every step." if world.size > 1 else "")
-    return timeplan.describe(tp) + shared
+    return timeplan.describe(tp, world.size)
 
 
 def print_speed(console, cfg: TrainConfig, device: torch.device, facts: dict) -> None:

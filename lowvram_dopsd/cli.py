@@ -293,10 +293,19 @@ def _plan_full(args: argparse.Namespace, cfg: TrainConfig) -> int:
     gpus, card = plan_full.PRESET_CARDS.get(shipped_root(args.preset), (1, None))
     vram = _gib(args.vram) if args.vram else card
     fp = plan_full.make(cfg, args.gpus or gpus, plan.budget_for(vram) if vram else None)
+    time = None
+    if args.gpu:  # how long, on that GPU (timeplan.py: the roll-outs' FLOPs with every weight's gradient)
+        from . import timeplan
+        from .gpus import gpu_named
+
+        time = timeplan.predict(plan.resolve_model(cfg.model), plan.run_settings(cfg), gpu_named(args.gpu))
     if args.json:
-        print(json.dumps(fp.to_dict(), indent=1))
+        print(json.dumps({**fp.to_dict(), **({"time": time.to_dict()} if time else {})}, indent=1))
     else:
-        plan_full.render(fp, make_console())
+        console = make_console()
+        plan_full.render(fp, console)
+        if time:
+            timeplan.render(time, console, fp.gpus)
     return 0 if fp.fits() else 3
 
 

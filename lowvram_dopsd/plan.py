@@ -468,7 +468,7 @@ def run_settings(cfg) -> dict[str, Any]:
     """`_settings` and what the time planner also reads: how long the run is and how its linears compute."""
     return {**_settings(cfg), "rollout_steps": cfg.rollout_steps, "train_states": cfg.train_states,
             "steps": cfg.steps, "batch_size": cfg.batch_size, "prior": bool(cfg.prior_prompts),
-            "act_quant": cfg.act_quant}
+            "act_quant": cfg.act_quant, "train_mode": cfg.train_mode}
 
 
 def _settings(cfg) -> dict[str, Any]:

@@ -9,7 +9,8 @@ memory), the LoRA attached, and the family's own `velocity` runs one state under
     teacher     the teacher's forward, no grad, with the teacher's condition
     student     the student's forward (an untrained roll-out state costs this alone)
     recompute   the checkpointed blocks' forward again, inside the backward (kept blocks: none)
-    backward    the backward proper: input gradients through the frozen base, the LoRA's gradients
+    backward    the backward proper: input gradients through the frozen base, the LoRA's gradients (a full
+                fine-tune, train_mode = "full": every weight's gradient instead of the LoRA's)
     int8        of those, the 8-bit base linears' multiplications (what act_quant = "int8" runs in int8)
 
 per sample; a roll-out is `train_states` trained states and the rest student passes.
@@ -25,6 +26,12 @@ share of its own spec-sheet rate is reached (gpus.py has the rates and their sou
 
 Only the H100 has been measured. Everything else is a prediction, and says so: a card whose step is bound by
 memory bandwidth or by the host, not by its tensor cores, will be slower than this.
+
+A full fine-tune's roll-out is counted the same way on a model whose weights all train (no LoRA): its backward
+adds each weight's gradient, about one more forward's worth of multiplications. Its seconds use a LoRA roll-out's
+efficiency (no full fine-tune has been measured), and leave out what is not multiplications: the optimizer step
+and EMA over every weight (once a step) and FSDP's collectives (each pass gathers the weights, each backward
+reduce-scatters the gradients), whose time depends on the GPUs' interconnect; `describe` says how many bytes.
 """
 from __future__ import annotations
 
@@ -57,6 +64,7 @@ class StateFlops:
     student8: float = 0.0
     recompute8: float = 0.0
     per_block: dict[str, float] = field(default_factory=dict)   # forward FLOPs of one block, by block list
+    weights: int = 0  # train_mode = "full": the transformer's weights, all trained (0: a LoRA run)
 
     @property
     def trained(self) -> float:
@@ -101,7 +109,7 @@ def _count(fn) -> tuple[float, dict[str, float]]:
 _COUNTED: dict[tuple, StateFlops] = {}  # a 6B model's meta passes take seconds: once per process and shape
 # the settings the count depends on (the rest, e.g. quant or the optimizer, change no multiplication)
 COUNTED_SETTINGS = ("resolution", "height", "width", "rank", "lora_targets", "max_sequence_length",
-                    "teacher_max_sequence_length", "teacher", "grad_checkpointing")
+                    "teacher_max_sequence_length", "teacher", "grad_checkpointing", "train_mode")
 
 
 def state_flops(mc, settings: dict[str, Any], keep: dict[str, int] | None = None) -> StateFlops:
@@ -117,8 +125,8 @@ def state_flops(mc, settings: dict[str, Any], keep: dict[str, int] | None = None
 
 @dataclass
 class MetaState:
-    """One roll-out state of the model on `meta`: the transformer (bf16, LoRA attached), its family's adapter,
-    the state and both conditions, in the shapes a real run has at these settings."""
+    """One roll-out state of the model on `meta`: the transformer (bf16, LoRA attached; a full fine-tune's: every
+    weight trains), its family's adapter, the state and both conditions, in the shapes a real run has."""
 
     model: nn.Module
     adapter: Any
@@ -139,10 +147,11 @@ def meta_state(mc, s: dict[str, Any]) -> MetaState:
     family = mc.family
     meta = build_meta(family, mc.transformer)
     nn.Module.to(meta, torch.bfloat16)  # the compute dtype (nn.Module's .to: diffusers' own warns about it)
-    meta.requires_grad_(False)
+    meta.requires_grad_(s.get("train_mode") == "full")  # full: the backward computes every weight's gradient
     meta._dopsd_dtype = torch.bfloat16
-    rank = int(s["rank"])
-    DualLoRA.attach(meta, tuple(s.get("lora_targets") or family.lora_targets), rank, 2.0 * rank)
+    if s.get("train_mode") != "full":
+        rank = int(s["rank"])
+        DualLoRA.attach(meta, tuple(s.get("lora_targets") or family.lora_targets), rank, 2.0 * rank)
     adapter = family(mc.folder, mc.source)
     res = int(s.get("resolution") or 1024)
     cfg = SimpleNamespace(max_sequence_length=int(s["max_sequence_length"]), resolution=res,
@@ -162,6 +171,7 @@ def _count_state(mc, s: dict[str, Any], keep: dict[str, int]) -> StateFlops:
     block of that list adds (tests/test_timeplan.py checks this against the whole model)."""
     state = meta_state(mc, s)
     meta = state.model
+    weights = sum(p.numel() for p in meta.parameters()) if s.get("train_mode") == "full" else 0
     blocks = {name: list(m) for name, m in block_lists(meta).items() if len(m)}
     root = type(meta).__name__
 
@@ -207,7 +217,7 @@ def _count_state(mc, s: dict[str, Any], keep: dict[str, int]) -> StateFlops:
             again = len(full) - min(keep.get(name, 0), len(full))
             recompute += again * per_block[name]
             recompute8 += again * per_block8[name]
-    return StateFlops(teacher, student, recompute, backward, teacher8, student8, recompute8, per_block)
+    return StateFlops(teacher, student, recompute, backward, teacher8, student8, recompute8, per_block, weights)
 
 
 def rollout_flops(mc, settings: dict[str, Any], keep: dict[str, int] | None = None) -> RolloutFlops:
@@ -322,6 +332,7 @@ class TimePlan:
                 "tflop_per_state": {k: round(getattr(st, k) / TERA, 3) for k in
                                     ("teacher", "student", "recompute", "backward")},
                 "tflop_per_rollout": round(self.flops.total / TERA, 2), "states": self.flops.states,
+                **({"trained_weights": st.weights} if st.weights else {}),
                 "trained_states": self.flops.trained, "seconds_per_rollout": round(self.seconds, 3),
                 "rollouts": self.rollouts, "hours": round(self.hours, 2),
                 "efficiency": round(self.ref.efficiency, 4),
@@ -340,7 +351,7 @@ def predict(mc, settings: dict[str, Any], gpu: GPU, keep: dict[str, int] | None 
     act8 = path == "act8"
     seconds = gpu_seconds(flops.total, flops.int8, gpu, act8, ref.efficiency)
     b = int(settings.get("micro_batch") or 1)
-    is_measured = (gpu == ref.gpu and ref.path == path and not ref.borrowed and b == 1
+    is_measured = (gpu == ref.gpu and ref.path == path and not ref.borrowed and b == 1 and not flops.state.weights
                    and math.isclose(flops.total, ref.flops.total, rel_tol=1e-3))
     if is_measured:
         seconds = ref.seconds
@@ -358,8 +369,9 @@ def this_gpu(device: torch.device) -> GPU | None:
     return find_gpu(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
-def describe(tp: TimePlan) -> str:
-    """One paragraph: what `train` prints before it starts, and `plan --gpu` under its table."""
+def describe(tp: TimePlan, gpus: int = 1) -> str:
+    """One paragraph: what `train` prints before it starts, and `plan --gpu` under its table; `gpus`: the run's
+    roll-outs are divided among that many."""
     run = f"{tp.rollouts} roll-outs = {tp.hours:.1f} h for the run"
     if tp.measured:
         text = (f"time on the {tp.gpu.name} (measured): {tp.seconds:.2f} s per roll-out, {run} "
@@ -373,10 +385,28 @@ def describe(tp: TimePlan) -> str:
     if tp.act8_seconds:
         text += (f" With --act-quant int8 (predicted, not measured): {tp.act8_seconds:.2f} s per roll-out, "
                  f"{tp.rollouts * tp.act8_seconds / 3600:.1f} h; off by default until measured (docs/speed.md).")
+    if tp.flops.state.weights:
+        text += _full_note(tp.flops, gpus)
+    if gpus > 1:
+        text += (f" On {gpus} GPUs the roll-outs are divided among them: about {tp.hours / gpus:.1f} h, plus "
+                 f"{'the collectives above' if tp.flops.state.weights else 'the gradient sum of every step'}.")
     return text
 
 
-def render(tp: TimePlan, console) -> None:
+def _full_note(f: RolloutFlops, gpus: int) -> str:
+    """What a full fine-tune's prediction leaves out, and the bytes of its collectives (module docstring)."""
+    gathers, size = f.states + 2 * f.trained, f.state.weights / 1e9  # every pass; a backward gathers again
+    share = (gpus - 1) / gpus  # of each collective's bytes, what a GPU sends and receives (a ring's)
+    per_gpu = share * (2 * gathers + 4 * f.trained) * size
+    moved = ("one GPU has no collectives" if gpus == 1 else f"each of {gpus} GPUs sends and receives {share:.0%} of "
+             f"those ({per_gpu:.0f} GB a roll-out), at its interconnect's speed")
+    return (f" Full fine-tune: the count includes every weight's gradient, at a LoRA roll-out's efficiency (no full "
+            f"fine-tune has been measured). Left out: the optimizer step and EMA over the {size:.2f} B weights (once "
+            f"a step) and FSDP's collectives: a roll-out gathers the bf16 weights ({2 * size:.1f} GB) {gathers} times "
+            f"and reduce-scatters their fp32 gradients ({4 * size:.1f} GB) {f.trained} times; {moved}.")
+
+
+def render(tp: TimePlan, console, gpus: int = 1) -> None:
     """The time planner's table under `plan`'s memory table, then `describe`'s paragraph."""
     from rich.table import Table
     from rich.text import Text
@@ -388,10 +418,11 @@ def render(tp: TimePlan, console) -> None:
     table.add_column("pass (one sample)")
     table.add_column("TFLOP", justify="right")
     for name, what in (("teacher", "teacher forward (no grad)"), ("student", "student forward"),
-                       ("recompute", "recompute of the checkpointed blocks"), ("backward", "backward")):
+                       ("recompute", "recompute of the checkpointed blocks"),
+                       ("backward", "backward, every weight's gradient too" if st.weights else "backward")):
         table.add_row(what, f"{getattr(st, name) / TERA:.1f}")
     table.add_section()
     table.add_row("one trained state", f"{st.trained / TERA:.1f}")
     table.add_row(f"one roll-out: {f.states} states, {f.trained} trained", f"{f.total / TERA:.0f}")
     console.print(table)
-    console.print(Text(describe(tp)))
+    console.print(Text(describe(tp, gpus)))

@@ -143,6 +143,7 @@ def build_weights(cfg: TrainConfig, preset: str, family: Family, device: torch.d
         with explain_oom(cfg, preset, "loading the transformer"):
             weights = full.FullWeights.load(family, cfg, device)
         console.print(full.summary(weights))
+        advice.print_speed(console, cfg, device, {})  # the time note (no speed levers in full mode)
         return weights.model, weights, full.make_optimizer(weights, cfg, lr)
     model, lora = load_model(cfg, preset, family, device, dtype, init)
     fused = route_fused_linears(lora, cfg, device)

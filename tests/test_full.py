@@ -349,9 +349,11 @@ def _cli(args: list[str]) -> int:
     return main(args)
 
 
-def test_flux3_asks_for_a_learning_rate_and_trains_once_given_one(tiny_flux3_dir, demo_images, tmp_path, capsys):
+def test_flux3_asks_for_a_learning_rate_and_trains_once_given_one(tiny_flux3_dir, demo_images, tmp_path, capfd,
+                                                                  timed_on_4090):
     """The paper gives FLUX.3 no full fine-tuning learning rate: refused before loading, in one paragraph naming
-    the flag, and the command with that flag added trains (one process: the sharded code, a group of one)."""
+    the flag, and the command with that flag added trains (one process: the sharded code, a group of one),
+    saying first how long it will take (timeplan: every weight's gradient counted; what is left out said)."""
     import re
 
     from lowvram_dopsd.cli import main
@@ -359,13 +361,16 @@ def test_flux3_asks_for_a_learning_rate_and_trains_once_given_one(tiny_flux3_dir
     args = ["train", "--preset", "full-8x24gb", "--device", "cpu", "--model", str(tiny_flux3_dir),
             "--images", str(demo_images), "--output", str(tmp_path / "out")]
     assert main(args) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "the paper gives none for full fine-tuning of the flux3 family" in " ".join(err.split())
     assert "\n\n" not in err.strip() and not (tmp_path / "out").exists()  # one paragraph, before any work
     flag = re.search(r"add (--lr \S+) to the command", " ".join(err.split()))[1].split()
     small = {"steps": 1, "batch_size": 1, "resolution": 64, "dtype": "fp32", "rollout_steps": 2, "train_states": 1,
              "max_sequence_length": 64, "preview_every": 0, "cache_dir": tmp_path / "cache"}  # a CPU-sized run
     assert fork_job(1, _cli, args + flag + [a for k, v in small.items() for a in ("--set", f"{k}={v}")]) == [0]
+    printed = " ".join(capfd.readouterr().out.split())
+    assert "time on the RTX 4090 (predicted, not measured): " in printed
+    assert "Full fine-tune: the count includes every weight's gradient" in printed and "one GPU has no" in printed
     assert (tmp_path / "out" / "transformer" / "config.json").is_file()
     first = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["lr"] == float(flag[1])

@@ -25,7 +25,10 @@ def _real_counts(model_dir, settings) -> dict[str, float]:
     family = load_family(str(model_dir))
     cfg = load_config("cpu-demo", {"model": str(model_dir), "grad_checkpointing": True})
     model = family.load_transformer(cfg, torch.device("cpu"), torch.bfloat16)
-    DualLoRA.attach(model, family.lora_targets, settings["rank"], 2.0 * settings["rank"], seed=0)
+    if settings.get("train_mode") == "full":  # every weight trains: the backward computes their gradients
+        model.requires_grad_(True)
+    else:
+        DualLoRA.attach(model, family.lora_targets, settings["rank"], 2.0 * settings["rank"], seed=0)
     c_s, c_t = family.random_conditions(family.teachers[0], cfg, torch.device("cpu"), torch.bfloat16)
     x = torch.randn((1, *family.latent_shape(64, 64)))
     sigma = torch.tensor(0.5)
@@ -42,17 +45,26 @@ def _real_counts(model_dir, settings) -> dict[str, float]:
     return out
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
 @pytest.mark.parametrize("fixture", ["tiny_zimage_dir", "tiny_klein_dir", "tiny_flux3_dir"])
-def test_meta_count_of_short_models_equals_the_real_model(fixture, request):
+def test_meta_count_of_short_models_equals_the_real_model(fixture, mode, request):
     """Counted on meta models of two or three blocks per list, scaled to the whole model, the FLOPs of each
-    pass equal torch's count of the real tiny model's passes (all its blocks, checkpointing on), exactly."""
+    pass equal torch's count of the real tiny model's passes (all its blocks, checkpointing on), exactly; a
+    full fine-tune's (every weight trains, no LoRA) too, whose backward adds each weight's gradient."""
     model_dir = request.getfixturevalue(fixture)
     mc = plan.resolve_model(str(model_dir))
-    st = timeplan.state_flops(mc, TINY)
-    real = _real_counts(model_dir, TINY)
+    settings = {**TINY, "train_mode": mode}
+    st = timeplan.state_flops(mc, settings)
+    real = _real_counts(model_dir, settings)
     assert st.teacher == real["teacher"] and st.student == real["student"]
     assert st.recompute + st.backward == real["recompute+backward"]
-    assert st.teacher > st.student > st.student8 > 0
+    if mode == "lora":
+        assert st.teacher > st.student > st.student8 > 0 and st.weights == 0
+    else:  # the real model's backward computed every weight's gradient; the LoRA's only its own
+        lora = timeplan.state_flops(mc, TINY)
+        assert st.backward > lora.backward and st.student < lora.student  # (no LoRA in the forward)
+        assert st.weights == sum(p.numel() for p in load_family(str(model_dir)).load_transformer(
+            load_config("cpu-demo", {"model": str(model_dir)}), torch.device("cpu"), torch.bfloat16).parameters())
 
 
 @pytest.mark.parametrize("fixture,longer", [("tiny_zimage_dir", {"n_layers": 3, "n_refiner_layers": 3}),
@@ -162,6 +174,29 @@ def test_every_published_model_is_timed_on_every_path(model, capsys, monkeypatch
             p for by_gpu in plan.resolve_model(model).family.measured_rollout_s.values() for p in by_gpu})
         note = advice.time_note(load_config("16gb", {"model": model, "quant": quant}), torch.device("cpu"), {})
         assert note.startswith("time on the RTX 4090 (predicted, not measured): "), quant
+
+
+def test_plan_times_a_full_fine_tune_and_says_what_it_leaves_out(capsys):
+    """`plan --train-mode full --gpu NAME`: the roll-out's FLOPs with every weight's gradient, at a LoRA
+    roll-out's efficiency (said), and the bytes of FSDP's collectives, which the seconds leave out."""
+    from lowvram_dopsd.cli import main
+
+    args = ["plan", "--preset", "full-8x24gb", "--gpu", "RTX 4090"]
+    assert main(args + ["--json"]) == 0
+    full = json.loads(capsys.readouterr().out)["time"]
+    assert main(["plan", "--preset", "16gb", "--gpu", "RTX 4090", "--quant", "none", "--json"]) in (0, 3)
+    lora = json.loads(capsys.readouterr().out)["time"]
+    assert full["path"] == lora["path"] == "bf16" and full["efficiency"] == lora["efficiency"]
+    assert full["tflop_per_state"]["backward"] > 1.5 * lora["tflop_per_state"]["backward"]
+    assert full["trained_weights"] > 6e9 and "trained_weights" not in lora  # Z-Image's 6.15B
+    assert full["rollouts"] == 10000 * 64 and not full["measured"]
+    assert main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "backward, every weight's gradient too" in out and "time on the RTX 4090 (predicted, not measured)" in out
+    assert "at a LoRA roll-out's efficiency (no full fine-tune has been measured)" in out
+    gathers = 8 + 2 * 8  # the preset's 8 states, all trained: a student pass each, a teacher's and a backward's
+    assert f"gathers the bf16 weights (12.3 GB) {gathers} times" in out and "each of 8 GPUs" in out
+    assert f"about {full['hours'] / 8:.1f} h, plus the collectives above" in out
 
 
 def test_train_says_how_long_before_it_starts(monkeypatch):
