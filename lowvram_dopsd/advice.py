@@ -322,8 +322,12 @@ def full_use_commands(cfg: TrainConfig, family: Family, folder: Path, single: Pa
     model = model_for_metadata(cfg.model)
     load = (f"from diffusers import {family.transformer_class}; t = {family.transformer_class}.from_pretrained("
             f"{str(folder)!r}); {family.load_code(model, transformer='t')}").rstrip("; ")
-    return {"load it": load, **({"ComfyUI": f"copy {shlex.quote(str(single))} into ComfyUI/models/diffusion_models"}
-                                if single else {})}
+    if single is None:
+        return {"load it": load}
+    if family.comfy_layout:
+        return {"load it": load, "ComfyUI": f"copy {shlex.quote(str(single))} into ComfyUI/models/diffusion_models"}
+    return {"load it": load, "or from the single file": f"from diffusers import {family.transformer_class}; t = "
+            f"{family.transformer_class}.from_single_file({str(single)!r}, config={model!r}, subfolder='transformer')"}
 
 
 def use_commands(cfg: TrainConfig, family: Family, out_dir: Path) -> dict[str, str]:

@@ -22,7 +22,8 @@ The trained transformer (`write_transformer`), rank 0 writing while all ranks ga
     <output>/transformer/                 a diffusers folder (config.json + safetensors in the compute dtype):
                                           ZImageTransformer2DModel.from_pretrained(out / "transformer")
     <output>/comfyui/<output name>.safetensors   one file in the model's original key layout (the one ComfyUI's
-                                          loaders and diffusers' from_single_file read), where the family has it
+                                          loaders and diffusers' from_single_file read), where the family has it;
+    <output>/single-file/<output name>.safetensors   the same for a model ComfyUI lacks (FLUX.3): diffusers reads it
 """
 from __future__ import annotations
 
@@ -286,7 +287,7 @@ def write_transformer(out_dir: Path, weights: FullWeights, family, dtype: torch.
     world = distributed.current()
     out_dir = Path(out_dir)
     layouts = _meta_state(weights, dtype)
-    layout = family.comfy_layout.model_to_comfy if family.comfy_layout else None
+    layout = family.single_file_layout()
     single = [layout(u) for u in layouts] if layout else None
     if not world.main:  # the same gathers as rank 0, in the same order; the data goes to rank 0
         for _ in range(1 if single is None else 2):
@@ -304,18 +305,24 @@ def write_transformer(out_dir: Path, weights: FullWeights, family, dtype: torch.
     _write_sharded(tmp, layouts, _gathered(weights, dtype, main=True), meta)
     if single is not None:
         units = (layout(u) for u in _gathered(weights, dtype, main=True))
-        _stream_file(single_file(out_dir, known=False), _keys(single),
+        where = single_file(out_dir, known=False, folder="comfyui" if family.comfy_layout else "single-file")
+        _stream_file(where, _keys(single),
                      {k: t for u in single for k, t in u.items()}, (u[k] for u in units for k in sorted(u)), meta)
     _replace_dir(tmp, out_dir / TRANSFORMER_DIR)
     world.barrier()
     return out_dir / TRANSFORMER_DIR
 
 
-def single_file(out_dir: Path, known: bool = True) -> Path | None:
-    """Where write_transformer puts the single file: comfyui/<output folder's name>.safetensors (`known`: only
-    if it is there; a family without an original layout has none)."""
-    path = Path(out_dir) / "comfyui" / f"{Path(out_dir).resolve().name}.safetensors"
-    return path if path.is_file() or not known else None
+SINGLE_FILE_DIRS = ("comfyui", "single-file")  # ComfyUI's layout; another original one that diffusers reads
+
+
+def single_file(out_dir: Path, known: bool = True, folder: str = "comfyui") -> Path | None:
+    """Where write_transformer puts the single file: <folder>/<output folder's name>.safetensors; `known`: the
+    one written, if any (a family without an original layout has none)."""
+    name = f"{Path(out_dir).resolve().name}.safetensors"
+    if not known:
+        return Path(out_dir) / folder / name
+    return next((p for d in SINGLE_FILE_DIRS if (p := Path(out_dir) / d / name).is_file()), None)
 
 
 def _keys(units: list[dict[str, torch.Tensor]]) -> list[str]:

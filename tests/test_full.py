@@ -381,7 +381,8 @@ def test_flux3_two_ranks_take_the_unsharded_step_and_its_folder_loads_in_the_sto
     """FLUX.3 (a flow map; blocks inside a ModuleDict, and reference-image blocks only the edit teacher runs):
     2 ranks take the unsharded step, each of its blocks is an FSDP unit, and the transformer folder, loaded as
     the printed "load it" line does into the stock modular pipeline, reproduces the student's latents from the
-    same noise. No single file: ours is ComfyUI's layout, unknown for FLUX.3 (docs/full.md)."""
+    same noise. The single file (original names, not for ComfyUI: it has no FLUX.3) loads with diffusers'
+    from_single_file, as printed, as the same weights."""
     from diffusers import Flux3Transformer2DModel
 
     from lowvram_dopsd import advice
@@ -402,9 +403,19 @@ def test_flux3_two_ranks_take_the_unsharded_step_and_its_folder_loads_in_the_sto
     ours = torch.load(tmp_path / "latents.pt")
     assert {"mode_blocks.image.0", "mode_blocks.image_cond.0", "txt_mode_blocks.0",
             "single_transformer_blocks.0"} <= set(ours["units"]["student"])
-    assert not (out / "comfyui").exists()
+    single = out / "single-file" / f"{out.name}.safetensors"
+    assert not (out / "comfyui").exists() and full_io.single_file(out) == single
+    keys = set(load_file(str(single)))
+    assert "single_blocks.0.q_proj.weight" in keys and "early_stream_modulations.image.lin.weight" in keys
+    commands = advice.full_use_commands(cfg, family, out / "transformer", single)
+    assert "ComfyUI" not in commands
     scope: dict = {}
-    exec(advice.full_use_commands(cfg, family, out / "transformer", None)["load it"], scope)
+    exec(commands["or from the single file"], scope)
+    folder = Flux3Transformer2DModel.from_pretrained(out / "transformer").state_dict()
+    assert scope["t"].state_dict().keys() == folder.keys()
+    assert all(torch.equal(v, folder[k]) for k, v in scope["t"].state_dict().items())
+    scope = {}
+    exec(commands["load it"], scope)
     pipe = scope["pipe"]
     assert isinstance(pipe.transformer, Flux3Transformer2DModel) and pipe.transformer is scope["t"]
     pipe.update_components(tokenizer=family.prompt_processor())  # AutoProcessor needs torchvision (not in CI)

@@ -358,6 +358,13 @@ class Family:
     # The key layout ComfyUI's LoRA loader maps for this model (families/comfy.py); None: no export.
     comfy_layout: ClassVar[Layout | None] = None
 
+    @classmethod
+    def single_file_layout(cls) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+        """A full fine-tune's single file (full_io.py): whole blocks of diffusers tensors -> the original key
+        layout that diffusers' from_single_file reads (ComfyUI's native one where ComfyUI has the model, then
+        the file goes in comfyui/); None: no single file."""
+        return cls.comfy_layout.model_to_comfy if cls.comfy_layout else None
+
 
 class DiffusersFamily(Family):
     """A family whose checkpoint is a diffusers pipeline folder: reads the latent geometry from its

@@ -115,6 +115,41 @@ def encoder_states(model, inputs: dict[str, torch.Tensor], layers: tuple[int, ..
     return stacked.reshape(stacked.shape[0], -1)[:length].cpu()
 
 
+# A full fine-tune's single file in the original layout, as diffusers' own converter reads it
+# (convert_flux3_transformer_checkpoint_to_diffusers, loaders/single_file_utils.py, diffusers 0.42.1): its renames
+# run backwards. Not for ComfyUI, which has no FLUX.3 model (docs/flux3.md).
+_ORIGINAL_NAMES = {"timestep_embedder.linear_1.weight": "time_in.in_layer.weight",
+                   "timestep_embedder.linear_2.weight": "time_in.out_layer.weight",
+                   "target_timestep_embedder.linear_1.weight": "ref_time_in.in_layer.weight",
+                   "target_timestep_embedder.linear_2.weight": "ref_time_in.out_layer.weight",
+                   "proj_out.weight": "final_layer.image.linear.weight",
+                   "norm_out.linear.weight": "final_layer.image.adaLN_modulation.1.weight"}
+_ORIGINAL_PREFIXES = {"x_embedders.": "emb_in.", "context_embedder.": "txt_in.", "mode_blocks.": "content_mode_blocks.",
+                      "single_transformer_blocks.": "single_blocks."}
+_ORIGINAL_SUFFIXES = {"attn.to_q.weight": "q_proj.weight", "attn.to_k.weight": "k_proj.weight",
+                      "attn.to_v.weight": "v_proj.weight", "attn.to_out.0.weight": "attn_out.weight",
+                      "attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale",
+                      "ff.linear_in.weight": "mlp_in.weight", "ff.linear_out.weight": "mlp_out.weight"}
+
+
+def to_original(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' tensors of a FLUX.3 transformer -> the original names `from_single_file` converts back."""
+    out = {}
+    for key, t in tensors.items():
+        if key in _ORIGINAL_NAMES:
+            if key == "norm_out.linear.weight":  # diffusers' [scale, shift] rows are the original's [shift, scale]
+                t = torch.cat(t.chunk(2)[::-1])
+            out[_ORIGINAL_NAMES[key]] = t
+            continue
+        prefix = next((p for p in _ORIGINAL_PREFIXES if key.startswith(p)), "")
+        if prefix:
+            key = _ORIGINAL_PREFIXES[prefix] + key[len(prefix):]
+        key = key.replace(".linear.weight", ".lin.weight")
+        suffix = next((s for s in _ORIGINAL_SUFFIXES if key.endswith(s)), "")
+        out[key[:len(key) - len(suffix)] + _ORIGINAL_SUFFIXES[suffix] if suffix else key] = t
+    return out
+
+
 @register
 class Flux3(ReferenceImageFamily):
     name = "flux3"
@@ -146,6 +181,10 @@ class Flux3(ReferenceImageFamily):
     quant_skip = ("timestep_embedder", "target_timestep_embedder", "x_embedders", "context_embedder", "norm_out",
                   "proj_out")
     required_components = ("transformer", "text_encoder", "tokenizer", "vae")  # scheduler: from the blocks
+
+    @classmethod
+    def single_file_layout(cls):
+        return to_original
 
     def check_components(self, model_index) -> None:
         super().check_components(model_index)
