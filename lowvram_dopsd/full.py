@@ -160,22 +160,26 @@ class FullWeights:
 
     @torch.no_grad()
     def ema_update(self, decay: float) -> None:
-        """teacher <- teacher + (1 - decay)·(student - teacher), shard by shard on each rank."""
+        """teacher <- teacher + (1 - decay)·(student - teacher), shard by shard on each rank. Each tensor by its own
+        dtype: a bf16 teacher keeps some in fp32 (FLUX.3's QK norms, its class's _keep_in_fp32_modules)."""
         self.sharded()
-        teacher = [t.to_local() for t in self.teacher.parameters()]
-        student = [s.to_local() for s in self.student.parameters()]
-        if teacher and teacher[0].device != student[0].device:  # the teacher in host RAM
-            student = [s.to(teacher[0].device) for s in student]
         self.updates += 1
-        if teacher and teacher[0].dtype == torch.float32:
-            torch._foreach_lerp_(teacher, student, 1.0 - decay)  # as DualLoRA.ema_update
-            return
-        gen = torch.Generator(teacher[0].device if teacher else "cpu")
-        # a seed of its own for each update and rank, the same in every Python (tuple hash() may change)
+        gen = None
+        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+            t, s = t.to_local(), s.to_local()
+            if t.dtype == torch.float32:
+                t.lerp_(s.to(t.device), 1.0 - decay)  # as DualLoRA.ema_update
+                continue
+            if gen is None:
+                gen = self._rounding_generator(t.device)
+            t.copy_(stochastic_round(torch.lerp(t.float(), s.to(t.device).float(), 1.0 - decay), t.dtype, gen))
+
+    def _rounding_generator(self, device: torch.device) -> torch.Generator:
+        """The stochastic rounding's stream of this update on this rank, the same in every Python (tuple hash()
+        may change)."""
+        gen = torch.Generator(device)
         key = hashlib.blake2b(f"{self.seed}/{self.updates}/{dist.get_rank()}".encode(), digest_size=8).digest()
-        gen.manual_seed(int.from_bytes(key, "little") >> 1)
-        for t, s in zip(teacher, student):
-            t.copy_(stochastic_round(torch.lerp(t.float(), s.float(), 1.0 - decay), t.dtype, gen))
+        return gen.manual_seed(int.from_bytes(key, "little") >> 1)
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:

@@ -429,3 +429,69 @@ def test_flux3_two_ranks_take_the_unsharded_step_and_its_folder_loads_in_the_sto
     assert err < 1e-5, err
     pipe.update_components(transformer=Flux3Transformer2DModel.from_pretrained(tiny_flux3_dir / "transformer"))
     assert ((roll_out() - latents).norm() / latents.norm()).item() > 1e-3  # the base's: the step changed it
+
+
+def _bf16_ema_update(model: str) -> int:
+    """One rank: FullWeights of `model` with a bf16 EMA teacher, the student moved, one EMA update checked."""
+    from lowvram_dopsd.full import FullWeights
+
+    cfg = load_config("cpu-demo", {"model": model, "train_mode": "full", "ema_dtype": "bf16"})
+    weights = FullWeights.load(load_family(cfg.model), cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in weights.student.parameters():
+            p.to_local().add_(torch.randn(p.to_local().shape, generator=gen))
+    before = {n: t.to_local().clone() for n, t in weights.teacher.named_parameters()}
+    student = dict(weights.student.named_parameters())
+    weights.ema_update(0.9)
+    dtypes = set()
+    for name, t in weights.teacher.named_parameters():
+        x = torch.lerp(before[name].float(), student[name].to_local(), 0.1)
+        got, dtypes = t.to_local(), dtypes | {t.dtype}
+        if t.dtype == torch.float32:  # exact where the teacher is fp32
+            assert torch.equal(got, x), name
+        else:  # one of the two bf16 neighbours of the formula
+            assert ((got.float() - x).abs() <= x.abs() * 2**-7).all(), name
+    assert dtypes == {torch.float32, torch.bfloat16}
+    return 0
+
+
+def test_a_bf16_ema_teacher_updates_the_tensors_flux3_keeps_in_fp32(tiny_flux3_dir):
+    """FLUX.3 keeps its QK norms in fp32 in a bf16 model: the EMA lerps those and rounds the rest."""
+    assert fork_job(1, _bf16_ema_update, str(tiny_flux3_dir)) == [0]
+
+
+def _offloaded_ema(_=None) -> int:
+    """One rank: a teacher on another device than the student (meta standing in for a GPU/host pair); the EMA
+    update's copies of the student onto the teacher's device are counted while they are alive."""
+    import weakref
+
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lowvram_dopsd.full import FullWeights, device_mesh
+
+    mesh = device_mesh(torch.device("cpu"))
+    student = fully_shard(nn.Sequential(*(nn.Linear(8, 8) for _ in range(4))), mesh=mesh)
+    with torch.device("meta"):
+        teacher = fully_shard(nn.Sequential(*(nn.Linear(8, 8) for _ in range(4))), mesh=mesh)
+
+    class Copies(TorchDispatchMode):
+        alive: list = []
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.device.type == "meta" and args[0].device.type == "cpu":
+                self.alive = [r for r in self.alive if r() is not None] + [weakref.ref(out)]
+                self.most = max(self.most, len(self.alive))
+            return out
+    with Copies() as copies:
+        FullWeights(student, teacher, torch.float32).ema_update(0.9)
+    assert copies.most == 1, copies.most  # one tensor at a time, not the whole shard (8 tensors)
+    return 0
+
+
+def test_an_offloaded_teacher_gets_the_student_one_tensor_at_a_time():
+    assert fork_job(1, _offloaded_ema) == [0]
