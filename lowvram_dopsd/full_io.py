@@ -38,6 +38,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
@@ -93,13 +94,22 @@ def save(out_dir: Path, step: int, weights: FullWeights, optimizer: torch.optim.
             checkpoint.write_state(tmp, step, rng_state, cfg, identity, info, run_id, extra)
             checkpoint.publish(tmp, final)
         world.barrier()
-    except OSError as exc:
+    except (OSError, CheckpointException) as exc:
+        error = exc if isinstance(exc, OSError) else _os_error(exc)
+        if error is None:
+            raise
         if tmp is not None and world.main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise checkpoint.save_failed(exc, out_dir, step, previous) from exc
+        raise checkpoint.save_failed(error, out_dir, step, previous) from exc
     if world.main:
         checkpoint.prune(out_dir, keep, run_id, step)
     return final
+
+
+def _os_error(exc: CheckpointException) -> OSError | None:
+    """The OSError (a full disk, most likely) inside DCP's CheckpointException: DCP wraps each rank's error,
+    with its traceback, in a BaseException that every rank raises."""
+    return next((e for e, _ in exc.failures.values() if isinstance(e, OSError)), None)
 
 
 def load(path: Path) -> Checkpoint:
@@ -137,7 +147,10 @@ def restore(ckpt: Checkpoint, weights: FullWeights, optimizer: torch.optim.Optim
                         f"quantized per GPU; it resumes on {saved_on} GPUs only (this job has {now_on}). Resume on "
                         f"{saved_on}, or start a new run.")
     state = _dcp_state(weights, optimizer)
-    dcp.load(state, storage_reader=SafeReader(ckpt.path / WEIGHTS_DIR), planner=SafeLoadPlanner())
+    try:
+        dcp.load(state, storage_reader=SafeReader(ckpt.path / WEIGHTS_DIR), planner=SafeLoadPlanner())
+    except CheckpointException as exc:  # a shard missing or cut short, on some rank: every rank raises it
+        raise checkpoint.damaged(ckpt.path, next((e for e, _ in exc.failures.values()), exc)) from exc
     set_model_state_dict(weights.student, state["student"])
     set_model_state_dict(weights.teacher, state["teacher"])
     if _eight_bit(optimizer):

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import re
 
 import pytest
 import torch
@@ -34,6 +35,23 @@ def _run(over: dict, resume: str | None = None, die_at_publish: int = 0) -> int:
     return 0
 
 
+def _run_out_of_space(over: dict) -> int:
+    """One rank: train `over`, the disk full (ENOSPC from DCP's writes) once the first checkpoint is saved."""
+    import errno
+    from pathlib import Path
+
+    from torch.distributed.checkpoint import filesystem
+
+    real, first = filesystem._write_item, Path(over["output"]) / "checkpoints" / "step-000001"
+
+    def write_item(*args, **kwargs):
+        if first.is_dir():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+    filesystem._write_item = write_item
+    return _run(over)
+
+
 @pytest.fixture(scope="module")
 def over(tiny_zimage_dir, tiny_vlm_dir, demo_images, tmp_path_factory):
     cache = tmp_path_factory.mktemp("full-io-cache")
@@ -52,6 +70,26 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(over, tmp_pat
     assert fork_job(1, _run, over(out), "latest") == [0]  # --resume continues from step 1; the leftover goes
     assert [p.name for _, p in checkpoint.list_checkpoints(out)] == ["step-000001", "step-000002"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_full_disk_during_a_save_and_a_missing_shard_say_what_to_do(over, tmp_path, capfd):
+    """DCP wraps a rank's OSError in its CheckpointException (a BaseException): the full disk is still the
+    save-failed advice (exit 2, the half-written folder gone), and following it continues the run. A checkpoint
+    whose shard is gone is refused as damaged, naming the older one to resume from; that works too."""
+    out = tmp_path / "out"
+    assert fork_job(1, _run_out_of_space, over(out)) == [2]
+    err = " ".join(capfd.readouterr().err.split())
+    assert "Could not save the checkpoint of step 2" in err and "the disk is full" in err, err
+    assert "run the same command with --resume" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]  # no .tmp left
+    assert fork_job(1, _run, over(out), "latest") == [0]
+    assert [p.name for _, p in checkpoint.list_checkpoints(out)] == ["step-000001", "step-000002"]
+    (out / "checkpoints" / "step-000002" / full_io.WEIGHTS_DIR / "__0_0.distcp").unlink()
+    assert fork_job(1, _run, over(out), "latest") == [2]
+    err = " ".join(capfd.readouterr().err.split())
+    assert "step-000002' is damaged or incomplete" in err and "__0_0.distcp" in err, err
+    advised = re.search(r"--resume (\S+)", err)[1].replace("step-XXXXXX", "step-000001")
+    assert fork_job(1, _run, over(out), advised) == [0]
 
 
 class Boom:
