@@ -294,36 +294,56 @@ def _meta_state(weights: FullWeights, dtype: torch.dtype) -> list[dict[str, torc
     return out
 
 
-def write_transformer(out_dir: Path, weights: FullWeights, family, dtype: torch.dtype, info: dict[str, Any]) -> Path:
+def write_transformer(out_dir: Path, weights: FullWeights, family, dtype: torch.dtype, info: dict[str, Any],
+                      last_ckpt: Path | None) -> Path:
     """<output>/transformer/ (diffusers) and, where the family knows its original layout, the single file;
-    returns the folder. Every rank calls it: the weights are gathered unit by unit, and rank 0 writes them."""
+    returns the folder. Every rank calls it: the weights are gathered unit by unit, and rank 0 writes them.
+    A write that fails (a full disk) names `last_ckpt`, which holds the weights, on every rank."""
     world = distributed.current()
     out_dir = Path(out_dir)
     layouts = _meta_state(weights, dtype)
-    layout = family.single_file_layout()
-    single = [layout(u) for u in layouts] if layout else None
-    if not world.main:  # the same gathers as rank 0, in the same order; the data goes to rank 0
-        for _ in range(1 if single is None else 2):
-            for _ in _gathered(weights, dtype, main=False):
-                pass
-        world.barrier()
-        return out_dir / TRANSFORMER_DIR
+    passes = [_gathered(weights, dtype, world.main) for _ in range(1 if family.single_file_layout() is None else 2)]
+    failed = None
+    if world.main:
+        try:
+            _write_files(out_dir, family, layouts, passes, info)
+        except OSError as exc:
+            failed = exc.strerror or str(exc)
+    for units in passes:  # the gathers a failed write left (all of them on the other ranks): each is a collective
+        for _ in units:
+            pass
+    failed = world.from_main(lambda: failed)  # every rank waits for rank 0's files, and hears if they failed
+    if failed is not None:
+        size = sum(t.numel() * t.element_size() for u in layouts for t in u.values()) * len(passes) / 1e9
+        raise UserError(f"Could not write the trained transformer to '{out_dir}' ({failed}; it needs {size:.1f} GB). "
+                        f"The checkpoint {last_ckpt} holds it (the student's fp32 weights): free some space and run "
+                        "the same command with --resume to write it.")
+    return out_dir / TRANSFORMER_DIR
+
+
+def _write_files(out_dir: Path, family, layouts: list[dict[str, torch.Tensor]], passes: list[Iterator],
+                 info: dict[str, Any]) -> None:
+    """Rank 0's part of write_transformer: the folder from the first gather, the single file from the second; a
+    failed write leaves nothing behind (a resumed run's earlier folder stays until the new one is whole)."""
     meta = {"format": "pt", "lowvram_dopsd": json.dumps({**info, "train_mode": "full", "tool_version": __version__},
                                                         sort_keys=True, default=str)}
     tmp = out_dir / f".tmp-{TRANSFORMER_DIR}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tmp.chmod(0o777 & ~current_umask())
-    shutil.copy(family.model_dir / "transformer" / "config.json", tmp / "config.json")
-    _write_sharded(tmp, layouts, _gathered(weights, dtype, main=True), meta)
-    if single is not None:
-        units = (layout(u) for u in _gathered(weights, dtype, main=True))
-        where = single_file(out_dir, known=False, folder="comfyui" if family.comfy_layout else "single-file")
-        _stream_file(where, _keys(single),
-                     {k: t for u in single for k, t in u.items()}, (u[k] for u in units for k in sorted(u)), meta)
-    _replace_dir(tmp, out_dir / TRANSFORMER_DIR)
-    world.barrier()
-    return out_dir / TRANSFORMER_DIR
+    where = single_file(out_dir, known=False, folder="comfyui" if family.comfy_layout else "single-file")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tmp.chmod(0o777 & ~current_umask())
+        shutil.copy(family.model_dir / "transformer" / "config.json", tmp / "config.json")
+        _write_sharded(tmp, layouts, passes[0], meta)
+        if layout := family.single_file_layout():
+            single, units = [layout(u) for u in layouts], (layout(u) for u in passes[1])
+            _stream_file(where, _keys(single), {k: t for u in single for k, t in u.items()},
+                         (u[k] for u in units for k in sorted(u)), meta)
+        _replace_dir(tmp, out_dir / TRANSFORMER_DIR)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where.with_name(f".tmp-{where.name}").unlink(missing_ok=True)  # _stream_file's, cut short
+        raise
 
 
 SINGLE_FILE_DIRS = ("comfyui", "single-file")  # ComfyUI's layout; another original one that diffusers reads

@@ -171,7 +171,8 @@ class Run:
         if self.cfg.train_mode == "full":  # the transformer folder and its single file (every rank gathers);
             # stopped early, the checkpoint holds the weights (a model-sized write is not worth a stop)
             self.lora_path = path = self.last_ckpt if self.stopped or self.diverged else \
-                self.store.write_transformer(self.out_dir, self.lora, self.family, self.dtype, meta)
+                self.store.write_transformer(self.out_dir, self.lora, self.family, self.dtype, meta,
+                                             self.last_ckpt)
         else:  # rank 0 writes the files
             self.lora_path = path = write_loras(self.out_dir, self.lora, meta, self.dtype, self.last_ckpt) \
                 if self.world.main else None

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lowvram_dopsd import checkpoint, full_io
 from lowvram_dopsd.config import load_config
@@ -52,6 +53,21 @@ def _run_out_of_space(over: dict) -> int:
     return _run(over)
 
 
+def _run_transformer_out_of_space(over: dict) -> int:
+    """One rank: train `over`, the disk full (ENOSPC) while the trained transformer's first file is written."""
+    import errno
+
+    real = full_io._stream_file
+
+    def stream_file(path, *args):
+        if path.parent.name.startswith(f".tmp-{full_io.TRANSFORMER_DIR}-"):
+            path.with_name(f".tmp-{path.name}").write_bytes(b"cut short")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args)
+    full_io._stream_file = stream_file
+    return _run(over)
+
+
 @pytest.fixture(scope="module")
 def over(tiny_zimage_dir, tiny_vlm_dir, demo_images, tmp_path_factory):
     cache = tmp_path_factory.mktemp("full-io-cache")
@@ -90,6 +106,20 @@ def test_a_full_disk_during_a_save_and_a_missing_shard_say_what_to_do(over, tmp_
     assert "step-000002' is damaged or incomplete" in err and "__0_0.distcp" in err, err
     advised = re.search(r"--resume (\S+)", err)[1].replace("step-XXXXXX", "step-000001")
     assert fork_job(1, _run, over(out), advised) == [0]
+
+
+def test_a_full_disk_while_writing_the_transformer_names_the_checkpoint_and_resume_writes_it(over, tmp_path,
+                                                                                            capfd):
+    out = tmp_path / "out"
+    assert fork_job(1, _run_transformer_out_of_space, over(out)) == [2]
+    err = " ".join(capfd.readouterr().err.split())
+    assert "Could not write the trained transformer" in err and "No space left on device" in err, err
+    ckpt = out / "checkpoints" / "step-000002"
+    assert f"The checkpoint {ckpt} holds it" in err and "run the same command with --resume" in err
+    assert not list(out.glob(".tmp-*")) and not (out / full_io.TRANSFORMER_DIR).exists()  # nothing half-written
+    assert fork_job(1, _run, over(out), "latest") == [0]
+    written = load_file(out / full_io.TRANSFORMER_DIR / "diffusion_pytorch_model.safetensors")
+    assert written and not list(out.glob(".tmp-*"))
 
 
 class Boom:
