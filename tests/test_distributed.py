@@ -86,6 +86,19 @@ def test_ranks_that_disagree_stop_before_anything_runs(tmp_path):
     assert "same command" in msg
 
 
+def _rank_0_fails_first() -> None:
+    if distributed.current().rank == 1:
+        time.sleep(3 * distributed.BEAT_S)  # rank 0 has exited by then
+    raise UserError("the same refusal on every rank")
+
+
+def test_a_rank_failing_after_rank_0_exited_ends_with_its_code_as_under_torchrun():
+    """fork_job serves the job's store as torchrun's agent does (not rank 0, on a port the system picks): a
+    rank still running when rank 0 has exited reads rank 0's exit code from it. When rank 0 served it, rank 1
+    found it gone and exited 69 (rank lost) for a setting every rank refused."""
+    assert fork_job(2, _rank_0_fails_first, timeout=60) == [EXIT_USER_ERROR, EXIT_USER_ERROR]
+
+
 def _rank_1_dies(how: str, out: str) -> None:
     world = distributed.current()
     t = torch.ones(3)
