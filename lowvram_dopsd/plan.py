@@ -283,24 +283,49 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
     teacher = s.get("teacher") or family.teachers[0]
     meta = build_meta(family, mc.transformer)
     c = count(meta, family.quant_skip, tuple(s.get("lora_targets") or family.lora_targets), int(s["rank"]))
-    dim = _dim(meta, mc.transformer)
     tok = family.plan_tokens(height, width, int(s["max_sequence_length"]), int(s["teacher_max_sequence_length"]),
                              teacher)
-    quant = s["quant"]
-    dtype = s.get("dtype") or "bf16"
+    quant, dtype, checkpointing = s["quant"], s.get("dtype") or "bf16", s.get("grad_checkpointing", True)
     # bytes per element of the compute dtype: the base kept unquantized, the activations and the LoRA's
     # casts. Calibrated in bf16; fp32 doubles each of them (a model, not measured: fp32 is for the CPU)
     e = 4 if dtype == "fp32" else 2
-    q_bytes, kept_bytes = weights_bytes(c, quant, e)
-    b = int(s.get("micro_batch") or 1)  # samples per forward: every per-token activation term is x b
-    per = f" x {b} samples" if b > 1 else ""
 
+    # what the step holds from start to end, then the activations of its two passes: the larger is the peak
+    rows = static_rows(c, s, dtype, e)
+    static, work = sum(r.bytes for r in rows), cal["work"]
+    act = Activations.of(family, c, tok, _dim(meta, mc.transformer), e, int(s.get("micro_batch") or 1),
+                         int(s["rank"]), cal, fused=bool(s.get("fused_linear")) and quant in QUANTO)
+    want = str(s.get("keep_blocks") or "0")
+    kept = choose_kept(act, want, budget_gib, static, work) if checkpointing else {}
+    student, student_rows = student_activations(act, kept, want, checkpointing, dtype)
+    phase, activation, phase_rows = peak_phase(act, student, student_rows)
+    rows += phase_rows
+    # the fixed workspace, then two sizes shown for comparison only
+    rows.append(Row("workspace", "cuBLAS/attention workspaces", work))
+    if quant != "none":
+        rows.append(Row("(largest dequantized weight)", "transient inside one 8-bit matmul; freed before the peak",
+                        c.max_linear * e, in_peak=False))
+    if checkpointing:
+        rows.append(Row("(activations without checkpointing)", "for comparison", act.no_ckpt + act.bwd, in_peak=False))
+    settings_out = {**{k: s[k] for k in ("rank", "quant", "optimizer", "grad_checkpointing", "max_sequence_length",
+                                         "teacher_max_sequence_length", "teacher_ema_on", "keep_blocks") if k in s},
+                    "dtype": dtype, "height": height, "width": width, "teacher": teacher, "micro_batch": act.b}
+    return Plan(model, mc.source, family, settings_out, c, tok, rows, static + activation + work,
+                act.no_ckpt + act.bwd, phase, budget_gib, kept)
+
+
+def static_rows(c: Counts, s: dict[str, Any], dtype: str, e: int) -> list[Row]:
+    """What a step holds from start to end: the frozen base, the LoRA sets, their gradients and the optimizer's
+    state. None of it depends on the resolution or on micro_batch."""
+    quant = s["quant"]
+    q_bytes, kept_bytes = weights_bytes(c, quant, e)
     rows = []
     if quant != "none":
         rows.append(Row("frozen base, 8-bit", f"{c.quant_weight / 1e9:.2f}B weights ({quant}) + scales", q_bytes))
-    rows.append(Row(f"frozen base, {dtype}", f"{(c.total - (c.quant_weight + c.quant_bias if quant != 'none' else 0)) / 1e9:.3f}B "
-                    "params (skipped layers, norms, pad tokens)" if quant != "none" else f"{c.total / 1e9:.2f}B params",
-                    kept_bytes))
+        rows.append(Row(f"frozen base, {dtype}", f"{(c.total - c.quant_weight - c.quant_bias) / 1e9:.3f}B params "
+                        "(skipped layers, norms, pad tokens)", kept_bytes))
+    else:
+        rows.append(Row(f"frozen base, {dtype}", f"{c.total / 1e9:.2f}B params", kept_bytes))
     rows.append(Row("LoRA student (fp32)", f"{c.lora / 1e6:.1f}M params, rank {s['rank']}, {c.lora_layers} layers",
                     4 * c.lora))
     if s.get("teacher_ema_on", "device") == "cpu":  # the fp32 EMA in host RAM, a bf16 copy on the GPU
@@ -309,101 +334,135 @@ def make_plan(model: str, settings: dict[str, Any], mc: ModelConfig | None = Non
         rows.append(Row("LoRA EMA teacher (fp32)", "same shapes, a buffer", 4 * c.lora))
     rows.append(Row("LoRA gradients (fp32)", "kept across the roll-out's per-step backwards", 4 * c.lora))
     rows.append(Row("optimizer state", s["optimizer"], optimizer_bytes(c.lora, s["optimizer"])))
-    static = sum(r.bytes for r in rows)
+    return rows
 
-    streams = family.block_streams(c.blocks, tok)
-    n_blocks = sum(n for _, n, _ in streams)
-    rank = int(s["rank"])
-    lora_per_block = c.lora_layers / max(n_blocks, 1)
-    lora_copies = e * c.lora / max(n_blocks, 1)   # compute-dtype casts of one block's LoRA factors, saved for backward
 
-    def full(name: str, t: int) -> float:  # all saved activations of one block with t tokens per sample
-        return b * (family.k_block[name] * e / 2 * t * dim + lora_per_block * rank * e * t) + lora_copies
+@dataclass
+class Activations:
+    """The activation model of one step (the module docstring's), in bytes for `b` samples per forward. The
+    student's forward runs through block streams: a block list and the tokens through each of its blocks."""
 
-    block_full = {name: full(name, t) for name, n, t in streams if n}
-    worst = max(block_full, key=block_full.get)
-    t_worst = next(t for name, _, t in streams if name == worst)
-    inputs = b * sum(n * t * dim * e for _, n, t in streams)
-    bwd = b * cal["c_bwd"] * tok.student * dim * e
-    outside = b * family.c_outside * tok.student * dim * e  # per-token tensors made outside the blocks (FLUX.3)
-    no_ckpt = sum(n * full(name, t) for name, n, t in streams if n)
-    fused = bool(s.get("fused_linear")) and quant in QUANTO
-    teacher_fwd = b * cal.get("c_fwd", family.c_fwd_fused if fused else family.c_fwd) * tok.teacher * dim * e
-    work = cal["work"]
+    family: type[Family]
+    tok: Tokens
+    dim: int
+    e: int                         # bytes per element of the compute dtype
+    b: int                         # samples per forward
+    c_bwd: float
+    fused: bool                    # the teacher's 8-bit linears run on the fused kernel
+    counts: dict[str, int]         # blocks of each block list that has any, in the family's order
+    tokens: dict[str, int]         # tokens per sample through each block of a list
+    block_full: dict[str, float]   # every saved activation of one block of a list, with its LoRA's casts
+    order: list[str]               # block lists, the ones that see the most tokens first
+    inputs: float                  # every block's input: what a checkpointed block keeps
+    bwd: float                     # the backward's own temporaries
+    outside: float                 # per-token tensors made outside the blocks (FLUX.3's modulation)
+    no_ckpt: float                 # every block's full activations: no checkpointing at all
+    teacher_fwd: float             # the teacher's pass (no grad): transients only
 
-    # selective checkpointing (keep_blocks): kept blocks hold all their activations and are not recomputed;
-    # the blocks that see the most tokens go first (their recompute costs the most per byte kept: attention
-    # grows with tokens²), the last ones of a list first
-    order = [name for name, n, _ in sorted((x for x in streams if x[1]), key=lambda x: -x[2])]
-    counts = {name: n for name, n, _ in streams if n}
+    @classmethod
+    def of(cls, family: type[Family], c: Counts, tok: Tokens, dim: int, e: int, b: int, rank: int,
+           cal: dict[str, float], fused: bool) -> Activations:
+        streams = [(name, n, t) for name, n, t in family.block_streams(c.blocks, tok) if n]
+        n_blocks = max(sum(n for _, n, _ in streams), 1)
+        layers = c.lora_layers / n_blocks  # LoRA layers per block
+        lora_copies = e * c.lora / n_blocks  # compute-dtype casts of a block's LoRA factors: once, not per sample
+        full = {name: b * (family.k_block[name] * e / 2 * t * dim + layers * rank * e * t) + lora_copies
+                for name, _, t in streams}
+        # a block kept out of checkpointing saves the most recompute where it sees the most tokens (attention
+        # grows with tokens²): those lists are kept first
+        order = [name for name, _, _ in sorted(streams, key=lambda x: -x[2])]
+        return cls(family, tok, dim, e, b, cal["c_bwd"], fused, counts={name: n for name, n, _ in streams},
+                   tokens={name: t for name, _, t in streams}, block_full=full, order=order,
+                   inputs=b * sum(n * t * dim * e for _, n, t in streams),
+                   bwd=b * cal["c_bwd"] * tok.student * dim * e,
+                   outside=b * family.c_outside * tok.student * dim * e,
+                   no_ckpt=sum(n * full[name] for name, n, _ in streams),
+                   teacher_fwd=b * cal.get("c_fwd", family.c_fwd_fused if fused else family.c_fwd) * tok.teacher
+                   * dim * e)
 
-    def kept_for(total: int) -> dict[str, int]:
-        out = {}
-        for name in order:
-            out[name] = min(counts[name], total - sum(out.values()))
+    @property
+    def n_blocks(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def per(self) -> str:  # said after every per-sample size
+        return f" x {self.b} samples" if self.b > 1 else ""
+
+    def kept_for(self, total: int) -> dict[str, int]:
+        """`total` blocks kept out of checkpointing, per block list (the last ones of a list: accel.py)."""
+        out: dict[str, int] = {}
+        for name in self.order:
+            out[name] = min(self.counts[name], total - sum(out.values()))
         return {name: k for name, k in out.items() if k}
 
-    def student_with(kept: dict[str, int]) -> float:  # inputs, kept blocks, the largest recomputed block
-        again = [name for name in order if kept.get(name, 0) < counts[name]]
-        return (inputs + sum(k * block_full[name] for name, k in kept.items())
-                + max((block_full[name] for name in again), default=0.0) + bwd + outside)
+    def kept_bytes(self, kept: dict[str, int]) -> float:
+        return sum(k * self.block_full[name] for name, k in kept.items())
 
-    want = str(s.get("keep_blocks") or "0")
-    kept: dict[str, int] = {}
-    if s.get("grad_checkpointing", True) and want != "0":
-        if want != "auto":
-            kept = kept_for(min(int(want), n_blocks))
-        elif budget_gib is not None:  # as many as fit under the budget
-            fits = [k for k in range(n_blocks + 1)
-                    if static + max(student_with(kept_for(k)), teacher_fwd) + work <= budget_gib * GiB]
-            kept = kept_for(max(fits, default=0))
-    if s.get("grad_checkpointing", True):
-        again = [name for name in order if kept.get(name, 0) < counts[name]]
-        worst = max(again, key=block_full.get) if again else worst
-        t_worst = next(t for name, _, t in streams if name == worst)
-        act_rows = [Row("activations: block inputs", f"{n_blocks} checkpointed blocks ({dtype} inputs, <= "
-                        f"{tok.student} tokens x {dim}{per})", inputs)]
+    def recomputed(self, kept: dict[str, int]) -> list[str]:
+        """The block lists that still have checkpointed blocks (recomputed in backward, one at a time)."""
+        return [name for name in self.order if kept.get(name, 0) < self.counts[name]]
+
+    def student(self, kept: dict[str, int]) -> float:
+        """The student's backward with checkpointing: every block's input, the kept blocks whole, the largest
+        recomputed block, the backward's temporaries and what is made outside the blocks."""
+        return (self.inputs + self.kept_bytes(kept)
+                + max((self.block_full[name] for name in self.recomputed(kept)), default=0.0) + self.bwd + self.outside)
+
+
+def choose_kept(act: Activations, want: str, budget_gib: float | None, static: float, work: float) -> dict[str, int]:
+    """keep_blocks (selective checkpointing): kept blocks hold all their activations and are not recomputed,
+    memory for time. A number keeps that many blocks; "auto" as many as fit under the budget (none without
+    a budget)."""
+    if want == "0":
+        return {}
+    if want != "auto":
+        return act.kept_for(min(int(want), act.n_blocks))
+    if budget_gib is None:
+        return {}
+    fits = [k for k in range(act.n_blocks + 1)
+            if static + max(act.student(act.kept_for(k)), act.teacher_fwd) + work <= budget_gib * GiB]
+    return act.kept_for(max(fits, default=0))
+
+
+def student_activations(act: Activations, kept: dict[str, int], want: str, checkpointing: bool, dtype: str
+                        ) -> tuple[float, list[Row]]:
+    """The student's backward: its bytes and the rows that make them up."""
+    per = act.per
+    if checkpointing:
+        rows = [Row("activations: block inputs", f"{act.n_blocks} checkpointed blocks ({dtype} inputs, <= "
+                    f"{act.tok.student} tokens x {act.dim}{per})", act.inputs)]
         if kept:
-            act_rows.append(Row("activations: kept blocks", f"{sum(kept.values())} of {n_blocks} blocks keep all "
-                                f"their activations (keep_blocks = {want}): "
-                                + ", ".join(f"{k} {name}" for name, k in kept.items()),
-                                sum(k * block_full[name] for name, k in kept.items())))
+            rows.append(Row("activations: kept blocks", f"{sum(kept.values())} of {act.n_blocks} blocks keep all "
+                            f"their activations (keep_blocks = {want}): "
+                            + ", ".join(f"{k} {name}" for name, k in kept.items()), act.kept_bytes(kept)))
+        again = act.recomputed(kept)
         if again:
-            act_rows.append(Row("activations: one block recomputed", f"{worst}: {family.k_block[worst]:g} B/token/dim "
-                                f"x {t_worst} tokens{per} + LoRA", block_full[worst]))
-        student = student_with(kept)
+            worst = max(again, key=act.block_full.get)
+            rows.append(Row("activations: one block recomputed", f"{worst}: {act.family.k_block[worst]:g} "
+                            f"B/token/dim x {act.tokens[worst]} tokens{per} + LoRA", act.block_full[worst]))
+        student = act.student(kept)
     else:
-        act_rows = [Row("activations: all blocks (no checkpointing)",
-                        f"{n_blocks} blocks x <= {tok.student} tokens{per}", no_ckpt)]
-        student = no_ckpt + bwd + outside
-    act_rows.append(Row("activations: backward temporaries", f"{cal['c_bwd']:g} x tokens x dim x {e} B{per}", bwd))
-    if outside:
-        act_rows.append(Row("activations: outside the blocks", f"per-token modulation, {family.c_outside:g} x tokens "
-                            f"x dim x {e} B{per}", outside))
-    if student >= teacher_fwd:
-        phase, rows_act = "student backward", act_rows
-        activation = student
-    else:
-        phase, rows_act = "teacher forward (no grad)", [Row("activations: teacher pass (no grad)",
-                                                            f"{tok.teacher} tokens{per}" + (", fused 8-bit linears"
-                                                                                      if fused else ""), teacher_fwd)]
-        activation = teacher_fwd
-        rows += [Row(r.what, r.detail, r.bytes, in_peak=False) for r in act_rows]
-    rows += rows_act
-    if phase == "student backward":
-        rows.append(Row("teacher pass transients (no grad)", f"{tok.teacher} tokens{per}; not the peak phase",
-                        teacher_fwd, in_peak=False))
-    rows.append(Row("workspace", "cuBLAS/attention workspaces", work))
-    if quant != "none":
-        rows.append(Row("(largest dequantized weight)", "transient inside one 8-bit matmul; freed before the peak",
-                        c.max_linear * e, in_peak=False))
-    if s.get("grad_checkpointing", True):
-        rows.append(Row("(activations without checkpointing)", "for comparison", no_ckpt + bwd, in_peak=False))
-    peak = static + activation + work
-    settings_out = {**{k: s[k] for k in ("rank", "quant", "optimizer", "grad_checkpointing", "max_sequence_length",
-                                         "teacher_max_sequence_length", "teacher_ema_on", "keep_blocks") if k in s},
-                    "dtype": dtype, "height": height, "width": width, "teacher": teacher, "micro_batch": b}
-    return Plan(model, mc.source, family, settings_out, c, tok, rows, peak, no_ckpt + bwd, phase, budget_gib, kept)
+        rows = [Row("activations: all blocks (no checkpointing)",
+                    f"{act.n_blocks} blocks x <= {act.tok.student} tokens{per}", act.no_ckpt)]
+        student = act.no_ckpt + act.bwd + act.outside
+    rows.append(Row("activations: backward temporaries", f"{act.c_bwd:g} x tokens x dim x {act.e} B{per}", act.bwd))
+    if act.outside:
+        rows.append(Row("activations: outside the blocks", f"per-token modulation, {act.family.c_outside:g} x tokens "
+                        f"x dim x {act.e} B{per}", act.outside))
+    return student, rows
+
+
+def peak_phase(act: Activations, student: float, student_rows: list[Row]) -> tuple[str, float, list[Row]]:
+    """(phase, its activation bytes, rows): the student's backward or the teacher's pass, whichever is larger;
+    the other's rows are shown out of the peak."""
+    teacher = f"{act.tok.teacher} tokens{act.per}"
+    if student >= act.teacher_fwd:
+        return "student backward", student, student_rows + [
+            Row("teacher pass transients (no grad)", f"{teacher}; not the peak phase", act.teacher_fwd, in_peak=False)]
+    shown = [Row(r.what, r.detail, r.bytes, in_peak=False) for r in student_rows]
+    return "teacher forward (no grad)", act.teacher_fwd, shown + [
+        Row("activations: teacher pass (no grad)", teacher + (", fused 8-bit linears" if act.fused else ""),
+            act.teacher_fwd)]
 
 
 def _dim(meta: nn.Module, transformer: dict[str, Any]) -> int:
