@@ -77,6 +77,14 @@ def check_method(cfg: TrainConfig, family: Family) -> tuple[str, int, int]:
     if cfg.train_states > rollout_steps:
         raise UserError(f"train_states ({cfg.train_states}) cannot exceed the {rollout_steps} roll-out steps.")
     train_states = min(cfg.train_states or family.default_train_states or rollout_steps, rollout_steps)
+    processes = distributed.current().size
+    if cfg.train_mode == "full" and cfg.micro_batch > 1 and processes > 1 and not family.one_pass_per_micro_batch:
+        raise UserError(
+            f"train_mode = 'full' on {processes} processes needs micro_batch = 1 for the {family.name} family: its "
+            "transformer runs the prompts of a micro-batch one at a time when their lengths differ, so the "
+            "processes would make different numbers of sharded passes (each gathers weights from all of them) "
+            f"and wait on each other for ever. Set --micro-batch 1 (batch_size {cfg.batch_size} stays the batch; "
+            "the full presets use 1).")
     return teacher, rollout_steps, train_states
 
 

@@ -495,3 +495,42 @@ def _offloaded_ema(_=None) -> int:
 
 def test_an_offloaded_teacher_gets_the_student_one_tensor_at_a_time():
     assert fork_job(1, _offloaded_ema) == [0]
+
+
+@pytest.mark.parametrize("family", ["klein", "flux3"])
+def test_micro_batches_of_several_prompts_are_refused_where_each_prompt_may_run_alone(
+        family, tiny_klein_dir, tiny_flux3_dir, demo_images, tmp_path, capfd):
+    """klein's and FLUX.3's velocity runs prompts of different lengths one at a time: with micro_batch 2 the
+    ranks of a full fine-tune could make different numbers of sharded passes (a hang). Refused before loading,
+    in one paragraph; the advised --micro-batch 1 trains."""
+    model = {"klein": tiny_klein_dir, "flux3": tiny_flux3_dir}[family]
+    over = settings(model, demo_images, tmp_path / "cache", tmp_path / "out", steps=1, batch_size=4, dtype="fp32")
+    args = ["train", "--preset", "cpu-demo", *(a for k, v in over.items() for a in ("--set", f"{k}={v}"))]
+    assert fork_job(2, _cli, args + ["--micro-batch", "2"]) == [2, 2]
+    err = " ".join(capfd.readouterr().err.split())
+    assert f"needs micro_batch = 1 for the {family} family" in err and "Set --micro-batch 1" in err, err
+    assert not (tmp_path / "out").exists()
+    if family == "klein":
+        assert fork_job(2, _cli, args + ["--micro-batch", "1"]) == [0, 0]
+
+
+def test_one_pass_per_micro_batch_says_how_many_transformer_calls_prompts_of_two_lengths_make(
+        tiny_zimage_dir, tiny_klein_dir, tiny_flux3_dir):
+    """Family.one_pass_per_micro_batch (what the refusal above reads) against each family's velocity: a
+    micro-batch of two prompts of different lengths is one transformer call (Z-Image) or one per prompt."""
+    seen = set()
+    for model in (tiny_zimage_dir, tiny_klein_dir, tiny_flux3_dir):
+        cfg = load_config("cpu-demo", {"model": str(model), "dtype": "fp32", "resolution": "64"})
+        family = load_family(cfg.model)
+        seen.add(family.one_pass_per_micro_batch)
+        transformer = family.load_transformer(cfg, torch.device("cpu"), torch.float32)
+        calls = []
+        transformer.register_forward_hook(lambda *_: calls.append(1))
+        (cond, _) = family.random_conditions("vlm", cfg, torch.device("cpu"), torch.float32)
+        conds = [cond, {**cond, "cap": cond["cap"][:-16]}]
+        x = torch.randn(2, *family.latent_shape(64, 64))
+        sigmas = family.sigmas(64, 64, 2)
+        with torch.no_grad():
+            family.velocity(transformer, x, sigmas[0], conds, sigmas[1])
+        assert len(calls) == (1 if family.one_pass_per_micro_batch else 2), (family.name, len(calls))
+    assert seen == {True, False}

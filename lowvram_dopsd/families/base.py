@@ -100,6 +100,11 @@ class Family:
     near_misses: ClassVar[dict[str, str]] = {}
 
     takes_transformer_file: ClassVar[bool] = True  # a diffusers transformer: `transformer_file` can replace it
+    # Whether `velocity` runs a micro-batch in one transformer call whatever its conditions' lengths (Z-Image
+    # takes a list of captions). False: items of different lengths run one at a time (one set of position ids
+    # per call; padding would change what the model sees), so the processes of a full fine-tune could make
+    # different numbers of sharded passes and wait on each other: preflight.check_method refuses micro_batch > 1.
+    one_pass_per_micro_batch: ClassVar[bool] = True
 
     def __init__(self, model_dir: Path, model_id: str):
         self.model_dir = Path(model_dir)

@@ -153,6 +153,7 @@ def to_original(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @register
 class Flux3(ReferenceImageFamily):
     name = "flux3"
+    one_pass_per_micro_batch = False  # conditions of different lengths run one at a time (velocity)
     pipeline_class = PIPELINE
     # The distilled blocks' Flux3SetTimestepsStep(num_inference_steps=16); a roll-out visits 16 states.
     default_rollout_steps = 16

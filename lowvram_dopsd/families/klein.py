@@ -68,6 +68,7 @@ def text_layers() -> tuple[int, ...]:
 @register
 class Klein(ReferenceImageFamily):
     name = "klein"
+    one_pass_per_micro_batch = False  # conditions of different lengths run one at a time (velocity)
     pipeline_class = "Flux2KleinPipeline"
     default_rollout_steps = 4     # the distilled model's 4 steps
     default_lr = 1e-5             # paper App. D
