@@ -143,8 +143,12 @@ class FullWeights:
         return list(self.student.parameters())
 
     def teacher_dtype(self) -> str:
-        t = next(self.teacher.parameters())
-        return f"{str(t.dtype).removeprefix('torch.')}{' in host RAM' if t.device.type == 'cpu' else ''}"
+        """The EMA teacher's dtype (most of its weights': a bf16 FLUX.3 keeps its QK norms in fp32), and "in host
+        RAM" where it is offloaded from the student's GPU (a CPU run has everything there: nothing to say)."""
+        teacher = list(self.teacher.parameters())
+        dtype = max({t.dtype for t in teacher}, key=lambda d: sum(t.numel() for t in teacher if t.dtype == d))
+        offloaded = teacher[0].device.type == "cpu" and next(self.student.parameters()).device.type != "cpu"
+        return f"{str(dtype).removeprefix('torch.')}{' in host RAM' if offloaded else ''}"
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.student.parameters())  # a DTensor's numel is the whole tensor's

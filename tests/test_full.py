@@ -453,6 +453,7 @@ def _bf16_ema_update(model: str) -> int:
         else:  # one of the two bf16 neighbours of the formula
             assert ((got.float() - x).abs() <= x.abs() * 2**-7).all(), name
     assert dtypes == {torch.float32, torch.bfloat16}
+    assert weights.teacher_dtype() == "bfloat16"  # what most of it holds
     return 0
 
 
@@ -534,3 +535,15 @@ def test_one_pass_per_micro_batch_says_how_many_transformer_calls_prompts_of_two
             family.velocity(transformer, x, sigmas[0], conds, sigmas[1])
         assert len(calls) == (1 if family.one_pass_per_micro_batch else 2), (family.name, len(calls))
     assert seen == {True, False}
+
+
+def test_the_run_line_says_host_ram_only_for_a_teacher_offloaded_from_the_gpu():
+    from torch import nn
+
+    from lowvram_dopsd.full import FullWeights
+
+    assert FullWeights(nn.Linear(4, 4), nn.Linear(4, 4), torch.float32).teacher_dtype() == "float32"  # a CPU run
+    with torch.device("meta"):  # standing in for the GPU the student is on
+        student = nn.Linear(4, 4)
+    offloaded = FullWeights(student, nn.Linear(4, 4).bfloat16(), torch.bfloat16)
+    assert offloaded.teacher_dtype() == "bfloat16 in host RAM"
