@@ -110,14 +110,17 @@ def test_a_full_disk_during_a_save_and_a_missing_shard_say_what_to_do(over, tmp_
 
 def test_a_full_disk_while_writing_the_transformer_names_the_checkpoint_and_resume_writes_it(over, tmp_path,
                                                                                             capfd):
+    """On 2 ranks: rank 0's write fails on the folder's first file; rank 1, gathering with it, is not left waiting
+    (rank 0 finishes the gathers, the folder's and the single file's), and both say what to do."""
     out = tmp_path / "out"
-    assert fork_job(1, _run_transformer_out_of_space, over(out)) == [2]
+    assert fork_job(2, _run_transformer_out_of_space, over(out, batch_size=2), timeout=60) == [2, 2]
     err = " ".join(capfd.readouterr().err.split())
     assert "Could not write the trained transformer" in err and "No space left on device" in err, err
     ckpt = out / "checkpoints" / "step-000002"
     assert f"The checkpoint {ckpt} holds it" in err and "run the same command with --resume" in err
     assert not list(out.glob(".tmp-*")) and not (out / full_io.TRANSFORMER_DIR).exists()  # nothing half-written
-    assert fork_job(1, _run, over(out), "latest") == [0]
+    assert not list((out / "comfyui").glob(".tmp-*"))
+    assert fork_job(2, _run, over(out, batch_size=2), "latest") == [0, 0]
     written = load_file(out / full_io.TRANSFORMER_DIR / "diffusion_pytorch_model.safetensors")
     assert written and not list(out.glob(".tmp-*"))
 
