@@ -56,7 +56,7 @@ def run_header(cfg: TrainConfig, preset: str, family: Family, ds: data.Dataset, 
         "compute": f"{device} {cfg.dtype}, base quant {cfg.quant}"
                    + (" with int8 activations" if cfg.act_quant == "int8" else "")
                    + f", gradient checkpointing {'on' if cfg.grad_checkpointing else 'off'}"
-                   + (", EMA teacher in host RAM" if cfg.teacher_ema_on == "cpu" else "")
+                   + (", EMA teacher in host RAM" if cfg.teacher_ema_on == "cpu" and device.type != "cpu" else "")
                    + (f"; {n} processes, each rolling out its share of every batch"
                       if (n := distributed.current().size) > 1 else ""),
         "output": str(out_dir) + (f" (resuming {ckpt.path.name})" if ckpt else ""),
