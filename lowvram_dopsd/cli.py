@@ -99,21 +99,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = load_config(args.preset, _overrides(args))
-    if args.gpus != 1:
-        _gpus(args.gpus, args.argv)
+    if args.gpus != 1 and (job := _gpus(args.gpus, args.argv)) is not None:
+        return job
     return exit_code(train(cfg, preset=args.preset or "", resume=args.resume, command=_resume_command(args.argv)))
 
 
-def _gpus(n: int, argv: list[str]) -> None:
+def _gpus(n: int, argv: list[str]) -> int | None:
     """--gpus N: this command becomes a torchrun job of N processes on this node, each of which runs it
-    again (with --gpus N: their own command, and the one to resume with)."""
+    again (with --gpus N: their own command, and the one to resume with); returns the job's exit code
+    (None in a process of the job)."""
     from . import distributed
 
     if n < 1:
         raise UserError(f"--gpus is how many GPUs of this machine to train on (1 or more); got {n}.")
     if not distributed.under_torchrun():
-        distributed.hand_over_to_torchrun(n, argv)
-    elif int(os.environ.get("LOCAL_WORLD_SIZE", n)) != n:
+        return distributed.hand_over_to_torchrun(n, argv)
+    if int(os.environ.get("LOCAL_WORLD_SIZE", n)) != n:
         raise UserError(f"--gpus {n}, but torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes on this node: "
                         "under torchrun or srun leave out --gpus (torchrun's --nproc-per-node says it).")
 
@@ -534,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         with launched():  # under torchrun, this process's rank of the job (a no-op otherwise)
             return args.func(args)
     except UserError as exc:
+        if getattr(exc, "said_by_main", False):  # rank 0 of the job printed the same paragraph
+            return exc.exit_code
         err.print(styled("error:", str(exc), "bold red"), soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt as exc:  # a second Ctrl-C, or one outside the training loop

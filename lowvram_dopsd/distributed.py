@@ -318,16 +318,34 @@ def under_torchrun() -> bool:
 SHUTDOWN_TIMEOUT_S = 900
 
 
-def hand_over_to_torchrun(processes: int, argv: list[str]) -> None:
-    """`lowvram-dopsd train --gpus N ...`: this process becomes `torchrun --standalone --nproc-per-node N
-    -m lowvram_dopsd train --gpus N ...`, one process per GPU of this node."""
-    from torch.distributed.run import get_args_parser
+def hand_over_to_torchrun(processes: int, argv: list[str]) -> int:
+    """`lowvram-dopsd train --gpus N ...`: run `torchrun --standalone --nproc-per-node N -m lowvram_dopsd
+    train --gpus N ...` (one process per GPU of this node) in this process, and return the job's exit code.
+    torchrun itself exits 1 with a traceback whenever a rank exits non-zero, a stopped run's 75 and a
+    setting's 2 included; each rank has already said what happened, so this returns the code of the first
+    rank to exit (a rank killed by a signal: 128 + the signal, as a shell says it)."""
+    import logging
 
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    if "--shutdown-timeout" in get_args_parser()._option_string_actions:  # newer torchruns (older: 30 s)
-        launcher.append(f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    parser = get_args_parser()
+    flags = ["--standalone", f"--nproc-per-node={processes}"]
+    if "--shutdown-timeout" in parser._option_string_actions:  # newer torchruns (older: 30 s)
+        flags.append(f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}")
+    for name in list(logging.Logger.manager.loggerDict):  # torchrun's notes repeat what the ranks say
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.stdout.flush()
-    os.execv(sys.executable, launcher + ["-m", "lowvram_dopsd", *argv])
+    try:
+        run(parser.parse_args([*flags, "-m", "lowvram_dopsd", *argv]))
+    except ChildFailedError as exc:
+        code = exc.get_first_failure()[1].exitcode
+        return 128 - code if code < 0 else code
+    except SignalException as exc:  # Ctrl-C or SIGTERM to this process: torchrun stopped the ranks
+        return 128 + int(exc.sigval)
+    return 0
 
 
 @contextmanager
@@ -357,6 +375,8 @@ def launched() -> Iterator[World]:
         if isinstance(exc, RuntimeError) and not isinstance(exc, UserError):
             watchdog.await_verdict()  # a collective that failed because another rank is gone: say which
         watchdog.report(exit_code_of(exc), str(exc))
+        if isinstance(exc, UserError) and rank and watchdog.main_said(str(exc)):
+            exc.said_by_main = True  # every rank checked the same setting: say it once, not N times
         raise
     finally:
         watchdog.retire()
@@ -465,6 +485,18 @@ class Watchdog:
             self.store.add("failed", 1)
         except Exception:  # the store is gone too: the others find this rank gone by its silence
             pass
+
+    def main_said(self, message: str, wait_s: float = 2.0) -> bool:
+        """Whether rank 0 failed with this very message (rank 0 prints it; waits up to wait_s for it)."""
+        deadline = time.monotonic() + wait_s
+        try:
+            while not self.store.check(["failed/0"]):
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(BEAT_S / 4)
+            return json.loads(self.store.get("failed/0"))["message"] == message[:2000]
+        except Exception:  # the store is gone with rank 0's node: say it here
+            return False
 
     def retire(self) -> None:
         """This rank leaves the job: its silence from now on is not a failure."""

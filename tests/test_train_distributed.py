@@ -216,3 +216,15 @@ def test_a_rank_killed_mid_run_ends_the_job_naming_it_and_the_last_checkpoint_lo
     assert "error: rank 1 " in err and "kill -9" in err and "Rank 0 stops too" in err, err[-6000:]
     saved = checkpoint.latest(out)
     assert saved is not None and checkpoint.load(saved).step >= 2
+
+
+def test_a_setting_refused_on_every_rank_is_said_once_with_its_exit_code(zimage_args, tmp_path):
+    """`train --gpus 2` with a teacher encoder that is not there: both ranks refuse it; the job says it
+    once and exits 2 (torchrun alone: each rank's copy, then its traceback and exit 1)."""
+    missing = tmp_path / "no-such-vlm"
+    argv = [*zimage_args(tmp_path / "run", "--gpus", "2"), "--teacher-encoder", str(missing)]
+    job = subprocess.run([sys.executable, "-m", "lowvram_dopsd", *argv], cwd=REPO, text=True, capture_output=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert job.returncode == EXIT_USER_ERROR, job.stderr[-4000:]
+    assert job.stderr.count("error:") == 1 and str(missing) in job.stderr, job.stderr[-4000:]
+    assert "Traceback" not in job.stderr and "torch/distributed" not in job.stderr, job.stderr[-4000:]
