@@ -162,6 +162,17 @@ def render(fp: FullPlan, console) -> None:
     for note in fp.notes:
         console.print(f"note: {note}")
     if fp.budget_gib is not None:
-        console.print(f"The fewest such GPUs that hold this run: {fp.smallest}." if fp.smallest else
-                      "No number of such GPUs holds this run: the terms that do not shrink with the GPUs "
+        console.print(f"The fewest such GPUs that hold this run: {fp.smallest}{sharing(fp.smallest, s)}." if fp.smallest
+                      else "No number of such GPUs holds this run: the terms that do not shrink with the GPUs "
                       "(activations, gathered blocks) are over the budget. Lower --resolution, or use larger cards.")
+
+
+def sharing(n: int, settings: dict[str, Any]) -> str:
+    """What `--gpus n` also needs: each process rolls out as many micro-batches as the others (full.py)."""
+    batch, micro = settings["batch_size"], settings["micro_batch"]
+    if (batch // micro) % n == 0:
+        return ""
+    more = next((k for k in range(n + 1, batch // micro + 1) if (batch // micro) % k == 0), None)
+    step = n * micro
+    return (f"; their processes share a step's micro-batches evenly only with --batch-size a multiple of {step} "
+            f"(e.g. {-(-batch // step) * step})" + (f", or take {more} GPUs for batch_size {batch}" if more else ""))

@@ -137,3 +137,15 @@ def test_a_full_fine_tune_is_warned_by_its_per_gpu_plan_on_this_many_gpus(monkey
         advice.warn_if_it_will_not_fit(cfg, torch.device("cuda"), Console(file=shown, width=300))
         peak = plan_full.make(cfg, gpus, plan.budget_for(24), *sizes(cfg.model)).peak_gib
         assert (f"a peak of {peak:.1f} GiB" in shown.getvalue()) == (gpus == 1), shown.getvalue()
+
+
+def test_the_fewest_gpus_come_with_a_batch_they_can_share(capsys):
+    """7 cards of 24 GB hold Z-Image, but full mode refuses 64 micro-batches on 7 processes: the plan says which
+    --batch-size (or how many GPUs) to take, and following it leaves no note."""
+    assert main(["plan", "--train-mode", "full", "--gpus", "2", "--vram", "24"]) == 3
+    text = " ".join(capsys.readouterr().out.split())
+    assert "hold this run: 7; their processes share a step's micro-batches evenly only with --batch-size a " \
+           "multiple of 7 (e.g. 70), or take 8 GPUs for batch_size 64." in text, text
+    for followed in (["--gpus", "7", "--batch-size", "70"], ["--gpus", "8"]):
+        assert main(["plan", "--train-mode", "full", "--vram", "24", "--json", *followed]) == 0
+        assert json.loads(capsys.readouterr().out)["notes"] == [], followed
