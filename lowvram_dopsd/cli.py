@@ -197,10 +197,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    width = max(map(len, preset_names()))
     for name in preset_names():
         data, _ = read_preset(name)
-        print(f"{name:10s} {data.pop('description', '')}")
-        print(" " * 11 + ", ".join(f"{k}={v}" for k, v in data.items()))
+        print(f"{name:{width}s} {data.pop('description', '')}")
+        print(" " * (width + 1) + ", ".join(f"{k}={v}" for k, v in data.items()))
     return 0
 
 

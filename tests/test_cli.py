@@ -1,4 +1,5 @@
 """The command line end to end: exit codes, a loadable LoRA, one-paragraph errors."""
+import re
 import shlex
 
 import pytest
@@ -317,3 +318,14 @@ def test_demo_sh_runs_where_you_stand(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{user}|demo --steps 3\n"
     assert (repo / "setup-ran-in").read_text().strip() == str(repo)
+
+
+def test_presets_line_up_every_name_with_its_description(capsys):
+    """Names longer than 10 characters (full-1x80gb) pushed their descriptions out of the column."""
+    from lowvram_dopsd.config import preset_names
+
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    starts = {len(re.match(r"\S+ +", line).group()) for line in lines[::2]}
+    assert len(lines) == 2 * len(preset_names()) and len(starts) == 1, lines
+    assert {len(line) - len(line.lstrip()) for line in lines[1::2]} == starts
