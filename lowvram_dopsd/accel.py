@@ -105,8 +105,9 @@ def set_attention_backend(model: nn.Module, name: str) -> None:
     try:
         model.set_attention_backend(name)
     except (RuntimeError, ValueError, ImportError) as exc:
-        raise UserError(f"attention_backend = '{name}' cannot run here: {exc}. Install what it needs, or set "
-                        "attention_backend = '' (diffusers' default: PyTorch's SDPA).") from exc
+        raise UserError(f"attention_backend = '{name}' cannot run here: {str(exc).rstrip('.')}. Install what it "
+                        "needs, or set attention_backend = '' (--set attention_backend=, diffusers' default: "
+                        "PyTorch's SDPA).") from exc
     finally:
         log.setLevel(level)
         _AttentionBackendRegistry.set_active_backend(before)

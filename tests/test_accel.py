@@ -143,6 +143,9 @@ def test_attention_backend_that_cannot_run_says_what_to_do(tiny_zimage_dir, monk
     monkeypatch.setattr(attention_dispatch, "_CAN_USE_FLASH_ATTN", False)  # as without the flash-attn package
     with pytest.raises(UserError, match=r"'flash' cannot run here: .*flash-attn.* attention_backend = ''"):
         accel.set_attention_backend(model, "flash")
+    with pytest.raises(UserError) as refused:  # diffusers' sentence ends in a period: one, not two
+        accel.set_attention_backend(model, "flash")
+    assert ".." not in str(refused.value) and "(--set attention_backend=," in str(refused.value)
 
 
 def test_eight_bit_attention_is_refused_and_keep_blocks_checked():
