@@ -41,8 +41,8 @@ from .preview import UNSEEN_SCENES
 from .report import PromptSet, Row
 from .files import find_lora_file, read_metadata
 from .runtime import DTYPES, release, resolve_device
-from .sample import (SampleRequest, StockPipeline, check_family, check_offload, check_request, checked_base,
-                     lora_labels, png_info, write_image)
+from .sample import (SampleRequest, StockPipeline, check_family, check_offload, check_request, check_stock,
+                     checked_base, lora_labels, png_info, write_image)
 
 SCHEMA = "lowvram-dopsd-eval/1"
 UNSEEN_PROMPTS = (*UNSEEN_SCENES,
@@ -156,6 +156,7 @@ def check_loras(req: EvalRequest, lora_files: list[Path], infos: list[dict], con
     if (family := family_class_of(base)) is not None:
         for f, info in known:
             check_family(info, family.name, f, base)
+        check_stock(family, "eval")  # before the metric models are fetched
     base_file = req.transformer_file or (known[0][1].get("transformer_file", "") if known else "")
     for f, info in known:
         same = same_base(info["base_model"], info.get("transformer_file", ""), base, base_file)
@@ -362,7 +363,7 @@ def evaluate(req: EvalRequest, console=None, command: list[str] | None = None) -
     folders = {"dino": metrics.locate(req.dino_model, "DINO model (--dino-model)"),
                "clip": metrics.locate(req.clip_model, "CLIP model (--clip-model)")}
     sreq.model = base
-    _, base, family = checked_base(sreq, lora_files, labels, console)
+    _, base, family = checked_base(sreq, lora_files, labels, console, "eval")
 
     started = time.time()
     stock = StockPipeline.open(sreq, family, infos[0].get("resolution") or 1024, device)

@@ -213,8 +213,19 @@ def save_failed(path: Path, exc: OSError, written: list[Path]) -> UserError:
                      "the same seeds give the same images (and default names never replace earlier ones).")
 
 
-def checked_base(req: SampleRequest, lora_files: list[Path], labels: list[str], console=None
-                 ) -> tuple[list[dict], str, Family]:
+def check_stock(family: type[Family] | Family, command: str = "sample") -> None:
+    """`sample` and `eval` draw through the stock diffusers pipeline: refuse a family whose pipeline is its own
+    (the toy's), or one this diffusers lacks."""
+    # a class (the family told from the id, nothing loaded yet): its pipeline is looked up in diffusers later
+    stock = family.pipeline_module == "diffusers" and (isinstance(family, type) or family.in_diffusers)
+    if not stock:
+        raise UserError(f"`{command}` runs the stock diffusers pipeline, and {family.pipeline_class} (the "
+                        f"{family.name} family) is not one. Load the LoRA with the family's own pipeline "
+                        f"instead (for the toy world: lowvram_dopsd.toy.pipeline.ToyDiTPipeline, docs/toy.md).")
+
+
+def checked_base(req: SampleRequest, lora_files: list[Path], labels: list[str], console=None,
+                 command: str = "sample") -> tuple[list[dict], str, Family]:
     """The LoRAs' metadata, the base model and its family adapter, every LoRA checked against that family
     before the (slow) pipeline is loaded; notes where the LoRAs disagree go to `console`."""
     from .families import family_class_of, load_family
@@ -230,6 +241,7 @@ def checked_base(req: SampleRequest, lora_files: list[Path], labels: list[str], 
     if (known := family_class_of(base)) is not None:  # before load_family may download a model for nothing
         for info, f in zip(infos, lora_files):
             check_family(info, known.name, f, base)
+        check_stock(known, command)
     transformer_file = req.transformer_file or infos[0].get("transformer_file", "")
     if transformer_file and not req.transformer_file and not Path(transformer_file).is_file():
         raise UserError(f"'{lora_files[0]}' was trained on the transformer file '{transformer_file}', which is not "
@@ -238,10 +250,7 @@ def checked_base(req: SampleRequest, lora_files: list[Path], labels: list[str], 
     family = load_family(base, transformer_file=transformer_file)
     for info, f in zip(infos, lora_files):
         check_family(info, family.name, f, base)
-    if not family.in_diffusers:
-        raise UserError(f"`sample` runs the stock diffusers pipeline, and {family.pipeline_class} (the "
-                        f"{family.name} family) is not one. Load the LoRA with the family's own pipeline "
-                        f"instead (for the toy world: lowvram_dopsd.toy.pipeline.ToyDiTPipeline, docs/toy.md).")
+    check_stock(family, command)
     return infos, base, family
 
 

@@ -4,6 +4,7 @@ import gc
 import json
 import shutil
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,17 @@ def test_spread_and_clip_text():
     assert ev.metric_device(0.5, torch.device("cuda"), 1.0) == torch.device("cuda")
     assert ev.lora_step(ev.Path("out/checkpoints/step-000300/pytorch_lora_weights.safetensors"), {}) == 300
     assert ev.lora_step(ev.Path("x.safetensors"), {"steps": 7}) == 7
+
+
+def test_a_toy_lora_is_refused_by_eval_itself_before_the_metric_models(tmp_path, capsys, nothing_loads):
+    """The toy family's pipeline is not diffusers': eval says so in its own name, before looking for DINO/CLIP
+    (which a user would otherwise download, gated, for nothing)."""
+    from importlib import resources
+
+    toy = Path(str(resources.files("lowvram_dopsd") / "assets" / "toy"))
+    random_lora(toy / "model", tmp_path / "toy-lora")
+    assert main(["eval", "--lora", str(tmp_path / "toy-lora"), "--images", str(toy / "concept"),
+                 "--output", str(tmp_path / "e")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("error: `eval` runs the stock diffusers pipeline, and ToyDiTPipeline") and "docs/toy.md" in err
+    assert not (tmp_path / "e").exists()
