@@ -110,13 +110,17 @@ def _gpus(n: int, argv: list[str]) -> int | None:
     (None in a process of the job)."""
     from . import distributed
 
-    if n < 1:
-        raise UserError(f"--gpus is how many GPUs of this machine to train on (1 or more); got {n}.")
+    _check_gpu_count(n)
     if not distributed.under_torchrun():
         return distributed.hand_over_to_torchrun(n, argv)
     if int(os.environ.get("LOCAL_WORLD_SIZE", n)) != n:
         raise UserError(f"--gpus {n}, but torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes on this node: "
                         "under torchrun or srun leave out --gpus (torchrun's --nproc-per-node says it).")
+
+
+def _check_gpu_count(n: int | None) -> None:
+    if n is not None and n < 1:
+        raise UserError(f"--gpus is how many GPUs to train on (1 or more); got {n}.")
 
 
 def _resume_command(argv: list[str]) -> list[str]:
@@ -258,6 +262,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import plan, scaling
     from .progress import make_console
 
+    _check_gpu_count(args.gpus)
     args.preset = args.preset or ("full-8x24gb" if args.train_mode == "full" else "16gb")
     cfg = load_config(args.preset, _overrides(args))
     if cfg.train_mode == "full":

@@ -329,3 +329,10 @@ def test_presets_line_up_every_name_with_its_description(capsys):
     starts = {len(re.match(r"\S+ +", line).group()) for line in lines[::2]}
     assert len(lines) == 2 * len(preset_names()) and len(starts) == 1, lines
     assert {len(line) - len(line.lstrip()) for line in lines[1::2]} == starts
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_plan_refuses_a_gpu_count_below_one(mode, capsys):
+    """plan --gpus 0 planned one GPU's LoRA run (or full mode's preset count) as if nothing was asked."""
+    assert main(["plan", "--train-mode", mode, "--gpus", "0"]) == 2
+    assert capsys.readouterr().err == "error: --gpus is how many GPUs to train on (1 or more); got 0.\n"
