@@ -352,8 +352,8 @@ def check_train_mode(cfg: TrainConfig) -> None:
     fix = "Use a full-* preset (`lowvram-dopsd presets`), or set train_mode = 'lora'."
     if cfg.quant != "none":
         raise UserError(f"quant = {cfg.quant!r} makes the frozen base 8-bit, but with train_mode = 'full' nothing is "
-                        "frozen: every transformer weight trains (in fp32, computed in bf16). Set quant = 'none' "
-                        f"(--quant none), or train a LoRA on the 8-bit base with train_mode = 'lora'. {fix}")
+                        f"frozen: every transformer weight trains (fp32 weights, computed in {cfg.dtype}). Set "
+                        f"quant = 'none' (--quant none). {fix}")
     if cfg.dtype == "fp16":
         raise UserError("train_mode = 'full' computes in bf16 (or fp32): fp16 gradients of every weight underflow "
                         f"without loss scaling. Set --dtype bf16. {fix}")

@@ -190,3 +190,11 @@ def test_full_fine_tuning_refuses_a_batch_its_processes_cannot_share(monkeypatch
                                         r"--batch-size to a multiple of 2"):
         preflight.check_device(cfg, torch.device("cpu"))
     preflight.check_device(load_config("cpu-demo", {"batch_size": "3"}), torch.device("cpu"))  # LoRA: runs unevenly
+
+
+def test_full_fine_tuning_on_an_8_bit_base_is_refused_once_in_the_run_s_own_terms():
+    """The paragraph named bf16 on an fp32 run and said 'train a LoRA ... train_mode = lora' twice."""
+    with pytest.raises(UserError) as refused:
+        load_config("cpu-demo", {"train_mode": "full", "quant": "qint8"})
+    said = str(refused.value)
+    assert "computed in fp32" in said and said.count("train_mode = 'lora'") == 1, said
