@@ -351,7 +351,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transformer-file", help="a fine-tune's .safetensors transformer used instead of the model's "
                                               "(default: the transformer_file in the LoRA's metadata, if any)")
     p.add_argument("--steps", type=int, default=0,
-                   help="sampling steps (0, the default: the model's own, Z-Image 8, klein 4)")
+                   help="sampling steps (0, the default: the model's own, Z-Image 8, klein 4, FLUX.3 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=0, help="a multiple of 16 (default: the training resolution)")
     p.add_argument("--height", type=int, default=0, help="a multiple of 16 (default: the training resolution)")
