@@ -290,5 +290,6 @@ def test_a_toy_lora_is_refused_by_eval_itself_before_the_metric_models(tmp_path,
     assert main(["eval", "--lora", str(tmp_path / "toy-lora"), "--images", str(toy / "concept"),
                  "--output", str(tmp_path / "e")]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert err.startswith("error: `eval` runs the stock diffusers pipeline, and ToyDiTPipeline") and "docs/toy.md" in err
+    assert err.startswith("error: `eval` runs the stock diffusers pipeline, and ToyDiTPipeline"), err
+    assert "docs/toy.md" in err
     assert not (tmp_path / "e").exists()
