@@ -444,6 +444,8 @@ class Watchdog:
             for r in others:
                 if self.store.check([f"failed/{r}"]):
                     info = json.loads(self.store.get(f"failed/{r}"))
+                    if r == 0 and self.on_this_host(0):  # rank 0's paragraph is on this terminal already
+                        return r, "", info["code"]
                     return r, f"stopped with exit code {info['code']}: {info['message']}", info["code"]
         now = time.monotonic()
         for r in others:
@@ -462,12 +464,17 @@ class Watchdog:
                 return r, f"not heard from for {DEAD_AFTER_S:.0f} s: its process or node is gone", EXIT_RANK_LOST
         return None
 
+    def on_this_host(self, rank: int) -> bool:
+        return self.store.check([f"where/{rank}"]) and json.loads(self.store.get(f"where/{rank}"))["host"] == self.host
+
     def stop_process(self, rank: int, what: str, code: int) -> None:
-        """Exit now: the main thread may be inside a collective that would wait for the lost rank."""
+        """Exit now: the main thread may be inside a collective that would wait for the lost rank. Quietly when
+        `what` is '' (rank 0 said why, here: its refusal, e.g. an output folder in use, is not one to resume)."""
         sys.stdout.flush()
-        print(f"error: rank {rank} {what.rstrip('.')}. Rank {self.rank} stops too (exit {code}). The run's last "
-              "checkpoint is intact: run the same command with --resume to continue from it.",
-              file=sys.stderr, flush=True)
+        if what:
+            print(f"error: rank {rank} {what.rstrip('.')}. Rank {self.rank} stops too (exit {code}). The run's "
+                  "last checkpoint is intact: run the same command with --resume to continue from it.",
+                  file=sys.stderr, flush=True)
         os._exit(code)
 
     def await_verdict(self) -> None:

@@ -2,6 +2,7 @@
 agreement, the drift check and the watchdog. The trainer's own multi-process runs: test_train_distributed.py."""
 import json
 import os
+import sys
 import signal
 import time
 
@@ -97,6 +98,23 @@ def test_a_rank_failing_after_rank_0_exited_ends_with_its_code_as_under_torchrun
     rank still running when rank 0 has exited reads rank 0's exit code from it. When rank 0 served it, rank 1
     found it gone and exited 69 (rank lost) for a setting every rank refused."""
     assert fork_job(2, _rank_0_fails_first, timeout=60) == [EXIT_USER_ERROR, EXIT_USER_ERROR]
+
+
+def _rank_0_refuses_alone() -> None:
+    """Rank 0 alone refuses (as it alone takes the output folder's lock); rank 1 waits in a collective."""
+    world = distributed.current()
+    if world.rank == 0:
+        print("error: rank 0's own paragraph", file=sys.stderr, flush=True)  # as cli.main prints it
+        raise UserError("the output folder is in use by another run")
+    world.sum([1.0])
+
+
+def test_a_refusal_of_rank_0_alone_is_said_once_without_resume_advice(capfd):
+    """Rank 1 used to repeat rank 0's paragraph with 'run the same command with --resume', which a folder
+    in use (or a fresh run) does not take; on rank 0's host it now exits with rank 0's code, quietly."""
+    assert fork_job(2, _rank_0_refuses_alone, timeout=60) == [EXIT_USER_ERROR, EXIT_USER_ERROR]
+    err = capfd.readouterr().err
+    assert err.count("error:") == 1 and "--resume" not in err, err
 
 
 def _rank_1_dies(how: str, out: str) -> None:
