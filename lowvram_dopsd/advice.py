@@ -69,20 +69,20 @@ def print_run_notes(console, display, cfg: TrainConfig, family: Family, ds: data
     if cfg.log_with == "tensorboard":
         display.commands({"watch it": f"tensorboard --logdir {shlex.quote(str(out_dir))}"})
     for path, why in ds.skipped:
-        console.print(styled("skipped", f"{ds.name(path)}: {why}"))
+        console.print(styled("skipped:", f"{ds.name(path)}: {why}"))
     for path, why in ds.warnings:
-        console.print(styled("warning", f"{ds.name(path)}: {why}"))
+        console.print(styled("warning:", f"{ds.name(path)}: {why}"))
     for remark in remarks:
-        console.print(styled("note", remark))
+        console.print(styled("note:", remark))
     if note := distributed.current().division_note(cfg.grad_accum):
-        console.print(styled("note", note))
+        console.print(styled("note:", note))
     captions = [(c, ds.name(it.image_path)) for it in ds.items for c in it.captions]  # every variant is trained
     for warning in family.prompt_warnings([c for c, _ in captions], [name for _, name in captions], teacher, cfg):
-        console.print(styled("warning", warning))
+        console.print(styled("warning:", warning))
     if device.type == "cuda":
         warn_if_it_will_not_fit(cfg, device, console)
         if note := emulated_bf16_note(cfg, device):
-            console.print(styled("note", note))
+            console.print(styled("note:", note))
 
 
 def warn_if_it_will_not_fit(cfg: TrainConfig, device: torch.device, console) -> None:
@@ -145,10 +145,10 @@ def note_archived(console, out_dir: Path, archived: Path, init_file: Path | None
     have been part of it)."""
     from .checkpoint import moved_by_archive
 
-    console.print(styled("note", f"'{out_dir}' held an earlier run: moved to {archived} (use --resume to "
+    console.print(styled("note:", f"'{out_dir}' held an earlier run: moved to {archived} (use --resume to "
                                  "continue a run)"))
     if init_file is not None and (moved := moved_by_archive(init_file, out_dir, archived)) != init_file:
-        console.print(styled("note", f"the init LoRA was part of it: it is now {moved}"))
+        console.print(styled("note:", f"the init LoRA was part of it: it is now {moved}"))
         return moved
     return init_file
 
@@ -177,7 +177,7 @@ def print_lora(console, cfg: TrainConfig, lora: DualLoRA, fused: int, device: to
                   f"{', int8 activations' if cfg.act_quant == 'int8' else ''}), "
                   f"{lora.num_parameters() / 1e6:.2f}M trainable parameters")
     if note := no_kernel_note(cfg, device, fused):
-        console.print(styled("note", note))
+        console.print(styled("note:", note))
 
 
 def emulated_bf16_note(cfg: TrainConfig, device: torch.device) -> str:

@@ -54,7 +54,7 @@ class RunGuard:
         """Hold the output folder's lock until the run ends; a UserError naming the run that holds it."""
         typed = resume_command(self.command, self.resume) if self.resume else shlex.join(self.command or [])
         self._held.enter_context(runlock.hold(out_dir, typed or "lowvram-dopsd train",
-                                              lambda text: note(styled("note", text))))
+                                              lambda text: note(styled("note:", text))))
         return out_dir
 
     def __exit__(self, kind, exc, tb) -> None:

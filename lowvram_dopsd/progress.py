@@ -69,7 +69,7 @@ def program() -> list[str]:
 
 
 def styled(label: str, text: str = "", style: str = "yellow") -> Text:
-    """`label` in `style`, then `text` verbatim: "warning" + a message that may hold any characters."""
+    """`label` in `style`, then `text` verbatim: "warning:" + a message that may hold any characters."""
     return Text.assemble((label, style), (" " + text) if text else "")
 
 

@@ -77,7 +77,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(toy, tmp_path, ca
                                              "torchrun": {}}))
     assert main(toy(out)) == 0
     printed = " ".join(capsys.readouterr().out.split())
-    assert f"note the output folder was locked by a run that is no longer running (PID {gone.stdout.strip()}" in printed
+    assert f"note: the output folder was locked by a run that is no longer running (PID {gone.stdout.strip()}" in printed
     assert not (out / LOCK_FILE).exists()
 
 

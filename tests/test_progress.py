@@ -86,3 +86,14 @@ def test_streams_never_fail_on_a_character(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, env={"PYTHONIOENCODING": "latin-1",
                                                                                  "PATH": ""}).stdout
     assert out == b"caf\xe9 \\U0001f436 photo-\xff.png\n"
+
+
+def test_every_label_ends_like_error_does():
+    """'note steps changed (40 -> 22)' beside 'error: ...' and 'note: ...': without colour (a log file, a pipe)
+    a label without its colon runs into the message. Every styled() label ends in ':' or '.'."""
+    import re
+    from pathlib import Path
+
+    package = Path(progress.__file__).parent
+    labels = {m for f in package.rglob("*.py") for m in re.findall(r'styled\("([^"]*)"', f.read_text())}
+    assert labels and all(label.endswith((":", ".")) for label in labels), sorted(labels)
