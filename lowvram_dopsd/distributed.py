@@ -334,8 +334,8 @@ def hand_over_to_torchrun(processes: int, argv: list[str]) -> int:
     flags = ["--standalone", f"--nproc-per-node={processes}"]
     if "--shutdown-timeout" in parser._option_string_actions:  # newer torchruns (older: 30 s)
         flags.append(f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}")
-    for name in list(logging.Logger.manager.loggerDict):  # torchrun's notes repeat what the ranks say
-        if name.startswith("torch.distributed.elastic"):
+    for name in list(logging.Logger.manager.loggerDict):  # torchrun's notes repeat what the ranks say (and
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):  # its OMP one: multi-gpu.md)
             logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.stdout.flush()
     try:
