@@ -114,7 +114,8 @@ def make(cfg, gpus: int, budget_gib: float | None = None, mc=None, sz: Sizes | N
     notes = []
     if cfg.grad_accum % n:
         notes.append(f"batch_size {cfg.batch_size} / micro_batch {cfg.micro_batch} = {cfg.grad_accum} micro-batches "
-                     f"do not divide among {n} GPUs: train_mode = 'full' needs a multiple of {n}")
+                     f"do not divide among {n} GPUs: train_mode = 'full' needs a multiple of {n} "
+                     f"(--batch-size {shared_batch(n, cfg.batch_size, cfg.micro_batch)})")
     settings = {k: getattr(cfg, k) for k in ("resolution", "dtype", "optimizer", "ema_dtype", "teacher_ema_on",
                                               "grad_checkpointing", "micro_batch", "batch_size")}
     fp = FullPlan(cfg.model, mc.family.name, n, p, rows, host, settings, budget_gib, notes=notes)
@@ -173,6 +174,11 @@ def sharing(n: int, settings: dict[str, Any]) -> str:
     if (batch // micro) % n == 0:
         return ""
     more = next((k for k in range(n + 1, batch // micro + 1) if (batch // micro) % k == 0), None)
-    step = n * micro
-    return (f"; their processes share a step's micro-batches evenly only with --batch-size a multiple of {step} "
-            f"(e.g. {-(-batch // step) * step})" + (f", or take {more} GPUs for batch_size {batch}" if more else ""))
+    return (f"; their processes share a step's micro-batches evenly only with --batch-size a multiple of "
+            f"{n * micro} (e.g. {shared_batch(n, batch, micro)})"
+            + (f", or take {more} GPUs for batch_size {batch}" if more else ""))
+
+
+def shared_batch(n: int, batch: int, micro: int) -> int:
+    """The smallest batch_size from `batch` up whose micro-batches divide among n processes."""
+    return -(-batch // (n * micro)) * n * micro

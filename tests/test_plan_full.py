@@ -149,3 +149,7 @@ def test_the_fewest_gpus_come_with_a_batch_they_can_share(capsys):
     for followed in (["--gpus", "7", "--batch-size", "70"], ["--gpus", "8"]):
         assert main(["plan", "--train-mode", "full", "--vram", "24", "--json", *followed]) == 0
         assert json.loads(capsys.readouterr().out)["notes"] == [], followed
+    assert main(["plan", "--preset", "full-4x80gb", "--gpus", "3", "--json"]) == 0  # the note names a batch too
+    assert json.loads(capsys.readouterr().out)["notes"][0].endswith("needs a multiple of 3 (--batch-size 66)")
+    assert main(["plan", "--preset", "full-4x80gb", "--gpus", "3", "--batch-size", "66", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []
