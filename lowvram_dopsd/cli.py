@@ -286,7 +286,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if dp:
             scaling.render(dp, make_console())
         if time:
-            timeplan.render(time, make_console())
+            timeplan.render(time, make_console(), args.gpus or 1)
     return 0 if p.fits() else 3
 
 

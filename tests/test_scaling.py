@@ -42,3 +42,12 @@ def test_plan_on_gpus_of_a_named_kind_prices_the_step_with_the_time_planner(caps
     assert dp["rollout_s"] == pytest.approx(2 * time["seconds_per_rollout"], rel=1e-3)  # a micro-batch of 2
     assert "4090" in dp["rollout_from"] and "predicted" in dp["rollout_from"]
     assert dp["one_gpu_step_s"] == pytest.approx(4 * dp["rollout_s"])  # 8 roll-outs as 4 micro-batches of 2
+
+
+def test_plan_on_gpus_of_a_named_kind_divides_the_run_s_hours_as_train_says(capsys):
+    """train's time note on N processes divides the roll-outs among them; plan --gpus N --gpu NAME said one
+    GPU's hours alone for a LoRA run (full mode already divided them)."""
+    assert main(["plan", "--gpus", "2", "--gpu", "4090"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    hours = float(text.split(" h for the run")[0].rsplit(" ", 1)[1])
+    assert f"On 2 GPUs the roll-outs are divided among them: about {hours / 2:.1f} h" in text, text
