@@ -228,4 +228,5 @@ def test_a_setting_refused_on_every_rank_is_said_once_with_its_exit_code(zimage_
                          env=env, timeout=120)
     assert job.returncode == EXIT_USER_ERROR, job.stderr[-4000:]
     assert job.stderr.count("error:") == 1 and str(missing) in job.stderr, job.stderr[-4000:]
+    assert "teacher encoder (--teacher-encoder)" in job.stderr  # the flag that sets it: the default is no flag
     assert "Traceback" not in job.stderr and "torch/distributed" not in job.stderr, job.stderr[-4000:]

@@ -226,7 +226,8 @@ class Family:
 
     def vlm_dir(self, cfg) -> Path:
         """The Qwen3-VL checkpoint of the `vlm` teacher (folder or Hugging Face id)."""
-        path = resolve_dir(self.teacher_encoder(cfg), "teacher encoder (Qwen3-VL)", needs="config.json")
+        path = resolve_dir(self.teacher_encoder(cfg), "Qwen3-VL teacher encoder (--teacher-encoder)",
+                           needs="config.json")
         if problem := component_problem(path):
             raise UserError(f"The teacher encoder (Qwen3-VL) folder '{path}' {problem}")
         return path
