@@ -222,3 +222,13 @@ def test_kept_blocks_of_a_block_list_inside_a_module_dict(tiny_flux3_dir):
     assert calls["mode_blocks.image.0"] == 1 and calls["txt_mode_blocks.0"] == 2, calls
     for a, b in zip(kept, every):
         assert torch.equal(a, b)
+
+
+def test_keep_blocks_without_gradient_checkpointing_is_refused_not_ignored():
+    """cpu-demo checkpoints nothing: --set keep_blocks=3 trained as if unset, without a word. Following the
+    advice (checkpointing on) keeps the blocks."""
+    cpu = torch.device("cpu")
+    with pytest.raises(UserError, match=r"which is off in this run .* --set grad_checkpointing=true\.$"):
+        accel.kept_blocks(load_config("cpu-demo", {"keep_blocks": "3"}), "cpu-demo", cpu)
+    cfg = load_config("cpu-demo", {"keep_blocks": "3", "grad_checkpointing": "true"})
+    assert sum(accel.kept_blocks(cfg, "cpu-demo", cpu).values()) == 3
