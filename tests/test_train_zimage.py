@@ -1,6 +1,7 @@
 """The spine on a tiny Z-Image checkpoint, checked against the stock diffusers ZImagePipeline."""
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -161,6 +162,9 @@ def test_prompt_token_counts_are_what_the_pipeline_keeps_and_long_captions_are_w
     warnings = family.prompt_warnings(captions, ["a.txt", "b.txt", "c.txt"], "vlm", cfg)
     n_cut = sum(n > cfg.max_sequence_length for n in counts)
     assert len(warnings) == 1 and warnings[0].startswith(f"{n_cut} of 3 caption prompts") and "c.txt" in warnings[0]
+    assert warnings[0].endswith("--set max_sequence_length=512 (the pipeline's default).")  # the setting has no flag
+    assert family.prompt_warnings(captions, ["a.txt", "b.txt", "c.txt"], "vlm",
+                                  replace(cfg, max_sequence_length=512)) == []  # the advice followed
     assert family.prompt_warnings(captions[:1], ["a.txt"], "vlm", cfg) == []
 
 

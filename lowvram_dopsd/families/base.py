@@ -447,7 +447,7 @@ class DiffusersFamily(Family):
                 out.append(f"{len(cut)} of {len(prompts)} {role} prompts are longer than max_sequence_length = "
                            f"{limit} tokens (longest: {name}, {longest} tokens with the chat template); the "
                            f"pipeline keeps the first {limit} tokens, so their ends are not seen in training. "
-                           f"Shorten them, or raise max_sequence_length (the pipeline's default is 512).")
+                           f"Shorten them, or raise it: --set max_sequence_length=512 (the pipeline's default).")
         return out
 
     def scheduler(self):
