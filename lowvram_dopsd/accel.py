@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .config import NOTHING_TO_KEEP
 from .errors import UserError
 from .runtime import block_lists
 
@@ -179,12 +180,6 @@ def describe_attention(facts: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # Selective checkpointing
 # ---------------------------------------------------------------------------------------------
-def nothing_to_keep() -> UserError:
-    return UserError("keep_blocks keeps some blocks out of gradient checkpointing, which is off in this run "
-                     "(grad_checkpointing = false: every block keeps its activations already). Set keep_blocks "
-                     "= 0 (the default), or turn checkpointing on with --set grad_checkpointing=true.")
-
-
 def keep_activations(model: nn.Module, keep: dict[str, int]) -> int:
     """Checkpoint every block of `model` except the last `keep[name]` blocks of each block list `name`
     (runtime.block_lists), which keep their activations and are not recomputed in the backward.
@@ -192,7 +187,7 @@ def keep_activations(model: nn.Module, keep: dict[str, int]) -> int:
     if not any(keep.values()):
         return 0
     if not getattr(model, "gradient_checkpointing", False):
-        raise nothing_to_keep()
+        raise UserError(NOTHING_TO_KEEP)
     kept: set[int] = set()
     lists = block_lists(model)
     for name, n in keep.items():
@@ -248,8 +243,6 @@ def kept_blocks(cfg, preset: str, device: torch.device) -> dict[str, int]:
     planner fits under the preset's budget, else this GPU's); {} for 0."""
     if cfg.keep_blocks == "0":
         return {}
-    if not cfg.grad_checkpointing:  # the planner would keep nothing, and the setting go by unsaid
-        raise nothing_to_keep()
     from . import plan
 
     budget = plan.vram_of_preset(preset)

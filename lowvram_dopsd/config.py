@@ -289,6 +289,11 @@ def coerce(name: str, value: Any, where: str = "the command line") -> Any:
                     f"({SETTINGS[name].metadata['help']}).")
 
 
+NOTHING_TO_KEEP = ("keep_blocks keeps some blocks out of gradient checkpointing, which is off in this run "
+                   "(grad_checkpointing = false: every block keeps its activations already). Set keep_blocks "
+                   "= 0 (the default), or turn checkpointing on with --set grad_checkpointing=true.")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.attention_backend.startswith(("sage", "_sage")):  # before the generic list of choices: say why
         raise UserError(f"attention_backend = '{cfg.attention_backend}' is an 8-bit attention (SageAttention: int8 "
@@ -315,6 +320,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.keep_blocks != "auto" and not cfg.keep_blocks.isdigit():
         raise UserError(f"Setting 'keep_blocks' is {cfg.keep_blocks!r}; it must be 'auto' or a whole number of blocks "
                         f"({SETTINGS['keep_blocks'].metadata['help']}).")
+    if cfg.keep_blocks != "0" and not cfg.grad_checkpointing:  # else the planner keeps nothing, unsaid
+        raise UserError(NOTHING_TO_KEEP)
     if cfg.vlm_min_pixels > cfg.vlm_max_pixels:
         raise UserError(f"vlm_min_pixels ({cfg.vlm_min_pixels}) is above vlm_max_pixels ({cfg.vlm_max_pixels}): "
                         "the VLM resizes your photo into that range. Lower the first or raise the second.")

@@ -155,7 +155,7 @@ def test_eight_bit_attention_is_refused_and_keep_blocks_checked():
         load_config("cpu-demo", {"attention_backend": "xformerz"})
     with pytest.raises(UserError, match="keep_blocks.*'auto' or a whole number"):
         load_config("cpu-demo", {"keep_blocks": "some"})
-    assert load_config("cpu-demo", {"keep_blocks": 3}).keep_blocks == "3"
+    assert load_config("cpu-demo", {"keep_blocks": 3, "grad_checkpointing": True}).keep_blocks == "3"
     assert load_config("cpu-demo").attention_backend == "" and load_config("cpu-demo").torch_compile == "off"
 
 
@@ -224,11 +224,15 @@ def test_kept_blocks_of_a_block_list_inside_a_module_dict(tiny_flux3_dir):
         assert torch.equal(a, b)
 
 
-def test_keep_blocks_without_gradient_checkpointing_is_refused_not_ignored():
-    """cpu-demo checkpoints nothing: --set keep_blocks=3 trained as if unset, without a word. Following the
-    advice (checkpointing on) keeps the blocks."""
+def test_keep_blocks_without_gradient_checkpointing_is_refused_not_ignored(capsys):
+    """cpu-demo checkpoints nothing: --set keep_blocks=3 trained as if unset, without a word. It is refused
+    with the settings, before anything loads; following the advice (checkpointing on) keeps the blocks."""
+    from lowvram_dopsd.cli import main
+
     cpu = torch.device("cpu")
     with pytest.raises(UserError, match=r"which is off in this run .* --set grad_checkpointing=true\.$"):
-        accel.kept_blocks(load_config("cpu-demo", {"keep_blocks": "3"}), "cpu-demo", cpu)
+        load_config("cpu-demo", {"keep_blocks": "3"})
+    assert main(["plan", "--preset", "cpu-demo", "--set", "keep_blocks=auto"]) == 2
+    assert "--set grad_checkpointing=true" in capsys.readouterr().err
     cfg = load_config("cpu-demo", {"keep_blocks": "3", "grad_checkpointing": "true"})
     assert sum(accel.kept_blocks(cfg, "cpu-demo", cpu).values()) == 3
