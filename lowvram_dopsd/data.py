@@ -105,9 +105,10 @@ class Dataset:
 
 def caption_rule(caption: str, trigger: str, variants: bool = False) -> str:
     """The rule as the run states it; `variants`: some .txt holds several captions (said only then)."""
-    parts = ["<stem>.txt if present" + (" (one caption per line; one line drawn per roll-out)" if variants else "")]
-    parts.append(f"else {quote(caption)}" if caption else ("else the trigger" if trigger
-                                                      else "else none (an error: pass --caption or --trigger)"))
+    lines = " (one caption per line; one line drawn per roll-out)" if variants else ""
+    if not caption and not trigger:  # a loaded dataset then has a .txt for every image (else load refuses it)
+        return f"<stem>.txt{lines}"
+    parts = [f"<stem>.txt if present{lines}", f"else {quote(caption)}" if caption else "else the trigger"]
     if trigger:
         parts.append(f"trigger {quote(trigger)} replaces [trigger] or is prepended if absent")
     return "; ".join(parts)

@@ -25,6 +25,14 @@ def test_caption_rule_txt_then_caption_then_trigger(tmp_path):
     assert "trigger 'sks dog'" in ds.caption_rule
 
 
+def test_a_folder_captioned_throughout_states_its_rule_without_a_fallback(tmp_path):
+    """No --caption and no --trigger: every image has a .txt (else load refuses), so the rule the run prints
+    is the .txt alone, not an "else ... an error" that reads like a problem."""
+    _img(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red cube\n")
+    assert scan(str(tmp_path), "", "", 64).caption_rule == "<stem>.txt"
+
+
 def test_trigger_alone_when_no_caption_anywhere(tmp_path):
     _img(tmp_path / "a.png")
     assert scan(str(tmp_path), "", "sks", 64).items[0].caption == "sks"
