@@ -23,6 +23,7 @@ class GPU:
     bf16_tflops: float           # dense bf16 tensor rate, fp32 accumulate
     int8_tops: float             # dense int8 tensor rate
     source: str
+    nvlink: bool = False         # its GPUs sum gradients over NVLink (the SXM boards), not only PCIe
 
 
 WHITEPAPER_ADA = "NVIDIA Ada GPU Architecture whitepaper, appendix"
@@ -39,11 +40,11 @@ def _geforce(name: str, sms: int, boost_mhz: int) -> GPU:
 
 GPUS = [
     GPU("H100 SXM", ("h100 80gb hbm3", "h100"), 989.4, 1978.9,
-        "NVIDIA H100 Tensor Core GPU datasheet, SXM (BF16 1,979 TFLOPS, INT8 3,958 TOPS with sparsity)"),
+        "NVIDIA H100 Tensor Core GPU datasheet, SXM (BF16 1,979 TFLOPS, INT8 3,958 TOPS with sparsity)", True),
     GPU("H100 PCIe", (), 756.5, 1513.0,
         "NVIDIA H100 Tensor Core GPU datasheet, PCIe (BF16 1,513 TFLOPS, INT8 3,026 TOPS with sparsity)"),
-    GPU("H200", (), 989.4, 1978.9, "NVIDIA H200 Tensor Core GPU datasheet (SXM: the H100 SXM's rates)"),
-    GPU("A100", (), 312.0, 624.0, "NVIDIA A100 Tensor Core GPU datasheet (BF16 312 TFLOPS, INT8 624 TOPS)"),
+    GPU("H200", (), 989.4, 1978.9, "NVIDIA H200 Tensor Core GPU datasheet (SXM: the H100 SXM's rates)", True),
+    GPU("A100", (), 312.0, 624.0, "NVIDIA A100 Tensor Core GPU datasheet (BF16 312 TFLOPS, INT8 624 TOPS)", True),
     _geforce("RTX 3060", 28, 1777),
     GPU("RTX 3090", (), 71.0, 284.0, f"{WHITEPAPER_GA102} (GeForce RTX 3090: FP16 tensor 71 TFLOPS "
         "with fp32 accumulate, INT8 284 TOPS)"),

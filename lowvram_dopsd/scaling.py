@@ -26,6 +26,7 @@ class DataParallel:
     lora_params: int
     rollout_s: float | None  # one micro-batch's roll-out time on one GPU, when known
     rollout_from: str = "the H100's measured"  # where rollout_s comes from, as the output says it
+    buses: tuple[str, ...] = tuple(BUSES)       # the connections to price the gradient sum over (BUSES' keys)
 
     @property
     def grad_bytes(self) -> int:
@@ -45,7 +46,7 @@ class DataParallel:
         return {"gpus": self.gpus, "micro_batches": self.micro_batches, "busiest_gpu_micro_batches": self.busiest,
                 "allreduce_bytes": self.grad_bytes, "sent_per_gpu_bytes": round(self.sent_bytes),
                 "rollout_s": self.rollout_s, "rollout_from": self.rollout_from,
-                "expected_step_s": {bus: self.step_s(bw) for bus, bw in BUSES.items()},
+                "expected_step_s": {bus: self.step_s(BUSES[bus]) for bus in self.buses},
                 "one_gpu_step_s": None if self.rollout_s is None else self.micro_batches * self.rollout_s}
 
 
@@ -56,7 +57,8 @@ def data_parallel(gpus: int, cfg, family, lora_params: int, predicted=None) -> D
     split = (gpus, cfg.grad_accum, math.ceil(cfg.grad_accum / gpus), lora_params)
     if predicted is not None:
         how = "measured" if predicted.measured else "predicted (timeplan.py)"
-        return DataParallel(*split, predicted.seconds * cfg.micro_batch, f"the {predicted.gpu.name}'s {how}")
+        buses = tuple(BUSES) if predicted.gpu.nvlink else tuple(b for b in BUSES if not b.startswith("NVLink"))
+        return DataParallel(*split, predicted.seconds * cfg.micro_batch, f"the {predicted.gpu.name}'s {how}", buses)
     measured = all(getattr(cfg, k) == v for k, v in MEASURED_AT.items())
     return DataParallel(*split, (family.rollout_s_h100 or None) if measured else None)
 
@@ -73,6 +75,7 @@ def render(dp: DataParallel, console) -> None:
         console.print("Expected step: your one-GPU seconds per roll-out x "
                       f"{dp.busiest}, plus the gradient sum (no roll-out time was measured at these settings).")
         return
-    buses = ", ".join(f"{dp.step_s(bw):.2f} s over {bus} (assumed {bw / 1e9:.0f} GB/s)" for bus, bw in BUSES.items())
+    buses = ", ".join(f"{dp.step_s(BUSES[bus]):.2f} s over {bus} (assumed {BUSES[bus] / 1e9:.0f} GB/s)"
+                      for bus in dp.buses)
     console.print(f"Expected step, if each GPU rolls out a micro-batch in {dp.rollout_from} {dp.rollout_s:.3g} s: "
                   f"{buses}; one GPU: {dp.micro_batches * dp.rollout_s:.2f} s. Not measured with several GPUs.")

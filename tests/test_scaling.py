@@ -42,6 +42,9 @@ def test_plan_on_gpus_of_a_named_kind_prices_the_step_with_the_time_planner(caps
     assert dp["rollout_s"] == pytest.approx(2 * time["seconds_per_rollout"], rel=1e-3)  # a micro-batch of 2
     assert "4090" in dp["rollout_from"] and "predicted" in dp["rollout_from"]
     assert dp["one_gpu_step_s"] == pytest.approx(4 * dp["rollout_s"])  # 8 roll-outs as 4 micro-batches of 2
+    assert list(dp["expected_step_s"]) == ["PCIe 4.0 x16"]  # a GeForce card has no NVLink to price
+    sxm = plan_json(capsys, "--gpus", "2", "--gpu", "H100 SXM")["data_parallel"]["expected_step_s"]
+    assert any(bus.startswith("NVLink") for bus in sxm)
 
 
 def test_plan_on_gpus_of_a_named_kind_divides_the_run_s_hours_as_train_says(capsys):
